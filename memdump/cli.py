@@ -1,0 +1,69 @@
+"""``memdump`` command line: capture VMs of the inventory directly (no server needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from memdump.capture import capture
+from memdump.errors import MemdumpError
+from memdump.hypervisors import Driver, open_driver
+from memdump.settings import Settings
+from memdump.targets import ALL, find, list_all
+
+
+def _drivers(settings: Settings) -> list[Driver]:
+    return [open_driver(hv, settings.ssh) for hv in settings.inventory]
+
+
+def cmd_vms(settings: Settings, _args: argparse.Namespace) -> int:
+    for ref in list_all(_drivers(settings)):
+        print(f"{ref.hypervisor}\t{ref.vmid}\t{ref.name}")
+    return 0
+
+
+def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
+    drivers = _drivers(settings)
+    if ALL in args.vm_ids:
+        targets = [(d, ref) for d in drivers for ref in d.list_vms()]
+    else:
+        targets = []
+        for vm_id in dict.fromkeys(args.vm_ids):
+            try:
+                targets.append(find(drivers, vm_id))
+            except MemdumpError as exc:
+                print(json.dumps({"vm_id": vm_id, **exc.to_dict()}), file=sys.stderr)
+    failed = len(args.vm_ids) - len(targets) if ALL not in args.vm_ids else 0
+    for driver, ref in targets:
+        try:
+            result = capture(driver, ref, settings)
+        except MemdumpError as exc:
+            failed += 1
+            print(json.dumps({"vm_id": ref.vmid, **exc.to_dict()}), file=sys.stderr)
+            continue
+        print(json.dumps(result.record.full_dict()))
+    for d in drivers:
+        d.close()
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="memdump", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("vms", help="list running VMs of every hypervisor in the inventory")
+    p = sub.add_parser("capture", help="capture VMs now, into MEMDUMP_DUMP_DIR")
+    p.add_argument("vm_ids", nargs="+", help='VM ids (domain name, id or UUID), or "all"')
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+        handler = {"vms": cmd_vms, "capture": cmd_capture}[args.command]
+        return handler(settings, args)
+    except MemdumpError as exc:
+        print(f"memdump: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

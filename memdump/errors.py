@@ -1,0 +1,133 @@
+"""One exception tree for the whole engine.
+
+Every error carries structured fields (``fields``) for logs and records, and a
+``retryable`` flag: task retries read it, so only errors that may go away on a
+second attempt (a dropped connection, a dump cut short) are retried; a wrong host
+key or an unknown VM never is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class MemdumpError(Exception):
+    """Base of every error memdump raises on purpose."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.fields: dict[str, Any] = fields
+        if retryable is not None:
+            self.retryable = retryable
+
+    def __str__(self) -> str:
+        return self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": type(self).__name__,
+            "message": self.message,
+            "retryable": self.retryable,
+            **self.fields,
+        }
+
+
+# -- configuration and input -------------------------------------------------------------
+
+
+class ConfigError(MemdumpError):
+    """Settings or inventory are wrong; fixing them needs a human."""
+
+
+class InvalidIdentifierError(MemdumpError):
+    """An id that is not a plain identifier; it never reaches a command."""
+
+
+# -- transport (SSH / local subprocess) ---------------------------------------------------
+
+
+class TransportError(MemdumpError):
+    """Talking to the hypervisor failed."""
+
+
+class ConnectError(TransportError):
+    """TCP connect, SSH handshake or keepalive failure: worth another try."""
+
+    retryable = True
+
+
+class HostKeyError(TransportError):
+    """The hypervisor's host key is unknown or does not match known_hosts. Never retried."""
+
+
+class AuthenticationError(TransportError):
+    """Key authentication was refused. Never retried."""
+
+
+class StreamInterruptedError(TransportError):
+    """The byte stream ended without a clean exit (connection cut, peer died)."""
+
+    retryable = True
+
+
+class StreamStalledError(TransportError):
+    """No bytes arrived for longer than the stall timeout."""
+
+    retryable = True
+
+
+class RemoteCommandError(TransportError):
+    """A command on the hypervisor exited non-zero; ``stderr`` holds what it said."""
+
+
+# -- hypervisor ---------------------------------------------------------------------------
+
+
+class HypervisorError(MemdumpError):
+    """The hypervisor refused or failed an operation."""
+
+
+class VMNotFoundError(HypervisorError):
+    """No VM with this id on the hypervisor(s)."""
+
+
+class VMNotRunningError(HypervisorError):
+    """The VM exists but is not running, so it has no memory to dump."""
+
+
+class AmbiguousVMError(HypervisorError):
+    """An unqualified id matches VMs on more than one hypervisor."""
+
+
+class DumpFailedError(HypervisorError):
+    """The hypervisor's dump command failed (virsh/QEMU said so)."""
+
+    retryable = True
+
+
+# -- capture pipeline and storage ---------------------------------------------------------
+
+
+class CaptureError(MemdumpError):
+    """The captured bytes cannot be trusted as a whole image."""
+
+
+class ShortDumpError(CaptureError):
+    """Fewer (or more) bytes than the dump's own ELF headers declare."""
+
+    retryable = True
+
+
+class InvalidDumpError(CaptureError):
+    """The stream is not a well-formed ELF core."""
+
+
+class CaptureTimeoutError(CaptureError):
+    """The capture ran past its deadline and was stopped."""
+
+
+class StorageError(MemdumpError):
+    """Writing the dump locally failed (disk full, permissions, name clash)."""

@@ -1,0 +1,57 @@
+"""The interface every hypervisor driver implements, and what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from memdump.pipeline import DumpSource
+
+
+@dataclass(frozen=True)
+class VMRef:
+    """A VM resolved on one hypervisor. ``vmid`` is the stable id used in records and
+    file names (for libvirt: the domain name)."""
+
+    hypervisor: str
+    vmid: str
+    name: str
+
+
+@dataclass(frozen=True)
+class VMInfo:
+    """What the hypervisor said about the VM just before its dump (record + manifest)."""
+
+    ref: VMRef
+    uuid: str
+    domain_id: str | None
+    state: str
+    memory_bytes: int
+    hypervisor_host: str
+    versions: dict[str, str] = field(default_factory=dict)
+    taken_at: datetime | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.state in ("running", "paused", "pmsuspended")
+
+
+class Driver(Protocol):
+    name: str
+
+    def list_vms(self) -> list[VMRef]:
+        """Running VMs (the ones "all" means)."""
+        ...
+
+    def resolve(self, vm_id: str) -> VMRef:
+        """Find a VM by any id the hypervisor knows it by; raises VMNotFoundError."""
+        ...
+
+    def snapshot(self, ref: VMRef) -> VMInfo: ...
+
+    def open_dump(self, ref: VMRef) -> DumpSource:
+        """Start the dump; the returned source yields the raw ELF core bytes."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,166 @@
+"""libvirt driver: ``virsh`` on the hypervisor, reached through a Transport."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from memdump.errors import (
+    DumpFailedError,
+    HypervisorError,
+    VMNotFoundError,
+)
+from memdump.hypervisors.base import VMInfo, VMRef
+from memdump.identifiers import validate_id
+from memdump.settings import HypervisorConfig
+from memdump.transport.base import ByteStream, CommandResult, Transport
+
+# $1 = libvirt URI. Running domains only: a shut-off domain has no memory to dump.
+_LIST = 'export LC_ALL=C; exec virsh -q -c "$1" list --name'
+
+# $1 = URI, $2 = domain (id, name or UUID)
+_INFO = """export LC_ALL=C
+virsh -c "$1" dominfo "$2" || exit $?
+echo '--memdump-versions--'
+virsh -c "$1" version || true
+hostname
+"""
+
+# $1 = URI, $2 = domain name. The reader (cat) is started before virsh so that QEMU's
+# open of the FIFO does not block; if virsh fails before QEMU opened it, cat would wait
+# forever in open(), so it is killed. The temp dir goes on every exit path (trap).
+# stdout carries only the dump; virsh's own messages go to a file, sent as stderr last.
+_DUMP = """export LC_ALL=C
+umask 077
+d=$(mktemp -d "${TMPDIR:-/tmp}/memdump.XXXXXXXXXX") || exit 90
+reader=
+trap 'if [ -n "$reader" ]; then kill "$reader" 2>/dev/null; fi; rm -rf "$d"' EXIT
+trap 'exit 143' HUP INT TERM PIPE
+mkfifo -m 600 "$d/mem" || exit 91
+cat "$d/mem" &
+reader=$!
+virsh -c "$1" dump --memory-only --format elf "$2" "$d/mem" >/dev/null 2>"$d/err"
+rc=$?
+[ "$rc" -eq 0 ] || kill "$reader" 2>/dev/null
+wait "$reader"
+rrc=$?
+reader=
+cat "$d/err" >&2
+[ "$rc" -eq 0 ] || exit "$rc"
+[ "$rrc" -eq 0 ] || exit 92
+exit 0
+"""
+
+_FIELD = re.compile(r"^([A-Za-z() ]+):\s*(.*)$")
+
+
+class LibvirtDriver:
+    def __init__(self, hv: HypervisorConfig, transport: Transport) -> None:
+        self.name = hv.name
+        self._uri = hv.libvirt_uri
+        self._t = transport
+
+    def _run(self, script: str, *args: str, timeout: float = 60.0) -> CommandResult:
+        return self._t.run(script, (self._uri, *args), timeout=timeout)
+
+    def list_vms(self) -> list[VMRef]:
+        res = self._run(_LIST)
+        if res.returncode != 0:
+            raise HypervisorError(
+                f"{self.name}: virsh list failed: {res.stderr_text}", hypervisor=self.name
+            )
+        names = [n.strip() for n in res.stdout.decode().splitlines() if n.strip()]
+        return [VMRef(self.name, n, n) for n in names]
+
+    def _info(self, vm_id: str) -> tuple[dict[str, str], dict[str, str], str]:
+        validate_id(vm_id)
+        res = self._run(_INFO, vm_id)
+        if res.returncode != 0:
+            err = res.stderr_text
+            if "failed to get domain" in err or "Domain not found" in err:
+                raise VMNotFoundError(
+                    f"no VM {vm_id!r} on hypervisor {self.name}",
+                    vm_id=vm_id,
+                    hypervisor=self.name,
+                )
+            raise HypervisorError(
+                f"{self.name}: virsh dominfo {vm_id} failed: {err}",
+                vm_id=vm_id,
+                hypervisor=self.name,
+                retryable=True,
+            )
+        text = res.stdout.decode("utf-8", "replace")
+        info_part, _, rest = text.partition("--memdump-versions--")
+        lines = rest.strip().splitlines()
+        host = lines[-1].strip() if lines else ""
+        return _fields(info_part), _fields("\n".join(lines[:-1])), host
+
+    def resolve(self, vm_id: str) -> VMRef:
+        info, _, _ = self._info(vm_id)
+        name = info.get("Name", "")
+        return VMRef(self.name, validate_id(name, what="domain name"), name)
+
+    def snapshot(self, ref: VMRef) -> VMInfo:
+        info, ver, host = self._info(ref.name)
+        versions = {}
+        if "Using library" in ver:
+            versions["libvirt"] = ver["Using library"].removeprefix("libvirt ").strip()
+        if "Running hypervisor" in ver:
+            versions["hypervisor"] = ver["Running hypervisor"].strip()
+        dom_id = info.get("Id", "-")
+        return VMInfo(
+            ref=ref,
+            uuid=info.get("UUID", ""),
+            domain_id=None if dom_id == "-" else dom_id,
+            state=info.get("State", "unknown"),
+            memory_bytes=_kib(info.get("Used memory") or info.get("Max memory", "0")),
+            hypervisor_host=host,
+            versions=versions,
+            taken_at=datetime.now(UTC),
+        )
+
+    def open_dump(self, ref: VMRef) -> _VirshDump:
+        validate_id(ref.name, what="domain name")
+        return _VirshDump(self._t.stream(_DUMP, (self._uri, ref.name)), self.name, ref)
+
+    def close(self) -> None:
+        self._t.close()
+
+
+class _VirshDump:
+    def __init__(self, stream: ByteStream, hv: str, ref: VMRef) -> None:
+        self._s = stream
+        self._hv = hv
+        self._ref = ref
+
+    def read(self) -> bytes:
+        return self._s.read()
+
+    def close_ok(self) -> None:
+        res = self._s.finish(timeout=60.0)
+        if res.returncode != 0:
+            raise DumpFailedError(
+                f"virsh dump of {self._ref.name} on {self._hv} failed "
+                f"(exit {res.returncode}): {res.stderr_text or 'no message'}",
+                hypervisor=self._hv,
+                vm_id=self._ref.vmid,
+                exit_code=res.returncode,
+                stderr=res.stderr_text[-2000:],
+            )
+
+    def abort(self) -> None:
+        self._s.abort()
+
+
+def _fields(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        m = _FIELD.match(line.strip())
+        if m:
+            out[m.group(1).strip()] = m.group(2).strip()
+    return out
+
+
+def _kib(value: str) -> int:
+    m = re.match(r"(\d+)\s*KiB", value)
+    return int(m.group(1)) * 1024 if m else 0

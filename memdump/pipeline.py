@@ -1,0 +1,256 @@
+"""Byte stream -> SHA-256 of the raw bytes + gzip -> ``<name>.part`` -> fsync -> final name.
+
+The read loop, the hashing and the compression run in three threads so that they
+overlap: hashlib and ISA-L release the GIL on large buffers, and so do socket reads.
+Queues are bounded (backpressure to the SSH window), so memory stays flat whatever the
+dump size. Nothing is left under the final name unless every byte the dump's own
+headers declare arrived, the producer reported success and the file is on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from isal import isal_zlib
+
+from memdump.elfcore import parse_core
+from memdump.errors import (
+    CaptureTimeoutError,
+    MemdumpError,
+    ShortDumpError,
+    StorageError,
+)
+
+ProgressFn = Callable[[int, int | None], None]
+_QUEUE_DEPTH = 8
+_PROGRESS_EVERY = 64 << 20
+_STOP = object()
+
+
+class DumpSource(Protocol):
+    """A producer of dump bytes (a driver wraps its transport stream in one)."""
+
+    def read(self) -> bytes:
+        """Next chunk, b'' at the end."""
+        ...
+
+    def close_ok(self) -> None:
+        """At the end of the bytes: raise if the producer did not succeed."""
+        ...
+
+    def abort(self) -> None:
+        """Tear the producer down after an error (stop the remote dump, clean up)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    path: Path
+    raw_bytes: int
+    raw_sha256: str
+    gz_bytes: int
+    gz_sha256: str
+
+
+def elf_size(head: bytes) -> int | None:
+    layout = parse_core(head)
+    return None if layout is None else layout.file_size
+
+
+class _Worker(threading.Thread):
+    """Consumes chunks from a bounded queue; after an error it keeps draining so the
+    producer never blocks, and the error is re-raised in the main thread."""
+
+    def __init__(self, name: str, fn: Callable[[bytes], None]) -> None:
+        super().__init__(name=name, daemon=True)
+        self.q: queue.Queue[Any] = queue.Queue(_QUEUE_DEPTH)
+        self.fn = fn
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is _STOP:
+                return
+            if self.error is None:
+                try:
+                    self.fn(item)
+                except BaseException as exc:  # re-raised by the main thread
+                    self.error = exc
+
+    def finish(self) -> None:
+        self.q.put(_STOP)
+        self.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _GzipFileSink:
+    def __init__(self, fd: int, level: int) -> None:
+        self.fd = fd
+        self.comp = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)  # 31: gzip wrapper
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write_raw(self, chunk: bytes) -> None:
+        self._out(self.comp.compress(chunk))
+
+    def flush(self) -> None:
+        self._out(self.comp.flush())
+
+    def _out(self, data: bytes) -> None:
+        if not data:
+            return
+        self.sha.update(data)
+        self.size += len(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+
+def write_dump(
+    source: DumpSource,
+    dest_dir: Path,
+    filename: str,
+    *,
+    level: int = 1,
+    expected_size: Callable[[bytes], int | None] = elf_size,
+    progress: ProgressFn | None = None,
+    deadline: float | None = None,
+) -> PipelineResult:
+    """Stream ``source`` into ``dest_dir/filename`` (gzip), returning sizes and hashes.
+
+    ``expected_size`` reads the total length from the first bytes (ELF headers by
+    default). ``deadline`` is a ``time.monotonic()`` value; past it the capture is
+    aborted with CaptureTimeoutError.
+    """
+    final = dest_dir / filename
+    part = dest_dir / (filename + ".part")
+    try:
+        dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        source.abort()
+        raise _storage_error(exc, part) from exc
+
+    sink = _GzipFileSink(fd, level)
+    raw_sha = hashlib.sha256()
+    hasher = _Worker("memdump-sha256", raw_sha.update)
+    gzipper = _Worker("memdump-gzip", sink.write_raw)
+    hasher.start()
+    gzipper.start()
+    committed = False
+    try:
+        total = _pump(source, (hasher, gzipper), expected_size, progress, deadline)
+        hasher.finish()
+        gzipper.finish()
+        sink.flush()
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        _commit(part, final)
+        committed = True
+        return PipelineResult(final, total, raw_sha.hexdigest(), sink.size, sink.sha.hexdigest())
+    except BaseException as exc:
+        source.abort()
+        for w in (hasher, gzipper):
+            if w.is_alive():
+                with contextlib.suppress(BaseException):
+                    w.finish()
+        if isinstance(exc, OSError):
+            raise _storage_error(exc, part) from exc
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if not committed:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+
+
+def _pump(
+    source: DumpSource,
+    workers: tuple[_Worker, ...],
+    expected_size: Callable[[bytes], int | None],
+    progress: ProgressFn | None,
+    deadline: float | None,
+) -> int:
+    head = bytearray()
+    expected: int | None = None
+    done = 0
+    next_report = 0
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            raise CaptureTimeoutError(
+                "capture exceeded its deadline and was stopped",
+                bytes_done=done,
+                bytes_expected=expected,
+            )
+        chunk = source.read()
+        if not chunk:
+            break
+        done += len(chunk)
+        if expected is None:
+            head += chunk
+            expected = expected_size(bytes(head))
+            if expected is not None:
+                head = bytearray()
+        if expected is not None and done > expected:
+            raise ShortDumpError(
+                f"dump is longer than its headers declare ({done} > {expected} bytes)",
+                bytes_done=done,
+                bytes_expected=expected,
+            )
+        for w in workers:
+            if w.error is not None:
+                raise w.error
+            w.q.put(chunk)
+        if progress is not None and done >= next_report:
+            progress(done, expected)
+            next_report = done + _PROGRESS_EVERY
+    # Before judging the length, ask the producer: its error says more than "short".
+    source.close_ok()
+    if expected is None or done != expected:
+        raise ShortDumpError(
+            f"dump ended after {done} bytes, its headers declare {expected}",
+            bytes_done=done,
+            bytes_expected=expected,
+        )
+    if progress is not None:
+        progress(done, expected)
+    return done
+
+
+def _commit(part: Path, final: Path) -> None:
+    """Give the .part its final name without ever replacing an existing dump."""
+    try:
+        os.link(part, final)
+    except FileExistsError as exc:
+        raise StorageError(
+            f"{final} already exists; not overwriting evidence", path=str(final)
+        ) from exc
+    part.unlink()
+    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _storage_error(exc: OSError, path: Path) -> MemdumpError:
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"no space left writing {path}", path=str(path), errno=exc.errno)
+    return StorageError(
+        f"cannot write {path}: {exc.strerror or exc}", path=str(path), errno=exc.errno
+    )

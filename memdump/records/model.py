@@ -1,0 +1,53 @@
+"""The record of one complete dump, in the contract's field order."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+CONTRACT_FIELDS = (
+    "timestamp",
+    "dom",
+    "vmid",
+    "sha256",
+    "duration_sec",
+    "gzip_size_bytes",
+    "ctime",
+    "mtime",
+    "atime",
+    "dump_path",
+)
+
+
+def iso_utc(ts: datetime) -> str:
+    """The contract's timestamp: ISO 8601, microseconds, UTC, no offset suffix."""
+    return ts.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class DumpRecord:
+    timestamp: datetime  # when the dump started (UTC)
+    dom: str
+    vmid: str
+    sha256: str  # of the raw (uncompressed) dump
+    duration_sec: float
+    gzip_size_bytes: int
+    ctime: int
+    mtime: int
+    atime: int
+    dump_path: str
+    # Beyond the contract, kept for verification and later issues.
+    gz_sha256: str
+    raw_size_bytes: int
+    hypervisor: str
+
+    def contract_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timestamp"] = iso_utc(self.timestamp)
+        return {k: d[k] for k in CONTRACT_FIELDS}
+
+    def full_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["timestamp"] = iso_utc(self.timestamp)
+        return d

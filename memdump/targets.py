@@ -1,0 +1,40 @@
+"""Turning requested ids into VMs on the inventory's hypervisors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from memdump.errors import AmbiguousVMError, HypervisorError, VMNotFoundError
+from memdump.hypervisors import Driver, VMRef
+from memdump.identifiers import validate_id
+
+ALL = "all"
+
+
+def list_all(drivers: Iterable[Driver]) -> list[VMRef]:
+    return [ref for d in drivers for ref in d.list_vms()]
+
+
+def find(drivers: Iterable[Driver], vm_id: str) -> tuple[Driver, VMRef]:
+    """Find an unqualified id on every hypervisor; more than one match is an error."""
+    validate_id(vm_id)
+    hits: list[tuple[Driver, VMRef]] = []
+    errors: list[str] = []
+    for d in drivers:
+        try:
+            hits.append((d, d.resolve(vm_id)))
+        except VMNotFoundError:
+            continue
+        except HypervisorError as exc:
+            errors.append(str(exc))
+    if len(hits) > 1:
+        raise AmbiguousVMError(
+            f"VM id {vm_id!r} matches on several hypervisors: "
+            + ", ".join(d.name for d, _ in hits),
+            vm_id=vm_id,
+            hypervisors=[d.name for d, _ in hits],
+        )
+    if not hits:
+        detail = f" ({'; '.join(errors)})" if errors else ""
+        raise VMNotFoundError(f"no VM {vm_id!r} on any hypervisor{detail}", vm_id=vm_id)
+    return hits[0]

@@ -1,0 +1,262 @@
+"""SSH transport (paramiko): strict host keys, key auth, tuned for bulk reads.
+
+Every paramiko/socket exception is mapped to memdump's error tree here, once, by
+``map_ssh_error``; nothing above this module sees a paramiko type.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import paramiko
+from paramiko.packet import Packetizer
+from paramiko.ssh_exception import ConfigParseError, IncompatiblePeer
+
+from memdump.errors import (
+    AuthenticationError,
+    ConnectError,
+    HostKeyError,
+    MemdumpError,
+    StreamInterruptedError,
+    StreamStalledError,
+    TransportError,
+)
+from memdump.settings import HypervisorConfig, SSHTuning
+from memdump.transport.base import CommandResult, sh_command_line
+
+
+def map_ssh_error(exc: BaseException, *, host: str, op: str) -> MemdumpError:
+    """Map a paramiko or socket exception to memdump's error tree (most specific first)."""
+    fields: dict[str, Any] = {"host": host, "op": op, "cause": type(exc).__name__}
+    if isinstance(exc, MemdumpError):
+        return exc
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return HostKeyError(
+            f"{host}: host key mismatch: got {exc.key.get_name()} "
+            f"{exc.key.fingerprint}, known_hosts has {exc.expected_key.fingerprint}",
+            **fields,
+        )
+    if isinstance(exc, paramiko.AuthenticationException):
+        return AuthenticationError(f"{host}: authentication failed: {exc}", **fields)
+    if isinstance(exc, paramiko.ChannelException):
+        # The server refused a channel (e.g. MaxSessions): a later attempt may get one.
+        return ConnectError(f"{host}: channel refused: {exc}", **fields)
+    if isinstance(exc, IncompatiblePeer | ConfigParseError):
+        return TransportError(f"{host}: {exc}", **fields)
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return ConnectError(f"{host}: timed out during {op}", **fields)
+    if isinstance(exc, paramiko.SSHException | EOFError):
+        if op == "stream":
+            return StreamInterruptedError(f"{host}: stream interrupted: {exc}", **fields)
+        return ConnectError(f"{host}: SSH failure during {op}: {exc}", **fields)
+    if isinstance(exc, OSError):  # includes NoValidConnectionsError, ConnectionRefused
+        if op == "stream":
+            return StreamInterruptedError(f"{host}: connection lost: {exc}", **fields)
+        return ConnectError(f"{host}: cannot connect: {exc}", **fields)
+    return TransportError(f"{host}: unexpected {type(exc).__name__} during {op}: {exc}", **fields)
+
+
+class _RejectUnknownHost(paramiko.RejectPolicy):
+    """RejectPolicy, raising memdump's error with the fingerprint the operator must check."""
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> NoReturn:
+        raise HostKeyError(
+            f"{hostname}: host key {key.get_name()} {key.fingerprint} is not in known_hosts; "
+            "refusing to connect",
+            host=hostname,
+            fingerprint=key.fingerprint,
+        )
+
+
+def _packetizer_class(rekey_bytes: int) -> type[Packetizer]:
+    class _Packetizer(Packetizer):
+        REKEY_BYTES = rekey_bytes
+        REKEY_PACKETS = rekey_bytes
+        REKEY_BYTES_OVERFLOW_MAX = rekey_bytes
+
+    return _Packetizer
+
+
+class SSHTransport:
+    def __init__(self, hv: HypervisorConfig, tuning: SSHTuning) -> None:
+        hv.check_complete()
+        assert hv.host is not None and hv.key_file is not None  # noqa: S101 - checked
+        self._hv = hv
+        self._host: str = hv.host
+        self._tuning = tuning
+        self._client: paramiko.SSHClient | None = None
+        self.description = f"ssh://{hv.user}@{hv.host}:{hv.port}"
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _transport_factory(self, sock: socket.socket, **kwargs: Any) -> paramiko.Transport:
+        t = paramiko.Transport(
+            sock,
+            default_window_size=self._tuning.window_size,
+            default_max_packet_size=self._tuning.max_packet_size,
+            packetizer_class=_packetizer_class(self._tuning.rekey_bytes),
+            **kwargs,
+        )
+        opts = t.get_security_options()
+        available = set(opts.ciphers)
+        preferred = [c for c in self._tuning.ciphers if c in available]
+        opts.ciphers = tuple(preferred + [c for c in opts.ciphers if c not in preferred])
+        return t
+
+    def _connected(self) -> paramiko.SSHClient:
+        if self._client is not None:
+            t = self._client.get_transport()
+            if t is not None and t.is_active():
+                return self._client
+            self.close()
+        hv = self._hv
+        assert hv.known_hosts is not None and hv.key_file is not None  # noqa: S101
+        client = paramiko.SSHClient()
+        try:
+            client.load_host_keys(str(hv.known_hosts))
+            client.set_missing_host_key_policy(_RejectUnknownHost())
+            pkey = paramiko.PKey.from_path(  # type: ignore[call-arg]  # stubs predate 3.2
+                hv.key_file,
+                passphrase=(
+                    hv.key_passphrase.get_secret_value().encode() if hv.key_passphrase else None
+                ),
+            )
+            sock = socket.create_connection(
+                (self._host, hv.port), timeout=self._tuning.connect_timeout_sec
+            )
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.connect(
+                self._host,
+                port=hv.port,
+                username=hv.user,
+                pkey=pkey,
+                sock=sock,
+                timeout=self._tuning.connect_timeout_sec,
+                banner_timeout=self._tuning.connect_timeout_sec,
+                auth_timeout=self._tuning.connect_timeout_sec,
+                allow_agent=False,
+                look_for_keys=False,
+                transport_factory=self._transport_factory,  # type: ignore[arg-type]
+            )
+        except BaseException as exc:
+            client.close()
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            raise map_ssh_error(exc, host=self._host, op="connect") from exc
+        t = client.get_transport()
+        if t is not None and self._tuning.keepalive_sec:
+            t.set_keepalive(self._tuning.keepalive_sec)
+        self._client = client
+        return client
+
+    def _open_channel(self, command: str, op: str) -> paramiko.Channel:
+        client = self._connected()
+        try:
+            t = client.get_transport()
+            assert t is not None  # noqa: S101 - _connected returned an active one
+            chan = t.open_session(timeout=self._tuning.connect_timeout_sec)
+            chan.exec_command(command)
+            chan.shutdown_write()
+            return chan
+        except Exception as exc:
+            raise map_ssh_error(exc, host=self._host, op=op) from exc
+
+    # -- Transport protocol ----------------------------------------------------------------
+
+    def run(self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0) -> CommandResult:
+        chan = self._open_channel(sh_command_line(script, args), "run")
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if chan.recv_ready():
+                    out += chan.recv(1 << 20)
+                elif chan.recv_stderr_ready():
+                    err += chan.recv_stderr(1 << 20)
+                elif chan.exit_status_ready():
+                    # The server sends all output before the exit status.
+                    break
+                elif time.monotonic() > deadline:
+                    raise TransportError(
+                        f"{self._host}: command did not finish within {timeout:.0f}s",
+                        host=self._host,
+                        op="run",
+                    )
+                elif chan.closed or not chan.get_transport().is_active():
+                    raise ConnectError(
+                        f"{self._host}: connection closed before the command finished",
+                        host=self._host,
+                        op="run",
+                    )
+                else:
+                    chan.status_event.wait(0.005)
+            while chan.recv_ready():
+                out += chan.recv(1 << 20)
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(1 << 20)
+            rc = chan.recv_exit_status()
+        except Exception as exc:
+            raise map_ssh_error(exc, host=self._host, op="run") from exc
+        finally:
+            chan.close()
+        return CommandResult(rc, bytes(out), bytes(err))
+
+    def stream(self, script: str, args: Sequence[str] = ()) -> _SSHByteStream:
+        chan = self._open_channel(sh_command_line(script, args), "stream")
+        chan.settimeout(self._tuning.stall_timeout_sec)
+        return _SSHByteStream(chan, self._host, self._tuning)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+class _SSHByteStream:
+    def __init__(self, chan: paramiko.Channel, host: str, tuning: SSHTuning) -> None:
+        self._chan = chan
+        self._host = host
+        self._recv_size = tuning.recv_size
+        self._stall = tuning.stall_timeout_sec
+
+    def read(self) -> bytes:
+        try:
+            return self._chan.recv(self._recv_size)
+        except TimeoutError as exc:
+            raise StreamStalledError(
+                f"{self._host}: no data for {self._stall:.0f}s", host=self._host, op="stream"
+            ) from exc
+        except Exception as exc:
+            raise map_ssh_error(exc, host=self._host, op="stream") from exc
+
+    def finish(self, timeout: float) -> CommandResult:
+        chan = self._chan
+        if not chan.status_event.wait(timeout):
+            chan.close()
+            raise StreamInterruptedError(
+                f"{self._host}: no exit status within {timeout:.0f}s after the stream ended",
+                host=self._host,
+                op="stream",
+            )
+        err = bytearray()
+        while chan.recv_stderr_ready():
+            err += chan.recv_stderr(1 << 20)
+        rc = chan.exit_status
+        chan.close()
+        if rc == -1:
+            # paramiko's value when the channel closed without an exit-status message.
+            raise StreamInterruptedError(
+                f"{self._host}: connection closed before the remote command exited",
+                host=self._host,
+                op="stream",
+                stderr=err.decode("utf-8", "replace")[-2000:],
+            )
+        return CommandResult(rc, b"", bytes(err))
+
+    def abort(self) -> None:
+        self._chan.close()

@@ -1,0 +1,163 @@
+import errno
+import gzip
+import hashlib
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from memdump.errors import (
+    CaptureTimeoutError,
+    DumpFailedError,
+    InvalidDumpError,
+    ShortDumpError,
+    StorageError,
+    StreamInterruptedError,
+)
+from memdump.pipeline import write_dump
+from tests.elfgen import make_core, mixed_bytes
+
+
+class FakeSource:
+    def __init__(self, data: bytes, chunk: int = 300_000, *, fail_at: int | None = None,
+                 close_error: Exception | None = None, delay: float = 0.0) -> None:
+        self.data, self.chunk, self.fail_at = data, chunk, fail_at
+        self.close_error, self.delay = close_error, delay
+        self.pos = 0
+        self.aborted = False
+        self.closed_ok = False
+
+    def read(self) -> bytes:
+        if self.fail_at is not None and self.pos >= self.fail_at:
+            raise StreamInterruptedError("cut", op="stream")
+        if self.delay:
+            time.sleep(self.delay)
+        out = self.data[self.pos : self.pos + self.chunk]
+        self.pos += len(out)
+        return out
+
+    def close_ok(self) -> None:
+        if self.close_error is not None:
+            raise self.close_error
+        self.closed_ok = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@pytest.fixture
+def core() -> bytes:
+    return make_core([(0, mixed_bytes(640 * 1024, 3)), (1 << 20, mixed_bytes(3 << 20, 4))])
+
+
+def _only_files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_roundtrip_hashes_mode_and_progress(tmp_path: Path, core: bytes) -> None:
+    seen: list[tuple[int, int | None]] = []
+    res = write_dump(FakeSource(core), tmp_path / "d", "101_1.mem.gz",
+                     progress=lambda d, t: seen.append((d, t)))
+    assert res.path == tmp_path / "d" / "101_1.mem.gz"
+    raw = gzip.decompress(res.path.read_bytes())
+    assert raw == core
+    assert res.raw_bytes == len(core)
+    assert res.raw_sha256 == hashlib.sha256(core).hexdigest()
+    assert res.gz_sha256 == hashlib.sha256(res.path.read_bytes()).hexdigest()
+    assert res.gz_bytes == res.path.stat().st_size
+    assert stat.S_IMODE(res.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
+    assert _only_files(tmp_path / "d") == ["101_1.mem.gz"]
+    assert seen[-1] == (len(core), len(core))
+
+
+def test_compresses(tmp_path: Path) -> None:
+    core = make_core([(0, bytes(4 << 20))])
+    res = write_dump(FakeSource(core), tmp_path, "z.mem.gz")
+    assert res.gz_bytes < len(core) // 50
+
+
+@pytest.mark.parametrize("cut", [0, 10, 200, 1_000_000])
+def test_short_stream_leaves_nothing(tmp_path: Path, core: bytes, cut: int) -> None:
+    src = FakeSource(core[:cut])
+    with pytest.raises(ShortDumpError):
+        write_dump(src, tmp_path, "x.mem.gz")
+    assert _only_files(tmp_path) == []
+    assert src.aborted
+
+
+def test_longer_than_declared_is_refused(tmp_path: Path, core: bytes) -> None:
+    with pytest.raises(ShortDumpError):
+        write_dump(FakeSource(core + b"extra"), tmp_path, "x.mem.gz")
+    assert _only_files(tmp_path) == []
+
+
+def test_not_elf_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidDumpError):
+        write_dump(FakeSource(b"error: domain not found\n" * 10), tmp_path, "x.mem.gz")
+    assert _only_files(tmp_path) == []
+
+
+def test_producer_failure_wins_over_length(tmp_path: Path, core: bytes) -> None:
+    err = DumpFailedError("virsh said no", stderr="boom")
+    with pytest.raises(DumpFailedError):
+        write_dump(FakeSource(core[:5000], close_error=err), tmp_path, "x.mem.gz")
+    assert _only_files(tmp_path) == []
+
+
+def test_producer_failure_after_full_length(tmp_path: Path, core: bytes) -> None:
+    # Every byte arrived but the producer reports failure: still not a dump.
+    with pytest.raises(DumpFailedError):
+        write_dump(FakeSource(core, close_error=DumpFailedError("rc 1")), tmp_path, "x.mem.gz")
+    assert _only_files(tmp_path) == []
+
+
+def test_interrupted_stream(tmp_path: Path, core: bytes) -> None:
+    src = FakeSource(core, fail_at=600_000)
+    with pytest.raises(StreamInterruptedError):
+        write_dump(src, tmp_path, "x.mem.gz")
+    assert _only_files(tmp_path) == [] and src.aborted
+
+
+def test_deadline(tmp_path: Path, core: bytes) -> None:
+    src = FakeSource(core, chunk=100_000, delay=0.05)
+    with pytest.raises(CaptureTimeoutError) as ei:
+        write_dump(src, tmp_path, "x.mem.gz", deadline=time.monotonic() + 0.2)
+    assert src.aborted and _only_files(tmp_path) == []
+    assert ei.value.fields["bytes_done"] > 0
+
+
+def test_never_overwrites_existing_dump(tmp_path: Path, core: bytes) -> None:
+    (tmp_path / "x.mem.gz").write_bytes(b"evidence")
+    with pytest.raises(StorageError):
+        write_dump(FakeSource(core), tmp_path, "x.mem.gz")
+    assert (tmp_path / "x.mem.gz").read_bytes() == b"evidence"
+    assert _only_files(tmp_path) == ["x.mem.gz"]
+
+
+def test_disk_full(tmp_path: Path, core: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_write = os.write
+    written = {"n": 0}
+
+    def full_write(fd: int, data: bytes) -> int:
+        written["n"] += 1
+        if written["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr("memdump.pipeline.os.write", full_write)
+    src = FakeSource(core, chunk=50_000)
+    with pytest.raises(StorageError) as ei:
+        write_dump(src, tmp_path, "x.mem.gz", level=0)
+    assert "no space" in str(ei.value)
+    assert src.aborted and _only_files(tmp_path) == []
+
+
+def test_unwritable_dir(tmp_path: Path, core: bytes) -> None:
+    (tmp_path / "f").write_text("a file, not a dir")
+    src = FakeSource(core)
+    with pytest.raises(StorageError):
+        write_dump(src, tmp_path / "f", "x.mem.gz")
+    assert src.aborted
