@@ -10,16 +10,29 @@ PHDR = struct.Struct("<IIQQQQQQ")
 SHDR = struct.Struct("<IIQQQQIIQQ")
 
 
-def make_core(blocks: list[tuple[int, bytes]], note: bytes = b"N" * 64, xnum: bool = False) -> bytes:
+def make_core(
+    blocks: list[tuple[int, bytes]], note: bytes = b"N" * 64, xnum: bool = False
+) -> bytes:
     """blocks: (guest-physical address, content). Returns the whole core file."""
     phnum = len(blocks) + 1
     phoff = EHDR.size + (SHDR.size if xnum else 0)
     data_off = phoff + phnum * PHDR.size
     e_phnum = 0xFFFF if xnum else phnum
     ehdr = EHDR.pack(
-        b"\x7fELF\x02\x01\x01" + b"\x00" * 9, 4, 62, 1, 0, phoff,
-        EHDR.size if xnum else 0, 0, EHDR.size, PHDR.size, e_phnum,
-        SHDR.size if xnum else 0, 1 if xnum else 0, 0,
+        b"\x7fELF\x02\x01\x01" + b"\x00" * 9,
+        4,
+        62,
+        1,
+        0,
+        phoff,
+        EHDR.size if xnum else 0,
+        0,
+        EHDR.size,
+        PHDR.size,
+        e_phnum,
+        SHDR.size if xnum else 0,
+        1 if xnum else 0,
+        0,
     )
     out = bytearray(ehdr)
     if xnum:

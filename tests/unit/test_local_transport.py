@@ -82,8 +82,9 @@ def test_dump_script_ok_cleans_up(fake_env: Path, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("mode", ["fail-early", "fail-mid"])
-def test_virsh_failure_no_hang_no_file(fake_env: Path, monkeypatch: pytest.MonkeyPatch,
-                                       mode: str) -> None:
+def test_virsh_failure_no_hang_no_file(
+    fake_env: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
     monkeypatch.setenv("FAKE_MODE", mode)
     t0 = time.monotonic()
     with pytest.raises(DumpFailedError) as ei:

@@ -21,8 +21,15 @@ from tests.elfgen import make_core, mixed_bytes
 
 
 class FakeSource:
-    def __init__(self, data: bytes, chunk: int = 300_000, *, fail_at: int | None = None,
-                 close_error: Exception | None = None, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        chunk: int = 300_000,
+        *,
+        fail_at: int | None = None,
+        close_error: Exception | None = None,
+        delay: float = 0.0,
+    ) -> None:
         self.data, self.chunk, self.fail_at = data, chunk, fail_at
         self.close_error, self.delay = close_error, delay
         self.pos = 0
@@ -58,8 +65,9 @@ def _only_files(d: Path) -> list[str]:
 
 def test_roundtrip_hashes_mode_and_progress(tmp_path: Path, core: bytes) -> None:
     seen: list[tuple[int, int | None]] = []
-    res = write_dump(FakeSource(core), tmp_path / "d", "101_1.mem.gz",
-                     progress=lambda d, t: seen.append((d, t)))
+    res = write_dump(
+        FakeSource(core), tmp_path / "d", "101_1.mem.gz", progress=lambda d, t: seen.append((d, t))
+    )
     assert res.path == tmp_path / "d" / "101_1.mem.gz"
     raw = gzip.decompress(res.path.read_bytes())
     assert raw == core

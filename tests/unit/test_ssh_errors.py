@@ -1,7 +1,6 @@
 """Every paramiko exception (and the socket errors under it) maps to memdump's tree."""
 
 import inspect
-import socket
 
 import paramiko
 import paramiko.ssh_exception as px
@@ -16,7 +15,6 @@ from memdump.errors import (
     TransportError,
 )
 from memdump.transport.ssh import map_ssh_error
-
 
 
 def _instances() -> list[BaseException]:
@@ -41,8 +39,13 @@ def _instances() -> list[BaseException]:
     for _, cls in inspect.getmembers(px, inspect.isclass):
         if issubclass(cls, BaseException) and cls.__module__ == px.__name__:
             out.append(made.get(cls) or cls("message"))
-    out += [socket.timeout("t"), TimeoutError("t"), ConnectionResetError(104, "reset"),
-            EOFError(), OSError(113, "no route")]
+    out += [
+        TimeoutError("t"),
+        TimeoutError("t"),
+        ConnectionResetError(104, "reset"),
+        EOFError(),
+        OSError(113, "no route"),
+    ]
     return out
 
 
@@ -56,8 +59,11 @@ def test_every_paramiko_error_is_mapped(op: str) -> None:
         assert mapped.fields["cause"] == type(exc).__name__
         classes.add(type(exc))
     # all exception classes paramiko defines were exercised
-    defined = {c for _, c in inspect.getmembers(px, inspect.isclass)
-               if issubclass(c, BaseException) and c.__module__ == px.__name__}
+    defined = {
+        c
+        for _, c in inspect.getmembers(px, inspect.isclass)
+        if issubclass(c, BaseException) and c.__module__ == px.__name__
+    }
     assert defined <= classes
 
 

@@ -1,0 +1,1 @@
+"""api: see ../shared/DESIGN.md; filled in by the orchestration issue."""

@@ -1,0 +1,1 @@
+"""deployments: see ../shared/DESIGN.md; filled in by the orchestration issue."""

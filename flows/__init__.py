@@ -1,0 +1,1 @@
+"""flows: see ../shared/DESIGN.md; filled in by the orchestration issue."""

@@ -1,0 +1,1 @@
+"""tasks: see ../shared/DESIGN.md; filled in by the orchestration issue."""

@@ -1,0 +1,63 @@
+"""Fixtures for tests against the lab (lab/up): a real sshd, libvirtd and QEMU VMs.
+
+These tests do not skip when the lab is missing: the test command always brings it up,
+so a missing lab is a failure to report, not a reason to pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memdump.hypervisors import Driver, open_driver
+from memdump.settings import HypervisorConfig, Settings
+
+URI = "qemu:///system"
+
+
+def virsh(*args: str, check: bool = True) -> str:
+    return subprocess.run(
+        ["virsh", "-c", URI, *args], capture_output=True, text=True, check=check, timeout=120
+    ).stdout
+
+
+@pytest.fixture(scope="session")
+def lab_dir() -> Path:
+    d = os.environ.get("MEMDUMP_LAB_DIR")
+    inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
+    if not d or not inv or not Path(inv).is_file():
+        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def lab_hv(lab_dir: Path) -> HypervisorConfig:
+    return Settings(inventory_file=lab_dir / "inventory.yaml").inventory[0]
+
+
+@pytest.fixture
+def settings(lab_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(inventory_file=lab_dir / "inventory.yaml", dump_dir=tmp_path / "dumps")
+
+
+@pytest.fixture
+def driver(settings: Settings) -> Iterator[Driver]:
+    d = open_driver(settings.inventory[0], settings.ssh)
+    yield d
+    d.close()
+
+
+def layout(lab_dir: Path, vm: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((lab_dir / "vms" / vm / "layout.json").read_text())
+    return data
+
+
+def remote_temp_dirs() -> list[str]:
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    return sorted(p.name for p in tmp.glob("memdump.*"))

@@ -1,0 +1,147 @@
+"""Captures of real lab VMs over the lab's sshd, checked byte for byte."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from memdump.capture import capture
+from memdump.elfcore import parse_core
+from memdump.errors import DumpFailedError, VMNotFoundError
+from memdump.hypervisors import Driver, VMRef, open_driver
+from memdump.settings import Settings
+from memdump.targets import find, list_all
+from tests.integration.conftest import layout, remote_temp_dirs, virsh
+
+VM = "vm-web-01"
+
+
+def test_lists_and_resolves_by_name_id_and_uuid(driver: Driver) -> None:
+    names = {r.name for r in driver.list_vms()}
+    assert {"vm-web-01", "vm-db-01"} <= names
+    dom_id = virsh("domid", VM).strip()
+    uuid = virsh("domuuid", VM).strip()
+    refs = {driver.resolve(x) for x in (VM, dom_id, uuid)}
+    assert refs == {VMRef("lab", VM, VM)}
+
+
+def test_dump_is_byte_exact_with_markers(
+    driver: Driver, settings: Settings, lab_dir: Path, tmp_path: Path
+) -> None:
+    # Paused, the VM's memory cannot change between our dump and the reference dump.
+    virsh("suspend", VM)
+    try:
+        ref = driver.resolve(VM)
+        info = driver.snapshot(ref)
+        result = capture(driver, ref, settings)
+        local = tmp_path / "reference.elf"
+        virsh("dump", "--memory-only", "--format", "elf", VM, str(local))
+    finally:
+        virsh("resume", VM)
+
+    rec = result.record
+    raw = gzip.decompress(Path(rec.dump_path).read_bytes())
+    expected = local.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == hashlib.sha256(expected).hexdigest() == rec.sha256
+    assert raw == expected
+    assert rec.raw_size_bytes == len(expected)
+    assert rec.gz_sha256 == hashlib.sha256(Path(rec.dump_path).read_bytes()).hexdigest()
+    assert rec.gzip_size_bytes == os.path.getsize(rec.dump_path) < len(expected)
+
+    lay = parse_core(raw)
+    assert lay is not None and lay.file_size == len(raw)
+    vm_layout = layout(lab_dir, VM)
+    assert lay.memory_bytes >= vm_layout["memory_bytes"] - (1 << 20)
+    assert len(vm_layout["markers"]) >= 8
+    for marker in vm_layout["markers"]:
+        off = lay.offset_of(marker["addr"])
+        assert off is not None, f"marker at {marker['addr']:#x} not in any PT_LOAD"
+        want = bytes.fromhex(marker["hex"])
+        assert raw[off : off + len(want)] == want
+
+    # contract record fields and file hygiene
+    d = rec.contract_dict()
+    assert list(d) == [
+        "timestamp",
+        "dom",
+        "vmid",
+        "sha256",
+        "duration_sec",
+        "gzip_size_bytes",
+        "ctime",
+        "mtime",
+        "atime",
+        "dump_path",
+    ]
+    assert d["dom"] == VM and d["vmid"] == VM and len(d["sha256"]) == 64
+    assert Path(d["dump_path"]).name == f"{VM}_{int(rec.timestamp.timestamp())}.mem.gz"
+    assert stat.S_IMODE(os.stat(rec.dump_path).st_mode) == 0o600
+    assert sorted(p.name for p in settings.dump_dir.iterdir()) == [Path(rec.dump_path).name]
+    assert info.memory_bytes == vm_layout["memory_bytes"]
+    assert info.uuid and info.versions.get("libvirt") and "QEMU" in info.versions["hypervisor"]
+    assert remote_temp_dirs() == []
+
+
+def test_unknown_vm_is_a_clear_error_and_writes_nothing(driver: Driver, settings: Settings) -> None:
+    with pytest.raises(VMNotFoundError) as ei:
+        find([driver], "vm-does-not-exist")
+    assert "vm-does-not-exist" in str(ei.value) and not ei.value.retryable
+    assert not settings.dump_dir.exists()
+
+
+def test_virsh_failure_does_not_hang(driver: Driver, settings: Settings) -> None:
+    # Bypass resolve(): virsh itself fails before anything opens the FIFO.
+    t0 = time.monotonic()
+    with pytest.raises(DumpFailedError) as ei:
+        capture_src = driver.open_dump(VMRef("lab", "vm-gone-01", "vm-gone-01"))
+        from memdump.pipeline import write_dump
+
+        write_dump(capture_src, settings.dump_dir, "x.mem.gz")
+    assert time.monotonic() - t0 < 30
+    assert "vm-gone-01" in ei.value.fields["stderr"]
+    assert list(settings.dump_dir.iterdir()) == []
+    assert remote_temp_dirs() == []
+
+
+def test_local_transport_on_the_hypervisor(settings: Settings) -> None:
+    hv = settings.inventory[0].model_copy(update={"transport": "local"})
+    d = open_driver(hv, settings.ssh)
+    ref = d.resolve("vm-db-01")
+    result = capture(d, ref, settings)
+    layout_ok = parse_core(gzip.decompress(Path(result.record.dump_path).read_bytes()))
+    assert layout_ok is not None and layout_ok.file_size == result.record.raw_size_bytes
+
+
+def test_all_lists_every_running_vm(settings: Settings) -> None:
+    drivers = [open_driver(hv, settings.ssh) for hv in settings.inventory]
+    running = set(virsh("list", "--name").split())
+    assert {r.name for r in list_all(drivers)} == running
+
+
+def test_cli_capture(settings: Settings, lab_dir: Path, tmp_path: Path) -> None:
+    env = dict(
+        os.environ,
+        MEMDUMP_DUMP_DIR=str(tmp_path / "cli"),
+        MEMDUMP_INVENTORY_FILE=str(lab_dir / "inventory.yaml"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "memdump.cli", "capture", "vm-db-01", "nope-01"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1  # one VM failed
+    rec = json.loads(proc.stdout.strip())
+    assert rec["dom"] == "vm-db-01" and Path(rec["dump_path"]).is_file()
+    err = json.loads(proc.stderr.strip())
+    assert err["error"] == "VMNotFoundError" and err["vm_id"] == "nope-01"
