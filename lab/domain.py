@@ -32,15 +32,17 @@ def domain_xml(layout: dict, bios: str, virt_type: str, state_dir: str) -> str:
     # Fingerprint covers the inputs, not the XML libvirt echoes back (which it
     # normalises), so comparing it with the running domain's is stable.
     fp = hashlib.sha256(
-        json.dumps([name, mib, layout["seed"], layout.get("generator_version"), virt_type, args])
-        .encode()
+        json.dumps(
+            [name, mib, layout["seed"], layout.get("generator_version"), virt_type, args]
+        ).encode()
     ).hexdigest()[:16]
     qargs = "\n".join(f"    <qemu:arg value={quoteattr(a)}/>" for a in args)
     return f"""<domain type={quoteattr(virt_type)} xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <description>memdump lab VM (lab/up); RAM preloaded from {state_dir}</description>
   <metadata>
-    <lab:vm xmlns:lab='{LAB_NS}' state={quoteattr(state_dir)} fingerprint='{fp}' mib='{mib}' seed='{layout["seed"]}'/>
+    <lab:vm xmlns:lab='{LAB_NS}' state={quoteattr(state_dir)}
+            fingerprint='{fp}' mib='{mib}' seed='{layout["seed"]}'/>
   </metadata>
   <memory unit='MiB'>{mib}</memory>
   <currentMemory unit='MiB'>{mib}</currentMemory>

@@ -10,7 +10,8 @@ this module says should be there.
 Same name/seed + size -> same bytes, on any machine and Python >= 3.9
 (random.Random seeded with a str is hashed with SHA-512, randbytes is stable).
 
-Usage: image.py --name vm-web-01 --mib 256 --out DIR [--seed N] [--force]
+Usage: image.py --name vm-web-01 --mib 256 --out DIR [--images DIR] [--seed N] [--force]
+       image.py --bios PATH      (write the 64 KiB halt-forever BIOS)
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ RAM_START = 1 * MiB
 PC_LOWMEM_LIMIT = 0xE0000000
 PC_LOWMEM_SPLIT = 0xC0000000
 HIGHMEM_START = 0x1_0000_0000
+# QEMU's loader reads an image with one read(2), which Linux caps just below
+# 2 GiB, so RAM regions are split into several loader images of at most this.
+MAX_IMAGE = 1 * GiB
 MARKER_LEN = 64
 MARKER_PREFIX = b"MEMDUMP-MARKER:"
 # Fractions of blocks: incompressible / compressible / zero.
@@ -98,13 +102,12 @@ def make_pool(seed: int) -> bytes:
     small fixed-size records, roughly what a guest's page cache and heap look
     like.  zlib level 1 squeezes this ~4-6x."""
     rng = random.Random(f"{seed}:pool")
-    words = [
-        "GET", "POST", "PUT", "DELETE", "/api/v1/items", "/api/v1/users", "/healthz",
-        "/static/app.js", "/login", "/orders", "status=200", "status=404", "status=500",
-        "INFO", "WARN", "ERROR", "DEBUG", "nginx", "postgres", "redis", "worker",
-        "connection", "accepted", "closed", "timeout", "retrying", "checkpoint", "vacuum",
-        "user=alice", "user=bob", "user=carol", "session", "cache", "miss", "hit",
-    ]
+    words = (
+        "GET POST PUT DELETE /api/v1/items /api/v1/users /healthz /static/app.js /login "
+        "/orders status=200 status=404 status=500 INFO WARN ERROR DEBUG nginx postgres "
+        "redis worker connection accepted closed timeout retrying checkpoint vacuum "
+        "user=alice user=bob user=carol session cache miss hit"
+    ).split()
     hosts = [f"vm-{rng.randrange(100):02d}" for _ in range(8)]
     parts: list[bytes] = []
     size = 0
@@ -158,16 +161,38 @@ def block_data(kind: str, seed: int, addr: int, size: int, pool: bytes) -> bytes
     return body[:size]
 
 
-def expected_layout(name: str, memory_bytes: int, seed: int, out: Path) -> dict:
-    regions = ram_regions(memory_bytes)
+def write_halt_bios(path: Path) -> None:
+    """64 KiB BIOS whose reset vector (0xFFFFFFF0 -> image offset 0xFFF0) is
+    `cli; hlt; jmp $-3`: the vCPU parks forever without touching RAM, unlike
+    SeaBIOS which would scribble over low memory and make dumps differ."""
+    rom = bytearray(b"\xff" * 0x10000)
+    rom[0xFFF0:0xFFF4] = bytes.fromhex("faf4ebfd")
+    if path.exists() and path.read_bytes() == rom:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(rom)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def expected_layout(name: str, memory_bytes: int, seed: int, images: Path) -> dict:
+    ram = ram_regions(memory_bytes)
+    files = [
+        (a, min(MAX_IMAGE, start + size - a))
+        for start, size in ram
+        for a in range(start, start + size, MAX_IMAGE)
+    ]
     return {
         "name": name,
         "memory_bytes": memory_bytes,
         "seed": seed,
         "generator_version": GENERATOR_VERSION,
         "machine": "pc",
+        # Guest-physical RAM above 1 MiB as the machine maps it.
+        "ram_regions": [{"addr": a, "size": s} for a, s in ram],
+        # One loader image each; contiguous pieces of ram_regions.
         "regions": [
-            {"addr": a, "size": s, "file": str(out / f"ram-{a:#011x}.bin")} for a, s in regions
+            {"addr": a, "size": s, "file": str(images / f"ram-{a:#011x}.bin")} for a, s in files
         ],
         "blocks": [],
         "markers": [],
@@ -179,7 +204,7 @@ def cached(layout_path: Path, want: dict) -> dict | None:
         have = json.loads(layout_path.read_text())
     except (OSError, ValueError):
         return None
-    keys = ("name", "memory_bytes", "seed", "generator_version", "regions")
+    keys = ("name", "memory_bytes", "seed", "generator_version", "ram_regions", "regions")
     if any(have.get(k) != want[k] for k in keys):
         return None
     for r in have["regions"]:
@@ -191,10 +216,13 @@ def cached(layout_path: Path, want: dict) -> dict | None:
     return have
 
 
-def generate(name: str, memory_bytes: int, seed: int, out: Path, force: bool = False) -> dict:
+def generate(
+    name: str, memory_bytes: int, seed: int, out: Path, images: Path, force: bool = False
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    images.mkdir(parents=True, exist_ok=True)
     layout_path = out / "layout.json"
-    layout = expected_layout(name, memory_bytes, seed, out)
+    layout = expected_layout(name, memory_bytes, seed, images)
     if not force:
         have = cached(layout_path, layout)
         if have is not None:
@@ -203,8 +231,8 @@ def generate(name: str, memory_bytes: int, seed: int, out: Path, force: bool = F
     # vouches for half-written images.
     layout_path.unlink(missing_ok=True)
 
-    markers = {a: marker_bytes(name, seed, n) for n, a in enumerate(marker_addrs(
-        [(r["addr"], r["size"]) for r in layout["regions"]], seed))}
+    ram = [(r["addr"], r["size"]) for r in layout["ram_regions"]]
+    markers = {a: marker_bytes(name, seed, n) for n, a in enumerate(marker_addrs(ram, seed))}
     pool = make_pool(seed)
     blocks = layout["blocks"]
     for region in layout["regions"]:
@@ -234,9 +262,11 @@ def generate(name: str, memory_bytes: int, seed: int, out: Path, force: bool = F
                         f.seek(a - start)
                         f.write(markers[a])
                     f.seek(bend - start)
-                if blocks and blocks[-1]["kind"] == kind and blocks[-1]["addr"] + blocks[-1][
-                    "size"
-                ] == addr:
+                if (
+                    blocks
+                    and blocks[-1]["kind"] == kind
+                    and blocks[-1]["addr"] + blocks[-1]["size"] == addr
+                ):
                     blocks[-1]["size"] += bsize
                 else:
                     blocks.append({"addr": addr, "size": bsize, "kind": kind})
@@ -255,15 +285,23 @@ def generate(name: str, memory_bytes: int, seed: int, out: Path, force: bool = F
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--name", required=True)
-    ap.add_argument("--mib", type=int, required=True, help="guest RAM in MiB")
-    ap.add_argument("--out", type=Path, required=True, help="directory for images + layout.json")
+    ap.add_argument("--name")
+    ap.add_argument("--mib", type=int, help="guest RAM in MiB")
+    ap.add_argument("--out", type=Path, help="directory for layout.json")
+    ap.add_argument("--images", type=Path, help="directory for the RAM images (default: --out)")
     ap.add_argument("--seed", type=int, help="default: derived from --name")
     ap.add_argument("--force", action="store_true", help="regenerate even if cached")
+    ap.add_argument("--bios", type=Path, help="only write the halt BIOS to this path")
     args = ap.parse_args(argv)
+    if args.bios:
+        write_halt_bios(args.bios)
+        return 0
+    if not (args.name and args.mib and args.out):
+        ap.error("--name, --mib and --out are required")
     seed = args.seed if args.seed is not None else seed_for(args.name)
+    images = (args.images or args.out).resolve()
     t0 = time.monotonic()
-    layout = generate(args.name, args.mib * MiB, seed, args.out.resolve(), args.force)
+    layout = generate(args.name, args.mib * MiB, seed, args.out.resolve(), images, args.force)
     print(
         f"image.py: {args.name} {args.mib} MiB seed={seed} "
         f"regions={len(layout['regions'])} markers={len(layout['markers'])} "

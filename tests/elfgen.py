@@ -1,4 +1,6 @@
-"""Synthetic ELF64 cores for unit tests (same layout QEMU writes: notes, then RAM)."""
+"""Synthetic ELF64 cores for unit tests, laid out as QEMU 7.2 writes them: ELF header,
+section headers (NULL + .shstrtab), program headers (NOTE + LOADs), notes, RAM, and
+the .shstrtab contents last."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import struct
 EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 PHDR = struct.Struct("<IIQQQQQQ")
 SHDR = struct.Struct("<IIQQQQIIQQ")
+SHSTRTAB = b"\x00.shstrtab\x00"
 
 
 def make_core(
@@ -15,9 +18,9 @@ def make_core(
 ) -> bytes:
     """blocks: (guest-physical address, content). Returns the whole core file."""
     phnum = len(blocks) + 1
-    phoff = EHDR.size + (SHDR.size if xnum else 0)
+    shoff = EHDR.size
+    phoff = shoff + 2 * SHDR.size
     data_off = phoff + phnum * PHDR.size
-    e_phnum = 0xFFFF if xnum else phnum
     ehdr = EHDR.pack(
         b"\x7fELF\x02\x01\x01" + b"\x00" * 9,
         4,
@@ -25,28 +28,29 @@ def make_core(
         1,
         0,
         phoff,
-        EHDR.size if xnum else 0,
+        shoff,
         0,
         EHDR.size,
         PHDR.size,
-        e_phnum,
-        SHDR.size if xnum else 0,
-        1 if xnum else 0,
-        0,
+        0xFFFF if xnum else phnum,
+        SHDR.size,
+        2,
+        1,
     )
-    out = bytearray(ehdr)
-    if xnum:
-        out += SHDR.pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0)
     phdrs = [PHDR.pack(4, 0, data_off, 0, 0, len(note), 0, 0)]
     off = data_off + len(note)
     for paddr, content in blocks:
         phdrs.append(PHDR.pack(1, 0, off, paddr, paddr, len(content), len(content), 0))
         off += len(content)
+    out = bytearray(ehdr)
+    out += SHDR.pack(0, 0, 0, 0, 0, 0, 0, phnum if xnum else 0, 0, 0)
+    out += SHDR.pack(1, 3, 0, 0, off, len(SHSTRTAB), 0, 0, 1, 0)
     for p in phdrs:
         out += p
     out += note
     for _, content in blocks:
         out += content
+    out += SHSTRTAB
     return bytes(out)
 
 

@@ -120,11 +120,9 @@ class SSHTransport:
         try:
             client.load_host_keys(str(hv.known_hosts))
             client.set_missing_host_key_policy(_RejectUnknownHost())
-            pkey = paramiko.PKey.from_path(  # type: ignore[call-arg]  # stubs predate 3.2
+            pkey = paramiko.PKey.from_path(
                 hv.key_file,
-                passphrase=(
-                    hv.key_passphrase.get_secret_value().encode() if hv.key_passphrase else None
-                ),
+                hv.key_passphrase.get_secret_value() if hv.key_passphrase else None,
             )
             sock = socket.create_connection(
                 (self._host, hv.port), timeout=self._tuning.connect_timeout_sec

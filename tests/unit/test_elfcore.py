@@ -44,3 +44,17 @@ def test_executable_is_not_a_core() -> None:
     core[16] = 2  # ET_EXEC
     with pytest.raises(InvalidDumpError):
         parse_core(bytes(core))
+
+
+def test_real_qemu_layout_counts_the_trailing_shstrtab() -> None:
+    core = make_core([(0, b"m" * 1000)])
+    layout = parse_core(core[:4096])
+    assert layout is not None and layout.file_size == len(core)
+    assert layout.sections and layout.sections[0][0] + 11 == len(core)
+
+
+def test_section_headers_far_away_are_refused() -> None:
+    core = bytearray(make_core([(0, b"m" * 10)]))
+    core[40:48] = (1 << 40).to_bytes(8, "little")  # e_shoff
+    with pytest.raises(InvalidDumpError):
+        parse_core(bytes(core))
