@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from memdump.capture import capture
 from memdump.errors import MemdumpError
-from memdump.hypervisors import Driver, open_driver
+from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.settings import Settings
 from memdump.targets import ALL, find, list_all
 
@@ -26,24 +26,29 @@ def cmd_vms(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
     drivers = _drivers(settings)
-    if ALL in args.vm_ids:
-        targets = [(d, ref) for d in drivers for ref in d.list_vms()]
-    else:
-        targets = []
-        for vm_id in dict.fromkeys(args.vm_ids):
-            try:
+    failed = 0
+
+    def report_failure(vm_id: str, exc: MemdumpError) -> None:
+        nonlocal failed
+        failed += 1
+        print(json.dumps({"vm_id": vm_id, **exc.to_dict()}, default=str), file=sys.stderr)
+
+    targets: list[tuple[Driver, VMRef]] = []
+    for vm_id in dict.fromkeys(args.vm_ids):  # duplicates are captured once
+        try:
+            if vm_id == ALL:
+                targets.extend((d, ref) for d in drivers for ref in d.list_vms())
+            else:
                 targets.append(find(drivers, vm_id))
-            except MemdumpError as exc:
-                print(json.dumps({"vm_id": vm_id, **exc.to_dict()}), file=sys.stderr)
-    failed = len(args.vm_ids) - len(targets) if ALL not in args.vm_ids else 0
-    for driver, ref in targets:
+        except MemdumpError as exc:
+            report_failure(vm_id, exc)
+    for driver, ref in dict.fromkeys(targets):
         try:
             result = capture(driver, ref, settings)
         except MemdumpError as exc:
-            failed += 1
-            print(json.dumps({"vm_id": ref.vmid, **exc.to_dict()}), file=sys.stderr)
+            report_failure(ref.vmid, exc)
             continue
-        print(json.dumps(result.record.full_dict()))
+        print(json.dumps(result.record.full_dict()), flush=True)
     for d in drivers:
         d.close()
     return 1 if failed else 0

@@ -131,3 +131,10 @@ class CaptureTimeoutError(CaptureError):
 
 class StorageError(MemdumpError):
     """Writing the dump locally failed (disk full, permissions, name clash)."""
+
+
+# -- records ------------------------------------------------------------------------------
+
+
+class RecordStoreError(MemdumpError):
+    """The record store could not read or take a record."""

@@ -1,0 +1,41 @@
+"""What every record store offers (sqlite embedded default; InfluxDB 3 in production)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from memdump.records.model import DumpRecord
+
+
+@dataclass(frozen=True)
+class Stats:
+    total_dumps: int
+    total_vms: int
+    total_size_bytes: int
+    avg_duration_sec: float
+    last_dump: str | None  # ISO 8601 like the records' timestamp
+
+    def contract_dict(self) -> dict[str, Any]:
+        return {
+            "total_dumps": self.total_dumps,
+            "total_vms": self.total_vms,
+            "total_size_bytes": self.total_size_bytes,
+            "avg_duration_sec": self.avg_duration_sec,
+            "last_dump": self.last_dump,
+        }
+
+
+class RecordStore(Protocol):
+    def add(self, record: DumpRecord) -> bool:
+        """Write one record; True if new, False if it was already there (the key is
+        vmid + timestamp + sha256, so a replayed write is never a duplicate)."""
+        ...
+
+    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
+        """Contract dicts, newest first."""
+        ...
+
+    def stats(self) -> Stats: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,129 @@
+"""The embedded record store: one SQLite file (WAL), the default when nothing else is set."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from memdump.errors import RecordStoreError
+from memdump.records.base import Stats
+from memdump.records.model import CONTRACT_FIELDS, DumpRecord, iso_utc
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mem_dumps (
+    time_us INTEGER NOT NULL,          -- dump timestamp, microseconds since the epoch (UTC)
+    dom TEXT NOT NULL,
+    vmid TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    duration_sec REAL NOT NULL,
+    gzip_size_bytes INTEGER NOT NULL,
+    ctime INTEGER NOT NULL,
+    mtime INTEGER NOT NULL,
+    atime INTEGER NOT NULL,
+    dump_path TEXT NOT NULL,
+    gz_sha256 TEXT NOT NULL,
+    raw_size_bytes INTEGER NOT NULL,
+    hypervisor TEXT NOT NULL,
+    PRIMARY KEY (vmid, time_us, sha256)
+);
+CREATE INDEX IF NOT EXISTS mem_dumps_time ON mem_dumps (time_us DESC);
+"""
+_COLUMNS = ", ".join(("time_us",) + CONTRACT_FIELDS[1:])
+
+
+def _us(ts: datetime) -> int:
+    delta = ts.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _iso_from_us(us: int) -> str:
+    return iso_utc(datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000))
+
+
+class SQLiteRecordStore:
+    def __init__(self, path: Path, *, timeout: float = 10.0) -> None:
+        self._path = path
+        self._timeout = timeout
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with self._conn() as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise RecordStoreError(
+                f"cannot open record store {path}: {exc}", path=str(path)
+            ) from exc
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per call: safe from any thread, and SQLite opens fast.
+        db = sqlite3.connect(self._path, timeout=self._timeout)
+        try:
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def add(self, record: DumpRecord) -> bool:
+        r = record
+        row = (
+            _us(r.timestamp),
+            r.dom,
+            r.vmid,
+            r.sha256,
+            r.duration_sec,
+            r.gzip_size_bytes,
+            r.ctime,
+            r.mtime,
+            r.atime,
+            r.dump_path,
+            r.gz_sha256,
+            r.raw_size_bytes,
+            r.hypervisor,
+        )
+        try:
+            with self._conn() as db:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO mem_dumps (time_us, dom, vmid, sha256, duration_sec,"
+                    " gzip_size_bytes, ctime, mtime, atime, dump_path, gz_sha256,"
+                    " raw_size_bytes, hypervisor) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    row,
+                )
+                return cur.rowcount == 1
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot write record: {exc}", retryable=True) from exc
+
+    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
+        try:
+            with self._conn() as db:
+                rows = db.execute(
+                    f"SELECT {_COLUMNS} FROM mem_dumps"  # noqa: S608 - constant column list
+                    " ORDER BY time_us DESC, vmid LIMIT ? OFFSET ?",
+                    (limit, offset),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot read records: {exc}", retryable=True) from exc
+        out = []
+        for row in rows:
+            d = dict(zip(CONTRACT_FIELDS, row, strict=True))
+            d["timestamp"] = _iso_from_us(row[0])
+            out.append(d)
+        return out
+
+    def stats(self) -> Stats:
+        try:
+            with self._conn() as db:
+                n, vms, size, avg, last = db.execute(
+                    "SELECT COUNT(*), COUNT(DISTINCT vmid), COALESCE(SUM(gzip_size_bytes), 0),"
+                    " COALESCE(AVG(duration_sec), 0), MAX(time_us) FROM mem_dumps"
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot read stats: {exc}", retryable=True) from exc
+        return Stats(n, vms, size, round(avg, 3), None if last is None else _iso_from_us(last))
+
+    def close(self) -> None:
+        pass
