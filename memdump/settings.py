@@ -89,13 +89,36 @@ class Settings(BaseSettings):
         env_prefix="MEMDUMP_", env_nested_delimiter="__", extra="ignore"
     )
 
+    data_dir: Path = Path(".data")
     dump_dir: Path = Path(".data/dumps")
+    # Record store: "sqlite" (embedded, default) under data_dir.
+    record_store: Literal["sqlite"] = "sqlite"
+    sqlite_path: Path | None = None  # default: <data_dir>/records.db
     inventory_file: Path | None = None
     hypervisors: list[HypervisorConfig] = Field(default_factory=list)
     # ISA-L levels 0-3; level 1 is within a few percent of gzip -1 at several times its speed.
     compression_level: int = Field(default=1, ge=0, le=3)
     capture_timeout_sec: float = Field(default=300.0, gt=0)
     ssh: SSHTuning = Field(default_factory=SSHTuning)
+
+    # Orchestration (Prefect): retries for retryable errors only; limits hold across
+    # workers because they are Prefect global concurrency limits.
+    capture_retries: int = Field(default=2, ge=0, le=10)
+    capture_retry_delay_sec: float = Field(default=5.0, ge=0)
+    max_concurrent_captures: int = Field(default=3, ge=1)
+    max_captures_per_hypervisor: int = Field(default=2, ge=1)
+    runner_poll_sec: int = Field(default=1, ge=1)
+    flow_name: str = "capture-vms"
+    deployment: str = "on-demand"
+
+    # REST API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    records_max_limit: int = Field(default=1000, ge=1)
+
+    @property
+    def records_db(self) -> Path:
+        return self.sqlite_path or self.data_dir / "records.db"
 
     @cached_property
     def inventory(self) -> list[HypervisorConfig]:

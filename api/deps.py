@@ -1,0 +1,31 @@
+"""FastAPI dependencies: one Settings, one record store, one Runs backend per app."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.runs import Runs
+from memdump.records.base import RecordStore
+from memdump.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_store(request: Request) -> RecordStore:
+    store: RecordStore = request.app.state.store
+    return store
+
+
+def get_runs(request: Request) -> Runs:
+    runs: Runs = request.app.state.runs
+    return runs
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[RecordStore, Depends(get_store)]
+RunsDep = Annotated[Runs, Depends(get_runs)]

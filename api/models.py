@@ -1,0 +1,77 @@
+"""Request and response bodies, exactly as the contract shows them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["idle", "in_progress", "completed", "failed", "timeout", "error"]
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(examples=["No VM IDs specified"])
+
+
+class TriggerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vm_ids: list[str] = Field(
+        description='VM ids (domain name, id or UUID; plain identifiers only), or "all"',
+        examples=[["101", "102"]],
+    )
+
+
+class TriggerResponse(BaseModel):
+    status: Literal["scheduled"] = "scheduled"
+    message: str = Field(examples=["Memory dump scheduled for 2 VM(s)"])
+    vm_ids: list[str]
+    timestamp: str = Field(examples=["2025-11-11T10:30:45.123456"])
+
+
+class Record(BaseModel):
+    timestamp: str = Field(description="When the dump started, ISO 8601 UTC, microseconds")
+    dom: str
+    vmid: str
+    sha256: str = Field(description="SHA-256 of the raw (uncompressed) dump")
+    duration_sec: float
+    gzip_size_bytes: int
+    ctime: int
+    mtime: int
+    atime: int
+    dump_path: str
+
+
+class RecordsResponse(BaseModel):
+    records: list[Record]
+    count: int
+    limit: int
+    offset: int
+
+
+class LastTrigger(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timestamp: str | None = None
+    vm_ids: list[str] | None = None
+    status: Status | None = None
+    duration: float | None = None
+
+
+class StatusResponse(BaseModel):
+    last_trigger: dict[str, object] = Field(
+        description="{} when idle; else timestamp, vm_ids, status and (when finished) duration"
+    )
+    status: Status
+    vm_ids: list[str]
+    timestamp: str | None
+    duration: float | None
+    error: str | None
+
+
+class StatsResponse(BaseModel):
+    total_dumps: int
+    total_vms: int
+    total_size_bytes: int
+    avg_duration_sec: float
+    last_dump: str | None

@@ -1,0 +1,125 @@
+"""The /api/memory-dumps routes. Small on purpose: the work is in memdump/ and Prefect."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query
+
+from api.deps import RunsDep, SettingsDep, StoreDep
+from api.models import (
+    ErrorBody,
+    RecordsResponse,
+    StatsResponse,
+    StatusResponse,
+    TriggerRequest,
+    TriggerResponse,
+)
+from api.status import map_state
+from memdump.errors import MemdumpError
+from memdump.identifiers import validate_id
+from memdump.records.model import iso_utc
+from memdump.targets import ALL
+
+router = APIRouter(prefix="/api/memory-dumps", tags=["memory-dumps"])
+
+BAD_REQUEST: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody}}
+SERVER_ERROR: dict[int | str, dict[str, Any]] = {500: {"model": ErrorBody}}
+
+
+@router.post(
+    "/trigger",
+    response_model=TriggerResponse,
+    responses={**BAD_REQUEST, **SERVER_ERROR},
+    summary="Schedule memory dumps of VMs (returns once the flow run exists)",
+)
+def trigger(body: TriggerRequest, runs: RunsDep) -> TriggerResponse:
+    if not body.vm_ids:
+        raise HTTPException(400, "No VM IDs specified")
+    vm_ids = list(dict.fromkeys(body.vm_ids))  # a VM asked for twice is dumped once
+    for vm_id in vm_ids:
+        if vm_id != ALL:
+            try:
+                validate_id(vm_id)
+            except MemdumpError as exc:
+                raise HTTPException(400, str(exc)) from None
+    try:
+        runs.trigger(vm_ids, "api")
+    except Exception as exc:
+        raise HTTPException(500, f"Error scheduling memory dump: {exc}") from exc
+    return TriggerResponse(
+        message=f"Memory dump scheduled for {len(vm_ids)} VM(s)",
+        vm_ids=vm_ids,
+        timestamp=iso_utc(datetime.now(UTC)),
+    )
+
+
+@router.get(
+    "/records",
+    response_model=RecordsResponse,
+    responses={**BAD_REQUEST, **SERVER_ERROR},
+    summary="Dump records, newest first",
+)
+def records(
+    store: StoreDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, description="Max records (1-1000; more is a 400)")] = 1000,
+    offset: Annotated[int, Query(ge=0, description="Records to skip")] = 0,
+) -> dict[str, Any]:
+    if limit > settings.records_max_limit:
+        raise HTTPException(400, f"limit must be at most {settings.records_max_limit}")
+    try:
+        rows = store.list(limit, offset)
+    except Exception as exc:
+        raise HTTPException(500, f"Error fetching records: {exc}") from exc
+    return {"records": rows, "count": len(rows), "limit": limit, "offset": offset}
+
+
+@router.get(
+    "/status",
+    response_model=StatusResponse,
+    responses=SERVER_ERROR,
+    summary="State of the last trigger (API or schedule), read from Prefect",
+)
+def status(runs: RunsDep) -> dict[str, Any]:
+    try:
+        run = runs.latest()
+    except Exception as exc:
+        raise HTTPException(500, f"Error fetching status: {exc}") from exc
+    if run is None:
+        return {
+            "last_trigger": {},
+            "status": "idle",
+            "vm_ids": [],
+            "timestamp": None,
+            "duration": None,
+            "error": None,
+        }
+    st = map_state(run.state_type, run.state_name)
+    ts = iso_utc(run.triggered_at)
+    last: dict[str, Any] = {"timestamp": ts, "vm_ids": run.vm_ids, "status": st}
+    if st != "in_progress":
+        last["duration"] = run.duration
+    error = run.message if st in ("failed", "timeout", "error") else None
+    return {
+        "last_trigger": last,
+        "status": st,
+        "vm_ids": run.vm_ids,
+        "timestamp": ts,
+        "duration": run.duration if st != "in_progress" else None,
+        "error": error,
+    }
+
+
+@router.get(
+    "/stats",
+    response_model=StatsResponse,
+    responses=SERVER_ERROR,
+    summary="Aggregates over all records (computed by the store)",
+)
+def stats(store: StoreDep) -> dict[str, Any]:
+    try:
+        return store.stats().contract_dict()
+    except Exception as exc:
+        raise HTTPException(500, f"Error fetching stats: {exc}") from exc

@@ -1,0 +1,284 @@
+"""The API against the contract, with a fake Runs backend and a real SQLite store."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from api.runs import RunSummary
+from memdump.errors import RecordStoreError
+from memdump.records.base import Stats
+from memdump.records.model import DumpRecord
+from memdump.records.sqlite import SQLiteRecordStore
+from memdump.settings import Settings
+
+ISO_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
+BASE = "/api/memory-dumps"
+
+
+class FakeRuns:
+    def __init__(self) -> None:
+        self.triggered: list[tuple[list[str], str]] = []
+        self.run: RunSummary | None = None
+        self.fail = False
+
+    def trigger(self, vm_ids: list[str], source: str) -> str:
+        if self.fail:
+            raise ConnectionError("Prefect is down")
+        self.triggered.append((vm_ids, source))
+        return "run-1"
+
+    def latest(self) -> RunSummary | None:
+        return self.run
+
+
+class BrokenStore:
+    def add(self, record: DumpRecord) -> bool:
+        raise RecordStoreError("Connection refused")
+
+    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
+        raise RecordStoreError("Connection refused")
+
+    def stats(self) -> Stats:
+        raise RecordStoreError("Connection refused")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def runs() -> FakeRuns:
+    return FakeRuns()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SQLiteRecordStore:
+    return SQLiteRecordStore(tmp_path / "r.db")
+
+
+@pytest.fixture
+def client(tmp_path: Path, runs: FakeRuns, store: SQLiteRecordStore) -> TestClient:
+    return TestClient(create_app(Settings(data_dir=tmp_path), store=store, runs=runs))
+
+
+def test_trigger(client: TestClient, runs: FakeRuns) -> None:
+    r = client.post(f"{BASE}/trigger", json={"vm_ids": ["101", "102", "103"]})
+    assert r.status_code == 200
+    body = r.json()
+    assert list(body) == ["status", "message", "vm_ids", "timestamp"]
+    assert body["status"] == "scheduled"
+    assert body["message"] == "Memory dump scheduled for 3 VM(s)"
+    assert body["vm_ids"] == ["101", "102", "103"]
+    assert ISO_US.match(body["timestamp"])
+    assert runs.triggered == [(["101", "102", "103"], "api")]
+
+
+def test_trigger_dedupes_and_accepts_all(client: TestClient, runs: FakeRuns) -> None:
+    r = client.post(f"{BASE}/trigger", json={"vm_ids": ["all", "101", "101"]})
+    assert r.status_code == 200 and r.json()["vm_ids"] == ["all", "101"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "detail"),
+    [
+        ({"json": {"vm_ids": []}}, "No VM IDs specified"),
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            "Invalid JSON",
+        ),
+        ({"json": {}}, "missing field: vm_ids"),
+        ({"json": {"vm_ids": "101"}}, "vm_ids"),
+        ({"json": {"vm_ids": [101]}}, "vm_ids"),
+        ({"json": {"vm_ids": ["a;rm -rf /"]}}, "not a plain identifier"),
+        ({"json": {"vm_ids": ["--help"]}}, "not a plain identifier"),
+        ({"json": {"vm_ids": ["101"], "extra": 1}}, "unknown field: extra"),
+        ({"json": ["101"]}, "Invalid request"),
+        ({"content": b"", "headers": {"content-type": "application/json"}}, "Invalid"),
+    ],
+)
+def test_trigger_bad_requests(
+    client: TestClient, runs: FakeRuns, kwargs: dict[str, Any], detail: str
+) -> None:
+    r = client.post(f"{BASE}/trigger", **kwargs)
+    assert r.status_code == 400, r.text
+    assert list(r.json()) == ["detail"] and detail in r.json()["detail"]
+    assert runs.triggered == []
+
+
+def test_trigger_when_prefect_is_down(client: TestClient, runs: FakeRuns) -> None:
+    runs.fail = True
+    r = client.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    assert r.status_code == 500 and "Prefect is down" in r.json()["detail"]
+
+
+def _rec(i: int) -> DumpRecord:
+    ts = datetime(2025, 11, 11, 10, 30, tzinfo=UTC) + timedelta(minutes=i)
+    return DumpRecord(
+        ts,
+        "vm-web-01",
+        "101",
+        f"{i:064x}",
+        5.234,
+        2000 + i,
+        1,
+        2,
+        3,
+        f"/var/dumps/101_{i}.mem.gz",
+        "0" * 64,
+        4096,
+        "lab",
+    )
+
+
+def test_records(client: TestClient, store: SQLiteRecordStore) -> None:
+    for i in range(5):
+        store.add(_rec(i))
+    body = client.get(f"{BASE}/records").json()
+    assert body["count"] == 5 and body["limit"] == 1000 and body["offset"] == 0
+    assert [r["gzip_size_bytes"] for r in body["records"]] == [2004, 2003, 2002, 2001, 2000]
+    assert list(body["records"][0]) == [
+        "timestamp",
+        "dom",
+        "vmid",
+        "sha256",
+        "duration_sec",
+        "gzip_size_bytes",
+        "ctime",
+        "mtime",
+        "atime",
+        "dump_path",
+    ]
+    page = client.get(f"{BASE}/records?limit=2&offset=1").json()
+    assert [r["gzip_size_bytes"] for r in page["records"]] == [2003, 2002]
+    assert (page["count"], page["limit"], page["offset"]) == (2, 2, 1)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=1001",
+        "limit=0",
+        "limit=-1",
+        "offset=-1",
+        "limit=abc",
+        "limit=99999999999999999999999",
+    ],
+)
+def test_records_bad_query(client: TestClient, query: str) -> None:
+    r = client.get(f"{BASE}/records?{query}")
+    assert r.status_code == 400 and list(r.json()) == ["detail"]
+
+
+def test_store_down(tmp_path: Path, runs: FakeRuns) -> None:
+    c = TestClient(create_app(Settings(data_dir=tmp_path), store=BrokenStore(), runs=runs))
+    r = c.get(f"{BASE}/records")
+    assert r.status_code == 500
+    assert r.json() == {"detail": "Error fetching records: Connection refused"}
+    assert c.get(f"{BASE}/stats").status_code == 500
+
+
+def test_stats(client: TestClient, store: SQLiteRecordStore) -> None:
+    assert client.get(f"{BASE}/stats").json() == {
+        "total_dumps": 0,
+        "total_vms": 0,
+        "total_size_bytes": 0,
+        "avg_duration_sec": 0.0,
+        "last_dump": None,
+    }
+    for i in range(3):
+        store.add(_rec(i))
+    body = client.get(f"{BASE}/stats").json()
+    assert body == {
+        "total_dumps": 3,
+        "total_vms": 1,
+        "total_size_bytes": 6003,
+        "avg_duration_sec": 5.234,
+        "last_dump": "2025-11-11T10:32:00.000000",
+    }
+
+
+def test_status_idle(client: TestClient) -> None:
+    assert client.get(f"{BASE}/status").json() == {
+        "last_trigger": {},
+        "status": "idle",
+        "vm_ids": [],
+        "timestamp": None,
+        "duration": None,
+        "error": None,
+    }
+
+
+T = datetime(2025, 11, 11, 10, 30, 45, 123456, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("state_type", "state_name", "status"),
+    [
+        ("COMPLETED", "Completed", "completed"),
+        ("FAILED", "Failed", "failed"),
+        ("FAILED", "TimedOut", "timeout"),
+        ("CRASHED", "Crashed", "error"),
+        ("CANCELLED", "Cancelled", "error"),
+    ],
+)
+def test_status_final(
+    client: TestClient, runs: FakeRuns, state_type: str, state_name: str, status: str
+) -> None:
+    runs.run = RunSummary(
+        "r",
+        state_type,
+        state_name,
+        ["101", "102"],
+        T,
+        15.234,
+        "1 of 2 VM(s) failed" if status != "completed" else "ok",
+    )
+    body = client.get(f"{BASE}/status").json()
+    assert body == {
+        "last_trigger": {
+            "timestamp": "2025-11-11T10:30:45.123456",
+            "vm_ids": ["101", "102"],
+            "status": status,
+            "duration": 15.234,
+        },
+        "status": status,
+        "vm_ids": ["101", "102"],
+        "timestamp": "2025-11-11T10:30:45.123456",
+        "duration": 15.234,
+        "error": None if status == "completed" else "1 of 2 VM(s) failed",
+    }
+
+
+@pytest.mark.parametrize("state_type", ["SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"])
+def test_status_in_progress(client: TestClient, runs: FakeRuns, state_type: str) -> None:
+    runs.run = RunSummary("r", state_type, "x", ["101", "102"], T, None, None)
+    assert client.get(f"{BASE}/status").json() == {
+        "last_trigger": {
+            "timestamp": "2025-11-11T10:30:45.123456",
+            "vm_ids": ["101", "102"],
+            "status": "in_progress",
+        },
+        "status": "in_progress",
+        "vm_ids": ["101", "102"],
+        "timestamp": "2025-11-11T10:30:45.123456",
+        "duration": None,
+        "error": None,
+    }
+
+
+def test_openapi_documents_every_error_and_no_422(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in ("trigger", "records", "status", "stats"):
+        ops = paths[f"{BASE}/{path}"]
+        for op in ops.values():
+            assert "422" not in op["responses"]
+            assert "200" in op["responses"] and "500" in op["responses"]
+    assert "400" in paths[f"{BASE}/trigger"]["post"]["responses"]
+    assert "400" in paths[f"{BASE}/records"]["get"]["responses"]
