@@ -47,7 +47,8 @@ def trigger(body: TriggerRequest, runs: RunsDep) -> TriggerResponse:
     try:
         runs.trigger(vm_ids, "api")
     except Exception as exc:
-        raise HTTPException(500, f"Error scheduling memory dump: {exc}") from exc
+        reason = str(exc) if str(exc) not in ("", "None") else type(exc).__name__
+        raise HTTPException(500, f"Error scheduling memory dump: {reason}") from exc
     return TriggerResponse(
         message=f"Memory dump scheduled for {len(vm_ids)} VM(s)",
         vm_ids=vm_ids,

@@ -81,7 +81,14 @@ class PrefectRuns:
             state_type=state.type.value if state else "SCHEDULED",
             state_name=(state.name or "") if state else "Scheduled",
             vm_ids=[str(v) for v in vm_ids],
-            triggered_at=run.expected_start_time or run.created or datetime.now(UTC),
+            triggered_at=_stdlib(run.expected_start_time or run.created),
             duration=duration,
             message=state.message if state else None,
         )
+
+
+def _stdlib(ts: datetime | None) -> datetime:
+    """Prefect hands out pendulum datetimes; keep plain ones past this boundary."""
+    if ts is None:
+        return datetime.now(UTC)
+    return datetime.fromtimestamp(ts.timestamp(), UTC)

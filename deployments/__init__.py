@@ -1,1 +1,1 @@
-"""deployments: see ../shared/DESIGN.md; filled in by the orchestration issue."""
+"""Deployment definitions (weekly cron, on-demand) and the runner entry point."""

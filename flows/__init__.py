@@ -1,1 +1,1 @@
-"""flows: see ../shared/DESIGN.md; filled in by the orchestration issue."""
+"""Prefect flows (flow code only: targets, fan-out per VM, results)."""

@@ -57,12 +57,17 @@ def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memdump", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run Prefect server + runner + API (embedded defaults)")
     sub.add_parser("vms", help="list running VMs of every hypervisor in the inventory")
     p = sub.add_parser("capture", help="capture VMs now, into MEMDUMP_DUMP_DIR")
     p.add_argument("vm_ids", nargs="+", help='VM ids (domain name, id or UUID), or "all"')
     args = parser.parse_args(argv)
     try:
         settings = Settings()
+        if args.command == "serve":
+            from memdump.serve import serve
+
+            return serve(settings)
         handler = {"vms": cmd_vms, "capture": cmd_capture}[args.command]
         return handler(settings, args)
     except MemdumpError as exc:

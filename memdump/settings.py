@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     flow_name: str = "capture-vms"
     deployment: str = "on-demand"
 
+    # Prefect server that `memdump serve` starts when PREFECT_API_URL is not set
+    prefect_port: int = Field(default=4200, ge=1, le=65535)
+
     # REST API
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)

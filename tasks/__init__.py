@@ -1,1 +1,1 @@
-"""tasks: see ../shared/DESIGN.md; filled in by the orchestration issue."""
+"""Prefect tasks: thin wrappers over memdump/ (retries, timeouts, concurrency live here)."""

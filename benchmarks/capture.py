@@ -1,0 +1,729 @@
+"""Capture benchmark: memdump against plain OpenSSH + coreutils pipelines, same VM, same run.
+
+Run it on the lab hypervisor (``lab/up`` done; the script sources nothing, it reads the
+inventory from ``MEMDUMP_INVENTORY_FILE`` or falls back to ``<repo>/.lab/inventory.yaml``)::
+
+    .venv/bin/python benchmarks/capture.py                       # 1024 and 4096 MiB VMs
+    .venv/bin/python benchmarks/capture.py --sizes 1024 --repeat 3 --json out.json
+    .venv/bin/python benchmarks/capture.py --vms vm-web-01       # existing VMs, fast
+
+``--sizes`` makes lab VMs ``vm-bench-1g``, ``vm-bench-4g`` (``lab/up --vm NAME:MIB``) and
+removes the ones it created at the end (``--keep-vms`` keeps them). ``--vms`` uses VMs that
+already run and never removes them. Nothing else heavy should run meanwhile: there are
+two cores, and every method competes with QEMU, sshd and the ssh client for them.
+
+Every method dumps the same halted VM (its memory never changes, so every dump is the
+same byte stream) with the remote script memdump uses (``_DUMP``, quoted exactly as
+memdump's SSH transport quotes it) and, except the ceilings, yields a ``.gz`` plus the
+SHA-256 of the raw bytes:
+
+- ``memdump``: ``python -m memdump.cli capture VM`` in a child process (end-to-end:
+  interpreter start, imports, SSH connect, ``virsh dominfo``, dump, SHA-256, ISA-L gzip,
+  fsync). The record's own ``duration_sec`` (dump + stream + fsync only) is shown as
+  ``memdump[engine]`` for reference; it is not a separate run.
+- ``ssh-default`` / ``ssh-aes128gcm``: ``ssh HV SCRIPT > /dev/null`` with OpenSSH's
+  default cipher and with ``-c aes128-gcm@openssh.com`` (memdump's cipher): the ceiling.
+- ``gzip-6``: ``ssh ... | tee >(sha256sum > f.sha) | gzip -6 > f.gz`` (bash, pipefail).
+- ``pigz-1``: the same with ``pigz -1``.
+
+After each method its files are verified and deleted: the raw SHA-256 and byte count
+must be the same for every method (the gz files are decompressed, untimed, to check
+them), QEMU must report one completed dump of the same size; anything else is an error
+(exit 1). The ceilings write to /dev/null, so only their exit status (the remote script
+fails unless virsh and the FIFO reader both succeeded) and QEMU's DUMP_COMPLETED are
+checked. Once per VM, memdump's output is decompressed and recompressed with ``gzip -1``
+(untimed) as the compression reference.
+
+Reading the table (one per VM; with ``--repeat N`` the run with the median wall time):
+
+- ``s``: wall time of the whole child process tree; ``MB/s``: raw ELF bytes / wall
+  time, MB = 10^6; ``md x``: memdump's MB/s / this method's MB/s (>1: memdump faster);
+  ``ratio``: raw / gz size.
+- ``pause s``: how long the guest was paused, from QEMU's own STOP and RESUME events
+  (``virsh qemu-monitor-event --loop``, timestamps from QEMU, 1 us resolution) recorded
+  around every method in the same way.
+- ``RSS MiB``: peak RSS (VmHWM). For memdump, exactly that of its one Python process,
+  read by the child itself at interpreter exit. For the others (in parentheses) the sum
+  of every local process's peak (ssh, bash, tee, gzip, sha256sum...), polled every
+  0.1 s through /proc. Not ``ru_maxrss``: Linux carries a forked child's pre-exec peak
+  (this ~50 MiB script) over exec. Hypervisor-side processes are not counted.
+
+Targets are printed as PASS/FAIL; the exit status is 0 whatever they say (this is a
+report) and non-zero only on errors or mismatched dumps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_INVENTORY = REPO / ".lab" / "inventory.yaml"
+if "MEMDUMP_INVENTORY_FILE" not in os.environ and LAB_INVENTORY.is_file():
+    os.environ["MEMDUMP_INVENTORY_FILE"] = str(LAB_INVENTORY)
+
+from memdump.hypervisors.libvirt import _DUMP  # noqa: E402
+from memdump.settings import HypervisorConfig, Settings  # noqa: E402
+from memdump.transport.base import sh_command_line  # noqa: E402
+
+MB = 1_000_000
+MiB = 1 << 20
+GCM = "aes128-gcm@openssh.com"
+METHODS = ("memdump", "ssh-default", "ssh-aes128gcm", "gzip-6", "pigz-1")
+_EVENT = re.compile(r"^event (\w+) at (\d+)\.(\d+) for domain '([^']*)': (.*)$")
+_CHUNK = 4 * MiB
+
+# $1 = gz file, $2 = sha file, $3.. = the ssh argv. `wait $!` waits for the process
+# substitution, so sha256sum has written its file when bash exits (and is timed).
+_PIPE = """set -o pipefail
+gz=$1 sha=$2
+shift 2
+"$@" | tee >(sha256sum > "$sha") | {compressor} > "$gz"
+rc=$?
+wait $! || {{ [ "$rc" -ne 0 ] || rc=99; }}
+exit "$rc"
+"""
+
+
+class BenchError(Exception):
+    """A failed method, a mismatched dump or a broken lab: the benchmark is invalid."""
+
+
+@dataclass
+class Run:
+    method: str
+    wall_sec: float
+    peak_rss_kib: int
+    pause_sec: float
+    dump_total: int  # QEMU's DUMP_COMPLETED "total" (guest memory, without ELF headers)
+    raw_bytes: int | None = None
+    raw_sha256: str | None = None
+    gz_bytes: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mb_s(self) -> float:
+        return 0.0 if self.raw_bytes is None else self.raw_bytes / MB / self.wall_sec
+
+
+@dataclass
+class VMResult:
+    vm: str
+    memory_mib: int
+    raw_bytes: int = 0
+    raw_sha256: str = ""
+    gzip1_bytes: int = 0
+    runs: dict[str, list[Run]] = field(default_factory=dict)
+
+    def median(self, method: str) -> Run:
+        runs = sorted(self.runs[method], key=lambda r: r.wall_sec)
+        return runs[(len(runs) - 1) // 2]
+
+
+# ------------------------------------------------------------------ child processes
+
+_live: list[subprocess.Popen[bytes]] = []
+
+
+def _spawn(argv: Sequence[str], **kw: Any) -> subprocess.Popen[bytes]:
+    """Start a child in its own session (so its whole tree can be stopped) and track it."""
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    p = subprocess.Popen(list(argv), start_new_session=True, **kw)
+    _live.append(p)
+    return p
+
+
+def _reap(p: subprocess.Popen[bytes], status: int) -> int:
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p in _live:
+        _live.remove(p)
+    return p.returncode
+
+
+def _stop(p: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
+    """Stop a child we started and its process group; SIGKILL after ``grace`` seconds."""
+    if p.poll() is None:
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+    if p in _live:
+        _live.remove(p)
+
+
+def _stop_all() -> None:
+    for p in list(_live):
+        _stop(p)
+
+
+class _TreeHWM(threading.Thread):
+    """Polls VmHWM (peak RSS of the current image) of a child and all its descendants.
+
+    ``ru_maxrss`` from wait4 cannot be used for the shell pipelines: Linux carries the
+    pre-exec high-water mark over exec, so every child forked from this (~50 MiB) Python
+    process reports at least that. VmHWM belongs to the exec'd image only. Processes are
+    found through /proc/PID/task/*/children every ``interval`` seconds, so one that
+    lives shorter than that may be missed (the pipelines' processes live for the run).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        super().__init__(name="bench-hwm", daemon=True)
+        self.root, self.interval = pid, interval
+        self.peaks: dict[int, int] = {}
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.poll()
+            if self._done.wait(self.interval):
+                return
+
+    def poll(self) -> None:
+        todo = [self.root]
+        while todo:
+            pid = todo.pop()
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            kib = int(line.split()[1])
+                            self.peaks[pid] = max(self.peaks.get(pid, 0), kib)
+                            break
+                for task in os.scandir(f"/proc/{pid}/task"):
+                    with open(f"{task.path}/children") as f:
+                        todo.extend(int(c) for c in f.read().split())
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue
+
+    def stop(self) -> int:
+        """Sum over the processes of each one's peak RSS, KiB."""
+        self._done.set()
+        self.join()
+        return sum(self.peaks.values())
+
+
+def _timed(argv: Sequence[str], **kw: Any) -> tuple[float, int, int]:
+    """Run a child to completion: (wall seconds, exit code, sum of the tree's VmHWM KiB)."""
+    t0 = time.perf_counter()
+    p = _spawn(argv, **kw)
+    hwm = _TreeHWM(p.pid)
+    hwm.start()
+    _, status, _ = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    return wall, _reap(p, status), hwm.stop()
+
+
+def _check_output(argv: Sequence[str]) -> str:
+    res = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise BenchError(f"{shlex.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
+    return res.stdout
+
+
+# --------------------------------------------------------------------- guest pause
+
+
+class PauseMonitor:
+    """QEMU's STOP / DUMP_COMPLETED / RESUME events for one domain, with QEMU's timestamps.
+
+    ``virsh qemu-monitor-event`` (without ``--timestamp``) prints the timestamp QEMU put in
+    each QMP event (microseconds), so the pause is measured by QEMU's clock, independent
+    of when the event reached us.
+    """
+
+    def __init__(self, uri: str, domain: str, out: Path) -> None:
+        self.uri, self.domain, self.out = uri, domain, out
+        self._p: subprocess.Popen[bytes] | None = None
+        self._f: IO[bytes] | None = None
+
+    def __enter__(self) -> PauseMonitor:
+        self._f = self.out.open("wb")
+        argv = ["virsh", "-c", self.uri, "qemu-monitor-event", "--domain", self.domain, "--loop"]
+        self._p = _spawn(argv, stdout=self._f, stderr=subprocess.STDOUT)
+        time.sleep(0.5)  # no "ready" message: give it time to register
+        if self._p.poll() is not None:
+            raise BenchError(f"virsh qemu-monitor-event exited: {self.out.read_text()}")
+        return self
+
+    def events(self) -> list[tuple[str, float, str]]:
+        out = []
+        for line in self.out.read_text(errors="replace").splitlines():
+            m = _EVENT.match(line.strip())
+            if m and m.group(4) == self.domain:
+                ts = int(m.group(2)) + int(m.group(3).ljust(6, "0")[:6]) / 1e6
+                out.append((m.group(1), ts, m.group(5)))
+        return out
+
+    def wait_resumed(self, timeout: float = 10.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(e[0] == "RESUME" for e in self.events()):
+                return
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            _stop(self._p)
+        if self._f is not None:
+            self._f.close()
+
+    def pause(self) -> tuple[float, int]:
+        """(seconds paused, DUMP_COMPLETED total bytes); exactly one dump or an error."""
+        ev = self.events()
+        stops = [t for n, t, _ in ev if n == "STOP"]
+        resumes = [t for n, t, _ in ev if n == "RESUME"]
+        done = [d for n, _, d in ev if n == "DUMP_COMPLETED"]
+        if len(stops) != 1 or len(resumes) != 1 or len(done) != 1 or resumes[0] < stops[0]:
+            raise BenchError(f"{self.domain}: expected one STOP, DUMP_COMPLETED, RESUME: {ev}")
+        result = json.loads(done[0]).get("result", {})
+        if result.get("status") != "completed" or result.get("completed") != result.get("total"):
+            raise BenchError(f"{self.domain}: dump not completed: {done[0]}")
+        return resumes[0] - stops[0], int(result["total"])
+
+
+# -------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class Lab:
+    hv: HypervisorConfig
+
+    def ssh_argv(self, vm: str, cipher: str | None = None) -> list[str]:
+        hv = self.hv
+        argv = ["ssh", "-F", "/dev/null", "-i", str(hv.key_file), "-o", "IdentitiesOnly=yes"]
+        argv += ["-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={hv.known_hosts}"]
+        argv += ["-o", "StrictHostKeyChecking=yes", "-p", str(hv.port)]
+        if cipher:
+            argv += ["-c", cipher]
+        remote = sh_command_line(_DUMP, (hv.libvirt_uri, vm))  # exactly what memdump sends
+        return [*argv, f"{hv.user}@{hv.host}", remote]
+
+    def default_cipher(self) -> str:
+        argv = self.ssh_argv("x")[:-1] + ["-v", "true"]
+        res = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        m = re.search(r"kex: server->client cipher: (\S+)", res.stderr)
+        return m.group(1) if m else "?"
+
+
+def digest_of(source: Sequence[str], sink: Sequence[str] | None = None) -> tuple[int, str, int]:
+    """(bytes, SHA-256) of ``source``'s stdout; with ``sink``, also piped into it and the
+    size of what it writes (used for the gzip -1 reference). Untimed verification."""
+    sha = hashlib.sha256()
+    n = 0
+    with tempfile.TemporaryFile() as out:
+        src = _spawn(source, stdout=subprocess.PIPE)
+        snk = _spawn(sink, stdin=subprocess.PIPE, stdout=out) if sink else None
+        assert src.stdout is not None  # noqa: S101 - stdout=PIPE
+        while chunk := src.stdout.read(_CHUNK):
+            n += len(chunk)
+            sha.update(chunk)
+            if snk is not None and snk.stdin is not None:
+                snk.stdin.write(chunk)
+        src.stdout.close()
+        procs = [src] if snk is None else [src, snk]
+        if snk is not None and snk.stdin is not None:
+            snk.stdin.close()
+        for p in procs:
+            rc = _reap(p, os.waitpid(p.pid, 0)[1])
+            if rc != 0:
+                raise BenchError(f"{shlex.join(p.args)} failed ({rc})")  # type: ignore[arg-type]
+        sink_bytes = os.fstat(out.fileno()).st_size
+    return n, sha.hexdigest(), sink_bytes
+
+
+# Runs memdump's own command line unchanged (``python -m memdump.cli capture VM``) and, at
+# interpreter exit, writes the process's VmHWM: its exact peak RSS (see _TreeHWM on why
+# not ru_maxrss).
+_MEMDUMP_CHILD = """import atexit, os, runpy, sys
+def _hwm():
+    with open("/proc/self/status") as f:
+        hwm = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    with open(os.environ["MEMDUMP_BENCH_HWM_FILE"], "w") as f:
+        f.write(hwm)
+atexit.register(_hwm)
+runpy.run_module("memdump.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_memdump(lab: Lab, vm: str, work: Path) -> tuple[float, int, dict[str, Any]]:
+    dump_dir = work / "memdump"
+    hwm_path = work / "memdump.hwm"
+    env = {
+        **os.environ,
+        "MEMDUMP_DUMP_DIR": str(dump_dir),
+        "MEMDUMP_BENCH_HWM_FILE": str(hwm_path),
+    }
+    out_path, err_path = work / "memdump.out", work / "memdump.err"
+    argv = [sys.executable, "-c", _MEMDUMP_CHILD, "capture", vm]
+    with out_path.open("wb") as out, err_path.open("wb") as err:
+        wall, rc, tree_kib = _timed(argv, env=env, stdout=out, stderr=err, cwd=REPO)
+    if rc != 0:
+        raise BenchError(f"memdump capture {vm} failed ({rc}): {err_path.read_text()[-2000:]}")
+    record: dict[str, Any] = json.loads(out_path.read_text().strip().splitlines()[-1])
+    path = Path(record["dump_path"])
+    if path.stat().st_size != record["gzip_size_bytes"]:
+        raise BenchError(f"{path}: size differs from the record's gzip_size_bytes")
+    rss_kib = int(hwm_path.read_text())
+    hwm_path.unlink()
+    return wall, rss_kib, {"record": record, "polled_hwm_kib": tree_kib}
+
+
+def run_method(
+    method: str, lab: Lab, vm: str, work: Path, res: VMResult, *, verify_gz: bool
+) -> Run:
+    """One timed run of ``method``, verified, its files deleted."""
+    os.sync()  # start every method with no dirty pages of the previous one pending
+    extra: dict[str, Any] = {}
+    raw_bytes: int | None = None
+    raw_sha: str | None = None
+    gz_bytes: int | None = None
+    with PauseMonitor(lab.hv.libvirt_uri, vm, work / "events.txt") as mon:
+        if method == "memdump":
+            wall, rss, extra = run_memdump(lab, vm, work)
+            record = extra["record"]
+            raw_bytes, raw_sha = record["raw_size_bytes"], record["sha256"]
+            gz_bytes = record["gzip_size_bytes"]
+            extra["engine_duration_sec"] = record["duration_sec"]
+            gz_path = Path(record["dump_path"])
+        elif method.startswith("ssh-"):
+            cipher = GCM if method == "ssh-aes128gcm" else None
+            with (work / "ssh.err").open("wb") as err:
+                wall, rc, rss = _timed(
+                    lab.ssh_argv(vm, cipher), stdout=subprocess.DEVNULL, stderr=err
+                )
+            if rc != 0:
+                raise BenchError(f"{method} failed ({rc}): {(work / 'ssh.err').read_text()}")
+        else:
+            compressor = {"gzip-6": "gzip -6", "pigz-1": "pigz -1"}[method]
+            gz_path, sha_path = work / "f.gz", work / "f.sha"
+            script = _PIPE.format(compressor=compressor)
+            argv = ["bash", "-c", script, "bash", str(gz_path), str(sha_path)]
+            with (work / "pipe.err").open("wb") as err:
+                wall, rc, rss = _timed([*argv, *lab.ssh_argv(vm)], stdout=err, stderr=err)
+            if rc != 0:
+                raise BenchError(f"{method} failed ({rc}): {(work / 'pipe.err').read_text()}")
+            raw_sha = sha_path.read_text().split()[0]
+            gz_bytes = gz_path.stat().st_size
+            sha_path.unlink()
+        mon.wait_resumed()
+    pause, total = mon.pause()
+
+    if method == "memdump":
+        if not res.gzip1_bytes:
+            # Reference, untimed: memdump's own output decompressed, checked, gzip -1'ed.
+            n, sha, res.gzip1_bytes = digest_of(["pigz", "-dc", str(gz_path)], ["gzip", "-1"])
+            if (n, sha) != (raw_bytes, raw_sha):
+                raise BenchError(f"memdump's .gz decompresses to {n} bytes {sha}, not its record")
+        gz_path.unlink()
+    elif method in ("gzip-6", "pigz-1"):
+        if verify_gz:
+            n, sha, _ = digest_of(["pigz", "-dc", str(gz_path)])
+            if sha != raw_sha:
+                raise BenchError(f"{method}: tee'd sha256 {raw_sha} != decompressed {sha}")
+            raw_bytes = n
+        gz_path.unlink()
+    shutil.rmtree(work / "memdump", ignore_errors=True)
+
+    run = Run(method, wall, rss, pause, total, raw_bytes, raw_sha, gz_bytes, extra)
+    _check_same(res, run)
+    return run
+
+
+def _check_same(res: VMResult, run: Run) -> None:
+    """Every method must have seen the same dump: same SHA-256, same length, same total."""
+    first = next((r for rs in res.runs.values() for r in rs), None)
+    if first is not None and run.dump_total != first.dump_total:
+        raise BenchError(f"{res.vm}: QEMU dumped {run.dump_total} bytes, before {first.dump_total}")
+    if run.raw_sha256 is not None:
+        if not res.raw_sha256:
+            res.raw_sha256 = run.raw_sha256
+        elif run.raw_sha256 != res.raw_sha256:
+            raise BenchError(
+                f"{res.vm}: {run.method} got sha256 {run.raw_sha256}, expected {res.raw_sha256}"
+            )
+    if run.raw_bytes is not None:
+        if not res.raw_bytes:
+            res.raw_bytes = run.raw_bytes
+        elif run.raw_bytes != res.raw_bytes:
+            raise BenchError(
+                f"{res.vm}: {run.method} got {run.raw_bytes} bytes, expected {res.raw_bytes}"
+            )
+
+
+# ----------------------------------------------------------------------- lab VMs
+
+
+def _virsh(uri: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["virsh", "-c", uri, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL
+    )
+
+
+def vm_memory_mib(uri: str, vm: str) -> int:
+    out = _virsh(uri, "dominfo", vm)
+    if out.returncode != 0:
+        raise BenchError(f"no VM {vm}: {out.stderr.strip()}")
+    if not re.search(r"^State:\s+running", out.stdout, re.M):
+        raise BenchError(f"VM {vm} is not running")
+    m = re.search(r"^Max memory:\s+(\d+) KiB", out.stdout, re.M)
+    return int(m.group(1)) // 1024 if m else 0
+
+
+def bench_name(mib: int) -> str:
+    return f"vm-bench-{mib // 1024}g" if mib % 1024 == 0 else f"vm-bench-{mib}m"
+
+
+@contextmanager
+def lab_vms(uri: str, sizes: Sequence[int], keep: bool) -> Iterator[list[str]]:
+    """Ensure ``vm-bench-*`` VMs; on the way out remove those this run created."""
+    created: list[str] = []
+    names: list[str] = []
+    try:
+        for mib in sizes:
+            name = bench_name(mib)
+            existed = _virsh(uri, "dominfo", name).returncode == 0
+            print(f"lab/up --vm {name}:{mib}", file=sys.stderr, flush=True)
+            if not existed:
+                created.append(name)
+            p = _spawn([str(REPO / "lab" / "up"), "--vm", f"{name}:{mib}"], stdout=sys.stderr)
+            if _reap(p, os.waitpid(p.pid, 0)[1]) != 0:
+                raise BenchError(f"lab/up --vm {name}:{mib} failed")
+            names.append(name)
+        yield names
+    finally:
+        if not keep:
+            for name in created:
+                print(f"lab/down --vm {name}", file=sys.stderr, flush=True)
+                subprocess.run(
+                    [str(REPO / "lab" / "down"), "--vm", name],
+                    stdout=sys.stderr,
+                    stdin=subprocess.DEVNULL,
+                    check=False,
+                )
+
+
+# ----------------------------------------------------------------------- reporting
+
+
+def _targets(results: list[VMResult], methods: Sequence[str]) -> list[dict[str, Any]]:
+    checks: list[dict[str, Any]] = []
+
+    def check(vm: str, name: str, ok: bool, detail: str) -> None:
+        checks.append({"vm": vm, "target": name, "pass": ok, "detail": detail})
+
+    for res in results:
+        if "memdump" not in methods:
+            continue
+        md = res.median("memdump")
+        for method, want in (
+            ("pigz-1", 3.0),
+            ("gzip-6", 8.0),
+            ("ssh-aes128gcm", 0.8),
+            ("ssh-default", 0.8),
+        ):
+            if method in methods:
+                other = res.median(method)
+                x = md.wall_sec and other.wall_sec / md.wall_sec
+                check(res.vm, f"memdump >= {want:g}x {method}", x >= want, f"{x:.2f}x")
+        rss = md.peak_rss_kib / 1024
+        check(res.vm, "memdump peak RSS < 200 MiB", rss < 200, f"{rss:.1f} MiB")
+        gz = md.gz_bytes or 0
+        rel = gz / res.gzip1_bytes - 1
+        check(
+            res.vm,
+            "memdump gz <= 1.05 x gzip -1",
+            rel <= 0.05,
+            f"{gz} vs {res.gzip1_bytes} bytes ({rel:+.1%})",
+        )
+    mem = [r for r in results if "memdump" in methods]
+    if len(mem) >= 2:
+        peaks = [r.median("memdump").peak_rss_kib / 1024 for r in mem]
+        lo, hi = min(peaks), max(peaks)
+        ok = hi - lo <= max(10.0, 0.10 * lo)
+        detail = ", ".join(f"{r.vm} {v:.1f}" for r, v in zip(mem, peaks, strict=True))
+        check("all", "memdump peak RSS flat (<= 10 MiB or 10 % apart)", ok, detail + " MiB")
+    return checks
+
+
+def print_report(
+    results: list[VMResult], methods: Sequence[str], cipher: str, repeat: int
+) -> list[dict[str, Any]]:
+    labels = {"ssh-default": f"ssh-default ({cipher})", "ssh-aes128gcm": "ssh-aes128gcm"}
+    for res in results:
+        print(
+            f"\n{res.vm}: {res.memory_mib} MiB, raw ELF {res.raw_bytes} bytes "
+            f"({res.raw_bytes / MB:.1f} MB), sha256 {res.raw_sha256[:16]}..., "
+            f"median of {repeat} run(s)"
+        )
+        head = f"{'method':<40} {'s':>7} {'MB/s':>7} {'md x':>6} {'ratio':>6}"
+        print(head + f" {'pause s':>8} {'RSS MiB':>8}")
+        md = res.median("memdump") if "memdump" in methods else None
+        for method in methods:
+            r = res.median(method)
+            mbs = res.raw_bytes / MB / r.wall_sec
+            x = f"{r.wall_sec / md.wall_sec:.2f}" if md else "-"
+            ratio = f"{res.raw_bytes / r.gz_bytes:.3f}" if r.gz_bytes else "-"
+            rss = r.peak_rss_kib / 1024
+            rss_s = f"{rss:.1f}" if method == "memdump" else f"({rss:.1f})"
+            print(
+                f"{labels.get(method, method):<40} {r.wall_sec:7.2f} {mbs:7.1f} {x:>6} "
+                f"{ratio:>6} {r.pause_sec:8.3f} {rss_s:>8}"
+            )
+            if method == "memdump":
+                eng = r.extra["engine_duration_sec"]
+                print(
+                    f"{'  memdump[engine] (record duration_sec)':<40} {eng:7.2f} "
+                    f"{res.raw_bytes / MB / eng:7.1f}"
+                )
+        if md is not None:
+            print(
+                f"{'gzip -1 reference (untimed)':<40} {'':>7} {'':>7} {'':>6} "
+                f"{res.raw_bytes / res.gzip1_bytes:6.3f}"
+            )
+    print("\n(RSS in parentheses: sum of the peak RSS of the pipeline's local processes)")
+    checks = _targets(results, methods)
+    if checks:
+        print("\ntargets:")
+    for c in checks:
+        print(f"  {'PASS' if c['pass'] else 'FAIL'}  {c['vm']:<14} {c['target']:<48} {c['detail']}")
+    return checks
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _parse_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _on_term(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="memdump capture benchmark (see module docstring)")
+    ap.add_argument("--sizes", type=_parse_ints, help="lab VM sizes in MiB (default 1024,4096)")
+    ap.add_argument("--vms", help="comma-separated existing VMs to use instead of/besides sizes")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method (median is shown)")
+    ap.add_argument("--keep-vms", action="store_true", help="do not remove the VMs created")
+    ap.add_argument("--json", type=Path, help="write every number to this file")
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"subset of {','.join(METHODS)} (memdump is needed for the targets)",
+    )
+    ap.add_argument("--no-verify-gz", action="store_true", help="skip decompressing gzip/pigz")
+    ap.add_argument("--hypervisor", help="inventory hypervisor (default: the first)")
+    ap.add_argument("--tmpdir", type=Path, help="where the .gz files go (default: $TMPDIR)")
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    if bad := [m for m in methods if m not in METHODS]:
+        ap.error(f"unknown methods {bad}")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    vms_given = [v for v in (args.vms or "").split(",") if v]
+    sizes = args.sizes if args.sizes is not None else ([] if vms_given else [1024, 4096])
+
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, _on_term)
+    settings = Settings()
+    hvs = settings.inventory
+    if not hvs:
+        raise BenchError("no hypervisor in the inventory (lab/up, then source .lab/env)")
+    hv = settings.hypervisor(args.hypervisor) if args.hypervisor else hvs[0]
+    if hv.transport != "ssh":
+        raise BenchError(f"hypervisor {hv.name} is not reached over SSH")
+    lab = Lab(hv)
+    cipher = lab.default_cipher()
+    results: list[VMResult] = []
+    work = Path(tempfile.mkdtemp(prefix="memdump-bench-", dir=args.tmpdir))
+    try:
+        with lab_vms(hv.libvirt_uri, sizes, args.keep_vms) as created:
+            for vm in [*created, *vms_given]:
+                res = VMResult(vm, vm_memory_mib(hv.libvirt_uri, vm))
+                results.append(res)
+                for i in range(args.repeat):
+                    for method in methods:
+                        print(
+                            f"{vm} run {i + 1}/{args.repeat}: {method} ...",
+                            file=sys.stderr,
+                            end=" ",
+                            flush=True,
+                        )
+                        run = run_method(
+                            method, lab, vm, work, res, verify_gz=not args.no_verify_gz
+                        )
+                        res.runs.setdefault(method, []).append(run)
+                        print(f"{run.wall_sec:.2f} s", file=sys.stderr, flush=True)
+                if not res.raw_bytes:
+                    raise BenchError(f"{vm}: no method counted the raw bytes (add memdump)")
+    finally:
+        _stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+
+    checks = print_report(results, methods, cipher, args.repeat)
+    if args.json:
+        doc = {
+            "hypervisor": hv.name,
+            "ssh_default_cipher": cipher,
+            "methods": methods,
+            "repeat": args.repeat,
+            "vms": [
+                {
+                    "vm": r.vm,
+                    "memory_mib": r.memory_mib,
+                    "raw_bytes": r.raw_bytes,
+                    "raw_sha256": r.raw_sha256,
+                    "gzip1_bytes": r.gzip1_bytes,
+                    "median": {
+                        m: {**asdict(r.median(m)), "mb_s": r.raw_bytes / MB / r.median(m).wall_sec}
+                        for m in r.runs
+                    },
+                    "runs": {m: [asdict(x) for x in rs] for m, rs in r.runs.items()},
+                    "wall_sec_stdev": {
+                        m: statistics.stdev([x.wall_sec for x in rs]) if len(rs) > 1 else 0.0
+                        for m, rs in r.runs.items()
+                    },
+                }
+                for r in results
+            ],
+            "targets": checks,
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"benchmark error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

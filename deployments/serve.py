@@ -1,0 +1,50 @@
+"""Serve the capture deployments (on-demand for the API, weekly cron) from one process.
+
+``python -m deployments.serve [--reset-slots]``; ``memdump serve`` runs it for you.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from prefect import serve
+
+from flows.capture import capture_vms
+from memdump.settings import Settings
+from tasks.limits import ensure_limits
+
+WEEKLY_CRON = "0 2 * * 1"
+
+
+def build_deployments(settings: Settings) -> list[Any]:
+    on_demand = capture_vms.to_deployment(
+        name=settings.deployment,
+        tags=["memdump"],
+        description="Started by POST /api/memory-dumps/trigger",
+    )
+    weekly = capture_vms.to_deployment(
+        name="weekly",
+        cron=WEEKLY_CRON,
+        parameters={"vm_ids": ["all"], "source": "schedule"},
+        tags=["memdump"],
+        description="Every VM of the inventory, Mondays 02:00 (server time zone: UTC)",
+    )
+    return [on_demand, weekly]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--reset-slots",
+        action="store_true",
+        help="free concurrency slots leaked by a Prefect server restart",
+    )
+    args = parser.parse_args()
+    settings = Settings()
+    ensure_limits(settings, reset_slots=args.reset_slots)
+    serve(*build_deployments(settings), query_seconds=settings.runner_poll_sec, limit=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Thin Prefect tasks over memdump's engine: capture, offload, record.
+
+Retries happen only for errors whose ``retryable`` flag is set (a dropped connection,
+a short dump), never for a wrong host key or an unknown VM. Prefect's own timeout
+cannot interrupt a blocking call in a worker thread, so the capture enforces its own
+deadline inside the stream loop and this task turns it into Prefect's TimedOut state.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.schemas.objects import State
+from prefect.concurrency.sync import concurrency
+from prefect.states import Failed
+
+from memdump.capture import capture
+from memdump.errors import CaptureTimeoutError
+from memdump.hypervisors import open_driver
+from memdump.records.model import DumpRecord
+from memdump.records.sqlite import SQLiteRecordStore
+from memdump.settings import Settings
+from memdump.targets import find
+from tasks.limits import GLOBAL_LIMIT, hypervisor_limit, slug
+
+TIMED_OUT = "TimedOut"
+
+
+def retry_if_retryable(task: Any, task_run: Any, state: State[Any]) -> bool:
+    exc = state.result(raise_on_failure=False)
+    return bool(getattr(exc, "retryable", False))
+
+
+class _Progress:
+    """Updates a progress artifact at most once a second (called from the stream loop)."""
+
+    def __init__(self, artifact_id: Any) -> None:
+        self.artifact_id = artifact_id
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if total and (now - self.last >= 1.0 or done >= total):
+            self.last = now
+            update_progress_artifact(self.artifact_id, round(100.0 * done / total, 1))
+
+
+@task(name="capture-vm", retry_condition_fn=retry_if_retryable, retries=2, retry_delay_seconds=5)
+def capture_vm(vm_id: str, hypervisor: str | None = None) -> DumpRecord | State[Any]:
+    """snapshot -> dump -> stream of one VM into a verified .mem.gz."""
+    settings = Settings()
+    logger = get_run_logger()
+    hvs = [settings.hypervisor(hypervisor)] if hypervisor else settings.inventory
+    drivers = [open_driver(hv, settings.ssh) for hv in hvs]
+    try:
+        driver, ref = find(drivers, vm_id)
+        names = [GLOBAL_LIMIT, hypervisor_limit(ref.hypervisor)]
+        with concurrency(names, occupy=1, strict=True):
+            artifact = create_progress_artifact(
+                0.0,
+                key=f"capture-progress-{slug(ref.vmid)}",
+                description=f"{ref.name} on {ref.hypervisor}: bytes streamed / dump size",
+            )
+            logger.info("capturing %s on %s", ref.name, ref.hypervisor)
+            try:
+                result = capture(driver, ref, settings, progress=_Progress(artifact))
+            except CaptureTimeoutError as exc:
+                return Failed(name=TIMED_OUT, message=f"{ref.vmid}: {exc}")
+        rec = result.record
+        logger.info(
+            "captured %s: %d bytes raw, %d gz, sha256 %s in %.3fs",
+            rec.vmid,
+            rec.raw_size_bytes,
+            rec.gzip_size_bytes,
+            rec.sha256,
+            rec.duration_sec,
+        )
+        return rec
+    finally:
+        for d in drivers:
+            d.close()
+
+
+@task(name="offload-dump")
+def offload_dump(record: DumpRecord) -> DumpRecord:
+    """S3 offload arrives with the storage issue; until then the local file is the dump."""
+    return record
+
+
+@task(name="record-dump", retries=3, retry_delay_seconds=2)
+def record_dump(record: DumpRecord) -> DumpRecord:
+    store = SQLiteRecordStore(Settings().records_db)
+    store.add(record)
+    return record

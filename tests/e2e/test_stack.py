@@ -1,0 +1,107 @@
+"""Trigger -> Prefect flow run on the runner -> captures of lab VMs -> records, status,
+stats, through the real HTTP API of ``memdump serve``."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Stack
+from tests.integration.conftest import virsh
+
+BASE = "/api/memory-dumps"
+
+
+def test_trigger_completes_and_records(stack: Stack) -> None:
+    t0 = time.monotonic()
+    code, body = stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["vm-web-01", "vm-db-01"]})
+    assert code == 200, body
+    assert time.monotonic() - t0 < 5  # the trigger returns once the run exists
+    assert body["status"] == "scheduled" and body["vm_ids"] == ["vm-web-01", "vm-db-01"]
+    assert body["message"] == "Memory dump scheduled for 2 VM(s)"
+
+    status = stack.wait_status()
+    assert status["status"] == "completed", status
+    assert status["vm_ids"] == ["vm-web-01", "vm-db-01"] and status["error"] is None
+    assert status["last_trigger"]["status"] == "completed"
+    assert status["duration"] > 0 and status["last_trigger"]["duration"] == status["duration"]
+
+    code, recs = stack.call("GET", f"{BASE}/records")
+    assert code == 200 and recs["count"] == 2
+    by_vm = {r["vmid"]: r for r in recs["records"]}
+    assert set(by_vm) == {"vm-web-01", "vm-db-01"}
+    rec = by_vm["vm-db-01"]
+    raw = gzip.decompress(Path(rec["dump_path"]).read_bytes())
+    assert hashlib.sha256(raw).hexdigest() == rec["sha256"]
+
+    # The per-hypervisor limit is 1 in this stack: the two captures never overlapped.
+    spans = sorted(
+        (
+            datetime.fromisoformat(r["timestamp"]),
+            datetime.fromisoformat(r["timestamp"]) + timedelta(seconds=r["duration_sec"]),
+        )
+        for r in recs["records"]
+    )
+    assert spans[0][1] <= spans[1][0], spans
+
+    code, stats = stack.call("GET", f"{BASE}/stats")
+    assert code == 200 and stats["total_dumps"] == 2 and stats["total_vms"] == 2
+    assert stats["total_size_bytes"] == sum(r["gzip_size_bytes"] for r in recs["records"])
+    assert stats["last_dump"] == recs["records"][0]["timestamp"]
+
+
+def test_unknown_vm_fails_only_itself(stack: Stack) -> None:
+    _, before = stack.call("GET", f"{BASE}/stats")
+    code, _ = stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["vm-web-01", "nope-01"]})
+    assert code == 200
+    status = stack.wait_status()
+    assert status["status"] == "failed"
+    assert "nope-01" in status["error"] and "1 of 2" in status["error"]
+    _, after = stack.call("GET", f"{BASE}/stats")
+    assert after["total_dumps"] == before["total_dumps"] + 1
+
+
+def test_status_comes_from_prefect_not_process_memory(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second API instance (a replica, or the API after a restart) reads the same status.
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from memdump.settings import Settings
+
+    monkeypatch.setenv("PREFECT_API_URL", stack.prefect_api)
+    _, live = stack.call("GET", f"{BASE}/status")
+    replica = TestClient(create_app(Settings(data_dir=stack.data_dir)))
+    assert replica.get(f"{BASE}/status").json() == live
+
+
+def test_deployments_and_limits_exist(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", stack.prefect_api)
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        weekly = client.read_deployment_by_name("capture-vms/weekly")
+        assert weekly.parameters == {"vm_ids": ["all"], "source": "schedule"}
+        assert [s.schedule.cron for s in weekly.schedules] == ["0 2 * * 1"]  # type: ignore[union-attr]
+        client.read_deployment_by_name("capture-vms/on-demand")
+        assert client.read_global_concurrency_limit_by_name("memdump-captures").limit == 3
+        assert client.read_global_concurrency_limit_by_name("memdump-hv-lab").limit == 1
+
+
+def test_all_captures_every_running_vm(stack: Stack) -> None:
+    _, before = stack.call("GET", f"{BASE}/stats")
+    code, body = stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["all"]})
+    assert code == 200 and body["vm_ids"] == ["all"]
+    status = stack.wait_status()
+    assert status["status"] == "completed", status
+    running = set(virsh("list", "--name").split())
+    _, recs = stack.call("GET", f"{BASE}/records?limit={len(running)}")
+    assert {r["vmid"] for r in recs["records"]} == running
+    _, after = stack.call("GET", f"{BASE}/stats")
+    assert after["total_dumps"] == before["total_dumps"] + len(running)
