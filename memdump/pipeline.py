@@ -151,8 +151,9 @@ def write_dump(
     hasher.start()
     gzipper.start()
     committed = False
+    watchdog = _Watchdog(source, deadline)
     try:
-        total = _pump(source, (hasher, gzipper), expected_size, progress, deadline)
+        total = _pump(source, (hasher, gzipper), expected_size, progress, watchdog)
         hasher.finish()
         gzipper.finish()
         sink.flush()
@@ -172,6 +173,7 @@ def write_dump(
             raise _storage_error(exc, part) from exc
         raise
     finally:
+        watchdog.cancel()
         if fd >= 0:
             os.close(fd)
         if not committed:
@@ -184,21 +186,20 @@ def _pump(
     workers: tuple[_Worker, ...],
     expected_size: Callable[[bytes], int | None],
     progress: ProgressFn | None,
-    deadline: float | None,
+    watchdog: _Watchdog,
 ) -> int:
     head = bytearray()
     expected: int | None = None
     done = 0
     next_report = 0
     while True:
-        if deadline is not None and time.monotonic() > deadline:
-            raise CaptureTimeoutError(
-                "capture exceeded its deadline and was stopped",
-                bytes_done=done,
-                bytes_expected=expected,
-            )
-        chunk = source.read()
+        try:
+            chunk = source.read() if not watchdog.expired() else b""
+        except MemdumpError as exc:
+            watchdog.check(done, expected, exc)
+            raise
         if not chunk:
+            watchdog.check(done, expected)
             break
         done += len(chunk)
         if expected is None:
@@ -230,6 +231,40 @@ def _pump(
     if progress is not None:
         progress(done, expected)
     return done
+
+
+class _Watchdog:
+    """Enforces the deadline even while a read blocks: at the deadline it aborts the
+    source (closing the channel stops the remote dump), which unblocks the read."""
+
+    def __init__(self, source: DumpSource, deadline: float | None) -> None:
+        self._fired = threading.Event()
+        self._timer: threading.Timer | None = None
+        if deadline is not None:
+            self._timer = threading.Timer(
+                max(0.0, deadline - time.monotonic()), self._fire, args=(source,)
+            )
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self, source: DumpSource) -> None:
+        self._fired.set()
+        source.abort()
+
+    def expired(self) -> bool:
+        return self._fired.is_set()
+
+    def check(self, done: int, expected: int | None, cause: BaseException | None = None) -> None:
+        if self._fired.is_set():
+            raise CaptureTimeoutError(
+                "capture exceeded its deadline and was stopped",
+                bytes_done=done,
+                bytes_expected=expected,
+            ) from cause
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def _commit(part: Path, final: Path) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from memdump.errors import (
     DumpFailedError,
     HypervisorError,
+    MemdumpError,
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
@@ -50,6 +52,9 @@ cat "$d/err" >&2
 [ "$rrc" -eq 0 ] || exit 92
 exit 0
 """
+
+# $1 = URI, $2 = domain. Best effort: there may be no job left to abort.
+_ABORT = 'virsh -c "$1" domjobabort "$2" >/dev/null 2>&1; exit 0'
 
 _FIELD = re.compile(r"^([A-Za-z() ]+):\s*(.*)$")
 
@@ -121,17 +126,30 @@ class LibvirtDriver:
 
     def open_dump(self, ref: VMRef) -> _VirshDump:
         validate_id(ref.name, what="domain name")
-        return _VirshDump(self._t.stream(_DUMP, (self._uri, ref.name)), self.name, ref)
+        stream = self._t.stream(_DUMP, (self._uri, ref.name))
+        return _VirshDump(stream, self.name, ref, self._stop_dump)
+
+    def _stop_dump(self, ref: VMRef) -> None:
+        # Closing the channel already breaks the FIFO (QEMU gets EPIPE, fails the dump and
+        # resumes the guest); asking libvirt to abort the job as well is belt and braces.
+        try:
+            self._run(_ABORT, ref.name, timeout=15.0)
+        except MemdumpError:
+            pass
 
     def close(self) -> None:
         self._t.close()
 
 
 class _VirshDump:
-    def __init__(self, stream: ByteStream, hv: str, ref: VMRef) -> None:
+    def __init__(
+        self, stream: ByteStream, hv: str, ref: VMRef, stop: Callable[[VMRef], None]
+    ) -> None:
         self._s = stream
         self._hv = hv
         self._ref = ref
+        self._stop = stop
+        self._aborted = False
 
     def read(self) -> bytes:
         return self._s.read()
@@ -149,7 +167,11 @@ class _VirshDump:
             )
 
     def abort(self) -> None:
+        if self._aborted:
+            return
+        self._aborted = True
         self._s.abort()
+        self._stop(self._ref)
 
 
 def _fields(text: str) -> dict[str, str]:

@@ -105,3 +105,33 @@ def test_all_captures_every_running_vm(stack: Stack) -> None:
     assert {r["vmid"] for r in recs["records"]} == running
     _, after = stack.call("GET", f"{BASE}/stats")
     assert after["total_dumps"] == before["total_dumps"] + len(running)
+
+
+def test_timeout_stops_the_dump_and_reports_timeout(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The flow runs in this process against the stack's Prefect server, with a deadline
+    # far shorter than a dump: the capture must stop itself and the run end TimedOut.
+    for k, v in stack.env.items():
+        if k.startswith("MEMDUMP_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MEMDUMP_CAPTURE_TIMEOUT_SEC", "0.3")
+    monkeypatch.setenv("PREFECT_API_URL", stack.prefect_api)
+    from flows.capture import capture_vms
+    from tests.integration.conftest import remote_temp_dirs
+
+    dumps_before = set((stack.data_dir / "dumps").glob("*"))
+    state = capture_vms(vm_ids=["vm-web-01"], source="test", return_state=True)
+    assert state.is_failed() and state.name == "TimedOut", state
+    status = stack.wait_status()
+    assert status["status"] == "timeout" and "deadline" in status["error"]
+    # Nothing kept, the remote side cleaned up, no dump job left, the guest runs.
+    assert set((stack.data_dir / "dumps").glob("*")) == dumps_before
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+        remote_temp_dirs() or virsh("domstate", "vm-web-01").strip() != "running"
+    ):
+        time.sleep(0.2)
+    assert remote_temp_dirs() == []
+    assert virsh("domstate", "vm-web-01").strip() == "running"
+    assert "None" in virsh("domjobinfo", "vm-web-01")

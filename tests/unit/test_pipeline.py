@@ -169,3 +169,32 @@ def test_unwritable_dir(tmp_path: Path, core: bytes) -> None:
     with pytest.raises(StorageError):
         write_dump(src, tmp_path / "f", "x.mem.gz")
     assert src.aborted
+
+
+class BlockingSource(FakeSource):
+    """Sends the headers, then blocks like a stalled SSH read until aborted."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data, chunk=4096)
+        import threading
+
+        self.unblock = threading.Event()
+
+    def read(self) -> bytes:
+        if self.pos == 0:
+            return super().read()
+        self.unblock.wait(60)
+        raise StreamInterruptedError("channel closed", op="stream")
+
+    def abort(self) -> None:
+        super().abort()
+        self.unblock.set()
+
+
+def test_deadline_interrupts_a_blocked_read(tmp_path: Path, core: bytes) -> None:
+    src = BlockingSource(core)
+    t0 = time.monotonic()
+    with pytest.raises(CaptureTimeoutError):
+        write_dump(src, tmp_path, "x.mem.gz", deadline=time.monotonic() + 0.3)
+    assert time.monotonic() - t0 < 5
+    assert src.aborted and _only_files(tmp_path) == []
