@@ -30,7 +30,13 @@ TIMED_OUT = "TimedOut"
 
 
 def retry_if_retryable(task: Any, task_run: Any, state: State[Any]) -> bool:
-    exc = state.result(raise_on_failure=False)
+    """Prefect retry condition: only memdump errors that say they are retryable."""
+    if not state.is_failed():
+        return False
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # result not available (e.g. not persisted): do not guess
+        return False
     return bool(getattr(exc, "retryable", False))
 
 

@@ -1,0 +1,147 @@
+"""Flow and task logic under Prefect's test harness (a real, temporary Prefect server);
+the engine is replaced by fakes here; the lab-backed runs are in tests/e2e."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.states import Completed, Failed
+from prefect.testing.utilities import prefect_test_harness
+
+from memdump.capture import Capture
+from memdump.errors import (
+    CaptureTimeoutError,
+    HostKeyError,
+    StreamInterruptedError,
+    VMNotFoundError,
+)
+from memdump.hypervisors import VMRef
+from memdump.records.model import DumpRecord
+from memdump.records.sqlite import SQLiteRecordStore
+from tasks.capture import retry_if_retryable
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness() -> Iterator[None]:
+    mp = pytest.MonkeyPatch()
+    # Telemetry off: its heartbeat races the harness's fresh SQLite ("database is locked").
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    mp.setenv("DO_NOT_TRACK", "1")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    mp.undo()
+
+
+@pytest.mark.parametrize(
+    ("exc", "retry"),
+    [
+        (StreamInterruptedError("cut"), True),
+        (HostKeyError("mitm"), False),
+        (VMNotFoundError("nope"), False),
+        (ValueError("bug"), False),
+    ],
+)
+def test_retry_only_retryable(exc: Exception, retry: bool) -> None:
+    assert retry_if_retryable(None, None, Failed(data=exc)) is retry
+    assert retry_if_retryable(None, None, Completed()) is False
+
+
+class FakeDriver:
+    name = "fakehv"
+
+    def close(self) -> None:
+        pass
+
+
+def _record(vmid: str, tmp: Path) -> DumpRecord:
+    return DumpRecord(
+        datetime.now(UTC),
+        vmid,
+        vmid,
+        "a" * 64,
+        0.5,
+        100,
+        1,
+        2,
+        3,
+        str(tmp / f"{vmid}.mem.gz"),
+        "b" * 64,
+        4096,
+        "fakehv",
+    )
+
+
+@pytest.fixture
+def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    """Replaces find/capture in the task module; behaviour per VM id via ``plan``."""
+    monkeypatch.setenv("MEMDUMP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MEMDUMP_HYPERVISORS", '[{"name": "fakehv", "transport": "local"}]')
+    monkeypatch.setenv("MEMDUMP_CAPTURE_RETRY_DELAY_SEC", "0")
+    calls: dict[str, int] = {}
+    plan: dict[str, list[Exception | None]] = {}
+
+    def find(drivers: list[Any], vm_id: str) -> tuple[Any, VMRef]:
+        if vm_id.startswith("unknown"):
+            raise VMNotFoundError(f"no VM {vm_id!r}", vm_id=vm_id)
+        return FakeDriver(), VMRef("fakehv", vm_id, vm_id)
+
+    def capture(driver: Any, ref: VMRef, settings: Any, progress: Any = None) -> Capture:
+        calls[ref.vmid] = calls.get(ref.vmid, 0) + 1
+        steps = plan.get(ref.vmid, [])
+        err = steps.pop(0) if steps else None
+        if err is not None:
+            raise err
+        if progress:
+            progress(50, 100)
+            progress(100, 100)
+        return Capture(_record(ref.vmid, tmp_path), None, None)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("tasks.capture.find", find)
+    monkeypatch.setattr("tasks.capture.capture", capture)
+    monkeypatch.setattr("tasks.capture.open_driver", lambda hv, ssh: FakeDriver())
+    return {"calls": calls, "plan": plan, "db": tmp_path / "records.db"}
+
+
+def test_flow_retries_retryable_errors_and_records(fake_engine: dict[str, Any]) -> None:
+    from flows.capture import capture_vms
+
+    fake_engine["plan"]["vm-a"] = [StreamInterruptedError("cut", op="stream")]
+    fake_engine["plan"]["vm-b"] = [HostKeyError("host key mismatch")]
+    state = capture_vms(
+        vm_ids=["vm-a", "vm-b", "unknown-1", "vm-a"], source="test", return_state=True
+    )
+    assert state.is_failed() and state.name != "TimedOut"
+    assert "2 of 3 VM(s) failed" in state.message
+    assert "host key mismatch" in state.message and "unknown-1" in state.message
+    assert fake_engine["calls"] == {"vm-a": 2, "vm-b": 1}  # retried once, never retried
+    rows = SQLiteRecordStore(fake_engine["db"]).list(10, 0)
+    assert [r["vmid"] for r in rows] == ["vm-a"]
+
+
+def test_flow_timeout_is_timed_out(fake_engine: dict[str, Any]) -> None:
+    from flows.capture import capture_vms
+
+    fake_engine["plan"]["vm-t"] = [CaptureTimeoutError("capture exceeded its deadline")]
+    state = capture_vms(vm_ids=["vm-t", "vm-ok"], source="test", return_state=True)
+    assert state.is_failed() and state.name == "TimedOut"
+    assert fake_engine["calls"] == {"vm-t": 1, "vm-ok": 1}
+
+
+def test_flow_completes_with_artifacts(fake_engine: dict[str, Any]) -> None:
+    from prefect import get_client
+
+    from flows.capture import capture_vms
+
+    state = capture_vms(vm_ids=["vm-x", "vm-y"], source="test", return_state=True)
+    assert state.is_completed(), state
+    with get_client(sync_client=True) as client:
+        summary = client.read_latest_artifacts(limit=50)
+    by_key = {a.key: a for a in summary}
+    assert (
+        "vm-x" in by_key["capture-summary"].data and "completed" in by_key["capture-summary"].data
+    )
+    assert by_key["capture-progress-vm-x"].data == 100
