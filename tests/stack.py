@@ -1,0 +1,104 @@
+"""Start the whole stack as a user does (``memdump serve``) on free loopback ports with
+its data in a given directory. Used by tests/e2e and benchmarks/trigger.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    api: str
+    prefect_api: str
+    data_dir: Path
+    env: dict[str, str]
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.api + path, data=data, method=method, headers={"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def wait_status(self, timeout: float = 180) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _, body = self.call("GET", "/api/memory-dumps/status")
+            if body["status"] not in ("in_progress", "idle"):
+                return dict(body)
+            time.sleep(0.2)
+        raise AssertionError(f"status still {body} after {timeout}s")
+
+
+@contextmanager
+def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack]:
+    """``memdump serve`` with MEMDUMP_* ``settings``; stopped (SIGTERM) on exit."""
+    api_port, prefect_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        MEMDUMP_DATA_DIR=str(data),
+        MEMDUMP_DUMP_DIR=str(data / "dumps"),
+        MEMDUMP_INVENTORY_FILE=inventory,
+        MEMDUMP_API_PORT=str(api_port),
+        MEMDUMP_PREFECT_PORT=str(prefect_port),
+    )
+    env.update({f"MEMDUMP_{k.upper()}": v for k, v in settings.items()})
+    logfile = data / "serve.log"
+    with open(logfile, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "memdump.cli", "serve"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        st = Stack(
+            f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{prefect_port}/api", data, env
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError("memdump serve exited:\n" + logfile.read_text()[-3000:])
+                try:
+                    urllib.request.urlopen(st.api + "/health", timeout=2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            "memdump serve not up:\n" + logfile.read_text()[-3000:]
+                        ) from None
+                    time.sleep(0.3)
+            yield st
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
