@@ -26,3 +26,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         capture_retry_delay_sec="1",
     ) as st:
         yield st
+
+
+@pytest.fixture
+def on_stack_prefect(stack: Stack) -> Iterator[None]:
+    """Point this process's Prefect client at the stack's server. Prefect reads its
+    settings once at import, so changing the environment later is not enough."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+        yield

@@ -66,23 +66,21 @@ def test_unknown_vm_fails_only_itself(stack: Stack) -> None:
     assert after["total_dumps"] == before["total_dumps"] + 1
 
 
-def test_status_comes_from_prefect_not_process_memory(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("on_stack_prefect")
+def test_status_comes_from_prefect_not_process_memory(stack: Stack) -> None:
     # A second API instance (a replica, or the API after a restart) reads the same status.
     from fastapi.testclient import TestClient
 
     from api.main import create_app
     from memdump.settings import Settings
 
-    monkeypatch.setenv("PREFECT_API_URL", stack.prefect_api)
     _, live = stack.call("GET", f"{BASE}/status")
     replica = TestClient(create_app(Settings(data_dir=stack.data_dir)))
     assert replica.get(f"{BASE}/status").json() == live
 
 
-def test_deployments_and_limits_exist(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PREFECT_API_URL", stack.prefect_api)
+@pytest.mark.usefixtures("on_stack_prefect")
+def test_deployments_and_limits_exist(stack: Stack) -> None:
     from prefect import get_client
 
     with get_client(sync_client=True) as client:
@@ -107,6 +105,7 @@ def test_all_captures_every_running_vm(stack: Stack) -> None:
     assert after["total_dumps"] == before["total_dumps"] + len(running)
 
 
+@pytest.mark.usefixtures("on_stack_prefect")
 def test_timeout_stops_the_dump_and_reports_timeout(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -116,7 +115,6 @@ def test_timeout_stops_the_dump_and_reports_timeout(
         if k.startswith("MEMDUMP_"):
             monkeypatch.setenv(k, v)
     monkeypatch.setenv("MEMDUMP_CAPTURE_TIMEOUT_SEC", "0.3")
-    monkeypatch.setenv("PREFECT_API_URL", stack.prefect_api)
     from flows.capture import capture_vms
     from tests.integration.conftest import remote_temp_dirs
 
