@@ -35,9 +35,10 @@ def test_trigger_completes_and_records(stack: Stack) -> None:
     assert code == 200 and recs["count"] == 2
     by_vm = {r["vmid"]: r for r in recs["records"]}
     assert set(by_vm) == {"vm-web-01", "vm-db-01"}
-    rec = by_vm["vm-db-01"]
-    raw = gzip.decompress(Path(rec["dump_path"]).read_bytes())
-    assert hashlib.sha256(raw).hexdigest() == rec["sha256"]
+    for rec in by_vm.values():
+        raw = gzip.decompress(Path(rec["dump_path"]).read_bytes())
+        assert hashlib.sha256(raw).hexdigest() == rec["sha256"]
+        assert rec["gzip_size_bytes"] == Path(rec["dump_path"]).stat().st_size
 
     # The per-hypervisor limit is 1 in this stack: the two captures never overlapped.
     spans = sorted(

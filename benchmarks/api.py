@@ -1,0 +1,166 @@
+"""API latency of the running stack (``memdump serve`` against the lab).
+
+    . .lab/env && .venv/bin/python benchmarks/api.py [--n 30] [--runs 5]
+
+Measures, on loopback, one request at a time:
+  * POST /trigger response time (the contract's target: < 100 ms), over ``--n``
+    triggers of an id no hypervisor has (the run starts and fails fast, no capture);
+  * GET /status, GET /records?limit=1000 (the store seeded with 5000 records) and
+    GET /stats, ``--n`` each;
+  * trigger -> flow run RUNNING (the runner's poll interval plus the flow-run
+    subprocess start; target < 5 s) and trigger -> COMPLETED for one 256 MiB lab VM,
+    over ``--runs`` sequential triggers.
+Prints p50/p99/max; numbers are for this machine and run only (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from memdump.records.model import DumpRecord  # noqa: E402
+from memdump.records.sqlite import SQLiteRecordStore  # noqa: E402
+from tests.stack import Stack, running_stack  # noqa: E402
+
+BASE = "/api/memory-dumps"
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+def row(name: str, values: list[float]) -> str:
+    return (
+        f"{name:<36} n={len(values):<3} p50={pct(values, 0.5) * 1000:8.1f} ms  "
+        f"p99={pct(values, 0.99) * 1000:8.1f} ms  max={max(values) * 1000:8.1f} ms"
+    )
+
+
+def seed(db: Path, n: int) -> None:
+    store = SQLiteRecordStore(db)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    for i in range(n):
+        store.add(
+            DumpRecord(
+                t0 + timedelta(minutes=i),
+                f"vm-{i % 50:03d}",
+                f"{100 + i % 50}",
+                f"{i:064x}",
+                5.0,
+                1 << 30,
+                1,
+                2,
+                3,
+                f"/d/{i}.mem.gz",
+                "0" * 64,
+                2 << 30,
+                "lab",
+            )
+        )
+
+
+def latest_run() -> tuple[str, str] | None:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterExpectedStartTime
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    due = FlowRunFilter(  # not next Monday's scheduled run
+        expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC))
+    )
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=due, sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1
+        )
+    if not runs or runs[0].state is None:
+        return None
+    return str(runs[0].id), runs[0].state.type.value
+
+
+def timed(stack: Stack, method: str, path: str, n: int, body: object = None) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        code, _ = stack.call(method, path, body)
+        out.append(time.perf_counter() - t0)
+        assert code == 200, path
+    return out
+
+
+def trigger_to_states(stack: Stack, vm: str) -> tuple[float, float]:
+    before = latest_run()
+    t0 = time.perf_counter()
+    code, _ = stack.call("POST", f"{BASE}/trigger", {"vm_ids": [vm]})
+    assert code == 200
+    running = None
+    cur = None
+    while time.perf_counter() - t0 < 120:
+        cur = latest_run()
+        if cur is not None and before is not None and cur[0] == before[0]:
+            cur = None
+        if cur is not None and running is None and cur[1] in ("RUNNING", *FINAL):
+            running = time.perf_counter() - t0
+        if cur is not None and cur[1] in FINAL:
+            break
+        time.sleep(0.05)
+    assert running is not None and cur is not None and cur[1] == "COMPLETED", cur
+    return running, time.perf_counter() - t0
+
+
+def measure(stack: Stack, args: argparse.Namespace) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    trig = timed(stack, "POST", f"{BASE}/trigger", args.n, {"vm_ids": ["bench-absent-01"]})
+    stack.wait_status()
+    results = [
+        ("POST /trigger response", trig),
+        ("GET /status", timed(stack, "GET", f"{BASE}/status", args.n)),
+        ("GET /records?limit=1000 (of 5000)", timed(stack, "GET", f"{BASE}/records", args.n)),
+        ("GET /stats (5000 records)", timed(stack, "GET", f"{BASE}/stats", args.n)),
+    ]
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+        pairs = [trigger_to_states(stack, args.vm) for _ in range(args.runs)]
+    results += [
+        ("trigger -> flow run RUNNING", [p[0] for p in pairs]),
+        (f"trigger -> COMPLETED ({args.vm})", [p[1] for p in pairs]),
+    ]
+    poll = stack.env.get("MEMDUMP_RUNNER_POLL_SEC", "1 (default)")
+    print(f"memdump serve on loopback; runner poll interval {poll} s")
+    for name, values in results:
+        print(row(name, values))
+    running = [p[0] for p in pairs]
+    print(
+        f"targets: trigger p50 < 100 ms: {'PASS' if pct(trig, 0.5) < 0.1 else 'FAIL'}; "
+        f"trigger->running p50 < 5 s: {'PASS' if pct(running, 0.5) < 5 else 'FAIL'}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--n", type=int, default=30, help="requests per endpoint")
+    ap.add_argument("--runs", type=int, default=5, help="captures for trigger->running")
+    ap.add_argument("--vm", default="vm-web-01")
+    args = ap.parse_args()
+    inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
+    if not inv:
+        print("source .lab/env first (lab/up)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="memdump-bench-") as tmp:
+        seed(Path(tmp) / "records.db", 5000)
+        with running_stack(Path(tmp), inv) as stack:
+            measure(stack, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
