@@ -61,3 +61,17 @@ def layout(lab_dir: Path, vm: str) -> dict[str, Any]:
 def remote_temp_dirs() -> list[str]:
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
     return sorted(p.name for p in tmp.glob("memdump.*"))
+
+
+def assert_hypervisor_clean(vm: str, timeout: float = 30.0) -> None:
+    """After a failed or aborted dump: the remote temp dir is gone and the guest runs
+    again (QEMU resumes it when its dump fails). Both may take a moment."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (
+        remote_temp_dirs() or virsh("domstate", vm).strip() != "running"
+    ):
+        time.sleep(0.2)
+    assert remote_temp_dirs() == []
+    assert virsh("domstate", vm).strip() == "running"

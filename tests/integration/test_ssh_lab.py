@@ -17,7 +17,7 @@ from memdump.hypervisors import open_driver
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.ssh import SSHTransport
-from tests.integration.conftest import remote_temp_dirs, virsh
+from tests.integration.conftest import assert_hypervisor_clean
 
 
 def _with_known_hosts(hv: HypervisorConfig, path: Path) -> HypervisorConfig:
@@ -82,13 +82,7 @@ def test_connection_cut_mid_stream_leaves_nothing(settings: Settings, lab_dir: P
     assert killed and time.monotonic() - t0 < 60
     assert not settings.dump_dir.exists() or list(settings.dump_dir.iterdir()) == []
     # On the hypervisor the dump fails on a broken pipe: temp files go, the guest runs again.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (
-        remote_temp_dirs() or virsh("domstate", "vm-web-01").strip() != "running"
-    ):
-        time.sleep(0.2)
-    assert remote_temp_dirs() == []
-    assert virsh("domstate", "vm-web-01").strip() == "running"
+    assert_hypervisor_clean("vm-web-01")
 
 
 class _Source:
