@@ -29,6 +29,10 @@ class SSHTuning(BaseModel):
         "aes128-ctr",
         "aes256-ctr",
     )
+    # Dump streams through the OpenSSH client (C crypto in its own process, running beside
+    # hashing and compression) or paramiko. Both verify host keys against the same
+    # known_hosts and never accept an unknown key; commands always use paramiko.
+    stream_client: Literal["openssh", "paramiko"] = "openssh"
     window_size: int = Field(default=4 * MiB, ge=64 * 1024)
     max_packet_size: int = Field(default=256 * 1024, ge=32 * 1024)
     recv_size: int = Field(default=16 * MiB, ge=64 * 1024)

@@ -6,6 +6,7 @@ Every paramiko/socket exception is mapped to memdump's error tree here, once, by
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 from collections.abc import Sequence
@@ -25,7 +26,8 @@ from memdump.errors import (
     TransportError,
 )
 from memdump.settings import HypervisorConfig, SSHTuning
-from memdump.transport.base import CommandResult, sh_command_line
+from memdump.transport.base import ByteStream, CommandResult, sh_command_line
+from memdump.transport.process import start_stream
 
 
 def map_ssh_error(exc: BaseException, *, host: str, op: str) -> MemdumpError:
@@ -204,10 +206,65 @@ class SSHTransport:
             chan.close()
         return CommandResult(rc, bytes(out), bytes(err))
 
-    def stream(self, script: str, args: Sequence[str] = ()) -> _SSHByteStream:
-        chan = self._open_channel(sh_command_line(script, args), "stream")
+    def stream(self, script: str, args: Sequence[str] = ()) -> ByteStream:
+        command = sh_command_line(script, args)
+        if self._use_openssh():
+            return start_stream(
+                self._openssh_argv(command),
+                stall=self._tuning.stall_timeout_sec,
+                what=self._host,
+                check_exit=self._check_openssh_exit,
+            )
+        chan = self._open_channel(command, "stream")
         chan.settimeout(self._tuning.stall_timeout_sec)
         return _SSHByteStream(chan, self._host, self._tuning)
+
+    # -- OpenSSH client for bulk streams -------------------------------------------------
+
+    def _use_openssh(self) -> bool:
+        # BatchMode cannot ask for a passphrase: such keys stream through paramiko.
+        return (
+            self._tuning.stream_client == "openssh"
+            and self._hv.key_passphrase is None
+            and shutil.which("ssh") is not None
+        )
+
+    def _openssh_argv(self, command: str) -> list[str]:
+        hv, t = self._hv, self._tuning
+        opts = {
+            "BatchMode": "yes",
+            "StrictHostKeyChecking": "yes",  # unknown or changed host key: refuse
+            "UserKnownHostsFile": str(hv.known_hosts),
+            "GlobalKnownHostsFile": "/dev/null",
+            "IdentitiesOnly": "yes",
+            "IdentityAgent": "none",
+            "ForwardAgent": "no",
+            "ForwardX11": "no",
+            "ClearAllForwardings": "yes",
+            "Ciphers": ",".join(t.ciphers),
+            "ConnectTimeout": str(max(1, int(t.connect_timeout_sec))),
+            "ServerAliveInterval": str(t.keepalive_sec),
+            "ServerAliveCountMax": "3",
+            "LogLevel": "ERROR",
+        }
+        argv = ["ssh", "-F", "/dev/null", "-T", "-i", str(hv.key_file), "-p", str(hv.port)]
+        for key, value in opts.items():
+            argv += ["-o", f"{key}={value}"]
+        return [*argv, "-l", hv.user, "--", self._host, command]
+
+    def _check_openssh_exit(self, rc: int, stderr: bytes) -> None:
+        """ssh exits 255 for its own failures (the remote scripts never do)."""
+        if rc != 255:
+            return
+        text = stderr.decode("utf-8", "replace").strip()
+        fields: dict[str, Any] = {"host": self._host, "op": "stream", "stderr": text[-2000:]}
+        if "Host key verification failed" in text or "HOST IDENTIFICATION HAS CHANGED" in text:
+            raise HostKeyError(f"{self._host}: host key verification failed: {text}", **fields)
+        if "Permission denied" in text:
+            raise AuthenticationError(f"{self._host}: authentication failed: {text}", **fields)
+        if any(s in text for s in ("Connection refused", "timed out", "No route", "resolve")):
+            raise ConnectError(f"{self._host}: cannot connect: {text}", **fields)
+        raise StreamInterruptedError(f"{self._host}: ssh connection lost: {text}", **fields)
 
     def close(self) -> None:
         if self._client is not None:

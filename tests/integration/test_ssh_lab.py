@@ -65,8 +65,12 @@ def _lab_sshd_children(lab_dir: Path) -> list[int]:
     return kids
 
 
-def test_connection_cut_mid_stream_leaves_nothing(settings: Settings, lab_dir: Path) -> None:
-    drv = open_driver(settings.inventory[0], settings.ssh)
+@pytest.mark.parametrize("client", ["openssh", "paramiko"])
+def test_connection_cut_mid_stream_leaves_nothing(
+    settings: Settings, lab_dir: Path, client: str
+) -> None:
+    tuning = settings.ssh.model_copy(update={"stream_client": client})
+    drv = open_driver(settings.inventory[0], tuning)
     ref = drv.resolve("vm-web-01")
     killed: list[int] = []
 
@@ -103,7 +107,7 @@ def test_stream_of_exactly_two_rekey_intervals(lab_hv: HypervisorConfig, tmp_pat
     # paramiko's default re-key interval is 512 MiB; a re-key at the very end of a stream
     # hung recv() in earlier measurements. 2 x 512 MiB must stream cleanly and promptly.
     size = 2 * 512 * 1024 * 1024
-    t = SSHTransport(lab_hv, Settings().ssh)
+    t = SSHTransport(lab_hv, Settings().ssh.model_copy(update={"stream_client": "paramiko"}))
     t0 = time.monotonic()
     stream = t.stream('head -c "$1" /dev/zero', [str(size)])
     packetizer = t._connected().get_transport().packetizer  # type: ignore[union-attr]
@@ -116,3 +120,23 @@ def test_stream_of_exactly_two_rekey_intervals(lab_hv: HypervisorConfig, tmp_pat
     assert res.raw_sha256 == zeros.hexdigest()
     assert time.monotonic() - t0 < 60
     t.close()
+
+
+@pytest.mark.parametrize("client", ["openssh", "paramiko"])
+def test_stream_host_key_mismatch_is_refused(
+    lab_hv: HypervisorConfig, tmp_path: Path, client: str
+) -> None:
+    # Both stream clients check the same known_hosts; a changed key is never accepted.
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")], check=True
+    )
+    host = lab_hv.known_hosts.read_text().split()[0]  # type: ignore[union-attr]
+    pub = (tmp_path / "k.pub").read_text().split()
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"{host} {pub[0]} {pub[1]}\n")
+    tuning = Settings().ssh.model_copy(update={"stream_client": client})
+    t = SSHTransport(_with_known_hosts(lab_hv, kh), tuning)
+    with pytest.raises(HostKeyError):
+        stream = t.stream("echo secret")
+        assert stream.read() == b""
+        stream.finish(30)

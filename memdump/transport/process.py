@@ -1,0 +1,111 @@
+"""A child process's stdout as a ByteStream: used by the local transport and by the
+OpenSSH client transport for dump streams."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import IO
+
+from memdump.errors import StreamInterruptedError, StreamStalledError, TransportError
+from memdump.transport.base import CommandResult
+
+_READ_SIZE = 4 << 20
+# Linux pipes hold 64 KiB by default: every read would hand Python 64 KiB at most, and
+# the per-chunk cost of the pipeline dominates. 1 MiB is the default pipe-max-size.
+_PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+ExitCheck = Callable[[int, bytes], None]
+
+
+def start_stream(
+    argv: Sequence[str], *, stall: float, what: str, check_exit: ExitCheck | None = None
+) -> ProcessByteStream:
+    err = tempfile.TemporaryFile()  # stderr to a file: a full stderr pipe cannot block it
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - fixed argv, values as separate arguments
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            start_new_session=True,  # so abort() can signal the whole group
+        )
+    except OSError as exc:
+        err.close()
+        raise TransportError(f"{what}: cannot start {argv[0]}: {exc}", op="stream") from exc
+    return ProcessByteStream(proc, err, stall, what, check_exit)
+
+
+class ProcessByteStream:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        err: IO[bytes],
+        stall: float,
+        what: str,
+        check_exit: ExitCheck | None,
+    ) -> None:
+        self._proc = proc
+        self._err = err
+        self._stall = stall
+        self._what = what
+        self._check_exit = check_exit
+        assert proc.stdout is not None  # noqa: S101 - stdout=PIPE
+        self._fd = proc.stdout.fileno()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+
+    def read(self) -> bytes:
+        if not self._poll.poll(self._stall * 1000):
+            raise StreamStalledError(f"{self._what}: no data for {self._stall:.0f}s", op="stream")
+        try:
+            return os.read(self._fd, _READ_SIZE)
+        except OSError as exc:
+            raise StreamInterruptedError(f"{self._what}: read failed: {exc}", op="stream") from exc
+
+    def finish(self, timeout: float) -> CommandResult:
+        try:
+            rc = self._proc.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            self.abort()
+            raise StreamInterruptedError(
+                f"{self._what}: command did not exit within {timeout:.0f}s after the stream ended",
+                op="stream",
+            ) from exc
+        self._err.seek(0)
+        stderr = self._err.read()
+        self._close()
+        if rc < 0:
+            raise StreamInterruptedError(
+                f"{self._what}: command killed by signal {-rc}",
+                op="stream",
+                stderr=stderr.decode("utf-8", "replace")[-2000:],
+            )
+        if self._check_exit is not None:
+            self._check_exit(rc, stderr)
+        return CommandResult(rc, b"", stderr)
+
+    def abort(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._err.close()
