@@ -151,8 +151,8 @@ class _VirshDump:
         self._stop = stop
         self._aborted = False
 
-    def read(self) -> bytes:
-        return self._s.read()
+    def readinto(self, view: memoryview) -> int:
+        return self._s.readinto(view)
 
     def close_ok(self) -> None:
         res = self._s.finish(timeout=60.0)

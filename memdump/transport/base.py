@@ -31,6 +31,10 @@ class ByteStream(Protocol):
         """The next chunk of stdout; b'' at the end. Raises TransportError subclasses."""
         ...
 
+    def readinto(self, view: memoryview) -> int:
+        """Like read(), into the start of ``view``; 0 at the end."""
+        ...
+
     def finish(self, timeout: float) -> CommandResult:
         """After EOF: wait for the exit status; returns it with the command's stderr."""
         ...

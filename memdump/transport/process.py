@@ -64,12 +64,22 @@ class ProcessByteStream:
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLIN | select.POLLHUP | select.POLLERR)
 
-    def read(self) -> bytes:
+    def _wait_readable(self) -> None:
         if not self._poll.poll(self._stall * 1000):
             raise StreamStalledError(f"{self._what}: no data for {self._stall:.0f}s", op="stream")
+
+    def read(self) -> bytes:
+        self._wait_readable()
         try:
             return os.read(self._fd, _READ_SIZE)
         except OSError as exc:
+            raise StreamInterruptedError(f"{self._what}: read failed: {exc}", op="stream") from exc
+
+    def readinto(self, view: memoryview) -> int:
+        self._wait_readable()
+        try:
+            return os.readv(self._fd, [view])
+        except (OSError, ValueError) as exc:  # ValueError: fd closed by abort()
             raise StreamInterruptedError(f"{self._what}: read failed: {exc}", op="stream") from exc
 
     def finish(self, timeout: float) -> CommandResult:

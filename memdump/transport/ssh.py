@@ -280,8 +280,16 @@ class _SSHByteStream:
         self._stall = tuning.stall_timeout_sec
 
     def read(self) -> bytes:
+        return self.read_at_most(self._recv_size)
+
+    def readinto(self, view: memoryview) -> int:
+        data = self.read_at_most(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def read_at_most(self, n: int) -> bytes:
         try:
-            return self._chan.recv(self._recv_size)
+            return self._chan.recv(min(n, self._recv_size))
         except TimeoutError as exc:
             raise StreamStalledError(
                 f"{self._host}: no data for {self._stall:.0f}s", host=self._host, op="stream"

@@ -93,8 +93,8 @@ class _Source:
     def __init__(self, stream: object) -> None:
         self.s = stream
 
-    def read(self) -> bytes:
-        return self.s.read()  # type: ignore[attr-defined, no-any-return]
+    def readinto(self, view: memoryview) -> int:
+        return self.s.readinto(view)  # type: ignore[attr-defined, no-any-return]
 
     def close_ok(self) -> None:
         assert self.s.finish(60).returncode == 0  # type: ignore[attr-defined]

@@ -98,7 +98,7 @@ def test_virsh_failure_no_hang_no_file(
 def test_abort_mid_dump_cleans_remote_temp(fake_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_MODE", "ok")
     src = _driver().open_dump(VMRef("local", "vm1", "vm1"))
-    assert src.read()
+    assert src.readinto(memoryview(bytearray(65536)))
     src.abort()
     deadline = time.monotonic() + 5
     while list((fake_env / "remote-tmp").iterdir()) and time.monotonic() < deadline:

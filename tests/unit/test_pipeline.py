@@ -36,14 +36,15 @@ class FakeSource:
         self.aborted = False
         self.closed_ok = False
 
-    def read(self) -> bytes:
+    def readinto(self, view: memoryview) -> int:
         if self.fail_at is not None and self.pos >= self.fail_at:
             raise StreamInterruptedError("cut", op="stream")
         if self.delay:
             time.sleep(self.delay)
-        out = self.data[self.pos : self.pos + self.chunk]
+        out = self.data[self.pos : self.pos + min(self.chunk, len(view))]
         self.pos += len(out)
-        return out
+        view[: len(out)] = out
+        return len(out)
 
     def close_ok(self) -> None:
         if self.close_error is not None:
@@ -180,9 +181,9 @@ class BlockingSource(FakeSource):
 
         self.unblock = threading.Event()
 
-    def read(self) -> bytes:
+    def readinto(self, view: memoryview) -> int:
         if self.pos == 0:
-            return super().read()
+            return super().readinto(view)
         self.unblock.wait(60)
         raise StreamInterruptedError("channel closed", op="stream")
 
