@@ -44,6 +44,7 @@ def test_abort_kills_the_group() -> None:
 FAKE_VIRSH = """#!/bin/sh
 # fake virsh: behaviour chosen by $FAKE_MODE; the dump path is the last argument
 for a; do last=$a; done
+case " $* " in *" dump "*) ;; *) exit 0 ;; esac  # e.g. domjobabort: nothing to do
 case "$FAKE_MODE" in
   ok) cat "$FAKE_CORE" > "$last" ;;
   fail-early) echo "error: Requested operation is not valid: domain is not running" >&2; exit 1 ;;
