@@ -17,6 +17,7 @@ from memdump.records.base import Stats
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
+from tests.contract import RECORD_FIELDS
 
 ISO_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
 BASE = "/api/memory-dumps"
@@ -142,18 +143,7 @@ def test_records(client: TestClient, store: SQLiteRecordStore) -> None:
     body = client.get(f"{BASE}/records").json()
     assert body["count"] == 5 and body["limit"] == 1000 and body["offset"] == 0
     assert [r["gzip_size_bytes"] for r in body["records"]] == [2004, 2003, 2002, 2001, 2000]
-    assert list(body["records"][0]) == [
-        "timestamp",
-        "dom",
-        "vmid",
-        "sha256",
-        "duration_sec",
-        "gzip_size_bytes",
-        "ctime",
-        "mtime",
-        "atime",
-        "dump_path",
-    ]
+    assert list(body["records"][0]) == RECORD_FIELDS
     page = client.get(f"{BASE}/records?limit=2&offset=1").json()
     assert [r["gzip_size_bytes"] for r in page["records"]] == [2003, 2002]
     assert (page["count"], page["limit"], page["offset"]) == (2, 2, 1)

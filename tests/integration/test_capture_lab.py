@@ -20,6 +20,7 @@ from memdump.errors import DumpFailedError, VMNotFoundError
 from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.settings import Settings
 from memdump.targets import find, list_all
+from tests.contract import RECORD_FIELDS
 from tests.integration.conftest import layout, remote_temp_dirs, virsh
 
 VM = "vm-web-01"
@@ -70,18 +71,7 @@ def test_dump_is_byte_exact_with_markers(
 
     # contract record fields and file hygiene
     d = rec.contract_dict()
-    assert list(d) == [
-        "timestamp",
-        "dom",
-        "vmid",
-        "sha256",
-        "duration_sec",
-        "gzip_size_bytes",
-        "ctime",
-        "mtime",
-        "atime",
-        "dump_path",
-    ]
+    assert list(d) == RECORD_FIELDS
     assert d["dom"] == VM and d["vmid"] == VM and len(d["sha256"]) == 64
     assert Path(d["dump_path"]).name == f"{VM}_{int(rec.timestamp.timestamp())}.mem.gz"
     assert stat.S_IMODE(os.stat(rec.dump_path).st_mode) == 0o600
