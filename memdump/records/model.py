@@ -51,3 +51,14 @@ class DumpRecord:
         d = asdict(self)
         d["timestamp"] = iso_utc(self.timestamp)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DumpRecord:
+        """Inverse of full_dict() (the outbox keeps records as JSON)."""
+        ts = datetime.fromisoformat(d["timestamp"]).replace(tzinfo=UTC)
+        return cls(**{**d, "timestamp": ts})
+
+    @property
+    def key(self) -> str:
+        """Idempotency key: a replayed write of the same dump is the same record."""
+        return f"{self.vmid}|{iso_utc(self.timestamp)}|{self.sha256}"

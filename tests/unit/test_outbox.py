@@ -1,0 +1,105 @@
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memdump.errors import RecordStoreError
+from memdump.records.base import Stats
+from memdump.records.model import DumpRecord
+from memdump.records.outbox import DurableRecorder, Outbox
+from memdump.records.sqlite import SQLiteRecordStore
+
+
+class FlakyStore:
+    """A real SQLite store that can be 'down', or lose the answer to a write."""
+
+    def __init__(self, path: Path) -> None:
+        self.inner = SQLiteRecordStore(path)
+        self.down = False
+        self.lose_ack = False
+        self.writes: list[str] = []
+
+    def add(self, record: DumpRecord) -> bool:
+        if self.down:
+            raise RecordStoreError("Connection refused", retryable=True)
+        new = self.inner.add(record)
+        self.writes.append(record.vmid)
+        if self.lose_ack:
+            self.lose_ack = False
+            raise RecordStoreError("timeout reading the response", retryable=True)
+        return new
+
+    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
+        return self.inner.list(limit, offset)
+
+    def stats(self) -> Stats:
+        return self.inner.stats()
+
+    def close(self) -> None:
+        pass
+
+
+def rec(i: int) -> DumpRecord:
+    return DumpRecord(
+        datetime(2025, 1, 1, tzinfo=UTC) + timedelta(minutes=i),
+        f"vm{i}",
+        f"vm{i}",
+        f"{i:064x}",
+        1.0,
+        10,
+        1,
+        2,
+        3,
+        f"/d/{i}",
+        "0" * 64,
+        100,
+        "hv",
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FlakyStore:
+    return FlakyStore(tmp_path / "records.db")
+
+
+def test_write_through_when_up(store: FlakyStore, tmp_path: Path) -> None:
+    r = DurableRecorder(store, Outbox(tmp_path / "outbox.db"))
+    assert r.record(rec(1)) is True
+    assert r.outbox.state().depth == 0 and store.stats().total_dumps == 1
+
+
+def test_kept_while_down_then_replayed_in_order(store: FlakyStore, tmp_path: Path) -> None:
+    r = DurableRecorder(store, Outbox(tmp_path / "outbox.db"))
+    store.down = True
+    assert r.record(rec(1)) is False and r.record(rec(2)) is False
+    st = r.outbox.state()
+    assert st.depth == 2 and "Connection refused" in (st.last_error or "")
+    assert r.replay() == 2  # still down: nothing lost, nothing written
+    # A collector restart: a new outbox object on the same file still has them.
+    r2 = DurableRecorder(store, Outbox(tmp_path / "outbox.db"))
+    store.down = False
+    assert r2.record(rec(3)) is True
+    assert store.writes == ["vm1", "vm2", "vm3"]  # capture order
+    assert r2.outbox.state().depth == 0 and store.stats().total_dumps == 3
+
+
+def test_lost_answer_is_written_exactly_once(store: FlakyStore, tmp_path: Path) -> None:
+    r = DurableRecorder(store, Outbox(tmp_path / "outbox.db"))
+    store.lose_ack = True
+    assert r.record(rec(1)) is False  # the store has it, we could not know
+    assert r.replay() == 0
+    assert store.stats().total_dumps == 1 and len(store.writes) == 2
+
+
+def test_same_record_queued_twice_is_one(store: FlakyStore, tmp_path: Path) -> None:
+    r = DurableRecorder(store, Outbox(tmp_path / "outbox.db"))
+    store.down = True
+    r.record(rec(1))
+    r.record(rec(1))
+    assert r.outbox.state().depth == 1
+
+
+def test_record_roundtrip() -> None:
+    a = rec(5)
+    assert DumpRecord.from_dict(a.full_dict()) == a
