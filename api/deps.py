@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from api.runs import Runs
 from memdump.records.base import RecordStore
+from memdump.records.outbox import Outbox
 from memdump.settings import Settings
 
 
@@ -21,6 +22,11 @@ def get_store(request: Request) -> RecordStore:
     return store
 
 
+def get_outbox(request: Request) -> Outbox:
+    outbox: Outbox = request.app.state.outbox
+    return outbox
+
+
 def get_runs(request: Request) -> Runs:
     runs: Runs = request.app.state.runs
     return runs
@@ -29,3 +35,4 @@ def get_runs(request: Request) -> Runs:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[RecordStore, Depends(get_store)]
 RunsDep = Annotated[Runs, Depends(get_runs)]
+OutboxDep = Annotated[Outbox, Depends(get_outbox)]

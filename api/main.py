@@ -12,8 +12,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.routes import router
 from api.runs import PrefectRuns, Runs
 from memdump import __version__
+from memdump.records import Outbox, open_store
 from memdump.records.base import RecordStore
-from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 
 
@@ -47,7 +47,8 @@ def create_app(
         description="Forensic memory dumps of running VMs. Contract: memory-dumps-api.md.",
     )
     app.state.settings = settings
-    app.state.store = store or SQLiteRecordStore(settings.records_db)
+    app.state.store = store or open_store(settings)
+    app.state.outbox = Outbox(settings.outbox_db)
     app.state.runs = runs or PrefectRuns(settings.flow_name, settings.deployment)
 
     @app.exception_handler(RequestValidationError)

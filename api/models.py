@@ -75,3 +75,9 @@ class StatsResponse(BaseModel):
     total_size_bytes: int
     avg_duration_sec: float
     last_dump: str | None
+
+
+class OutboxResponse(BaseModel):
+    depth: int = Field(description="Records captured but not yet in the record store")
+    oldest_queued_at: str | None = Field(description="When the oldest waiting record was queued")
+    last_error: str | None = Field(description="Why the store did not take the last one")

@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 
-from api.deps import RunsDep, SettingsDep, StoreDep
+from api.deps import OutboxDep, RunsDep, SettingsDep, StoreDep
 from api.models import (
     ErrorBody,
+    OutboxResponse,
     RecordsResponse,
     StatsResponse,
     StatusResponse,
@@ -124,3 +125,20 @@ def stats(store: StoreDep) -> dict[str, Any]:
         return store.stats().contract_dict()
     except Exception as exc:
         raise HTTPException(500, f"Error fetching stats: {exc}") from exc
+
+
+@router.get(
+    "/outbox",
+    response_model=OutboxResponse,
+    responses=SERVER_ERROR,
+    summary="Records waiting for the record store (beyond the contract; see README)",
+)
+def outbox(box: OutboxDep) -> dict[str, Any]:
+    try:
+        st = box.state()
+    except Exception as exc:
+        raise HTTPException(500, f"Error reading the outbox: {exc}") from exc
+    oldest = None
+    if st.oldest_queued_at is not None:
+        oldest = iso_utc(datetime.fromtimestamp(st.oldest_queued_at, UTC))
+    return {"depth": st.depth, "oldest_queued_at": oldest, "last_error": st.last_error}

@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import threading
+import time
 from typing import Any
 
 from prefect import serve
 
 from flows.capture import capture_vms
+from memdump.records import open_recorder
 from memdump.settings import Settings
 from tasks.limits import ensure_limits
 
@@ -33,6 +37,20 @@ def build_deployments(settings: Settings) -> list[Any]:
     return [on_demand, weekly]
 
 
+def replay_outbox(settings: Settings) -> None:
+    """Records kept while the store was down go in on start and then periodically."""
+    log = logging.getLogger("memdump.outbox")
+    recorder = open_recorder(settings)
+    while True:
+        try:
+            left = recorder.replay()
+            if left:
+                log.warning("outbox: %d record(s) still waiting: %s", left, recorder.last_error)
+        except Exception:  # keep the runner alive; the next round retries
+            log.exception("outbox replay failed")
+        time.sleep(settings.outbox_replay_sec)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -43,6 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings()
     ensure_limits(settings, reset_slots=args.reset_slots)
+    threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
     serve(*build_deployments(settings), query_seconds=settings.runner_poll_sec, limit=None)
 
 

@@ -123,9 +123,15 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8000, ge=1, le=65535)
     records_max_limit: int = Field(default=1000, ge=1)
 
+    outbox_replay_sec: float = Field(default=60.0, gt=0)
+
     @property
     def records_db(self) -> Path:
         return self.sqlite_path or self.data_dir / "records.db"
+
+    @property
+    def outbox_db(self) -> Path:
+        return self.data_dir / "outbox.db"
 
     @cached_property
     def inventory(self) -> list[HypervisorConfig]:

@@ -20,8 +20,8 @@ from prefect.states import Failed
 from memdump.capture import capture
 from memdump.errors import CaptureTimeoutError
 from memdump.hypervisors import open_driver
+from memdump.records import open_recorder
 from memdump.records.model import DumpRecord
-from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 from memdump.targets import find
 from tasks.limits import GLOBAL_LIMIT, hypervisor_limit, slug
@@ -96,8 +96,17 @@ def offload_dump(record: DumpRecord) -> DumpRecord:
     return record
 
 
-@task(name="record-dump", retries=3, retry_delay_seconds=2)
+@task(name="record-dump")
 def record_dump(record: DumpRecord) -> DumpRecord:
-    store = SQLiteRecordStore(Settings().records_db)
-    store.add(record)
+    """Write the record; if the store cannot take it, it waits in the outbox (replayed by
+    the runner and by later runs). The capture is complete either way."""
+    recorder = open_recorder(Settings())
+    if not recorder.record(record):
+        state = recorder.outbox.state()
+        get_run_logger().warning(
+            "record store unavailable (%s): record of %s kept in the outbox (depth %d)",
+            state.last_error,
+            record.vmid,
+            state.depth,
+        )
     return record

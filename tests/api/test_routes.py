@@ -272,3 +272,19 @@ def test_openapi_documents_every_error_and_no_422(client: TestClient) -> None:
             assert "200" in op["responses"] and "500" in op["responses"]
     assert "400" in paths[f"{BASE}/trigger"]["post"]["responses"]
     assert "400" in paths[f"{BASE}/records"]["get"]["responses"]
+
+
+def test_outbox_depth(tmp_path: Path, runs: FakeRuns) -> None:
+    from memdump.records.outbox import Outbox
+
+    app = create_app(Settings(data_dir=tmp_path), store=BrokenStore(), runs=runs)
+    c = TestClient(app)
+    assert c.get(f"{BASE}/outbox").json() == {
+        "depth": 0,
+        "oldest_queued_at": None,
+        "last_error": None,
+    }
+    Outbox(tmp_path / "outbox.db").put(_rec(1), "Connection refused")
+    body = c.get(f"{BASE}/outbox").json()
+    assert body["depth"] == 1 and body["last_error"] == "Connection refused"
+    assert ISO_US.match(body["oldest_queued_at"])

@@ -145,3 +145,23 @@ def test_flow_completes_with_artifacts(fake_engine: dict[str, Any]) -> None:
         "vm-x" in by_key["capture-summary"].data and "completed" in by_key["capture-summary"].data
     )
     assert by_key["capture-progress-vm-x"].data == 100
+
+
+def test_store_down_keeps_record_in_outbox_and_run_completes(
+    fake_engine: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from flows.capture import capture_vms
+    from memdump.records import open_recorder
+    from memdump.settings import Settings
+    from tests.unit.test_outbox import FlakyStore
+
+    store = FlakyStore(tmp_path / "records.db")
+    store.down = True
+    monkeypatch.setattr("memdump.records.open_store", lambda settings: store)
+    state = capture_vms(vm_ids=["vm-o"], source="test", return_state=True)
+    assert state.is_completed(), state  # the capture is complete; its record waits
+    recorder = open_recorder(Settings())
+    assert recorder.outbox.state().depth == 1
+    store.down = False
+    assert recorder.replay() == 0
+    assert [r["vmid"] for r in store.list(10, 0)] == ["vm-o"]
