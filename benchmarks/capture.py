@@ -34,7 +34,8 @@ fails unless virsh and the FIFO reader both succeeded) and QEMU's DUMP_COMPLETED
 checked. Once per VM, memdump's output is decompressed and recompressed with ``gzip -1``
 (untimed) as the compression reference.
 
-Reading the table (one per VM; with ``--repeat N`` the run with the median wall time):
+Reading the table (one per VM; with ``--repeat N`` the run with the median wall time,
+the faster one of the middle two for even N; every run is in ``--json``):
 
 - ``s``: wall time of the whole child process tree; ``MB/s``: raw ELF bytes / wall
   time, MB = 10^6; ``md x``: memdump's MB/s / this method's MB/s (>1: memdump faster);
@@ -42,6 +43,8 @@ Reading the table (one per VM; with ``--repeat N`` the run with the median wall 
 - ``pause s``: how long the guest was paused, from QEMU's own STOP and RESUME events
   (``virsh qemu-monitor-event --loop``, timestamps from QEMU, 1 us resolution) recorded
   around every method in the same way.
+- ``host CPU``: busy CPU of the whole machine (every process: QEMU, sshd, the method)
+  during the run, in % of all cores (/proc/stat); near 100 % means CPU-bound.
 - ``RSS MiB``: peak RSS (VmHWM). For memdump, exactly that of its one Python process,
   read by the child itself at interpreter exit. For the others (in parentheses) the sum
   of every local process's peak (ssh, bash, tee, gzip, sha256sum...), polled every
@@ -118,6 +121,7 @@ class Run:
     raw_sha256: str | None = None
     gz_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    host_cpu_pct: float = 0.0  # machine-wide CPU use during the run, % of all cores
 
     @property
     def mb_s(self) -> float:
@@ -228,22 +232,33 @@ class _TreeHWM(threading.Thread):
         return sum(self.peaks.values())
 
 
-def _timed(argv: Sequence[str], **kw: Any) -> tuple[float, int, int]:
-    """Run a child to completion: (wall seconds, exit code, sum of the tree's VmHWM KiB)."""
+def _host_busy() -> float:
+    """Busy CPU seconds of the whole machine so far, all cores (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Timed:
+    wall_sec: float
+    rc: int
+    tree_hwm_kib: int  # sum of the child tree's VmHWM
+    host_busy_sec: float  # machine-wide busy CPU seconds meanwhile (every process)
+
+
+def _timed(argv: Sequence[str], **kw: Any) -> Timed:
+    """Run a child to completion, timing it."""
+    busy0 = _host_busy()
     t0 = time.perf_counter()
     p = _spawn(argv, **kw)
     hwm = _TreeHWM(p.pid)
     hwm.start()
     _, status, _ = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
-    return wall, _reap(p, status), hwm.stop()
-
-
-def _check_output(argv: Sequence[str]) -> str:
-    res = subprocess.run(list(argv), capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if res.returncode != 0:
-        raise BenchError(f"{shlex.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
-    return res.stdout
+    busy = _host_busy() - busy0
+    return Timed(wall, _reap(p, status), hwm.stop(), busy)
 
 
 # --------------------------------------------------------------------- guest pause
@@ -371,7 +386,7 @@ runpy.run_module("memdump.cli", run_name="__main__", alter_sys=True)
 """
 
 
-def run_memdump(lab: Lab, vm: str, work: Path) -> tuple[float, int, dict[str, Any]]:
+def run_memdump(lab: Lab, vm: str, work: Path) -> tuple[Timed, int, dict[str, Any]]:
     dump_dir = work / "memdump"
     hwm_path = work / "memdump.hwm"
     env = {
@@ -382,16 +397,16 @@ def run_memdump(lab: Lab, vm: str, work: Path) -> tuple[float, int, dict[str, An
     out_path, err_path = work / "memdump.out", work / "memdump.err"
     argv = [sys.executable, "-c", _MEMDUMP_CHILD, "capture", vm]
     with out_path.open("wb") as out, err_path.open("wb") as err:
-        wall, rc, tree_kib = _timed(argv, env=env, stdout=out, stderr=err, cwd=REPO)
-    if rc != 0:
-        raise BenchError(f"memdump capture {vm} failed ({rc}): {err_path.read_text()[-2000:]}")
+        t = _timed(argv, env=env, stdout=out, stderr=err, cwd=REPO)
+    if t.rc != 0:
+        raise BenchError(f"memdump capture {vm} failed ({t.rc}): {err_path.read_text()[-2000:]}")
     record: dict[str, Any] = json.loads(out_path.read_text().strip().splitlines()[-1])
     path = Path(record["dump_path"])
     if path.stat().st_size != record["gzip_size_bytes"]:
         raise BenchError(f"{path}: size differs from the record's gzip_size_bytes")
     rss_kib = int(hwm_path.read_text())
     hwm_path.unlink()
-    return wall, rss_kib, {"record": record, "polled_hwm_kib": tree_kib}
+    return t, rss_kib, {"record": record, "polled_hwm_kib": t.tree_hwm_kib}
 
 
 def run_method(
@@ -405,7 +420,7 @@ def run_method(
     gz_bytes: int | None = None
     with PauseMonitor(lab.hv.libvirt_uri, vm, work / "events.txt") as mon:
         if method == "memdump":
-            wall, rss, extra = run_memdump(lab, vm, work)
+            t, rss, extra = run_memdump(lab, vm, work)
             record = extra["record"]
             raw_bytes, raw_sha = record["raw_size_bytes"], record["sha256"]
             gz_bytes = record["gzip_size_bytes"]
@@ -414,20 +429,20 @@ def run_method(
         elif method.startswith("ssh-"):
             cipher = GCM if method == "ssh-aes128gcm" else None
             with (work / "ssh.err").open("wb") as err:
-                wall, rc, rss = _timed(
-                    lab.ssh_argv(vm, cipher), stdout=subprocess.DEVNULL, stderr=err
-                )
-            if rc != 0:
-                raise BenchError(f"{method} failed ({rc}): {(work / 'ssh.err').read_text()}")
+                t = _timed(lab.ssh_argv(vm, cipher), stdout=subprocess.DEVNULL, stderr=err)
+            if t.rc != 0:
+                raise BenchError(f"{method} failed ({t.rc}): {(work / 'ssh.err').read_text()}")
+            rss = t.tree_hwm_kib
         else:
             compressor = {"gzip-6": "gzip -6", "pigz-1": "pigz -1"}[method]
             gz_path, sha_path = work / "f.gz", work / "f.sha"
             script = _PIPE.format(compressor=compressor)
             argv = ["bash", "-c", script, "bash", str(gz_path), str(sha_path)]
             with (work / "pipe.err").open("wb") as err:
-                wall, rc, rss = _timed([*argv, *lab.ssh_argv(vm)], stdout=err, stderr=err)
-            if rc != 0:
-                raise BenchError(f"{method} failed ({rc}): {(work / 'pipe.err').read_text()}")
+                t = _timed([*argv, *lab.ssh_argv(vm)], stdout=err, stderr=err)
+            if t.rc != 0:
+                raise BenchError(f"{method} failed ({t.rc}): {(work / 'pipe.err').read_text()}")
+            rss = t.tree_hwm_kib
             raw_sha = sha_path.read_text().split()[0]
             gz_bytes = gz_path.stat().st_size
             sha_path.unlink()
@@ -450,7 +465,8 @@ def run_method(
         gz_path.unlink()
     shutil.rmtree(work / "memdump", ignore_errors=True)
 
-    run = Run(method, wall, rss, pause, total, raw_bytes, raw_sha, gz_bytes, extra)
+    run = Run(method, t.wall_sec, rss, pause, total, raw_bytes, raw_sha, gz_bytes, extra)
+    run.host_cpu_pct = 100 * t.host_busy_sec / (t.wall_sec * (os.cpu_count() or 1))
     _check_same(res, run)
     return run
 
@@ -582,7 +598,7 @@ def print_report(
             f"median of {repeat} run(s)"
         )
         head = f"{'method':<40} {'s':>7} {'MB/s':>7} {'md x':>6} {'ratio':>6}"
-        print(head + f" {'pause s':>8} {'RSS MiB':>8}")
+        print(head + f" {'pause s':>8} {'RSS MiB':>8} {'host CPU':>8}")
         md = res.median("memdump") if "memdump" in methods else None
         for method in methods:
             r = res.median(method)
@@ -593,7 +609,7 @@ def print_report(
             rss_s = f"{rss:.1f}" if method == "memdump" else f"({rss:.1f})"
             print(
                 f"{labels.get(method, method):<40} {r.wall_sec:7.2f} {mbs:7.1f} {x:>6} "
-                f"{ratio:>6} {r.pause_sec:8.3f} {rss_s:>8}"
+                f"{ratio:>6} {r.pause_sec:8.3f} {rss_s:>8} {r.host_cpu_pct:7.0f}%"
             )
             if method == "memdump":
                 eng = r.extra["engine_duration_sec"]
@@ -661,6 +677,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise BenchError(f"hypervisor {hv.name} is not reached over SSH")
     lab = Lab(hv)
     cipher = lab.default_cipher()
+    busy0, t0 = _host_busy(), time.monotonic()
+    time.sleep(1.0)
+    idle_check = 100 * (_host_busy() - busy0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+    print(f"host CPU busy before the benchmark: {idle_check:.0f}%", file=sys.stderr)
+    if idle_check > 15:
+        print("warning: something else is using the CPU; numbers will be noisy", file=sys.stderr)
     results: list[VMResult] = []
     work = Path(tempfile.mkdtemp(prefix="memdump-bench-", dir=args.tmpdir))
     try:
@@ -687,11 +709,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _stop_all()
         shutil.rmtree(work, ignore_errors=True)
 
+    print(f"host CPU busy just before the benchmark: {idle_check:.0f}% of {os.cpu_count()} cores")
     checks = print_report(results, methods, cipher, args.repeat)
     if args.json:
         doc = {
             "hypervisor": hv.name,
             "ssh_default_cipher": cipher,
+            "host_cpu_busy_pct_before": idle_check,
+            "cpu_count": os.cpu_count(),
             "methods": methods,
             "repeat": args.repeat,
             "vms": [
