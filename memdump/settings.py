@@ -88,6 +88,17 @@ class HypervisorConfig(BaseModel):
             )
 
 
+class InfluxDB3Settings(BaseModel):
+    """InfluxDB 3 record store (``MEMDUMP_RECORD_STORE=influxdb3``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="e.g. http://127.0.0.1:8181")
+    database: str = "memdump"
+    token: SecretStr | None = None
+    timeout_sec: float = Field(default=5.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MEMDUMP_", env_nested_delimiter="__", extra="ignore"
@@ -95,9 +106,10 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".data")
     dump_dir: Path = Path(".data/dumps")
-    # Record store: "sqlite" (embedded, default) under data_dir.
-    record_store: Literal["sqlite"] = "sqlite"
+    # Record store: "sqlite" (embedded, default) under data_dir, or "influxdb3".
+    record_store: Literal["sqlite", "influxdb3"] = "sqlite"
     sqlite_path: Path | None = None  # default: <data_dir>/records.db
+    influxdb3: InfluxDB3Settings | None = None
     inventory_file: Path | None = None
     hypervisors: list[HypervisorConfig] = Field(default_factory=list)
     # ISA-L levels 0-3; level 1 is within a few percent of gzip -1 at several times its speed.

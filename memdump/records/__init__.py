@@ -10,6 +10,13 @@ from memdump.settings import Settings
 
 def open_store(settings: Settings) -> RecordStore:
     """The configured record store (SQLite, embedded, by default)."""
+    if settings.record_store == "influxdb3":
+        from memdump.errors import ConfigError
+        from memdump.records.influxdb3 import InfluxDB3RecordStore
+
+        if settings.influxdb3 is None:
+            raise ConfigError("record_store is influxdb3 but MEMDUMP_INFLUXDB3__URL is not set")
+        return InfluxDB3RecordStore(settings.influxdb3)
     from memdump.records.sqlite import SQLiteRecordStore
 
     return SQLiteRecordStore(settings.records_db)

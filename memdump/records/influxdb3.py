@@ -1,0 +1,144 @@
+"""InfluxDB 3 record store (influxdb3-python): table ``mem_dumps``, tags ``dom`` and
+``vmid``, the contract's other fields as fields, ``time`` = the dump's timestamp.
+
+Queries are SQL over Arrow Flight with bound parameters (request values never become
+SQL text). Timeouts are short and bounded: a store that cannot be reached fails fast,
+and its records wait in the outbox. Client errors are mapped to RecordStoreError here.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from memdump.errors import RecordStoreError
+from memdump.records.base import Stats
+from memdump.records.model import CONTRACT_FIELDS, DumpRecord, iso_utc
+from memdump.settings import InfluxDB3Settings
+
+TABLE = "mem_dumps"
+_INT_FIELDS = ("gzip_size_bytes", "ctime", "mtime", "atime", "raw_size_bytes")
+_STR_FIELDS = ("sha256", "dump_path", "gz_sha256", "hypervisor")
+_LIST_SQL = (
+    "SELECT CAST(time AS BIGINT) AS time_ns, dom, vmid, sha256, duration_sec, gzip_size_bytes,"
+    " ctime, mtime, atime, dump_path FROM mem_dumps"
+    " ORDER BY time DESC, vmid LIMIT $limit OFFSET $offset"
+)
+_STATS_SQL = (
+    "SELECT COUNT(*) AS n, COUNT(DISTINCT vmid) AS vms, SUM(gzip_size_bytes) AS size,"
+    " AVG(duration_sec) AS avg, CAST(MAX(time) AS BIGINT) AS last_ns FROM mem_dumps"
+)
+
+
+def _ns(ts: datetime) -> int:
+    delta = ts.astimezone(UTC) - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
+
+
+def _iso_from_ns(ns: int) -> str:
+    return iso_utc(
+        datetime.fromtimestamp(ns // 10**9, UTC).replace(microsecond=(ns % 10**9) // 1000)
+    )
+
+
+def _missing(exc: Exception) -> bool:
+    # InfluxDB 3 creates a database/table on first write; before that, queries fail.
+    text = str(exc)
+    return "not found" in text and ("database" in text or "table" in text)
+
+
+class InfluxDB3RecordStore:
+    def __init__(self, cfg: InfluxDB3Settings) -> None:
+        from influxdb_client_3 import (
+            InfluxDBClient3,
+            WriteOptions,
+            flight_client_options,
+            write_client_options,
+        )
+        from influxdb_client_3.write_client.client.write_api import WriteType
+
+        ms = int(cfg.timeout_sec * 1000)
+        self._cfg = cfg
+        self._client = InfluxDBClient3(
+            host=cfg.url,
+            database=cfg.database,
+            token=cfg.token.get_secret_value() if cfg.token else "",
+            write_client_options=write_client_options(
+                write_options=WriteOptions(write_type=WriteType.synchronous, max_retries=0)
+            ),
+            # gRPC's reconnect backoff would keep queries failing for seconds after the
+            # server is back; keep it short.
+            flight_client_options=flight_client_options(
+                generic_options=[
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.min_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ]
+            ),
+            write_timeout=ms,
+            query_timeout=ms,
+        )
+
+    def add(self, record: DumpRecord) -> bool:
+        from influxdb_client_3 import Point, WritePrecision
+
+        r = record
+        point = Point(TABLE).tag("dom", r.dom).tag("vmid", r.vmid)
+        point = point.field("duration_sec", float(r.duration_sec))
+        for name in _INT_FIELDS:
+            point = point.field(name, int(getattr(r, name)))
+        for name in _STR_FIELDS:
+            point = point.field(name, str(getattr(r, name)))
+        # Same series + same time = the same row: a replayed write is not a duplicate.
+        point = point.time(_ns(r.timestamp), WritePrecision.NS)
+        try:
+            self._client.write(record=point)
+        except Exception as exc:
+            raise RecordStoreError(
+                f"InfluxDB 3 write failed: {_reason(exc)}", retryable=True, store="influxdb3"
+            ) from exc
+        return True
+
+    def _query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        for attempt in range(3):
+            try:
+                table = self._client.query(sql, language="sql", query_parameters=params or None)
+                break
+            except Exception as exc:
+                if _missing(exc):
+                    return []
+                # Right after the server comes back, gRPC may still report the channel
+                # unavailable for a few hundred ms: try again briefly before giving up.
+                if attempt < 2 and "unavailable" in str(exc).lower():
+                    time.sleep(0.3)
+                    continue
+                raise RecordStoreError(_reason(exc), retryable=True, store="influxdb3") from exc
+        rows: list[dict[str, Any]] = table.to_pylist()
+        return rows
+
+    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
+        out = []
+        for row in self._query(_LIST_SQL, {"limit": int(limit), "offset": int(offset)}):
+            d = {k: row.get(k) for k in CONTRACT_FIELDS}
+            d["timestamp"] = _iso_from_ns(int(row["time_ns"]))
+            out.append(d)
+        return out
+
+    def stats(self) -> Stats:
+        rows = self._query(_STATS_SQL)
+        if not rows or not rows[0].get("n"):
+            return Stats(0, 0, 0, 0.0, None)
+        r = rows[0]
+        last = None if r["last_ns"] is None else _iso_from_ns(int(r["last_ns"]))
+        return Stats(
+            int(r["n"]), int(r["vms"]), int(r["size"] or 0), round(float(r["avg"] or 0.0), 3), last
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).split("Detail: Python exception", 1)[0].strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
