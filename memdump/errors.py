@@ -138,3 +138,32 @@ class StorageError(MemdumpError):
 
 class RecordStoreError(MemdumpError):
     """The record store could not read or take a record."""
+
+
+# -- object store (S3) ---------------------------------------------------------------------
+
+
+class ObjectStoreError(StorageError):
+    """The object store (S3) refused or failed an operation."""
+
+
+class ObjectStoreUnavailableError(ObjectStoreError):
+    """Connection refused or dropped, timeout, throttling, 5xx: worth another try."""
+
+    retryable = True
+
+
+class ObjectStoreAccessError(ObjectStoreError):
+    """Credentials missing or refused, access denied, bad signature. Never retried."""
+
+
+class ObjectNotFoundError(ObjectStoreError):
+    """The bucket (or object) does not exist. Never retried."""
+
+
+class OffloadIntegrityError(ObjectStoreError):
+    """The bytes in the object store are not (or would not be) the captured file: a
+    checksum or size mismatch. The object is not kept. Never retried."""
+
+
+# -- settings and results ----------------------------------------------------------------

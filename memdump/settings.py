@@ -8,13 +8,23 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from memdump.errors import ConfigError, InvalidIdentifierError
 from memdump.identifiers import validate_id
 
 MiB = 1024 * 1024
+MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
+MAX_PART_SIZE = 5 * 1024 * MiB
 
 
 class SSHTuning(BaseModel):
@@ -88,6 +98,36 @@ class HypervisorConfig(BaseModel):
             )
 
 
+class S3Settings(BaseModel):
+    """Where and how dumps are offloaded. ``access_key_id``/``secret_access_key`` left
+    unset means boto3's usual credential chain (environment, profile, instance role)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    bucket: str = Field(min_length=3, max_length=63)
+    prefix: str = "memdump/"
+    access_key_id: str | None = None
+    secret_access_key: SecretStr | None = None
+    sse: Literal["none", "AES256", "aws:kms"] = "none"
+    kms_key_id: str | None = None
+    part_size: int = Field(default=64 * MiB, ge=MIN_PART_SIZE, le=MAX_PART_SIZE)
+    max_attempts: int = Field(default=5, ge=1, le=20)  # botocore attempts per request
+    connect_timeout_sec: float = Field(default=10.0, gt=0)
+    read_timeout_sec: float = Field(default=60.0, gt=0)
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    keep_local: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> S3Settings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together (or neither)")
+        if self.kms_key_id is not None and self.sse != "aws:kms":
+            raise ValueError("kms_key_id needs sse='aws:kms'")
+        return self
+
+
 class InfluxDB3Settings(BaseModel):
     """InfluxDB 3 record store (``MEMDUMP_RECORD_STORE=influxdb3``)."""
 
@@ -110,6 +150,8 @@ class Settings(BaseSettings):
     record_store: Literal["sqlite", "influxdb3"] = "sqlite"
     sqlite_path: Path | None = None  # default: <data_dir>/records.db
     influxdb3: InfluxDB3Settings | None = None
+    # S3 offload (MEMDUMP_S3__BUCKET etc.); off when unset.
+    s3: S3Settings | None = None
     inventory_file: Path | None = None
     hypervisors: list[HypervisorConfig] = Field(default_factory=list)
     # ISA-L levels 0-3; level 1 is within a few percent of gzip -1 at several times its speed.

@@ -1,0 +1,598 @@
+"""Offload of finished ``.mem.gz`` files to S3 (or an S3-compatible store), verified.
+
+An upload is always multipart with a SHA-256 checksum per part, so S3 itself checks every
+part it stores; the file is read one part at a time (peak memory: about one part) and
+hashed as a whole on the way. Before completing, the whole file's SHA-256 must equal the
+one the capture pipeline recorded (the file on disk is still the image that was captured);
+after completing, ``head_object`` must show the expected size, metadata, encryption and
+composite checksum, or the object is deleted. Any failure before completion aborts the
+multipart upload, so no parts are left behind to be billed.
+
+botocore is confined to this module: every exception it or boto3 raises is mapped once,
+by :func:`map_s3_error`, to memdump's error tree (all under ``StorageError``), with
+``retryable`` set for what may go away on a second attempt (connection failures,
+timeouts, throttling, 5xx) and structured fields ``op``, ``bucket``, ``key``, ``code``,
+``http_status`` and ``cause``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3  # type: ignore[import-untyped]
+import boto3.exceptions  # type: ignore[import-untyped]
+import botocore.exceptions as bx  # type: ignore[import-untyped]
+from botocore.config import Config  # type: ignore[import-untyped]
+
+from memdump.errors import (
+    MemdumpError,
+    ObjectNotFoundError,
+    ObjectStoreAccessError,
+    ObjectStoreError,
+    ObjectStoreUnavailableError,
+    OffloadIntegrityError,
+    StorageError,
+)
+from memdump.settings import S3Settings
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+MAX_PARTS = 10_000
+SHA256_METADATA = "sha256-gz"  # stored as x-amz-meta-sha256-gz
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+ProgressFn = Callable[[int, int | None], None]
+
+
+# -- errors (to move to memdump/errors.py, under StorageError) ----------------------------
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """An object in the store, as verified after upload."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str
+    version_id: str | None = None
+    # S3's composite checksum of the parts, "<base64>-<parts>" (None if the store has none)
+    checksum_sha256: str | None = None
+    uri: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uri", f"s3://{self.bucket}/{self.key}")
+
+
+# -- error mapping -------------------------------------------------------------------------
+
+_RETRYABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "TooManyRequests",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",  # 409: a conflicting operation is in progress
+        "IncompleteBody",  # fewer bytes than Content-Length arrived: connection cut
+        "NoSuchUpload",  # our upload was aborted meanwhile: a new upload starts afresh
+    }
+)
+_ACCESS_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "AccountProblem",
+        "InvalidAccessKeyId",
+        "InvalidSecurity",
+        "InvalidToken",
+        "ExpiredToken",
+        "TokenRefreshRequired",
+        "SignatureDoesNotMatch",
+        "RequestTimeTooSkewed",
+        "KMS.AccessDeniedException",
+    }
+)
+_NOT_FOUND_CODES = frozenset({"NoSuchBucket", "NoSuchKey", "NoSuchVersion", "NotFound", "404"})
+_INTEGRITY_CODES = frozenset(
+    {
+        "BadDigest",
+        "InvalidDigest",
+        "XAmzContentSHA256Mismatch",
+        "InvalidPart",
+        "InvalidPartOrder",
+    }
+)
+
+_TRANSIENT_BOTOCORE: tuple[type[BaseException], ...] = (
+    bx.EndpointConnectionError,
+    bx.ConnectTimeoutError,
+    bx.ProxyConnectionError,
+    bx.HTTPClientError,  # ReadTimeoutError, ConnectionClosedError, ResponseStreamingError
+    bx.IncompleteReadError,
+    bx.CapacityNotAvailableError,  # botocore's client-side retry quota ran out
+    TimeoutError,
+    ConnectionError,  # the builtin: refused/reset/aborted
+)
+_INTEGRITY_BOTOCORE: tuple[type[BaseException], ...] = (
+    bx.ChecksumError,
+    bx.FlexibleChecksumError,
+    bx.AwsChunkedWrapperError,
+)
+_CREDENTIAL_BOTOCORE: tuple[type[BaseException], ...] = (
+    bx.NoCredentialsError,
+    bx.PartialCredentialsError,
+    bx.CredentialRetrievalError,
+    bx.NoAuthTokenError,
+    bx.TokenRetrievalError,
+    bx.RefreshWithMFAUnsupportedError,
+    bx.UnknownCredentialError,
+    bx.SSOError,
+    bx.LoginError,
+    bx.MetadataRetrievalError,
+)
+
+
+def _client_error_details(exc: BaseException) -> tuple[str | None, int | None, str | None]:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, Mapping):
+        return None, None, None
+    error = response.get("Error") or {}
+    meta = response.get("ResponseMetadata") or {}
+    code = error.get("Code")
+    status = meta.get("HTTPStatusCode")
+    request_id = meta.get("RequestId")
+    code_s = str(code) if code not in (None, "") else None
+    status_i = int(status) if isinstance(status, int | str) and str(status).isdigit() else None
+    if status_i is None and code_s is not None and code_s.isdigit():
+        status_i = int(code_s)  # HEAD errors have no body: the code is the status
+    return code_s, status_i, str(request_id) if request_id else None
+
+
+def map_s3_error(
+    exc: BaseException, *, op: str, bucket: str, key: str | None = None
+) -> MemdumpError:
+    """Map a botocore/boto3 (or socket) exception to memdump's error tree, once, here."""
+    if isinstance(exc, MemdumpError):
+        return exc
+    # boto3 wrappers: map what they wrap
+    if isinstance(exc, boto3.exceptions.RetriesExceededError) and isinstance(
+        exc.last_exception, BaseException
+    ):
+        return map_s3_error(exc.last_exception, op=op, bucket=bucket, key=key)
+    inner = exc.__cause__ or exc.__context__
+    if (
+        isinstance(
+            exc, boto3.exceptions.S3UploadFailedError | boto3.exceptions.S3TransferFailedError
+        )
+        and inner is not None
+    ):
+        return map_s3_error(inner, op=op, bucket=bucket, key=key)
+
+    code, status, request_id = _client_error_details(exc)
+    fields: dict[str, Any] = {
+        "op": op,
+        "bucket": bucket,
+        "key": key,
+        "code": code,
+        "http_status": status,
+        "cause": type(exc).__name__,
+    }
+    if request_id:
+        fields["request_id"] = request_id
+    where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    msg = f"S3 {op} {where}: {code or type(exc).__name__}: {exc}"
+
+    if isinstance(exc, bx.ClientError):
+        if code in _INTEGRITY_CODES:
+            return OffloadIntegrityError(msg, **fields)
+        if code in _ACCESS_CODES:
+            return ObjectStoreAccessError(msg, **fields)
+        if code in _NOT_FOUND_CODES:
+            return ObjectNotFoundError(msg, **fields)
+        if code in _RETRYABLE_CODES or "Throttl" in (code or ""):
+            return ObjectStoreUnavailableError(msg, **fields)
+        if status is not None and (status >= 500 or status == 429):
+            return ObjectStoreUnavailableError(msg, **fields)
+        if status == 403:
+            return ObjectStoreAccessError(msg, **fields)
+        if status == 404:
+            return ObjectNotFoundError(msg, **fields)
+        # EntityTooSmall/Large, InvalidArgument, InvalidRequest, KMS key problems, ...
+        return ObjectStoreError(msg, **fields)
+    if isinstance(exc, bx.SSLError):
+        # certificate or TLS set-up: botocore has already retried, a human must look
+        return ObjectStoreError(msg, **fields)
+    if isinstance(exc, _TRANSIENT_BOTOCORE) or isinstance(exc, bx.ConnectionError):
+        return ObjectStoreUnavailableError(msg, **fields)
+    if isinstance(exc, _INTEGRITY_BOTOCORE):
+        return OffloadIntegrityError(msg, **fields)
+    if isinstance(exc, _CREDENTIAL_BOTOCORE):
+        return ObjectStoreAccessError(msg, **fields)
+    # configuration, parameter validation, endpoint resolution, unexpected: not retried
+    return ObjectStoreError(msg, **fields)
+
+
+# -- the store -----------------------------------------------------------------------------
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _composite_matches(stored: str, expected_b64: str, parts: int) -> bool:
+    """S3 reports a multipart SHA-256 as ``<base64 of sha256(part digests)>-<parts>``;
+    some S3-compatible stores leave out the ``-<parts>`` suffix."""
+    value, sep, count = stored.partition("-")
+    return value == expected_b64 and (not sep or count == str(parts))
+
+
+def _read_full(f: io.BufferedReader, buf: bytearray) -> int:
+    """Fill ``buf`` from ``f``; fewer bytes only at the end of the file."""
+    view = memoryview(buf)
+    got = 0
+    try:
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    finally:
+        view.release()
+    return got
+
+
+class S3Store:
+    """Uploads, checks, reads and deletes dump objects in one bucket."""
+
+    def __init__(self, settings: S3Settings, *, client: Any = None) -> None:
+        self.settings = settings
+        self.bucket = settings.bucket
+        self._client: Any = client if client is not None else self._make_client(settings)
+
+    @staticmethod
+    def _make_client(s: S3Settings) -> Any:
+        config = Config(
+            region_name=s.region,
+            retries={"total_max_attempts": s.max_attempts, "mode": "standard"},
+            connect_timeout=s.connect_timeout_sec,
+            read_timeout=s.read_timeout_sec,
+            tcp_keepalive=True,
+            s3={"addressing_style": s.addressing_style},
+        )
+        secret = s.secret_access_key.get_secret_value() if s.secret_access_key else None
+        try:
+            session = boto3.session.Session(
+                aws_access_key_id=s.access_key_id,
+                aws_secret_access_key=secret,
+                region_name=s.region,
+            )
+            return session.client("s3", endpoint_url=s.endpoint_url, config=config)
+        except Exception as exc:
+            raise map_s3_error(exc, op="connect", bucket=s.bucket) from exc
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _mapped(self, op: str, key: str | None) -> Iterator[None]:
+        try:
+            yield
+        except MemdumpError:
+            raise
+        except Exception as exc:
+            raise map_s3_error(exc, op=op, bucket=self.bucket, key=key) from exc
+
+    def key_for(self, path: Path) -> str:
+        """The default key of a file: ``<prefix><filename>``."""
+        return f"{self.settings.prefix}{path.name}"
+
+    def _sse_args(self) -> dict[str, str]:
+        s = self.settings
+        if s.sse == "none":
+            return {}
+        args: dict[str, str] = {"ServerSideEncryption": s.sse}
+        if s.sse == "aws:kms" and s.kms_key_id:
+            args["SSEKMSKeyId"] = s.kms_key_id
+        return args
+
+    def _part_size_for(self, size: int) -> int:
+        """The configured part size, raised (to whole MiB) if the file needs more parts
+        than S3 allows."""
+        part = self.settings.part_size
+        if size > part * MAX_PARTS:
+            part = math.ceil(size / MAX_PARTS / MiB) * MiB
+        return part
+
+    # -- upload --------------------------------------------------------------------------
+
+    def upload(
+        self,
+        path: Path,
+        key: str | None = None,
+        *,
+        gz_sha256: str,
+        size: int,
+        metadata: Mapping[str, str] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> S3Object:
+        """Upload the finished file ``path`` (``size`` bytes, SHA-256 ``gz_sha256`` as the
+        capture recorded them) and verify the stored object. Raises StorageError
+        subclasses only. A failure before completion aborts the multipart upload; an
+        object that fails verification is deleted. (If the check itself cannot reach S3,
+        the unverified object stays and the error is retryable: a retry overwrites it.)"""
+        key = key if key is not None else self.key_for(path)
+        gz_sha256 = gz_sha256.lower()
+        where: dict[str, Any] = {
+            "op": "upload",
+            "bucket": self.bucket,
+            "key": key,
+            "path": str(path),
+        }
+        if not _HEX64.fullmatch(gz_sha256):
+            raise ObjectStoreError(f"not a SHA-256 hex digest: {gz_sha256!r}", **where)
+        if not key or len(key.encode()) > 1024:
+            raise ObjectStoreError(f"invalid S3 key {key!r}", **where)
+        try:
+            f = path.open("rb")
+        except OSError as exc:
+            raise StorageError(f"cannot read {path}: {exc}", **where) from exc
+        with f:
+            try:
+                on_disk = os.fstat(f.fileno()).st_size
+            except OSError as exc:
+                raise StorageError(f"cannot read {path}: {exc}", **where) from exc
+            if on_disk != size:
+                raise OffloadIntegrityError(
+                    f"{path}: {on_disk} bytes on disk, the capture recorded {size}",
+                    expected_size=size,
+                    actual_size=on_disk,
+                    **where,
+                )
+            meta = {**(metadata or {}), SHA256_METADATA: gz_sha256}
+            with self._mapped("create_multipart_upload", key):
+                created = self._client.create_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    ChecksumAlgorithm="SHA256",
+                    Metadata=meta,
+                    ContentType="application/gzip",
+                    **self._sse_args(),
+                )
+            upload_id = str(created["UploadId"])
+            try:
+                parts, digests = self._upload_parts(f, key, upload_id, size, gz_sha256, progress)
+                with self._mapped("complete_multipart_upload", key):
+                    done = self._client.complete_multipart_upload(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        MultipartUpload={"Parts": parts},
+                        MpuObjectSize=size,
+                    )
+            except BaseException as exc:
+                self._abort(key, upload_id, exc)
+                raise
+        version = done.get("VersionId")
+        version_id = str(version) if version and version != "null" else None
+        expected = _b64(hashlib.sha256(b"".join(digests)).digest())
+        return self._verify(key, version_id, size, gz_sha256, expected, len(digests))
+
+    def _upload_parts(
+        self,
+        f: io.BufferedReader,
+        key: str,
+        upload_id: str,
+        size: int,
+        gz_sha256: str,
+        progress: ProgressFn | None,
+    ) -> tuple[list[dict[str, Any]], list[bytes]]:
+        part_size = self._part_size_for(size)
+        buf = bytearray(min(part_size, max(size, 1)))
+        whole = hashlib.sha256()
+        parts: list[dict[str, Any]] = []
+        digests: list[bytes] = []
+        sent = 0
+        number = 0
+        while True:
+            try:
+                n = _read_full(f, buf)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot read {f.name}: {exc}", op="upload", bucket=self.bucket, key=key
+                ) from exc
+            if n == 0 and number > 0:
+                break
+            if n < len(buf):
+                del buf[n:]  # the last part: shrink in place, no copy
+            number += 1
+            whole.update(buf)
+            digest = hashlib.sha256(buf).digest()
+            with self._mapped("upload_part", key):
+                resp = self._client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=buf,
+                    ContentLength=n,
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=_b64(digest),
+                )
+            stored = resp.get("ChecksumSHA256")
+            if stored is not None and stored != _b64(digest):
+                raise OffloadIntegrityError(
+                    f"S3 stored part {number} of s3://{self.bucket}/{key} with checksum "
+                    f"{stored}, sent {_b64(digest)}",
+                    op="upload_part",
+                    bucket=self.bucket,
+                    key=key,
+                    part=number,
+                )
+            parts.append(
+                {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": _b64(digest)}
+            )
+            digests.append(digest)
+            sent += n
+            if progress is not None:
+                progress(sent, size)
+            if n < part_size:
+                break
+        actual = whole.hexdigest()
+        if sent != size or actual != gz_sha256:
+            raise OffloadIntegrityError(
+                f"the file changed since capture: {sent} bytes with SHA-256 {actual}, "
+                f"the capture recorded {size} bytes with {gz_sha256}; upload aborted",
+                op="upload",
+                bucket=self.bucket,
+                key=key,
+                expected_sha256=gz_sha256,
+                actual_sha256=actual,
+                expected_size=size,
+                actual_size=sent,
+            )
+        return parts, digests
+
+    def _abort(self, key: str, upload_id: str, exc: BaseException) -> None:
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as abort_exc:
+            # The parts stay until a lifecycle rule (AbortIncompleteMultipartUpload) ends them.
+            log.warning(
+                "abort of multipart upload %s of s3://%s/%s failed: %s",
+                upload_id,
+                self.bucket,
+                key,
+                abort_exc,
+            )
+            if isinstance(exc, MemdumpError):
+                exc.fields["abort_failed"] = True
+                exc.fields["upload_id"] = upload_id
+
+    def _verify(
+        self,
+        key: str,
+        version_id: str | None,
+        size: int,
+        gz_sha256: str,
+        composite: str,
+        parts: int,
+    ) -> S3Object:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "ChecksumMode": "ENABLED"}
+        if version_id:
+            args["VersionId"] = version_id
+        with self._mapped("head_object", key):
+            head = self._client.head_object(**args)
+        problems: list[str] = []
+        length = head.get("ContentLength")
+        if length != size:
+            problems.append(f"size {length} != {size}")
+        stored_sha = (head.get("Metadata") or {}).get(SHA256_METADATA)
+        if stored_sha != gz_sha256:
+            problems.append(f"metadata {SHA256_METADATA}={stored_sha!r} != {gz_sha256}")
+        checksum = head.get("ChecksumSHA256")
+        if checksum is not None and not _composite_matches(str(checksum), composite, parts):
+            problems.append(f"checksum {checksum} != {composite}-{parts}")
+        if self.settings.sse != "none" and head.get("ServerSideEncryption") != self.settings.sse:
+            problems.append(
+                f"encryption {head.get('ServerSideEncryption')!r} != {self.settings.sse!r}"
+            )
+        if problems:
+            deleted = True
+            try:
+                self.delete(key, version_id=version_id)
+            except MemdumpError as exc:
+                deleted = False
+                log.warning("could not delete unverified s3://%s/%s: %s", self.bucket, key, exc)
+            raise OffloadIntegrityError(
+                f"s3://{self.bucket}/{key} does not match the uploaded file "
+                f"({'; '.join(problems)}); "
+                + ("object deleted" if deleted else "object could NOT be deleted"),
+                op="verify",
+                bucket=self.bucket,
+                key=key,
+                problems=problems,
+                deleted=deleted,
+            )
+        return S3Object(
+            bucket=self.bucket,
+            key=key,
+            size=size,
+            etag=str(head.get("ETag", "")).strip('"'),
+            version_id=version_id,
+            checksum_sha256=(f"{composite}-{parts}" if checksum is not None else None),
+        )
+
+    # -- other operations ----------------------------------------------------------------
+
+    def check_bucket(self) -> None:
+        """Raise unless the bucket exists and the credentials may use it."""
+        with self._mapped("head_bucket", None):
+            self._client.head_bucket(Bucket=self.bucket)
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self._mapped("head_object", key):
+                self._client.head_object(Bucket=self.bucket, Key=key)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    def delete(self, key: str, *, version_id: str | None = None) -> None:
+        """Delete the object (the given version of it, on a versioned bucket)."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if version_id:
+            args["VersionId"] = version_id
+        with self._mapped("delete_object", key):
+            self._client.delete_object(**args)
+
+    def open_stream(
+        self, key: str, *, chunk_size: int = 1 * MiB, start: int = 0, end: int | None = None
+    ) -> Iterator[bytes]:
+        """The object's bytes ``[start, end)`` (all by default), in chunks."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if start or end is not None:
+            args["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        with self._mapped("get_object", key):
+            body = self._client.get_object(**args)["Body"]
+        try:
+            while True:
+                with self._mapped("get_object", key):
+                    chunk = body.read(chunk_size)
+                if not chunk:
+                    return
+                yield bytes(chunk)
+        finally:
+            with contextlib.suppress(Exception):
+                body.close()
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes of the object from ``start`` (fewer at its end)."""
+        if length <= 0:
+            return b""
+        return b"".join(self.open_stream(key, start=start, end=start + length))
+
+    def sha256(self, key: str) -> str:
+        """Hex SHA-256 of the stored object, streamed (for re-verification)."""
+        h = hashlib.sha256()
+        for chunk in self.open_stream(key):
+            h.update(chunk)
+        return h.hexdigest()
