@@ -81,14 +81,26 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
         retries=settings.capture_retries, retry_delay_seconds=settings.capture_retry_delay_sec
     )
     captured = capture.map([t[0] for t in targets], [t[1] for t in targets])
-    recorded = record_dump.map(offload_dump.map(captured))
+    offload = offload_dump.with_options(
+        retries=settings.offload_retries, retry_delay_seconds=settings.capture_retry_delay_sec
+    )
+    offloaded = offload.map(captured)
+    recorded = record_dump.map(offloaded)
     recorded.wait()
 
     rows: list[tuple[str, str, DumpRecord | None, str]] = []
-    for (vm_id, _), cap, rec in zip(targets, captured, recorded, strict=True):
+    for (vm_id, _), cap, off, rec in zip(targets, captured, offloaded, recorded, strict=True):
         result, record, error = _outcome(cap)
-        if result == "completed" and not rec.state.is_completed():
-            result, record, error = "failed", None, f"record not written: {rec.state.message}"
+        if result == "completed":
+            # The first step that did not complete decides: the capture, then the offload
+            # (its S3 error, the local file kept), then the record.
+            result, record, error = _outcome(off)
+            if result != "completed":
+                error = f"offload failed (local file kept): {error}"
+            elif not rec.state.is_completed():
+                result, record, error = "failed", None, f"record not written: {rec.state.message}"
+            else:
+                record = rec.result()
         rows.append((vm_id, result, record, error))
     create_markdown_artifact(
         markdown=_summary(rows),

@@ -162,6 +162,7 @@ class Settings(BaseSettings):
     # Orchestration (Prefect): retries for retryable errors only; limits hold across
     # workers because they are Prefect global concurrency limits.
     capture_retries: int = Field(default=2, ge=0, le=10)
+    offload_retries: int = Field(default=3, ge=0, le=10)
     capture_retry_delay_sec: float = Field(default=5.0, ge=0)
     max_concurrent_captures: int = Field(default=3, ge=1)
     max_captures_per_hypervisor: int = Field(default=2, ge=1)

@@ -8,7 +8,9 @@ deadline inside the stream loop and this task turns it into Prefect's TimedOut s
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -90,10 +92,25 @@ def capture_vm(vm_id: str, hypervisor: str | None = None) -> DumpRecord | State[
             d.close()
 
 
-@task(name="offload-dump")
+@task(name="offload-dump", retry_condition_fn=retry_if_retryable, retries=3, retry_delay_seconds=5)
 def offload_dump(record: DumpRecord) -> DumpRecord:
-    """S3 offload arrives with the storage issue; until then the local file is the dump."""
-    return record
+    """Upload the finished .mem.gz to S3 (when configured) and verify it there. The local
+    file is removed only after a verified upload and only if ``keep_local`` is off; then
+    the record's dump_path is the s3:// URI. A failed upload keeps the local file and
+    fails the VM, so no record ever claims an object that does not exist."""
+    s3 = Settings().s3
+    if s3 is None:
+        return record
+    from memdump.storage import S3Store
+
+    obj = S3Store(s3).upload(
+        Path(record.dump_path), gz_sha256=record.gz_sha256, size=record.gzip_size_bytes
+    )
+    get_run_logger().info("offloaded %s to %s (%d bytes)", record.vmid, obj.uri, obj.size)
+    if s3.keep_local:
+        return record
+    Path(record.dump_path).unlink()
+    return dataclasses.replace(record, dump_path=obj.uri)
 
 
 @task(name="record-dump")

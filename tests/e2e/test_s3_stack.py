@@ -1,0 +1,93 @@
+"""The stack with S3 offload (moto server): a verified object replaces the local file and
+the record points at it; with S3 down the VM fails with the S3 error, the local file is
+kept and no record claims an object that does not exist."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3  # type: ignore[import-untyped]
+import pytest
+
+from memdump.settings import S3Settings
+from memdump.storage import S3Store
+from tests.moto import running_moto_process, stop
+from tests.stack import Stack, running_stack
+
+BASE = "/api/memory-dumps"
+BUCKET = "forensics"
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[tuple[str, object]]:
+    with running_moto_process() as (endpoint, proc):
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="test",
+            aws_secret_access_key="test",
+        ).create_bucket(Bucket=BUCKET)
+        yield endpoint, proc
+
+
+@pytest.fixture(scope="module")
+def s3stack(moto: tuple[str, object], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
+    if not inv:
+        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+    with running_stack(
+        tmp_path_factory.mktemp("s3stack"),
+        inv,
+        s3__endpoint_url=moto[0],
+        s3__bucket=BUCKET,
+        s3__access_key_id="test",
+        s3__secret_access_key="test",
+        s3__keep_local="false",
+        s3__part_size=str(5 << 20),
+        s3__max_attempts="1",
+        s3__connect_timeout_sec="1",
+        s3__read_timeout_sec="5",
+        offload_retries="1",
+        capture_retry_delay_sec="1",
+    ) as st:
+        yield st
+
+
+def test_offload_then_outage(s3stack: Stack, moto: tuple[str, object]) -> None:
+    endpoint, proc = moto
+    code, _ = s3stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["vm-db-01"]})
+    assert code == 200
+    status = s3stack.wait_status()
+    assert status["status"] == "completed", status
+    _, recs = s3stack.call("GET", f"{BASE}/records")
+    (rec,) = recs["records"]
+    assert rec["dump_path"].startswith(f"s3://{BUCKET}/memdump/vm-db-01_")
+    key = rec["dump_path"].removeprefix(f"s3://{BUCKET}/")
+    dumps = s3stack.data_dir / "dumps"
+    assert list(dumps.glob("*.mem.gz")) == []  # keep_local off: only the verified object
+    store = S3Store(
+        S3Settings(
+            endpoint_url=endpoint, bucket=BUCKET, access_key_id="test", secret_access_key="test"
+        )
+    )
+    body = b"".join(store.open_stream(key))
+    assert len(body) == rec["gzip_size_bytes"]
+    assert hashlib.sha256(gzip.decompress(body)).hexdigest() == rec["sha256"]
+
+    stop(proc)  # S3 goes away
+    code, _ = s3stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["vm-web-01"]})
+    assert code == 200
+    status = s3stack.wait_status()
+    assert status["status"] == "failed", status
+    assert "vm-web-01" in status["error"] and "offload failed" in status["error"]
+    kept = list(dumps.glob("vm-web-01_*.mem.gz"))
+    assert len(kept) == 1 and not list(dumps.glob("*.part"))
+    raw = gzip.decompress(Path(kept[0]).read_bytes())
+    assert raw[:4] == b"\x7fELF"
+    _, recs = s3stack.call("GET", f"{BASE}/records")
+    assert [r["vmid"] for r in recs["records"]] == ["vm-db-01"]  # no record for it
