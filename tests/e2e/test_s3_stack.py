@@ -1,5 +1,6 @@
-"""The stack with S3 offload (moto server): a verified object replaces the local file and
-the record points at it; with S3 down the VM fails with the S3 error, the local file is
+"""The production shape: InfluxDB 3 records (the project's test server, real client) and S3
+offload (moto server). A verified object replaces the local file and the record points
+at it; with S3 down the VM fails with the S3 error, the local file is
 kept and no record claims an object that does not exist."""
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from pathlib import Path
 import boto3  # type: ignore[import-untyped]
 import pytest
 
-from memdump.settings import S3Settings
+from memdump.records.influxdb3 import InfluxDB3RecordStore
+from memdump.settings import InfluxDB3Settings, S3Settings
 from memdump.storage import S3Store
+from tests.influxdb3_server import InfluxDB3TestServer
 from tests.moto import running_moto_process, stop
 from tests.stack import Stack, running_stack
 
@@ -36,7 +39,18 @@ def moto() -> Iterator[tuple[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def s3stack(moto: tuple[str, object], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def influx() -> Iterator[InfluxDB3TestServer]:
+    srv = InfluxDB3TestServer(host="127.0.0.1", port=0, token="s3-e2e").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def s3stack(
+    moto: tuple[str, object],
+    influx: InfluxDB3TestServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
     inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
     if not inv:
         pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
@@ -54,11 +68,16 @@ def s3stack(moto: tuple[str, object], tmp_path_factory: pytest.TempPathFactory) 
         s3__read_timeout_sec="5",
         offload_retries="1",
         capture_retry_delay_sec="1",
+        record_store="influxdb3",
+        influxdb3__url=influx.url,
+        influxdb3__token="s3-e2e",
     ) as st:
         yield st
 
 
-def test_offload_then_outage(s3stack: Stack, moto: tuple[str, object]) -> None:
+def test_offload_then_outage(
+    s3stack: Stack, moto: tuple[str, object], influx: InfluxDB3TestServer
+) -> None:
     endpoint, proc = moto
     code, _ = s3stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["vm-db-01"]})
     assert code == 200
@@ -68,6 +87,9 @@ def test_offload_then_outage(s3stack: Stack, moto: tuple[str, object]) -> None:
     (rec,) = recs["records"]
     assert rec["dump_path"].startswith(f"s3://{BUCKET}/memdump/vm-db-01_")
     key = rec["dump_path"].removeprefix(f"s3://{BUCKET}/")
+    # The record is in InfluxDB, read back directly with the real client.
+    direct = InfluxDB3RecordStore(InfluxDB3Settings(url=influx.url, token="s3-e2e"))
+    assert direct.list(10, 0) == [rec]
     dumps = s3stack.data_dir / "dumps"
     assert list(dumps.glob("*.mem.gz")) == []  # keep_local off: only the verified object
     store = S3Store(
