@@ -141,7 +141,12 @@ class InfluxDB3Settings(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="MEMDUMP_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="MEMDUMP_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        # Environment variables win over the file; the file is optional.
+        env_file=".env",
+        env_file_encoding="utf-8",
     )
 
     data_dir: Path = Path(".data")
