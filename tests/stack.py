@@ -102,3 +102,13 @@ def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def lab_inventory() -> str:
+    """The lab's inventory file; a missing lab fails the test (scripts/test brings it up)."""
+    import pytest
+
+    inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
+    if not inv:
+        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+    return inv

@@ -3,21 +3,18 @@ against the lab, on free loopback ports, with its data in a temp dir."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, lab_inventory, running_stack
 
 __all__ = ["Stack"]
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
-    if not inv:
-        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+    inv = lab_inventory()
     # One capture at a time per hypervisor, so a test can see the limit hold.
     with running_stack(
         tmp_path_factory.mktemp("stack"),

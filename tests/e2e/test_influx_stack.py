@@ -3,14 +3,13 @@ captures still complete, their records wait in the outbox and arrive once it is 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.influxdb3_server import InfluxDB3TestServer
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, lab_inventory, running_stack
 
 BASE = "/api/memory-dumps"
 TOKEN = "e2e-token"
@@ -27,9 +26,7 @@ def influx() -> Iterator[InfluxDB3TestServer]:
 def istack(
     influx: InfluxDB3TestServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
-    if not inv:
-        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+    inv = lab_inventory()
     with running_stack(
         tmp_path_factory.mktemp("istack"),
         inv,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from memdump.settings import InfluxDB3Settings, S3Settings
 from memdump.storage import S3Store
 from tests.influxdb3_server import InfluxDB3TestServer
 from tests.moto import running_moto_process, stop
-from tests.stack import Stack, running_stack
+from tests.stack import Stack, lab_inventory, running_stack
 
 BASE = "/api/memory-dumps"
 BUCKET = "forensics"
@@ -51,9 +50,7 @@ def s3stack(
     influx: InfluxDB3TestServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
-    if not inv:
-        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+    inv = lab_inventory()
     with running_stack(
         tmp_path_factory.mktemp("s3stack"),
         inv,
