@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -50,6 +51,21 @@ def create_app(
     app.state.store = store or open_store(settings)
     app.state.outbox = Outbox(settings.outbox_db)
     app.state.runs = runs or PrefectRuns(settings.flow_name, settings.deployment)
+
+    token = settings.api_token.get_secret_value().encode() if settings.api_token else None
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Any) -> Any:
+        # Everything but /health (docs included) needs the bearer token when one is set.
+        if token is not None and request.url.path != "/health":
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token):
+                return JSONResponse(
+                    {"detail": "Not authenticated: a valid bearer token is required"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:

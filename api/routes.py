@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from api.models import (
     TriggerRequest,
     TriggerResponse,
 )
+from api.runs import Runs
 from api.status import map_state
 from memdump.errors import MemdumpError
 from memdump.identifiers import validate_id
@@ -25,17 +27,28 @@ from memdump.targets import ALL
 
 router = APIRouter(prefix="/api/memory-dumps", tags=["memory-dumps"])
 
+AUTH = "only when MEMDUMP_API_TOKEN is set: missing or wrong bearer token"
 BAD_REQUEST: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody}}
-SERVER_ERROR: dict[int | str, dict[str, Any]] = {500: {"model": ErrorBody}}
+SERVER_ERROR: dict[int | str, dict[str, Any]] = {
+    500: {"model": ErrorBody},
+    401: {"model": ErrorBody, "description": AUTH},
+}
+TOO_MANY: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorBody,
+        "description": "a trigger came too soon, or a run is in progress"
+        " (Retry-After says when to try again)",
+    },
+}
 
 
 @router.post(
     "/trigger",
     response_model=TriggerResponse,
-    responses={**BAD_REQUEST, **SERVER_ERROR},
+    responses={**BAD_REQUEST, **TOO_MANY, **SERVER_ERROR},
     summary="Schedule memory dumps of VMs (returns once the flow run exists)",
 )
-def trigger(body: TriggerRequest, runs: RunsDep) -> TriggerResponse:
+def trigger(body: TriggerRequest, runs: RunsDep, settings: SettingsDep) -> TriggerResponse:
     if not body.vm_ids:
         raise HTTPException(400, "No VM IDs specified")
     vm_ids = list(dict.fromkeys(body.vm_ids))  # a VM asked for twice is dumped once
@@ -45,6 +58,7 @@ def trigger(body: TriggerRequest, runs: RunsDep) -> TriggerResponse:
                 validate_id(vm_id)
             except MemdumpError as exc:
                 raise HTTPException(400, str(exc)) from None
+    _check_rate(runs, settings.trigger_min_interval_sec)
     try:
         runs.trigger(vm_ids, "api")
     except Exception as exc:
@@ -142,3 +156,32 @@ def outbox(box: OutboxDep) -> dict[str, Any]:
     if st.oldest_queued_at is not None:
         oldest = iso_utc(datetime.fromtimestamp(st.oldest_queued_at, UTC))
     return {"depth": st.depth, "oldest_queued_at": oldest, "last_error": st.last_error}
+
+
+def _check_rate(runs: Runs, interval: float) -> None:
+    """At most one trigger per ``interval`` seconds, and none while the last run is still
+    in progress (so /status never hides a running capture behind a newer one). Read from
+    Prefect, so every API replica applies the same rule."""
+    if interval <= 0:
+        return
+    try:
+        last = runs.latest()
+    except Exception as exc:
+        raise HTTPException(500, f"Error checking the last trigger: {exc}") from exc
+    if last is None:
+        return
+    if map_state(last.state_type, last.state_name) == "in_progress":
+        raise HTTPException(
+            429,
+            f"A memory dump is in progress (triggered {iso_utc(last.triggered_at)}); "
+            "trigger again when it has finished",
+            headers={"Retry-After": "10"},
+        )
+    age = (datetime.now(UTC) - last.triggered_at).total_seconds()
+    if age < interval:
+        wait = max(1, math.ceil(interval - age))
+        raise HTTPException(
+            429,
+            f"Too many triggers: at most one every {interval:g} s; retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )

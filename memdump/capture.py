@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from memdump.errors import VMNotRunningError
+from memdump.errors import InsufficientSpaceError, VMNotRunningError
 from memdump.hypervisors import Driver, VMInfo, VMRef
 from memdump.pipeline import PipelineResult, ProgressFn, write_dump
 from memdump.records.model import DumpRecord
@@ -36,6 +37,7 @@ def capture(
             hypervisor=ref.hypervisor,
             state=info.state,
         )
+    _check_space(settings, info)
     started = datetime.now(UTC)
     t0 = time.monotonic()
     deadline = t0 + settings.capture_timeout_sec
@@ -66,3 +68,21 @@ def capture(
         hypervisor=ref.hypervisor,
     )
     return Capture(record, info, result)
+
+
+def _check_space(settings: Settings, info: VMInfo) -> None:
+    """Fail before the guest is paused, not halfway through its dump."""
+    dump_dir = settings.dump_dir.resolve()
+    dump_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    free = shutil.disk_usage(dump_dir).free
+    need = int(info.memory_bytes * settings.disk_space_margin)
+    if free < need:
+        raise InsufficientSpaceError(
+            f"not enough space in {dump_dir} for {info.ref.name}: {free} bytes free, "
+            f"{need} needed ({info.memory_bytes} bytes of memory x "
+            f"{settings.disk_space_margin})",
+            path=str(dump_dir),
+            free_bytes=free,
+            needed_bytes=need,
+            vm_id=info.ref.vmid,
+        )

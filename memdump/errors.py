@@ -133,6 +133,10 @@ class StorageError(MemdumpError):
     """Writing the dump locally failed (disk full, permissions, name clash)."""
 
 
+class InsufficientSpaceError(StorageError):
+    """Not enough free space for the dump: found before the guest is paused."""
+
+
 # -- records ------------------------------------------------------------------------------
 
 

@@ -178,7 +178,13 @@ class Settings(BaseSettings):
     # Prefect server that `memdump serve` starts when PREFECT_API_URL is not set
     prefect_port: int = Field(default=4200, ge=1, le=65535)
 
+    # Disk-space preflight: a capture needs memory size x this margin free in dump_dir
+    # (gzip of incompressible memory is slightly larger than the memory itself).
+    disk_space_margin: float = Field(default=1.1, ge=0)
+
     # REST API
+    api_token: SecretStr | None = None  # when set, every route but /health needs it
+    trigger_min_interval_sec: float = Field(default=60.0, ge=0)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     records_max_limit: int = Field(default=1000, ge=1)

@@ -67,6 +67,8 @@ def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack
         MEMDUMP_API_PORT=str(api_port),
         MEMDUMP_PREFECT_PORT=str(prefect_port),
     )
+    # Tests and benchmarks trigger back to back; the rate limit has its own tests.
+    env["MEMDUMP_TRIGGER_MIN_INTERVAL_SEC"] = "0"
     env.update({f"MEMDUMP_{k.upper()}": v for k, v in settings.items()})
     logfile = data / "serve.log"
     with open(logfile, "wb") as log:
