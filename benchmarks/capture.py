@@ -1,7 +1,8 @@
 """Capture benchmark: memdump against plain OpenSSH + coreutils pipelines, same VM, same run.
 
-Run it on the lab hypervisor (``lab/up`` done; the script sources nothing, it reads the
-inventory from ``MEMDUMP_INVENTORY_FILE`` or falls back to ``<repo>/.lab/inventory.yaml``)::
+Run it as root on the lab hypervisor itself, after ``lab/up`` (the guest-pause events are
+read with a local ``virsh``; the inventory comes from ``MEMDUMP_INVENTORY_FILE``, else
+``<repo>/.lab/inventory.yaml``; SSH goes to its first hypervisor, or ``--hypervisor``)::
 
     .venv/bin/python benchmarks/capture.py                       # 1024 and 4096 MiB VMs
     .venv/bin/python benchmarks/capture.py --sizes 1024 --repeat 3 --json out.json
@@ -17,10 +18,12 @@ same byte stream) with the remote script memdump uses (``_DUMP``, quoted exactly
 memdump's SSH transport quotes it) and, except the ceilings, yields a ``.gz`` plus the
 SHA-256 of the raw bytes:
 
-- ``memdump``: ``python -m memdump.cli capture VM`` in a child process (end-to-end:
-  interpreter start, imports, SSH connect, ``virsh dominfo``, dump, SHA-256, ISA-L gzip,
-  fsync). The record's own ``duration_sec`` (dump + stream + fsync only) is shown as
-  ``memdump[engine]`` for reference; it is not a separate run.
+- ``memdump``: memdump's command line, unchanged (``memdump.cli`` run by ``runpy`` in a
+  child ``python -c`` that only adds an atexit hook reporting its VmHWM), i.e.
+  ``memdump capture VM`` end-to-end: interpreter start, imports, SSH connect, ``virsh
+  dominfo``/``version``, dump, SHA-256, ISA-L gzip, fsync. The record's own
+  ``duration_sec`` (dump + stream + fsync only) is shown as ``memdump[engine]`` for
+  reference; it is not a separate run.
 - ``ssh-default`` / ``ssh-aes128gcm``: ``ssh HV SCRIPT > /dev/null`` with OpenSSH's
   default cipher and with ``-c aes128-gcm@openssh.com`` (memdump's cipher): the ceiling.
 - ``gzip-6``: ``ssh ... | tee >(sha256sum > f.sha) | gzip -6 > f.gz`` (bash, pipefail).
