@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+ID_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
 Status = Literal["idle", "in_progress", "completed", "failed", "timeout", "error"]
 
 
@@ -19,6 +21,12 @@ class TriggerRequest(BaseModel):
     vm_ids: list[str] = Field(
         description='VM ids (domain name, id or UUID; plain identifiers only), or "all"',
         examples=[["101", "102"]],
+        # Documented, checked in the route: an empty list must get the contract's own
+        # "No VM IDs specified", which pydantic's constraint errors would not give.
+        json_schema_extra={
+            "minItems": 1,
+            "items": {"type": "string", "maxLength": 128, "pattern": ID_PATTERN},
+        },
     )
 
 

@@ -25,6 +25,9 @@ from memdump.identifiers import validate_id
 from memdump.records.model import iso_utc
 from memdump.targets import ALL
 
+# Larger offsets cannot be passed to the stores (SQLite integers are 64-bit).
+MAX_OFFSET = 2**53 - 1
+
 router = APIRouter(prefix="/api/memory-dumps", tags=["memory-dumps"])
 
 AUTH = "only when MEMDUMP_API_TOKEN is set: missing or wrong bearer token"
@@ -80,8 +83,10 @@ def trigger(body: TriggerRequest, runs: RunsDep, settings: SettingsDep) -> Trigg
 def records(
     store: StoreDep,
     settings: SettingsDep,
-    limit: Annotated[int, Query(ge=1, description="Max records (1-1000; more is a 400)")] = 1000,
-    offset: Annotated[int, Query(ge=0, description="Records to skip")] = 0,
+    limit: Annotated[
+        int, Query(ge=1, le=1000, description="Max records (1-1000; more is a 400)")
+    ] = 1000,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Records to skip")] = 0,
 ) -> dict[str, Any]:
     if limit > settings.records_max_limit:
         raise HTTPException(400, f"limit must be at most {settings.records_max_limit}")

@@ -158,6 +158,7 @@ def test_records(client: TestClient, store: SQLiteRecordStore) -> None:
         "offset=-1",
         "limit=abc",
         "limit=99999999999999999999999",
+        "offset=46081850437506498560",
     ],
 )
 def test_records_bad_query(client: TestClient, query: str) -> None:
