@@ -1,0 +1,1 @@
+from tests.integration.conftest import lab_dir, settings  # noqa: F401 - shared fixtures

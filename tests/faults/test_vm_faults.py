@@ -1,0 +1,67 @@
+"""Faults on the lab (bounded in time): a VM destroyed during its dump, a hypervisor that
+cannot be reached. Each leaves no file, no remote temp dir, and a clear error."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memdump.capture import capture
+from memdump.errors import ConnectError, DumpFailedError, ShortDumpError
+from memdump.hypervisors import open_driver
+from memdump.settings import Settings
+from memdump.targets import find
+from tests.integration.conftest import remote_temp_dirs, virsh
+
+REPO = Path(__file__).resolve().parents[2]
+VM = "vm-fault-01"
+
+
+@pytest.fixture
+def doomed_vm(lab_dir: Path) -> Iterator[str]:
+    subprocess.run(
+        [str(REPO / "lab/up"), "--vm", f"{VM}:512"], check=True, capture_output=True, timeout=300
+    )
+    yield VM
+    subprocess.run(
+        [str(REPO / "lab/down"), "--vm", VM], check=False, capture_output=True, timeout=120
+    )
+
+
+def test_vm_destroyed_during_its_dump(doomed_vm: str, settings: Settings) -> None:
+    drv = open_driver(settings.inventory[0], settings.ssh)
+    ref = drv.resolve(doomed_vm)
+    destroyed: list[bool] = []
+
+    def destroy(done: int, total: int | None) -> None:
+        if done and not destroyed:
+            virsh("destroy", doomed_vm)
+            destroyed.append(True)
+
+    t0 = time.monotonic()
+    with pytest.raises((DumpFailedError, ShortDumpError)) as ei:
+        capture(drv, ref, settings, progress=destroy)
+    assert destroyed and time.monotonic() - t0 < 60
+    assert "stderr" in ei.value.fields or "bytes_done" in ei.value.fields
+    assert not settings.dump_dir.exists() or list(settings.dump_dir.iterdir()) == []
+    deadline = time.monotonic() + 30
+    while remote_temp_dirs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert remote_temp_dirs() == []
+    # The other VMs are untouched and still dump fine.
+    other = capture(drv, drv.resolve("vm-db-01"), settings)
+    assert Path(other.record.dump_path).is_file()
+
+
+def test_unreachable_hypervisor_is_a_clear_bounded_error(settings: Settings) -> None:
+    hv = settings.inventory[0].model_copy(update={"port": 1})  # nothing listens there
+    drv = open_driver(hv, settings.ssh)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectError) as ei:
+        find([drv], "vm-web-01")
+    assert ei.value.retryable and "cannot connect" in str(ei.value)
+    assert time.monotonic() - t0 < 20
