@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -27,6 +29,18 @@ from memdump.targets import ALL
 
 # Larger offsets cannot be passed to the stores (SQLite integers are 64-bit).
 MAX_OFFSET = 2**53 - 1
+
+
+@contextmanager
+def _answer_500(what: str) -> Iterator[None]:
+    """A store or Prefect failure becomes the contract's 500 ``{"detail": "<what>: ..."}``."""
+    try:
+        yield
+    except HTTPException:
+        raise
+    except Exception as exc:
+        raise HTTPException(500, f"{what}: {exc}") from exc
+
 
 router = APIRouter(prefix="/api/memory-dumps", tags=["memory-dumps"])
 
@@ -90,10 +104,8 @@ def records(
 ) -> dict[str, Any]:
     if limit > settings.records_max_limit:
         raise HTTPException(400, f"limit must be at most {settings.records_max_limit}")
-    try:
+    with _answer_500("Error fetching records"):
         rows = store.list(limit, offset)
-    except Exception as exc:
-        raise HTTPException(500, f"Error fetching records: {exc}") from exc
     return {"records": rows, "count": len(rows), "limit": limit, "offset": offset}
 
 
@@ -104,10 +116,8 @@ def records(
     summary="State of the last trigger (API or schedule), read from Prefect",
 )
 def status(runs: RunsDep) -> dict[str, Any]:
-    try:
+    with _answer_500("Error fetching status"):
         run = runs.latest()
-    except Exception as exc:
-        raise HTTPException(500, f"Error fetching status: {exc}") from exc
     if run is None:
         return {
             "last_trigger": {},
@@ -140,10 +150,8 @@ def status(runs: RunsDep) -> dict[str, Any]:
     summary="Aggregates over all records (computed by the store)",
 )
 def stats(store: StoreDep) -> dict[str, Any]:
-    try:
+    with _answer_500("Error fetching stats"):
         return store.stats().contract_dict()
-    except Exception as exc:
-        raise HTTPException(500, f"Error fetching stats: {exc}") from exc
 
 
 @router.get(
@@ -153,10 +161,8 @@ def stats(store: StoreDep) -> dict[str, Any]:
     summary="Records waiting for the record store (beyond the contract; see README)",
 )
 def outbox(box: OutboxDep) -> dict[str, Any]:
-    try:
+    with _answer_500("Error reading the outbox"):
         st = box.state()
-    except Exception as exc:
-        raise HTTPException(500, f"Error reading the outbox: {exc}") from exc
     oldest = None
     if st.oldest_queued_at is not None:
         oldest = iso_utc(datetime.fromtimestamp(st.oldest_queued_at, UTC))
@@ -169,10 +175,8 @@ def _check_rate(runs: Runs, interval: float) -> None:
     Prefect, so every API replica applies the same rule."""
     if interval <= 0:
         return
-    try:
+    with _answer_500("Error checking the last trigger"):
         last = runs.latest()
-    except Exception as exc:
-        raise HTTPException(500, f"Error checking the last trigger: {exc}") from exc
     if last is None:
         return
     if map_state(last.state_type, last.state_name) == "in_progress":
