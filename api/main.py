@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.limits import BodySizeLimit
 from api.routes import router
 from api.runs import PrefectRuns, Runs
 from memdump import __version__
@@ -102,6 +103,8 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    # Outermost: an oversized body is refused before anything reads it.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     return app
 
 

@@ -8,9 +8,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
 from api.deps import OutboxDep, RunsDep, SettingsDep, StoreDep
+from api.limits import json_content_type
 from api.models import (
     ErrorBody,
     OutboxResponse,
@@ -50,6 +51,9 @@ SERVER_ERROR: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorBody},
     401: {"model": ErrorBody, "description": AUTH},
 }
+TOO_LARGE: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorBody, "description": "request body over MEMDUMP_API_MAX_BODY_BYTES"},
+}
 TOO_MANY: dict[int | str, dict[str, Any]] = {
     429: {
         "model": ErrorBody,
@@ -59,15 +63,29 @@ TOO_MANY: dict[int | str, dict[str, Any]] = {
 }
 
 
+def require_json(request: Request) -> None:
+    # Runs before the body is parsed: a form or text body gets a plain answer, not a
+    # validation message about dictionaries.
+    if not json_content_type(request.headers):
+        raise HTTPException(400, "Content-Type must be application/json")
+
+
 @router.post(
     "/trigger",
     response_model=TriggerResponse,
-    responses={**BAD_REQUEST, **TOO_MANY, **SERVER_ERROR},
+    responses={**BAD_REQUEST, **TOO_LARGE, **TOO_MANY, **SERVER_ERROR},
+    dependencies=[Depends(require_json)],
     summary="Schedule memory dumps of VMs (returns once the flow run exists)",
 )
 def trigger(body: TriggerRequest, runs: RunsDep, settings: SettingsDep) -> TriggerResponse:
     if not body.vm_ids:
         raise HTTPException(400, "No VM IDs specified")
+    if len(body.vm_ids) > settings.trigger_max_vms:
+        raise HTTPException(
+            400,
+            f"Too many VM IDs: {len(body.vm_ids)} (at most {settings.trigger_max_vms}"
+            ' per trigger; "all" captures every VM of the inventory)',
+        )
     vm_ids = list(dict.fromkeys(body.vm_ids))  # a VM asked for twice is dumped once
     for vm_id in vm_ids:
         if vm_id != ALL:

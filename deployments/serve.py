@@ -14,6 +14,7 @@ from typing import Any
 from prefect import serve
 
 from flows.capture import capture_vms
+from memdump.leftovers import clean_leftovers
 from memdump.records import open_recorder
 from memdump.settings import Settings
 from tasks.limits import ensure_limits
@@ -60,6 +61,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     settings = Settings()
+    # What a worker killed mid-dump left (a .part, a FIFO on the hypervisor) goes first.
+    clean_leftovers(settings, settings.cleanup_min_age_sec)
     ensure_limits(settings, reset_slots=args.reset_slots)
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
     serve(*build_deployments(settings), query_seconds=settings.runner_poll_sec, limit=None)

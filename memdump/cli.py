@@ -54,6 +54,20 @@ def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_clean(settings: Settings, args: argparse.Namespace) -> int:
+    from memdump.leftovers import clean_leftovers
+
+    out = clean_leftovers(settings, args.min_age)
+    for path in out.local:
+        print(f"removed\tlocal\t{path}")
+    for hv, dirs in out.remote.items():
+        for d in dirs:
+            print(f"removed\t{hv}\t{d}")
+    for hv, err in out.errors.items():
+        print(f"memdump: {hv}: {err}", file=sys.stderr)
+    return 1 if out.errors else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memdump", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("vms", help="list running VMs of every hypervisor in the inventory")
     p = sub.add_parser("capture", help="capture VMs now, into MEMDUMP_DUMP_DIR")
     p.add_argument("vm_ids", nargs="+", help='VM ids (domain name, id or UUID), or "all"')
+    p = sub.add_parser(
+        "clean", help="remove .part files and hypervisor temp dirs left by killed captures"
+    )
+    p.add_argument(
+        "--min-age",
+        type=float,
+        default=None,
+        help="seconds (default MEMDUMP_CLEANUP_MIN_AGE_SEC); younger leftovers are kept",
+    )
     args = parser.parse_args(argv)
     try:
         settings = Settings()
@@ -68,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from memdump.serve import serve
 
             return serve(settings)
-        handler = {"vms": cmd_vms, "capture": cmd_capture}[args.command]
+        if args.command == "clean" and args.min_age is None:
+            args.min_age = settings.cleanup_min_age_sec
+        handler = {"vms": cmd_vms, "capture": cmd_capture, "clean": cmd_clean}[args.command]
         return handler(settings, args)
     except MemdumpError as exc:
         print(f"memdump: {exc}", file=sys.stderr)

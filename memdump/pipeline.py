@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import queue
@@ -156,6 +157,15 @@ def write_dump(
     except OSError as exc:
         source.abort()
         raise _storage_error(exc, part) from exc
+    try:
+        # Held until the .part is gone (renamed or removed): the start-up clean-up of files
+        # left by a killed worker skips any .part whose writer is alive (memdump.leftovers).
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        part.unlink()
+        os.close(fd)
+        source.abort()
+        raise _storage_error(exc, part) from exc
 
     sink = _GzipFileSink(fd, level)
     raw_sha = hashlib.sha256()
@@ -168,8 +178,6 @@ def write_dump(
         digester.finish()
         sink.flush()
         os.fsync(fd)
-        os.close(fd)
-        fd = -1
         _commit(part, final)
         committed = True
         return PipelineResult(final, total, raw_sha.hexdigest(), sink.size, sink.sha.hexdigest())
@@ -183,11 +191,10 @@ def write_dump(
         raise
     finally:
         watchdog.cancel()
-        if fd >= 0:
-            os.close(fd)
         if not committed:
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
+        os.close(fd)  # after the unlink: the lock covers the .part for its whole life
 
 
 def _pump(

@@ -8,14 +8,18 @@ they run in their own processes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from memdump.errors import ConfigError
 from memdump.settings import Settings
@@ -25,19 +29,33 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def _wait_url(url: str, proc: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+def _wait_url(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    what: str,
+    timeout: float,
+    ready: Callable[[Any], bool] = lambda _body: True,
+) -> None:
+    """Wait for a 200 from ``url`` whose JSON body passes ``ready``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ConfigError(f"{what} exited with {proc.returncode} while starting")
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - our own URL
-                if resp.status == 200:
+                if resp.status == 200 and ready(json.loads(resp.read() or b"null")):
                     return
-        except OSError:
+        except (OSError, ValueError):
             pass
         time.sleep(0.3)
     raise ConfigError(f"{what} not ready at {url} after {timeout:.0f}s")
+
+
+def _polled_since(deployment: Any, since: datetime) -> bool:
+    polled = deployment.get("last_polled") if isinstance(deployment, dict) else None
+    if not polled:
+        return False
+    return datetime.fromisoformat(str(polled).replace("Z", "+00:00")) >= since
 
 
 def prefect_env(settings: Settings) -> tuple[dict[str, str], bool]:
@@ -90,15 +108,18 @@ def serve(settings: Settings) -> int:
                 ],
             )
             _wait_url(env["PREFECT_API_URL"] + "/health", server, "Prefect server", 120)
+        runner_started = datetime.now(UTC)
         runner = start(
             "runner",
             [sys.executable, "-m", "deployments.serve"] + (["--reset-slots"] if own_server else []),
         )
-        # The API starts once the deployment it triggers exists, so a trigger never fails.
+        # The API starts once this runner polls the deployment it triggers: the deployment
+        # exists (a trigger never fails) and the runner's start-up clean-up of what a killed
+        # capture left is done (a deployment kept from an earlier run would not say that).
         deployment_url = (
             f"{env['PREFECT_API_URL']}/deployments/name/{settings.flow_name}/{settings.deployment}"
         )
-        _wait_url(deployment_url, runner, "runner", 120)
+        _wait_url(deployment_url, runner, "runner", 120, lambda d: _polled_since(d, runner_started))
         start(
             "api",
             [

@@ -172,6 +172,9 @@ class Settings(BaseSettings):
     max_concurrent_captures: int = Field(default=3, ge=1)
     max_captures_per_hypervisor: int = Field(default=2, ge=1)
     runner_poll_sec: int = Field(default=1, ge=1)
+    # A worker starting removes .part files and hypervisor temp dirs older than this whose
+    # owner is gone (memdump.leftovers); younger ones may belong to a starting capture.
+    cleanup_min_age_sec: float = Field(default=60.0, ge=0)
     flow_name: str = "capture-vms"
     deployment: str = "on-demand"
 
@@ -188,6 +191,10 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     records_max_limit: int = Field(default=1000, ge=1)
+    # Hostile or mistaken requests: larger bodies get a 413, longer id lists a 400
+    # ("all" covers a whole inventory in one entry).
+    api_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
+    trigger_max_vms: int = Field(default=1000, ge=1)
 
     outbox_replay_sec: float = Field(default=60.0, gt=0)
 

@@ -33,6 +33,7 @@ class Stack:
     prefect_api: str
     data_dir: Path
     env: dict[str, str]
+    pid: int = 0  # of `memdump serve`
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -70,6 +71,7 @@ def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack
     # Tests and benchmarks trigger back to back; the rate limit has its own tests.
     env["MEMDUMP_TRIGGER_MIN_INTERVAL_SEC"] = "0"
     env.update({f"MEMDUMP_{k.upper()}": v for k, v in settings.items()})
+    data.mkdir(parents=True, exist_ok=True)
     logfile = data / "serve.log"
     with open(logfile, "wb") as log:
         proc = subprocess.Popen(
@@ -80,7 +82,11 @@ def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack
             stderr=subprocess.STDOUT,
         )
         st = Stack(
-            f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{prefect_port}/api", data, env
+            f"http://127.0.0.1:{api_port}",
+            f"http://127.0.0.1:{prefect_port}/api",
+            data,
+            env,
+            proc.pid,
         )
         try:
             deadline = time.monotonic() + 180

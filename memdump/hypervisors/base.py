@@ -54,4 +54,9 @@ class Driver(Protocol):
         """Start the dump; the returned source yields the raw ELF core bytes."""
         ...
 
+    def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
+        """Remove what dump scripts killed outright left on the hypervisor (at least
+        ``min_age_sec`` old, owner gone); returns what was removed."""
+        ...
+
     def close(self) -> None: ...

@@ -13,6 +13,7 @@ from memdump.errors import (
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
+from memdump.hypervisors.fifo import PROLOGUE, clean_stale
 from memdump.identifiers import validate_id
 from memdump.settings import HypervisorConfig
 from memdump.transport.base import ByteStream, CommandResult, Transport
@@ -30,18 +31,19 @@ hostname
 
 # $1 = URI, $2 = domain name. The reader (cat) is started before virsh so that QEMU's
 # open of the FIFO does not block; if virsh fails before QEMU opened it, cat would wait
-# forever in open(), so it is killed. The temp dir goes on every exit path (trap).
-# stdout carries only the dump; virsh's own messages go to a file, sent as stderr last.
-_DUMP = """export LC_ALL=C
+# forever in open(), so it is killed. The temp dir goes on every exit path (trap, and
+# fifo.clean_stale for a script killed outright). stdout carries only the dump; virsh's
+# own messages go to a file, sent as stderr last.
+_DUMP = (
+    """export LC_ALL=C
 umask 077
-d=$(mktemp -d "${TMPDIR:-/tmp}/memdump.XXXXXXXXXX") || exit 90
-reader=
-trap 'if [ -n "$reader" ]; then kill "$reader" 2>/dev/null; fi; rm -rf "$d"' EXIT
-trap 'exit 143' HUP INT TERM PIPE
-mkfifo -m 600 "$d/mem" || exit 91
-cat "$d/mem" &
+"""
+    + PROLOGUE
+    + """mkfifo -m 600 "$d/mem" || exit 91
+cat "$d/mem" 8>&- &
 reader=$!
-virsh -c "$1" dump --memory-only --format elf "$2" "$d/mem" >/dev/null 2>"$d/err"
+echo "$reader" >"$d/reader"
+virsh -c "$1" dump --memory-only --format elf "$2" "$d/mem" >/dev/null 2>"$d/err" 8>&-
 rc=$?
 [ "$rc" -eq 0 ] || kill "$reader" 2>/dev/null
 wait "$reader"
@@ -52,6 +54,7 @@ cat "$d/err" >&2
 [ "$rrc" -eq 0 ] || exit 92
 exit 0
 """
+)
 
 # $1 = URI, $2 = domain. Best effort: there may be no job left to abort.
 _ABORT = 'virsh -c "$1" domjobabort "$2" >/dev/null 2>&1; exit 0'
@@ -136,6 +139,9 @@ class LibvirtDriver:
             self._run(_ABORT, ref.name, timeout=15.0)
         except MemdumpError:
             pass
+
+    def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
+        return clean_stale(self._t, self.name, min_age_sec)
 
     def close(self) -> None:
         self._t.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,75 @@ def test_outbox_depth(tmp_path: Path, runs: FakeRuns) -> None:
     body = c.get(f"{BASE}/outbox").json()
     assert body["depth"] == 1 and body["last_error"] == "Connection refused"
     assert ISO_US.match(body["oldest_queued_at"])
+
+
+@pytest.mark.parametrize(
+    "ctype", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
+)
+def test_trigger_needs_a_json_content_type(
+    client: TestClient, runs: FakeRuns, ctype: str | None
+) -> None:
+    headers = {"content-type": ctype} if ctype else {}
+    r = client.post(f"{BASE}/trigger", content=b'{"vm_ids": ["101"]}', headers=headers)
+    assert r.status_code == 400 and r.json() == {"detail": "Content-Type must be application/json"}
+    assert runs.triggered == []
+
+
+@pytest.mark.parametrize("ctype", ["application/json; charset=utf-8", "application/vnd.x+json"])
+def test_trigger_accepts_json_types(client: TestClient, runs: FakeRuns, ctype: str) -> None:
+    r = client.post(
+        f"{BASE}/trigger", content=b'{"vm_ids": ["101"]}', headers={"content-type": ctype}
+    )
+    assert r.status_code == 200 and runs.triggered == [(["101"], "api")]
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(
+    client: TestClient, runs: FakeRuns
+) -> None:
+    big = b'{"vm_ids": ["101"], "pad": "' + b"x" * (300 * 1024) + b'"}'
+    r = client.post(f"{BASE}/trigger", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json() == {
+        "detail": "Request body too large (max 262144 bytes)"
+    }
+
+    def chunks() -> Iterator[bytes]:  # chunked: no Content-Length to go by
+        yield b'{"vm_ids": ["101"], "pad": "'
+        for _ in range(40):
+            yield b"x" * 8192
+        yield b'"}'
+
+    r = client.post(
+        f"{BASE}/trigger", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    r = client.post(
+        f"{BASE}/trigger",
+        content=b"{}",
+        headers={"content-type": "application/json", "content-length": "-1"},
+    )
+    assert r.status_code in (400, 413)
+    assert runs.triggered == []
+    # A body just under the limit is read and judged on its content.
+    ok = b'{"vm_ids": ["101"]}' + b" " * (200 * 1024)
+    r = client.post(f"{BASE}/trigger", content=ok, headers={"content-type": "application/json"})
+    assert r.status_code == 200 and runs.triggered == [(["101"], "api")]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=-1",
+        "limit=1001",
+        "limit=99999999999999999999",
+        "offset=-1",
+        "offset=9007199254740992",
+        "limit=abc",
+        "offset=1e3",
+        "limit=",
+        "limit=1&limit=2000",
+    ],
+)
+def test_records_bad_paging(client: TestClient, query: str) -> None:
+    r = client.get(f"{BASE}/records?{query}")
+    assert r.status_code == 400 and list(r.json()) == ["detail"], r.text

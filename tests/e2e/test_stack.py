@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Stack
 from tests.integration.conftest import assert_hypervisor_clean, virsh
+from tests.stack import Stack
 
 BASE = "/api/memory-dumps"
 
 
 def test_trigger_completes_and_records(stack: Stack) -> None:
+    # The stack is shared by the session: judge only what this trigger added.
+    _, old = stack.call("GET", f"{BASE}/records")
+    _, old_stats = stack.call("GET", f"{BASE}/stats")
     t0 = time.monotonic()
     code, body = stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["vm-web-01", "vm-db-01"]})
     assert code == 200, body
@@ -32,8 +35,10 @@ def test_trigger_completes_and_records(stack: Stack) -> None:
     assert status["duration"] > 0 and status["last_trigger"]["duration"] == status["duration"]
 
     code, recs = stack.call("GET", f"{BASE}/records")
-    assert code == 200 and recs["count"] == 2
-    by_vm = {r["vmid"]: r for r in recs["records"]}
+    assert code == 200 and recs["count"] == old["count"] + 2
+    new = recs["records"][:2]  # newest first
+    assert recs["records"][2:] == old["records"]
+    by_vm = {r["vmid"]: r for r in new}
     assert set(by_vm) == {"vm-web-01", "vm-db-01"}
     for rec in by_vm.values():
         raw = gzip.decompress(Path(rec["dump_path"]).read_bytes())
@@ -46,14 +51,17 @@ def test_trigger_completes_and_records(stack: Stack) -> None:
             datetime.fromisoformat(r["timestamp"]),
             datetime.fromisoformat(r["timestamp"]) + timedelta(seconds=r["duration_sec"]),
         )
-        for r in recs["records"]
+        for r in new
     )
     assert spans[0][1] <= spans[1][0], spans
 
     code, stats = stack.call("GET", f"{BASE}/stats")
-    assert code == 200 and stats["total_dumps"] == 2 and stats["total_vms"] == 2
-    assert stats["total_size_bytes"] == sum(r["gzip_size_bytes"] for r in recs["records"])
-    assert stats["last_dump"] == recs["records"][0]["timestamp"]
+    assert code == 200 and stats["total_dumps"] == old_stats["total_dumps"] + 2
+    assert stats["total_vms"] == len({r["vmid"] for r in recs["records"]})
+    assert stats["total_size_bytes"] == old_stats["total_size_bytes"] + sum(
+        r["gzip_size_bytes"] for r in new
+    )
+    assert stats["last_dump"] == new[0]["timestamp"]
 
 
 def test_unknown_vm_fails_only_itself(stack: Stack) -> None:

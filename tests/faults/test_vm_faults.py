@@ -1,8 +1,11 @@
 """Faults on the lab (bounded in time): a VM destroyed during its dump, a hypervisor that
-cannot be reached. Each leaves no file, no remote temp dir, and a clear error."""
+cannot be reached, a dump script killed outright. Each leaves no file and a clear error;
+what a killed script leaves on the hypervisor goes at the next start."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,7 +18,8 @@ from memdump.errors import ConnectError, DumpFailedError, ShortDumpError
 from memdump.hypervisors import open_driver
 from memdump.settings import Settings
 from memdump.targets import find
-from tests.integration.conftest import remote_temp_dirs, virsh
+from tests.integration.conftest import assert_hypervisor_clean, remote_temp_dirs, virsh
+from tests.procs import cmdline, holders
 
 REPO = Path(__file__).resolve().parents[2]
 VM = "vm-fault-01"
@@ -65,3 +69,25 @@ def test_unreachable_hypervisor_is_a_clear_bounded_error(settings: Settings) -> 
         find([drv], "vm-web-01")
     assert ei.value.retryable and "cannot connect" in str(ei.value)
     assert time.monotonic() - t0 < 20
+
+
+def test_dump_script_killed_outright_is_cleaned_by_the_next_start(settings: Settings) -> None:
+    # The hypervisor-side script dies without its EXIT trap (SIGKILL): its temp dir with
+    # the FIFO stays behind until a worker's start-up clean-up (Driver.clean_stale).
+    drv = open_driver(settings.inventory[0], settings.ssh)
+    src = drv.open_dump(drv.resolve("vm-db-01"))
+    buf = bytearray(1 << 20)
+    assert src.readinto(memoryview(buf)) > 0  # the dump is streaming
+    (left,) = remote_temp_dirs()
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    (shell,) = holders(tmp / left / "lock")  # fd 8 of the script, and only the script
+    assert "mkfifo" in cmdline(shell)
+    os.kill(shell, signal.SIGKILL)
+    src.abort()
+    time.sleep(1)
+    assert remote_temp_dirs() == [left]  # nothing removed it
+    assert drv.clean_stale(3600) == []  # too young to be sure
+    assert drv.clean_stale(0) == [str(tmp / left)]
+    assert_hypervisor_clean("vm-db-01")
+    assert "None" in virsh("domjobinfo", "vm-db-01")
+    drv.close()

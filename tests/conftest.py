@@ -1,5 +1,6 @@
-"""The whole stack as a user runs it: ``memdump serve`` (Prefect server + runner + API)
-against the lab, on free loopback ports, with its data in a temp dir."""
+"""Shared fixtures. ``stack``: the whole stack as a user runs it, ``memdump serve`` (Prefect
+server + runner + API) against the lab, on free loopback ports, with its data in a temp
+dir; started once per session, on first use (tests/e2e, tests/faults)."""
 
 from __future__ import annotations
 
@@ -33,3 +34,13 @@ def on_stack_prefect(stack: Stack) -> Iterator[None]:
 
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
         yield
+
+
+@pytest.fixture
+def flow_on_stack(on_stack_prefect: None, stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Stack:
+    """Run a flow in this process as the stack's runner would: its Prefect server and its
+    MEMDUMP_* settings (tasks read Settings() from the environment)."""
+    for k, v in stack.env.items():
+        if k.startswith("MEMDUMP_"):
+            monkeypatch.setenv(k, v)
+    return stack

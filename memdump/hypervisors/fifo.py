@@ -1,0 +1,59 @@
+"""The hypervisor-side temp directory every FIFO dump script uses, and its clean-up.
+
+A dump script makes ``${TMPDIR:-/tmp}/memdump.XXXXXXXXXX`` (0700) holding the FIFO QEMU
+writes into, and removes it on every exit path it can see (an EXIT trap). A script
+killed outright (SIGKILL, an OOM kill, a hypervisor-side crash) leaves it behind,
+possibly with the FIFO's reader still blocked in ``open()``. So each script holds a lock
+on ``<dir>/lock`` for as long as it lives (fd 8, not passed on to its children) and notes
+the reader's pid; the clean-up removes only directories whose lock is free, and kills a
+reader only when its command line names that directory's FIFO (a reused pid is left
+alone).
+"""
+
+from __future__ import annotations
+
+from memdump.errors import HypervisorError
+from memdump.transport.base import Transport
+
+# Shell to paste at the top of a dump script (after ``umask 077``): makes "$d" and the
+# lock, and sets the EXIT trap that kills "$reader" and removes "$d". Exit codes 90/93.
+PROLOGUE = """d=$(mktemp -d "${TMPDIR:-/tmp}/memdump.XXXXXXXXXX") || exit 90
+reader=
+trap 'if [ -n "$reader" ]; then kill "$reader" 2>/dev/null; fi; rm -rf "$d"' EXIT
+trap 'exit 143' HUP INT TERM PIPE
+exec 8>"$d/lock" || exit 93
+if command -v flock >/dev/null 2>&1; then flock -n 8 || exit 93; fi
+"""
+
+# $1 = minimum age in seconds. Prints each directory it removed.
+_CLEAN = """export LC_ALL=C
+command -v flock >/dev/null 2>&1 || exit 0
+now=$(date +%s)
+for d in "${TMPDIR:-/tmp}"/memdump.??????????; do
+  [ -d "$d" ] && [ ! -L "$d" ] && [ -O "$d" ] || continue
+  age=$(( now - $(stat -c %Y "$d") ))
+  [ "$age" -ge "$1" ] || continue
+  if [ -e "$d/lock" ]; then flock -n "$d/lock" true || continue; fi
+  r=$(cat "$d/reader" 2>/dev/null)
+  case "$r" in
+    ''|*[!0-9]*) ;;
+    *) if tr '\\0' ' ' <"/proc/$r/cmdline" 2>/dev/null | grep -qF "$d/mem"; then
+         kill "$r" 2>/dev/null
+       fi ;;
+  esac
+  rm -rf "$d" && echo "$d"
+done
+exit 0
+"""
+
+
+def clean_stale(transport: Transport, hypervisor: str, min_age_sec: float = 60.0) -> list[str]:
+    """Remove temp dirs left on the hypervisor by dump scripts that are gone."""
+    res = transport.run(_CLEAN, (str(int(min_age_sec)),), timeout=60.0)
+    if res.returncode != 0:
+        raise HypervisorError(
+            f"{hypervisor}: clean-up of stale dump directories failed: {res.stderr_text}",
+            hypervisor=hypervisor,
+            retryable=True,
+        )
+    return [line for line in res.stdout.decode("utf-8", "replace").splitlines() if line]

@@ -1,0 +1,81 @@
+"""Finding processes of the lab and of a running stack through /proc, by parentage, so a
+fault test kills exactly the process it means to (never by name across the machine)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm = raw[raw.index("(") + 1 : raw.rindex(")")]
+    ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+    return comm, ppid
+
+
+def pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def parent(pid: int) -> int | None:
+    st = _stat(pid)
+    return st[1] if st else None
+
+
+def descendants(root: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for p in pids():
+        st = _stat(p)
+        if st:
+            kids.setdefault(st[1], []).append(p)
+    out, todo = [], [root]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def ancestor_below(pid: int, top: int) -> int | None:
+    """The ancestor of ``pid`` whose parent is ``top`` (e.g. sshd's per-connection child)."""
+    cur: int | None = pid
+    while cur is not None and cur > 1:
+        up = parent(cur)
+        if up == top:
+            return cur
+        cur = up
+    return None
+
+
+def holders(path: Path) -> list[int]:
+    """Processes with ``path`` open."""
+    out = []
+    for p in pids():
+        try:
+            fds = os.listdir(f"/proc/{p}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{p}/fd/{fd}") == str(path):
+                    out.append(p)
+                    break
+            except OSError:
+                continue
+    return out
+
+
+def lab_sshd_pid() -> int:
+    lab = Path(os.environ["MEMDUMP_LAB_DIR"])
+    return int((lab / "ssh" / "sshd.pid").read_text().strip())
