@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from api.runs import Runs
+from api.runs import LatestRunCache, Runs
 from memdump.records.base import RecordStore
 from memdump.records.outbox import Outbox
 from memdump.settings import Settings
@@ -32,7 +32,13 @@ def get_runs(request: Request) -> Runs:
     return runs
 
 
+def get_latest_run(request: Request) -> LatestRunCache:
+    cache: LatestRunCache = request.app.state.latest_run
+    return cache
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[RecordStore, Depends(get_store)]
 RunsDep = Annotated[Runs, Depends(get_runs)]
 OutboxDep = Annotated[Outbox, Depends(get_outbox)]
+LatestRunDep = Annotated[LatestRunCache, Depends(get_latest_run)]

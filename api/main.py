@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limits import BodySizeLimit
 from api.routes import router
-from api.runs import PrefectRuns, Runs
+from api.runs import LatestRunCache, PrefectRuns, Runs
 from memdump import __version__
 from memdump.records import Outbox, open_store
 from memdump.records.base import RecordStore
@@ -52,6 +52,7 @@ def create_app(
     app.state.store = store or open_store(settings)
     app.state.outbox = Outbox(settings.outbox_db)
     app.state.runs = runs or PrefectRuns(settings.flow_name, settings.deployment)
+    app.state.latest_run = LatestRunCache(app.state.runs, settings.status_cache_sec)
 
     token = settings.api_token.get_secret_value().encode() if settings.api_token else None
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 
-from api.deps import OutboxDep, RunsDep, SettingsDep, StoreDep
+from api.deps import LatestRunDep, OutboxDep, RunsDep, SettingsDep, StoreDep
 from api.limits import json_content_type
 from api.models import (
     ErrorBody,
@@ -77,7 +77,9 @@ def require_json(request: Request) -> None:
     dependencies=[Depends(require_json)],
     summary="Schedule memory dumps of VMs (returns once the flow run exists)",
 )
-def trigger(body: TriggerRequest, runs: RunsDep, settings: SettingsDep) -> TriggerResponse:
+def trigger(
+    body: TriggerRequest, runs: RunsDep, settings: SettingsDep, latest: LatestRunDep
+) -> TriggerResponse:
     if not body.vm_ids:
         raise HTTPException(400, "No VM IDs specified")
     if len(body.vm_ids) > settings.trigger_max_vms:
@@ -96,6 +98,7 @@ def trigger(body: TriggerRequest, runs: RunsDep, settings: SettingsDep) -> Trigg
     _check_rate(runs, settings.trigger_min_interval_sec)
     try:
         runs.trigger(vm_ids, "api")
+        latest.invalidate()
     except Exception as exc:
         reason = str(exc) if str(exc) not in ("", "None") else type(exc).__name__
         raise HTTPException(500, f"Error scheduling memory dump: {reason}") from exc
@@ -133,9 +136,9 @@ def records(
     responses=SERVER_ERROR,
     summary="State of the last trigger (API or schedule), read from Prefect",
 )
-def status(runs: RunsDep) -> dict[str, Any]:
+def status(latest: LatestRunDep) -> dict[str, Any]:
     with _answer_500("Error fetching status"):
-        run = runs.latest()
+        run = latest.get()
     if run is None:
         return {
             "last_trigger": {},

@@ -3,6 +3,9 @@ the status survives an API restart and every API replica sees the same)."""
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -92,3 +95,28 @@ def _stdlib(ts: datetime | None) -> datetime:
     if ts is None:
         return datetime.now(UTC)
     return datetime.fromtimestamp(ts.timestamp(), UTC)
+
+
+class LatestRunCache:
+    """/status under load: one Prefect query per ``ttl`` seconds, shared by every request
+    of this API process (the others wait for that one answer instead of each asking).
+    A trigger through this process drops the cached answer, so its own run shows at
+    once; another replica may show the previous run for at most ``ttl`` seconds."""
+
+    def __init__(self, runs: Runs, ttl: float) -> None:
+        self._runs = runs
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._value: RunSummary | None = None
+        self._at = -math.inf
+
+    def get(self) -> RunSummary | None:
+        with self._lock:
+            if time.monotonic() - self._at >= self._ttl:
+                self._value = self._runs.latest()
+                self._at = time.monotonic()
+            return self._value
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._at = -math.inf

@@ -86,8 +86,10 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    def start(name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(name: str, argv: list[str], nice: int = 0) -> subprocess.Popen[bytes]:
         # Own session: a terminal's Ctrl-C reaches only us, and we stop children in order.
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]  # nice(1) execs: the pid stays the child's
         p = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603 - fixed argv
         procs.append((name, p))
         print(f"memdump serve: started {name} (pid {p.pid})", flush=True)
@@ -132,6 +134,9 @@ def serve(settings: Settings) -> int:
                 "--port",
                 str(settings.api_port),
             ],
+            # A paused guest is someone's downtime: on a shared machine its dump gets the
+            # CPU before the API's readers do.
+            nice=settings.api_nice,
         )
         print(
             f"memdump serve: API on http://{settings.api_host}:{settings.api_port}"

@@ -191,6 +191,10 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
     records_max_limit: int = Field(default=1000, ge=1)
+    # /status asks Prefect at most once per this many seconds per API process
+    status_cache_sec: float = Field(default=0.5, ge=0)
+    # `memdump serve` runs the API at this nice level (captures keep the default)
+    api_nice: int = Field(default=5, ge=0, le=19)
     # Hostile or mistaken requests: larger bodies get a 413, longer id lists a 400
     # ("all" covers a whole inventory in one entry).
     api_max_body_bytes: int = Field(default=256 * 1024, ge=1024)

@@ -66,7 +66,13 @@ def same_shape(ours: Any, theirs: Any) -> bool:
 @pytest.fixture
 def client(tmp_path: Path) -> tuple[TestClient, FakeRuns, SQLiteRecordStore]:
     runs, store = FakeRuns(), SQLiteRecordStore(tmp_path / "r.db")
-    return TestClient(create_app(Settings(data_dir=tmp_path), store=store, runs=runs)), runs, store
+    return (
+        TestClient(
+            create_app(Settings(data_dir=tmp_path, status_cache_sec=0), store=store, runs=runs)
+        ),
+        runs,
+        store,
+    )
 
 
 def test_trigger_and_error_shapes(client: tuple[TestClient, FakeRuns, Any]) -> None:

@@ -66,7 +66,9 @@ def store(tmp_path: Path) -> SQLiteRecordStore:
 
 @pytest.fixture
 def client(tmp_path: Path, runs: FakeRuns, store: SQLiteRecordStore) -> TestClient:
-    return TestClient(create_app(Settings(data_dir=tmp_path), store=store, runs=runs))
+    return TestClient(
+        create_app(Settings(data_dir=tmp_path, status_cache_sec=0), store=store, runs=runs)
+    )
 
 
 def test_trigger(client: TestClient, runs: FakeRuns) -> None:
@@ -362,3 +364,43 @@ def test_oversized_bodies_are_refused_before_they_are_read(
 def test_records_bad_paging(client: TestClient, query: str) -> None:
     r = client.get(f"{BASE}/records?{query}")
     assert r.status_code == 400 and list(r.json()) == ["detail"], r.text
+
+
+def test_status_is_asked_of_prefect_once_per_ttl_and_fresh_after_a_trigger(
+    tmp_path: Path, store: SQLiteRecordStore
+) -> None:
+    import threading
+
+    from api.runs import LatestRunCache
+
+    class CountingRuns(FakeRuns):
+        calls = 0
+
+        def latest(self) -> RunSummary | None:
+            CountingRuns.calls += 1
+            return self.run
+
+    runs = CountingRuns()
+    cache = LatestRunCache(runs, ttl=3600)
+    threads = [threading.Thread(target=cache.get) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert CountingRuns.calls == 1
+    cache.invalidate()
+    cache.get()
+    assert CountingRuns.calls == 2
+
+    c = TestClient(
+        create_app(
+            Settings(data_dir=tmp_path, status_cache_sec=3600, trigger_min_interval_sec=0),
+            store=store,
+            runs=runs,
+        )
+    )
+    assert c.get(f"{BASE}/status").json()["status"] == "idle"
+    runs.run = RunSummary("r2", "RUNNING", "Running", ["101"], datetime.now(UTC), None, None)
+    assert c.get(f"{BASE}/status").json()["status"] == "idle"  # cached
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    assert c.get(f"{BASE}/status").json()["status"] == "in_progress"  # the trigger's own run
