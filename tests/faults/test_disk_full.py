@@ -14,7 +14,7 @@ from memdump.capture import capture
 from memdump.errors import InsufficientSpaceError, StorageError
 from memdump.hypervisors import open_driver
 from memdump.settings import Settings
-from tests.integration.conftest import assert_hypervisor_clean
+from tests.integration.conftest import assert_hypervisor_clean, virsh
 
 
 @pytest.fixture
@@ -37,6 +37,8 @@ def test_preflight_refuses(small_disk: Path, settings: Settings) -> None:
         capture(drv, drv.resolve("vm-web-01"), s)
     assert ei.value.fields["free_bytes"] < ei.value.fields["needed_bytes"]
     assert list((small_disk / "dumps").iterdir()) == []
+    assert_hypervisor_clean("vm-web-01")  # never paused, nothing started remotely
+    assert "None" in virsh("domjobinfo", "vm-web-01")
 
 
 def test_enospc_mid_write_leaves_nothing(small_disk: Path, settings: Settings) -> None:
