@@ -48,6 +48,16 @@ class Record(BaseModel):
     mtime: int
     atime: int
     dump_path: str
+    # Documented extras (after the contract's fields).
+    hypervisor: str = Field(description="Inventory name of the hypervisor")
+    raw_size_bytes: int = Field(description="Bytes of the raw (uncompressed) dump")
+    gz_sha256: str = Field(description="SHA-256 of the stored .mem.gz")
+    manifest_sha256: str = Field(
+        description="SHA-256 of the dump's manifest (<dump>.manifest.json); empty if none"
+    )
+    analysis: str = Field(
+        description="Post-capture Volatility 3 check: passed, failed, error, skipped, or empty"
+    )
 
 
 class RecordsResponse(BaseModel):

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
 
 from api.deps import LatestRunDep, OutboxDep, RunsDep, SettingsDep, StoreDep
 from api.limits import json_content_type
 from api.models import (
+    ID_PATTERN,
     ErrorBody,
     OutboxResponse,
     RecordsResponse,
@@ -25,7 +29,8 @@ from api.runs import Runs
 from api.status import map_state
 from memdump.errors import MemdumpError
 from memdump.identifiers import validate_id
-from memdump.records.model import iso_utc
+from memdump.records.base import RecordQuery
+from memdump.records.model import API_FIELDS, iso_utc
 from memdump.targets import ALL
 
 # Larger offsets cannot be passed to the stores (SQLite integers are 64-bit).
@@ -109,11 +114,24 @@ def trigger(
     )
 
 
+# Documented in the schema; checked by validate_id (pydantic's regex has no look-ahead).
+_ID_SCHEMA: dict[str, Any] = {"pattern": ID_PATTERN}
+_TIME_SCHEMA: dict[str, Any] = {"format": "date-time"}
+
+
 @router.get(
     "/records",
     response_model=RecordsResponse,
-    responses={**BAD_REQUEST, **SERVER_ERROR},
-    summary="Dump records, newest first",
+    responses={
+        **BAD_REQUEST,
+        **SERVER_ERROR,
+        200: {
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+            "description": "JSON, or with format=csv a CSV of the same rows (header first;"
+            " the contract's fields in order, then the documented extras)",
+        },
+    },
+    summary="Dump records, newest first (filters: since, until, vmid, dom; JSON or CSV)",
 )
 def records(
     store: StoreDep,
@@ -122,12 +140,67 @@ def records(
         int, Query(ge=1, le=1000, description="Max records (1-1000; more is a 400)")
     ] = 1000,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Records to skip")] = 0,
-) -> dict[str, Any]:
+    since: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="ISO 8601 date or date-time; records at or after it (no offset: UTC)",
+            json_schema_extra=_TIME_SCHEMA,
+        ),
+    ] = None,
+    until: Annotated[
+        str | None,
+        Query(
+            max_length=64,
+            description="ISO 8601 date or date-time; records before it (exclusive)",
+            json_schema_extra=_TIME_SCHEMA,
+        ),
+    ] = None,
+    vmid: Annotated[str | None, Query(max_length=128, json_schema_extra=_ID_SCHEMA)] = None,
+    dom: Annotated[str | None, Query(max_length=128, json_schema_extra=_ID_SCHEMA)] = None,
+    format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
+) -> Any:
     if limit > settings.records_max_limit:
         raise HTTPException(400, f"limit must be at most {settings.records_max_limit}")
+    for name, value in (("vmid", vmid), ("dom", dom)):
+        if value is not None:
+            try:
+                validate_id(value, what=name)
+            except MemdumpError as exc:
+                raise HTTPException(400, str(exc)) from None
+    query = RecordQuery(
+        since=_instant("since", since), until=_instant("until", until), vmid=vmid, dom=dom
+    )
     with _answer_500("Error fetching records"):
-        rows = store.list(limit, offset)
+        rows = store.list(limit, offset, query)
+    if format == "csv":
+        return StreamingResponse(
+            csv_lines(rows),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": 'attachment; filename="memory-dumps.csv"'},
+        )
     return {"records": rows, "count": len(rows), "limit": limit, "offset": offset}
+
+
+def _instant(name: str, value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(400, f"{name}: not an ISO 8601 date or time: {value!r}") from None
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def csv_lines(rows: list[dict[str, Any]]) -> Iterator[str]:
+    """One CSV line at a time (header first), so the response streams."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    for row in [list(API_FIELDS), *([r.get(k, "") for k in API_FIELDS] for r in rows)]:
+        writer.writerow(row)
+        yield buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
 
 
 @router.get(

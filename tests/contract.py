@@ -12,3 +12,7 @@ RECORD_FIELDS = [
     "atime",
     "dump_path",
 ]
+
+# /records and its CSV: the contract's fields, then memdump's documented extras (README).
+EXTRA_RECORD_FIELDS = ["hypervisor", "raw_size_bytes", "gz_sha256", "manifest_sha256", "analysis"]
+API_RECORD_FIELDS = RECORD_FIELDS + EXTRA_RECORD_FIELDS

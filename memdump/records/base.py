@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 from memdump.records.model import DumpRecord
+
+
+@dataclass(frozen=True)
+class RecordQuery:
+    """Filters of /records (all optional, all combined with AND). ``since`` is inclusive,
+    ``until`` exclusive; both are aware datetimes."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    vmid: str | None = None
+    dom: str | None = None
+    dump_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -32,8 +45,10 @@ class RecordStore(Protocol):
         vmid + timestamp + sha256, so a replayed write is never a duplicate)."""
         ...
 
-    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
-        """Contract dicts, newest first."""
+    def list(
+        self, limit: int, offset: int, query: RecordQuery | None = None
+    ) -> list[dict[str, Any]]:
+        """API dicts (contract fields, then EXTRA_FIELDS), newest first."""
         ...
 
     def stats(self) -> Stats: ...

@@ -13,18 +13,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from memdump.errors import RecordStoreError
-from memdump.records.base import Stats
-from memdump.records.model import CONTRACT_FIELDS, DumpRecord, iso_utc
+from memdump.records.base import RecordQuery, Stats
+from memdump.records.model import API_FIELDS, DumpRecord, iso_utc
 from memdump.settings import InfluxDB3Settings
 
 TABLE = "mem_dumps"
 _INT_FIELDS = ("gzip_size_bytes", "ctime", "mtime", "atime", "raw_size_bytes")
-_STR_FIELDS = ("sha256", "dump_path", "gz_sha256", "hypervisor")
-_LIST_SQL = (
-    "SELECT CAST(time AS BIGINT) AS time_ns, dom, vmid, sha256, duration_sec, gzip_size_bytes,"
-    " ctime, mtime, atime, dump_path FROM mem_dumps"
-    " ORDER BY time DESC, vmid LIMIT $limit OFFSET $offset"
-)
+_STR_FIELDS = ("sha256", "dump_path", "gz_sha256", "hypervisor", "manifest_sha256", "analysis")
+_SELECT = "SELECT CAST(time AS BIGINT) AS time_ns, " + ", ".join(API_FIELDS[1:])
+# Fields a table written before they existed may lack (InfluxDB adds a column on the
+# first write that carries it): such a table is read without them.
+_LATER_FIELDS = ("manifest_sha256", "analysis")
 _STATS_SQL = (
     "SELECT COUNT(*) AS n, COUNT(DISTINCT vmid) AS vms, SUM(gzip_size_bytes) AS size,"
     " AVG(duration_sec) AS avg, CAST(MAX(time) AS BIGINT) AS last_ns FROM mem_dumps"
@@ -46,6 +45,24 @@ def _missing(exc: Exception) -> bool:
     # InfluxDB 3 creates a database/table on first write; before that, queries fail.
     text = str(exc)
     return "not found" in text and ("database" in text or "table" in text)
+
+
+def _where(q: RecordQuery) -> tuple[str, dict[str, Any]]:
+    """WHERE clause from fixed fragments; values go in as bound parameters."""
+    parts: list[str] = []
+    params: dict[str, Any] = {}
+    if q.since is not None:
+        parts.append("CAST(time AS BIGINT) >= $since")
+        params["since"] = _ns(q.since)
+    if q.until is not None:
+        parts.append("CAST(time AS BIGINT) < $until")
+        params["until"] = _ns(q.until)
+    for column in ("vmid", "dom", "dump_path"):
+        value = getattr(q, column)
+        if value is not None:
+            parts.append(f"{column} = ${column}")
+            params[column] = value
+    return (" WHERE " + " AND ".join(parts) if parts else ""), params
 
 
 class InfluxDB3RecordStore:
@@ -117,10 +134,26 @@ class InfluxDB3RecordStore:
         rows: list[dict[str, Any]] = table.to_pylist()
         return rows
 
-    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
+    def list(
+        self, limit: int, offset: int, query: RecordQuery | None = None
+    ) -> list[dict[str, Any]]:
+        where, params = _where(query or RecordQuery())
+        params.update(limit=int(limit), offset=int(offset))
+        tail = f" FROM {TABLE}{where} ORDER BY time DESC, vmid LIMIT $limit OFFSET $offset"
+        try:
+            rows = self._query(_SELECT + tail, params)
+        except RecordStoreError as exc:
+            if not any(f in str(exc) for f in _LATER_FIELDS):
+                raise
+            fields = [f for f in API_FIELDS[1:] if f not in _LATER_FIELDS]
+            rows = self._query(
+                "SELECT CAST(time AS BIGINT) AS time_ns, " + ", ".join(fields) + tail, params
+            )
         out = []
-        for row in self._query(_LIST_SQL, {"limit": int(limit), "offset": int(offset)}):
-            d = {k: row.get(k) for k in CONTRACT_FIELDS}
+        for row in rows:
+            d = {k: row.get(k) for k in API_FIELDS}
+            for k in _LATER_FIELDS:
+                d[k] = d[k] or ""
             d["timestamp"] = _iso_from_ns(int(row["time_ns"]))
             out.append(d)
         return out

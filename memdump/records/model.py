@@ -20,6 +20,19 @@ CONTRACT_FIELDS = (
 )
 
 
+# Documented extras, after the contract's fields in /records and CSV: where the dump
+# came from, its .gz hash and raw size, the sha256 of its manifest (memdump.manifest) and
+# the result of the post-capture analysis ("passed", "failed", "error", "skipped").
+EXTRA_FIELDS = (
+    "hypervisor",
+    "raw_size_bytes",
+    "gz_sha256",
+    "manifest_sha256",
+    "analysis",
+)
+API_FIELDS = CONTRACT_FIELDS + EXTRA_FIELDS
+
+
 def iso_utc(ts: datetime) -> str:
     """The contract's timestamp: ISO 8601, microseconds, UTC, no offset suffix."""
     return ts.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
@@ -37,15 +50,23 @@ class DumpRecord:
     mtime: int
     atime: int
     dump_path: str
-    # Beyond the contract, kept for verification and later issues.
+    # Beyond the contract (EXTRA_FIELDS).
     gz_sha256: str
     raw_size_bytes: int
     hypervisor: str
+    manifest_sha256: str = ""  # "" for records older than manifests
+    analysis: str = ""  # "" when no analysis ran
 
     def contract_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["timestamp"] = iso_utc(self.timestamp)
         return {k: d[k] for k in CONTRACT_FIELDS}
+
+    def api_dict(self) -> dict[str, Any]:
+        """/records' row: the contract's fields in order, then EXTRA_FIELDS."""
+        d = asdict(self)
+        d["timestamp"] = iso_utc(self.timestamp)
+        return {k: d[k] for k in API_FIELDS}
 
     def full_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -57,6 +78,10 @@ class DumpRecord:
         """Inverse of full_dict() (the outbox keeps records as JSON)."""
         ts = datetime.fromisoformat(d["timestamp"]).replace(tzinfo=UTC)
         return cls(**{**d, "timestamp": ts})
+
+    @property
+    def dump_name(self) -> str:
+        return self.dump_path.rsplit("/", 1)[-1]
 
     @property
     def key(self) -> str:

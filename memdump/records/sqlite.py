@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from memdump.errors import RecordStoreError
-from memdump.records.base import Stats
-from memdump.records.model import CONTRACT_FIELDS, DumpRecord, iso_utc
+from memdump.records.base import RecordQuery, Stats
+from memdump.records.model import API_FIELDS, DumpRecord, iso_utc
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mem_dumps (
@@ -28,11 +28,19 @@ CREATE TABLE IF NOT EXISTS mem_dumps (
     gz_sha256 TEXT NOT NULL,
     raw_size_bytes INTEGER NOT NULL,
     hypervisor TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL DEFAULT '',
+    analysis TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (vmid, time_us, sha256)
 );
 CREATE INDEX IF NOT EXISTS mem_dumps_time ON mem_dumps (time_us DESC);
+CREATE INDEX IF NOT EXISTS mem_dumps_path ON mem_dumps (dump_path);
 """
-_COLUMNS = ", ".join(("time_us",) + CONTRACT_FIELDS[1:])
+# Columns added after the first release, with their definitions (added on open).
+_ADDED = {
+    "manifest_sha256": "TEXT NOT NULL DEFAULT ''",
+    "analysis": "TEXT NOT NULL DEFAULT ''",
+}
+_COLUMNS = ", ".join(("time_us",) + API_FIELDS[1:])
 
 
 def _us(ts: datetime) -> int:
@@ -44,6 +52,24 @@ def _iso_from_us(us: int) -> str:
     return iso_utc(datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000))
 
 
+def _where(q: RecordQuery) -> tuple[str, list[Any]]:
+    """WHERE clause from fixed fragments; every value is a bound parameter."""
+    parts: list[str] = []
+    params: list[Any] = []
+    if q.since is not None:
+        parts.append("time_us >= ?")
+        params.append(_us(q.since))
+    if q.until is not None:
+        parts.append("time_us < ?")
+        params.append(_us(q.until))
+    for column in ("vmid", "dom", "dump_path"):
+        value = getattr(q, column)
+        if value is not None:
+            parts.append(f"{column} = ?")
+            params.append(value)
+    return (" WHERE " + " AND ".join(parts) if parts else ""), params
+
+
 class SQLiteRecordStore:
     def __init__(self, path: Path, *, timeout: float = 10.0) -> None:
         self._path = path
@@ -52,6 +78,10 @@ class SQLiteRecordStore:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             with self._conn() as db:
                 db.execute("PRAGMA journal_mode=WAL")
+                have = {row[1] for row in db.execute("PRAGMA table_info(mem_dumps)")}
+                for name, ddl in _ADDED.items():
+                    if have and name not in have:  # a store from before the column
+                        db.execute(f"ALTER TABLE mem_dumps ADD COLUMN {name} {ddl}")
                 db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise RecordStoreError(
@@ -84,32 +114,38 @@ class SQLiteRecordStore:
             r.gz_sha256,
             r.raw_size_bytes,
             r.hypervisor,
+            r.manifest_sha256,
+            r.analysis,
         )
         try:
             with self._conn() as db:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO mem_dumps (time_us, dom, vmid, sha256, duration_sec,"
                     " gzip_size_bytes, ctime, mtime, atime, dump_path, gz_sha256,"
-                    " raw_size_bytes, hypervisor) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " raw_size_bytes, hypervisor, manifest_sha256, analysis)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     row,
                 )
                 return cur.rowcount == 1
         except sqlite3.Error as exc:
             raise RecordStoreError(f"cannot write record: {exc}", retryable=True) from exc
 
-    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
+    def list(
+        self, limit: int, offset: int, query: RecordQuery | None = None
+    ) -> list[dict[str, Any]]:
+        where, params = _where(query or RecordQuery())
         try:
             with self._conn() as db:
                 rows = db.execute(
-                    f"SELECT {_COLUMNS} FROM mem_dumps"  # noqa: S608 - constant column list
+                    f"SELECT {_COLUMNS} FROM mem_dumps{where}"  # noqa: S608 - fixed fragments
                     " ORDER BY time_us DESC, vmid LIMIT ? OFFSET ?",
-                    (limit, offset),
+                    (*params, limit, offset),
                 ).fetchall()
         except sqlite3.Error as exc:
             raise RecordStoreError(f"cannot read records: {exc}", retryable=True) from exc
         out = []
         for row in rows:
-            d = dict(zip(CONTRACT_FIELDS, row, strict=True))
+            d = dict(zip(API_FIELDS, row, strict=True))
             d["timestamp"] = _iso_from_us(row[0])
             out.append(d)
         return out

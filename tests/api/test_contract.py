@@ -20,6 +20,7 @@ from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 from tests.api.test_routes import FakeRuns
+from tests.contract import API_RECORD_FIELDS, EXTRA_RECORD_FIELDS
 
 CONTRACT = Path(__file__).resolve().parents[2].parent / "shared/contract/memory-dumps-api.md"
 BASE = "/api/memory-dumps"
@@ -109,7 +110,11 @@ def test_records_and_stats_shapes(client: tuple[TestClient, FakeRuns, Any]) -> N
             )
         )
     got = c.get(f"{BASE}/records?limit=50&offset=0").json()
-    assert got == want  # the contract's example, value for value
+    # The contract's example, value for value, with the documented extras after its fields.
+    for row in got["records"]:
+        assert list(row) == API_RECORD_FIELDS
+        assert [row.pop(k) for k in EXTRA_RECORD_FIELDS] == ["lab", 1, "0" * 64, "", ""]
+    assert got == want
     stats = c.get(f"{BASE}/stats").json()
     assert same_shape(shape(stats), shape(ex["4. Get Dump Statistics"][0]))
     assert stats["last_dump"] == "2025-11-11T10:30:00.000000"

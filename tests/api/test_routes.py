@@ -18,7 +18,7 @@ from memdump.records.base import Stats
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
-from tests.contract import RECORD_FIELDS
+from tests.contract import API_RECORD_FIELDS
 
 ISO_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
 BASE = "/api/memory-dumps"
@@ -44,7 +44,7 @@ class BrokenStore:
     def add(self, record: DumpRecord) -> bool:
         raise RecordStoreError("Connection refused")
 
-    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
+    def list(self, limit: int, offset: int, query: Any = None) -> list[dict[str, Any]]:
         raise RecordStoreError("Connection refused")
 
     def stats(self) -> Stats:
@@ -146,7 +146,7 @@ def test_records(client: TestClient, store: SQLiteRecordStore) -> None:
     body = client.get(f"{BASE}/records").json()
     assert body["count"] == 5 and body["limit"] == 1000 and body["offset"] == 0
     assert [r["gzip_size_bytes"] for r in body["records"]] == [2004, 2003, 2002, 2001, 2000]
-    assert list(body["records"][0]) == RECORD_FIELDS
+    assert list(body["records"][0]) == API_RECORD_FIELDS
     page = client.get(f"{BASE}/records?limit=2&offset=1").json()
     assert [r["gzip_size_bytes"] for r in page["records"]] == [2003, 2002]
     assert (page["count"], page["limit"], page["offset"]) == (2, 2, 1)
@@ -404,3 +404,31 @@ def test_status_is_asked_of_prefect_once_per_ttl_and_fresh_after_a_trigger(
     assert c.get(f"{BASE}/status").json()["status"] == "idle"  # cached
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
     assert c.get(f"{BASE}/status").json()["status"] == "in_progress"  # the trigger's own run
+
+
+def test_records_filters_and_csv(client: TestClient, store: SQLiteRecordStore) -> None:
+    import csv as csvmod
+    import io
+
+    for i in range(6):
+        store.add(_rec(i))  # 10:30 + i minutes, gzip size 2000 + i
+    got = client.get(f"{BASE}/records?since=2025-11-11T10:32:00&until=2025-11-11T10:34:00Z")
+    assert [r["gzip_size_bytes"] for r in got.json()["records"]] == [2003, 2002]
+    got = client.get(f"{BASE}/records?since=2025-11-11T11:32:00%2B01:00&limit=1")
+    assert [r["gzip_size_bytes"] for r in got.json()["records"]] == [2005]
+    assert client.get(f"{BASE}/records?vmid=101&dom=vm-web-01").json()["count"] == 6
+    assert client.get(f"{BASE}/records?vmid=102").json()["count"] == 0
+    assert client.get(f"{BASE}/records?since=2025-11-12").json()["count"] == 0
+    for bad in ("since=yesterday", "until=2025-13-01", "vmid=a;b", "dom=..", "format=xml"):
+        r = client.get(f"{BASE}/records?{bad}")
+        assert r.status_code == 400 and list(r.json()) == ["detail"], bad
+
+    r = client.get(f"{BASE}/records?format=csv&limit=3&offset=1&since=2025-11-11")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    rows = list(csvmod.reader(io.StringIO(r.text)))
+    assert rows[0] == API_RECORD_FIELDS
+    json_rows = client.get(f"{BASE}/records?limit=3&offset=1").json()["records"]
+    assert rows[1:] == [[str(v) for v in j.values()] for j in json_rows]
+    assert client.get(f"{BASE}/records?format=csv&limit=1001").status_code == 400
+    empty = client.get(f"{BASE}/records?format=csv&vmid=nope")
+    assert empty.text.splitlines() == [",".join(API_RECORD_FIELDS)]

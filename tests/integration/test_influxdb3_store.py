@@ -17,7 +17,7 @@ from memdump.records.influxdb3 import InfluxDB3RecordStore
 from memdump.records.model import DumpRecord
 from memdump.records.outbox import DurableRecorder, Outbox
 from memdump.settings import InfluxDB3Settings, Settings
-from tests.contract import RECORD_FIELDS
+from tests.contract import API_RECORD_FIELDS
 from tests.influxdb3_server import InfluxDB3TestServer
 
 TOKEN = "test-token"
@@ -68,9 +68,9 @@ def test_write_list_stats(cfg: InfluxDB3Settings) -> None:
     store.add(rec(2, "101"))  # a replay of the same record: still one row
     rows = store.list(10, 0)
     assert [r["vmid"] for r in rows] == ["101", "102", "101"]
-    assert list(rows[0]) == RECORD_FIELDS
+    assert list(rows[0]) == API_RECORD_FIELDS
     assert rows[0]["timestamp"] == "2025-11-11T10:32:00.000002"
-    assert rows[0] == rec(2, "101").contract_dict()
+    assert rows[0] == rec(2, "101").api_dict()
     assert [r["sha256"][-1] for r in store.list(1, 1)] == ["1"]
     st = store.stats()
     assert (st.total_dumps, st.total_vms, st.total_size_bytes) == (3, 2, 6000)

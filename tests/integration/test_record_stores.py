@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from memdump.records.base import RecordStore
+from memdump.records.base import RecordQuery, RecordStore
 from memdump.records.influxdb3 import InfluxDB3RecordStore
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import InfluxDB3Settings
-from tests.contract import RECORD_FIELDS
+from tests.contract import API_RECORD_FIELDS
 from tests.influxdb3_server import InfluxDB3TestServer
 
 
@@ -42,7 +42,7 @@ def store(
     return _make(request.param, tmp_path, influx)
 
 
-def rec(i: int, vmid: str) -> DumpRecord:
+def rec(i: int, vmid: str, **extra: str) -> DumpRecord:
     ts = datetime(2025, 11, 11, 10, 0, tzinfo=UTC) + timedelta(seconds=37 * i, microseconds=i)
     return DumpRecord(
         ts,
@@ -58,6 +58,7 @@ def rec(i: int, vmid: str) -> DumpRecord:
         "e" * 64,
         1 << 30,
         "lab",
+        **extra,
     )
 
 
@@ -80,8 +81,8 @@ def test_order_paging_and_fields(store: RecordStore) -> None:
     for r in reversed(DATA):  # written out of order
         store.add(r)
     rows = store.list(1000, 0)
-    assert rows == [r.contract_dict() for r in reversed(DATA)]
-    assert all(list(row) == RECORD_FIELDS for row in rows)
+    assert rows == [r.api_dict() for r in reversed(DATA)]
+    assert all(list(row) == API_RECORD_FIELDS for row in rows)
     assert store.list(3, 2) == rows[2:5]
     assert store.list(5, 100) == []
 
@@ -110,3 +111,88 @@ def test_both_backends_answer_alike(tmp_path: Path, influx: InfluxDB3TestServer)
     for limit, offset in ((1000, 0), (2, 1), (4, 3)):
         assert a.list(limit, offset) == b.list(limit, offset)
     assert a.stats() == b.stats()
+    for q in QUERIES:
+        assert a.list(1000, 0, q) == b.list(1000, 0, q), q
+
+
+T0 = DATA[0].timestamp
+QUERIES = [
+    RecordQuery(vmid="101"),
+    RecordQuery(dom="vm-102"),
+    RecordQuery(since=DATA[2].timestamp),
+    RecordQuery(until=DATA[2].timestamp),
+    RecordQuery(since=DATA[1].timestamp, until=DATA[5].timestamp, vmid="101"),
+    RecordQuery(vmid="nope"),
+    RecordQuery(since=DATA[5].timestamp, until=DATA[1].timestamp),
+    RecordQuery(dump_path=DATA[3].dump_path),
+]
+
+
+@pytest.mark.parametrize("q", QUERIES, ids=[str(i) for i in range(len(QUERIES))])
+def test_filters(store: RecordStore, q: RecordQuery) -> None:
+    for r in DATA:
+        store.add(r)
+
+    def wanted(r: DumpRecord) -> bool:
+        return (
+            (q.since is None or r.timestamp >= q.since)
+            and (q.until is None or r.timestamp < q.until)
+            and (q.vmid is None or r.vmid == q.vmid)
+            and (q.dom is None or r.dom == q.dom)
+            and (q.dump_path is None or r.dump_path == q.dump_path)
+        )
+
+    want = [r.api_dict() for r in reversed(DATA) if wanted(r)]
+    assert store.list(1000, 0, q) == want
+    assert store.list(1, 1, q) == want[1:2]
+
+
+def test_extras_round_trip(store: RecordStore) -> None:
+    r = rec(9, "105", manifest_sha256="f" * 64, analysis="passed")
+    store.add(r)
+    (row,) = store.list(10, 0)
+    assert row["manifest_sha256"] == "f" * 64 and row["analysis"] == "passed"
+    assert list(row) == API_RECORD_FIELDS
+
+
+def test_sqlite_store_from_before_the_extras_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as c:  # the first release's schema
+        c.execute(
+            "CREATE TABLE mem_dumps (time_us INTEGER NOT NULL, dom TEXT NOT NULL, vmid TEXT"
+            " NOT NULL, sha256 TEXT NOT NULL, duration_sec REAL NOT NULL, gzip_size_bytes"
+            " INTEGER NOT NULL, ctime INTEGER NOT NULL, mtime INTEGER NOT NULL, atime INTEGER"
+            " NOT NULL, dump_path TEXT NOT NULL, gz_sha256 TEXT NOT NULL, raw_size_bytes"
+            " INTEGER NOT NULL, hypervisor TEXT NOT NULL, PRIMARY KEY (vmid, time_us, sha256))"
+        )
+        c.execute(
+            "INSERT INTO mem_dumps VALUES (1, 'vm-1', '1', 'a', 1.0, 2, 3, 4, 5, '/d/1.mem.gz',"
+            " 'b', 6, 'lab')"
+        )
+    c.close()
+    s = SQLiteRecordStore(db)
+    s.add(rec(1, "102", analysis="passed"))
+    rows = s.list(10, 0)
+    assert [r["analysis"] for r in rows] == ["passed", ""]
+    assert rows[1]["manifest_sha256"] == ""
+
+
+def test_influx_table_from_before_the_extras_is_read(influx: InfluxDB3TestServer) -> None:
+    from influxdb_client_3 import InfluxDBClient3, Point, WritePrecision
+
+    db = f"db{uuid.uuid4().hex}"
+    old = (
+        Point("mem_dumps").tag("dom", "vm-1").tag("vmid", "1")
+        .field("sha256", "a").field("duration_sec", 1.0).field("gzip_size_bytes", 2)
+        .field("ctime", 3).field("mtime", 4).field("atime", 5).field("dump_path", "/d/1.mem.gz")
+        .field("gz_sha256", "b").field("raw_size_bytes", 6).field("hypervisor", "lab")
+        .time(1_000_000_000, WritePrecision.NS)
+    )  # fmt: skip
+    with InfluxDBClient3(host=influx.url, database=db, token="t") as c:
+        c.write(record=old)
+    s = InfluxDB3RecordStore(InfluxDB3Settings(url=influx.url, token="t", database=db))
+    (row,) = s.list(10, 0)
+    assert row["dump_path"] == "/d/1.mem.gz" and row["manifest_sha256"] == row["analysis"] == ""
+    assert list(row) == API_RECORD_FIELDS

@@ -30,8 +30,8 @@ class FlakyStore:
             raise RecordStoreError("timeout reading the response", retryable=True)
         return new
 
-    def list(self, limit: int, offset: int) -> list[dict[str, Any]]:
-        return self.inner.list(limit, offset)
+    def list(self, limit: int, offset: int, query: Any = None) -> list[dict[str, Any]]:
+        return self.inner.list(limit, offset, query)
 
     def stats(self) -> Stats:
         return self.inner.stats()

@@ -1,7 +1,7 @@
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from memdump.records.model import CONTRACT_FIELDS, DumpRecord
+from memdump.records.model import API_FIELDS, DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 
 T0 = datetime(2025, 11, 11, 10, 30, 0, 123456, tzinfo=UTC)
@@ -32,7 +32,7 @@ def test_add_is_idempotent_and_listing_is_newest_first(tmp_path: Path) -> None:
     assert not s.add(rec(1))  # replay of the same record
     rows = s.list(10, 0)
     assert [r["sha256"][-1] for r in rows] == ["2", "1", "0"]
-    assert list(rows[0]) == list(CONTRACT_FIELDS)
+    assert list(rows[0]) == list(API_FIELDS)
     assert rows[2]["timestamp"] == "2025-11-11T10:30:00.123456"
     assert [r["sha256"][-1] for r in s.list(1, 1)] == ["1"]
     assert s.list(10, 5) == []
