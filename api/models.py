@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 ID_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -99,3 +100,39 @@ class OutboxResponse(BaseModel):
     depth: int = Field(description="Records captured but not yet in the record store")
     oldest_queued_at: str | None = Field(description="When the oldest waiting record was queued")
     last_error: str | None = Field(description="Why the store did not take the last one")
+
+
+class VerifyRequest(BaseModel):
+    """Which dump to verify: its ``dump_path`` as recorded, or its ``vmid`` and
+    ``timestamp`` (as /records shows them)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["dump_path"],
+                    "not": {"anyOf": [{"required": ["vmid"]}, {"required": ["timestamp"]}]},
+                },
+                {"required": ["vmid", "timestamp"], "not": {"required": ["dump_path"]}},
+            ]
+        },
+    )
+
+    dump_path: Annotated[str, Field(max_length=4096)] | SkipJsonSchema[None] = None
+    vmid: (
+        Annotated[str, Field(max_length=128, json_schema_extra={"pattern": ID_PATTERN})]
+        | SkipJsonSchema[None]
+    ) = None
+    timestamp: (
+        Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
+        | SkipJsonSchema[None]
+    ) = None
+
+
+class VerifyResponse(BaseModel):
+    status: Literal["verified", "mismatch", "missing"]
+    dump_path: str
+    detail: str = Field(description="What matched, or what differs")
+    checks: dict[str, Any] = Field(description="Each comparison: expected, actual, ok")
+    seconds: float

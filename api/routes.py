@@ -7,7 +7,7 @@ import io
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -24,6 +24,8 @@ from api.models import (
     StatusResponse,
     TriggerRequest,
     TriggerResponse,
+    VerifyRequest,
+    VerifyResponse,
 )
 from api.runs import Runs
 from api.status import map_state
@@ -32,6 +34,7 @@ from memdump.identifiers import validate_id
 from memdump.records.base import RecordQuery
 from memdump.records.model import API_FIELDS, iso_utc
 from memdump.targets import ALL
+from memdump.verify import verify
 
 # Larger offsets cannot be passed to the stores (SQLite integers are 64-bit).
 MAX_OFFSET = 2**53 - 1
@@ -288,3 +291,40 @@ def _check_rate(runs: Runs, interval: float) -> None:
             f"Too many triggers: at most one every {interval:g} s; retry in {wait} s",
             headers={"Retry-After": str(wait)},
         )
+
+
+@router.post(
+    "/verify",
+    response_model=VerifyResponse,
+    responses={
+        **BAD_REQUEST,
+        404: {"model": ErrorBody, "description": "no record for that dump"},
+        **TOO_LARGE,
+        **SERVER_ERROR,
+    },
+    dependencies=[Depends(require_json)],
+    summary="Re-read a recorded dump (local or S3) and check both hashes and its manifest",
+)
+def verify_dump(body: VerifyRequest, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+    # Only dumps the store knows are read: a path from the request never opens a file
+    # by itself, it only selects a record.
+    if body.dump_path is not None and body.vmid is None and body.timestamp is None:
+        query = RecordQuery(dump_path=body.dump_path)
+        what = body.dump_path
+    elif body.dump_path is None and body.vmid is not None and body.timestamp is not None:
+        try:
+            validate_id(body.vmid)
+        except MemdumpError as exc:
+            raise HTTPException(400, str(exc)) from None
+        ts = _instant("timestamp", body.timestamp)
+        assert ts is not None  # noqa: S101 - checked above
+        query = RecordQuery(vmid=body.vmid, since=ts, until=ts + timedelta(microseconds=1))
+        what = f"{body.vmid} at {body.timestamp}"
+    else:
+        raise HTTPException(400, "Give either dump_path, or vmid and timestamp")
+    with _answer_500("Error fetching records"):
+        rows = store.list(1, 0, query)
+    if not rows:
+        raise HTTPException(404, f"No record for {what}")
+    with _answer_500("Error verifying dump"):
+        return verify(rows[0], settings).to_dict()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.futures import PrefectFuture
@@ -80,7 +80,9 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
     capture = capture_vm.with_options(
         retries=settings.capture_retries, retry_delay_seconds=settings.capture_retry_delay_sec
     )
-    captured = capture.map([t[0] for t in targets], [t[1] for t in targets])
+    captured = capture.map(
+        [t[0] for t in targets], [t[1] for t in targets], source=unmapped(source)
+    )
     offload = offload_dump.with_options(
         retries=settings.offload_retries, retry_delay_seconds=settings.capture_retry_delay_sec
     )

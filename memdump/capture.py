@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from memdump.errors import InsufficientSpaceError, VMNotRunningError
+from memdump import manifest
+from memdump.analysis import analyze
+from memdump.errors import InsufficientSpaceError, MemdumpError, VMNotRunningError
 from memdump.hypervisors import Driver, VMInfo, VMRef
 from memdump.pipeline import PipelineResult, ProgressFn, write_dump
 from memdump.records.model import DumpRecord
@@ -20,6 +24,7 @@ class Capture:
     record: DumpRecord
     info: VMInfo
     pipeline: PipelineResult
+    manifest: dict[str, Any]
 
 
 def capture(
@@ -28,7 +33,10 @@ def capture(
     settings: Settings,
     *,
     progress: ProgressFn | None = None,
+    trigger: Mapping[str, str] | None = None,
 ) -> Capture:
+    """``trigger``: what started the capture (``source``: api, schedule, cli; and the
+    orchestrator's run id), recorded in the manifest."""
     info = driver.snapshot(ref)
     if not info.running:
         raise VMNotRunningError(
@@ -42,8 +50,9 @@ def capture(
     t0 = time.monotonic()
     deadline = t0 + settings.capture_timeout_sec
     filename = f"{ref.vmid}_{int(started.timestamp())}.mem.gz"
+    source = driver.open_dump(ref)
     result = write_dump(
-        driver.open_dump(ref),
+        source,
         settings.dump_dir.resolve(),
         filename,
         level=settings.compression_level,
@@ -51,6 +60,37 @@ def capture(
         deadline=deadline,
     )
     duration = round(time.monotonic() - t0, 3)
+    ended = datetime.now(UTC)
+    # After the guest runs again: the check reads the finished file, not the stream.
+    analysis = (
+        analyze(
+            result.path,
+            samples=settings.analysis_samples,
+            banners=settings.analysis_banners,
+            work_dir=settings.analysis_work_dir,
+        )
+        if settings.analysis
+        else None
+    )
+    doc = manifest.build(
+        info,
+        result,
+        started=started,
+        ended=ended,
+        pause_window=getattr(source, "pause_window", None),
+        dump_format=getattr(source, "dump_format", "elf"),
+        staging=getattr(source, "staging", "fifo"),
+        compression=f"gzip (ISA-L level {settings.compression_level})",
+        trigger=trigger,
+        analysis=analysis.to_dict() if analysis else None,
+        driver=getattr(driver, "kind", type(driver).__name__),
+    )
+    try:
+        _, manifest_sha = manifest.write(result.path, doc)
+    except MemdumpError:
+        # A dump without its manifest is not evidence we can stand behind: nothing kept.
+        result.path.unlink(missing_ok=True)
+        raise
     st = os.stat(result.path)
     record = DumpRecord(
         timestamp=started,
@@ -66,8 +106,10 @@ def capture(
         gz_sha256=result.gz_sha256,
         raw_size_bytes=result.raw_bytes,
         hypervisor=ref.hypervisor,
+        manifest_sha256=manifest_sha,
+        analysis=analysis.status if analysis else "skipped",
     )
-    return Capture(record, info, result)
+    return Capture(record, info, result, doc)
 
 
 def _check_space(settings: Settings, info: VMInfo) -> None:

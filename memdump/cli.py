@@ -68,6 +68,37 @@ def cmd_clean(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if out.errors else 0
 
 
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    """Verify recorded dumps: one per path given, or all since ``--since-days``. One JSON
+    line each; exit 1 unless every one is verified."""
+    from datetime import UTC, datetime, timedelta
+
+    from memdump.records import open_store
+    from memdump.records.base import RecordQuery
+    from memdump.verify import verify
+
+    store = open_store(settings)
+    rows: list[dict[str, object]] = []
+    for path in args.dump_paths:
+        found = store.list(1, 0, RecordQuery(dump_path=path))
+        if not found:
+            print(json.dumps({"status": "unknown", "dump_path": path, "detail": "no record"}))
+            rows.append({})
+        rows.extend(found)
+    if args.since_days is not None:
+        since = datetime.now(UTC) - timedelta(days=args.since_days)
+        offset = 0
+        while page := store.list(1000, offset, RecordQuery(since=since)):
+            rows.extend(page)
+            offset += len(page)
+    bad = sum(1 for r in rows if not r)
+    for row in (r for r in rows if r):
+        v = verify(row, settings)
+        bad += v.status != "verified"
+        print(json.dumps(v.to_dict()), flush=True)
+    return 1 if bad else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="memdump", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,7 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="seconds (default MEMDUMP_CLEANUP_MIN_AGE_SEC); younger leftovers are kept",
     )
+    p = sub.add_parser("verify", help="re-read recorded dumps and check hashes and manifests")
+    p.add_argument("dump_paths", nargs="*", help="dump_path of a record (local or s3://)")
+    p.add_argument("--since-days", type=float, help="every record of the last N days")
     args = parser.parse_args(argv)
+    if args.command == "verify" and not args.dump_paths and args.since_days is None:
+        parser.error("verify: give dump paths or --since-days")
     try:
         settings = Settings()
         if args.command == "serve":
@@ -93,7 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(settings)
         if args.command == "clean" and args.min_age is None:
             args.min_age = settings.cleanup_min_age_sec
-        handler = {"vms": cmd_vms, "capture": cmd_capture, "clean": cmd_clean}[args.command]
+        handler = {
+            "vms": cmd_vms,
+            "capture": cmd_capture,
+            "clean": cmd_clean,
+            "verify": cmd_verify,
+        }[args.command]
         return handler(settings, args)
     except MemdumpError as exc:
         print(f"memdump: {exc}", file=sys.stderr)

@@ -164,6 +164,13 @@ class Settings(BaseSettings):
     capture_timeout_sec: float = Field(default=300.0, gt=0)
     ssh: SSHTuning = Field(default_factory=SSHTuning)
 
+    # Post-capture check that the dump opens in Volatility 3 (memdump.analysis); its result
+    # goes into the manifest and the record's `analysis` field.
+    analysis: bool = True
+    analysis_banners: bool = True  # also look for OS banners (Linux, Windows, macOS)
+    analysis_samples: int = Field(default=32, ge=0, le=4096)
+    analysis_work_dir: Path | None = None  # temp copy for random access; default: dump dir
+
     # Orchestration (Prefect): retries for retryable errors only; limits hold across
     # workers because they are Prefect global concurrency limits.
     capture_retries: int = Field(default=2, ge=0, le=10)

@@ -17,11 +17,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import State
 from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from memdump.capture import capture
 from memdump.errors import CaptureTimeoutError
 from memdump.hypervisors import open_driver
+from memdump.manifest import manifest_path
 from memdump.records import open_recorder
 from memdump.records.model import DumpRecord
 from memdump.settings import Settings
@@ -57,8 +59,10 @@ class _Progress:
 
 
 @task(name="capture-vm", retry_condition_fn=retry_if_retryable, retries=2, retry_delay_seconds=5)
-def capture_vm(vm_id: str, hypervisor: str | None = None) -> DumpRecord | State[Any]:
-    """snapshot -> dump -> stream of one VM into a verified .mem.gz."""
+def capture_vm(
+    vm_id: str, hypervisor: str | None = None, source: str = "api"
+) -> DumpRecord | State[Any]:
+    """snapshot -> dump -> stream of one VM into a verified .mem.gz (+ its manifest)."""
     settings = Settings()
     logger = get_run_logger()
     hvs = [settings.hypervisor(hypervisor)] if hypervisor else settings.inventory
@@ -74,7 +78,10 @@ def capture_vm(vm_id: str, hypervisor: str | None = None) -> DumpRecord | State[
             )
             logger.info("capturing %s on %s", ref.name, ref.hypervisor)
             try:
-                result = capture(driver, ref, settings, progress=_Progress(artifact))
+                trigger = {"source": source, "flow_run_id": str(flow_run.id or "")}
+                result = capture(
+                    driver, ref, settings, progress=_Progress(artifact), trigger=trigger
+                )
             except CaptureTimeoutError as exc:
                 return Failed(name=TIMED_OUT, message=f"{ref.vmid}: {exc}")
         rec = result.record
@@ -103,13 +110,18 @@ def offload_dump(record: DumpRecord) -> DumpRecord:
         return record
     from memdump.storage import S3Store
 
-    obj = S3Store(s3).upload(
-        Path(record.dump_path), gz_sha256=record.gz_sha256, size=record.gzip_size_bytes
-    )
+    store = S3Store(s3)
+    dump = Path(record.dump_path)
+    obj = store.upload(dump, gz_sha256=record.gz_sha256, size=record.gzip_size_bytes)
+    # The manifest goes beside the object (same key, .manifest.json), verified the same way.
+    mpath = manifest_path(dump)
+    if record.manifest_sha256:
+        store.upload(mpath, gz_sha256=record.manifest_sha256, size=mpath.stat().st_size)
     get_run_logger().info("offloaded %s to %s (%d bytes)", record.vmid, obj.uri, obj.size)
     if s3.keep_local:
         return record
-    Path(record.dump_path).unlink()
+    dump.unlink()
+    mpath.unlink(missing_ok=True)
     return dataclasses.replace(record, dump_path=obj.uri)
 
 

@@ -31,6 +31,8 @@ class VMInfo:
     hypervisor_host: str
     versions: dict[str, str] = field(default_factory=dict)
     taken_at: datetime | None = None
+    domain_xml_sha256: str = ""  # of the hypervisor's definition of the VM, as it printed it
+    host_key: str = ""  # the hypervisor's verified SSH host key ("" over a local transport)
 
     @property
     def running(self) -> bool:

@@ -12,6 +12,9 @@ alone).
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime
+
 from memdump.errors import HypervisorError
 from memdump.transport.base import Transport
 
@@ -45,6 +48,21 @@ for d in "${TMPDIR:-/tmp}"/memdump.??????????; do
 done
 exit 0
 """
+
+
+_WINDOW = re.compile(r"^memdump-pause-window (\d+(?:\.\d+)?) (\d+(?:\.\d+)?)$", re.M)
+
+
+def pause_window(stderr: str) -> tuple[str, tuple[datetime, datetime] | None]:
+    """Split a dump script's stderr into the dump tool's own messages and the window the
+    script measured around it (``memdump-pause-window T0 T1``, hypervisor clock): the
+    guest is paused within it, so it bounds the guest's downtime from outside."""
+    m = _WINDOW.search(stderr)
+    if m is None:
+        return stderr.strip(), None
+    rest = (stderr[: m.start()] + stderr[m.end() :]).strip()
+    t0, t1 = (datetime.fromtimestamp(float(x), UTC) for x in m.groups())
+    return rest, (t0, t1)
 
 
 def clean_stale(transport: Transport, hypervisor: str, min_age_sec: float = 60.0) -> list[str]:

@@ -13,7 +13,7 @@ from memdump.errors import (
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
-from memdump.hypervisors.fifo import PROLOGUE, clean_stale
+from memdump.hypervisors.fifo import PROLOGUE, clean_stale, pause_window
 from memdump.identifiers import validate_id
 from memdump.settings import HypervisorConfig
 from memdump.transport.base import ByteStream, CommandResult, Transport
@@ -24,6 +24,10 @@ _LIST = 'export LC_ALL=C; exec virsh -q -c "$1" list --name'
 # $1 = URI, $2 = domain (id, name or UUID)
 _INFO = """export LC_ALL=C
 virsh -c "$1" dominfo "$2" || exit $?
+# The digest of virsh's output byte for byte (no $(...), which would drop newlines); the
+# first call only tells whether there is a definition to digest (sh has no pipefail).
+virsh -c "$1" dumpxml "$2" >/dev/null 2>&1 &&
+  echo "Memdump domain xml digest: $(virsh -c "$1" dumpxml "$2" | sha256sum | cut -d' ' -f1)"
 echo '--memdump-versions--'
 virsh -c "$1" version || true
 hostname
@@ -43,13 +47,16 @@ umask 077
 cat "$d/mem" 8>&- &
 reader=$!
 echo "$reader" >"$d/reader"
+t0=$(date +%s.%N)
 virsh -c "$1" dump --memory-only --format elf "$2" "$d/mem" >/dev/null 2>"$d/err" 8>&-
 rc=$?
+t1=$(date +%s.%N)
 [ "$rc" -eq 0 ] || kill "$reader" 2>/dev/null
 wait "$reader"
 rrc=$?
 reader=
 cat "$d/err" >&2
+echo "memdump-pause-window $t0 $t1" >&2
 [ "$rc" -eq 0 ] || exit "$rc"
 [ "$rrc" -eq 0 ] || exit 92
 exit 0
@@ -63,6 +70,8 @@ _FIELD = re.compile(r"^([A-Za-z() ]+):\s*(.*)$")
 
 
 class LibvirtDriver:
+    kind = "libvirt"
+
     def __init__(self, hv: HypervisorConfig, transport: Transport) -> None:
         self.name = hv.name
         self._uri = hv.libvirt_uri
@@ -117,6 +126,8 @@ class LibvirtDriver:
             versions["hypervisor"] = ver["Running hypervisor"].strip()
         dom_id = info.get("Id", "-")
         return VMInfo(
+            domain_xml_sha256=info.get("Memdump domain xml digest", ""),
+            host_key=self._t.host_key_fingerprint(),
             ref=ref,
             uuid=info.get("UUID", ""),
             domain_id=None if dom_id == "-" else dom_id,
@@ -156,20 +167,24 @@ class _VirshDump:
         self._ref = ref
         self._stop = stop
         self._aborted = False
+        self.pause_window: tuple[datetime, datetime] | None = None
+        self.dump_format = "ELF64 core: virsh dump --memory-only --format elf"
+        self.staging = "fifo"
 
     def readinto(self, view: memoryview) -> int:
         return self._s.readinto(view)
 
     def close_ok(self) -> None:
         res = self._s.finish(timeout=60.0)
+        stderr, self.pause_window = pause_window(res.stderr_text)
         if res.returncode != 0:
             raise DumpFailedError(
                 f"virsh dump of {self._ref.name} on {self._hv} failed "
-                f"(exit {res.returncode}): {res.stderr_text or 'no message'}",
+                f"(exit {res.returncode}): {stderr or 'no message'}",
                 hypervisor=self._hv,
                 vm_id=self._ref.vmid,
                 exit_code=res.returncode,
-                stderr=res.stderr_text[-2000:],
+                stderr=stderr[-2000:],
             )
 
     def abort(self) -> None:

@@ -53,6 +53,11 @@ class Transport(Protocol):
 
     def stream(self, script: str, args: Sequence[str] = ()) -> ByteStream: ...
 
+    def host_key_fingerprint(self) -> str:
+        """The verified host key of the hypervisor ("ssh-ed25519 SHA256:..."), "" if the
+        transport has none (local). For the manifest: which host answered."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -37,5 +37,8 @@ class LocalTransport:
     def stream(self, script: str, args: Sequence[str] = ()) -> ProcessByteStream:
         return start_stream(sh_command(script, args), stall=self._stall, what="local")
 
+    def host_key_fingerprint(self) -> str:
+        return ""
+
     def close(self) -> None:
         pass

@@ -154,6 +154,13 @@ class SSHTransport:
         self._client = client
         return client
 
+    def host_key_fingerprint(self) -> str:
+        t = self._connected().get_transport()
+        if t is None:  # pragma: no cover - _connected returns an active transport
+            return ""
+        key = t.get_remote_server_key()  # checked against known_hosts on connect
+        return f"{key.get_name()} {key.fingerprint}"
+
     def _open_channel(self, command: str, op: str) -> paramiko.Channel:
         client = self._connected()
         try:

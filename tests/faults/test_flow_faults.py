@@ -70,7 +70,9 @@ def test_ssh_session_killed_mid_stream_is_retried(
     vm, real_capture = "vm-db-01", task_module.capture
     attempts: list[int] = []
 
-    def capture_with_a_cut(driver: Any, ref: Any, settings: Any, progress: Any = None) -> Any:
+    def capture_with_a_cut(
+        driver: Any, ref: Any, settings: Any, progress: Any = None, trigger: Any = None
+    ) -> Any:
         attempts.append(1)
 
         def hook(done: int, total: int | None) -> None:
@@ -79,7 +81,7 @@ def test_ssh_session_killed_mid_stream_is_retried(
             if progress:
                 progress(done, total)
 
-        return real_capture(driver, ref, settings, progress=hook)
+        return real_capture(driver, ref, settings, progress=hook, trigger=trigger)
 
     killed: list[int] = []
     monkeypatch.setattr(task_module, "capture", capture_with_a_cut)

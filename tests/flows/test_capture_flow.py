@@ -83,14 +83,18 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
     monkeypatch.setenv("MEMDUMP_CAPTURE_RETRY_DELAY_SEC", "0")
     calls: dict[str, int] = {}
     plan: dict[str, list[Exception | None]] = {}
+    triggers: list[Any] = []
 
     def find(drivers: list[Any], vm_id: str) -> tuple[Any, VMRef]:
         if vm_id.startswith("unknown"):
             raise VMNotFoundError(f"no VM {vm_id!r}", vm_id=vm_id)
         return FakeDriver(), VMRef("fakehv", vm_id, vm_id)
 
-    def capture(driver: Any, ref: VMRef, settings: Any, progress: Any = None) -> Capture:
+    def capture(
+        driver: Any, ref: VMRef, settings: Any, progress: Any = None, trigger: Any = None
+    ) -> Capture:
         calls[ref.vmid] = calls.get(ref.vmid, 0) + 1
+        triggers.append(trigger)
         steps = plan.get(ref.vmid, [])
         err = steps.pop(0) if steps else None
         if err is not None:
@@ -98,12 +102,12 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
         if progress:
             progress(50, 100)
             progress(100, 100)
-        return Capture(_record(ref.vmid, tmp_path), None, None)  # type: ignore[arg-type]
+        return Capture(_record(ref.vmid, tmp_path), None, None, {})  # type: ignore[arg-type]
 
     monkeypatch.setattr("tasks.capture.find", find)
     monkeypatch.setattr("tasks.capture.capture", capture)
     monkeypatch.setattr("tasks.capture.open_driver", lambda hv, ssh: FakeDriver())
-    return {"calls": calls, "plan": plan, "db": tmp_path / "records.db"}
+    return {"calls": calls, "plan": plan, "db": tmp_path / "records.db", "triggers": triggers}
 
 
 def test_flow_retries_retryable_errors_and_records(fake_engine: dict[str, Any]) -> None:
@@ -120,6 +124,11 @@ def test_flow_retries_retryable_errors_and_records(fake_engine: dict[str, Any]) 
     assert fake_engine["calls"] == {"vm-a": 2, "vm-b": 1}  # retried once, never retried
     rows = SQLiteRecordStore(fake_engine["db"]).list(10, 0)
     assert [r["vmid"] for r in rows] == ["vm-a"]
+    # What started each capture goes into its manifest: the source and this flow run.
+    assert {t["source"] for t in fake_engine["triggers"]} == {"test"}
+    assert {t["flow_run_id"] for t in fake_engine["triggers"]} == {
+        str(state.state_details.flow_run_id)
+    }
 
 
 def test_flow_timeout_is_timed_out(fake_engine: dict[str, Any]) -> None:

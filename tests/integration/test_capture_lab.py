@@ -10,7 +10,9 @@ import stat
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +20,12 @@ from memdump.capture import capture
 from memdump.elfcore import parse_core
 from memdump.errors import DumpFailedError, VMNotFoundError
 from memdump.hypervisors import Driver, VMRef, open_driver
+from memdump.manifest import manifest_path
+from memdump.records.model import DumpRecord
 from memdump.settings import Settings
 from memdump.targets import find, list_all
 from tests.contract import RECORD_FIELDS
-from tests.integration.conftest import layout, remote_temp_dirs, virsh
+from tests.integration.conftest import URI, layout, remote_temp_dirs, virsh
 
 VM = "vm-web-01"
 
@@ -75,10 +79,67 @@ def test_dump_is_byte_exact_with_markers(
     assert d["dom"] == VM and d["vmid"] == VM and len(d["sha256"]) == 64
     assert Path(d["dump_path"]).name == f"{VM}_{int(rec.timestamp.timestamp())}.mem.gz"
     assert stat.S_IMODE(os.stat(rec.dump_path).st_mode) == 0o600
-    assert sorted(p.name for p in settings.dump_dir.iterdir()) == [Path(rec.dump_path).name]
+    mpath = manifest_path(Path(rec.dump_path))
+    assert sorted(p.name for p in settings.dump_dir.iterdir()) == sorted(
+        [Path(rec.dump_path).name, mpath.name]
+    )
+    check_manifest(mpath, rec, lab_dir)
     assert info.memory_bytes == vm_layout["memory_bytes"]
     assert info.uuid and info.versions.get("libvirt") and "QEMU" in info.versions["hypervisor"]
     assert remote_temp_dirs() == []
+
+
+def check_manifest(mpath: Path, rec: DumpRecord, lab_dir: Path) -> dict[str, Any]:
+    """The manifest of a real lab capture: every field there and every hash right."""
+    data = mpath.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == rec.manifest_sha256
+    assert stat.S_IMODE(os.stat(mpath).st_mode) == 0o600
+    m = json.loads(data)
+    assert set(m) == {
+        "manifest_version", "memdump_version", "vm", "hypervisor", "capture", "output", "analysis"
+    }  # fmt: skip
+    assert m["manifest_version"] == 1 and m["memdump_version"]
+    vm = rec.dom
+    xml = subprocess.run(
+        ["virsh", "-c", URI, "dumpxml", vm], capture_output=True, check=True
+    ).stdout
+    assert m["vm"] == {
+        "name": vm,
+        "vmid": rec.vmid,
+        "uuid": virsh("domuuid", vm).strip(),
+        "domain_id": virsh("domid", vm).strip(),
+        "state_before": m["vm"]["state_before"],
+        "memory_bytes": layout(lab_dir, vm)["memory_bytes"],
+        "domain_xml_sha256": hashlib.sha256(xml).hexdigest(),
+    }
+    assert m["vm"]["state_before"] in ("running", "paused")
+    hv = m["hypervisor"]
+    fp = subprocess.run(
+        ["ssh-keygen", "-lf", str(lab_dir / "ssh" / "ssh_host_ed25519_key.pub")],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()[1]  # fmt: skip
+    assert hv["ssh_host_key"] == f"ssh-ed25519 {fp}"
+    assert hv["name"] == "lab" and hv["driver"] == "libvirt" and hv["host"]
+    assert hv["versions"]["libvirt"] and "QEMU" in hv["versions"]["hypervisor"]
+    cap = m["capture"]
+    assert cap["format"].startswith("ELF64 core") and cap["staging"] == "fifo"
+    t = {k: datetime.fromisoformat(cap[k]) for k in cap if k.endswith("_at")}
+    # The pause window sits inside start..end (one clock here; 50 ms of slack).
+    slack = timedelta(milliseconds=50)
+    assert t["started_at"] - slack <= t["guest_paused_at"] <= t["guest_resumed_at"]
+    assert t["guest_resumed_at"] <= t["ended_at"] + slack
+    assert 0 < cap["pause_window_sec"] <= cap["duration_sec"] + 0.05
+    assert datetime.fromisoformat(cap["started_at"]) == rec.timestamp
+    assert m["output"] == {
+        "file": Path(rec.dump_path).name,
+        "raw_sha256": rec.sha256,
+        "raw_bytes": rec.raw_size_bytes,
+        "gz_sha256": rec.gz_sha256,
+        "gz_bytes": rec.gzip_size_bytes,
+        "compression": "gzip (ISA-L level 1)",
+    }
+    assert m["analysis"]["status"] == rec.analysis
+    return dict(m)
 
 
 def test_unknown_vm_is_a_clear_error_and_writes_nothing(driver: Driver, settings: Settings) -> None:
