@@ -14,10 +14,12 @@ import contextlib
 import fcntl
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memdump.analysis import TEMP_PREFIX
 from memdump.errors import MemdumpError
 from memdump.hypervisors import open_driver
 from memdump.settings import Settings
@@ -60,12 +62,40 @@ def clean_parts(dump_dir: Path, min_age_sec: float = 60.0) -> list[Path]:
     return removed
 
 
+def clean_analysis_dirs(work_dir: Path, min_age_sec: float = 60.0) -> list[Path]:
+    """Remove temporary copies of memdump.analysis whose check is gone (it holds an
+    exclusive flock on the directory while it runs)."""
+    removed: list[Path] = []
+    if not work_dir.is_dir():
+        return removed
+    now = time.time()
+    for d in sorted(work_dir.glob(TEMP_PREFIX + "*")):
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a check is running
+            if now - os.fstat(fd).st_mtime < min_age_sec:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def clean_leftovers(settings: Settings, min_age_sec: float = 60.0) -> Cleanup:
     """Local ``.part`` files and every hypervisor's stale dump directories.
 
     An unreachable hypervisor is reported, not raised: a worker must still start.
     """
     out = Cleanup(local=clean_parts(settings.dump_dir, min_age_sec))
+    for work_dir in {settings.dump_dir, settings.analysis_work_dir or settings.dump_dir}:
+        out.local += clean_analysis_dirs(work_dir, min_age_sec)
     for part in out.local:
         log.warning("removed %s, left by a capture that never finished", part)
     for hv in settings.inventory:

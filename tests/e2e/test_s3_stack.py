@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3  # type: ignore[import-untyped]
 import pytest
 
+from memdump.manifest import manifest_key
 from memdump.records.influxdb3 import InfluxDB3RecordStore
 from memdump.settings import InfluxDB3Settings, S3Settings
 from memdump.storage import S3Store
@@ -97,6 +99,19 @@ def test_offload_then_outage(
     body = b"".join(store.open_stream(key))
     assert len(body) == rec["gzip_size_bytes"]
     assert hashlib.sha256(gzip.decompress(body)).hexdigest() == rec["sha256"]
+    # The manifest sits beside the object, and the record holds its hash.
+    mkey = manifest_key(key)
+    assert mkey == key.removesuffix(".mem.gz") + ".manifest.json"
+    manifest = b"".join(store.open_stream(mkey))
+    assert hashlib.sha256(manifest).hexdigest() == rec["manifest_sha256"]
+    assert json.loads(manifest)["output"]["gz_sha256"] == rec["gz_sha256"]
+    assert list(dumps.glob("*.manifest.json")) == []  # gone locally with the dump
+    # Verification re-reads the object from S3.
+    code, v = s3stack.call("POST", f"{BASE}/verify", {"dump_path": rec["dump_path"]})
+    assert code == 200 and v["status"] == "verified", v
+    store.delete(key)  # the object is deleted behind our back
+    code, v = s3stack.call("POST", f"{BASE}/verify", {"dump_path": rec["dump_path"]})
+    assert code == 200 and v["status"] == "missing", v
 
     stop(proc)  # S3 goes away
     code, _ = s3stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["vm-web-01"]})

@@ -140,3 +140,21 @@ def test_live_young_and_foreign_dirs_are_kept(
 
     assert clean_stale(LocalTransport(), "hv", 30) == []
     assert live.exists() and young.exists() and target.exists() and other_name.exists()
+
+
+def test_analysis_copies_of_a_killed_check_are_removed(tmp_path: Path) -> None:
+    from memdump.analysis import TEMP_PREFIX
+    from memdump.leftovers import clean_analysis_dirs
+
+    stale, live = tmp_path / f"{TEMP_PREFIX}a", tmp_path / f"{TEMP_PREFIX}b"
+    for d in (stale, live):
+        d.mkdir(mode=0o700)
+        (d / "core.elf").write_bytes(b"\0" * 4096)
+        os.utime(d, (OLD, OLD))
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a running analyze() holds
+    try:
+        assert clean_analysis_dirs(tmp_path, 60) == [stale]
+    finally:
+        os.close(fd)
+    assert not stale.exists() and live.exists()
