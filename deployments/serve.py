@@ -14,12 +14,14 @@ from typing import Any
 from prefect import serve
 
 from flows.capture import capture_vms
+from flows.verify import verify_dumps
 from memdump.leftovers import clean_leftovers
 from memdump.records import open_recorder
 from memdump.settings import Settings
 from tasks.limits import ensure_limits
 
 WEEKLY_CRON = "0 2 * * 1"
+VERIFY_CRON = "0 4 * * 0"
 
 
 def build_deployments(settings: Settings) -> list[Any]:
@@ -35,7 +37,14 @@ def build_deployments(settings: Settings) -> list[Any]:
         tags=["memdump"],
         description="Every VM of the inventory, Mondays 02:00 (server time zone: UTC)",
     )
-    return [on_demand, weekly]
+    verify = verify_dumps.to_deployment(
+        name="verify-weekly",
+        cron=VERIFY_CRON,
+        parameters={"days": settings.verify_days},
+        tags=["memdump"],
+        description="Re-read and check every dump of the last days (Sundays 04:00 UTC)",
+    )
+    return [on_demand, weekly, verify]
 
 
 def replay_outbox(settings: Settings) -> None:

@@ -50,19 +50,25 @@ def _outcome(future: PrefectFuture[Any]) -> tuple[str, DumpRecord | None, str]:
     return "failed", None, error
 
 
+def _flag(analysis: str) -> str:
+    # A dump Volatility could not open is kept (it is still the memory) but never
+    # passed off as analysis-ready.
+    return analysis if analysis in ("passed", "skipped", "") else f"**{analysis.upper()}**"
+
+
 def _summary(rows: list[tuple[str, str, DumpRecord | None, str]]) -> str:
     lines = [
-        "| VM | result | size (raw) | .gz | sha256 | seconds | error |",
-        "|---|---|---|---|---|---|---|",
+        "| VM | result | size (raw) | .gz | sha256 | seconds | analysis | error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for vm, result, rec, error in rows:
         if rec is not None:
             lines.append(
                 f"| {vm} | {result} | {rec.raw_size_bytes} | {rec.gzip_size_bytes} | "
-                f"`{rec.sha256}` | {rec.duration_sec:.3f} | |"
+                f"`{rec.sha256}` | {rec.duration_sec:.3f} | {_flag(rec.analysis)} | |"
             )
         else:
-            lines.append(f"| {vm} | {result} | | | | | {error.replace('|', '/')[:300]} |")
+            lines.append(f"| {vm} | {result} | | | | | | {error.replace('|', '/')[:300]} |")
     return "\n".join(lines)
 
 

@@ -171,6 +171,9 @@ class Settings(BaseSettings):
     analysis_samples: int = Field(default=32, ge=0, le=4096)
     analysis_work_dir: Path | None = None  # temp copy for random access; default: dump dir
 
+    # The scheduled verification (flow verify-dumps) checks dumps of the last N days
+    verify_days: float = Field(default=7.0, gt=0)
+
     # Orchestration (Prefect): retries for retryable errors only; limits hold across
     # workers because they are Prefect global concurrency limits.
     capture_retries: int = Field(default=2, ge=0, le=10)

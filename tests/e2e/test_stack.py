@@ -97,6 +97,9 @@ def test_deployments_and_limits_exist(stack: Stack) -> None:
         assert weekly.parameters == {"vm_ids": ["all"], "source": "schedule"}
         assert [s.schedule.cron for s in weekly.schedules] == ["0 2 * * 1"]  # type: ignore[union-attr]
         client.read_deployment_by_name("capture-vms/on-demand")
+        verify = client.read_deployment_by_name("verify-dumps/verify-weekly")
+        assert verify.parameters == {"days": 7.0}
+        assert [s.schedule.cron for s in verify.schedules] == ["0 4 * * 0"]  # type: ignore[union-attr]
         assert client.read_global_concurrency_limit_by_name("memdump-captures").limit == 3
         assert client.read_global_concurrency_limit_by_name("memdump-hv-lab").limit == 1
 

@@ -3,14 +3,12 @@ the engine is replaced by fakes here; the lab-backed runs are in tests/e2e."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect.states import Completed, Failed
-from prefect.testing.utilities import prefect_test_harness
 
 from memdump.capture import Capture
 from memdump.errors import (
@@ -23,17 +21,6 @@ from memdump.hypervisors import VMRef
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from tasks.capture import retry_if_retryable
-
-
-@pytest.fixture(scope="module", autouse=True)
-def harness() -> Iterator[None]:
-    mp = pytest.MonkeyPatch()
-    # Telemetry off: its heartbeat races the harness's fresh SQLite ("database is locked").
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    mp.setenv("DO_NOT_TRACK", "1")
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    mp.undo()
 
 
 @pytest.mark.parametrize(

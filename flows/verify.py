@@ -1,0 +1,63 @@
+"""The verification flow: re-read every dump recorded in the last N days and check it
+(memdump.verify), on a schedule, so silent damage is found before anyone needs the dump."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
+from prefect.states import Completed, Failed
+
+from memdump.records import open_store
+from memdump.records.base import RecordQuery
+from memdump.settings import Settings
+from memdump.verify import verify
+
+PAGE = 1000
+
+
+@task(name="list-recorded-dumps")
+def list_recorded(days: float) -> list[dict[str, Any]]:
+    """Every record of the last ``days`` days, newest first (paged through the store)."""
+    store = open_store(Settings())
+    since = datetime.now(UTC) - timedelta(days=days)
+    rows: list[dict[str, Any]] = []
+    while page := store.list(PAGE, len(rows), RecordQuery(since=since)):
+        rows.extend(page)
+    return rows
+
+
+@task(name="verify-dump", tags=["memdump-verify"])
+def verify_dump(row: dict[str, Any]) -> dict[str, Any]:
+    """Re-read one dump and compare both hashes and its manifest with the record."""
+    return verify(row, Settings()).to_dict()
+
+
+def _summary(results: list[dict[str, Any]]) -> str:
+    lines = ["| dump | status | seconds | detail |", "|---|---|---|---|"]
+    for r in results:
+        detail = str(r["detail"]).replace("|", "/")[:300]
+        lines.append(f"| `{r['dump_path']}` | {r['status']} | {r['seconds']} | {detail} |")
+    return "\n".join(lines)
+
+
+@flow(name="verify-dumps", log_prints=False)
+def verify_dumps(days: float = 7.0) -> State[Any]:
+    """Verify every dump recorded in the last ``days`` days."""
+    rows = list_recorded(days)
+    # One at a time: each check reads a whole dump, and captures need the disk more.
+    results = [verify_dump(row) for row in rows]
+    bad = [r for r in results if r["status"] != "verified"]
+    create_markdown_artifact(
+        markdown=_summary(results) if results else "No dumps recorded in that period.",
+        key="verify-summary",
+        description=f"{len(results)} dump(s) of the last {days:g} day(s), {len(bad)} not verified",
+    )
+    get_run_logger().info("%d dump(s) checked, %d not verified", len(results), len(bad))
+    if bad:
+        listed = "; ".join(f"{r['dump_path']}: {r['status']} ({r['detail']})" for r in bad)
+        return Failed(message=f"{len(bad)} of {len(results)} dump(s) not verified: {listed}")
+    return Completed(message=f"{len(results)} dump(s) verified")
