@@ -14,6 +14,7 @@ from typing import Any
 from prefect import serve
 
 from flows.capture import capture_vms
+from flows.retention import apply_retention
 from flows.verify import verify_dumps
 from memdump.leftovers import clean_leftovers
 from memdump.records import open_recorder
@@ -22,6 +23,7 @@ from tasks.limits import ensure_limits
 
 WEEKLY_CRON = "0 2 * * 1"
 VERIFY_CRON = "0 4 * * 0"
+RETENTION_CRON = "30 3 * * *"
 
 
 def build_deployments(settings: Settings) -> list[Any]:
@@ -44,7 +46,13 @@ def build_deployments(settings: Settings) -> list[Any]:
         tags=["memdump"],
         description="Re-read and check every dump of the last days (Sundays 04:00 UTC)",
     )
-    return [on_demand, weekly, verify]
+    retention = apply_retention.to_deployment(
+        name="retention-daily",
+        cron=RETENTION_CRON,
+        tags=["memdump"],
+        description="Delete dumps past MEMDUMP_RETENTION_DAYS / _KEEP_LAST (records stay)",
+    )
+    return [on_demand, weekly, verify, retention]
 
 
 def replay_outbox(settings: Settings) -> None:

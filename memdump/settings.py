@@ -171,6 +171,13 @@ class Settings(BaseSettings):
     analysis_samples: int = Field(default=32, ge=0, le=4096)
     analysis_work_dir: Path | None = None  # temp copy for random access; default: dump dir
 
+    # Retention (flow apply-retention, daily): delete dumps older than N days and/or beyond
+    # the newest K per VM; records stay, marked deleted_at. Both unset: nothing is deleted.
+    retention_days: float | None = Field(default=None, gt=0)
+    retention_keep_last: int | None = Field(default=None, ge=1)
+    # Warn (flow state, artifact, log) when the dumps still stored exceed this (1 TB).
+    storage_warn_bytes: int = Field(default=10**12, ge=0)
+
     # The scheduled verification (flow verify-dumps) checks dumps of the last N days
     verify_days: float = Field(default=7.0, gt=0)
 

@@ -14,5 +14,12 @@ RECORD_FIELDS = [
 ]
 
 # /records and its CSV: the contract's fields, then memdump's documented extras (README).
-EXTRA_RECORD_FIELDS = ["hypervisor", "raw_size_bytes", "gz_sha256", "manifest_sha256", "analysis"]
+EXTRA_RECORD_FIELDS = [
+    "hypervisor",
+    "raw_size_bytes",
+    "gz_sha256",
+    "manifest_sha256",
+    "analysis",
+    "deleted_at",
+]
 API_RECORD_FIELDS = RECORD_FIELDS + EXTRA_RECORD_FIELDS

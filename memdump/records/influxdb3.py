@@ -19,12 +19,26 @@ from memdump.settings import InfluxDB3Settings
 
 TABLE = "mem_dumps"
 _INT_FIELDS = ("gzip_size_bytes", "ctime", "mtime", "atime", "raw_size_bytes")
-_STR_FIELDS = ("sha256", "dump_path", "gz_sha256", "hypervisor", "manifest_sha256", "analysis")
+_STR_FIELDS = (
+    "sha256",
+    "dump_path",
+    "gz_sha256",
+    "hypervisor",
+    "manifest_sha256",
+    "analysis",
+    "deleted_at",
+)
 _SELECT = "SELECT CAST(time AS BIGINT) AS time_ns, " + ", ".join(API_FIELDS[1:])
 # Fields a table written before they existed may lack (InfluxDB adds a column on the
 # first write that carries it): such a table is read without them.
-_LATER_FIELDS = ("manifest_sha256", "analysis")
+_LATER_FIELDS = ("manifest_sha256", "analysis", "deleted_at")
 _STATS_SQL = (
+    "SELECT COUNT(*) AS n, COUNT(DISTINCT vmid) AS vms,"
+    " SUM(CASE WHEN COALESCE(deleted_at, '') = '' THEN gzip_size_bytes END) AS size,"
+    " AVG(duration_sec) AS avg, CAST(MAX(time) AS BIGINT) AS last_ns FROM mem_dumps"
+)
+# A table from before retention existed has no deleted_at column: nothing was deleted.
+_STATS_SQL_BEFORE_RETENTION = (
     "SELECT COUNT(*) AS n, COUNT(DISTINCT vmid) AS vms, SUM(gzip_size_bytes) AS size,"
     " AVG(duration_sec) AS avg, CAST(MAX(time) AS BIGINT) AS last_ns FROM mem_dumps"
 )
@@ -158,8 +172,32 @@ class InfluxDB3RecordStore:
             out.append(d)
         return out
 
+    def mark_deleted(self, record: dict[str, Any], when: datetime) -> None:
+        from influxdb_client_3 import Point, WritePrecision
+
+        # Same series and time: InfluxDB merges the field into the existing row.
+        ts = datetime.fromisoformat(str(record["timestamp"])).replace(tzinfo=UTC)
+        point = (
+            Point(TABLE)
+            .tag("dom", str(record["dom"]))
+            .tag("vmid", str(record["vmid"]))
+            .field("deleted_at", iso_utc(when))
+            .time(_ns(ts), WritePrecision.NS)
+        )
+        try:
+            self._client.write(record=point)
+        except Exception as exc:
+            raise RecordStoreError(
+                f"InfluxDB 3 write failed: {_reason(exc)}", retryable=True, store="influxdb3"
+            ) from exc
+
     def stats(self) -> Stats:
-        rows = self._query(_STATS_SQL)
+        try:
+            rows = self._query(_STATS_SQL)
+        except RecordStoreError as exc:
+            if "deleted_at" not in str(exc):
+                raise
+            rows = self._query(_STATS_SQL_BEFORE_RETENTION)
         if not rows or not rows[0].get("n"):
             return Stats(0, 0, 0, 0.0, None)
         r = rows[0]

@@ -22,13 +22,15 @@ CONTRACT_FIELDS = (
 
 # Documented extras, after the contract's fields in /records and CSV: where the dump
 # came from, its .gz hash and raw size, the sha256 of its manifest (memdump.manifest) and
-# the result of the post-capture analysis ("passed", "failed", "error", "skipped").
+# the result of the post-capture analysis ("passed", "failed", "error", "skipped"), and
+# when retention deleted the dump itself (the record stays; "" while the dump is kept).
 EXTRA_FIELDS = (
     "hypervisor",
     "raw_size_bytes",
     "gz_sha256",
     "manifest_sha256",
     "analysis",
+    "deleted_at",
 )
 API_FIELDS = CONTRACT_FIELDS + EXTRA_FIELDS
 
@@ -56,6 +58,7 @@ class DumpRecord:
     hypervisor: str
     manifest_sha256: str = ""  # "" for records older than manifests
     analysis: str = ""  # "" when no analysis ran
+    deleted_at: str = ""  # ISO 8601 UTC, set by retention (memdump.retention)
 
     def contract_dict(self) -> dict[str, Any]:
         d = asdict(self)

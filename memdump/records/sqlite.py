@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS mem_dumps (
     hypervisor TEXT NOT NULL,
     manifest_sha256 TEXT NOT NULL DEFAULT '',
     analysis TEXT NOT NULL DEFAULT '',
+    deleted_at TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (vmid, time_us, sha256)
 );
 CREATE INDEX IF NOT EXISTS mem_dumps_time ON mem_dumps (time_us DESC);
@@ -39,6 +40,7 @@ CREATE INDEX IF NOT EXISTS mem_dumps_path ON mem_dumps (dump_path);
 _ADDED = {
     "manifest_sha256": "TEXT NOT NULL DEFAULT ''",
     "analysis": "TEXT NOT NULL DEFAULT ''",
+    "deleted_at": "TEXT NOT NULL DEFAULT ''",
 }
 _COLUMNS = ", ".join(("time_us",) + API_FIELDS[1:])
 
@@ -116,14 +118,15 @@ class SQLiteRecordStore:
             r.hypervisor,
             r.manifest_sha256,
             r.analysis,
+            r.deleted_at,
         )
         try:
             with self._conn() as db:
                 cur = db.execute(
                     "INSERT OR IGNORE INTO mem_dumps (time_us, dom, vmid, sha256, duration_sec,"
                     " gzip_size_bytes, ctime, mtime, atime, dump_path, gz_sha256,"
-                    " raw_size_bytes, hypervisor, manifest_sha256, analysis)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " raw_size_bytes, hypervisor, manifest_sha256, analysis, deleted_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     row,
                 )
                 return cur.rowcount == 1
@@ -150,11 +153,24 @@ class SQLiteRecordStore:
             out.append(d)
         return out
 
+    def mark_deleted(self, record: dict[str, Any], when: datetime) -> None:
+        ts = datetime.fromisoformat(str(record["timestamp"])).replace(tzinfo=UTC)
+        try:
+            with self._conn() as db:
+                db.execute(
+                    "UPDATE mem_dumps SET deleted_at = ? WHERE vmid = ? AND time_us = ?"
+                    " AND sha256 = ?",
+                    (iso_utc(when), record["vmid"], _us(ts), record["sha256"]),
+                )
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot update record: {exc}", retryable=True) from exc
+
     def stats(self) -> Stats:
         try:
             with self._conn() as db:
                 n, vms, size, avg, last = db.execute(
-                    "SELECT COUNT(*), COUNT(DISTINCT vmid), COALESCE(SUM(gzip_size_bytes), 0),"
+                    "SELECT COUNT(*), COUNT(DISTINCT vmid),"
+                    " COALESCE(SUM(CASE WHEN deleted_at = '' THEN gzip_size_bytes END), 0),"
                     " COALESCE(AVG(duration_sec), 0), MAX(time_us) FROM mem_dumps"
                 ).fetchone()
         except sqlite3.Error as exc:

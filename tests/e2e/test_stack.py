@@ -100,6 +100,8 @@ def test_deployments_and_limits_exist(stack: Stack) -> None:
         verify = client.read_deployment_by_name("verify-dumps/verify-weekly")
         assert verify.parameters == {"days": 7.0}
         assert [s.schedule.cron for s in verify.schedules] == ["0 4 * * 0"]  # type: ignore[union-attr]
+        keep = client.read_deployment_by_name("apply-retention/retention-daily")
+        assert [s.schedule.cron for s in keep.schedules] == ["30 3 * * *"]  # type: ignore[union-attr]
         assert client.read_global_concurrency_limit_by_name("memdump-captures").limit == 3
         assert client.read_global_concurrency_limit_by_name("memdump-hv-lab").limit == 1
 

@@ -196,3 +196,17 @@ def test_influx_table_from_before_the_extras_is_read(influx: InfluxDB3TestServer
     (row,) = s.list(10, 0)
     assert row["dump_path"] == "/d/1.mem.gz" and row["manifest_sha256"] == row["analysis"] == ""
     assert list(row) == API_RECORD_FIELDS
+
+
+def test_mark_deleted_keeps_the_record_and_frees_its_size(store: RecordStore) -> None:
+    for r in DATA:
+        store.add(r)
+    before = store.stats()
+    target = store.list(1000, 0, RecordQuery(dump_path=DATA[2].dump_path))[0]
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    store.mark_deleted(target, when)
+    (after_row,) = store.list(1000, 0, RecordQuery(dump_path=DATA[2].dump_path))
+    assert after_row == {**target, "deleted_at": "2026-01-02T03:04:05.000000"}
+    st = store.stats()
+    assert st.total_dumps == before.total_dumps
+    assert st.total_size_bytes == before.total_size_bytes - DATA[2].gzip_size_bytes

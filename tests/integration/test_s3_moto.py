@@ -291,3 +291,45 @@ def test_server_stopped_mid_upload_is_retryable_and_bounded(tmp_path: Path) -> N
     assert err.fields["op"] == "upload_part" and err.fields["key"] == store.key_for(path)
     assert err.fields["abort_failed"] is True  # the server is gone: a lifecycle rule cleans up
     assert took < 20
+
+
+def test_retention_deletes_the_object_and_its_manifest(
+    endpoint: str, bucket: str, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from memdump import retention
+    from memdump.manifest import manifest_key
+    from memdump.records.model import DumpRecord
+    from memdump.records.sqlite import SQLiteRecordStore
+    from memdump.settings import Settings
+
+    s3 = _settings(endpoint, bucket)
+    store = S3Store(s3)
+    client = _client(endpoint)
+    key = "memdump/vm-1_1.mem.gz"
+    client.put_object(Bucket=bucket, Key=key, Body=b"x" * 1000)
+    client.put_object(Bucket=bucket, Key=manifest_key(key), Body=b"{}")
+    records = SQLiteRecordStore(tmp_path / "r.db")
+    old = datetime.now(UTC) - timedelta(days=40)
+    records.add(
+        DumpRecord(
+            old,
+            "vm-1",
+            "vm-1",
+            "a" * 64,
+            1.0,
+            1000,
+            1,
+            2,
+            3,
+            f"s3://{bucket}/{key}",
+            "b" * 64,
+            2000,
+            "lab",
+        )  # fmt: skip
+    )
+    report = retention.apply(Settings(data_dir=tmp_path, s3=s3), records, days=30)
+    assert report.freed_bytes == 1000 and report.errors == {}, report
+    assert not store.exists(key) and not store.exists(manifest_key(key))
+    assert records.list(1, 0)[0]["deleted_at"]

@@ -1,0 +1,38 @@
+"""The retention flow: delete what retention settings say is too old or too many, keep
+the records, report what was freed and warn when storage crosses its threshold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
+from prefect.states import Completed, Failed
+
+from memdump import retention
+from memdump.records import open_store
+from memdump.settings import Settings
+
+
+@flow(name="apply-retention")
+def apply_retention(days: float | None = None, keep_last: int | None = None) -> State[Any]:
+    """Parameters override MEMDUMP_RETENTION_DAYS / MEMDUMP_RETENTION_KEEP_LAST."""
+    settings = Settings()
+    logger = get_run_logger()
+    report = retention.apply(settings, open_store(settings), days=days, keep_last=keep_last)
+    text = retention.describe(report)
+    create_markdown_artifact(markdown=text, key="retention-report", description=text[:200])
+    logger.info("%s", text.splitlines()[0])
+    if report.over_threshold:
+        logger.warning(
+            "stored dumps: %d bytes, above the %d-byte threshold (MEMDUMP_STORAGE_WARN_BYTES)",
+            report.stored_bytes,
+            report.warn_bytes,
+        )
+    if report.errors:
+        return Failed(message=f"{len(report.errors)} dump(s) could not be deleted: {text}")
+    if report.over_threshold:
+        # Completed, but named so the Prefect UI (and /status-like dashboards) show it.
+        return Completed(name="StorageWarning", message=text.splitlines()[0])
+    return Completed(message=text.splitlines()[0])
