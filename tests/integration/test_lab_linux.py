@@ -125,6 +125,23 @@ def test_memory_dump_holds_the_kernel_banner(linux_vm: dict[str, Any], tmp_path:
     assert linux_vm["banner"] in found, found
 
 
+def test_memdump_capture_finds_the_kernel_banner(linux_vm: dict[str, Any], settings: Any) -> None:
+    # Through memdump itself: SSH, pipeline, manifest, and the Volatility 3 check, whose
+    # banners plugin names the guest's kernel.
+    from memdump.capture import capture
+    from memdump.hypervisors import open_driver
+    from memdump.manifest import manifest_path
+
+    drv = open_driver(settings.inventory[0], settings.ssh)
+    try:
+        rec = capture(drv, drv.resolve(VM), settings).record
+    finally:
+        drv.close()
+    assert rec.analysis == "passed"
+    m = json.loads(manifest_path(Path(rec.dump_path)).read_text())
+    assert linux_vm["banner"] in m["analysis"]["banners"], m["analysis"]
+
+
 def test_a_guest_that_does_not_boot_fails_lab_up_clearly(
     linux_vm: dict[str, Any], lab_dir: Path
 ) -> None:
