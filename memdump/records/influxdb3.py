@@ -122,14 +122,16 @@ class InfluxDB3RecordStore:
         for name in _STR_FIELDS:
             point = point.field(name, str(getattr(r, name)))
         # Same series + same time = the same row: a replayed write is not a duplicate.
-        point = point.time(_ns(r.timestamp), WritePrecision.NS)
+        self._write(point.time(_ns(r.timestamp), WritePrecision.NS))
+        return True
+
+    def _write(self, point: Any) -> None:
         try:
             self._client.write(record=point)
         except Exception as exc:
             raise RecordStoreError(
                 f"InfluxDB 3 write failed: {_reason(exc)}", retryable=True, store="influxdb3"
             ) from exc
-        return True
 
     def _query(self, sql: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         for attempt in range(3):
@@ -184,12 +186,7 @@ class InfluxDB3RecordStore:
             .field("deleted_at", iso_utc(when))
             .time(_ns(ts), WritePrecision.NS)
         )
-        try:
-            self._client.write(record=point)
-        except Exception as exc:
-            raise RecordStoreError(
-                f"InfluxDB 3 write failed: {_reason(exc)}", retryable=True, store="influxdb3"
-            ) from exc
+        self._write(point)
 
     def stats(self) -> Stats:
         try:
