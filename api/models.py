@@ -59,6 +59,9 @@ class Record(BaseModel):
     analysis: str = Field(
         description="Post-capture Volatility 3 check: passed, failed, error, skipped, or empty"
     )
+    deleted_at: str = Field(
+        description="When retention deleted the dump (the record stays); empty while kept"
+    )
 
 
 class RecordsResponse(BaseModel):
@@ -77,6 +80,33 @@ class LastTrigger(BaseModel):
     duration: float | None = None
 
 
+VMState = Literal["pending", "running", "retrying", "completed", "failed", "timeout", "error"]
+
+
+class VMStatus(BaseModel):
+    """One VM of the last trigger's flow run (beyond the contract; see README)."""
+
+    vm_id: str | None = Field(
+        description='The VM id as requested (or as found, for "all"); null for a VM of an'
+        ' "all" trigger that has not started streaming yet',
+        examples=["vm-web-01"],
+    )
+    state: VMState = Field(
+        description="pending (not started, or waiting for a capture slot), running (dumping,"
+        " or offloading/recording the dump), retrying (waiting to retry after a retryable"
+        " error), completed (captured, offloaded and recorded), failed, timeout (past"
+        " MEMDUMP_CAPTURE_TIMEOUT_SEC), error (crashed, cancelled, or the run ended first)"
+    )
+    progress: float | None = Field(
+        ge=0,
+        le=100,
+        description="Percent of the dump streamed (the capture's progress artifact, updated"
+        " about once a second); null before streaming starts",
+        examples=[42.5],
+    )
+    error: str | None = Field(description="Why the VM failed; null unless it did")
+
+
 class StatusResponse(BaseModel):
     last_trigger: dict[str, object] = Field(
         description="{} when idle; else timestamp, vm_ids, status and (when finished) duration"
@@ -86,6 +116,11 @@ class StatusResponse(BaseModel):
     timestamp: str | None
     duration: float | None
     error: str | None
+    # Documented extra (after the contract's fields).
+    vms: list[VMStatus] = Field(
+        description="Per VM of the last run (beyond the contract): state, progress, error;"
+        " [] when idle"
+    )
 
 
 class StatsResponse(BaseModel):

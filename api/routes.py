@@ -210,7 +210,7 @@ def csv_lines(rows: list[dict[str, Any]]) -> Iterator[str]:
     "/status",
     response_model=StatusResponse,
     responses=SERVER_ERROR,
-    summary="State of the last trigger (API or schedule), read from Prefect",
+    summary="State of the last trigger (API or schedule), read from Prefect; per-VM detail",
 )
 def status(latest: LatestRunDep) -> dict[str, Any]:
     with _answer_500("Error fetching status"):
@@ -223,6 +223,7 @@ def status(latest: LatestRunDep) -> dict[str, Any]:
             "timestamp": None,
             "duration": None,
             "error": None,
+            "vms": [],
         }
     st = map_state(run.state_type, run.state_name)
     ts = iso_utc(run.triggered_at)
@@ -237,6 +238,10 @@ def status(latest: LatestRunDep) -> dict[str, Any]:
         "timestamp": ts,
         "duration": run.duration if st != "in_progress" else None,
         "error": error,
+        "vms": [
+            {"vm_id": v.vm_id, "state": v.state, "progress": v.progress, "error": v.error}
+            for v in run.vms
+        ],
     }
 
 

@@ -4,14 +4,46 @@ the status survives an API restart and every API replica sees the same)."""
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.objects import Artifact, FlowRun, TaskRun
+
+# Names the capture flow and task use (flows/capture.py, tasks/capture.py). Kept here as
+# strings: reading a run must not import the flow (and with it the whole engine).
+CAPTURE_TASK = "capture-vm"
+OFFLOAD_TASK = "offload-dump"
+RECORD_TASK = "record-dump"
+PROGRESS_KEY = "capture-progress-"
+TIMED_OUT = "TimedOut"
+ALL = "all"
+# Prefect's API answers at most this many rows per query (PREFECT_API_DEFAULT_LIMIT).
+PAGE = 200
+
+_IN_PROGRESS = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"}
+_FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+_PREFECT_PREFIX = re.compile(r"^Task run encountered an exception (?:[A-Za-z_][\w.]*: )?")
+
+
+@dataclass(frozen=True)
+class VMRun:
+    """One VM of a capture run: its ``capture-vm`` task run (and the offload and record
+    after it), and the progress artifact that task writes while the dump streams."""
+
+    vm_id: str | None  # None: a VM of an "all" trigger that has not started streaming
+    state: str  # pending, running, retrying, completed, failed, timeout, error
+    progress: float | None  # percent of the dump streamed, from the progress artifact
+    error: str | None
+
+    @property
+    def final(self) -> bool:
+        return self.state in ("completed", "failed", "timeout", "error")
 
 
 @dataclass(frozen=True)
@@ -23,6 +55,7 @@ class RunSummary:
     triggered_at: datetime
     duration: float | None
     message: str | None
+    vms: tuple[VMRun, ...] = ()
 
 
 class Runs(Protocol):
@@ -39,6 +72,9 @@ class PrefectRuns:
     def __init__(self, flow_name: str, deployment: str) -> None:
         self.flow_name = flow_name
         self.deployment = deployment
+        # Per-VM detail of the last finished run read: it cannot change any more, so a
+        # finished run costs one Prefect query again, as before the detail existed.
+        self._final: tuple[str, tuple[VMRun, ...]] | None = None
 
     def trigger(self, vm_ids: list[str], source: str) -> str:
         from prefect.deployments import run_deployment
@@ -71,23 +107,250 @@ class PrefectRuns:
                 sort=FlowRunSort.EXPECTED_START_TIME_DESC,
                 limit=1,
             )
-        if not runs:
-            return None
-        run = runs[0]
-        state = run.state
+            if not runs:
+                return None
+            run = runs[0]
+            state = run.state
+            vm_ids = [str(v) for v in (run.parameters.get("vm_ids") or [])]
+            run_final = state is not None and state.is_final()
+            cached = self._final
+            if cached is not None and cached[0] == str(run.id):
+                vms = cached[1]
+            else:
+                vms = self._vms(client, run, vm_ids, run_final)
+                if run_final and all(v.final for v in vms):
+                    self._final = (str(run.id), vms)
         duration = None
         if state is not None and state.is_final() and run.start_time and run.end_time:
             duration = round((run.end_time - run.start_time).total_seconds(), 3)
-        vm_ids = run.parameters.get("vm_ids") or []
         return RunSummary(
             id=str(run.id),
             state_type=state.type.value if state else "SCHEDULED",
             state_name=(state.name or "") if state else "Scheduled",
-            vm_ids=[str(v) for v in vm_ids],
+            vm_ids=vm_ids,
             triggered_at=_stdlib(run.expected_start_time or run.created),
             duration=duration,
             message=state.message if state else None,
+            vms=vms,
         )
+
+    @staticmethod
+    def _vms(client: Any, run: FlowRun, vm_ids: list[str], run_final: bool) -> tuple[VMRun, ...]:
+        """Two queries: the run's task runs, then (once a capture exists) its progress
+        artifacts. More than ``PAGE`` rows of either (an "all" run of over 60 VMs) pages."""
+        from prefect.client.schemas.filters import (
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+            ArtifactFilterKey,
+            ArtifactFilterType,
+            FlowRunFilter,
+            FlowRunFilterId,
+        )
+        from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
+
+        task_runs: list[TaskRun] = _pages(
+            lambda offset: client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                sort=TaskRunSort.ID_DESC,
+                limit=PAGE,
+                offset=offset,
+            )
+        )
+        artifacts: list[Artifact] = []
+        if any(_task_name(t) == CAPTURE_TASK for t in task_runs):
+            artifacts = _pages(
+                lambda offset: client.read_artifacts(
+                    artifact_filter=ArtifactFilter(
+                        flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]),
+                        type=ArtifactFilterType(any_=["progress"]),
+                        key=ArtifactFilterKey(like_=f"{PROGRESS_KEY}%"),
+                    ),
+                    sort=ArtifactSort.CREATED_DESC,
+                    limit=PAGE,
+                    offset=offset,
+                )
+            )
+        return vm_detail(vm_ids, run_final, task_runs, artifacts)
+
+
+def _pages(read: Any) -> list[Any]:
+    out: list[Any] = []
+    while True:
+        page = list(read(len(out)))
+        out.extend(page)
+        if len(page) < PAGE:
+            return out
+
+
+def _task_name(tr: Any) -> str:
+    """The task's name from a task run's (``<task>-<3 chars>``) and task key
+    (``<function>-<hash>``); the run name alone could be templated."""
+    key = str(getattr(tr, "task_key", "") or "").rsplit("-", 1)[0].replace("_", "-")
+    for name in (CAPTURE_TASK, OFFLOAD_TASK, RECORD_TASK):
+        if key == name or str(tr.name).startswith(f"{name}-"):
+            return name
+    return key
+
+
+def _upstream(tr: Any) -> set[str]:
+    """Ids of the task runs whose results ``tr`` takes (offload <- capture <- record)."""
+    ids: set[str] = set()
+    for name, inputs in (tr.task_inputs or {}).items():
+        if name.startswith("__") or name == "wait_for":
+            continue
+        for i in inputs:
+            if getattr(i, "input_type", None) == "task_run":
+                ids.add(str(i.id))
+    return ids
+
+
+def _kind(tr: Any) -> tuple[str, str]:
+    """A task run's state type and name (PENDING before it has a state)."""
+    state = tr.state
+    kind = state.type if state is not None else tr.state_type
+    name = state.name if state is not None else tr.state_name
+    return (kind.value if kind is not None else "PENDING"), (name or "")
+
+
+def _message(tr: Any) -> str:
+    msg = (tr.state.message if tr.state is not None else None) or _kind(tr)[1]
+    return _PREFECT_PREFIX.sub("", str(msg)).strip()
+
+
+def _mentions(text: str, vm_id: str) -> bool:
+    return re.search(rf"(?<![\w.-]){re.escape(vm_id)}(?![\w.-])", text) is not None
+
+
+def _slug(value: str) -> str:
+    # tasks.limits.slug, not imported: the API does not load the task modules.
+    return re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-") or "x"
+
+
+def vm_detail(
+    vm_ids: Sequence[str],
+    run_final: bool,
+    task_runs: Iterable[TaskRun],
+    artifacts: Iterable[Artifact],
+) -> tuple[VMRun, ...]:
+    """Per-VM state of one capture flow run, from its task runs and progress artifacts.
+
+    Which VM a ``capture-vm`` task run is for is not stored in Prefect (task runs keep no
+    parameter values), so it is found, in this order: the progress artifact the task
+    writes once it holds a capture slot (``capture-progress-<vm>``); a VM id named in its
+    failure message; else the requested ids left over, in the order the task runs were
+    created (those runs have all not started streaming, so which gets which does not
+    change what is shown). A VM of an ``"all"`` trigger that has not started streaming
+    has no id yet (``None``)."""
+    runs = list(task_runs)
+    captures = sorted((t for t in runs if _task_name(t) == CAPTURE_TASK), key=_created)
+    by_upstream: dict[str, list[Any]] = {}
+    for t in runs:
+        if _task_name(t) in (OFFLOAD_TASK, RECORD_TASK):
+            for up in _upstream(t):
+                by_upstream.setdefault(up, []).append(t)
+    newest: dict[str, Any] = {}  # task run id -> its newest progress artifact
+    for a in sorted(artifacts, key=_created, reverse=True):
+        if a.task_run_id is not None and str(a.key or "").startswith(PROGRESS_KEY):
+            newest.setdefault(str(a.task_run_id), a)
+
+    wanted = [v for v in dict.fromkeys(vm_ids) if v != ALL]
+    if not captures:
+        # Not started yet (or never will): the ids asked for, all in the same state.
+        return tuple(VMRun(v, "error" if run_final else "pending", None, None) for v in wanted)
+
+    left = list(wanted)
+    ids: dict[str, str | None] = {}
+    for t in captures:  # the artifact's key names the VM
+        art = newest.get(str(t.id))
+        if art is None:
+            continue
+        key = str(art.key)[len(PROGRESS_KEY) :]
+        hit = next((v for v in left if _slug(v) == key), None)
+        if hit is None:  # e.g. a VM of an "all" trigger: the description starts "<name> on"
+            name = str(art.description or "").split(" on ", 1)[0]
+            hit = name if name and _slug(name) == key else key
+        else:
+            left.remove(hit)
+        ids[str(t.id)] = hit
+    for t in captures:  # a failure before the artifact names its VM
+        if str(t.id) in ids or _kind(t)[0] in _IN_PROGRESS:
+            continue
+        msg = _message(t)
+        hit = next((v for v in left if repr(v) in msg), None)
+        hit = hit or next((v for v in left if _mentions(msg, v)), None)
+        if hit is not None:
+            left.remove(hit)
+            ids[str(t.id)] = hit
+    for t in captures:
+        if str(t.id) not in ids:
+            ids[str(t.id)] = left.pop(0) if left else None
+
+    out = []
+    for t in captures:
+        out.append(_one(t, ids[str(t.id)], newest.get(str(t.id)), by_upstream, run_final))
+    order = {v: i for i, v in enumerate(wanted)}
+    keyed = sorted(enumerate(out), key=lambda p: (order.get(p[1].vm_id or "", len(order)), p[0]))
+    return tuple(v for _, v in keyed)
+
+
+def _created(obj: Any) -> datetime:
+    ts = getattr(obj, "created", None)
+    return _stdlib(ts) if ts is not None else datetime.min.replace(tzinfo=UTC)
+
+
+def _progress(t: Any, art: Any) -> float | None:
+    if art is None:
+        return None
+    if _kind(t)[1] == "Retrying" and t.state is not None and art.created < t.state.timestamp:
+        return None  # the artifact of an attempt before this retry
+    try:
+        return max(0.0, min(100.0, float(art.data)))
+    except (TypeError, ValueError):
+        return None
+
+
+def _one(
+    t: Any, vm_id: str | None, art: Any, after: dict[str, list[Any]], run_final: bool
+) -> VMRun:
+    kind, name = _kind(t)
+    progress = _progress(t, art)
+    if kind == "COMPLETED":
+        # The capture is done; the VM is done when its offload and record are (the flow
+        # judges a VM the same way: the first step that did not complete decides).
+        step = t
+        for task, failure in (
+            (OFFLOAD_TASK, "offload failed (local file kept)"),
+            (RECORD_TASK, "record not written"),
+        ):
+            nxt = next((d for d in after.get(str(step.id), []) if _task_name(d) == task), None)
+            if nxt is None:  # not created yet; a finished run has every step it will have
+                if run_final:
+                    break
+                return VMRun(vm_id, "running", 100.0, None)
+            nkind = _kind(nxt)[0]
+            if nkind in _IN_PROGRESS:
+                return _unfinished(vm_id, 100.0, run_final, name="running")
+            if nkind != "COMPLETED":
+                return VMRun(vm_id, "failed", 100.0, f"{failure}: {_message(nxt)}")
+            step = nxt
+        return VMRun(vm_id, "completed", 100.0, None)
+    if kind == "FAILED":
+        state = "timeout" if name == TIMED_OUT else "failed"
+        return VMRun(vm_id, state, progress, _message(t))
+    if kind in ("CRASHED", "CANCELLED"):
+        return VMRun(vm_id, "error", progress, _message(t))
+    if kind == "SCHEDULED" and name == "AwaitingRetry":
+        return _unfinished(vm_id, progress, run_final, name="retrying")
+    if kind == "RUNNING" and progress is not None:
+        return _unfinished(vm_id, progress, run_final, name="running")
+    # Not started, or started but not streaming yet (waiting for a capture slot).
+    return _unfinished(vm_id, progress, run_final, name="pending")
+
+
+def _unfinished(vm_id: str | None, progress: float | None, run_final: bool, *, name: str) -> VMRun:
+    if run_final:  # the run ended (crashed, cancelled) while this VM was still going
+        return VMRun(vm_id, "error", progress, "did not finish: the run ended first")
+    return VMRun(vm_id, name, progress, None)
 
 
 def _stdlib(ts: datetime | None) -> datetime:

@@ -205,6 +205,7 @@ def test_status_idle(client: TestClient) -> None:
         "timestamp": None,
         "duration": None,
         "error": None,
+        "vms": [],
     }
 
 
@@ -246,6 +247,7 @@ def test_status_final(
         "timestamp": "2025-11-11T10:30:45.123456",
         "duration": 15.234,
         "error": None if status == "completed" else "1 of 2 VM(s) failed",
+        "vms": [],
     }
 
 
@@ -263,6 +265,7 @@ def test_status_in_progress(client: TestClient, runs: FakeRuns, state_type: str)
         "timestamp": "2025-11-11T10:30:45.123456",
         "duration": None,
         "error": None,
+        "vms": [],
     }
 
 

@@ -94,11 +94,12 @@ def test_ssh_session_killed_mid_stream_is_retried(
     assert killed and len(attempts) == 2, (killed, attempts)
     assert state.is_completed(), state
     new_files = set(dumps.glob("*")) - before_files
-    assert [p.suffixes for p in new_files] == [[".mem", ".gz"]]  # no .part, no second file
+    # One dump and its manifest: no .part, no second (truncated) dump.
+    assert sorted(p.name.split(".", 1)[1] for p in new_files) == ["manifest.json", "mem.gz"]
+    (path,) = [p for p in new_files if p.name.endswith(".mem.gz")]
     recs = _records(flow_on_stack, vm)
     assert len(recs) == len(before_recs) + 1
     (rec,) = [r for r in recs if r not in before_recs]
-    (path,) = new_files
     assert rec["dump_path"] == str(path) and rec["sha256"] == _raw_sha256(path)
     assert_hypervisor_clean(vm)
 

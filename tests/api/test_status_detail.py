@@ -1,0 +1,410 @@
+"""/status per-VM detail (`vms`, beyond the contract): its shape through the API with a
+fake Runs backend, how it is derived from Prefect task runs and progress artifacts, and
+how few Prefect queries it costs."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from fastapi.testclient import TestClient
+from prefect import states
+from prefect.client.schemas.objects import Artifact, FlowRun, State, TaskRun, TaskRunResult
+
+from api.main import create_app
+from api.runs import PrefectRuns, RunSummary, VMRun, vm_detail
+from memdump.records.sqlite import SQLiteRecordStore
+from memdump.settings import Settings
+from tests.api.test_contract import contract_examples
+from tests.api.test_routes import FakeRuns
+
+BASE = "/api/memory-dumps"
+T = datetime(2025, 11, 11, 10, 30, 45, 123456, tzinfo=UTC)
+VM_KEYS = ["vm_id", "state", "progress", "error"]
+VM_STATES = {"pending", "running", "retrying", "completed", "failed", "timeout", "error"}
+
+
+@pytest.fixture
+def runs() -> FakeRuns:
+    return FakeRuns()
+
+
+@pytest.fixture
+def client(tmp_path: Path, runs: FakeRuns) -> TestClient:
+    store = SQLiteRecordStore(tmp_path / "r.db")
+    settings = Settings(data_dir=tmp_path, status_cache_sec=0)
+    return TestClient(create_app(settings, store=store, runs=runs))
+
+
+# -- through the API ------------------------------------------------------------------
+
+
+def test_idle_has_empty_vms_after_the_contract_fields(client: TestClient) -> None:
+    idle = contract_examples()["3. Get Dump Status"][2]
+    body = client.get(f"{BASE}/status").json()
+    assert list(body) == [*idle, "vms"]
+    assert body.pop("vms") == []
+    assert body == idle
+
+
+def test_vms_shape_in_progress(client: TestClient, runs: FakeRuns) -> None:
+    in_progress = contract_examples()["3. Get Dump Status"][1]
+    runs.run = RunSummary(
+        "r",
+        "RUNNING",
+        "Running",
+        ["101", "102"],
+        T,
+        None,
+        None,
+        (VMRun("101", "running", 42.5, None), VMRun("102", "pending", None, None)),
+    )
+    body = client.get(f"{BASE}/status").json()
+    assert list(body)[-1] == "vms"
+    assert body["vms"] == [
+        {"vm_id": "101", "state": "running", "progress": 42.5, "error": None},
+        {"vm_id": "102", "state": "pending", "progress": None, "error": None},
+    ]
+    for vm in body.pop("vms"):
+        assert list(vm) == VM_KEYS
+    # The documented fields are untouched by the extra one.
+    assert body == in_progress
+
+
+def test_vms_shape_finished(client: TestClient, runs: FakeRuns) -> None:
+    runs.run = RunSummary(
+        "r",
+        "FAILED",
+        "Failed",
+        ["101", "nope"],
+        T,
+        3.5,
+        "1 of 2 VM(s) failed: nope: no VM 'nope' on any hypervisor",
+        (
+            VMRun("101", "completed", 100.0, None),
+            VMRun("nope", "failed", None, "no VM 'nope' on any hypervisor"),
+        ),
+    )
+    body = client.get(f"{BASE}/status").json()
+    assert body["status"] == "failed" and body["duration"] == 3.5
+    assert body["vms"] == [
+        {"vm_id": "101", "state": "completed", "progress": 100.0, "error": None},
+        {"vm_id": "nope", "state": "failed", "progress": None, "error": body["vms"][1]["error"]},
+    ]
+    assert "nope" in body["vms"][1]["error"]
+
+
+def test_unidentified_vm_of_an_all_trigger(client: TestClient, runs: FakeRuns) -> None:
+    runs.run = RunSummary(
+        "r", "RUNNING", "Running", ["all"], T, None, None, (VMRun(None, "pending", None, None),)
+    )
+    assert client.get(f"{BASE}/status").json()["vms"] == [
+        {"vm_id": None, "state": "pending", "progress": None, "error": None}
+    ]
+
+
+def test_openapi_documents_vms(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    status = schemas["StatusResponse"]
+    assert list(status["properties"])[-1] == "vms"
+    assert "vms" in status["required"]
+    assert status["properties"]["vms"]["items"] == {"$ref": "#/components/schemas/VMStatus"}
+    assert status["properties"]["vms"]["description"]
+    vm = schemas["VMStatus"]
+    assert list(vm["properties"]) == VM_KEYS
+    assert set(vm["properties"]["state"]["enum"]) == VM_STATES
+    for key in VM_KEYS:
+        assert vm["properties"][key].get("description"), key
+
+
+# -- from Prefect objects -------------------------------------------------------------
+
+FLOW_RUN = uuid4()
+
+
+def _state(factory: Any, at: datetime | None = None, **kw: Any) -> State[Any]:
+    st: State[Any] = factory(**kw)
+    if at is not None:
+        st.timestamp = at  # type: ignore[assignment]
+    return st
+
+
+def task_run(
+    task: str,
+    state: State[Any] | None,
+    *,
+    n: int,
+    upstream: UUID | None = None,
+) -> TaskRun:
+    inputs: dict[str, list[Any]] = {}
+    if upstream is not None:
+        inputs["record"] = [TaskRunResult(id=upstream)]
+    return TaskRun(
+        id=uuid4(),
+        name=f"{task}-{uuid4().hex[:3]}",
+        flow_run_id=FLOW_RUN,
+        task_key=f"{task.replace('-', '_')}-3242fc41",
+        dynamic_key=str(uuid4()),
+        state=state,
+        task_inputs=inputs,
+        created=T + timedelta(milliseconds=n),
+    )
+
+
+def progress(tr: TaskRun, vm: str, value: float, *, n: int = 0, name: str = "") -> Artifact:
+    return Artifact(
+        id=uuid4(),
+        key=f"capture-progress-{vm.lower()}",
+        type="progress",
+        data=value,
+        description=f"{name or vm} on lab: bytes streamed / dump size",
+        flow_run_id=FLOW_RUN,
+        task_run_id=tr.id,
+        created=T + timedelta(seconds=1, milliseconds=n),
+    )
+
+
+def chain(
+    capture: State[Any], offload: State[Any] | None, record: State[Any] | None, n: int
+) -> tuple[TaskRun, list[TaskRun]]:
+    cap = task_run("capture-vm", capture, n=n)
+    out = [cap]
+    if offload is not None:
+        off = task_run("offload-dump", offload, n=n + 100, upstream=cap.id)
+        out.append(off)
+        if record is not None:
+            out.append(task_run("record-dump", record, n=n + 200, upstream=off.id))
+    return cap, out
+
+
+def test_before_the_task_runs_exist() -> None:
+    assert vm_detail(["a", "b", "a"], False, [], []) == (
+        VMRun("a", "pending", None, None),
+        VMRun("b", "pending", None, None),
+    )
+    assert vm_detail(["all"], False, [], []) == ()
+    # A run that ended before any capture started (cancelled, crashed).
+    assert vm_detail(["a"], True, [], []) == (VMRun("a", "error", None, None),)
+
+
+def test_streaming_waiting_and_failed_are_told_apart() -> None:
+    pending = states.Pending()
+    listed = task_run("list-targets", states.Completed(), n=0)
+    # Created in this order; which VM each is for is not in Prefect.
+    c1, r1 = chain(states.Running(), pending, pending, n=1)  # waits for a capture slot
+    c2, r2 = chain(states.Running(), pending, pending, n=2)  # streams: has the artifact
+    c3, r3 = chain(
+        states.Failed(
+            message="Task run encountered an exception VMNotFoundError: "
+            "no VM 'nope-01' on any hypervisor"
+        ),
+        states.Pending(name="NotReady"),
+        states.Pending(name="NotReady"),
+        n=3,
+    )
+    arts = [progress(c2, "vm-db-01", 12.0, n=0), progress(c2, "vm-db-01", 37.5, n=1)]
+    got = vm_detail(
+        ["vm-web-01", "nope-01", "vm-db-01"], False, [listed, *r1, *r2, *r3], reversed(arts)
+    )
+    assert got == (
+        VMRun("vm-web-01", "pending", None, None),
+        VMRun("nope-01", "failed", None, "no VM 'nope-01' on any hypervisor"),
+        VMRun("vm-db-01", "running", 37.5, None),
+    )
+
+
+def test_a_vm_is_done_when_its_offload_and_record_are() -> None:
+    ok = states.Completed()
+    cap_a, a = chain(ok, ok, ok, n=1)
+    cap_b, b = chain(ok, states.Running(), states.Pending(), n=2)
+    cap_c, c = chain(
+        ok,
+        states.Failed(message="Task run encountered an exception S3Error: denied"),
+        states.Pending(name="NotReady"),
+        n=3,
+    )
+    cap_d, d = chain(ok, ok, states.Failed(message="disk I/O error"), n=4)
+    caps = {"a": cap_a, "b": cap_b, "c": cap_c, "d": cap_d}
+    arts = [progress(cap, vm, 100.0) for vm, cap in caps.items()]
+    got = vm_detail(["a", "b", "c", "d"], False, [*a, *b, *c, *d], arts)
+    assert got == (
+        VMRun("a", "completed", 100.0, None),
+        VMRun("b", "running", 100.0, None),
+        VMRun("c", "failed", 100.0, "offload failed (local file kept): denied"),
+        VMRun("d", "failed", 100.0, "record not written: disk I/O error"),
+    )
+
+
+def test_timeout_retry_and_crash() -> None:
+    cap_t, t = chain(
+        states.Failed(name="TimedOut", message="vm-a: past the deadline"), None, None, n=1
+    )
+    # Retrying: the artifact is from the attempt before, so no progress is claimed yet.
+    retry_at = T + timedelta(seconds=5)
+    cap_r, r = chain(_state(states.Retrying, retry_at), None, None, n=2)
+    cap_w, w = chain(states.AwaitingRetry(), None, None, n=3)
+    arts = [
+        progress(cap_t, "vm-a", 60.0),
+        progress(cap_r, "vm-b", 80.0),
+        progress(cap_w, "vm-c", 5.0),
+    ]
+    got = vm_detail(["vm-a", "vm-b", "vm-c"], False, [*t, *r, *w], arts)
+    assert got == (
+        VMRun("vm-a", "timeout", 60.0, "vm-a: past the deadline"),
+        VMRun("vm-b", "pending", None, None),
+        VMRun("vm-c", "retrying", 5.0, None),
+    )
+    # The flow run ended (crashed, cancelled) while VMs were still going: not "running".
+    got = vm_detail(["vm-b", "vm-c"], True, [*r, *w], arts)
+    assert [(v.vm_id, v.state) for v in got] == [("vm-b", "error"), ("vm-c", "error")]
+    crashed, cr = chain(states.Crashed(message="process killed"), None, None, n=4)
+    assert vm_detail(["x"], True, cr, []) == (VMRun("x", "error", None, "process killed"),)
+
+
+def test_all_trigger_names_vms_from_their_artifacts() -> None:
+    c1, r1 = chain(states.Running(), None, None, n=1)
+    c2, r2 = chain(states.Running(), None, None, n=2)
+    c3, r3 = chain(states.Pending(), None, None, n=3)
+    arts = [progress(c2, "vm-web-01", 10.0), progress(c1, "db-x", 99.0, name="DB_X")]
+    got = vm_detail(["all"], False, [*r1, *r2, *r3], arts)
+    # Named ones by their artifact (the description's name when it slugs to the key),
+    # in creation order, then the not-yet-named one.
+    assert got == (
+        VMRun("DB_X", "running", 99.0, None),
+        VMRun("vm-web-01", "running", 10.0, None),
+        VMRun(None, "pending", None, None),
+    )
+
+
+def test_every_entry_has_a_known_state() -> None:
+    factories = [
+        states.Scheduled,
+        states.Pending,
+        states.Running,
+        states.Retrying,
+        states.AwaitingRetry,
+        states.Paused,
+        states.Completed,
+        states.Failed,
+        states.Crashed,
+        states.Cancelled,
+        states.Cancelling,
+    ]
+    trs = [task_run("capture-vm", f(), n=i) for i, f in enumerate(factories)]
+    for final in (False, True):
+        got = vm_detail([f"v{i}" for i in range(len(trs))], final, trs, [])
+        assert len(got) == len(trs)
+        assert {v.state for v in got} <= VM_STATES
+        if final:
+            assert {v.state for v in got} <= {"completed", "failed", "timeout", "error"}
+
+
+# -- how many Prefect queries ----------------------------------------------------------
+
+
+class FakePrefect:
+    """Stands in for Prefect's sync client; counts queries."""
+
+    def __init__(self, flow_run: FlowRun, task_runs: list[TaskRun], arts: list[Artifact]):
+        self.flow_run, self.task_runs, self.arts = flow_run, task_runs, arts
+        self.calls: list[str] = []
+
+    def __enter__(self) -> FakePrefect:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def read_flow_runs(self, **kw: Any) -> list[FlowRun]:
+        self.calls.append("flow_runs")
+        return [self.flow_run]
+
+    def read_task_runs(self, **kw: Any) -> list[TaskRun]:
+        self.calls.append("task_runs")
+        assert kw["flow_run_filter"].id.any_ == [self.flow_run.id]
+        return self.task_runs[kw["offset"] : kw["offset"] + kw["limit"]]
+
+    def read_artifacts(self, **kw: Any) -> list[Artifact]:
+        self.calls.append("artifacts")
+        flt = kw["artifact_filter"]
+        assert flt.flow_run_id.any_ == [self.flow_run.id] and flt.type.any_ == ["progress"]
+        return self.arts[kw["offset"] : kw["offset"] + kw["limit"]]
+
+
+def _flow_run(state: State[Any], vm_ids: list[str]) -> FlowRun:
+    return FlowRun(
+        id=FLOW_RUN,
+        name="r",
+        flow_id=uuid4(),
+        parameters={"vm_ids": vm_ids, "source": "api"},
+        state=state,
+        expected_start_time=T,
+        start_time=T,
+        end_time=T + timedelta(seconds=3) if state.is_final() else None,
+    )
+
+
+def test_latest_costs_two_extra_queries_and_none_once_finished(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import prefect
+
+    cap, r = chain(states.Running(), states.Pending(), states.Pending(), n=1)
+    fake = FakePrefect(_flow_run(states.Running(), ["vm-a"]), r, [progress(cap, "vm-a", 50.0)])
+    monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
+    runs = PrefectRuns("capture-vms", "on-demand")
+
+    got = runs.latest()
+    assert got is not None and got.vms == (VMRun("vm-a", "running", 50.0, None),)
+    assert fake.calls == ["flow_runs", "task_runs", "artifacts"]
+
+    # Finished: read once more in full, then the detail is kept (it cannot change).
+    ok = states.Completed()
+    fake.flow_run = _flow_run(ok, ["vm-a"])
+    for tr in r:
+        tr.state = ok
+    fake.calls.clear()
+    for _ in range(3):
+        got = runs.latest()
+        assert got is not None and got.vms == (VMRun("vm-a", "completed", 100.0, None),)
+    assert fake.calls == ["flow_runs", "task_runs", "artifacts", "flow_runs", "flow_runs"]
+    assert got.duration == 3.0
+
+
+def test_latest_before_any_capture_task_skips_the_artifact_query(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import prefect
+
+    fake = FakePrefect(_flow_run(states.Scheduled(), ["vm-a", "vm-b"]), [], [])
+    monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
+    got = PrefectRuns("capture-vms", "on-demand").latest()
+    assert got is not None and [v.vm_id for v in got.vms] == ["vm-a", "vm-b"]
+    assert fake.calls == ["flow_runs", "task_runs"]
+
+
+def test_many_task_runs_are_paged(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect
+
+    trs = [task_run("capture-vm", states.Pending(), n=i) for i in range(250)]
+    fake = FakePrefect(_flow_run(states.Running(), ["all"]), trs, [])
+    monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
+    got = PrefectRuns("capture-vms", "on-demand").latest()
+    assert got is not None and len(got.vms) == 250
+    assert fake.calls == ["flow_runs", "task_runs", "task_runs", "artifacts"]
+
+
+def test_error_text_is_without_prefect_boilerplate() -> None:
+    cap, r = chain(
+        states.Failed(message="Task run encountered an exception SSHError: host key mismatch"),
+        None,
+        None,
+        n=1,
+    )
+    (vm,) = vm_detail(["vm-a"], True, r, [])
+    assert vm.error == "host key mismatch" and not re.search("encountered", vm.error)
