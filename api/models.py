@@ -104,6 +104,12 @@ class VMStatus(BaseModel):
         " about once a second); null before streaming starts",
         examples=[42.5],
     )
+    bytes_done: int | None = Field(
+        description="Bytes of the dump streamed so far; null before streaming starts"
+    )
+    bytes_total: int | None = Field(
+        description="The dump's size as its ELF headers declare it; null before streaming"
+    )
     error: str | None = Field(description="Why the VM failed; null unless it did")
 
 

@@ -239,7 +239,14 @@ def status(latest: LatestRunDep) -> dict[str, Any]:
         "duration": run.duration if st != "in_progress" else None,
         "error": error,
         "vms": [
-            {"vm_id": v.vm_id, "state": v.state, "progress": v.progress, "error": v.error}
+            {
+                "vm_id": v.vm_id,
+                "state": v.state,
+                "progress": v.progress,
+                "bytes_done": v.bytes_done,
+                "bytes_total": v.bytes_total,
+                "error": v.error,
+            }
             for v in run.vms
         ],
     }

@@ -3,6 +3,7 @@ the status survives an API restart and every API replica sees the same)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import threading
@@ -27,6 +28,7 @@ ALL = "all"
 PAGE = 200
 
 _IN_PROGRESS = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"}
+_BYTES = re.compile(r": (\d+) of (\d+) bytes streamed$")
 _FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 _PREFECT_PREFIX = re.compile(r"^Task run encountered an exception (?:[A-Za-z_][\w.]*: )?")
 
@@ -40,6 +42,8 @@ class VMRun:
     state: str  # pending, running, retrying, completed, failed, timeout, error
     progress: float | None  # percent of the dump streamed, from the progress artifact
     error: str | None
+    bytes_done: int | None = None  # from the artifact's description ("N of M bytes ...")
+    bytes_total: int | None = None
 
     @property
     def final(self) -> bool:
@@ -287,7 +291,12 @@ def vm_detail(
 
     out = []
     for t in captures:
-        out.append(_one(t, ids[str(t.id)], newest.get(str(t.id)), by_upstream, run_final))
+        art = newest.get(str(t.id))
+        vm = _one(t, ids[str(t.id)], art, by_upstream, run_final)
+        m = _BYTES.search(str(getattr(art, "description", "") or ""))
+        if m is not None and vm.progress is not None:
+            vm = dataclasses.replace(vm, bytes_done=int(m[1]), bytes_total=int(m[2]))
+        out.append(vm)
     order = {v: i for i, v in enumerate(wanted)}
     keyed = sorted(enumerate(out), key=lambda p: (order.get(p[1].vm_id or "", len(order)), p[0]))
     return tuple(v for _, v in keyed)

@@ -47,15 +47,21 @@ def retry_if_retryable(task: Any, task_run: Any, state: State[Any]) -> bool:
 class _Progress:
     """Updates a progress artifact at most once a second (called from the stream loop)."""
 
-    def __init__(self, artifact_id: Any) -> None:
+    def __init__(self, artifact_id: Any, label: str) -> None:
         self.artifact_id = artifact_id
+        self.label = label
         self.last = 0.0
 
     def __call__(self, done: int, total: int | None) -> None:
         now = time.monotonic()
         if total and (now - self.last >= 1.0 or done >= total):
             self.last = now
-            update_progress_artifact(self.artifact_id, round(100.0 * done / total, 1))
+            # The byte counts ride in the description (/status reads them back).
+            update_progress_artifact(
+                self.artifact_id,
+                round(100.0 * done / total, 1),
+                description=f"{self.label}: {done} of {total} bytes streamed",
+            )
 
 
 @task(name="capture-vm", retry_condition_fn=retry_if_retryable, retries=2, retry_delay_seconds=5)
@@ -80,7 +86,11 @@ def capture_vm(
             try:
                 trigger = {"source": source, "flow_run_id": str(flow_run.id or "")}
                 result = capture(
-                    driver, ref, settings, progress=_Progress(artifact), trigger=trigger
+                    driver,
+                    ref,
+                    settings,
+                    progress=_Progress(artifact, f"{ref.name} on {ref.hypervisor}"),
+                    trigger=trigger,
                 )
             except CaptureTimeoutError as exc:
                 return Failed(name=TIMED_OUT, message=f"{ref.vmid}: {exc}")

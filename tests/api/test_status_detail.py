@@ -24,7 +24,7 @@ from tests.api.test_routes import FakeRuns
 
 BASE = "/api/memory-dumps"
 T = datetime(2025, 11, 11, 10, 30, 45, 123456, tzinfo=UTC)
-VM_KEYS = ["vm_id", "state", "progress", "error"]
+VM_KEYS = ["vm_id", "state", "progress", "bytes_done", "bytes_total", "error"]
 VM_STATES = {"pending", "running", "retrying", "completed", "failed", "timeout", "error"}
 
 
@@ -61,13 +61,30 @@ def test_vms_shape_in_progress(client: TestClient, runs: FakeRuns) -> None:
         T,
         None,
         None,
-        (VMRun("101", "running", 42.5, None), VMRun("102", "pending", None, None)),
+        (
+            VMRun("101", "running", 42.5, None, 114 << 20, 268 << 20),
+            VMRun("102", "pending", None, None),
+        ),
     )
     body = client.get(f"{BASE}/status").json()
     assert list(body)[-1] == "vms"
     assert body["vms"] == [
-        {"vm_id": "101", "state": "running", "progress": 42.5, "error": None},
-        {"vm_id": "102", "state": "pending", "progress": None, "error": None},
+        {
+            "vm_id": "101",
+            "state": "running",
+            "progress": 42.5,
+            "bytes_done": 114 << 20,
+            "bytes_total": 268 << 20,
+            "error": None,
+        },
+        {
+            "vm_id": "102",
+            "state": "pending",
+            "progress": None,
+            "bytes_done": None,
+            "bytes_total": None,
+            "error": None,
+        },
     ]
     for vm in body.pop("vms"):
         assert list(vm) == VM_KEYS
@@ -92,8 +109,22 @@ def test_vms_shape_finished(client: TestClient, runs: FakeRuns) -> None:
     body = client.get(f"{BASE}/status").json()
     assert body["status"] == "failed" and body["duration"] == 3.5
     assert body["vms"] == [
-        {"vm_id": "101", "state": "completed", "progress": 100.0, "error": None},
-        {"vm_id": "nope", "state": "failed", "progress": None, "error": body["vms"][1]["error"]},
+        {
+            "vm_id": "101",
+            "state": "completed",
+            "progress": 100.0,
+            "bytes_done": None,
+            "bytes_total": None,
+            "error": None,
+        },
+        {
+            "vm_id": "nope",
+            "state": "failed",
+            "progress": None,
+            "bytes_done": None,
+            "bytes_total": None,
+            "error": body["vms"][1]["error"],
+        },
     ]
     assert "nope" in body["vms"][1]["error"]
 
@@ -103,7 +134,14 @@ def test_unidentified_vm_of_an_all_trigger(client: TestClient, runs: FakeRuns) -
         "r", "RUNNING", "Running", ["all"], T, None, None, (VMRun(None, "pending", None, None),)
     )
     assert client.get(f"{BASE}/status").json()["vms"] == [
-        {"vm_id": None, "state": "pending", "progress": None, "error": None}
+        {
+            "vm_id": None,
+            "state": "pending",
+            "progress": None,
+            "bytes_done": None,
+            "bytes_total": None,
+            "error": None,
+        }
     ]
 
 
@@ -156,13 +194,17 @@ def task_run(
     )
 
 
-def progress(tr: TaskRun, vm: str, value: float, *, n: int = 0, name: str = "") -> Artifact:
+def progress(
+    tr: TaskRun, vm: str, value: float, *, n: int = 0, name: str = "", done: int | None = None
+) -> Artifact:
+    # As tasks/capture.py writes it: the byte counts once streaming reports them.
+    what = "bytes streamed / dump size" if done is None else f"{done} of 4000 bytes streamed"
     return Artifact(
         id=uuid4(),
         key=f"capture-progress-{vm.lower()}",
         type="progress",
         data=value,
-        description=f"{name or vm} on lab: bytes streamed / dump size",
+        description=f"{name or vm} on lab: {what}",
         flow_run_id=FLOW_RUN,
         task_run_id=tr.id,
         created=T + timedelta(seconds=1, milliseconds=n),
@@ -207,14 +249,17 @@ def test_streaming_waiting_and_failed_are_told_apart() -> None:
         states.Pending(name="NotReady"),
         n=3,
     )
-    arts = [progress(c2, "vm-db-01", 12.0, n=0), progress(c2, "vm-db-01", 37.5, n=1)]
+    arts = [
+        progress(c2, "vm-db-01", 12.0, n=0, done=480),
+        progress(c2, "vm-db-01", 37.5, n=1, done=1500),
+    ]
     got = vm_detail(
         ["vm-web-01", "nope-01", "vm-db-01"], False, [listed, *r1, *r2, *r3], reversed(arts)
     )
     assert got == (
         VMRun("vm-web-01", "pending", None, None),
         VMRun("nope-01", "failed", None, "no VM 'nope-01' on any hypervisor"),
-        VMRun("vm-db-01", "running", 37.5, None),
+        VMRun("vm-db-01", "running", 37.5, None, 1500, 4000),
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from tests.stack import REPO, Stack, free_port
 
 BASE = "/api/memory-dumps"
-VM_KEYS = ["vm_id", "state", "progress", "error"]
+VM_KEYS = ["vm_id", "state", "progress", "bytes_done", "bytes_total", "error"]
 
 
 def memdump(stack: Stack, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -65,10 +65,13 @@ def test_status_shows_each_vm_of_a_run(stack: Stack) -> None:
     assert "running" in {v["state"] for s in running for v in s["vms"]}
     final = seen[-1]
     assert final["status"] == "completed", final
+    _, recs = stack.call("GET", f"{BASE}/records?limit=2")
+    size = {r["vmid"]: r["raw_size_bytes"] for r in recs["records"]}
     assert final["vms"] == [
-        {"vm_id": "vm-web-01", "state": "completed", "progress": 100.0, "error": None},
-        {"vm_id": "vm-db-01", "state": "completed", "progress": 100.0, "error": None},
-    ]
+        {"vm_id": vm, "state": "completed", "progress": 100.0, "bytes_done": size[vm],
+         "bytes_total": size[vm], "error": None}
+        for vm in ("vm-web-01", "vm-db-01")
+    ]  # fmt: skip
 
 
 def test_status_names_the_vm_that_failed(stack: Stack) -> None:
