@@ -50,7 +50,7 @@ def capture(
     t0 = time.monotonic()
     deadline = t0 + settings.capture_timeout_sec
     filename = f"{ref.vmid}_{int(started.timestamp())}.mem.gz"
-    source = driver.open_dump(ref)
+    source = driver.open_dump(ref, staging=settings.staging, margin=settings.disk_space_margin)
     result = write_dump(
         source,
         settings.dump_dir.resolve(),

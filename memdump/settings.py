@@ -70,6 +70,17 @@ class HypervisorConfig(BaseModel):
     key_passphrase: SecretStr | None = None
     known_hosts: Path | None = None
     libvirt_uri: str = "qemu:///system"
+    # Absolute directory on this hypervisor for the private temp dirs of file-staged dumps
+    # (Settings.staging = "file"); unset: the remote shell's ${TMPDIR:-/tmp}. It needs
+    # memory size x disk_space_margin free, checked before the guest is paused.
+    staging_dir: str | None = None
+
+    @field_validator("staging_dir")
+    @classmethod
+    def _absolute_dir(cls, v: str | None) -> str | None:
+        if v is not None and (not v.startswith("/") or "\0" in v or "\n" in v):
+            raise ValueError("staging_dir must be an absolute path (one line)")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -201,6 +212,16 @@ class Settings(BaseSettings):
     # Disk-space preflight: a capture needs memory size x this margin free in dump_dir
     # (gzip of incompressible memory is slightly larger than the memory itself).
     disk_space_margin: float = Field(default=1.1, ge=0)
+
+    # How a libvirt dump leaves the hypervisor (MEMDUMP_STAGING); recorded in the manifest.
+    # "fifo": QEMU writes into a FIFO that `cat` reads straight into the SSH channel:
+    #   nothing is written on the hypervisor, but the guest stays paused for the whole
+    #   network transfer (and a slow consumer here makes that longer).
+    # "file": QEMU first writes a private temp file on the hypervisor (0600, in a 0700 dir
+    #   under the hypervisor's staging_dir), so the guest resumes as soon as that local
+    #   write is done; the file is then streamed and removed. Needs memory size x
+    #   disk_space_margin free there, checked before the guest is paused.
+    staging: Literal["fifo", "file"] = "fifo"
 
     # REST API
     api_token: SecretStr | None = None  # when set, every route but /health needs it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
 
 from memdump.pipeline import DumpSource
 
@@ -52,7 +52,9 @@ class Driver(Protocol):
 
     def snapshot(self, ref: VMRef) -> VMInfo: ...
 
-    def open_dump(self, ref: VMRef) -> DumpSource:
+    def open_dump(
+        self, ref: VMRef, *, staging: Literal["fifo", "file"] = "fifo", margin: float = 1.1
+    ) -> DumpSource:
         """Start the dump; the returned source yields the raw ELF core bytes."""
         ...
 

@@ -1,13 +1,15 @@
-"""The hypervisor-side temp directory every FIFO dump script uses, and its clean-up.
+"""The hypervisor-side temp directory every dump script uses, and its clean-up.
 
-A dump script makes ``${TMPDIR:-/tmp}/memdump.XXXXXXXXXX`` (0700) holding the FIFO QEMU
-writes into, and removes it on every exit path it can see (an EXIT trap). A script
-killed outright (SIGKILL, an OOM kill, a hypervisor-side crash) leaves it behind,
-possibly with the FIFO's reader still blocked in ``open()``. So each script holds a lock
-on ``<dir>/lock`` for as long as it lives (fd 8, not passed on to its children) and notes
-the reader's pid; the clean-up removes only directories whose lock is free, and kills a
-reader only when its command line names that directory's FIFO (a reused pid is left
-alone).
+A dump script makes ``${TMPDIR:-/tmp}/memdump.XXXXXXXXXX`` (0700) holding ``mem``, the
+FIFO QEMU writes into (or, for a file-staged dump, the 0600 file QEMU writes first; its
+script may be pointed at another directory, the hypervisor's ``staging_dir``), and
+removes it on every exit path it can see (an EXIT trap). A script killed outright
+(SIGKILL, an OOM kill, a hypervisor-side crash) leaves it behind, possibly with the
+FIFO's reader still blocked in ``open()``. So each script holds a lock on ``<dir>/lock``
+for as long as it lives (fd 8, not passed on to its children) and notes the pid of the
+child working on ``mem`` (the reader; virsh or cat for a staged file); the clean-up
+removes only directories whose lock is free, and kills that child only when its command
+line names that directory's ``mem`` (a reused pid is left alone).
 """
 
 from __future__ import annotations
@@ -20,19 +22,25 @@ from memdump.transport.base import Transport
 
 # Shell to paste at the top of a dump script (after ``umask 077``): makes "$d" and the
 # lock, and sets the EXIT trap that kills "$reader" and removes "$d". Exit codes 90/93.
+# The trap first ignores the signals that would end it halfway (an abort's SIGTERM to the
+# whole process group landing just as the script exits would kill rm and leave "$d"); a
+# second rm takes what a concurrent abort script may have added to "$d" meanwhile.
 PROLOGUE = """d=$(mktemp -d "${TMPDIR:-/tmp}/memdump.XXXXXXXXXX") || exit 90
 reader=
-trap 'if [ -n "$reader" ]; then kill "$reader" 2>/dev/null; fi; rm -rf "$d"' EXIT
+trap 'trap "" HUP INT TERM PIPE
+if [ -n "$reader" ]; then kill "$reader" 2>/dev/null; fi
+rm -rf "$d" 2>/dev/null || rm -rf "$d"' EXIT
 trap 'exit 143' HUP INT TERM PIPE
 exec 8>"$d/lock" || exit 93
 if command -v flock >/dev/null 2>&1; then flock -n 8 || exit 93; fi
 """
 
-# $1 = minimum age in seconds. Prints each directory it removed.
+# $1 = minimum age in seconds, $2 = directory (default ${TMPDIR:-/tmp}). Prints each
+# directory it removed.
 _CLEAN = """export LC_ALL=C
 command -v flock >/dev/null 2>&1 || exit 0
 now=$(date +%s)
-for d in "${TMPDIR:-/tmp}"/memdump.??????????; do
+for d in "${2:-${TMPDIR:-/tmp}}"/memdump.??????????; do
   [ -d "$d" ] && [ ! -L "$d" ] && [ -O "$d" ] || continue
   age=$(( now - $(stat -c %Y "$d") ))
   [ "$age" -ge "$1" ] || continue
@@ -65,9 +73,13 @@ def pause_window(stderr: str) -> tuple[str, tuple[datetime, datetime] | None]:
     return rest, (t0, t1)
 
 
-def clean_stale(transport: Transport, hypervisor: str, min_age_sec: float = 60.0) -> list[str]:
-    """Remove temp dirs left on the hypervisor by dump scripts that are gone."""
-    res = transport.run(_CLEAN, (str(int(min_age_sec)),), timeout=60.0)
+def clean_stale(
+    transport: Transport, hypervisor: str, min_age_sec: float = 60.0, directory: str | None = None
+) -> list[str]:
+    """Remove temp dirs left on the hypervisor by dump scripts that are gone (in
+    ``directory``, default the remote shell's ``${TMPDIR:-/tmp}``)."""
+    args = (str(int(min_age_sec)),) if directory is None else (str(int(min_age_sec)), directory)
+    res = transport.run(_CLEAN, args, timeout=60.0)
     if res.returncode != 0:
         raise HypervisorError(
             f"{hypervisor}: clean-up of stale dump directories failed: {res.stderr_text}",

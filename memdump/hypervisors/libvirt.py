@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import re
+import secrets
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Literal
 
 from memdump.errors import (
+    ConfigError,
     DumpFailedError,
     HypervisorError,
+    InsufficientSpaceError,
     MemdumpError,
+    StreamStalledError,
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
 from memdump.hypervisors.fifo import PROLOGUE, clean_stale, pause_window
 from memdump.identifiers import validate_id
-from memdump.settings import HypervisorConfig
+from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.base import ByteStream, CommandResult, Transport
+
+Staging = Literal["fifo", "file"]
+_DEFAULT_MARGIN = float(Settings.model_fields["disk_space_margin"].default)
 
 # $1 = libvirt URI. Running domains only: a shut-off domain has no memory to dump.
 _LIST = 'export LC_ALL=C; exec virsh -q -c "$1" list --name'
@@ -51,7 +62,10 @@ t0=$(date +%s.%N)
 virsh -c "$1" dump --memory-only --format elf "$2" "$d/mem" >/dev/null 2>"$d/err" 8>&-
 rc=$?
 t1=$(date +%s.%N)
-[ "$rc" -eq 0 ] || kill "$reader" 2>/dev/null
+# If virsh failed, QEMU may never open the FIFO: kill the reader, and in case the kill
+# landed before it got to open() (it would then block there for ever), open the FIFO
+# read-write for a moment, which lets any open() on it return; the reader sees EOF.
+if [ "$rc" -ne 0 ]; then kill "$reader" 2>/dev/null; exec 9<>"$d/mem"; exec 9>&-; fi
 wait "$reader"
 rrc=$?
 reader=
@@ -63,8 +77,113 @@ exit 0
 """
 )
 
+# $1 = URI, $2 = domain, $3 = directory for the temp dir ("" = ${TMPDIR:-/tmp}), $4 = space
+# margin in thousandths, $5 = token (how _ABORT_FILE finds this script's dir). Staged:
+# QEMU first writes the whole dump into "$d/mem", a 0600 regular file, so the guest is
+# paused only for that local write (t0..t1), and the file is streamed afterwards. Before
+# anything pauses the guest, the free space there must cover the domain's memory x the
+# margin (else exit 95 with a memdump-insufficient-space line). "$d/dumping" is there
+# while the dump may start or run, "$d/cancel" (from _ABORT_FILE) stops one that has not
+# started: each side makes its mark before it looks for the other's, so either the dump
+# never starts or the abort sees it and keeps asking libvirt to abort it.
+_DUMP_FILE = (
+    """export LC_ALL=C
+umask 077
+if [ -n "$3" ]; then TMPDIR=$3; export TMPDIR; fi
+case $4 in ''|*[!0-9]*) echo "memdump: bad space margin" >&2; exit 97 ;; esac
+"""
+    + PROLOGUE
+    + """printf '%s\\n' "$5" >"$d/token" || exit 93
+kib=$(virsh -c "$1" dominfo "$2" 2>"$d/err" | sed -n 's/^Max memory: *\\([0-9]*\\) KiB$/\\1/p')
+if [ -z "$kib" ]; then
+  cat "$d/err" >&2
+  printf 'memdump: cannot read the memory size of domain %s\\n' "$2" >&2
+  exit 96
+fi
+blocks=$(stat -f -c %a "$d" 2>/dev/null)
+bsize=$(stat -f -c %S "$d" 2>/dev/null)
+case $blocks$bsize in
+  ''|*[!0-9]*)
+    kfree=$(df -P -k "$d" | awk 'NR == 2 { print $4 }')
+    case $kfree in
+      ''|*[!0-9]*) printf 'memdump: cannot read the free space in %s\\n' "${d%/*}" >&2; exit 98 ;;
+    esac
+    free=$((kfree * 1024)) ;;
+  *) free=$((blocks * bsize)) ;;
+esac
+need=$((kib * 1024 * $4 / 1000))
+if [ "$free" -lt "$need" ]; then
+  printf 'memdump-insufficient-space %s %s %s %s\\n' "$free" "$need" "$((kib * 1024))" "${d%/*}" >&2
+  exit 95
+fi
+: >"$d/mem" || exit 91
+: >"$d/dumping" || exit 91
+if [ -e "$d/cancel" ]; then echo "memdump: dump cancelled before it started" >&2; exit 94; fi
+t0=$(date +%s.%N)
+virsh -c "$1" dump --memory-only --format elf "$2" "$d/mem" >/dev/null 2>"$d/err" 8>&- &
+reader=$!
+echo "$reader" >"$d/reader"
+wait "$reader"
+rc=$?
+reader=
+t1=$(date +%s.%N)
+rm -f "$d/dumping"
+cat "$d/err" >&2
+echo "memdump-pause-window $t0 $t1" >&2
+[ "$rc" -eq 0 ] || exit "$rc"
+cat "$d/mem" 8>&- &
+reader=$!
+echo "$reader" >"$d/reader"
+wait "$reader"
+rrc=$?
+reader=
+[ "$rrc" -eq 0 ] || exit 92
+exit 0
+"""
+)
+_EXIT_NO_TEMP_DIR = 90
+_EXIT_NO_SPACE = 95
+_NO_SPACE = re.compile(r"^memdump-insufficient-space (\d+) (\d+) (\d+) (.*)$", re.M)
+
 # $1 = URI, $2 = domain. Best effort: there may be no job left to abort.
 _ABORT = 'virsh -c "$1" domjobabort "$2" >/dev/null 2>&1; exit 0'
+
+# $1 = URI, $2 = domain, $3 = directory ("" = ${TMPDIR:-/tmp}), $4 = token of the staged
+# dump to stop. Over SSH nothing signals the script when the channel closes, and while
+# QEMU writes the file nothing is written to the channel either. So: mark the dump
+# cancelled (see _DUMP_FILE), then, for as long as the script says its dump may be
+# starting or running, stop it. libvirt refuses domjobabort for a memory-only dump
+# ("cannot abort memory-only dump", libvirt 9), so the writer libvirt put between QEMU
+# and our file (libvirt_iohelper, its command line naming our private "$d/mem") is
+# killed: QEMU's dump then fails and QEMU resumes the guest, as when a FIFO dump's reader
+# goes. domjobabort is still asked, for a libvirt that can abort it. Bounded: ~15 s.
+_ABORT_FILE = """export LC_ALL=C
+mine=
+for d in "${3:-${TMPDIR:-/tmp}}"/memdump.??????????; do
+  if [ -d "$d" ] && [ ! -L "$d" ] && [ "$(cat "$d/token" 2>/dev/null)" = "$4" ]; then
+    mine=$d
+    : >"$d/cancel" 2>/dev/null
+    break
+  fi
+done
+[ -n "$mine" ] || exit 0
+i=0
+while [ -e "$mine/dumping" ] && [ "$i" -lt 50 ]; do
+  grep -laF -- "$mine/mem" /proc/[0-9]*/cmdline 2>/dev/null | while read -r f; do
+    case $(tr '\\0' ' ' <"$f" 2>/dev/null) in
+      *libvirt_iohelper" $mine/mem "*) p=${f#/proc/}; kill "${p%/cmdline}" 2>/dev/null ;;
+    esac
+  done
+  virsh -c "$1" domjobabort "$2" >/dev/null 2>&1
+  i=$((i + 1))
+  sleep 0.2 2>/dev/null || sleep 1
+done
+exit 0
+"""
+# While QEMU writes the staged file nothing arrives on the stream, for as long as that
+# takes (SSH keepalives still catch a dead peer, the capture deadline a hung dump); past
+# this, a silent staged dump is given up as stalled.
+_STAGE_WAIT_SEC = 4 * 3600.0
 
 _FIELD = re.compile(r"^([A-Za-z() ]+):\s*(.*)$")
 
@@ -75,6 +194,7 @@ class LibvirtDriver:
     def __init__(self, hv: HypervisorConfig, transport: Transport) -> None:
         self.name = hv.name
         self._uri = hv.libvirt_uri
+        self._staging_dir = hv.staging_dir
         self._t = transport
 
     def _run(self, script: str, *args: str, timeout: float = 60.0) -> CommandResult:
@@ -138,10 +258,25 @@ class LibvirtDriver:
             taken_at=datetime.now(UTC),
         )
 
-    def open_dump(self, ref: VMRef) -> _VirshDump:
+    def open_dump(
+        self, ref: VMRef, *, staging: Staging = "fifo", margin: float = _DEFAULT_MARGIN
+    ) -> _VirshDump:
+        """``staging`` (Settings.staging): "fifo" streams QEMU's output as it is written
+        (the guest is paused for the whole transfer); "file" has QEMU write a temp file in
+        the hypervisor's ``staging_dir`` first, after checking that memory size x
+        ``margin`` (Settings.disk_space_margin) is free there, then streams that file."""
         validate_id(ref.name, what="domain name")
-        stream = self._t.stream(_DUMP, (self._uri, ref.name))
-        return _VirshDump(stream, self.name, ref, self._stop_dump)
+        if staging == "fifo":
+            stream = self._t.stream(_DUMP, (self._uri, ref.name))
+            return _VirshDump(stream, self.name, ref, self._stop_dump)
+        if staging != "file":
+            raise ConfigError(f"unknown staging {staging!r}", hypervisor=self.name)
+        token = secrets.token_hex(16)
+        milli = max(0, math.ceil(margin * 1000 - 1e-6))
+        args = (self._uri, ref.name, self._staging_dir or "", str(milli), token)
+        stream = self._t.stream(_DUMP_FILE, args)
+        stop = functools.partial(self._stop_staged_dump, token=token)
+        return _VirshDump(stream, self.name, ref, stop, staging="file", margin=margin)
 
     def _stop_dump(self, ref: VMRef) -> None:
         # Closing the channel already breaks the FIFO (QEMU gets EPIPE, fails the dump and
@@ -151,8 +286,17 @@ class LibvirtDriver:
         except MemdumpError:
             pass
 
+    def _stop_staged_dump(self, ref: VMRef, *, token: str) -> None:
+        try:
+            self._run(_ABORT_FILE, ref.name, self._staging_dir or "", token, timeout=30.0)
+        except MemdumpError:
+            pass
+
     def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
-        return clean_stale(self._t, self.name, min_age_sec)
+        removed = clean_stale(self._t, self.name, min_age_sec)
+        if self._staging_dir is not None:
+            removed += clean_stale(self._t, self.name, min_age_sec, self._staging_dir)
+        return removed
 
     def close(self) -> None:
         self._t.close()
@@ -160,23 +304,48 @@ class LibvirtDriver:
 
 class _VirshDump:
     def __init__(
-        self, stream: ByteStream, hv: str, ref: VMRef, stop: Callable[[VMRef], None]
+        self,
+        stream: ByteStream,
+        hv: str,
+        ref: VMRef,
+        stop: Callable[[VMRef], None],
+        *,
+        staging: Staging = "fifo",
+        margin: float = _DEFAULT_MARGIN,
     ) -> None:
         self._s = stream
         self._hv = hv
         self._ref = ref
         self._stop = stop
         self._aborted = False
+        self._finished = False
+        self._margin = margin
+        # Staged: the first byte comes only after QEMU has written the whole file.
+        self._flowing = staging == "fifo"
+        self._opened = time.monotonic()
         self.pause_window: tuple[datetime, datetime] | None = None
         self.dump_format = "ELF64 core: virsh dump --memory-only --format elf"
-        self.staging = "fifo"
+        self.staging: Staging = staging
 
     def readinto(self, view: memoryview) -> int:
-        return self._s.readinto(view)
+        if self._flowing:
+            return self._s.readinto(view)
+        while True:
+            try:
+                n = self._s.readinto(view)
+            except StreamStalledError:
+                if self._aborted or time.monotonic() - self._opened > _STAGE_WAIT_SEC:
+                    raise
+                continue
+            self._flowing = True
+            return n
 
     def close_ok(self) -> None:
         res = self._s.finish(timeout=60.0)
+        self._finished = True
         stderr, self.pause_window = pause_window(res.stderr_text)
+        if self.staging == "file":
+            self._check_staging(res.returncode, stderr)
         if res.returncode != 0:
             raise DumpFailedError(
                 f"virsh dump of {self._ref.name} on {self._hv} failed "
@@ -187,11 +356,40 @@ class _VirshDump:
                 stderr=stderr[-2000:],
             )
 
+    def _check_staging(self, rc: int, stderr: str) -> None:
+        """The staged script's own refusals, made before the guest was paused."""
+        m = _NO_SPACE.search(stderr)
+        if rc == _EXIT_NO_SPACE and m is not None:
+            free, need, mem = (int(x) for x in m.groups()[:3])
+            where = m.group(4)
+            raise InsufficientSpaceError(
+                f"not enough space on hypervisor {self._hv} in {where} to stage the dump "
+                f"of {self._ref.name}: {free} bytes free, {need} needed ({mem} bytes of "
+                f"memory x {self._margin}); the guest was not paused",
+                hypervisor=self._hv,
+                vm_id=self._ref.vmid,
+                path=where,
+                free_bytes=free,
+                needed_bytes=need,
+                memory_bytes=mem,
+            )
+        if rc == _EXIT_NO_TEMP_DIR:
+            raise HypervisorError(
+                f"{self._hv}: cannot make a staging temp dir for {self._ref.name}: "
+                f"{stderr or 'no message'}",
+                hypervisor=self._hv,
+                vm_id=self._ref.vmid,
+                exit_code=rc,
+                stderr=stderr[-2000:],
+            )
+
     def abort(self) -> None:
         if self._aborted:
             return
         self._aborted = True
         self._s.abort()
+        if self.staging == "file" and self._finished:
+            return  # the script has exited: no dump of ours is left to stop
         self._stop(self._ref)
 
 

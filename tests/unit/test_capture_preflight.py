@@ -25,7 +25,7 @@ class Driver:
     def snapshot(self, ref: VMRef) -> VMInfo:
         return VMInfo(ref, "uuid", "1", "running", 4 << 30, "host")
 
-    def open_dump(self, ref: VMRef) -> None:
+    def open_dump(self, ref: VMRef, **_: object) -> None:
         self.dumped = True  # would pause the guest
         raise AssertionError("the dump must not start")
 
