@@ -115,3 +115,32 @@ def test_wrong_token_is_an_error(server: InfluxDB3TestServer) -> None:
         store.add(rec(0))
     with pytest.raises(RecordStoreError):
         store.list(1, 0)
+
+
+def test_api_filters_and_csv_on_influxdb3(cfg: InfluxDB3Settings, tmp_path: Path) -> None:
+    # The same /records query, JSON and CSV, served from InfluxDB 3 and from SQLite.
+    import csv
+    import io
+
+    from memdump.records.sqlite import SQLiteRecordStore
+
+    influx, lite = InfluxDB3RecordStore(cfg), SQLiteRecordStore(tmp_path / "r.db")
+    for i, vm in enumerate(["101", "102", "101", "103", "101"]):
+        influx.add(rec(i, vm))
+        lite.add(rec(i, vm))
+    q = "since=2025-11-11T10:31:00&until=2025-11-11T10:35:00&vmid=101"
+    answers = []
+    for store in (influx, lite):
+        api = TestClient(create_app(Settings(data_dir=tmp_path), store=store, runs=None))
+        body = api.get(f"/api/memory-dumps/records?{q}").json()
+        text = api.get(f"/api/memory-dumps/records?{q}&format=csv").text
+        answers.append((body, text))
+    (body, text), other = answers
+    assert other == (body, text)
+    assert [r["timestamp"][:16] for r in body["records"]] == [
+        "2025-11-11T10:34",
+        "2025-11-11T10:32",
+    ]
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == API_RECORD_FIELDS and len(rows) == 3
+    assert rows[1] == [str(v) for v in body["records"][0].values()]
