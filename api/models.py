@@ -8,6 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 ID_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+# A trigger may qualify an id with its hypervisor: "hv:101".
+QUALIFIED_ID_PATTERN = (
+    r"^(?!.*\.\.)(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127}:)?[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+)
 
 Status = Literal["idle", "in_progress", "completed", "failed", "timeout", "error"]
 
@@ -20,13 +24,14 @@ class TriggerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     vm_ids: list[str] = Field(
-        description='VM ids (domain name, id or UUID; plain identifiers only), or "all"',
+        description="VM ids (domain name, id or UUID; plain identifiers only), each optionally"
+        ' qualified by its hypervisor ("hv:101"), or "all"',
         examples=[["101", "102"]],
         # Documented, checked in the route: an empty list must get the contract's own
         # "No VM IDs specified", which pydantic's constraint errors would not give.
         json_schema_extra={
             "minItems": 1,
-            "items": {"type": "string", "maxLength": 128, "pattern": ID_PATTERN},
+            "items": {"type": "string", "maxLength": 257, "pattern": QUALIFIED_ID_PATTERN},
         },
     )
 

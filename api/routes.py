@@ -30,7 +30,7 @@ from api.models import (
 from api.runs import Runs
 from api.status import map_state
 from memdump.errors import MemdumpError
-from memdump.identifiers import validate_id
+from memdump.identifiers import split_qualified, validate_id
 from memdump.records.base import RecordQuery
 from memdump.records.model import API_FIELDS, iso_utc
 from memdump.targets import ALL
@@ -100,7 +100,7 @@ def trigger(
     for vm_id in vm_ids:
         if vm_id != ALL:
             try:
-                validate_id(vm_id)
+                split_qualified(vm_id)
             except MemdumpError as exc:
                 raise HTTPException(400, str(exc)) from None
     _check_rate(runs, settings.trigger_min_interval_sec)

@@ -34,3 +34,13 @@ def validate_id(value: object, *, what: str = "VM id") -> str:
             value=value[:80],
         )
     return value
+
+
+def split_qualified(value: object, *, what: str = "VM id") -> tuple[str | None, str]:
+    """``"hv:101"`` -> ``("hv", "101")``; ``"101"`` -> ``(None, "101")``. Both parts must be
+    plain identifiers: a qualified id names the hypervisor from the inventory, so an id
+    that exists on two hypervisors can still be asked for."""
+    if isinstance(value, str) and value.count(":") == 1:
+        hv, _, vm = value.partition(":")
+        return validate_id(hv, what="hypervisor name"), validate_id(vm, what=what)
+    return None, validate_id(value, what=what)

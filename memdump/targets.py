@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from memdump.errors import AmbiguousVMError, HypervisorError, VMNotFoundError
 from memdump.hypervisors import Driver, VMRef
-from memdump.identifiers import validate_id
+from memdump.identifiers import split_qualified
 
 ALL = "all"
 
@@ -16,8 +16,15 @@ def list_all(drivers: Iterable[Driver]) -> list[VMRef]:
 
 
 def find(drivers: Iterable[Driver], vm_id: str) -> tuple[Driver, VMRef]:
-    """Find an unqualified id on every hypervisor; more than one match is an error."""
-    validate_id(vm_id)
+    """Find ``id`` on every hypervisor (more than one match is an error, not a guess), or
+    ``hypervisor:id`` on that one only."""
+    hv, vm_id = split_qualified(vm_id)
+    if hv is not None:
+        drivers = [d for d in drivers if d.name == hv]
+        if not drivers:
+            raise VMNotFoundError(
+                f"no hypervisor {hv!r} in the inventory", vm_id=vm_id, hypervisor=hv
+            )
     hits: list[tuple[Driver, VMRef]] = []
     errors: list[str] = []
     for d in drivers:
@@ -30,7 +37,8 @@ def find(drivers: Iterable[Driver], vm_id: str) -> tuple[Driver, VMRef]:
     if len(hits) > 1:
         raise AmbiguousVMError(
             f"VM id {vm_id!r} matches on several hypervisors: "
-            + ", ".join(d.name for d, _ in hits),
+            + ", ".join(d.name for d, _ in hits)
+            + f"; ask for one as HYPERVISOR:{vm_id}",
             vm_id=vm_id,
             hypervisors=[d.name for d, _ in hits],
         )

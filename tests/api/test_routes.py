@@ -435,3 +435,11 @@ def test_records_filters_and_csv(client: TestClient, store: SQLiteRecordStore) -
     assert client.get(f"{BASE}/records?format=csv&limit=1001").status_code == 400
     empty = client.get(f"{BASE}/records?format=csv&vmid=nope")
     assert empty.text.splitlines() == [",".join(API_RECORD_FIELDS)]
+
+
+def test_trigger_accepts_ids_qualified_by_hypervisor(client: TestClient, runs: FakeRuns) -> None:
+    r = client.post(f"{BASE}/trigger", json={"vm_ids": ["pve-a:101", "101", "all"]})
+    assert r.status_code == 200 and runs.triggered == [(["pve-a:101", "101", "all"], "api")]
+    for bad in ("pve-a:", "a:b:c", ":101", "pve a:101"):
+        r = client.post(f"{BASE}/trigger", json={"vm_ids": [bad]})
+        assert r.status_code == 400, bad

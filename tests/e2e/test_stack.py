@@ -140,3 +140,17 @@ def test_timeout_stops_the_dump_and_reports_timeout(
     assert set((stack.data_dir / "dumps").glob("*")) == dumps_before
     assert_hypervisor_clean("vm-web-01")
     assert "None" in virsh("domjobinfo", "vm-web-01")
+
+
+def test_an_id_qualified_by_its_hypervisor(stack: Stack) -> None:
+    code, body = stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["lab:vm-db-01"]})
+    assert code == 200, body
+    status = stack.wait_status()
+    assert status["status"] == "completed", status
+    _, recs = stack.call("GET", f"{BASE}/records?limit=1")
+    (rec,) = recs["records"]
+    assert rec["vmid"] == "vm-db-01" and rec["hypervisor"] == "lab"
+    code, body = stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["elsewhere:vm-db-01"]})
+    assert code == 200
+    status = stack.wait_status()
+    assert status["status"] == "failed" and "no hypervisor 'elsewhere'" in status["error"]

@@ -16,10 +16,19 @@ from memdump.errors import InvalidIdentifierError
 from memdump.hypervisors.libvirt import LibvirtDriver
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import HypervisorConfig, Settings
+from memdump.targets import find
 from memdump.transport.base import CommandResult
 from tests.api.test_routes import FakeRuns
 
 PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def acceptable(s: str) -> bool:
+    """A plain id, or one qualified by its hypervisor ("hv:101"), both parts plain."""
+    parts = s.split(":")
+    return len(parts) <= 2 and all(PLAIN.fullmatch(p) and ".." not in p for p in parts)
+
+
 NASTY = st.sampled_from(
     [
         ";",
@@ -52,7 +61,7 @@ hostile = st.one_of(
         lambda a, n, b: a + n + b, st.from_regex(PLAIN, fullmatch=True), NASTY, st.text(max_size=20)
     ),
     st.text(alphabet="a", min_size=129, max_size=5000),
-).filter(lambda s: not (PLAIN.fullmatch(s) and ".." not in s) and s != "all")
+).filter(lambda s: not acceptable(s) and s != "all")
 
 
 class CanaryTransport:
@@ -80,6 +89,10 @@ def test_driver_never_runs_a_hostile_id(vm_id: str) -> None:
     drv = LibvirtDriver(HypervisorConfig(name="hv", transport="local"), t)
     with pytest.raises(InvalidIdentifierError):
         drv.resolve(vm_id)
+    # Qualified with a hypervisor, on either side of the colon: refused before any command.
+    for qualified in (f"hv:{vm_id}", f"{vm_id}:vm-1"):
+        with pytest.raises(InvalidIdentifierError):
+            find([drv], qualified)
     assert t.seen == []
 
 
@@ -107,7 +120,7 @@ def test_api_rejects_any_list_with_a_hostile_id(
     c, runs = client
     before = len(runs.triggered)
     r = c.post("/api/memory-dumps/trigger", json={"vm_ids": ids})
-    ok = all(i == "all" or (PLAIN.fullmatch(i) and ".." not in i) for i in ids)
+    ok = all(i == "all" or acceptable(i) for i in ids)
     assert r.status_code == (200 if ok else 400), (ids, r.text)
     assert list(r.json()) == (["status", "message", "vm_ids", "timestamp"] if ok else ["detail"])
     assert len(runs.triggered) == before + (1 if ok else 0)
