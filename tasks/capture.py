@@ -64,7 +64,13 @@ class _Progress:
             )
 
 
-@task(name="capture-vm", retry_condition_fn=retry_if_retryable, retries=2, retry_delay_seconds=5)
+@task(
+    name="capture-vm",
+    task_run_name="capture-vm-{vm_id}",  # the Prefect UI names each run by its VM
+    retry_condition_fn=retry_if_retryable,
+    retries=2,
+    retry_delay_seconds=5,
+)
 def capture_vm(
     vm_id: str, hypervisor: str | None = None, source: str = "api"
 ) -> DumpRecord | State[Any]:
