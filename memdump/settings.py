@@ -3,6 +3,7 @@ plus a hypervisor inventory file (YAML), e.g. the one ``lab/up`` writes."""
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -61,7 +62,9 @@ class HypervisorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    driver: Literal["libvirt"] = "libvirt"
+    # "libvirt": virsh on the hypervisor; "qemu": QEMU processes not managed by libvirt,
+    # each with a QMP socket <qmp_dir>/<vm name>.qmp, spoken to with socat.
+    driver: Literal["libvirt", "qemu"] = "libvirt"
     transport: Literal["ssh", "local"] = "ssh"
     host: str | None = None
     port: int = Field(default=22, ge=1, le=65535)
@@ -74,6 +77,21 @@ class HypervisorConfig(BaseModel):
     # (Settings.staging = "file"); unset: the remote shell's ${TMPDIR:-/tmp}. It needs
     # memory size x disk_space_margin free, checked before the guest is paused.
     staging_dir: str | None = None
+    # driver "qemu": the directory of the VMs' QMP unix sockets (one <name>.qmp per VM);
+    # unset: /run/memdump-qemu. Its path goes into a socat address, so it is limited to
+    # letters, digits and "._/-".
+    qmp_dir: str | None = None
+
+    @field_validator("qmp_dir")
+    @classmethod
+    def _plain_dir(cls, v: str | None) -> str | None:
+        if v is not None and (
+            not re.fullmatch(r"/[A-Za-z0-9._/-]*", v) or "/../" in f"{v}/" or len(v) > 80
+        ):
+            raise ValueError(
+                "qmp_dir must be an absolute path of letters, digits and '._/-' (at most 80)"
+            )
+        return v
 
     @field_validator("staging_dir")
     @classmethod

@@ -14,6 +14,10 @@ def open_driver(hv: HypervisorConfig, tuning: SSHTuning) -> Driver:
         from memdump.hypervisors.libvirt import LibvirtDriver
 
         return LibvirtDriver(hv, transport)
+    if hv.driver == "qemu":
+        from memdump.hypervisors.qemu import QemuDriver
+
+        return QemuDriver(hv, transport)
     raise ConfigError(f"unknown driver {hv.driver!r}", hypervisor=hv.name)  # pragma: no cover
 
 

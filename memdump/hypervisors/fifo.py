@@ -24,11 +24,15 @@ from memdump.transport.base import Transport
 # lock, and sets the EXIT trap that kills "$reader" and removes "$d". Exit codes 90/93.
 # The trap first ignores the signals that would end it halfway (an abort's SIGTERM to the
 # whole process group landing just as the script exits would kill rm and leave "$d"); a
-# second rm takes what a concurrent abort script may have added to "$d" meanwhile.
+# second rm takes what a concurrent abort script may have added to "$d" meanwhile. A
+# writer (QEMU, libvirt's helper) blocked in open() on the FIFO "$d/mem" because its
+# reader is gone would wait for ever (QEMU in its main loop: the whole VM hangs); opening
+# the FIFO read-write for a moment lets that open() return, and the write then fails.
 PROLOGUE = """d=$(mktemp -d "${TMPDIR:-/tmp}/memdump.XXXXXXXXXX") || exit 90
 reader=
 trap 'trap "" HUP INT TERM PIPE
 if [ -n "$reader" ]; then kill "$reader" 2>/dev/null; fi
+if [ -p "$d/mem" ]; then exec 9<>"$d/mem"; exec 9>&-; fi
 rm -rf "$d" 2>/dev/null || rm -rf "$d"' EXIT
 trap 'exit 143' HUP INT TERM PIPE
 exec 8>"$d/lock" || exit 93

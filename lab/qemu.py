@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Plain QEMU VMs for the memdump lab: QEMU processes that libvirt does not manage,
+each with a QMP socket (for memdump's ``qemu`` driver). Same seeded RAM (lab/image.py)
+and halt BIOS as the libvirt VMs, so their dumps can be checked byte for byte.
+
+Usage: qemu.py up --state STATE --name NAME --mib MIB --images DIR --bios BIOS --accel kvm|tcg
+       qemu.py down --state STATE (--all | NAME...)
+       qemu.py list --state STATE          # "NAME STATUS PID MIB" per lab QEMU VM
+       qemu.py qmp SOCKET COMMAND [ARGS_JSON]   # one QMP command, prints the reply
+
+Files, in <state>/run/qemu (the qmp_dir of the lab's qemu hypervisor): NAME.qmp (QMP
+socket), NAME.pid (QEMU's -pidfile), NAME.log (QEMU's stderr); <state>/vms/NAME/:
+layout.json (lab/image.py) and qemu.argv.json (the command line). A process is only
+ever signalled if it is a qemu-system-x86_64 whose command line names that pidfile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import image  # noqa: E402
+
+QEMU = "/usr/bin/qemu-system-x86_64"
+SUN_PATH_MAX = 107
+
+
+def qmp_dir(state: Path) -> Path:
+    return state / "run" / "qemu"
+
+
+def qmp(sock: Path, command: str, args: dict | None = None, timeout: float = 30.0) -> dict:
+    """One QMP command on a fresh connection; returns the reply ("return" or "error")."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        f = s.makefile("rwb")
+
+        def reply() -> dict:
+            while True:
+                line = f.readline()
+                if not line:
+                    raise ConnectionError(f"{sock}: QMP connection closed")
+                doc = json.loads(line)
+                if "return" in doc or "error" in doc:
+                    return doc
+
+        greeting = json.loads(f.readline())
+        if "QMP" not in greeting:
+            raise ConnectionError(f"{sock}: not a QMP greeting: {greeting}")
+        f.write(b'{"execute":"qmp_capabilities"}\n')
+        f.flush()
+        reply()
+        cmd: dict = {"execute": command}
+        if args:
+            cmd["arguments"] = args
+        f.write(json.dumps(cmd).encode() + b"\n")
+        f.flush()
+        return reply()
+
+
+def is_lab_qemu(pid: int, pidfile: Path) -> bool:
+    """pid is alive (not a zombie), is QEMU and was started with this pidfile."""
+    try:
+        if os.readlink(f"/proc/{pid}/exe") != QEMU:
+            return False
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return str(pidfile).encode() in argv
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def running_pid(state: Path, name: str) -> int | None:
+    pidfile = qmp_dir(state) / f"{name}.pid"
+    pid = read_pid(pidfile)
+    return pid if pid is not None and is_lab_qemu(pid, pidfile) else None
+
+
+def vm_uuid(name: str) -> str:
+    return str(uuid.UUID(bytes=hashlib.sha256(f"memdump-lab-qemu:{name}".encode()).digest()[:16]))
+
+
+def argv_for(layout: dict, state: Path, bios: str, accel: str) -> list[str]:
+    name = layout["name"]
+    d = qmp_dir(state)
+    argv = [
+        QEMU,
+        "-name", name,
+        "-uuid", vm_uuid(name),
+        "-machine", f"pc,accel={accel}",
+        "-m", str(layout["memory_bytes"] >> 20),
+        "-smp", "1",
+        "-nodefaults", "-no-user-config",
+        "-display", "none",
+        "-bios", bios,
+    ]  # fmt: skip
+    for r in layout["regions"]:
+        f = r["file"].replace(",", ",,")
+        argv += ["-device", f"loader,file={f},addr={r['addr']:#x},force-raw=on"]
+    argv += [
+        "-qmp", f"unix:{d / (name + '.qmp')},server=on,wait=off",
+        "-pidfile", str(d / f"{name}.pid"),
+        "-daemonize",
+    ]  # fmt: skip
+    return argv
+
+
+def check_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name) or ".." in name:
+        raise SystemExit(f"lab: bad VM name {name!r}")
+    return name
+
+
+def stop(state: Path, name: str) -> bool:
+    check_name(name)
+    d = qmp_dir(state)
+    pidfile = d / f"{name}.pid"
+    pid = read_pid(pidfile)
+    stopped = False
+    if pid is not None and is_lab_qemu(pid, pidfile):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not is_lab_qemu(pid, pidfile):
+                break
+            time.sleep(0.1)
+        else:
+            print(f"lab: qemu {name} ({pid}) ignored SIGTERM, killing", file=sys.stderr)
+            os.kill(pid, signal.SIGKILL)
+            for _ in range(50):
+                if not is_lab_qemu(pid, pidfile):
+                    break
+                time.sleep(0.1)
+        stopped = True
+    for suffix in (".pid", ".qmp"):
+        (d / f"{name}{suffix}").unlink(missing_ok=True)
+    return stopped
+
+
+def wait_qmp(sock: Path, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return qmp(sock, "query-status", timeout=5.0)
+        except (OSError, ValueError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def up(state: Path, name: str, mib: int, images: Path, bios: str, accel: str) -> str:
+    check_name(name)
+    d = qmp_dir(state)
+    d.mkdir(parents=True, exist_ok=True)
+    sock = d / f"{name}.qmp"
+    if len(str(sock).encode()) > SUN_PATH_MAX:
+        raise SystemExit(f"lab: QMP socket path too long for a unix socket: {sock}")
+    vmdir = state / "vms" / name
+    layout = image.generate(name, mib * image.MiB, image.seed_for(name), vmdir, images)
+    argv = argv_for(layout, state, bios, accel)
+    (vmdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1) + "\n")
+    pid = running_pid(state, name)
+    if pid is not None:
+        have = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        if [a.decode() for a in have] == argv:
+            st = wait_qmp(sock)["return"]["status"]
+            if st == "paused":
+                qmp(sock, "cont")
+            return f"reused pid {pid}"
+        print(f"lab: qemu {name}: command line changed, restarting", file=sys.stderr)
+        stop(state, name)
+    for suffix in (".pid", ".qmp"):
+        (d / f"{name}{suffix}").unlink(missing_ok=True)
+    log = d / f"{name}.log"
+    with open(log, "wb") as err:
+        proc = subprocess.run(  # noqa: S603 - fixed argv
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            timeout=300,
+            check=False,
+        )
+    if proc.returncode != 0:
+        sys.stderr.write(log.read_text(errors="replace"))
+        raise SystemExit(f"lab: qemu {name} did not start (exit {proc.returncode}); see {log}")
+    wait_qmp(sock)
+    return f"started pid {running_pid(state, name)}"
+
+
+def listing(state: Path) -> list[tuple[str, str, str, str]]:
+    out = []
+    d = qmp_dir(state)
+    for pidfile in sorted(d.glob("*.pid")) if d.is_dir() else []:
+        name = pidfile.name[: -len(".pid")]
+        pid = running_pid(state, name)
+        status, mib = "stopped", "?"
+        if pid is not None:
+            try:
+                status = qmp(d / f"{name}.qmp", "query-status", timeout=5.0)["return"]["status"]
+                mem = qmp(d / f"{name}.qmp", "query-memory-size-summary", timeout=5.0)
+                mib = str(mem["return"]["base-memory"] >> 20)
+            except (OSError, ValueError, KeyError):
+                status = "no-qmp"
+        out.append((name, status, str(pid or "-"), mib))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("up")
+    p.add_argument("--state", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--mib", type=int, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--bios", required=True)
+    p.add_argument("--accel", choices=("kvm", "tcg"), required=True)
+    p = sub.add_parser("down")
+    p.add_argument("--state", type=Path, required=True)
+    p.add_argument("--all", action="store_true")
+    p.add_argument("names", nargs="*")
+    p = sub.add_parser("list")
+    p.add_argument("--state", type=Path, required=True)
+    p = sub.add_parser("qmp")
+    p.add_argument("socket", type=Path)
+    p.add_argument("command")
+    p.add_argument("args", nargs="?")
+    a = ap.parse_args(argv)
+    if a.cmd == "up":
+        print(up(a.state.resolve(), a.name, a.mib, a.images.resolve(), a.bios, a.accel))
+    elif a.cmd == "down":
+        d = qmp_dir(a.state.resolve())
+        names = a.names
+        if a.all:
+            names = [p.name[: -len(".pid")] for p in d.glob("*.pid")] if d.is_dir() else []
+        for name in names:
+            if stop(a.state.resolve(), name):
+                print(f"lab: stopped qemu {name}", file=sys.stderr)
+    elif a.cmd == "list":
+        for row in listing(a.state.resolve()):
+            print(" ".join(row))
+    else:
+        print(json.dumps(qmp(a.socket, a.command, json.loads(a.args) if a.args else None)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
