@@ -9,7 +9,6 @@ import hashlib
 import os
 import re
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import assert_hypervisor_clean, virsh
+from tests.integration.conftest import assert_hypervisor_clean, extra_lab_vm, virsh
 from tests.procs import ancestor_below, cmdline, descendants, holders, lab_sshd_pid
 from tests.stack import Stack, lab_inventory, running_stack
 
@@ -145,16 +144,8 @@ CRASH_VM = "vm-crash-01"
 @pytest.fixture
 def crash_vm(lab_dir: Path) -> Iterator[str]:
     # 1 GiB: a few seconds of dump, time enough to kill the process that writes it.
-    subprocess.run(
-        [str(REPO / "lab/up"), "--vm", f"{CRASH_VM}:1024"],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    yield CRASH_VM
-    subprocess.run(
-        [str(REPO / "lab/down"), "--vm", CRASH_VM], check=False, capture_output=True, timeout=120
-    )
+    with extra_lab_vm(CRASH_VM, 1024) as name:
+        yield name
 
 
 def test_flow_run_killed_mid_dump_crashes_and_next_start_cleans(

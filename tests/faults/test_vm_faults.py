@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,12 @@ from memdump.errors import ConnectError, DumpFailedError, ShortDumpError
 from memdump.hypervisors import open_driver
 from memdump.settings import Settings
 from memdump.targets import find
-from tests.integration.conftest import assert_hypervisor_clean, remote_temp_dirs, virsh
+from tests.integration.conftest import (
+    assert_hypervisor_clean,
+    extra_lab_vm,
+    remote_temp_dirs,
+    virsh,
+)
 from tests.procs import cmdline, holders
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,13 +31,8 @@ VM = "vm-fault-01"
 
 @pytest.fixture
 def doomed_vm(lab_dir: Path) -> Iterator[str]:
-    subprocess.run(
-        [str(REPO / "lab/up"), "--vm", f"{VM}:512"], check=True, capture_output=True, timeout=300
-    )
-    yield VM
-    subprocess.run(
-        [str(REPO / "lab/down"), "--vm", VM], check=False, capture_output=True, timeout=120
-    )
+    with extra_lab_vm(VM, 512) as name:
+        yield name
 
 
 def test_vm_destroyed_during_its_dump(doomed_vm: str, settings: Settings) -> None:

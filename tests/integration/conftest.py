@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,35 @@ def assert_hypervisor_clean(vm: str, timeout: float = 30.0) -> None:
         time.sleep(0.2)
     assert remote_temp_dirs() == []
     assert virsh("domstate", vm).strip() == "running"
+
+
+def assert_markers(raw: bytes, lab_dir: Path, vm: str) -> None:
+    """``raw`` is a whole ELF core of lab VM ``vm``: its headers declare exactly its length,
+    it maps the VM's RAM, and every seeded marker sits at its guest-physical address."""
+    from memdump.elfcore import parse_core
+
+    lay = parse_core(raw)
+    assert lay is not None and lay.file_size == len(raw)
+    vm_layout = layout(lab_dir, vm)
+    assert lay.memory_bytes >= vm_layout["memory_bytes"] - (1 << 20)
+    assert len(vm_layout["markers"]) >= 8
+    for marker in vm_layout["markers"]:
+        off = lay.offset_of(marker["addr"])
+        assert off is not None, f"marker at {marker['addr']:#x} not in any PT_LOAD"
+        want = bytes.fromhex(marker["hex"])
+        assert raw[off : off + len(want)] == want
+
+
+@contextmanager
+def extra_lab_vm(name: str, mib: int) -> Iterator[str]:
+    """A lab VM of its own for one test or module (lab/up --vm), removed afterwards."""
+    lab = Path(__file__).resolve().parents[2] / "lab"
+    subprocess.run(
+        [str(lab / "up"), "--vm", f"{name}:{mib}"], check=True, capture_output=True, timeout=300
+    )
+    try:
+        yield name
+    finally:
+        subprocess.run(
+            [str(lab / "down"), "--vm", name], check=False, capture_output=True, timeout=120
+        )

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from memdump.capture import capture
-from memdump.elfcore import parse_core
 from memdump.errors import (
     CaptureTimeoutError,
     ConfigError,
@@ -31,7 +30,7 @@ from memdump.manifest import manifest_path
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.targets import find
-from tests.integration.conftest import layout, remote_temp_dirs
+from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 VM = "vm-qemu-01"
@@ -152,16 +151,8 @@ def test_dump_is_byte_exact_with_markers(
     assert rec.raw_size_bytes == len(expected)
     assert rec.hypervisor == HV and rec.dom == VM and rec.vmid == VM
 
-    lay = parse_core(raw)
-    assert lay is not None and lay.file_size == len(raw)
+    assert_markers(raw, lab_dir, VM)
     vm_layout = layout(lab_dir, VM)
-    assert lay.memory_bytes >= vm_layout["memory_bytes"] - (1 << 20)
-    assert len(vm_layout["markers"]) >= 8
-    for marker in vm_layout["markers"]:
-        off = lay.offset_of(marker["addr"])
-        assert off is not None, f"marker at {marker['addr']:#x} not in any PT_LOAD"
-        want = bytes.fromhex(marker["hex"])
-        assert raw[off : off + len(want)] == want
 
     # What the snapshot said, and the manifest.
     pid = qemu_pid(lab_dir)
@@ -196,12 +187,7 @@ def test_running_vm_dump_matches_layout_over_local_transport(
     d = open_driver(qhv.model_copy(update={"transport": "local"}), qsettings.ssh)
     result = capture(d, d.resolve(VM), qsettings)
     raw = gzip.decompress(Path(result.record.dump_path).read_bytes())
-    lay = parse_core(raw)
-    assert lay is not None and lay.file_size == len(raw)
-    for marker in layout(lab_dir, VM)["markers"]:
-        off = lay.offset_of(marker["addr"])
-        assert off is not None
-        assert raw[off : off + 64] == bytes.fromhex(marker["hex"])
+    assert_markers(raw, lab_dir, VM)
     assert result.info.state == "running"
     wait_clean(qemu_vm, before)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from memdump.capture import capture
-from memdump.elfcore import parse_core
 from memdump.errors import CaptureTimeoutError, DumpFailedError, InsufficientSpaceError
 from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.hypervisors.libvirt import LibvirtDriver
@@ -28,7 +27,8 @@ from memdump.settings import Settings
 from tests.integration.conftest import (
     URI,
     assert_hypervisor_clean,
-    layout,
+    assert_markers,
+    extra_lab_vm,
     remote_temp_dirs,
     virsh,
 )
@@ -77,13 +77,7 @@ def test_file_staged_dump_is_byte_exact(
     expected = local.read_bytes()
     assert hashlib.sha256(expected).hexdigest() == result.raw_sha256
     assert raw == expected and result.raw_bytes == len(expected)
-    lay = parse_core(raw)
-    assert lay is not None and lay.file_size == len(raw)
-    for marker in layout(lab_dir, VM)["markers"]:
-        off = lay.offset_of(marker["addr"])
-        assert off is not None
-        want = bytes.fromhex(marker["hex"])
-        assert raw[off : off + len(want)] == want
+    assert_markers(raw, lab_dir, VM)
 
     assert getattr(src, "staging", None) == "file"
     window = getattr(src, "pause_window", None)
@@ -182,16 +176,8 @@ OWN_MIB = 1024  # ~1 s for QEMU to write it: time to abort that; 1.1 GiB > the 6
 @pytest.fixture(scope="module")
 def own_vm(lab_dir: Path) -> Iterator[str]:
     """Nothing else dumps or pauses it while its events are watched."""
-    subprocess.run(
-        [str(REPO / "lab/up"), "--vm", f"{OWN_VM}:{OWN_MIB}"],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    yield OWN_VM
-    subprocess.run(
-        [str(REPO / "lab/down"), "--vm", OWN_VM], check=False, capture_output=True, timeout=120
-    )
+    with extra_lab_vm(OWN_VM, OWN_MIB) as name:
+        yield name
 
 
 @pytest.fixture
