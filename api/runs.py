@@ -297,6 +297,9 @@ def vm_detail(
         if m is not None and vm.progress is not None:
             vm = dataclasses.replace(vm, bytes_done=int(m[1]), bytes_total=int(m[2]))
         out.append(vm)
+    # Mapped task runs appear one by one: a VM asked for whose run does not exist yet is
+    # still part of this run.
+    out += [VMRun(v, "error" if run_final else "pending", None, None) for v in left]
     order = {v: i for i, v in enumerate(wanted)}
     keyed = sorted(enumerate(out), key=lambda p: (order.get(p[1].vm_id or "", len(order)), p[0]))
     return tuple(v for _, v in keyed)

@@ -6,6 +6,7 @@ Every paramiko/socket exception is mapped to memdump's error tree here, once, by
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import time
@@ -329,4 +330,8 @@ class _SSHByteStream:
         return CommandResult(rc, b"", bytes(err))
 
     def abort(self) -> None:
-        self._chan.close()
+        # Best effort on a connection that may already be dead: paramiko can raise
+        # (EOFError, socket errors) while sending the close, and an abort must not turn
+        # the error that caused it into another one.
+        with contextlib.suppress(Exception):
+            self._chan.close()

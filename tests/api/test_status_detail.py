@@ -453,3 +453,16 @@ def test_error_text_is_without_prefect_boilerplate() -> None:
     )
     (vm,) = vm_detail(["vm-a"], True, r, [])
     assert vm.error == "host key mismatch" and not re.search("encountered", vm.error)
+
+
+def test_a_vm_whose_task_run_does_not_exist_yet_is_listed() -> None:
+    # Mapped task runs are created one by one: a poll can see the first before the second.
+    cap, runs = chain(states.Running(), states.Pending(), states.Pending(), n=1)
+    got = vm_detail(["vm-web-01", "vm-db-01"], False, runs, [])
+    assert got == (
+        VMRun("vm-web-01", "pending", None, None),
+        VMRun("vm-db-01", "pending", None, None),
+    )
+    assert vm_detail(["vm-web-01", "vm-db-01"], True, runs, [])[1] == VMRun(
+        "vm-db-01", "error", None, None
+    )

@@ -79,3 +79,15 @@ def test_specific_mappings() -> None:
     assert isinstance(si, StreamInterruptedError) and si.retryable
     peer = map_ssh_error(px.IncompatiblePeer("x"), host="h", op="connect")
     assert type(peer) is TransportError and not peer.retryable
+
+
+def test_abort_of_a_stream_on_a_dead_connection_does_not_raise() -> None:
+    from memdump.transport.ssh import _SSHByteStream
+
+    class DeadChannel:
+        def close(self) -> None:
+            raise EOFError  # what paramiko raised in CI once the socket was gone
+
+    stream = _SSHByteStream.__new__(_SSHByteStream)
+    stream._chan = DeadChannel()  # type: ignore[assignment]
+    stream.abort()
