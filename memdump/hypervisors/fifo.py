@@ -21,20 +21,29 @@ from memdump.errors import HypervisorError
 from memdump.transport.base import Transport
 
 # Shell to paste at the top of a dump script (after ``umask 077``): makes "$d" and the
-# lock, and sets the EXIT trap that kills "$reader" and removes "$d". Exit codes 90/93.
-# The trap first ignores the signals that would end it halfway (an abort's SIGTERM to the
-# whole process group landing just as the script exits would kill rm and leave "$d"); a
-# second rm takes what a concurrent abort script may have added to "$d" meanwhile. A
-# writer (QEMU, libvirt's helper) blocked in open() on the FIFO "$d/mem" because its
-# reader is gone would wait for ever (QEMU in its main loop: the whole VM hangs); opening
-# the FIFO read-write for a moment lets that open() return, and the write then fails.
-PROLOGUE = """d=$(mktemp -d "${TMPDIR:-/tmp}/memdump.XXXXXXXXXX") || exit 90
+# lock, and sets the traps that kill "$reader" and remove "$d". Exit codes 90/93.
+# Every signal trap cleans up itself before it exits rather than leaving it to the EXIT
+# trap: a signal that lands as the script exits (an abort's SIGTERM to the whole process
+# group just as the dump finishes) is run by dash before the EXIT trap's first command,
+# and its "exit" would end the shell there with "$d" still in place. The clean-up first
+# ignores the signals that would end it halfway; a second rm takes what a concurrent
+# abort script may have added to "$d" meanwhile. A writer (QEMU, libvirt's helper)
+# blocked in open() on the FIFO "$d/mem" because its reader is gone would wait for ever
+# (QEMU in its main loop: the whole VM hangs); opening the FIFO read-write for a moment
+# lets that open() return, and the write then fails.
+PROLOGUE = """d=
 reader=
-trap 'trap "" HUP INT TERM PIPE
-if [ -n "$reader" ]; then kill "$reader" 2>/dev/null; fi
-if [ -p "$d/mem" ]; then exec 9<>"$d/mem"; exec 9>&-; fi
-rm -rf "$d" 2>/dev/null || rm -rf "$d"' EXIT
-trap 'exit 143' HUP INT TERM PIPE
+memdump_cleanup() {
+  trap "" HUP INT TERM PIPE
+  if [ -n "$reader" ]; then kill "$reader" 2>/dev/null; reader=; fi
+  if [ -n "$d" ]; then
+    if [ -p "$d/mem" ]; then exec 9<>"$d/mem"; exec 9>&-; fi
+    rm -rf "$d" 2>/dev/null || rm -rf "$d"
+  fi
+}
+trap memdump_cleanup EXIT
+trap 'memdump_cleanup; exit 143' HUP INT TERM PIPE
+d=$(mktemp -d "${TMPDIR:-/tmp}/memdump.XXXXXXXXXX") || exit 90
 exec 8>"$d/lock" || exit 93
 if command -v flock >/dev/null 2>&1; then flock -n 8 || exit 93; fi
 """

@@ -152,7 +152,7 @@ exit 0
 )
 
 # $1 = qmp_dir, $2 = VM name, $3 = token (how _ABORT finds this dump). The reader (cat)
-# starts before QEMU is asked to open the FIFO; PROLOGUE's EXIT trap lets a QEMU blocked
+# starts before QEMU is asked to open the FIFO; PROLOGUE's clean-up lets a QEMU blocked
 # in open() on the FIFO go on (see the module doc). A
 # QEMU running as another user (-runas, or started by one) gets the FIFO (still 0600)
 # and a traversable, not listable (0711) dir.

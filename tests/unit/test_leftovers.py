@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from memdump.hypervisors.fifo import clean_stale
+from memdump.hypervisors.fifo import PROLOGUE, clean_stale
 from memdump.leftovers import clean_parts
 from memdump.pipeline import write_dump
 from memdump.transport.local import LocalTransport
@@ -140,6 +141,27 @@ def test_live_young_and_foreign_dirs_are_kept(
 
     assert clean_stale(LocalTransport(), "hv", 30) == []
     assert live.exists() and young.exists() and target.exists() and other_name.exists()
+
+
+@pytest.mark.parametrize("shell", ["dash", "bash"])
+@pytest.mark.parametrize("end", ["exit 0", "sleep 30"])
+def test_a_signal_as_the_script_ends_still_removes_its_dir(
+    remote_tmp: Path, shell: str, end: str
+) -> None:
+    # "exit $(kill ...)": the TERM is pending when the shell starts to exit, the case an
+    # abort landing just as the dump finishes hits; "sleep 30": the usual abort mid-dump.
+    # Both shells run a trap left pending there before the EXIT trap's first command.
+    if shutil.which(shell) is None:
+        pytest.fail(f"{shell} is not installed (scripts/bootstrap installs it)")
+    script = PROLOGUE + ': >"$d/mem"\n'
+    if end == "exit 0":
+        script += "exit $(kill -TERM $$; echo 0)\n"
+    else:
+        script += "sleep 30 &\nreader=$!\nkill -TERM $$\nwait $reader\n"
+    env = {**os.environ, "TMPDIR": str(remote_tmp)}
+    res = subprocess.run([shell, "-c", script], env=env, timeout=20, check=False)
+    assert res.returncode == 143
+    assert list(remote_tmp.iterdir()) == []
 
 
 def test_analysis_copies_of_a_killed_check_are_removed(tmp_path: Path) -> None:

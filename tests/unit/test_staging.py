@@ -341,6 +341,9 @@ def test_unknown_staging_is_refused(env: Path) -> None:
 
 
 def test_abort_while_streaming_the_file_cleans_up(env: Path) -> None:
+    # Bigger than the stream's pipe (1 MiB), so the script is still streaming it.
+    big = make_core([(0, os.urandom(300_000)), (1 << 20, bytes(4 << 20))])
+    (env / "core.elf").write_bytes(big)
     src = _driver().open_dump(REF, staging="file")
     assert src.readinto(memoryview(bytearray(4096))) > 0  # streaming the finished file
     (d,) = (env / "remote-tmp").iterdir()
