@@ -48,6 +48,27 @@ exec 8>"$d/lock" || exit 93
 if command -v flock >/dev/null 2>&1; then flock -n 8 || exit 93; fi
 """
 
+# $1 = token of the dump to stop (the script wrote it to "$d/token"), for drivers whose
+# dump tool cannot be cancelled (QMP/HMP dump-guest-memory). Closing the stream already
+# breaks the FIFO; this kills that dump's reader as well (only if its command line names
+# that dump's FIFO) and lets a QEMU still in open() go on: QEMU's write fails, it ends
+# the dump and resumes the guest. Best effort.
+ABORT_FIFO = """export LC_ALL=C
+for d in "${TMPDIR:-/tmp}"/memdump.??????????; do
+  if [ -d "$d" ] && [ ! -L "$d" ] && [ "$(cat "$d/token" 2>/dev/null)" = "$1" ]; then
+    r=$(cat "$d/reader" 2>/dev/null)
+    case $r in
+      ''|*[!0-9]*) ;;
+      *) if tr '\\0' ' ' <"/proc/$r/cmdline" 2>/dev/null | grep -qF "$d/mem"; then
+           kill "$r" 2>/dev/null
+         fi ;;
+    esac
+    if [ -p "$d/mem" ]; then exec 9<>"$d/mem"; exec 9>&-; fi
+  fi
+done
+exit 0
+"""
+
 # $1 = minimum age in seconds, $2 = directory (default ${TMPDIR:-/tmp}). Prints each
 # directory it removed.
 _CLEAN = """export LC_ALL=C

@@ -43,7 +43,7 @@ from memdump.errors import (
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
-from memdump.hypervisors.fifo import PROLOGUE, clean_stale, pause_window
+from memdump.hypervisors.fifo import ABORT_FIFO, PROLOGUE, clean_stale, pause_window
 from memdump.identifiers import validate_id
 from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.base import ByteStream, CommandResult, Transport
@@ -151,7 +151,7 @@ exit 0
 """
 )
 
-# $1 = qmp_dir, $2 = VM name, $3 = token (how _ABORT finds this dump). The reader (cat)
+# $1 = qmp_dir, $2 = VM name, $3 = token (how ABORT_FIFO finds this dump). The reader (cat)
 # starts before QEMU is asked to open the FIFO; PROLOGUE's clean-up lets a QEMU blocked
 # in open() on the FIFO go on (see the module doc). A
 # QEMU running as another user (-runas, or started by one) gets the FIFO (still 0600)
@@ -200,25 +200,6 @@ echo "memdump-pause-window $t0 $t1" >&2
 exit 0
 """
 )
-
-# $1 = token of the dump to stop. Closing the stream already breaks the FIFO; this kills
-# that dump's reader as well (only if its command line names that dump's FIFO) and
-# lets a QEMU still in open() go on. Best effort.
-_ABORT = """export LC_ALL=C
-for d in "${TMPDIR:-/tmp}"/memdump.??????????; do
-  if [ -d "$d" ] && [ ! -L "$d" ] && [ "$(cat "$d/token" 2>/dev/null)" = "$1" ]; then
-    r=$(cat "$d/reader" 2>/dev/null)
-    case $r in
-      ''|*[!0-9]*) ;;
-      *) if tr '\\0' ' ' <"/proc/$r/cmdline" 2>/dev/null | grep -qF "$d/mem"; then
-           kill "$r" 2>/dev/null
-         fi ;;
-    esac
-    if [ -p "$d/mem" ]; then exec 9<>"$d/mem"; exec 9>&-; fi
-  fi
-done
-exit 0
-"""
 
 _EXIT_NO_VM = 96
 _REPLY = re.compile(r"^memdump-qmp-reply (.*)$", re.M)
@@ -383,7 +364,7 @@ class QemuDriver:
 
     def _stop_dump(self, token: str) -> None:
         try:
-            self._t.run(_ABORT, (token,), timeout=15.0)
+            self._t.run(ABORT_FIFO, (token,), timeout=15.0)
         except MemdumpError:
             pass
 
