@@ -5,12 +5,15 @@ and halt BIOS as the libvirt VMs, so their dumps can be checked byte for byte.
 
 Usage: qemu.py up --state STATE --name NAME --mib MIB --images DIR --bios BIOS --accel kvm|tcg
        qemu.py down --state STATE (--all | NAME...)
+       qemu.py up ... --vmid VMID          # a VM of the qm stand-in (lab/qm.py)
        qemu.py list --state STATE          # "NAME STATUS PID MIB" per lab QEMU VM
        qemu.py qmp SOCKET COMMAND [ARGS_JSON]   # one QMP command, prints the reply
 
 Files, in <state>/run/qemu (the qmp_dir of the lab's qemu hypervisor): NAME.qmp (QMP
 socket), NAME.pid (QEMU's -pidfile), NAME.log (QEMU's stderr); <state>/vms/NAME/:
-layout.json (lab/image.py) and qemu.argv.json (the command line). A process is only
+layout.json (lab/image.py) and qemu.argv.json (the command line). A VM of the qm
+stand-in (``--vmid``) lives where Proxmox keeps one: <state>/run/qemu-server/VMID.qmp
+(.pid, .log) and its config in <state>/pve/qemu-server/VMID.conf. A process is only
 ever signalled if it is a qemu-system-x86_64 whose command line names that pidfile.
 """
 
@@ -36,8 +39,14 @@ QEMU = "/usr/bin/qemu-system-x86_64"
 SUN_PATH_MAX = 107
 
 
-def qmp_dir(state: Path) -> Path:
-    return state / "run" / "qemu"
+def qmp_dir(state: Path, pve: bool = False) -> Path:
+    """Plain QEMU VMs: <state>/run/qemu/NAME.*; the qm stand-in's (lab/qm.py) VMs, as
+    Proxmox lays them out: <state>/run/qemu-server/VMID.*."""
+    return state / "run" / ("qemu-server" if pve else "qemu")
+
+
+def pve_conf_dir(state: Path) -> Path:
+    return state / "pve" / "qemu-server"
 
 
 def qmp(sock: Path, command: str, args: dict | None = None, timeout: float = 30.0) -> dict:
@@ -92,8 +101,8 @@ def read_pid(pidfile: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def running_pid(state: Path, name: str) -> int | None:
-    pidfile = qmp_dir(state) / f"{name}.pid"
+def running_pid(d: Path, stem: str) -> int | None:
+    pidfile = d / f"{stem}.pid"
     pid = read_pid(pidfile)
     return pid if pid is not None and is_lab_qemu(pid, pidfile) else None
 
@@ -102,9 +111,8 @@ def vm_uuid(name: str) -> str:
     return str(uuid.UUID(bytes=hashlib.sha256(f"memdump-lab-qemu:{name}".encode()).digest()[:16]))
 
 
-def argv_for(layout: dict, state: Path, bios: str, accel: str) -> list[str]:
+def argv_for(layout: dict, d: Path, stem: str, bios: str, accel: str) -> list[str]:
     name = layout["name"]
-    d = qmp_dir(state)
     argv = [
         QEMU,
         "-name", name,
@@ -120,8 +128,8 @@ def argv_for(layout: dict, state: Path, bios: str, accel: str) -> list[str]:
         f = r["file"].replace(",", ",,")
         argv += ["-device", f"loader,file={f},addr={r['addr']:#x},force-raw=on"]
     argv += [
-        "-qmp", f"unix:{d / (name + '.qmp')},server=on,wait=off",
-        "-pidfile", str(d / f"{name}.pid"),
+        "-qmp", f"unix:{d / (stem + '.qmp')},server=on,wait=off",
+        "-pidfile", str(d / f"{stem}.pid"),
         "-daemonize",
     ]  # fmt: skip
     return argv
@@ -133,10 +141,10 @@ def check_name(name: str) -> str:
     return name
 
 
-def stop(state: Path, name: str) -> bool:
-    check_name(name)
-    d = qmp_dir(state)
-    pidfile = d / f"{name}.pid"
+def stop(d: Path, stem: str) -> bool:
+    check_name(stem)
+    name = stem
+    pidfile = d / f"{stem}.pid"
     pid = read_pid(pidfile)
     stopped = False
     if pid is not None and is_lab_qemu(pid, pidfile):
@@ -154,7 +162,9 @@ def stop(state: Path, name: str) -> bool:
                 time.sleep(0.1)
         stopped = True
     for suffix in (".pid", ".qmp"):
-        (d / f"{name}{suffix}").unlink(missing_ok=True)
+        (d / f"{stem}{suffix}").unlink(missing_ok=True)
+    if d.name == "qemu-server":
+        (pve_conf_dir(d.parent.parent) / f"{stem}.conf").unlink(missing_ok=True)
     return stopped
 
 
@@ -169,18 +179,52 @@ def wait_qmp(sock: Path, timeout: float = 30.0) -> dict:
             time.sleep(0.1)
 
 
-def up(state: Path, name: str, mib: int, images: Path, bios: str, accel: str) -> str:
-    check_name(name)
-    d = qmp_dir(state)
+def pve_name(state: Path, vmid: str) -> str:
+    """The name: of a qm stand-in VM's config (the vmid if it has none)."""
+    try:
+        text = (pve_conf_dir(state) / f"{vmid}.conf").read_text()
+    except OSError:
+        return vmid
+    m = re.search(r"^name: (\S+)$", text, re.M)
+    return m.group(1) if m else vmid
+
+
+def write_pve_conf(state: Path, vmid: str, name: str, mib: int) -> None:
+    """What Proxmox keeps in /etc/pve/qemu-server/VMID.conf, for the keys qm prints."""
+    d = pve_conf_dir(state)
     d.mkdir(parents=True, exist_ok=True)
-    sock = d / f"{name}.qmp"
+    conf = (
+        f"bios: seabios\ncores: 1\nmemory: {mib}\nname: {name}\nostype: other\n"
+        f"smbios1: uuid={vm_uuid(name)}\n"
+    )
+    (d / f"{vmid}.conf").write_text(conf)
+
+
+def up(
+    state: Path,
+    name: str,
+    mib: int,
+    images: Path,
+    bios: str,
+    accel: str,
+    vmid: str | None = None,
+) -> str:
+    check_name(name)
+    if vmid is not None and not re.fullmatch(r"[1-9][0-9]{2,8}", vmid):
+        raise SystemExit(f"lab: bad Proxmox vmid {vmid!r} (100-999999999)")
+    d = qmp_dir(state, pve=vmid is not None)
+    stem = vmid or name
+    d.mkdir(parents=True, exist_ok=True)
+    sock = d / f"{stem}.qmp"
     if len(str(sock).encode()) > SUN_PATH_MAX:
         raise SystemExit(f"lab: QMP socket path too long for a unix socket: {sock}")
     vmdir = state / "vms" / name
     layout = image.generate(name, mib * image.MiB, image.seed_for(name), vmdir, images)
-    argv = argv_for(layout, state, bios, accel)
+    argv = argv_for(layout, d, stem, bios, accel)
     (vmdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1) + "\n")
-    pid = running_pid(state, name)
+    if vmid is not None:
+        write_pve_conf(state, vmid, name, mib)
+    pid = running_pid(d, stem)
     if pid is not None:
         have = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
         if [a.decode() for a in have] == argv:
@@ -189,10 +233,10 @@ def up(state: Path, name: str, mib: int, images: Path, bios: str, accel: str) ->
                 qmp(sock, "cont")
             return f"reused pid {pid}"
         print(f"lab: qemu {name}: command line changed, restarting", file=sys.stderr)
-        stop(state, name)
+        stop(d, stem)
     for suffix in (".pid", ".qmp"):
-        (d / f"{name}{suffix}").unlink(missing_ok=True)
-    log = d / f"{name}.log"
+        (d / f"{stem}{suffix}").unlink(missing_ok=True)
+    log = d / f"{stem}.log"
     with open(log, "wb") as err:
         proc = subprocess.run(  # noqa: S603 - fixed argv
             argv,
@@ -207,15 +251,15 @@ def up(state: Path, name: str, mib: int, images: Path, bios: str, accel: str) ->
         sys.stderr.write(log.read_text(errors="replace"))
         raise SystemExit(f"lab: qemu {name} did not start (exit {proc.returncode}); see {log}")
     wait_qmp(sock)
-    return f"started pid {running_pid(state, name)}"
+    return f"started pid {running_pid(d, stem)}"
 
 
-def listing(state: Path) -> list[tuple[str, str, str, str]]:
+def listing(d: Path) -> list[tuple[str, str, str, str]]:
+    """(stem, status, pid, MiB) of every lab QEMU VM in d."""
     out = []
-    d = qmp_dir(state)
     for pidfile in sorted(d.glob("*.pid")) if d.is_dir() else []:
         name = pidfile.name[: -len(".pid")]
-        pid = running_pid(state, name)
+        pid = running_pid(d, name)
         status, mib = "stopped", "?"
         if pid is not None:
             try:
@@ -238,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, required=True)
     p.add_argument("--bios", required=True)
     p.add_argument("--accel", choices=("kvm", "tcg"), required=True)
+    p.add_argument("--vmid", help="a VM of the qm stand-in (lab/qm.py), by this vmid")
     p = sub.add_parser("down")
     p.add_argument("--state", type=Path, required=True)
     p.add_argument("--all", action="store_true")
@@ -250,18 +295,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("args", nargs="?")
     a = ap.parse_args(argv)
     if a.cmd == "up":
-        print(up(a.state.resolve(), a.name, a.mib, a.images.resolve(), a.bios, a.accel))
+        state = a.state.resolve()
+        print(up(state, a.name, a.mib, a.images.resolve(), a.bios, a.accel, a.vmid))
     elif a.cmd == "down":
-        d = qmp_dir(a.state.resolve())
-        names = a.names
-        if a.all:
-            names = [p.name[: -len(".pid")] for p in d.glob("*.pid")] if d.is_dir() else []
-        for name in names:
-            if stop(a.state.resolve(), name):
-                print(f"lab: stopped qemu {name}", file=sys.stderr)
+        state = a.state.resolve()
+        for pve in (False, True):
+            d = qmp_dir(state, pve)
+            stems = sorted(p.name[: -len(".pid")] for p in d.glob("*.pid")) if d.is_dir() else []
+            by_name = {pve_name(state, s) if pve else s: s for s in stems}
+            for name in by_name if a.all else a.names:
+                if name in by_name and stop(d, by_name[name]):
+                    print(f"lab: stopped qemu {name}", file=sys.stderr)
     elif a.cmd == "list":
-        for row in listing(a.state.resolve()):
+        state = a.state.resolve()
+        for row in listing(qmp_dir(state)):
             print(" ".join(row))
+        for vmid, *rest in listing(qmp_dir(state, pve=True)):
+            print(" ".join((f"{pve_name(state, vmid)}(qm:{vmid})", *rest)))
     else:
         print(json.dumps(qmp(a.socket, a.command, json.loads(a.args) if a.args else None)))
     return 0

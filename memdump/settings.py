@@ -63,8 +63,9 @@ class HypervisorConfig(BaseModel):
 
     name: str
     # "libvirt": virsh on the hypervisor; "qemu": QEMU processes not managed by libvirt,
-    # each with a QMP socket <qmp_dir>/<vm name>.qmp, spoken to with socat.
-    driver: Literal["libvirt", "qemu"] = "libvirt"
+    # each with a QMP socket <qmp_dir>/<vm name>.qmp, spoken to with socat; "proxmox":
+    # a Proxmox VE node, through its `qm` command (list, config, status, monitor).
+    driver: Literal["libvirt", "qemu", "proxmox"] = "libvirt"
     transport: Literal["ssh", "local"] = "ssh"
     host: str | None = None
     port: int = Field(default=22, ge=1, le=65535)
@@ -81,6 +82,20 @@ class HypervisorConfig(BaseModel):
     # unset: /run/memdump-qemu. Its path goes into a socat address, so it is limited to
     # letters, digits and "._/-".
     qmp_dir: str | None = None
+    # driver "proxmox": the `qm` command on the node (absolute path); unset: "qm" from the
+    # remote PATH (/usr/sbin/qm on Proxmox VE).
+    qm_command: str | None = None
+
+    @field_validator("qm_command")
+    @classmethod
+    def _plain_command(cls, v: str | None) -> str | None:
+        if v is not None and (
+            not re.fullmatch(r"/[A-Za-z0-9._/-]*", v) or "/../" in f"{v}/" or len(v) > 200
+        ):
+            raise ValueError(
+                "qm_command must be an absolute path of letters, digits and '._/-' (at most 200)"
+            )
+        return v
 
     @field_validator("qmp_dir")
     @classmethod

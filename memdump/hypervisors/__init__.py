@@ -18,6 +18,10 @@ def open_driver(hv: HypervisorConfig, tuning: SSHTuning) -> Driver:
         from memdump.hypervisors.qemu import QemuDriver
 
         return QemuDriver(hv, transport)
+    if hv.driver == "proxmox":
+        from memdump.hypervisors.proxmox import ProxmoxDriver
+
+        return ProxmoxDriver(hv, transport)
     raise ConfigError(f"unknown driver {hv.driver!r}", hypervisor=hv.name)  # pragma: no cover
 
 

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from api.main import create_app
 from memdump.errors import InvalidIdentifierError
 from memdump.hypervisors.libvirt import LibvirtDriver
+from memdump.hypervisors.proxmox import ProxmoxDriver
+from memdump.hypervisors.qemu import QemuDriver
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import HypervisorConfig, Settings
 from memdump.targets import find
@@ -82,11 +84,15 @@ class CanaryTransport:
         pass
 
 
+DRIVERS = {"libvirt": LibvirtDriver, "qemu": QemuDriver, "proxmox": ProxmoxDriver}
+
+
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
 @settings(max_examples=300, deadline=None)
 @given(vm_id=hostile)
-def test_driver_never_runs_a_hostile_id(vm_id: str) -> None:
+def test_driver_never_runs_a_hostile_id(driver: str, vm_id: str) -> None:
     t = CanaryTransport()
-    drv = LibvirtDriver(HypervisorConfig(name="hv", transport="local"), t)
+    drv = DRIVERS[driver](HypervisorConfig(name="hv", transport="local", driver=driver), t)  # type: ignore[arg-type]
     with pytest.raises(InvalidIdentifierError):
         drv.resolve(vm_id)
     # Qualified with a hypervisor, on either side of the colon: refused before any command.

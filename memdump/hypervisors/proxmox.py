@@ -1,0 +1,357 @@
+"""Proxmox VE driver: VMs of one Proxmox node, through its ``qm`` command.
+
+Discovery and metadata come from ``qm list`` (vmid, name, status), ``qm config <vmid>``
+(name, smbios1 uuid; its exact output is hashed as the VM's definition) and ``qm status
+<vmid> --verbose`` (QEMU's run state and pid). The dump goes through ``qm monitor
+<vmid>`` (the VM's human monitor, HMP, which qm reaches over the VM's QMP socket):
+``dump-guest-memory -d <fifo>`` into a private FIFO whose reader (``cat``) is started
+first, as for the other drivers. ``-d`` (detach) because ``qm monitor`` gives an HMP
+command a short timeout on some versions, and a dump takes as long as the guest's memory
+does: QEMU opens the FIFO before it answers, then writes it from its dump thread, and
+closes it when the dump is over (it has recorded the dump's result by then). So the
+reader's end of file ends the pause; ``info dump`` then says whether the dump
+``completed`` (anything else fails the capture, whatever arrived). HMP cannot cancel a
+dump: aborting kills the reader, QEMU's next write fails and QEMU resumes the guest.
+
+``qm`` needs root on the node (it is how Proxmox itself is driven), so the SSH user is
+root there and QEMU (run as root by Proxmox) opens the FIFO as the same user.
+``staging="file"`` is not supported (a ConfigError), for the same reason as the qemu
+driver: a file-staged dump could not be stopped once QEMU writes it. A dump runs in its
+own QEMU thread, so other ``qm`` commands keep working meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from datetime import UTC, datetime
+from typing import Literal
+
+from memdump.errors import (
+    ConfigError,
+    DumpFailedError,
+    HypervisorError,
+    MemdumpError,
+    VMNotFoundError,
+)
+from memdump.hypervisors.base import VMInfo, VMRef
+from memdump.hypervisors.fifo import ABORT_FIFO, PROLOGUE, clean_stale, pause_window
+from memdump.identifiers import validate_id
+from memdump.settings import HypervisorConfig
+from memdump.transport.base import ByteStream, CommandResult, Transport
+
+Staging = Literal["fifo", "file"]
+
+# Proxmox VM ids are integers from 100 to 999999999.
+_VMID = re.compile(r"[1-9][0-9]{2,8}")
+# `qm list` prints names cut to 20 characters: a name that long may be longer.
+_LIST_NAME_WIDTH = 20
+
+# Every script: $1 = the qm command, $2 = vmid (checked here again: it reaches a command
+# line on the node).
+_HEAD = """export LC_ALL=C
+case $2 in
+  [1-9][0-9][0-9]|[1-9][0-9][0-9][0-9]*) ;;
+  *) echo "memdump: bad vmid" >&2; exit 97 ;;
+esac
+case $2 in *[!0-9]*) echo "memdump: bad vmid" >&2; exit 97 ;; esac
+"""
+
+# $1 = qm. `qm list` as it prints it.
+_LIST = """export LC_ALL=C
+exec "$1" list
+"""
+
+# $1 = qm, $2 = vmid. Sections: the config exactly as qm printed it, the verbose status,
+# and, for a running VM, QEMU's version and memory from its monitor; then the host name.
+# Exit 96: qm has no such VM.
+_INFO = (
+    _HEAD
+    + """"$1" config "$2" >/dev/null 2>&1 || { "$1" config "$2" >&2; exit 96; }
+echo "==memdump-config=="
+"$1" config "$2" || exit 95
+echo "==memdump-status=="
+"$1" status "$2" --verbose || exit 95
+echo "==memdump-monitor=="
+printf 'info version\\ninfo memory_size_summary\\n' | "$1" monitor "$2" 2>&1
+echo "==memdump-pveversion=="
+if command -v pveversion >/dev/null 2>&1; then pveversion 2>/dev/null; fi
+echo "==memdump-host=="
+uname -n
+exit 0
+"""
+)
+
+# $1 = qm, $2 = vmid, $3 = token (how ABORT_FIFO finds this dump). stderr: the monitor's
+# answer to the dump command, "memdump-dump-status <info dump's Status>" and the pause
+# window. Exit 89: the dump did not complete; 88: the monitor refused the command.
+_DUMP = (
+    _HEAD
+    + """umask 077
+"""
+    + PROLOGUE
+    + """case $d in
+  *[!A-Za-z0-9._/-]*) echo "memdump: temp dir path not plain: $d" >&2; exit 90 ;;
+esac
+printf '%s\\n' "$3" >"$d/token" || exit 93
+mkfifo -m 600 "$d/mem" || exit 91
+cat "$d/mem" 8>&- &
+reader=$!
+echo "$reader" >"$d/reader"
+t0=$(date +%s.%N)
+printf 'dump-guest-memory -d %s\\n' "$d/mem" | "$1" monitor "$2" >"$d/reply" 2>&1 8>&-
+rc=$?
+if [ "$rc" -eq 0 ] && grep -qiE '(^|qm> )error' "$d/reply"; then rc=88; fi
+# Refused: QEMU may never open the FIFO (kill the reader; let its open() return).
+if [ "$rc" -ne 0 ]; then kill "$reader" 2>/dev/null; exec 9<>"$d/mem"; exec 9>&-; fi
+wait "$reader" 2>/dev/null  # (dash reports a reader it killed as "Terminated")
+rrc=$?
+reader=
+t1=$(date +%s.%N)
+st=
+if [ "$rc" -eq 0 ]; then
+  i=0
+  while :; do
+    st=$(printf 'info dump\\n' | "$1" monitor "$2" 2>&1 |
+      sed -n 's/^.*Status: *\\([a-z-]*\\).*$/\\1/p' | tail -n 1)
+    [ "$st" = active ] && [ "$i" -lt 100 ] || break
+    i=$((i + 1))
+    sleep 0.1 2>/dev/null || sleep 1
+  done
+fi
+sed -e 's/^\\(qm> \\)*//' -e '/^Entering QEMU Monitor/d' -e '/^ *$/d' "$d/reply" >&2
+echo "memdump-dump-status ${st:-unknown}" >&2
+echo "memdump-pause-window $t0 $t1" >&2
+[ "$rc" -eq 0 ] || exit "$rc"
+[ "$st" = completed ] || exit 89
+[ "$rrc" -eq 0 ] || exit 92
+exit 0
+"""
+)
+
+_EXIT_NO_VM = 96
+_EXIT_REFUSED = 88
+_EXIT_INCOMPLETE = 89
+_SECTION = re.compile(r"^==memdump-([a-z]+)==\n", re.M)
+_DUMP_STATUS = re.compile(r"^memdump-dump-status (\S*)$", re.M)
+_PROMPT = re.compile(r"^(qm> )+", re.M)
+_VERSION = re.compile(r"^(\d+\.\d+\.\d+)\S*", re.M)
+_STATES = {"suspended": "pmsuspended", "prelaunch": "paused"}
+
+
+def _sections(text: str) -> dict[str, str]:
+    parts = _SECTION.split(text)
+    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+
+
+def _keys(text: str) -> dict[str, str]:
+    """Top-level ``key: value`` lines (qm indents nested values; they are skipped)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if line[:1].isspace():
+            continue
+        key, sep, value = line.partition(":")
+        if sep and key and " " not in key:
+            out.setdefault(key, value.strip())
+    return out
+
+
+def _list_rows(text: str) -> list[tuple[str, str, str]]:
+    """(vmid, name, status) of every row of ``qm list``."""
+    rows = []
+    for line in text.splitlines():
+        cols = line.split()
+        if len(cols) >= 3 and _VMID.fullmatch(cols[0]):
+            rows.append((cols[0], cols[1], cols[2]))
+    return rows
+
+
+class ProxmoxDriver:
+    kind = "proxmox"
+
+    def __init__(self, hv: HypervisorConfig, transport: Transport) -> None:
+        self.name = hv.name
+        self._qm = hv.qm_command or "qm"
+        self._t = transport
+
+    def _run(self, script: str, *args: str, timeout: float = 60.0) -> CommandResult:
+        return self._t.run(script, (self._qm, *args), timeout=timeout)
+
+    def _failed(self, what: str, res: CommandResult, vm_id: str | None = None) -> HypervisorError:
+        return HypervisorError(
+            f"{self.name}: {what} failed (exit {res.returncode}): "
+            f"{res.stderr_text or 'no message'}",
+            hypervisor=self.name,
+            vm_id=vm_id,
+            exit_code=res.returncode,
+            retryable=True,
+        )
+
+    def _list(self) -> list[tuple[str, str, str]]:
+        res = self._run(_LIST)
+        if res.returncode != 0:
+            raise self._failed("qm list", res)
+        return _list_rows(res.stdout.decode("utf-8", "replace"))
+
+    def _info(self, vmid: str) -> dict[str, str]:
+        if not _VMID.fullmatch(vmid):
+            raise VMNotFoundError(
+                f"no VM {vmid!r} on hypervisor {self.name} (a Proxmox vmid is 100-999999999)",
+                vm_id=vmid,
+                hypervisor=self.name,
+            )
+        res = self._run(_INFO, vmid)
+        if res.returncode == _EXIT_NO_VM:
+            raise VMNotFoundError(
+                f"no VM {vmid!r} on hypervisor {self.name}", vm_id=vmid, hypervisor=self.name
+            )
+        if res.returncode != 0:
+            raise self._failed(f"qm config/status of {vmid}", res, vmid)
+        return _sections(res.stdout.decode("utf-8", "replace"))
+
+    def _full_name(self, vmid: str, listed: str) -> str:
+        if len(listed) < _LIST_NAME_WIDTH:
+            return listed
+        return _keys(self._info(vmid).get("config", "")).get("name", listed)
+
+    def list_vms(self) -> list[VMRef]:
+        return [
+            VMRef(self.name, vmid, self._full_name(vmid, name))
+            for vmid, name, status in self._list()
+            if status == "running"
+        ]
+
+    def resolve(self, vm_id: str) -> VMRef:
+        """By vmid, else by name (which Proxmox does not require to be unique)."""
+        validate_id(vm_id)
+        if _VMID.fullmatch(vm_id):
+            try:
+                cfg = _keys(self._info(vm_id).get("config", ""))
+            except VMNotFoundError:
+                pass
+            else:
+                return VMRef(self.name, vm_id, cfg.get("name") or vm_id)
+        hits = sorted(
+            vmid
+            for vmid, name, _ in self._list()
+            if name == vm_id[:_LIST_NAME_WIDTH] and self._full_name(vmid, name) == vm_id
+        )
+        if len(hits) == 1:
+            return VMRef(self.name, hits[0], vm_id)
+        raise VMNotFoundError(
+            f"no VM {vm_id!r} on hypervisor {self.name}"
+            + (f" (ambiguous: vmids {', '.join(hits)}; use the vmid)" if hits else ""),
+            vm_id=vm_id,
+            hypervisor=self.name,
+        )
+
+    def snapshot(self, ref: VMRef) -> VMInfo:
+        sec = self._info(ref.vmid)
+        config = sec.get("config", "")
+        cfg = _keys(config)
+        st = _keys(sec.get("status", ""))
+        mon = _PROMPT.sub("", sec.get("monitor", ""))
+        state = st.get("qmpstatus") or st.get("status", "unknown")
+        m = re.search(r"^base memory: (\d+)", mon, re.M)
+        plugged = re.search(r"^plugged memory: (\d+)", mon, re.M)
+        if m:
+            memory = int(m.group(1)) + (int(plugged.group(1)) if plugged else 0)
+        else:  # the config's memory is in MiB (512 when unset)
+            memory = int(cfg.get("memory", "512") or 512) << 20
+        versions = {}
+        v = st.get("running-qemu") or next(iter(_VERSION.findall(mon)), "")
+        if v:
+            versions["hypervisor"] = f"QEMU {v}"
+        pve = sec.get("pveversion", "").strip()
+        if pve:
+            versions["proxmox"] = pve.splitlines()[0]
+        uuid = re.search(r"(?:^|,)uuid=([0-9A-Fa-f-]{36})", cfg.get("smbios1", ""))
+        return VMInfo(
+            ref=ref,
+            uuid=uuid.group(1) if uuid else "",
+            domain_id=st.get("pid"),
+            state=_STATES.get(state, state),
+            memory_bytes=memory,
+            hypervisor_host=sec.get("host", "").strip(),
+            versions=versions,
+            taken_at=datetime.now(UTC),
+            # The VM's definition as `qm config` printed it (the manifest's "domain xml").
+            domain_xml_sha256=hashlib.sha256(config.encode()).hexdigest() if config else "",
+            host_key=self._t.host_key_fingerprint(),
+        )
+
+    def open_dump(self, ref: VMRef, *, staging: Staging = "fifo", margin: float = 1.1) -> _HmpDump:
+        """Only ``staging="fifo"``: the guest stays paused for the whole transfer."""
+        if not _VMID.fullmatch(ref.vmid):
+            raise VMNotFoundError(
+                f"no VM {ref.vmid!r} on hypervisor {self.name}",
+                vm_id=ref.vmid,
+                hypervisor=self.name,
+            )
+        if staging != "fifo":
+            raise ConfigError(
+                f"hypervisor {self.name} (driver proxmox) supports only staging 'fifo', not "
+                f"{staging!r}: HMP cannot cancel a dump-guest-memory that writes a file",
+                hypervisor=self.name,
+            )
+        token = secrets.token_hex(16)
+        stream = self._t.stream(_DUMP, (self._qm, ref.vmid, token))
+        return _HmpDump(stream, self, ref, token)
+
+    def _stop_dump(self, token: str) -> None:
+        try:
+            self._t.run(ABORT_FIFO, (token,), timeout=15.0)
+        except MemdumpError:
+            pass
+
+    def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
+        return clean_stale(self._t, self.name, min_age_sec)
+
+    def close(self) -> None:
+        self._t.close()
+
+
+class _HmpDump:
+    def __init__(self, stream: ByteStream, drv: ProxmoxDriver, ref: VMRef, token: str) -> None:
+        self._s = stream
+        self._drv = drv
+        self._ref = ref
+        self._token = token
+        self._aborted = False
+        self.pause_window: tuple[datetime, datetime] | None = None
+        self.dump_format = "ELF64 core: qm monitor, HMP dump-guest-memory -d"
+        self.staging: Staging = "fifo"
+
+    def readinto(self, view: memoryview) -> int:
+        return self._s.readinto(view)
+
+    def close_ok(self) -> None:
+        res = self._s.finish(timeout=60.0)
+        stderr, self.pause_window = pause_window(res.stderr_text)
+        if res.returncode == 0:
+            return
+        m = _DUMP_STATUS.search(stderr)
+        status = m.group(1) if m else "unknown"
+        rest = _DUMP_STATUS.sub("", stderr).strip()
+        if res.returncode == _EXIT_INCOMPLETE:
+            why = f"QEMU's dump status is {status!r}, not 'completed'"
+        elif res.returncode == _EXIT_REFUSED:
+            why = "the monitor refused the dump"
+        else:
+            why = f"exit {res.returncode}"
+        raise DumpFailedError(
+            f"HMP dump-guest-memory of VM {self._ref.vmid} ({self._ref.name}) on "
+            f"{self._drv.name} failed: {why}: {rest or 'no message'}",
+            hypervisor=self._drv.name,
+            vm_id=self._ref.vmid,
+            exit_code=res.returncode,
+            stderr=stderr[-2000:],
+        )
+
+    def abort(self) -> None:
+        if self._aborted:
+            return
+        self._aborted = True
+        self._s.abort()
+        self._drv._stop_dump(self._token)

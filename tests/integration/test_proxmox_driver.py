@@ -1,0 +1,196 @@
+"""The Proxmox driver against the lab's qm stand-in (lab/qm.py, NOT Proxmox: it serves
+qm list/config/status/monitor over a real QEMU laid out as Proxmox does, lab/up
+--proxmox), over the lab's sshd: byte-exact dumps, lookups, errors, and aborts that leave
+the guest running."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from memdump.capture import capture
+from memdump.errors import CaptureTimeoutError, ConfigError, VMNotFoundError
+from memdump.hypervisors import Driver, VMRef, open_driver
+from memdump.manifest import manifest_path
+from memdump.pipeline import write_dump
+from memdump.settings import Settings
+from memdump.targets import find
+from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
+from tests.integration.test_qemu_driver import qmp
+
+REPO = Path(__file__).resolve().parents[2]
+VMID = "101"
+VM = "vm-pve-01"
+HV = "lab-pve"
+
+
+@pytest.fixture(scope="module")
+def pve_vm(lab_dir: Path) -> Iterator[Path]:
+    """VM 101 (vm-pve-01) of the qm stand-in up (started here if it was not; then
+    stopped again at the end). Yields its QMP socket."""
+    pidfile = lab_dir / "run" / "qemu-server" / f"{VMID}.pid"
+    was_up = pidfile.is_file() and Path(f"/proc/{pidfile.read_text().strip()}").exists()
+    subprocess.run(
+        [str(REPO / "lab/up"), "--proxmox", f"{VMID}:{VM}:256"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    yield lab_dir / "run" / "qemu-server" / f"{VMID}.qmp"
+    if not was_up:
+        subprocess.run(
+            [str(REPO / "lab/down"), "--vm", VM], check=False, capture_output=True, timeout=120
+        )
+
+
+@pytest.fixture
+def psettings(lab_dir: Path, tmp_path: Path, pve_vm: Path) -> Settings:
+    return Settings(inventory_file=lab_dir / "inventory-pve.yaml", dump_dir=tmp_path / "dumps")
+
+
+@pytest.fixture
+def pdriver(psettings: Settings) -> Iterator[Driver]:
+    hv = psettings.hypervisor(HV)
+    assert hv.driver == "proxmox" and hv.qm_command and hv.transport == "ssh"
+    d = open_driver(hv, psettings.ssh)
+    yield d
+    d.close()
+
+
+def qm(lab_dir: Path, *args: str) -> str:
+    return subprocess.run(
+        [str(lab_dir / "bin" / "qm"), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def status(sock: Path) -> str:
+    return str(qmp(sock, "query-status")["return"]["status"])
+
+
+def wait_clean(sock: Path, before: list[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (
+        set(remote_temp_dirs()) - set(before) or status(sock) != "running"
+    ):
+        time.sleep(0.2)
+    assert set(remote_temp_dirs()) - set(before) == set()
+    assert status(sock) == "running"
+
+
+def test_the_stand_in_answers_as_qm(lab_dir: Path, pve_vm: Path) -> None:
+    listing = qm(lab_dir, "list").splitlines()
+    assert listing[0].split() == ["VMID", "NAME", "STATUS", "MEM(MB)", "BOOTDISK(GB)", "PID"]
+    assert [VMID, VM, "running", "256"] == next(
+        line.split()[:4] for line in listing[1:] if line.split()[0] == VMID
+    )
+    assert f"name: {VM}" in qm(lab_dir, "config", VMID).splitlines()
+    assert qm(lab_dir, "status", VMID) == "status: running\n"
+    missing = subprocess.run(
+        [str(lab_dir / "bin" / "qm"), "config", "999"], capture_output=True, text=True
+    )
+    assert missing.returncode == 2 and "999.conf' does not exist" in missing.stderr
+
+
+def test_lists_and_resolves_by_vmid_and_name(pdriver: Driver, pve_vm: Path) -> None:
+    assert VMRef(HV, VMID, VM) in pdriver.list_vms()
+    assert pdriver.resolve(VMID) == pdriver.resolve(VM) == VMRef(HV, VMID, VM)
+    with pytest.raises(VMNotFoundError):
+        find([pdriver], "998")
+
+
+def test_dump_is_byte_exact_with_markers(
+    pdriver: Driver, psettings: Settings, pve_vm: Path, lab_dir: Path, tmp_path: Path
+) -> None:
+    # Paused, the VM's memory cannot change between our dump and the reference dump.
+    assert "return" in qmp(pve_vm, "stop")
+    try:
+        ref = pdriver.resolve(VMID)
+        info = pdriver.snapshot(ref)
+        assert info.state == "paused"
+        result = capture(pdriver, ref, psettings)
+        assert status(pve_vm) == "paused"  # a dump leaves a paused guest paused
+        local = tmp_path / "reference.elf"
+        args = {"paging": False, "protocol": f"file:{local}", "format": "elf"}
+        assert qmp(pve_vm, "dump-guest-memory", args) == {"return": {}}
+    finally:
+        qmp(pve_vm, "cont")
+    assert status(pve_vm) == "running"
+
+    rec = result.record
+    raw = gzip.decompress(Path(rec.dump_path).read_bytes())
+    expected = local.read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == hashlib.sha256(expected).hexdigest() == rec.sha256
+    assert raw == expected
+    assert rec.raw_size_bytes == len(expected)
+    assert rec.hypervisor == HV and rec.vmid == VMID and rec.dom == VM
+    assert Path(rec.dump_path).name.startswith(f"{VMID}_")
+    assert_markers(raw, lab_dir, VM)
+
+    pid = int((lab_dir / "run" / "qemu-server" / f"{VMID}.pid").read_text())
+    conf = qm(lab_dir, "config", VMID)
+    assert info.memory_bytes == layout(lab_dir, VM)["memory_bytes"]
+    assert info.domain_id == str(pid)
+    assert info.domain_xml_sha256 == hashlib.sha256(conf.encode()).hexdigest()
+    assert f"uuid={info.uuid}" in conf
+    assert info.versions["hypervisor"].startswith("QEMU ") and info.hypervisor_host
+    assert info.host_key.startswith("ssh-ed25519 SHA256:")
+    mpath = manifest_path(Path(rec.dump_path))
+    assert stat.S_IMODE(os.stat(rec.dump_path).st_mode) == 0o600
+    m = json.loads(mpath.read_bytes())
+    assert hashlib.sha256(mpath.read_bytes()).hexdigest() == rec.manifest_sha256
+    assert m["hypervisor"]["name"] == HV and m["hypervisor"]["driver"] == "proxmox"
+    assert m["vm"]["state_before"] == "paused" and m["vm"]["domain_id"] == str(pid)
+    cap = m["capture"]
+    assert cap["format"] == "ELF64 core: qm monitor, HMP dump-guest-memory -d"
+    t = {k: datetime.fromisoformat(cap[k]) for k in cap if k.endswith("_at")}
+    slack = timedelta(milliseconds=50)
+    assert t["started_at"] - slack <= t["guest_paused_at"] <= t["guest_resumed_at"]
+    assert t["guest_resumed_at"] <= t["ended_at"] + slack
+
+
+def test_running_vm_dump_has_the_markers(
+    pdriver: Driver, psettings: Settings, pve_vm: Path, lab_dir: Path
+) -> None:
+    before = remote_temp_dirs()
+    result = capture(pdriver, pdriver.resolve(VM), psettings)
+    assert result.info.state == "running"
+    assert_markers(gzip.decompress(Path(result.record.dump_path).read_bytes()), lab_dir, VM)
+    wait_clean(pve_vm, before)
+
+
+def test_unknown_vm_and_file_staging(pdriver: Driver, psettings: Settings) -> None:
+    with pytest.raises(VMNotFoundError) as ei:
+        find([pdriver], "vm-does-not-exist")
+    assert "vm-does-not-exist" in str(ei.value) and not ei.value.retryable
+    with pytest.raises(ConfigError, match="staging"):
+        pdriver.open_dump(VMRef(HV, VMID, VM), staging="file")
+
+
+def test_abort_mid_stream_resumes_the_guest(pdriver: Driver, pve_vm: Path) -> None:
+    before = remote_temp_dirs()
+    src = pdriver.open_dump(pdriver.resolve(VMID))
+    assert src.readinto(memoryview(bytearray(1 << 20))) > 0  # streaming, the guest paused
+    src.abort()
+    wait_clean(pve_vm, before)
+    assert pdriver.snapshot(pdriver.resolve(VMID)).state == "running"
+
+
+def test_deadline_stops_the_dump_and_leaves_nothing(
+    pdriver: Driver, psettings: Settings, pve_vm: Path
+) -> None:
+    before = remote_temp_dirs()
+    src = pdriver.open_dump(pdriver.resolve(VMID))
+    with pytest.raises(CaptureTimeoutError):
+        write_dump(src, psettings.dump_dir, "t.mem.gz", deadline=time.monotonic() + 0.05)
+    assert list(psettings.dump_dir.iterdir()) == []
+    wait_clean(pve_vm, before)
