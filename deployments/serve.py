@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import serve
 
-from flows.capture import capture_vms
+from flows.capture import capture_one_vm, capture_vms
 from flows.retention import apply_retention
 from flows.verify import verify_dumps
 from memdump.leftovers import clean_leftovers
@@ -52,7 +52,13 @@ def build_deployments(settings: Settings) -> list[Any]:
         tags=["memdump"],
         description="Delete dumps past MEMDUMP_RETENTION_DAYS / _KEEP_LAST (records stay)",
     )
-    return [on_demand, weekly, verify, retention]
+    one_vm = capture_one_vm.to_deployment(
+        name=settings.child_deployment.split("/", 1)[-1],
+        tags=["memdump"],
+        description="One VM's chain; started per VM by a trigger's flow run "
+        "(MEMDUMP_FANOUT=deployments)",
+    )
+    return [on_demand, weekly, verify, retention, one_vm]
 
 
 def replay_outbox(settings: Settings) -> None:

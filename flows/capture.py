@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -10,12 +11,14 @@ from prefect.client.schemas.objects import State
 from prefect.futures import PrefectFuture
 from prefect.states import Completed, Failed
 
-from memdump.errors import MemdumpError
+from memdump.errors import CollectorLostError, MemdumpError
 from memdump.hypervisors import open_driver
+from memdump.records import open_store
+from memdump.records.base import RecordQuery
 from memdump.records.model import DumpRecord
 from memdump.settings import Settings
 from memdump.targets import ALL
-from tasks.capture import TIMED_OUT, capture_vm, offload_dump, record_dump
+from tasks.capture import TIMED_OUT, capture_vm, offload_dump, record_dump, retry_if_retryable
 from tasks.limits import ensure_limits
 
 
@@ -50,6 +53,9 @@ def _outcome(future: PrefectFuture[Any]) -> tuple[str, DumpRecord | None, str]:
     return "failed", None, error
 
 
+_DUMP_PATH = re.compile(r"; dump_path=(\S+)$")
+
+
 def _flag(analysis: str) -> str:
     # A dump Volatility could not open is kept (it is still the memory) but never
     # passed off as analysis-ready.
@@ -72,6 +78,50 @@ def _summary(rows: list[tuple[str, str, DumpRecord | None, str]]) -> str:
     return "\n".join(lines)
 
 
+def _chain_outcome(
+    cap: PrefectFuture[Any], off: PrefectFuture[Any], rec: PrefectFuture[Any]
+) -> tuple[str, DumpRecord | None, str]:
+    # The first step that did not complete decides: the capture, then the offload (its
+    # S3 error, the local file kept), then the record.
+    result, record, error = _outcome(cap)
+    if result != "completed":
+        return result, record, error
+    result, record, error = _outcome(off)
+    if result != "completed":
+        return result, record, f"offload failed (local file kept): {error}"
+    if not rec.state.is_completed():
+        return "failed", None, f"record not written: {rec.state.message}"
+    return "completed", rec.result(), ""
+
+
+def _final(rows: list[tuple[str, str, DumpRecord | None, str]], source: str) -> State[Any]:
+    create_markdown_artifact(
+        markdown=_summary(rows),
+        key="capture-summary",
+        description=f"{len(rows)} VM(s), trigger: {source}",
+    )
+    bad = [(vm, r, e) for vm, r, _, e in rows if r != "completed"]
+    if not rows:
+        return Completed(message="no VMs to capture")
+    if not bad:
+        return Completed(message=f"{len(rows)} VM(s) captured")
+    detail = "; ".join(f"{vm}: {e}" for vm, _, e in bad)
+    message = f"{len(bad)} of {len(rows)} VM(s) failed: {detail}"
+    if any(r == "timeout" for _, r, _ in bad):
+        return Failed(name=TIMED_OUT, message=message)
+    return Failed(message=message)
+
+
+def _chain_tasks(settings: Settings) -> tuple[Any, Any]:
+    capture = capture_vm.with_options(
+        retries=settings.capture_retries, retry_delay_seconds=settings.capture_retry_delay_sec
+    )
+    offload = offload_dump.with_options(
+        retries=settings.offload_retries, retry_delay_seconds=settings.capture_retry_delay_sec
+    )
+    return capture, offload
+
+
 @flow(name="capture-vms", log_prints=True)
 def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
     """Capture the memory of ``vm_ids`` ("all" = every running VM of the inventory)."""
@@ -83,46 +133,95 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
         targets = list_targets(vm_ids)
     except MemdumpError as exc:
         return Failed(message=f"cannot list VMs: {exc}")
-    capture = capture_vm.with_options(
-        retries=settings.capture_retries, retry_delay_seconds=settings.capture_retry_delay_sec
-    )
+    if settings.fanout == "deployments":
+        return _fan_out(settings, targets, source)
+    capture, offload = _chain_tasks(settings)
     captured = capture.map(
         [t[0] for t in targets], [t[1] for t in targets], source=unmapped(source)
-    )
-    offload = offload_dump.with_options(
-        retries=settings.offload_retries, retry_delay_seconds=settings.capture_retry_delay_sec
     )
     offloaded = offload.map(captured)
     recorded = record_dump.map(offloaded)
     recorded.wait()
+    rows = [
+        (vm_id, *_chain_outcome(cap, off, rec))
+        for (vm_id, _), cap, off, rec in zip(targets, captured, offloaded, recorded, strict=True)
+    ]
+    return _final(rows, source)
 
-    rows: list[tuple[str, str, DumpRecord | None, str]] = []
-    for (vm_id, _), cap, off, rec in zip(targets, captured, offloaded, recorded, strict=True):
-        result, record, error = _outcome(cap)
-        if result == "completed":
-            # The first step that did not complete decides: the capture, then the offload
-            # (its S3 error, the local file kept), then the record.
-            result, record, error = _outcome(off)
-            if result != "completed":
-                error = f"offload failed (local file kept): {error}"
-            elif not rec.state.is_completed():
-                result, record, error = "failed", None, f"record not written: {rec.state.message}"
-            else:
-                record = rec.result()
-        rows.append((vm_id, result, record, error))
-    create_markdown_artifact(
-        markdown=_summary(rows),
-        key="capture-summary",
-        description=f"{len(rows)} VM(s), trigger: {source}",
+
+@flow(name="capture-one-vm", log_prints=True)
+def capture_one_vm(vm_id: str, hypervisor: str | None = None, source: str = "api") -> State[Any]:
+    """The chain of one VM as a flow run of its own: what a trigger's flow run starts
+    per VM with ``MEMDUMP_FANOUT=deployments``, so any worker of the pool can take it."""
+    settings = Settings()
+    capture, offload = _chain_tasks(settings)
+    cap = capture.submit(vm_id, hypervisor, source=source)
+    off = offload.submit(cap)
+    rec = record_dump.submit(off)
+    rec.wait()
+    row = (vm_id, *_chain_outcome(cap, off, rec))
+    state = _final([row], source)
+    if row[2] is not None:  # where the trigger's flow run finds the record
+        state.message = f"{state.message}; dump_path={row[2].dump_path}"
+    return state
+
+
+@task(
+    name="capture-vm-run",
+    task_run_name="capture-vm-{vm_id}",  # as the chain's capture task: /status reads it
+    retry_condition_fn=retry_if_retryable,
+    retries=1,
+)
+def run_capture_flow(vm_id: str, hypervisor: str | None, source: str) -> State[Any] | str:
+    """Start VM ``vm_id``'s flow run (any worker of the pool takes it) and wait for it.
+    A run that crashed (its worker or machine died) is tried once more, elsewhere."""
+    from prefect.deployments import run_deployment
+
+    settings = Settings()
+    child = run_deployment(
+        name=settings.child_deployment,
+        parameters={"vm_id": vm_id, "hypervisor": hypervisor, "source": source},
+        timeout=None,
+        as_subflow=True,
+        tags=["memdump"],
     )
-
-    bad = [(vm, r, e) for vm, r, _, e in rows if r != "completed"]
-    if not rows:
-        return Completed(message="no VMs to capture")
-    if not bad:
-        return Completed(message=f"{len(rows)} VM(s) captured")
-    detail = "; ".join(f"{vm}: {e}" for vm, _, e in bad)
-    message = f"{len(bad)} of {len(rows)} VM(s) failed: {detail}"
-    if any(r == "timeout" for _, r, _ in bad):
+    state = child.state  # type: ignore[union-attr]  # sync call: a FlowRun
+    name = child.name  # type: ignore[union-attr]
+    if state is not None and state.is_completed():
+        m = _DUMP_PATH.search(state.message or "")
+        return m.group(1) if m else ""
+    if state is not None and state.is_crashed():
+        raise CollectorLostError(
+            f"{vm_id}: flow run {name} crashed (its worker is gone): {state.message}",
+            vm_id=vm_id,
+            flow_run=name,
+        )
+    message = f"flow run {name}: {state.message if state else 'no state'}"
+    if state is not None and state.name == TIMED_OUT:
         return Failed(name=TIMED_OUT, message=message)
     return Failed(message=message)
+
+
+def _fan_out(settings: Settings, targets: list[tuple[str, str | None]], source: str) -> State[Any]:
+    runs = run_capture_flow.map(
+        [t[0] for t in targets], [t[1] for t in targets], source=unmapped(source)
+    )
+    runs.wait()
+    rows: list[tuple[str, str, DumpRecord | None, str]] = []
+    for (vm_id, _), fut in zip(targets, runs, strict=True):
+        result, dump_path, error = _outcome(fut)
+        rows.append((vm_id, result, _stored(settings, dump_path), error))
+    return _final(rows, source)
+
+
+def _stored(settings: Settings, dump_path: Any) -> DumpRecord | None:
+    """A VM's record, from the store: a flow run's return value stays with that run (its
+    result storage may be another collector's disk). None if the store cannot say (the
+    record may wait in that collector's outbox); the VM still counts as captured."""
+    if not dump_path or not isinstance(dump_path, str):
+        return None
+    try:
+        found = open_store(settings).list(1, 0, RecordQuery(dump_path=dump_path))
+    except MemdumpError:
+        return None
+    return DumpRecord.from_dict(found[0]) if found else None

@@ -171,3 +171,13 @@ class OffloadIntegrityError(ObjectStoreError):
 
 
 # -- settings and results ----------------------------------------------------------------
+
+
+# -- orchestration -------------------------------------------------------------------------
+
+
+class CollectorLostError(MemdumpError):
+    """The flow run capturing a VM on another collector crashed (its worker or machine
+    went away): another collector may take the VM."""
+
+    retryable = True

@@ -238,6 +238,19 @@ class Settings(BaseSettings):
     cleanup_min_age_sec: float = Field(default=60.0, ge=0)
     flow_name: str = "capture-vms"
     deployment: str = "on-demand"
+    # A slot is leased from the Prefect server and renewed while its capture runs; a
+    # collector that dies holding one frees it when the lease runs out (the server's
+    # minimum is 60 s), so a lost machine cannot block a hypervisor for good.
+    slot_lease_sec: float = Field(default=60.0, ge=60)
+    # "tasks": one flow run per trigger runs every VM's chain itself (one runner or
+    # worker does the whole trigger). "deployments": the trigger's flow run starts one
+    # flow run per VM of the deployment `child_deployment`, so every worker of the work
+    # pool takes VMs (production on several collectors; see the README).
+    fanout: Literal["tasks", "deployments"] = "tasks"
+    # Workers (deployments.worker) run flow runs with heartbeats this often; a run missing
+    # three is marked Crashed (tasks/automations.py). Prefect's minimum is 30 s.
+    heartbeat_sec: int = Field(default=30, ge=30)
+    child_deployment: str = "capture-one-vm/one-vm"
 
     # Prefect server that `memdump serve` starts when PREFECT_API_URL is not set
     prefect_port: int = Field(default=4200, ge=1, le=65535)

@@ -82,7 +82,7 @@ def capture_vm(
     try:
         driver, ref = find(drivers, vm_id)
         names = [GLOBAL_LIMIT, hypervisor_limit(ref.hypervisor)]
-        with concurrency(names, occupy=1, strict=True):
+        with concurrency(names, occupy=1, strict=True, lease_duration=settings.slot_lease_sec):
             artifact = create_progress_artifact(
                 0.0,
                 key=f"capture-progress-{slug(ref.vmid)}",

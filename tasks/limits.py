@@ -33,9 +33,15 @@ def ensure_limits(settings: Settings, *, reset_slots: bool = False) -> list[str]
     wanted = {GLOBAL_LIMIT: settings.max_concurrent_captures}
     for hv in settings.inventory:
         wanted[hypervisor_limit(hv.name)] = settings.max_captures_per_hypervisor
+    from prefect.exceptions import ObjectAlreadyExists
+
     with get_client(sync_client=True) as client:
         for name, limit in wanted.items():
-            client.upsert_global_concurrency_limit_by_name(name, limit)
+            try:
+                client.upsert_global_concurrency_limit_by_name(name, limit)
+            except ObjectAlreadyExists:
+                # Another worker or flow run created it between our read and create.
+                client.upsert_global_concurrency_limit_by_name(name, limit)
             if reset_slots:
                 client.update_global_concurrency_limit(
                     name, GlobalConcurrencyLimitUpdate(active_slots=0)

@@ -1,0 +1,59 @@
+"""Production: one collector's Prefect worker for the pool ``deployments.pool`` filled.
+
+``python -m deployments.worker [--pool memdump] [--name NAME] [--limit N]``: first what a
+capture killed on this collector left (memdump.leftovers), the concurrency limits and the
+automation that marks runs of a dead collector Crashed (tasks/automations.py), then
+``prefect worker start``
+as a child process, with this process replaying the record outbox meanwhile. SIGTERM or
+SIGINT stop the worker (it lets its flow runs finish as Prefect's worker does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from types import FrameType
+
+from deployments.serve import replay_outbox
+from memdump.leftovers import clean_leftovers
+from memdump.settings import Settings
+from tasks.automations import ensure_crash_automation
+from tasks.limits import ensure_limits
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pool", default="memdump")
+    parser.add_argument("--name", default=None, help="worker name (default: Prefect's)")
+    parser.add_argument("--limit", type=int, default=None, help="flow runs at once")
+    args = parser.parse_args()
+    settings = Settings()
+    clean_leftovers(settings, settings.cleanup_min_age_sec)
+    ensure_limits(settings)
+    ensure_crash_automation(settings.heartbeat_sec)
+    # Inherited by the flow runs this worker starts: their heartbeats feed the automation.
+    os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.heartbeat_sec)
+    threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
+    prefect = shutil.which("prefect", path=os.path.dirname(sys.executable)) or "prefect"
+    argv = [prefect, "worker", "start", "--pool", args.pool, "--type", "process"]
+    if args.name:
+        argv += ["--name", args.name]
+    if args.limit:
+        argv += ["--limit", str(args.limit)]
+    worker = subprocess.Popen(argv)  # noqa: S603 - fixed argv
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        worker.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return worker.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,378 @@
+"""Production mode on this machine: several collectors sharing one Prefect server.
+
+Started here, stopped here (each by its own PID): Debian's PostgreSQL in a private data
+dir, a Prefect server on it, the process work pool "memdump" with the deployments of
+prefect.yaml (`prefect --no-prompt deploy --all`), two workers as separate processes
+(`python -m deployments.worker`, flow runs at most 2 each), the API as a process of its
+own, and a second lab sshd. Two hypervisors: the lab's libvirt (vm-web-01, vm-db-01,
+through the lab sshd) and plain QEMU (two 1 GiB VMs, through the second sshd), at most
+1 capture per hypervisor and 3 in all. MEMDUMP_FANOUT=deployments: a trigger's flow
+run starts one flow run per VM, which any worker takes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.procs import descendants
+from tests.stack import REPO, free_port, lab_inventory
+
+QEMU_VMS = ("vm-qcol-01", "vm-qcol-02")
+LIBVIRT_VMS = ("vm-web-01", "vm-db-01")
+
+
+def _run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited:\n{log.read_text()[-3000:]}")
+        try:
+            httpx.get(url, timeout=2).raise_for_status()
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not up:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.3)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """SIGTERM its session (it leads one), SIGKILL after ``timeout``."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _pg_bin() -> Path:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed (scripts/bootstrap installs it)")
+    return found[-1].parent
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[Path]:
+    # Not under pytest's 0700 tmp: the postgres user must reach its data dir.
+    d = Path(tempfile.mkdtemp(prefix="memdump-collectors-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    if not os.environ.get("MEMDUMP_KEEP_TEST_DIR"):  # kept: its logs, for a post-mortem
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres(base: Path) -> Iterator[str]:
+    """A private PostgreSQL cluster on a free loopback port; the Prefect database URL."""
+    pg = _pg_bin()
+    data, sock = base / "pg", base / "pg-sock"
+    for d in (data, sock):
+        d.mkdir()
+        shutil.chown(d, "postgres", "postgres")
+    password = secrets.token_hex(16)
+    pwfile = base / "pg-password"
+    pwfile.write_text(password + "\n")
+    shutil.chown(pwfile, "postgres")
+    pwfile.chmod(0o600)
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    _run([*as_pg, str(pg / "initdb"), "-D", str(data), "-U", "prefect", "--pwfile", str(pwfile),
+          "-A", "scram-sha-256", "-E", "UTF8", "--no-sync"])  # fmt: skip
+    pwfile.unlink()
+    port = free_port()
+    opts = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={sock} -c fsync=off"
+    _run([*as_pg, str(pg / "pg_ctl"), "-D", str(data), "-l", str(sock / "pg.log"), "-w",
+          "-t", "120", "-o", opts, "start"])  # fmt: skip
+    try:
+        env = {**os.environ, "PGPASSWORD": password}
+        _run([*as_pg, str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect",
+              "prefect"], env=env)  # fmt: skip
+        yield f"postgresql+asyncpg://prefect:{password}@127.0.0.1:{port}/prefect"
+    finally:
+        subprocess.run(
+            [*as_pg, str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+            check=False,
+            capture_output=True,
+            timeout=120,
+        )
+
+
+@dataclass
+class Collectors:
+    api: str
+    prefect_api: str
+    env: dict[str, str]
+    workers: dict[str, subprocess.Popen[bytes]]
+    logs: dict[str, Path]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        r = httpx.request(method, self.api + path, json=body, timeout=30)
+        return r.status_code, r.json()
+
+    def wait_done(self, timeout: float = 600) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        body: Any = None
+        while time.monotonic() < deadline:
+            _, body = self.call("GET", "/api/memory-dumps/status")
+            if body["status"] not in ("in_progress", "idle"):
+                return dict(body)
+            time.sleep(0.5)
+        raise AssertionError(f"status still {body} after {timeout}s")
+
+    def flow_runs(self, flow: str, since: datetime) -> list[dict[str, Any]]:
+        r = httpx.post(
+            f"{self.prefect_api}/flow_runs/filter",
+            json={"flows": {"name": {"any_": [flow]}}, "sort": "EXPECTED_START_TIME_ASC"},
+            timeout=30,
+        )
+        r.raise_for_status()
+        return [fr for fr in r.json() if datetime.fromisoformat(fr["created"]) >= since]
+
+    def worker_of(self, flow_run_id: str) -> str | None:
+        for name, log in self.logs.items():
+            if f"submitting flow run '{flow_run_id}'" in log.read_text(errors="replace"):
+                return name
+        return None
+
+
+def _second_sshd(base: Path, lab_dir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """The lab's sshd again (same host key and authorized key) on another port."""
+    port = free_port()
+    conf = (lab_dir / "ssh" / "sshd_config").read_text()
+    lines = []
+    for line in conf.splitlines():
+        key = line.split(" ", 1)[0]
+        if key == "Port":
+            line = f"Port {port}"
+        elif key == "PidFile":
+            line = f"PidFile {base / 'sshd2.pid'}"
+        lines.append(line)
+    (base / "sshd2_config").write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen(
+        ["/usr/sbin/sshd", "-D", "-f", str(base / "sshd2_config"), "-E", str(base / "sshd2.log")],
+        start_new_session=True,
+    )
+    key = (lab_dir / "ssh" / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+    known = base / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {' '.join(key)}\n")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with __import__("socket").create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, "second sshd not up"
+            time.sleep(0.1)
+    return proc, port, known
+
+
+@pytest.fixture(scope="module")
+def collectors(base: Path, postgres: str) -> Iterator[Collectors]:
+    lab_env_inventory = Path(lab_inventory())
+    lab_dir = lab_env_inventory.parent
+    started_qemu = [vm for vm in QEMU_VMS if not (lab_dir / "run" / "qemu" / f"{vm}.pid").is_file()]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for vm in QEMU_VMS:
+            _run([str(REPO / "lab/up"), "--qemu", f"{vm}:1024"])
+        sshd2, port2, known2 = _second_sshd(base, lab_dir)
+        procs.append(sshd2)
+        inventory = base / "inventory.yaml"
+        inventory.write_text(
+            lab_env_inventory.read_text()
+            + f"""  - name: lab-qemu
+    driver: qemu
+    transport: ssh
+    host: 127.0.0.1
+    port: {port2}
+    user: root
+    key_file: {lab_dir / "ssh" / "id_ed25519"}
+    known_hosts: {known2}
+    qmp_dir: {lab_dir / "run" / "qemu"}
+"""
+        )
+        prefect_port, api_port = free_port(), free_port()
+        prefect_api = f"http://127.0.0.1:{prefect_port}/api"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEMDUMP_"))}
+        env.update(
+            PREFECT_HOME=str(base / "prefect-home"),
+            PREFECT_SERVER_DATABASE_CONNECTION_URL=postgres,
+            # Slots of a killed capture come back as soon as their lease runs out.
+            PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS="2",
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        )
+        log = base / "prefect-server.log"
+        with open(log, "wb") as out:
+            server = subprocess.Popen(
+                [str(Path(sys.executable).parent / "prefect"), "server", "start",
+                 "--host", "127.0.0.1", "--port", str(prefect_port)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        procs.append(server)
+        _wait_http(f"{prefect_api}/health", server, log)
+        env = {k: v for k, v in env.items() if not k.startswith("PREFECT_SERVER_")}
+        env.update(
+            PREFECT_API_URL=prefect_api,
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            MEMDUMP_HOME=str(REPO),
+            MEMDUMP_DATA_DIR=str(base / "data"),
+            MEMDUMP_DUMP_DIR=str(base / "data" / "dumps"),
+            MEMDUMP_INVENTORY_FILE=str(inventory),
+            MEMDUMP_FANOUT="deployments",
+            MEMDUMP_MAX_CAPTURES_PER_HYPERVISOR="1",
+            MEMDUMP_MAX_CONCURRENT_CAPTURES="3",
+            MEMDUMP_ANALYSIS="false",
+            MEMDUMP_TRIGGER_MIN_INTERVAL_SEC="0",
+            MEMDUMP_API_PORT=str(api_port),
+        )
+        prefect = str(Path(sys.executable).parent / "prefect")
+        _run([prefect, "work-pool", "create", "memdump", "--type", "process"], env=env, cwd=REPO)
+        _run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO)
+        workers, logs = {}, {}
+        for name in ("collector-a", "collector-b"):
+            logs[name] = base / f"{name}.log"
+            with open(logs[name], "wb") as out:
+                workers[name] = subprocess.Popen(
+                    [sys.executable, "-m", "deployments.worker", "--pool", "memdump",
+                     "--name", name, "--limit", "2"],
+                    cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+            procs.append(workers[name])
+        log = base / "api.log"
+        with open(log, "wb") as out:
+            api = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "api.main:app",
+                 "--host", "127.0.0.1", "--port", str(api_port)],
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        procs.append(api)
+        _wait_http(f"http://127.0.0.1:{api_port}/health", api, log)
+        # Both workers are polling the pool before the first trigger.
+        deadline = time.monotonic() + 120
+        while True:
+            r = httpx.post(f"{prefect_api}/work_pools/memdump/workers/filter", json={}, timeout=10)
+            if {w["name"] for w in r.json()} >= set(workers):
+                break
+            assert time.monotonic() < deadline, f"workers not polling: {r.text}"
+            time.sleep(0.5)
+        yield Collectors(f"http://127.0.0.1:{api_port}", prefect_api, env, workers, logs, procs)
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        for vm in started_qemu:
+            subprocess.run(
+                [str(REPO / "lab/down"), "--vm", vm], check=False, capture_output=True, timeout=120
+            )
+
+
+def _intervals(records: list[dict[str, Any]]) -> list[tuple[datetime, datetime, str]]:
+    out = []
+    for r in records:
+        start = datetime.fromisoformat(r["timestamp"])
+        out.append((start, start + timedelta(seconds=r["duration_sec"]), r["hypervisor"]))
+    return out
+
+
+def _max_overlap(spans: list[tuple[datetime, datetime]]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    best = cur = 0
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+def _records_since(c: Collectors, since: datetime) -> list[dict[str, Any]]:
+    code, body = c.call("GET", "/api/memory-dumps/records?limit=1000")
+    assert code == 200
+    return [r for r in body["records"] if datetime.fromisoformat(r["timestamp"]) >= since]
+
+
+def test_all_across_two_hypervisors_holds_the_caps_on_both_workers(c: Collectors) -> None:
+    t0 = datetime.now(UTC).replace(tzinfo=None)
+    code, _ = c.call("POST", "/api/memory-dumps/trigger", {"vm_ids": ["all"]})
+    assert code == 200
+    st = c.wait_done()
+    assert st["status"] == "completed", st
+    recs = _records_since(c, t0)
+    assert sorted(r["vmid"] for r in recs) == sorted(LIBVIRT_VMS + QEMU_VMS)
+    assert {r["hypervisor"] for r in recs} == {"lab", "lab-qemu"}
+    spans = _intervals(recs)
+    for hv in ("lab", "lab-qemu"):
+        assert _max_overlap([(s, e) for s, e, h in spans if h == hv]) == 1, spans
+    assert _max_overlap([(s, e) for s, e, _ in spans]) <= 3
+    # One flow run per VM, and both workers took some.
+    since = datetime.now(UTC) - timedelta(hours=1)
+    children = c.flow_runs("capture-one-vm", since)
+    assert len(children) == 4 and all(fr["state_type"] == "COMPLETED" for fr in children)
+    assert {c.worker_of(fr["id"]) for fr in children} == set(c.workers)
+
+
+@pytest.fixture
+def c(collectors: Collectors) -> Collectors:
+    return collectors
+
+
+def test_a_worker_killed_mid_run_is_marked_and_the_rest_completes(c: Collectors) -> None:
+    t0 = datetime.now(UTC)
+    code, _ = c.call("POST", "/api/memory-dumps/trigger", {"vm_ids": ["all"]})
+    assert code == 200
+    # Wait for a VM's flow run running on the worker that does not run the trigger's.
+    victim = victim_run = None
+    deadline = time.monotonic() + 180
+    while victim is None:
+        assert time.monotonic() < deadline, "no VM flow run started on a second worker"
+        parents = c.flow_runs("capture-vms", t0)
+        parent_worker = c.worker_of(parents[-1]["id"]) if parents else None
+        for fr in c.flow_runs("capture-one-vm", t0):
+            w = c.worker_of(fr["id"])
+            # A 1 GiB VM: its capture outlasts the second below, so it dies before its record.
+            big = fr["parameters"].get("vm_id") in QEMU_VMS
+            if fr["state_type"] == "RUNNING" and big and parent_worker and w and w != parent_worker:
+                victim, victim_run = w, fr["id"]
+                break
+        time.sleep(0.3)
+    time.sleep(1.0)  # its first heartbeat reaches the server
+    proc = c.workers[victim]
+    members = [proc.pid, *descendants(proc.pid)]
+    assert len(members) >= 3  # the wrapper, `prefect worker`, a flow-run process
+    for pid in members:  # the whole collector, as a machine lost
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+    st = c.wait_done(timeout=600)
+    assert st["status"] == "completed", st  # the lost VM was captured again elsewhere
+    r = httpx.get(f"{c.prefect_api}/flow_runs/{victim_run}", timeout=30).json()
+    assert r["state_type"] == "CRASHED", r["state"]
+    assert "heartbeat" in (r["state"]["message"] or "")
+    recs = _records_since(c, t0.replace(tzinfo=None))
+    vmids = [rec["vmid"] for rec in recs]
+    assert sorted(set(vmids)) == sorted(LIBVIRT_VMS + QEMU_VMS)  # none lost
+    assert len(vmids) == 4  # none twice: the killed capture left no record
+    for rec in recs:
+        assert Path(rec["dump_path"]).is_file()
+    spans = _intervals(recs)
+    for hv in ("lab", "lab-qemu"):
+        assert _max_overlap([(s, e) for s, e, h in spans if h == hv]) == 1, spans
