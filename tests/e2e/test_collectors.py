@@ -29,6 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.integration.conftest import remote_temp_dirs
+from tests.integration.test_qemu_driver import qmp
 from tests.procs import descendants
 from tests.stack import REPO, free_port, lab_inventory
 
@@ -376,3 +378,12 @@ def test_a_worker_killed_mid_run_is_marked_and_the_rest_completes(c: Collectors)
     spans = _intervals(recs)
     for hv in ("lab", "lab-qemu"):
         assert _max_overlap([(s, e) for s, e, h in spans if h == hv]) == 1, spans
+    # The hypervisors are clean: no dump script's temp dir left, every guest runs.
+    deadline = time.monotonic() + 60
+    while remote_temp_dirs() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert remote_temp_dirs() == []
+    lab_dir = Path(lab_inventory()).parent
+    for vm in QEMU_VMS:
+        sock = lab_dir / "run" / "qemu" / f"{vm}.qmp"
+        assert qmp(sock, "query-status")["return"]["status"] == "running"
