@@ -56,6 +56,17 @@ class SSHTuning(BaseModel):
     rekey_bytes: int = Field(default=2**36, ge=2**29)
 
 
+def _plain_path(v: str | None, what: str, max_len: int) -> str | None:
+    """An absolute path that can go into a command line or a socat address as is."""
+    if v is not None and (
+        not re.fullmatch(r"/[A-Za-z0-9._/-]*", v) or "/../" in f"{v}/" or len(v) > max_len
+    ):
+        raise ValueError(
+            f"{what} must be an absolute path of letters, digits and '._/-' (at most {max_len})"
+        )
+    return v
+
+
 class HypervisorConfig(BaseModel):
     """One hypervisor of the inventory."""
 
@@ -89,24 +100,12 @@ class HypervisorConfig(BaseModel):
     @field_validator("qm_command")
     @classmethod
     def _plain_command(cls, v: str | None) -> str | None:
-        if v is not None and (
-            not re.fullmatch(r"/[A-Za-z0-9._/-]*", v) or "/../" in f"{v}/" or len(v) > 200
-        ):
-            raise ValueError(
-                "qm_command must be an absolute path of letters, digits and '._/-' (at most 200)"
-            )
-        return v
+        return _plain_path(v, "qm_command", 200)
 
     @field_validator("qmp_dir")
     @classmethod
     def _plain_dir(cls, v: str | None) -> str | None:
-        if v is not None and (
-            not re.fullmatch(r"/[A-Za-z0-9._/-]*", v) or "/../" in f"{v}/" or len(v) > 80
-        ):
-            raise ValueError(
-                "qmp_dir must be an absolute path of letters, digits and '._/-' (at most 80)"
-            )
-        return v
+        return _plain_path(v, "qmp_dir", 80)
 
     @field_validator("staging_dir")
     @classmethod

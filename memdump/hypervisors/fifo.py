@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from typing import Literal
 
-from memdump.errors import HypervisorError
-from memdump.transport.base import Transport
+from memdump.errors import ConfigError, HypervisorError, MemdumpError
+from memdump.hypervisors.base import VMRef
+from memdump.transport.base import ByteStream, Transport
 
 # Shell to paste at the top of a dump script (after ``umask 077``): makes "$d" and the
 # lock, and sets the traps that kill "$reader" and remove "$d". Exit codes 90/93.
@@ -121,3 +123,54 @@ def clean_stale(
             retryable=True,
         )
     return [line for line in res.stdout.decode("utf-8", "replace").splitlines() if line]
+
+
+def fifo_only(hypervisor: str, driver: str, staging: str, why: str) -> None:
+    """Drivers whose dump cannot be cancelled refuse file staging: once QEMU writes a
+    file, nothing could stop it."""
+    if staging != "fifo":
+        raise ConfigError(
+            f"hypervisor {hypervisor} (driver {driver}) supports only staging 'fifo', not "
+            f"{staging!r}: {why}",
+            hypervisor=hypervisor,
+        )
+
+
+class TokenFifoDump:
+    """A running dump script whose QEMU writes into the script's private FIFO and that
+    only breaking the FIFO stops (QMP and HMP dump-guest-memory cannot be cancelled):
+    aborting closes the stream and runs ABORT_FIFO with the script's token. Subclasses
+    set ``dump_format`` and read the script's exit in ``close_ok`` via ``finish``."""
+
+    dump_format = ""
+
+    def __init__(
+        self, stream: ByteStream, transport: Transport, hypervisor: str, ref: VMRef, token: str
+    ) -> None:
+        self._s = stream
+        self._t = transport
+        self._hv = hypervisor
+        self._ref = ref
+        self._token = token
+        self._aborted = False
+        self.pause_window: tuple[datetime, datetime] | None = None
+        self.staging: Literal["fifo", "file"] = "fifo"
+
+    def readinto(self, view: memoryview) -> int:
+        return self._s.readinto(view)
+
+    def finish(self) -> tuple[int, str]:
+        """The script's exit code and stderr, its pause window taken out (and kept)."""
+        res = self._s.finish(timeout=60.0)
+        stderr, self.pause_window = pause_window(res.stderr_text)
+        return res.returncode, stderr
+
+    def abort(self) -> None:
+        if self._aborted:
+            return
+        self._aborted = True
+        self._s.abort()
+        try:
+            self._t.run(ABORT_FIFO, (self._token,), timeout=15.0)
+        except MemdumpError:
+            pass  # best effort: closing the stream already broke the FIFO

@@ -29,17 +29,15 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from memdump.errors import (
-    ConfigError,
     DumpFailedError,
     HypervisorError,
-    MemdumpError,
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
-from memdump.hypervisors.fifo import ABORT_FIFO, PROLOGUE, clean_stale, pause_window
+from memdump.hypervisors.fifo import PROLOGUE, TokenFifoDump, clean_stale, fifo_only
 from memdump.identifiers import validate_id
 from memdump.settings import HypervisorConfig
-from memdump.transport.base import ByteStream, CommandResult, Transport
+from memdump.transport.base import CommandResult, Transport
 
 Staging = Literal["fifo", "file"]
 
@@ -289,21 +287,10 @@ class ProxmoxDriver:
                 vm_id=ref.vmid,
                 hypervisor=self.name,
             )
-        if staging != "fifo":
-            raise ConfigError(
-                f"hypervisor {self.name} (driver proxmox) supports only staging 'fifo', not "
-                f"{staging!r}: HMP cannot cancel a dump-guest-memory that writes a file",
-                hypervisor=self.name,
-            )
+        fifo_only(self.name, "proxmox", staging, "HMP cannot cancel a dump-guest-memory")
         token = secrets.token_hex(16)
         stream = self._t.stream(_DUMP, (self._qm, ref.vmid, token))
-        return _HmpDump(stream, self, ref, token)
-
-    def _stop_dump(self, token: str) -> None:
-        try:
-            self._t.run(ABORT_FIFO, (token,), timeout=15.0)
-        except MemdumpError:
-            pass
+        return _HmpDump(stream, self._t, self.name, ref, token)
 
     def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
         return clean_stale(self._t, self.name, min_age_sec)
@@ -312,46 +299,27 @@ class ProxmoxDriver:
         self._t.close()
 
 
-class _HmpDump:
-    def __init__(self, stream: ByteStream, drv: ProxmoxDriver, ref: VMRef, token: str) -> None:
-        self._s = stream
-        self._drv = drv
-        self._ref = ref
-        self._token = token
-        self._aborted = False
-        self.pause_window: tuple[datetime, datetime] | None = None
-        self.dump_format = "ELF64 core: qm monitor, HMP dump-guest-memory -d"
-        self.staging: Staging = "fifo"
-
-    def readinto(self, view: memoryview) -> int:
-        return self._s.readinto(view)
+class _HmpDump(TokenFifoDump):
+    dump_format = "ELF64 core: qm monitor, HMP dump-guest-memory -d"
 
     def close_ok(self) -> None:
-        res = self._s.finish(timeout=60.0)
-        stderr, self.pause_window = pause_window(res.stderr_text)
-        if res.returncode == 0:
+        rc, stderr = self.finish()
+        if rc == 0:
             return
         m = _DUMP_STATUS.search(stderr)
         status = m.group(1) if m else "unknown"
         rest = _DUMP_STATUS.sub("", stderr).strip()
-        if res.returncode == _EXIT_INCOMPLETE:
+        if rc == _EXIT_INCOMPLETE:
             why = f"QEMU's dump status is {status!r}, not 'completed'"
-        elif res.returncode == _EXIT_REFUSED:
+        elif rc == _EXIT_REFUSED:
             why = "the monitor refused the dump"
         else:
-            why = f"exit {res.returncode}"
+            why = f"exit {rc}"
         raise DumpFailedError(
             f"HMP dump-guest-memory of VM {self._ref.vmid} ({self._ref.name}) on "
-            f"{self._drv.name} failed: {why}: {rest or 'no message'}",
-            hypervisor=self._drv.name,
+            f"{self._hv} failed: {why}: {rest or 'no message'}",
+            hypervisor=self._hv,
             vm_id=self._ref.vmid,
-            exit_code=res.returncode,
+            exit_code=rc,
             stderr=stderr[-2000:],
         )
-
-    def abort(self) -> None:
-        if self._aborted:
-            return
-        self._aborted = True
-        self._s.abort()
-        self._drv._stop_dump(self._token)

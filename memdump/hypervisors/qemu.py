@@ -36,17 +36,15 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from memdump.errors import (
-    ConfigError,
     DumpFailedError,
     HypervisorError,
-    MemdumpError,
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
-from memdump.hypervisors.fifo import ABORT_FIFO, PROLOGUE, clean_stale, pause_window
+from memdump.hypervisors.fifo import PROLOGUE, TokenFifoDump, clean_stale, fifo_only
 from memdump.identifiers import validate_id
 from memdump.settings import HypervisorConfig, Settings
-from memdump.transport.base import ByteStream, CommandResult, Transport
+from memdump.transport.base import CommandResult, Transport
 
 Staging = Literal["fifo", "file"]
 _DEFAULT_MARGIN = float(Settings.model_fields["disk_space_margin"].default)
@@ -352,21 +350,10 @@ class QemuDriver:
     ) -> _QmpDump:
         """Only ``staging="fifo"``: the guest stays paused for the whole transfer."""
         validate_id(ref.name, what="VM name")
-        if staging != "fifo":
-            raise ConfigError(
-                f"hypervisor {self.name} (driver qemu) supports only staging 'fifo', not "
-                f"{staging!r}: QMP cannot cancel a dump-guest-memory that writes a file",
-                hypervisor=self.name,
-            )
+        fifo_only(self.name, "qemu", staging, "QMP cannot cancel a dump-guest-memory")
         token = secrets.token_hex(16)
         stream = self._t.stream(_DUMP, (self._dir, ref.name, token))
-        return _QmpDump(stream, self, ref, token)
-
-    def _stop_dump(self, token: str) -> None:
-        try:
-            self._t.run(ABORT_FIFO, (token,), timeout=15.0)
-        except MemdumpError:
-            pass
+        return _QmpDump(stream, self._t, self.name, ref, token)
 
     def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
         return clean_stale(self._t, self.name, min_age_sec)
@@ -375,46 +362,26 @@ class QemuDriver:
         self._t.close()
 
 
-class _QmpDump:
-    def __init__(self, stream: ByteStream, drv: QemuDriver, ref: VMRef, token: str) -> None:
-        self._s = stream
-        self._drv = drv
-        self._ref = ref
-        self._token = token
-        self._aborted = False
-        self.pause_window: tuple[datetime, datetime] | None = None
-        self.dump_format = "ELF64 core: QMP dump-guest-memory, format elf"
-        self.staging: Staging = "fifo"
-
-    def readinto(self, view: memoryview) -> int:
-        return self._s.readinto(view)
+class _QmpDump(TokenFifoDump):
+    dump_format = "ELF64 core: QMP dump-guest-memory, format elf"
 
     def close_ok(self) -> None:
-        res = self._s.finish(timeout=60.0)
-        stderr, self.pause_window = pause_window(res.stderr_text)
-        if res.returncode == 0:
+        rc, stderr = self.finish()
+        if rc == 0:
             return
         desc = _qmp_error(stderr)
         rest = _REPLY.sub("", stderr).strip()
-        if res.returncode == _EXIT_NO_VM:
+        if rc == _EXIT_NO_VM:
             raise VMNotFoundError(
-                f"no VM {self._ref.name!r} on hypervisor {self._drv.name}",
+                f"no VM {self._ref.name!r} on hypervisor {self._hv}",
                 vm_id=self._ref.vmid,
-                hypervisor=self._drv.name,
+                hypervisor=self._hv,
             )
         msg = "; ".join(x for x in (desc, rest) if x) or "no message"
         raise DumpFailedError(
-            f"QMP dump-guest-memory of {self._ref.name} on {self._drv.name} failed "
-            f"(exit {res.returncode}): {msg}",
-            hypervisor=self._drv.name,
+            f"QMP dump-guest-memory of {self._ref.name} on {self._hv} failed (exit {rc}): {msg}",
+            hypervisor=self._hv,
             vm_id=self._ref.vmid,
-            exit_code=res.returncode,
+            exit_code=rc,
             stderr=stderr[-2000:],
         )
-
-    def abort(self) -> None:
-        if self._aborted:
-            return
-        self._aborted = True
-        self._s.abort()
-        self._drv._stop_dump(self._token)

@@ -26,7 +26,7 @@ from memdump.pipeline import write_dump
 from memdump.settings import Settings
 from memdump.targets import find
 from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
-from tests.integration.test_qemu_driver import qmp
+from tests.integration.test_qemu_driver import paused_capture_is_byte_exact, status
 
 REPO = Path(__file__).resolve().parents[2]
 VMID = "101"
@@ -73,10 +73,6 @@ def qm(lab_dir: Path, *args: str) -> str:
     ).stdout
 
 
-def status(sock: Path) -> str:
-    return str(qmp(sock, "query-status")["return"]["status"])
-
-
 def wait_clean(sock: Path, before: list[str], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (
@@ -111,27 +107,8 @@ def test_lists_and_resolves_by_vmid_and_name(pdriver: Driver, pve_vm: Path) -> N
 def test_dump_is_byte_exact_with_markers(
     pdriver: Driver, psettings: Settings, pve_vm: Path, lab_dir: Path, tmp_path: Path
 ) -> None:
-    # Paused, the VM's memory cannot change between our dump and the reference dump.
-    assert "return" in qmp(pve_vm, "stop")
-    try:
-        ref = pdriver.resolve(VMID)
-        info = pdriver.snapshot(ref)
-        assert info.state == "paused"
-        result = capture(pdriver, ref, psettings)
-        assert status(pve_vm) == "paused"  # a dump leaves a paused guest paused
-        local = tmp_path / "reference.elf"
-        args = {"paging": False, "protocol": f"file:{local}", "format": "elf"}
-        assert qmp(pve_vm, "dump-guest-memory", args) == {"return": {}}
-    finally:
-        qmp(pve_vm, "cont")
-    assert status(pve_vm) == "running"
-
+    result, info, raw = paused_capture_is_byte_exact(pdriver, psettings, pve_vm, VMID, tmp_path)
     rec = result.record
-    raw = gzip.decompress(Path(rec.dump_path).read_bytes())
-    expected = local.read_bytes()
-    assert hashlib.sha256(raw).hexdigest() == hashlib.sha256(expected).hexdigest() == rec.sha256
-    assert raw == expected
-    assert rec.raw_size_bytes == len(expected)
     assert rec.hypervisor == HV and rec.vmid == VMID and rec.dom == VM
     assert Path(rec.dump_path).name.startswith(f"{VMID}_")
     assert_markers(raw, lab_dir, VM)

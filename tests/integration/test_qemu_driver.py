@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-from memdump.capture import capture
+from memdump.capture import Capture, capture
 from memdump.errors import (
     CaptureTimeoutError,
     ConfigError,
     DumpFailedError,
     VMNotFoundError,
 )
-from memdump.hypervisors import Driver, VMRef, open_driver
+from memdump.hypervisors import Driver, VMInfo, VMRef, open_driver
 from memdump.manifest import manifest_path
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
@@ -125,30 +125,39 @@ def test_lists_and_resolves_by_name_and_uuid(qdriver: Driver, qemu_vm: Path) -> 
     assert qdriver.resolve(VM) == VMRef(HV, VM, VM)
 
 
-def test_dump_is_byte_exact_with_markers(
-    qdriver: Driver, qsettings: Settings, qemu_vm: Path, lab_dir: Path, tmp_path: Path
-) -> None:
+def paused_capture_is_byte_exact(
+    driver: Driver, settings: Settings, sock: Path, vm_id: str, tmp_path: Path
+) -> tuple[Capture, VMInfo, bytes]:
+    """Capture ``vm_id`` paused, then QEMU's own dump of it (QMP, same socket): both are the
+    same bytes, the record's hashes and size say so, and the guest is running after."""
     # Paused, the VM's memory cannot change between our dump and the reference dump.
-    assert "return" in qmp(qemu_vm, "stop")
+    assert "return" in qmp(sock, "stop")
     try:
-        ref = qdriver.resolve(VM)
-        info = qdriver.snapshot(ref)
+        ref = driver.resolve(vm_id)
+        info = driver.snapshot(ref)
         assert info.state == "paused"
-        result = capture(qdriver, ref, qsettings)
-        assert status(qemu_vm) == "paused"  # a dump leaves a paused guest paused
+        result = capture(driver, ref, settings)
+        assert status(sock) == "paused"  # a dump leaves a paused guest paused
         local = tmp_path / "reference.elf"
         args = {"paging": False, "protocol": f"file:{local}", "format": "elf"}
-        assert qmp(qemu_vm, "dump-guest-memory", args) == {"return": {}}
+        assert qmp(sock, "dump-guest-memory", args) == {"return": {}}
     finally:
-        qmp(qemu_vm, "cont")
-    assert status(qemu_vm) == "running"
-
+        qmp(sock, "cont")
+    assert status(sock) == "running"
     rec = result.record
     raw = gzip.decompress(Path(rec.dump_path).read_bytes())
     expected = local.read_bytes()
     assert hashlib.sha256(raw).hexdigest() == hashlib.sha256(expected).hexdigest() == rec.sha256
     assert raw == expected
     assert rec.raw_size_bytes == len(expected)
+    return result, info, raw
+
+
+def test_dump_is_byte_exact_with_markers(
+    qdriver: Driver, qsettings: Settings, qemu_vm: Path, lab_dir: Path, tmp_path: Path
+) -> None:
+    result, info, raw = paused_capture_is_byte_exact(qdriver, qsettings, qemu_vm, VM, tmp_path)
+    rec = result.record
     assert rec.hypervisor == HV and rec.dom == VM and rec.vmid == VM
 
     assert_markers(raw, lab_dir, VM)
