@@ -11,7 +11,6 @@ import json
 import os
 import stat
 import subprocess
-import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,14 +18,18 @@ from pathlib import Path
 import pytest
 
 from memdump.capture import capture
-from memdump.errors import CaptureTimeoutError, ConfigError, VMNotFoundError
+from memdump.errors import ConfigError, VMNotFoundError
 from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.manifest import manifest_path
-from memdump.pipeline import write_dump
 from memdump.settings import Settings
 from memdump.targets import find
 from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
-from tests.integration.test_qemu_driver import paused_capture_is_byte_exact, status
+from tests.integration.test_qemu_driver import (
+    abort_mid_stream_resumes_the_guest,
+    deadline_stops_the_dump,
+    paused_capture_is_byte_exact,
+    wait_clean,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 VMID = "101"
@@ -71,16 +74,6 @@ def qm(lab_dir: Path, *args: str) -> str:
     return subprocess.run(
         [str(lab_dir / "bin" / "qm"), *args], check=True, capture_output=True, text=True
     ).stdout
-
-
-def wait_clean(sock: Path, before: list[str], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (
-        set(remote_temp_dirs()) - set(before) or status(sock) != "running"
-    ):
-        time.sleep(0.2)
-    assert set(remote_temp_dirs()) - set(before) == set()
-    assert status(sock) == "running"
 
 
 def test_the_stand_in_answers_as_qm(lab_dir: Path, pve_vm: Path) -> None:
@@ -154,20 +147,10 @@ def test_unknown_vm_and_file_staging(pdriver: Driver, psettings: Settings) -> No
 
 
 def test_abort_mid_stream_resumes_the_guest(pdriver: Driver, pve_vm: Path) -> None:
-    before = remote_temp_dirs()
-    src = pdriver.open_dump(pdriver.resolve(VMID))
-    assert src.readinto(memoryview(bytearray(1 << 20))) > 0  # streaming, the guest paused
-    src.abort()
-    wait_clean(pve_vm, before)
-    assert pdriver.snapshot(pdriver.resolve(VMID)).state == "running"
+    abort_mid_stream_resumes_the_guest(pdriver, pve_vm, VMID)
 
 
 def test_deadline_stops_the_dump_and_leaves_nothing(
     pdriver: Driver, psettings: Settings, pve_vm: Path
 ) -> None:
-    before = remote_temp_dirs()
-    src = pdriver.open_dump(pdriver.resolve(VMID))
-    with pytest.raises(CaptureTimeoutError):
-        write_dump(src, psettings.dump_dir, "t.mem.gz", deadline=time.monotonic() + 0.05)
-    assert list(psettings.dump_dir.iterdir()) == []
-    wait_clean(pve_vm, before)
+    deadline_stops_the_dump(pdriver, psettings, pve_vm, VMID)

@@ -223,26 +223,33 @@ def test_file_staging_is_refused_before_anything_runs(qdriver: Driver) -> None:
         qdriver.open_dump(VMRef(HV, VM, VM), staging="file")
 
 
-def test_abort_mid_stream_resumes_the_guest(qdriver: Driver, qemu_vm: Path) -> None:
+def abort_mid_stream_resumes_the_guest(driver: Driver, sock: Path, vm_id: str) -> None:
     before = remote_temp_dirs()
-    src = qdriver.open_dump(qdriver.resolve(VM))
-    buf = bytearray(1 << 20)
-    assert src.readinto(memoryview(buf)) > 0  # streaming, the guest paused
+    src = driver.open_dump(driver.resolve(vm_id))
+    assert src.readinto(memoryview(bytearray(1 << 20))) > 0  # streaming, the guest paused
     src.abort()
-    wait_clean(qemu_vm, before)
-    # QMP answers again (the dump failed in QEMU, which resumed the guest).
-    assert qdriver.snapshot(qdriver.resolve(VM)).state == "running"
+    wait_clean(sock, before)
+    # The monitor answers again (the dump failed in QEMU, which resumed the guest).
+    assert driver.snapshot(driver.resolve(vm_id)).state == "running"
+
+
+def deadline_stops_the_dump(driver: Driver, settings: Settings, sock: Path, vm_id: str) -> None:
+    before = remote_temp_dirs()
+    src = driver.open_dump(driver.resolve(vm_id))
+    with pytest.raises(CaptureTimeoutError):
+        write_dump(src, settings.dump_dir, "t.mem.gz", deadline=time.monotonic() + 0.05)
+    assert list(settings.dump_dir.iterdir()) == []
+    wait_clean(sock, before)
+
+
+def test_abort_mid_stream_resumes_the_guest(qdriver: Driver, qemu_vm: Path) -> None:
+    abort_mid_stream_resumes_the_guest(qdriver, qemu_vm, VM)
 
 
 def test_deadline_stops_the_dump_and_leaves_nothing(
     qdriver: Driver, qsettings: Settings, qemu_vm: Path
 ) -> None:
-    before = remote_temp_dirs()
-    src = qdriver.open_dump(qdriver.resolve(VM))
-    with pytest.raises(CaptureTimeoutError):
-        write_dump(src, qsettings.dump_dir, "t.mem.gz", deadline=time.monotonic() + 0.05)
-    assert list(qsettings.dump_dir.iterdir()) == []
-    wait_clean(qemu_vm, before)
+    deadline_stops_the_dump(qdriver, qsettings, qemu_vm, VM)
 
 
 def test_stale_socket_is_not_a_vm(qdriver: Driver, qemu_vm: Path, tmp_path: Path) -> None:
