@@ -27,6 +27,7 @@ from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
 from tests.integration.test_qemu_driver import (
     abort_mid_stream_resumes_the_guest,
     deadline_stops_the_dump,
+    lab_qemu_vm,
     paused_capture_is_byte_exact,
     wait_clean,
 )
@@ -39,21 +40,10 @@ HV = "lab-pve"
 
 @pytest.fixture(scope="module")
 def pve_vm(lab_dir: Path) -> Iterator[Path]:
-    """VM 101 (vm-pve-01) of the qm stand-in up (started here if it was not; then
-    stopped again at the end). Yields its QMP socket."""
-    pidfile = lab_dir / "run" / "qemu-server" / f"{VMID}.pid"
-    was_up = pidfile.is_file() and Path(f"/proc/{pidfile.read_text().strip()}").exists()
-    subprocess.run(
-        [str(REPO / "lab/up"), "--proxmox", f"{VMID}:{VM}:256"],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    yield lab_dir / "run" / "qemu-server" / f"{VMID}.qmp"
-    if not was_up:
-        subprocess.run(
-            [str(REPO / "lab/down"), "--vm", VM], check=False, capture_output=True, timeout=120
-        )
+    """VM 101 (vm-pve-01) of the qm stand-in; yields its QMP socket."""
+    run_dir = lab_dir / "run" / "qemu-server"
+    with lab_qemu_vm(run_dir, VMID, VM, "--proxmox", f"{VMID}:{VM}:256") as sock:
+        yield sock
 
 
 @pytest.fixture

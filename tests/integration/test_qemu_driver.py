@@ -12,6 +12,7 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -66,20 +67,29 @@ def qemu_pid(lab_dir: Path) -> int:
     return int((lab_dir / "run" / "qemu" / f"{VM}.pid").read_text().strip())
 
 
+@contextmanager
+def lab_qemu_vm(run_dir: Path, stem: str, name: str, *up_args: str) -> Iterator[Path]:
+    """A lab QEMU VM (``lab/up *up_args``; files ``run_dir/stem.*``) up, started here if it
+    was not and then stopped again at the end. Yields its QMP socket."""
+    pidfile = run_dir / f"{stem}.pid"
+    was_up = pidfile.is_file() and Path(f"/proc/{pidfile.read_text().strip()}").exists()
+    subprocess.run([str(REPO / "lab/up"), *up_args], check=True, capture_output=True, timeout=300)
+    try:
+        yield run_dir / f"{stem}.qmp"
+    finally:
+        if not was_up:
+            subprocess.run(
+                [str(REPO / "lab/down"), "--vm", name],
+                check=False,
+                capture_output=True,
+                timeout=120,
+            )
+
+
 @pytest.fixture(scope="module")
 def qemu_vm(lab_dir: Path) -> Iterator[Path]:
-    """vm-qemu-01 up (started here if it was not; then stopped again at the end)."""
-    pidfile = lab_dir / "run" / "qemu" / f"{VM}.pid"
-    was_up = pidfile.is_file() and Path(f"/proc/{pidfile.read_text().strip()}").exists()
-    subprocess.run(
-        [str(REPO / "lab/up"), "--qemu", f"{VM}:256"], check=True, capture_output=True, timeout=300
-    )
-    sock = lab_dir / "run" / "qemu" / f"{VM}.qmp"
-    yield sock
-    if not was_up:
-        subprocess.run(
-            [str(REPO / "lab/down"), "--vm", VM], check=False, capture_output=True, timeout=120
-        )
+    with lab_qemu_vm(lab_dir / "run" / "qemu", VM, VM, "--qemu", f"{VM}:256") as sock:
+        yield sock
 
 
 @pytest.fixture
