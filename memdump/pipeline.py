@@ -29,6 +29,7 @@ from isal import isal_zlib
 from memdump.elfcore import parse_core
 from memdump.errors import (
     CaptureTimeoutError,
+    InvalidDumpError,
     MemdumpError,
     ShortDumpError,
     StorageError,
@@ -38,6 +39,7 @@ ProgressFn = Callable[[int, int | None], None]
 _BUFFERS = 8
 _BUFFER_SIZE = 4 << 20
 _PROGRESS_EVERY = 64 << 20
+_MAX_HEAD = 64 << 20  # as memdump.elfcore's bound on ELF headers
 _STOP = object()
 
 
@@ -235,10 +237,19 @@ def _pump(
             break
         done += n
         if expected is None:
-            head += buf[: min(n, 1 << 20)]
+            # The contiguous prefix, whole buffers: headers with many PT_LOADs run past one
+            # buffer. The ELF parser refuses headers past 64 MiB; the bound here holds for
+            # any expected_size.
+            head += memoryview(buf)[:n]
             expected = expected_size(bytes(head))
             if expected is not None:
                 head = bytearray()
+            elif len(head) > _MAX_HEAD:
+                digester.free.put(buf)
+                raise InvalidDumpError(
+                    f"no length found in the first {len(head)} bytes of the dump",
+                    bytes_done=done,
+                )
         if expected is not None and done > expected:
             digester.free.put(buf)
             raise ShortDumpError(
