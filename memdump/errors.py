@@ -79,6 +79,15 @@ class StreamStalledError(TransportError):
     retryable = True
 
 
+class OutputTooLargeError(TransportError):
+    """A command wrote more to stdout or stderr than the cap allows (``stream``, ``limit``):
+    it is stopped, its output dropped. A hostile or broken peer: never retried."""
+
+
+class CommandTimeoutError(TransportError):
+    """A command did not finish within its deadline and was stopped. Never retried."""
+
+
 class RemoteCommandError(TransportError):
     """A command on the hypervisor exited non-zero; ``stderr`` holds what it said."""
 

@@ -54,6 +54,11 @@ class SSHTuning(BaseModel):
     # paramiko re-keys every 512 MiB by default; a re-key landing at the end of a stream
     # was seen to hang recv() for 30 s. OpenSSH's own limit for AES is far higher.
     rekey_bytes: int = Field(default=2**36, ge=2**29)
+    # Caps on what a command (not a dump stream) may print, for the SSH and local
+    # transports alike: past them the command is stopped with OutputTooLargeError, so a
+    # hostile hypervisor or QMP reply cannot fill the collector's memory.
+    run_max_stdout_bytes: int = Field(default=16 * MiB, ge=64 * 1024)
+    run_max_stderr_bytes: int = Field(default=1 * MiB, ge=4 * 1024)
 
 
 def _plain_path(v: str | None, what: str, max_len: int) -> str | None:

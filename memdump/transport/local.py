@@ -3,36 +3,35 @@ the hypervisor itself. No shell parses request data: values are positional argum
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Sequence
 
-from memdump.errors import TransportError
 from memdump.transport.base import CommandResult, sh_command
-from memdump.transport.process import ProcessByteStream, start_stream
+from memdump.transport.process import ProcessByteStream, run_capped, start_stream
 
 
 class LocalTransport:
     description = "local"
 
-    def __init__(self, stall_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        stall_timeout: float = 120.0,
+        *,
+        max_stdout: int = 16 << 20,
+        max_stderr: int = 1 << 20,
+    ) -> None:
         self._stall = stall_timeout
+        self._max_stdout = max_stdout
+        self._max_stderr = max_stderr
 
     def run(self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0) -> CommandResult:
-        try:
-            proc = subprocess.run(  # noqa: S603 - fixed script, values as argv, no shell parsing
-                sh_command(script, args),
-                capture_output=True,
-                timeout=timeout,
-                stdin=subprocess.DEVNULL,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise TransportError(
-                f"local command did not finish within {timeout:.0f}s", op="run"
-            ) from exc
-        except OSError as exc:
-            raise TransportError(f"cannot run local command: {exc}", op="run") from exc
-        return CommandResult(proc.returncode, proc.stdout, proc.stderr)
+        # Capped and deadline-checked like the SSH transport's run().
+        return run_capped(
+            sh_command(script, args),
+            timeout=timeout,
+            max_stdout=self._max_stdout,
+            max_stderr=self._max_stderr,
+            what="local",
+        )
 
     def stream(self, script: str, args: Sequence[str] = ()) -> ProcessByteStream:
         return start_stream(sh_command(script, args), stall=self._stall, what="local")

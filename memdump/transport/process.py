@@ -10,10 +10,17 @@ import select
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from typing import IO
 
-from memdump.errors import StreamInterruptedError, StreamStalledError, TransportError
+from memdump.errors import (
+    CommandTimeoutError,
+    OutputTooLargeError,
+    StreamInterruptedError,
+    StreamStalledError,
+    TransportError,
+)
 from memdump.transport.base import CommandResult
 
 _READ_SIZE = 4 << 20
@@ -23,6 +30,83 @@ _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 ExitCheck = Callable[[int, bytes], None]
+
+
+def run_capped(
+    argv: Sequence[str], *, timeout: float, max_stdout: int, max_stderr: int, what: str
+) -> CommandResult:
+    """Run ``argv`` to completion, as the SSH transport's run(): the deadline is checked on
+    every turn and stdout/stderr are capped; past either the whole process group is
+    killed and OutputTooLargeError / CommandTimeoutError raised."""
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - fixed argv, values as separate arguments
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # so a runaway command's children go with it
+        )
+    except OSError as exc:
+        raise TransportError(f"{what}: cannot run command: {exc}", op="run") from exc
+    assert proc.stdout is not None and proc.stderr is not None  # noqa: S101 - PIPEs
+    out, err = bytearray(), bytearray()
+    streams = {
+        proc.stdout.fileno(): (out, "stdout", max_stdout),
+        proc.stderr.fileno(): (err, "stderr", max_stderr),
+    }
+    poll = select.poll()
+    for fd in streams:
+        poll.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    open_fds = set(streams)
+    deadline = time.monotonic() + timeout
+    try:
+        while open_fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise CommandTimeoutError(
+                    f"{what}: command did not finish within {timeout:.0f}s",
+                    host=what,
+                    op="run",
+                    timeout=timeout,
+                )
+            for fd, _ev in poll.poll(min(remaining, 1.0) * 1000):
+                buf, stream, cap = streams[fd]
+                data = os.read(fd, max(1, min(1 << 20, cap + 1 - len(buf))))
+                if not data:
+                    poll.unregister(fd)
+                    open_fds.discard(fd)
+                    continue
+                buf += data
+                if len(buf) > cap:
+                    raise OutputTooLargeError(
+                        f"{what}: command wrote more than {cap} bytes to {stream}; stopped",
+                        host=what,
+                        op="run",
+                        stream=stream,
+                        limit=cap,
+                    )
+        rc = proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired as exc:
+        _kill_group(proc)
+        raise CommandTimeoutError(
+            f"{what}: command did not finish within {timeout:.0f}s",
+            host=what,
+            op="run",
+            timeout=timeout,
+        ) from exc
+    except BaseException:
+        _kill_group(proc)
+        raise
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+    return CommandResult(rc, bytes(out), bytes(err))
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def start_stream(

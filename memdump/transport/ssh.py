@@ -14,14 +14,18 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import paramiko
+from paramiko.common import cMSG_CHANNEL_REQUEST
+from paramiko.message import Message
 from paramiko.packet import Packetizer
 from paramiko.ssh_exception import ConfigParseError, IncompatiblePeer
 
 from memdump.errors import (
     AuthenticationError,
+    CommandTimeoutError,
     ConnectError,
     HostKeyError,
     MemdumpError,
+    OutputTooLargeError,
     StreamInterruptedError,
     StreamStalledError,
     TransportError,
@@ -179,22 +183,27 @@ class SSHTransport:
     def run(self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0) -> CommandResult:
         chan = self._open_channel(sh_command_line(script, args), "run")
         out, err = bytearray(), bytearray()
+        caps = (self._tuning.run_max_stdout_bytes, self._tuning.run_max_stderr_bytes)
         deadline = time.monotonic() + timeout
         try:
             while True:
-                if chan.recv_ready():
-                    out += chan.recv(1 << 20)
-                elif chan.recv_stderr_ready():
-                    err += chan.recv_stderr(1 << 20)
-                elif chan.exit_status_ready():
-                    # The server sends all output before the exit status.
-                    break
-                elif time.monotonic() > deadline:
-                    raise TransportError(
+                # Checked on every turn, data or not: a peer that never stops writing
+                # must not outrun the deadline.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CommandTimeoutError(
                         f"{self._host}: command did not finish within {timeout:.0f}s",
                         host=self._host,
                         op="run",
+                        timeout=timeout,
                     )
+                if chan.recv_ready():
+                    self._take(out, chan.recv(_room(out, caps[0])), "stdout", caps[0])
+                elif chan.recv_stderr_ready():
+                    self._take(err, chan.recv_stderr(_room(err, caps[1])), "stderr", caps[1])
+                elif chan.exit_status_ready():
+                    # The server sends all output before the exit status.
+                    break
                 elif chan.closed or not chan.get_transport().is_active():
                     raise ConnectError(
                         f"{self._host}: connection closed before the command finished",
@@ -202,17 +211,32 @@ class SSHTransport:
                         op="run",
                     )
                 else:
-                    chan.status_event.wait(0.005)
+                    chan.status_event.wait(min(0.005, remaining))
             while chan.recv_ready():
-                out += chan.recv(1 << 20)
+                self._take(out, chan.recv(_room(out, caps[0])), "stdout", caps[0])
             while chan.recv_stderr_ready():
-                err += chan.recv_stderr(1 << 20)
+                self._take(err, chan.recv_stderr(_room(err, caps[1])), "stderr", caps[1])
             rc = chan.recv_exit_status()
+        except MemdumpError:
+            _signal_remote(chan)
+            raise
         except Exception as exc:
+            _signal_remote(chan)
             raise map_ssh_error(exc, host=self._host, op="run") from exc
         finally:
             chan.close()
         return CommandResult(rc, bytes(out), bytes(err))
+
+    def _take(self, buf: bytearray, data: bytes, stream: str, cap: int) -> None:
+        buf += data
+        if len(buf) > cap:
+            raise OutputTooLargeError(
+                f"{self._host}: command wrote more than {cap} bytes to {stream}; stopped",
+                host=self._host,
+                op="run",
+                stream=stream,
+                limit=cap,
+            )
 
     def stream(self, script: str, args: Sequence[str] = ()) -> ByteStream:
         command = sh_command_line(script, args)
@@ -278,6 +302,29 @@ class SSHTransport:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def _room(buf: bytearray, cap: int) -> int:
+    """How much to ask for: one byte past the cap at most, so going over is seen without
+    ever holding more than cap + 1 bytes."""
+    return max(1, min(1 << 20, cap + 1 - len(buf)))
+
+
+def _signal_remote(chan: paramiko.Channel, name: str = "TERM") -> None:
+    """Ask sshd to signal the command's process group (RFC 4254 6.9 "signal") before the
+    channel closes: a command that stopped writing would not notice the close (a writer
+    dies of SIGPIPE). OpenSSH honours it for non-root logins only (root sessions run
+    without privilege separation); paramiko has no client-side API for it."""
+    if chan.closed:
+        return
+    with contextlib.suppress(Exception):  # best effort on a connection that may be gone
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_REQUEST)
+        m.add_int(chan.remote_chanid)
+        m.add_string("signal")
+        m.add_boolean(False)
+        m.add_string(name)
+        chan.transport._send_user_message(m)  # type: ignore[union-attr]
 
 
 class _SSHByteStream:
