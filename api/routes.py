@@ -30,6 +30,7 @@ from api.models import (
 from api.runs import Runs
 from api.status import map_state
 from memdump.errors import MemdumpError
+from memdump.escaping import csv_cell
 from memdump.identifiers import split_qualified, validate_id
 from memdump.records.base import RecordQuery
 from memdump.records.model import API_FIELDS, iso_utc
@@ -199,7 +200,10 @@ def csv_lines(rows: list[dict[str, Any]]) -> Iterator[str]:
     """One CSV line at a time (header first), so the response streams."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
-    for row in [list(API_FIELDS), *([r.get(k, "") for k in API_FIELDS] for r in rows)]:
+    # Cells are escaped against formula injection (VM names come from hypervisors).
+    header: list[object] = list(API_FIELDS)
+    cells = ([csv_cell(r.get(k, "")) for k in API_FIELDS] for r in rows)
+    for row in [header, *cells]:
         writer.writerow(row)
         yield buf.getvalue()
         buf.seek(0)

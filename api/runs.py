@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 CAPTURE_TASK = "capture-vm"
 OFFLOAD_TASK = "offload-dump"
 RECORD_TASK = "record-dump"
+# One per hypervisor of an "all" trigger, run name "list-vms-<hypervisor>": a failed one
+# is shown as a VM entry "<hypervisor>:all" with the reason.
+LIST_TASK = "list-vms"
 PROGRESS_KEY = "capture-progress-"
 TIMED_OUT = "TimedOut"
 ALL = "all"
@@ -190,7 +193,7 @@ def _task_name(tr: Any) -> str:
     """The task's name from a task run's (``<task>-<3 chars>``) and task key
     (``<function>-<hash>``); the run name alone could be templated."""
     key = str(getattr(tr, "task_key", "") or "").rsplit("-", 1)[0].replace("_", "-")
-    for name in (CAPTURE_TASK, OFFLOAD_TASK, RECORD_TASK):
+    for name in (CAPTURE_TASK, OFFLOAD_TASK, RECORD_TASK, LIST_TASK):
         if key == name or str(tr.name).startswith(f"{name}-"):
             return name
     return key
@@ -258,9 +261,13 @@ def vm_detail(
             newest.setdefault(str(a.task_run_id), a)
 
     wanted = [v for v in dict.fromkeys(vm_ids) if v != ALL]
+    unlisted = tuple(
+        v for t in runs if _task_name(t) == LIST_TASK and (v := _unlisted(t)) is not None
+    )
     if not captures:
         # Not started yet (or never will): the ids asked for, all in the same state.
-        return tuple(VMRun(v, "error" if run_final else "pending", None, None) for v in wanted)
+        pending = "error" if run_final else "pending"
+        return tuple(VMRun(v, pending, None, None) for v in wanted) + unlisted
 
     left = list(wanted)
     ids: dict[str, str | None] = {}
@@ -300,9 +307,18 @@ def vm_detail(
     # Mapped task runs appear one by one: a VM asked for whose run does not exist yet is
     # still part of this run.
     out += [VMRun(v, "error" if run_final else "pending", None, None) for v in left]
+    out += unlisted
     order = {v: i for i, v in enumerate(wanted)}
     keyed = sorted(enumerate(out), key=lambda p: (order.get(p[1].vm_id or "", len(order)), p[0]))
     return tuple(v for _, v in keyed)
+
+
+def _unlisted(t: Any) -> VMRun | None:
+    """A hypervisor whose VMs could not be listed (its list-vms task failed for good)."""
+    if _kind(t)[0] not in ("FAILED", "CRASHED"):
+        return None
+    hypervisor = str(t.name).removeprefix(f"{LIST_TASK}-")
+    return VMRun(f"{hypervisor}:{ALL}", "failed", None, _message(t))
 
 
 def _created(obj: Any) -> datetime:

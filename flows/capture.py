@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -12,37 +13,67 @@ from prefect.futures import PrefectFuture
 from prefect.states import Completed, Failed
 
 from memdump.errors import CollectorLostError, MemdumpError
+from memdump.escaping import md_text
 from memdump.hypervisors import open_driver
 from memdump.records import open_store
 from memdump.records.base import RecordQuery
 from memdump.records.model import DumpRecord
 from memdump.settings import Settings
-from memdump.targets import ALL
+from memdump.targets import ALL, list_one
 from tasks.capture import TIMED_OUT, capture_vm, offload_dump, record_dump, retry_if_retryable
 from tasks.limits import ensure_limits
 
 
-@task(name="list-targets")
-def list_targets(vm_ids: list[str]) -> list[tuple[str, str | None]]:
-    """(vm id, hypervisor or None) per VM to capture; "all" is every running VM of every
-    hypervisor. Plain ids are resolved by the capture task, so an unknown id fails only
-    its own VM."""
+@task(
+    name="list-vms",
+    # /status finds a hypervisor whose listing failed by this name (api/runs.py).
+    task_run_name="list-vms-{hypervisor}",
+    retry_condition_fn=retry_if_retryable,
+)
+def list_vms(hypervisor: str) -> list[str]:
+    """The running VMs of one hypervisor: its part of "all". A failure fails this task
+    only; the flow fails that hypervisor's VMs with the reason and captures the rest."""
     settings = Settings()
+    driver = open_driver(settings.hypervisor(hypervisor), settings.ssh)
+    try:
+        listing = list_one(driver)
+    finally:
+        driver.close()
+    if listing.error is not None:
+        raise listing.error
+    return [ref.vmid for ref in listing.vms]
+
+
+def list_targets(
+    settings: Settings, vm_ids: list[str]
+) -> tuple[list[tuple[str, str | None]], list[tuple[str, str]]]:
+    """(vm id, hypervisor or None) per VM to capture, and (hypervisor, reason) per
+    hypervisor whose VMs could not be listed. "all" is every running VM of every
+    hypervisor, each listed on its own. Plain ids are resolved by the capture task, so an
+    unknown id fails only its own VM."""
+    listed: list[tuple[str, str | None]] = []
+    unlisted: list[tuple[str, str]] = []
+    if ALL in vm_ids:
+        names = [hv.name for hv in settings.inventory]
+        lister = list_vms.with_options(
+            retries=settings.capture_retries,
+            retry_delay_seconds=settings.capture_retry_delay_sec,
+        )
+        futures = lister.map(names)
+        futures.wait()
+        for name, fut in zip(names, futures, strict=True):
+            result, vms, error = _outcome(fut)
+            if result == "completed":
+                listed.extend((vm, name) for vm in vms)
+            else:
+                unlisted.append((name, error or "cannot list its VMs"))
     targets: list[tuple[str, str | None]] = []
     for vm_id in dict.fromkeys(vm_ids):
-        if vm_id != ALL:
-            targets.append((vm_id, None))
-            continue
-        for hv in settings.inventory:
-            driver = open_driver(hv, settings.ssh)
-            try:
-                targets.extend((ref.vmid, hv.name) for ref in driver.list_vms())
-            finally:
-                driver.close()
-    return list(dict.fromkeys(targets))
+        targets.extend(listed if vm_id == ALL else [(vm_id, None)])
+    return list(dict.fromkeys(targets)), unlisted
 
 
-def _outcome(future: PrefectFuture[Any]) -> tuple[str, DumpRecord | None, str]:
+def _outcome(future: PrefectFuture[Any]) -> tuple[str, Any, str]:
     state = future.state
     if state.is_completed():
         return "completed", future.result(), ""
@@ -53,16 +84,21 @@ def _outcome(future: PrefectFuture[Any]) -> tuple[str, DumpRecord | None, str]:
     return "failed", None, error
 
 
+# (VM id, result, its record or None, error)
+Row = tuple[str, str, DumpRecord | None, str]
+
 _DUMP_PATH = re.compile(r"; dump_path=(\S+)$")
 
 
 def _flag(analysis: str) -> str:
     # A dump Volatility could not open is kept (it is still the memory) but never
     # passed off as analysis-ready.
-    return analysis if analysis in ("passed", "skipped", "") else f"**{analysis.upper()}**"
+    return analysis if analysis in ("passed", "skipped", "") else f"**{md_text(analysis.upper())}**"
 
 
-def _summary(rows: list[tuple[str, str, DumpRecord | None, str]]) -> str:
+def _summary(rows: Sequence[Row], unlisted: Sequence[tuple[str, str]] = ()) -> str:
+    # Every value from a request, a hypervisor or an error is escaped (md_text): a VM
+    # name or a stderr line is shown as text, never as markup or a new table cell.
     lines = [
         "| VM | result | size (raw) | .gz | sha256 | seconds | analysis | error |",
         "|---|---|---|---|---|---|---|---|",
@@ -70,12 +106,23 @@ def _summary(rows: list[tuple[str, str, DumpRecord | None, str]]) -> str:
     for vm, result, rec, error in rows:
         if rec is not None:
             lines.append(
-                f"| {vm} | {result} | {rec.raw_size_bytes} | {rec.gzip_size_bytes} | "
-                f"`{rec.sha256}` | {rec.duration_sec:.3f} | {_flag(rec.analysis)} | |"
+                f"| {md_text(vm)} | {result} | {rec.raw_size_bytes} | {rec.gzip_size_bytes} | "
+                f"{md_text(rec.sha256)} | {rec.duration_sec:.3f} | {_flag(rec.analysis)} | |"
             )
         else:
-            lines.append(f"| {vm} | {result} | | | | | | {error.replace('|', '/')[:300]} |")
+            lines.append(f"| {md_text(vm)} | {result} | | | | | | {md_text(error, 300)} |")
+    for hv, error in unlisted:
+        lines.append(
+            f"| {md_text(_unlisted_id(hv))} | failed | | | | | | "
+            f"{md_text(f'cannot list the VMs of hypervisor {hv}: {error}', 300)} |"
+        )
     return "\n".join(lines)
+
+
+def _unlisted_id(hypervisor: str) -> str:
+    """How a hypervisor whose VMs could not be listed appears among the VMs: its part of
+    "all" (the same id /status shows for it)."""
+    return f"{hypervisor}:{ALL}"
 
 
 def _chain_outcome(
@@ -94,19 +141,28 @@ def _chain_outcome(
     return "completed", rec.result(), ""
 
 
-def _final(rows: list[tuple[str, str, DumpRecord | None, str]], source: str) -> State[Any]:
+def _final(rows: list[Row], source: str, unlisted: Sequence[tuple[str, str]] = ()) -> State[Any]:
+    """The run's state: failed if any VM failed or any hypervisor could not be listed
+    (the VMs of the others are captured all the same)."""
+    not_listed = f", {len(unlisted)} hypervisor(s) not listed" if unlisted else ""
     create_markdown_artifact(
-        markdown=_summary(rows),
+        markdown=_summary(rows, unlisted),
         key="capture-summary",
-        description=f"{len(rows)} VM(s), trigger: {source}",
+        description=f"{len(rows)} VM(s){not_listed}, trigger: {md_text(source)}",
     )
     bad = [(vm, r, e) for vm, r, _, e in rows if r != "completed"]
-    if not rows:
+    if not rows and not unlisted:
         return Completed(message="no VMs to capture")
-    if not bad:
+    if not bad and not unlisted:
         return Completed(message=f"{len(rows)} VM(s) captured")
-    detail = "; ".join(f"{vm}: {e}" for vm, _, e in bad)
-    message = f"{len(bad)} of {len(rows)} VM(s) failed: {detail}"
+    parts = []
+    if bad or not unlisted:
+        detail = "; ".join(f"{vm}: {e}" for vm, _, e in bad)
+        parts.append(f"{len(bad)} of {len(rows)} VM(s) failed" + (f": {detail}" if bad else ""))
+    if unlisted:
+        detail = "; ".join(f"{_unlisted_id(hv)}: {e}" for hv, e in unlisted)
+        parts.append(f"{len(unlisted)} hypervisor(s) could not list their VMs: {detail}")
+    message = "; ".join(parts)
     if any(r == "timeout" for _, r, _ in bad):
         return Failed(name=TIMED_OUT, message=message)
     return Failed(message=message)
@@ -130,11 +186,11 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
     logger.info("trigger from %s for %s", source, vm_ids)
     ensure_limits(settings)
     try:
-        targets = list_targets(vm_ids)
+        targets, unlisted = list_targets(settings, vm_ids)
     except MemdumpError as exc:
         return Failed(message=f"cannot list VMs: {exc}")
     if settings.fanout == "deployments":
-        return _fan_out(settings, targets, source)
+        return _fan_out(settings, targets, source, unlisted)
     capture, offload = _chain_tasks(settings)
     captured = capture.map(
         [t[0] for t in targets], [t[1] for t in targets], source=unmapped(source)
@@ -146,7 +202,7 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
         (vm_id, *_chain_outcome(cap, off, rec))
         for (vm_id, _), cap, off, rec in zip(targets, captured, offloaded, recorded, strict=True)
     ]
-    return _final(rows, source)
+    return _final(rows, source, unlisted)
 
 
 @flow(name="capture-one-vm", log_prints=True)
@@ -202,16 +258,21 @@ def run_capture_flow(vm_id: str, hypervisor: str | None, source: str) -> State[A
     return Failed(message=message)
 
 
-def _fan_out(settings: Settings, targets: list[tuple[str, str | None]], source: str) -> State[Any]:
+def _fan_out(
+    settings: Settings,
+    targets: list[tuple[str, str | None]],
+    source: str,
+    unlisted: Sequence[tuple[str, str]] = (),
+) -> State[Any]:
     runs = run_capture_flow.map(
         [t[0] for t in targets], [t[1] for t in targets], source=unmapped(source)
     )
     runs.wait()
-    rows: list[tuple[str, str, DumpRecord | None, str]] = []
+    rows: list[Row] = []
     for (vm_id, _), fut in zip(targets, runs, strict=True):
         result, dump_path, error = _outcome(fut)
         rows.append((vm_id, result, _stored(settings, dump_path), error))
-    return _final(rows, source)
+    return _final(rows, source, unlisted)
 
 
 def _stored(settings: Settings, dump_path: Any) -> DumpRecord | None:

@@ -75,7 +75,8 @@ def _plain_path(v: str | None, what: str, max_len: int) -> str | None:
 class HypervisorConfig(BaseModel):
     """One hypervisor of the inventory."""
 
-    model_config = ConfigDict(extra="forbid")
+    # It holds a secret: a validation error must not print its input.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     name: str
     # "libvirt": virsh on the hypervisor; "qemu": QEMU processes not managed by libvirt,
@@ -150,7 +151,8 @@ class S3Settings(BaseModel):
     """Where and how dumps are offloaded. ``access_key_id``/``secret_access_key`` left
     unset means boto3's usual credential chain (environment, profile, instance role)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # It holds a secret: a validation error must not print its input.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     endpoint_url: str | None = None
     region: str = "us-east-1"
@@ -179,7 +181,8 @@ class S3Settings(BaseModel):
 class InfluxDB3Settings(BaseModel):
     """InfluxDB 3 record store (``MEMDUMP_RECORD_STORE=influxdb3``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # It holds a secret: a validation error must not print its input.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     url: str = Field(description="e.g. http://127.0.0.1:8181")
     database: str = "memdump"
@@ -195,6 +198,8 @@ class Settings(BaseSettings):
         # Environment variables win over the file; the file is optional.
         env_file=".env",
         env_file_encoding="utf-8",
+        # Secrets (API token, S3 key, ...) must not appear in a validation error.
+        hide_input_in_errors=True,
     )
 
     data_dir: Path = Path(".data")

@@ -3,16 +3,56 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from memdump.errors import AmbiguousVMError, HypervisorError, VMNotFoundError
+from memdump.errors import (
+    AmbiguousVMError,
+    HypervisorError,
+    MemdumpError,
+    VMNotFoundError,
+)
 from memdump.hypervisors import Driver, VMRef
 from memdump.identifiers import split_qualified
 
 ALL = "all"
 
 
+@dataclass(frozen=True)
+class Listing:
+    """One hypervisor's running VMs, or why they could not be listed: one bad hypervisor
+    fails only its own VMs, never the listing of the others."""
+
+    hypervisor: str
+    vms: tuple[VMRef, ...] = ()
+    error: MemdumpError | None = None
+
+
+def list_one(driver: Driver) -> Listing:
+    try:
+        return Listing(driver.name, tuple(driver.list_vms()))
+    except MemdumpError as exc:
+        return Listing(driver.name, error=exc)
+    except Exception as exc:  # noqa: BLE001 - a driver bug fails this hypervisor only
+        err = HypervisorError(
+            f"{driver.name}: cannot list VMs: {type(exc).__name__}: {exc}",
+            hypervisor=driver.name,
+            cause=type(exc).__name__,
+        )
+        return Listing(driver.name, error=err)
+
+
+def list_each(drivers: Iterable[Driver]) -> list[Listing]:
+    return [list_one(d) for d in drivers]
+
+
 def list_all(drivers: Iterable[Driver]) -> list[VMRef]:
-    return [ref for d in drivers for ref in d.list_vms()]
+    """Every running VM; raises the first hypervisor's error (see list_each to go on)."""
+    out: list[VMRef] = []
+    for listing in list_each(drivers):
+        if listing.error is not None:
+            raise listing.error
+        out.extend(listing.vms)
+    return out
 
 
 def find(drivers: Iterable[Driver], vm_id: str) -> tuple[Driver, VMRef]:

@@ -206,7 +206,9 @@ class LibvirtDriver:
             raise HypervisorError(
                 f"{self.name}: virsh list failed: {res.stderr_text}", hypervisor=self.name
             )
-        names = [n.strip() for n in res.stdout.decode().splitlines() if n.strip()]
+        # Replacement, not a crash: a name that is not UTF-8 is then refused as an id when
+        # its capture validates it, failing that VM only.
+        names = [n.strip() for n in res.stdout.decode("utf-8", "replace").splitlines() if n.strip()]
         return [VMRef(self.name, n, n) for n in names]
 
     def _info(self, vm_id: str) -> tuple[dict[str, str], dict[str, str], str]:

@@ -31,6 +31,7 @@ from typing import Literal
 from memdump.errors import (
     DumpFailedError,
     HypervisorError,
+    InvalidIdentifierError,
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
@@ -229,7 +230,7 @@ class ProxmoxDriver:
             except VMNotFoundError:
                 pass
             else:
-                return VMRef(self.name, vm_id, cfg.get("name") or vm_id)
+                return VMRef(self.name, vm_id, self._vm_name(vm_id, cfg.get("name") or vm_id))
         hits = sorted(
             vmid
             for vmid, name, _ in self._list()
@@ -244,7 +245,19 @@ class ProxmoxDriver:
             hypervisor=self.name,
         )
 
+    def _vm_name(self, vmid: str, name: str) -> str:
+        """A VM's name from ``qm``, checked like an id before it reaches a record, a CSV
+        export or a markdown artifact; refused (that VM only) otherwise."""
+        try:
+            return validate_id(name, what=f"name of VM {vmid}")
+        except InvalidIdentifierError as exc:
+            raise InvalidIdentifierError(
+                exc.message, vm_id=vmid, hypervisor=self.name, **exc.fields
+            ) from None
+
     def snapshot(self, ref: VMRef) -> VMInfo:
+        # A ref from list_vms carries the name as listed: checked before any capture.
+        self._vm_name(ref.vmid, ref.name)
         sec = self._info(ref.vmid)
         config = sec.get("config", "")
         cfg = _keys(config)
