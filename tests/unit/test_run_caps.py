@@ -114,7 +114,7 @@ def test_ssh_deadline_is_checked_while_data_keeps_coming(
     monkeypatch.setattr("memdump.transport.ssh.time", SimpleNamespace(monotonic=monotonic))
     t = _ssh(tmp_path, SSHTuning())
     chan = _NeverIdleChannel()
-    monkeypatch.setattr(t, "_open_channel", lambda command, op: chan)
+    monkeypatch.setattr(t, "_open_channel", lambda *_args: chan)
     with pytest.raises(CommandTimeoutError) as ei:
         t.run("yes", timeout=1.0)
     assert ei.value.fields == {"host": "hv.invalid", "op": "run", "timeout": 1.0}
@@ -133,7 +133,7 @@ def test_ssh_cap_holds_at_most_one_byte_past(
         return b"y" * n
 
     monkeypatch.setattr(chan, "recv", recv)
-    monkeypatch.setattr(t, "_open_channel", lambda command, op: chan)
+    monkeypatch.setattr(t, "_open_channel", lambda *_args: chan)
     with pytest.raises(OutputTooLargeError) as ei:
         t.run("yes", timeout=60)
     assert ei.value.fields == {
