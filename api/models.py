@@ -67,6 +67,14 @@ class Record(BaseModel):
     deleted_at: str = Field(
         description="When retention deleted the dump (the record stays); empty while kept"
     )
+    # Every location of the dump (memdump.locations); empty where there is none, and in
+    # records older than these fields (their dump_path is their only location).
+    collector: str = Field("", description="The collector holding local_path")
+    local_path: str = Field("", description="The local copy, on that collector")
+    local_deleted_at: str = Field("", description="When retention deleted the local copy")
+    s3_uri: str = Field("", description="The offloaded copy, s3://bucket/key")
+    s3_version_id: str = Field("", description="Its S3 VersionId (versioned buckets)")
+    s3_deleted_at: str = Field("", description="When retention deleted the S3 copy")
 
 
 class RecordsResponse(BaseModel):

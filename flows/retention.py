@@ -11,18 +11,33 @@ from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
 from memdump import retention
+from memdump.errors import ConfigError
 from memdump.records import open_store
 from memdump.settings import Settings
 
 
 @flow(name="apply-retention")
-def apply_retention(days: float | None = None, keep_last: int | None = None) -> State[Any]:
-    """Parameters override MEMDUMP_RETENTION_DAYS / MEMDUMP_RETENTION_KEEP_LAST."""
-    settings = Settings()
+def apply_retention(
+    days: float | None = None, keep_last: int | None = None, dry_run: bool = False
+) -> State[Any]:
+    """Parameters override MEMDUMP_RETENTION_DAYS / MEMDUMP_RETENTION_KEEP_LAST and are
+    held to the same bounds (days above 0, keep_last at least 1: anyone who may start a
+    flow run must not be able to delete every dump). ``dry_run``: the artifact lists what
+    would be deleted; nothing is."""
     logger = get_run_logger()
-    report = retention.apply(settings, open_store(settings), days=days, keep_last=keep_last)
+    try:
+        # Before anything is opened: a refused parameter touches nothing.
+        retention.check_bounds(days, keep_last)
+        settings = Settings()
+        report = retention.apply(
+            settings, open_store(settings), days=days, keep_last=keep_last, dry_run=dry_run
+        )
+    except ConfigError as exc:
+        logger.error("retention refused: %s", exc)
+        return Failed(message=f"retention refused: {exc}")
     text = retention.describe(report)
-    create_markdown_artifact(markdown=text, key="retention-report", description=text[:200])
+    key = "retention-dry-run" if dry_run else "retention-report"
+    create_markdown_artifact(markdown=text, key=key, description=text.splitlines()[0][:200])
     logger.info("%s", text.splitlines()[0])
     if report.over_threshold:
         logger.warning(

@@ -15,6 +15,7 @@ from memdump.analysis import analyze
 from memdump.errors import InsufficientSpaceError, MemdumpError, VMNotRunningError
 from memdump.hypervisors import Driver, VMInfo, VMRef
 from memdump.pipeline import PipelineResult, ProgressFn, write_dump
+from memdump.locations import dump_name
 from memdump.records.model import DumpRecord
 from memdump.settings import Settings
 
@@ -49,7 +50,9 @@ def capture(
     started = datetime.now(UTC)
     t0 = time.monotonic()
     deadline = t0 + settings.capture_timeout_sec
-    filename = f"{ref.vmid}_{int(started.timestamp())}.mem.gz"
+    # hypervisor + vmid + microsecond time + random: two collectors capturing pve1:100 and
+    # pve2:100 in the same second never share a file name or an S3 key.
+    filename = dump_name(ref.hypervisor, ref.vmid, started)
     source = driver.open_dump(ref, staging=settings.staging, margin=settings.disk_space_margin)
     result = write_dump(
         source,
@@ -109,6 +112,8 @@ def capture(
         manifest_sha256=manifest_sha,
         analysis=analysis.status if analysis else "skipped",
     )
+        collector=settings.collector_id,
+        local_path=str(result.path),
     return Capture(record, info, result, doc)
 
 

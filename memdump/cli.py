@@ -16,7 +16,7 @@ from memdump.capture import capture
 from memdump.errors import MemdumpError
 from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.settings import Settings
-from memdump.targets import ALL, find, list_all
+from memdump.targets import ALL, find, list_each
 
 if TYPE_CHECKING:
     import httpx
@@ -30,9 +30,16 @@ def _drivers(settings: Settings) -> list[Driver]:
 
 
 def cmd_vms(settings: Settings, _args: argparse.Namespace) -> int:
-    for ref in list_all(_drivers(settings)):
-        print(f"{ref.hypervisor}\t{ref.vmid}\t{ref.name}")
-    return 0
+    # Each hypervisor on its own: one that cannot be listed is reported, not fatal.
+    failed = 0
+    for listing in list_each(_drivers(settings)):
+        if listing.error is not None:
+            failed += 1
+            err = {"hypervisor": listing.hypervisor, **listing.error.to_dict()}
+            print(json.dumps(err, default=str), file=sys.stderr)
+        for ref in listing.vms:
+            print(f"{ref.hypervisor}\t{ref.vmid}\t{ref.name}")
+    return 1 if failed else 0
 
 
 def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
@@ -47,8 +54,11 @@ def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
     targets: list[tuple[Driver, VMRef]] = []
     for vm_id in dict.fromkeys(args.vm_ids):  # duplicates are captured once
         try:
-            if vm_id == ALL:
-                targets.extend((d, ref) for d in drivers for ref in d.list_vms())
+            if vm_id == ALL:  # each hypervisor on its own: one failing fails its VMs only
+                for d, listing in zip(drivers, list_each(drivers), strict=True):
+                    if listing.error is not None:
+                        report_failure(f"{listing.hypervisor}:{ALL}", listing.error)
+                    targets.extend((d, ref) for ref in listing.vms)
             else:
                 targets.append(find(drivers, vm_id))
         except MemdumpError as exc:

@@ -184,6 +184,16 @@ class OffloadIntegrityError(ObjectStoreError):
 
 # -- orchestration -------------------------------------------------------------------------
 
+class ObjectExistsError(ObjectStoreError):
+    """The key already holds an object (conditional write, ``If-None-Match: *``): it is
+    someone else's evidence, so nothing is overwritten or deleted. Never retried."""
+
+
+class LocationError(MemdumpError):
+    """A record's dump location is outside the dump directory or the S3 prefix, or not a
+    dump file name: it is refused (nothing read or deleted there). Never retried."""
+
+
 
 class CollectorLostError(MemdumpError):
     """The flow run capturing a VM on another collector crashed (its worker or machine

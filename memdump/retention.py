@@ -1,26 +1,69 @@
 """Retention: delete dumps older than N days or beyond the last K per VM, keep their
 records (marked ``deleted_at``), and say what was freed and how much is still stored.
 
-Selection is a pure function of the records and a clock, so it is tested on a fake clock;
-deletion removes the dump and its manifest (local files or S3 objects) and then marks
-the record. A dump already gone is marked too: retention's job is done for it.
+Selection is a pure function of the records and a clock, so it is tested on a fake clock.
+A VM is its hypervisor and its vmid: Proxmox vmid 100 exists on every standalone node,
+and one node's newer dumps must not push out another's.
+
+A dump may live in several places (memdump.locations): a local copy on the collector
+that wrote it and an S3 object. Each copy is deleted where it lives, with its manifest;
+a local copy held by another collector is left for that collector's retention run, and
+the record is marked ``deleted_at`` only when every copy is gone (each copy's deletion
+is marked on its own, so the other collector finishes the job). Every location is
+confined to the dump directory or the S3 prefix before anything is deleted: a record
+pointing elsewhere is refused, reported as an error, and nothing of it is deleted.
+
+The bounds on ``days`` and ``keep_last`` are the settings' (memdump.settings), checked
+here again for values that come from elsewhere (the flow's parameters): ``keep_last=0``
+or ``days<=0`` would delete every dump. A dry run plans the same and deletes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from memdump.errors import ConfigError, LocationError, MemdumpError
+from memdump.locations import Location, confine_local, confine_s3, record_locations
 from memdump.manifest import manifest_key, manifest_path
 from memdump.records.base import RecordStore
-from memdump.settings import Settings
+from memdump.settings import RETENTION_DAYS_ABOVE, RETENTION_KEEP_LAST_MIN, Settings
 
 log = logging.getLogger("memdump.retention")
 PAGE = 1000
+
+
+def check_bounds(days: float | None, keep_last: int | None) -> None:
+    """The settings' bounds, for values given another way (the flow's parameters)."""
+    if days is not None and (
+        isinstance(days, bool)
+        or not isinstance(days, int | float)
+        or not math.isfinite(days)
+        or days <= RETENTION_DAYS_ABOVE
+    ):
+        raise ConfigError(
+            f"retention days must be a finite number above {RETENTION_DAYS_ABOVE:g}, "
+            f"got {days!r} (it would delete every dump)",
+            parameter="days",
+            value=repr(days)[:80],
+        )
+    if keep_last is not None and (
+        isinstance(keep_last, bool)
+        or not isinstance(keep_last, int)
+        or keep_last < RETENTION_KEEP_LAST_MIN
+    ):
+        raise ConfigError(
+            f"retention keep_last must be an integer of at least {RETENTION_KEEP_LAST_MIN}, "
+            f"got {keep_last!r} (it would delete every dump)",
+            parameter="keep_last",
+            value=repr(keep_last)[:80],
+        )
 
 
 def _when(row: Mapping[str, Any]) -> datetime:
@@ -35,13 +78,15 @@ def select(
     keep_last: int | None,
 ) -> list[Mapping[str, Any]]:
     """Records whose dump is due for deletion (not yet deleted): older than ``days``, or
-    not among the ``keep_last`` newest kept dumps of their VM. Newest first."""
+    not among the ``keep_last`` newest kept dumps of their VM (hypervisor + vmid).
+    Newest first."""
     live = sorted((r for r in rows if not r.get("deleted_at")), key=_when, reverse=True)
     cutoff = None if days is None else now - timedelta(days=days)
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, str], int] = {}
     due = []
     for r in live:
-        n = seen[str(r["vmid"])] = seen.get(str(r["vmid"]), 0) + 1
+        vm = (str(r.get("hypervisor") or ""), str(r["vmid"]))
+        n = seen[vm] = seen.get(vm, 0) + 1
         if (cutoff is not None and _when(r) < cutoff) or (keep_last is not None and n > keep_last):
             due.append(r)
     return due
@@ -49,36 +94,73 @@ def select(
 
 @dataclass
 class Report:
-    deleted: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)  # records whose every copy is gone
     freed_bytes: int = 0
     errors: dict[str, str] = field(default_factory=dict)
     stored_bytes: int = 0
     warn_bytes: int = 0
+    # copies this collector cannot reach (another collector's local copy): location -> why
+    left: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
+    would_delete: list[str] = field(default_factory=list)  # dry run: the copies it would delete
 
     @property
     def over_threshold(self) -> bool:
         return self.stored_bytes > self.warn_bytes
 
 
-def _delete_artifacts(row: Mapping[str, Any], settings: Settings) -> int:
-    """Delete the dump and its manifest; returns the dump bytes freed (0 if gone)."""
-    where = str(row["dump_path"])
+@dataclass(frozen=True)
+class _Target:
+    """One copy to delete, confined: the local file or the S3 key (+ version)."""
+
+    location: Location
+    path: Path | None = None
+    key: str | None = None
+
+
+def _plan(row: Mapping[str, Any], settings: Settings) -> tuple[list[_Target], dict[str, str], bool]:
+    """(copies to delete here, copies left for another collector with why, True if some
+    copy is still pending elsewhere). Raises LocationError if any copy is out of bounds:
+    then nothing of this record is touched."""
+    targets: list[_Target] = []
+    left: dict[str, str] = {}
+    for loc in record_locations(row):
+        if loc.deleted_at:
+            continue
+        if loc.kind == "s3":
+            targets.append(_Target(loc, key=confine_s3(loc.where, settings.s3)))
+            continue
+        path = confine_local(loc.where, settings.dump_dir)
+        if loc.collector and loc.collector != settings.collector_id:
+            left[loc.where] = f"a local copy on collector {loc.collector}: left for it"
+        elif not loc.collector and not path.exists():
+            # A record from before collectors were recorded: a file missing here may be
+            # on another collector, so it is not taken as gone.
+            left[loc.where] = "no collector recorded and not found here: left"
+        else:
+            targets.append(_Target(loc, path=path))
+    return targets, left, bool(left)
+
+
+def _delete(target: _Target, row: Mapping[str, Any], settings: Settings) -> int:
+    """Delete one copy and its manifest; the dump bytes freed (0 if it was gone)."""
     size = int(row.get("gzip_size_bytes") or 0)
-    if where.startswith("s3://"):
-        if settings.s3 is None:
-            raise ValueError(f"{where}: S3 is not configured")
+    if target.key is not None:
         from memdump.storage import S3Store
 
+        if settings.s3 is None:  # confine_s3 has refused it already; for the type checker
+            raise LocationError(f"{target.location.where}: S3 is not configured")
         store = S3Store(settings.s3)
-        key = where.removeprefix(f"s3://{store.bucket}/")
-        existed = store.exists(key)
-        store.delete(key)
-        store.delete(manifest_key(key))
+        existed = store.exists(target.key)
+        # The version this capture wrote (versioned bucket), else the key itself.
+        store.delete(target.key, version_id=target.location.version_id or None)
+        store.delete(manifest_key(target.key))
         return size if existed else 0
-    path = Path(where)
-    existed = path.exists()
-    path.unlink(missing_ok=True)
-    manifest_path(path).unlink(missing_ok=True)
+    if target.path is None:
+        raise LocationError(f"{target.location.where}: no confined path")
+    existed = target.path.exists()
+    target.path.unlink(missing_ok=True)
+    manifest_path(target.path).unlink(missing_ok=True)
     return size if existed else 0
 
 
@@ -89,39 +171,87 @@ def apply(
     *,
     days: float | None = None,
     keep_last: int | None = None,
+    dry_run: bool = False,
 ) -> Report:
-    """Run retention over every record (``days``/``keep_last`` default to the settings)."""
+    """Run retention over every record (``days``/``keep_last`` default to the settings).
+    ``dry_run``: plan and report the same, delete and mark nothing."""
     now = now or datetime.now(UTC)
+    check_bounds(days, keep_last)
     days = settings.retention_days if days is None else days
     keep_last = settings.retention_keep_last if keep_last is None else keep_last
-    report = Report(warn_bytes=settings.storage_warn_bytes)
+    check_bounds(days, keep_last)
+    report = Report(warn_bytes=settings.storage_warn_bytes, dry_run=dry_run)
     if days is not None or keep_last is not None:
         rows: list[dict[str, Any]] = []
         while page := store.list(PAGE, len(rows)):
             rows.extend(page)
         for row in select(rows, now, days=days, keep_last=keep_last):
-            where = str(row["dump_path"])
-            try:
-                report.freed_bytes += _delete_artifacts(row, settings)
-                store.mark_deleted(dict(row), now)
-            except Exception as exc:  # one dump's trouble must not stop the others
-                report.errors[where] = f"{type(exc).__name__}: {exc}"
-                log.warning("retention: could not delete %s: %s", where, exc)
-                continue
-            report.deleted.append(where)
+            _apply_one(row, settings, store, now, report)
     report.stored_bytes = store.stats().total_size_bytes
     return report
 
 
+def _apply_one(
+    row: Mapping[str, Any], settings: Settings, store: RecordStore, now: datetime, report: Report
+) -> None:
+    where = str(row["dump_path"])
+    try:
+        targets, left, pending = _plan(row, settings)
+    except LocationError as exc:
+        report.errors[where] = f"refused: {exc}"
+        log.warning("retention: refused %s: %s", where, exc)
+        return
+    report.left.update(left)
+    if report.dry_run:
+        report.would_delete += [t.location.where for t in targets]
+        return
+    for t in targets:
+        try:
+            report.freed_bytes += _delete(t, row, settings)
+            store.mark_location_deleted(dict(row), t.location.kind, now)
+        except Exception as exc:  # one copy's trouble must not stop the others
+            report.errors[t.location.where] = f"{type(exc).__name__}: {exc}"
+            log.warning("retention: could not delete %s: %s", t.location.where, exc)
+            pending = True
+    if pending:
+        return
+    try:
+        store.mark_deleted(dict(row), now)
+    except MemdumpError as exc:
+        report.errors[where] = f"{type(exc).__name__}: {exc}"
+        return
+    report.deleted.append(where)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def md(text: str) -> str:
+    """``text`` (from records or errors) as literal markdown: every ASCII punctuation
+    character backslash-escaped, control characters shown as ``\\xNN``."""
+    escaped = _PUNCT.sub(r"\\\1", text)
+    return _CONTROL.sub(lambda m: f"\\\\x{ord(m.group()):02x}", escaped)
+
+
 def describe(report: Report) -> str:
     gib = 1 << 30
-    lines = [
-        f"Deleted {len(report.deleted)} dump(s), freed {report.freed_bytes / gib:.2f} GiB;"
-        f" still stored: {report.stored_bytes / gib:.2f} GiB"
-        f" (warning above {report.warn_bytes / gib:.0f} GiB)."
-    ]
+    if report.dry_run:
+        lines = [
+            f"Dry run: would delete {len(report.would_delete)} copy(ies) of dumps; nothing "
+            f"deleted. Stored: {report.stored_bytes / gib:.2f} GiB"
+            f" (warning above {report.warn_bytes / gib:.0f} GiB)."
+        ]
+    else:
+        lines = [
+            f"Deleted {len(report.deleted)} dump(s), freed {report.freed_bytes / gib:.2f} GiB;"
+            f" still stored: {report.stored_bytes / gib:.2f} GiB"
+            f" (warning above {report.warn_bytes / gib:.0f} GiB)."
+        ]
     if report.over_threshold:
         lines.append("**WARNING: stored dumps exceed the storage threshold.**")
-    lines += [f"- deleted `{p}`" for p in report.deleted]
-    lines += [f"- **not deleted** `{p}`: {e}" for p, e in report.errors.items()]
+    lines += [f"- would delete {md(p)}" for p in report.would_delete]
+    lines += [f"- deleted {md(p)}" for p in report.deleted]
+    lines += [f"- left {md(p)}: {md(why)}" for p, why in report.left.items()]
+    lines += [f"- **not deleted** {md(p)}: {md(e)}" for p, e in report.errors.items()]
     return "\n".join(lines)

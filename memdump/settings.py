@@ -4,6 +4,7 @@ plus a hypervisor inventory file (YAML), e.g. the one ``lab/up`` writes."""
 from __future__ import annotations
 
 import re
+import socket
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,10 @@ from memdump.identifiers import validate_id
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
 MAX_PART_SIZE = 5 * 1024 * MiB
+# Retention's bounds, for the settings and the flow's parameters alike: days must be
+# above this, keep_last at least this (0 would delete every dump).
+RETENTION_DAYS_ABOVE = 0.0
+RETENTION_KEEP_LAST_MIN = 1
 
 
 class SSHTuning(BaseModel):
@@ -225,9 +230,13 @@ class Settings(BaseSettings):
     analysis_work_dir: Path | None = None  # temp copy for random access; default: dump dir
 
     # Retention (flow apply-retention, daily): delete dumps older than N days and/or beyond
-    # the newest K per VM; records stay, marked deleted_at. Both unset: nothing is deleted.
-    retention_days: float | None = Field(default=None, gt=0)
-    retention_keep_last: int | None = Field(default=None, ge=1)
+    # the newest K per VM (hypervisor + vmid); records stay, marked deleted_at. Both unset:
+    # nothing is deleted. The flow's parameters are held to the same bounds.
+    retention_days: float | None = Field(default=None, gt=RETENTION_DAYS_ABOVE, allow_inf_nan=False)
+    retention_keep_last: int | None = Field(default=None, ge=RETENTION_KEEP_LAST_MIN)
+    # Who holds the local copies this process writes (recorded with each dump): retention
+    # deletes a local copy only on the collector that holds it. Default: the host name.
+    collector_id: str = Field(default_factory=socket.gethostname)
     # Warn (flow state, artifact, log) when the dumps still stored exceed this (1 TB).
     storage_warn_bytes: int = Field(default=10**12, ge=0)
 
@@ -294,6 +303,14 @@ class Settings(BaseSettings):
     trigger_max_vms: int = Field(default=1000, ge=1)
 
     outbox_replay_sec: float = Field(default=60.0, gt=0)
+
+    @field_validator("collector_id")
+    @classmethod
+    def _collector_id(cls, v: str) -> str:
+        try:
+            return validate_id(v, what="collector id")
+        except InvalidIdentifierError as exc:
+            raise ValueError(str(exc)) from None
 
     @property
     def records_db(self) -> Path:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from isal import isal_zlib
 
 from memdump.errors import ConfigError, ObjectNotFoundError
+from memdump.locations import confine_local, confine_s3
 from memdump.manifest import manifest_key, manifest_path
 from memdump.settings import Settings
 
@@ -95,7 +96,8 @@ def verify(record: Mapping[str, Any], settings: Settings) -> Verification:
         from memdump.storage import S3Store
 
         store = S3Store(settings.s3)
-        key = where.removeprefix(f"s3://{store.bucket}/")
+        # Confined to the bucket and prefix: a record is data, never a licence to read.
+        key = confine_s3(where, settings.s3)
 
         def dump_chunks() -> Iterable[bytes]:
             return store.open_stream(key, chunk_size=_CHUNK)
@@ -110,7 +112,8 @@ def verify(record: Mapping[str, Any], settings: Settings) -> Verification:
             return store.exists(key)
 
     else:
-        path = Path(where)
+        # Confined to the dump directory: no size or hash of any other file leaks out.
+        path = confine_local(where, settings.dump_dir)
 
         def dump_chunks() -> Iterable[bytes]:
             return _local_chunks(path)

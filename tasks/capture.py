@@ -120,7 +120,9 @@ def offload_dump(record: DumpRecord) -> DumpRecord:
     """Upload the finished .mem.gz to S3 (when configured) and verify it there. The local
     file is removed only after a verified upload and only if ``keep_local`` is off; then
     the record's dump_path is the s3:// URI. A failed upload keeps the local file and
-    fails the VM, so no record ever claims an object that does not exist."""
+    fails the VM, so no record ever claims an object that does not exist. The record
+    carries every location: the S3 URI and VersionId, and the local copy (cleared when
+    it is removed here)."""
     s3 = Settings().s3
     if s3 is None:
         return record
@@ -134,11 +136,12 @@ def offload_dump(record: DumpRecord) -> DumpRecord:
     if record.manifest_sha256:
         store.upload(mpath, gz_sha256=record.manifest_sha256, size=mpath.stat().st_size)
     get_run_logger().info("offloaded %s to %s (%d bytes)", record.vmid, obj.uri, obj.size)
+    located = dataclasses.replace(record, s3_uri=obj.uri, s3_version_id=obj.version_id or "")
     if s3.keep_local:
-        return record
+        return located
     dump.unlink()
     mpath.unlink(missing_ok=True)
-    return dataclasses.replace(record, dump_path=obj.uri)
+    return dataclasses.replace(located, dump_path=obj.uri, local_path="", collector="")
 
 
 @task(name="record-dump")

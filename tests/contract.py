@@ -21,5 +21,12 @@ EXTRA_RECORD_FIELDS = [
     "manifest_sha256",
     "analysis",
     "deleted_at",
+    # every location of the dump (issue 11, item 3)
+    "collector",
+    "local_path",
+    "local_deleted_at",
+    "s3_uri",
+    "s3_version_id",
+    "s3_deleted_at",
 ]
 API_RECORD_FIELDS = RECORD_FIELDS + EXTRA_RECORD_FIELDS

@@ -55,6 +55,11 @@ class RecordStore(Protocol):
         """Retention deleted this record's dump: keep the record, note when."""
         ...
 
+    def mark_location_deleted(self, record: dict[str, Any], kind: str, when: datetime) -> None:
+        """Retention deleted one copy of this record's dump (``kind``: "local" or "s3",
+        memdump.locations); the record's deleted_at waits until every copy is gone."""
+        ...
+
     def stats(self) -> Stats:
         """``total_size_bytes`` counts dumps still stored (not deleted by retention)."""
         ...

@@ -14,7 +14,7 @@ from typing import Any
 
 from memdump.errors import RecordStoreError
 from memdump.records.base import RecordQuery, Stats
-from memdump.records.model import API_FIELDS, DumpRecord, iso_utc
+from memdump.records.model import API_FIELDS, LATER_FIELDS, DumpRecord, iso_utc
 from memdump.settings import InfluxDB3Settings
 
 TABLE = "mem_dumps"
@@ -24,14 +24,13 @@ _STR_FIELDS = (
     "dump_path",
     "gz_sha256",
     "hypervisor",
-    "manifest_sha256",
-    "analysis",
-    "deleted_at",
+    *LATER_FIELDS,
 )
-_SELECT = "SELECT CAST(time AS BIGINT) AS time_ns, " + ", ".join(API_FIELDS[1:])
 # Fields a table written before they existed may lack (InfluxDB adds a column on the
-# first write that carries it): such a table is read without them.
-_LATER_FIELDS = ("manifest_sha256", "analysis", "deleted_at")
+# first write that carries it): such a table is read without them (as "").
+_LATER_FIELDS = LATER_FIELDS
+_COLUMNS_SQL = "SELECT column_name FROM information_schema.columns WHERE table_name = $table"
+_LOCATION_MARKS = {"local": "local_deleted_at", "s3": "s3_deleted_at"}
 _STATS_SQL = (
     "SELECT COUNT(*) AS n, COUNT(DISTINCT vmid) AS vms,"
     " SUM(CASE WHEN COALESCE(deleted_at, '') = '' THEN gzip_size_bytes END) AS size,"
@@ -91,6 +90,7 @@ class InfluxDB3RecordStore:
 
         ms = int(cfg.timeout_sec * 1000)
         self._cfg = cfg
+        self._has_all_fields = False
         self._client = InfluxDBClient3(
             host=cfg.url,
             database=cfg.database,
@@ -156,15 +156,11 @@ class InfluxDB3RecordStore:
         where, params = _where(query or RecordQuery())
         params.update(limit=int(limit), offset=int(offset))
         tail = f" FROM {TABLE}{where} ORDER BY time DESC, vmid LIMIT $limit OFFSET $offset"
-        try:
-            rows = self._query(_SELECT + tail, params)
-        except RecordStoreError as exc:
-            if not any(f in str(exc) for f in _LATER_FIELDS):
-                raise
-            fields = [f for f in API_FIELDS[1:] if f not in _LATER_FIELDS]
-            rows = self._query(
-                "SELECT CAST(time AS BIGINT) AS time_ns, " + ", ".join(fields) + tail, params
-            )
+        missing = self._missing_later_fields()
+        fields = [f for f in API_FIELDS[1:] if f not in missing]
+        rows = self._query(
+            "SELECT CAST(time AS BIGINT) AS time_ns, " + ", ".join(fields) + tail, params
+        )
         out = []
         for row in rows:
             d = {k: row.get(k) for k in API_FIELDS}
@@ -174,7 +170,18 @@ class InfluxDB3RecordStore:
             out.append(d)
         return out
 
-    def mark_deleted(self, record: dict[str, Any], when: datetime) -> None:
+    def _missing_later_fields(self) -> set[str]:
+        """The later fields the table has no column for yet (a table from before them).
+        Once it has them all it always will, so that answer is kept."""
+        if self._has_all_fields:
+            return set()
+        rows = self._query(_COLUMNS_SQL, {"table": TABLE})
+        have = {str(r.get("column_name")) for r in rows}
+        missing = {f for f in _LATER_FIELDS if f not in have}
+        self._has_all_fields = bool(rows) and not missing
+        return missing
+
+    def _mark(self, record: dict[str, Any], field: str, when: datetime) -> None:
         from influxdb_client_3 import Point, WritePrecision
 
         # Same series and time: InfluxDB merges the field into the existing row.
@@ -183,10 +190,16 @@ class InfluxDB3RecordStore:
             Point(TABLE)
             .tag("dom", str(record["dom"]))
             .tag("vmid", str(record["vmid"]))
-            .field("deleted_at", iso_utc(when))
+            .field(field, iso_utc(when))
             .time(_ns(ts), WritePrecision.NS)
         )
         self._write(point)
+
+    def mark_deleted(self, record: dict[str, Any], when: datetime) -> None:
+        self._mark(record, "deleted_at", when)
+
+    def mark_location_deleted(self, record: dict[str, Any], kind: str, when: datetime) -> None:
+        self._mark(record, _LOCATION_MARKS[kind], when)
 
     def stats(self) -> Stats:
         try:

@@ -24,6 +24,11 @@ CONTRACT_FIELDS = (
 # came from, its .gz hash and raw size, the sha256 of its manifest (memdump.manifest) and
 # the result of the post-capture analysis ("passed", "failed", "error", "skipped"), and
 # when retention deleted the dump itself (the record stays; "" while the dump is kept).
+# Then every location of the dump (memdump.locations): the local copy and the collector
+# that holds it (MEMDUMP_COLLECTOR_ID), the S3 object and its VersionId (versioned
+# buckets), and when retention deleted each copy. deleted_at is set once every copy is
+# gone. "" where there is no such copy, and in records older than these fields (their
+# dump_path is their only location).
 EXTRA_FIELDS = (
     "hypervisor",
     "raw_size_bytes",
@@ -31,6 +36,25 @@ EXTRA_FIELDS = (
     "manifest_sha256",
     "analysis",
     "deleted_at",
+    "collector",
+    "local_path",
+    "local_deleted_at",
+    "s3_uri",
+    "s3_version_id",
+    "s3_deleted_at",
+)
+# Extras added after the first release: stores add their columns to an older table and
+# read rows without them as "".
+LATER_FIELDS = (
+    "manifest_sha256",
+    "analysis",
+    "deleted_at",
+    "collector",
+    "local_path",
+    "local_deleted_at",
+    "s3_uri",
+    "s3_version_id",
+    "s3_deleted_at",
 )
 API_FIELDS = CONTRACT_FIELDS + EXTRA_FIELDS
 
@@ -59,6 +83,12 @@ class DumpRecord:
     manifest_sha256: str = ""  # "" for records older than manifests
     analysis: str = ""  # "" when no analysis ran
     deleted_at: str = ""  # ISO 8601 UTC, set by retention (memdump.retention)
+    collector: str = ""  # the collector holding local_path
+    local_path: str = ""
+    local_deleted_at: str = ""
+    s3_uri: str = ""
+    s3_version_id: str = ""
+    s3_deleted_at: str = ""
 
     def contract_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -11,7 +11,7 @@ from typing import Any
 
 from memdump.errors import RecordStoreError
 from memdump.records.base import RecordQuery, Stats
-from memdump.records.model import API_FIELDS, DumpRecord, iso_utc
+from memdump.records.model import API_FIELDS, LATER_FIELDS, DumpRecord, iso_utc
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mem_dumps (
@@ -32,16 +32,20 @@ CREATE TABLE IF NOT EXISTS mem_dumps (
     analysis TEXT NOT NULL DEFAULT '',
     deleted_at TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (vmid, time_us, sha256)
+    collector TEXT NOT NULL DEFAULT '',
+    local_path TEXT NOT NULL DEFAULT '',
+    local_deleted_at TEXT NOT NULL DEFAULT '',
+    s3_uri TEXT NOT NULL DEFAULT '',
+    s3_version_id TEXT NOT NULL DEFAULT '',
+    s3_deleted_at TEXT NOT NULL DEFAULT '',
 );
 CREATE INDEX IF NOT EXISTS mem_dumps_time ON mem_dumps (time_us DESC);
 CREATE INDEX IF NOT EXISTS mem_dumps_path ON mem_dumps (dump_path);
 """
 # Columns added after the first release, with their definitions (added on open).
-_ADDED = {
-    "manifest_sha256": "TEXT NOT NULL DEFAULT ''",
-    "analysis": "TEXT NOT NULL DEFAULT ''",
-    "deleted_at": "TEXT NOT NULL DEFAULT ''",
-}
+_ADDED = {name: "TEXT NOT NULL DEFAULT ''" for name in LATER_FIELDS}
+# Per-location deletion marks retention may set (memdump.locations).
+_LOCATION_MARKS = {"local": "local_deleted_at", "s3": "s3_deleted_at"}
 _COLUMNS = ", ".join(("time_us",) + API_FIELDS[1:])
 
 
@@ -101,32 +105,13 @@ class SQLiteRecordStore:
             db.close()
 
     def add(self, record: DumpRecord) -> bool:
-        r = record
-        row = (
-            _us(r.timestamp),
-            r.dom,
-            r.vmid,
-            r.sha256,
-            r.duration_sec,
-            r.gzip_size_bytes,
-            r.ctime,
-            r.mtime,
-            r.atime,
-            r.dump_path,
-            r.gz_sha256,
-            r.raw_size_bytes,
-            r.hypervisor,
-            r.manifest_sha256,
-            r.analysis,
-            r.deleted_at,
-        )
+        d = record.api_dict()
+        row = (_us(record.timestamp), *(d[k] for k in API_FIELDS[1:]))
         try:
             with self._conn() as db:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO mem_dumps (time_us, dom, vmid, sha256, duration_sec,"
-                    " gzip_size_bytes, ctime, mtime, atime, dump_path, gz_sha256,"
-                    " raw_size_bytes, hypervisor, manifest_sha256, analysis, deleted_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    f"INSERT OR IGNORE INTO mem_dumps ({_COLUMNS})"  # noqa: S608 - fixed names
+                    f" VALUES ({','.join('?' * len(row))})",
                     row,
                 )
                 return cur.rowcount == 1
@@ -167,6 +152,20 @@ class SQLiteRecordStore:
 
     def stats(self) -> Stats:
         try:
+    def mark_location_deleted(self, record: dict[str, Any], kind: str, when: datetime) -> None:
+        """Retention deleted one copy (``kind``: "local" or "s3") of this record's dump."""
+        column = _LOCATION_MARKS[kind]
+        ts = datetime.fromisoformat(str(record["timestamp"])).replace(tzinfo=UTC)
+        try:
+            with self._conn() as db:
+                db.execute(
+                    f"UPDATE mem_dumps SET {column} = ? WHERE vmid = ?"  # noqa: S608 - fixed
+                    " AND time_us = ? AND sha256 = ?",
+                    (iso_utc(when), record["vmid"], _us(ts), record["sha256"]),
+                )
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot update record: {exc}", retryable=True) from exc
+
             with self._conn() as db:
                 n, vms, size, avg, last = db.execute(
                     "SELECT COUNT(*), COUNT(DISTINCT vmid),"

@@ -8,6 +8,13 @@ after completing, ``head_object`` must show the expected size, metadata, encrypt
 composite checksum, or the object is deleted. Any failure before completion aborts the
 multipart upload, so no parts are left behind to be billed.
 
+Evidence is never overwritten or deleted by someone else's upload: the upload completes
+with ``If-None-Match: *`` (a key that already holds an object fails with
+ObjectExistsError, not retried, and nothing is deleted), and an object that fails
+verification is deleted only if it is the one this upload created: by its VersionId on
+a versioned bucket, else only while its ETag is still the one the completion returned
+(``If-Match``). The VersionId is returned (and recorded) where the bucket has one.
+
 botocore is confined to this module: every exception it or boto3 raises is mapped once,
 by :func:`map_s3_error`, to memdump's error tree (all under ``StorageError``), with
 ``retryable`` set for what may go away on a second attempt (connection failures,
@@ -37,6 +44,7 @@ from botocore.config import Config  # type: ignore[import-untyped]
 
 from memdump.errors import (
     MemdumpError,
+    ObjectExistsError,
     ObjectNotFoundError,
     ObjectStoreAccessError,
     ObjectStoreError,
@@ -95,6 +103,8 @@ _RETRYABLE_CODES = frozenset(
         "OperationAborted",  # 409: a conflicting operation is in progress
         "IncompleteBody",  # fewer bytes than Content-Length arrived: connection cut
         "NoSuchUpload",  # our upload was aborted meanwhile: a new upload starts afresh
+        # a concurrent conditional write to the key: AWS says start the upload again
+        "ConditionalRequestConflict",
     }
 )
 _ACCESS_CODES = frozenset(
@@ -203,6 +213,13 @@ def map_s3_error(
     msg = f"S3 {op} {where}: {code or type(exc).__name__}: {exc}"
 
     if isinstance(exc, bx.ClientError):
+        if code == "PreconditionFailed" or status == 412:
+            # If-None-Match: * found an object at the key: someone else's, never ours
+            return ObjectExistsError(
+                f"S3 {op} {where}: the key already holds an object; nothing was "
+                "overwritten or deleted",
+                **fields,
+            )
         if code in _INTEGRITY_CODES:
             return OffloadIntegrityError(msg, **fields)
         if code in _ACCESS_CODES:
@@ -387,14 +404,21 @@ class S3Store:
                         UploadId=upload_id,
                         MultipartUpload={"Parts": parts},
                         MpuObjectSize=size,
+                        # Never over an existing object (another collector's evidence).
+                        IfNoneMatch="*",
                     )
             except BaseException as exc:
                 self._abort(key, upload_id, exc)
+                if isinstance(exc, ObjectExistsError):
+                    same = self._same_bytes(key, size, gz_sha256)
+                    if same is not None:
+                        return same
                 raise
         version = done.get("VersionId")
         version_id = str(version) if version and version != "null" else None
+        created_etag = str(done.get("ETag") or "")
         expected = _b64(hashlib.sha256(b"".join(digests)).digest())
-        return self._verify(key, version_id, size, gz_sha256, expected, len(digests))
+        return self._verify(key, version_id, created_etag, size, gz_sha256, expected, len(digests))
 
     def _upload_parts(
         self,
@@ -491,6 +515,7 @@ class S3Store:
         self,
         key: str,
         version_id: str | None,
+        created_etag: str,
         size: int,
         gz_sha256: str,
         composite: str,
@@ -515,22 +540,37 @@ class S3Store:
             problems.append(
                 f"encryption {head.get('ServerSideEncryption')!r} != {self.settings.sse!r}"
             )
+        etag = str(head.get("ETag", ""))
+        # Ours: the version this upload created, or (no versioning) still its ETag.
+        ours = bool(version_id) or (
+            bool(created_etag) and etag.strip('"') == created_etag.strip('"')
+        )
         if problems:
-            deleted = True
-            try:
-                self.delete(key, version_id=version_id)
-            except MemdumpError as exc:
-                deleted = False
-                log.warning("could not delete unverified s3://%s/%s: %s", self.bucket, key, exc)
+            deleted = False
+            if ours:
+                try:
+                    # The version this upload created, or (no versioning) the object only
+                    # while it is still the one we completed: never another writer's.
+                    self.delete(key, version_id=version_id, if_match=None if version_id else etag)
+                    deleted = True
+                except MemdumpError as exc:
+                    log.warning("could not delete unverified s3://%s/%s: %s", self.bucket, key, exc)
+            outcome = (
+                "object deleted"
+                if deleted
+                else "object could NOT be deleted"
+                if ours
+                else "the object there is not the one this upload created: left alone"
+            )
             raise OffloadIntegrityError(
                 f"s3://{self.bucket}/{key} does not match the uploaded file "
-                f"({'; '.join(problems)}); "
-                + ("object deleted" if deleted else "object could NOT be deleted"),
+                f"({'; '.join(problems)}); {outcome}",
                 op="verify",
                 bucket=self.bucket,
                 key=key,
                 problems=problems,
                 deleted=deleted,
+                ours=ours,
             )
         return S3Object(
             bucket=self.bucket,
@@ -539,6 +579,36 @@ class S3Store:
             etag=str(head.get("ETag", "")).strip('"'),
             version_id=version_id,
             checksum_sha256=(f"{composite}-{parts}" if checksum is not None else None),
+        )
+
+    def _same_bytes(self, key: str, size: int, gz_sha256: str) -> S3Object | None:
+        """The object at ``key`` if it holds exactly the file's bytes (a retried offload
+        whose first completion's answer was lost): then the upload is done. Anything else
+        there is someone else's object, and the caller's ObjectExistsError stands."""
+        try:
+            with self._mapped("head_object", key):
+                head = self._client.head_object(Bucket=self.bucket, Key=key)
+            if head.get("ContentLength") != size:
+                return None
+            if (head.get("Metadata") or {}).get(SHA256_METADATA) != gz_sha256:
+                return None
+            version = head.get("VersionId")
+            version_id = str(version) if version and version != "null" else None
+            # Metadata is whatever its writer said: the bytes themselves must match.
+            h = hashlib.sha256()
+            for chunk in self.open_stream(key, version_id=version_id, chunk_size=8 * MiB):
+                h.update(chunk)
+            if h.hexdigest() != gz_sha256:
+                return None
+        except MemdumpError as exc:
+            log.warning("s3://%s/%s exists and could not be compared: %s", self.bucket, key, exc)
+            return None
+        return S3Object(
+            bucket=self.bucket,
+            key=key,
+            size=size,
+            etag=str(head.get("ETag", "")).strip('"'),
+            version_id=version_id,
         )
 
     # -- other operations ----------------------------------------------------------------
@@ -556,19 +626,34 @@ class S3Store:
             return False
         return True
 
-    def delete(self, key: str, *, version_id: str | None = None) -> None:
-        """Delete the object (the given version of it, on a versioned bucket)."""
+    def delete(
+        self, key: str, *, version_id: str | None = None, if_match: str | None = None
+    ) -> None:
+        """Delete the object (the given version of it, on a versioned bucket; or only
+        while its ETag is ``if_match``). On a versioned bucket without ``version_id`` this
+        only adds a delete marker: the data stays (Object Lock may forbid even that)."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if version_id:
             args["VersionId"] = version_id
+        if if_match:
+            args["IfMatch"] = if_match
         with self._mapped("delete_object", key):
             self._client.delete_object(**args)
 
     def open_stream(
-        self, key: str, *, chunk_size: int = 1 * MiB, start: int = 0, end: int | None = None
+        self,
+        key: str,
+        *,
+        chunk_size: int = 1 * MiB,
+        start: int = 0,
+        end: int | None = None,
+        version_id: str | None = None,
     ) -> Iterator[bytes]:
-        """The object's bytes ``[start, end)`` (all by default), in chunks."""
+        """The object's bytes ``[start, end)`` (all by default), in chunks (of the given
+        version, on a versioned bucket)."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if version_id:
+            args["VersionId"] = version_id
         if start or end is not None:
             args["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         with self._mapped("get_object", key):

@@ -84,7 +84,9 @@ def test_offload_then_outage(
     assert status["status"] == "completed", status
     _, recs = s3stack.call("GET", f"{BASE}/records")
     (rec,) = recs["records"]
-    assert rec["dump_path"].startswith(f"s3://{BUCKET}/memdump/vm-db-01_")
+    assert rec["dump_path"].startswith(f"s3://{BUCKET}/memdump/lab_vm-db-01_")
+    # Every location is recorded: the object (no local copy with keep_local off).
+    assert rec["s3_uri"] == rec["dump_path"] and rec["local_path"] == rec["collector"] == ""
     key = rec["dump_path"].removeprefix(f"s3://{BUCKET}/")
     # The record is in InfluxDB, read back directly with the real client.
     direct = InfluxDB3RecordStore(InfluxDB3Settings(url=influx.url, token="s3-e2e"))

@@ -35,6 +35,7 @@ def test_verify_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.verify import verify_dumps
 
     monkeypatch.setenv("MEMDUMP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MEMDUMP_DUMP_DIR", str(tmp_path))  # verify reads only in here
     store = SQLiteRecordStore(tmp_path / "records.db")
     now = datetime.now(UTC)
     recs = [_dump(tmp_path, i, now - timedelta(hours=i)) for i in range(4)]

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -69,7 +70,8 @@ def test_dump_is_byte_exact_with_markers(
     d = rec.contract_dict()
     assert list(d) == RECORD_FIELDS
     assert d["dom"] == VM and d["vmid"] == VM and len(d["sha256"]) == 64
-    assert Path(d["dump_path"]).name == f"{VM}_{int(rec.timestamp.timestamp())}.mem.gz"
+    stamp = rec.timestamp.strftime("%Y%m%dT%H%M%S.%fZ")  # hypervisor, vmid, time, random
+    assert re.fullmatch(rf"lab_{VM}_{stamp}_[0-9a-f]{{6}}\.mem\.gz", Path(d["dump_path"]).name)
     assert stat.S_IMODE(os.stat(rec.dump_path).st_mode) == 0o600
     mpath = manifest_path(Path(rec.dump_path))
     assert sorted(p.name for p in settings.dump_dir.iterdir()) == sorted(

@@ -210,3 +210,85 @@ def test_mark_deleted_keeps_the_record_and_frees_its_size(store: RecordStore) ->
     st = store.stats()
     assert st.total_dumps == before.total_dumps
     assert st.total_size_bytes == before.total_size_bytes - DATA[2].gzip_size_bytes
+
+
+# -- issue 11, item 3: every location of a dump, each deleted on its own ---------------
+
+LOCATED = {
+    "collector": "col-1",
+    "local_path": "/var/dumps/lab_105_20261129T015216.123456Z_3f9a1c.mem.gz",
+    "s3_uri": "s3://b/memdump/lab_105_20261129T015216.123456Z_3f9a1c.mem.gz",
+    "s3_version_id": "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY",
+}
+
+
+def test_locations_round_trip_and_are_marked_one_by_one(store: RecordStore) -> None:
+    r = rec(9, "105", **LOCATED)
+    store.add(r)
+    (row,) = store.list(10, 0)
+    assert {k: row[k] for k in LOCATED} == LOCATED
+    assert row["local_deleted_at"] == row["s3_deleted_at"] == row["deleted_at"] == ""
+    store.mark_location_deleted(row, "s3", datetime(2026, 1, 2, tzinfo=UTC))
+    (row2,) = store.list(10, 0)
+    assert row2 == {**row, "s3_deleted_at": "2026-01-02T00:00:00.000000"}
+    store.mark_location_deleted(row, "local", datetime(2026, 1, 3, tzinfo=UTC))
+    (row3,) = store.list(10, 0)
+    assert row3["local_deleted_at"] == "2026-01-03T00:00:00.000000"
+    assert row3["deleted_at"] == ""  # retention marks the record itself
+    assert store.stats().total_size_bytes == r.gzip_size_bytes
+
+
+def test_sqlite_store_from_before_locations_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "v2.db"
+    with sqlite3.connect(db) as c:  # the schema with retention's deleted_at, no locations
+        c.execute(
+            "CREATE TABLE mem_dumps (time_us INTEGER NOT NULL, dom TEXT NOT NULL, vmid TEXT"
+            " NOT NULL, sha256 TEXT NOT NULL, duration_sec REAL NOT NULL, gzip_size_bytes"
+            " INTEGER NOT NULL, ctime INTEGER NOT NULL, mtime INTEGER NOT NULL, atime INTEGER"
+            " NOT NULL, dump_path TEXT NOT NULL, gz_sha256 TEXT NOT NULL, raw_size_bytes"
+            " INTEGER NOT NULL, hypervisor TEXT NOT NULL, manifest_sha256 TEXT NOT NULL"
+            " DEFAULT '', analysis TEXT NOT NULL DEFAULT '', deleted_at TEXT NOT NULL"
+            " DEFAULT '', PRIMARY KEY (vmid, time_us, sha256))"
+        )
+        c.execute(
+            "INSERT INTO mem_dumps VALUES (1, 'vm-1', '1', 'a', 1.0, 2, 3, 4, 5, '/d/1.mem.gz',"
+            " 'b', 6, 'lab', 'm', 'passed', '')"
+        )
+    c.close()
+    s = SQLiteRecordStore(db)
+    s.add(rec(1, "102", **LOCATED))
+    new, old = s.list(10, 0)
+    assert {k: new[k] for k in LOCATED} == LOCATED
+    assert old["analysis"] == "passed" and old["manifest_sha256"] == "m"
+    assert all(old[k] == "" for k in (*LOCATED, "local_deleted_at", "s3_deleted_at"))
+    s.mark_location_deleted(old, "local", datetime(2026, 1, 2, tzinfo=UTC))
+    assert s.list(10, 0)[1]["local_deleted_at"] == "2026-01-02T00:00:00.000000"
+
+
+def test_influx_table_from_before_locations_is_read_with_its_extras(
+    influx: InfluxDB3TestServer,
+) -> None:
+    from influxdb_client_3 import InfluxDBClient3, Point, WritePrecision
+
+    db = f"db{uuid.uuid4().hex}"
+    old = (
+        Point("mem_dumps").tag("dom", "vm-1").tag("vmid", "1")
+        .field("sha256", "a").field("duration_sec", 1.0).field("gzip_size_bytes", 2)
+        .field("ctime", 3).field("mtime", 4).field("atime", 5).field("dump_path", "/d/1.mem.gz")
+        .field("gz_sha256", "b").field("raw_size_bytes", 6).field("hypervisor", "lab")
+        .field("manifest_sha256", "m").field("analysis", "passed").field("deleted_at", "")
+        .time(1_000_000_000, WritePrecision.NS)
+    )  # fmt: skip
+    with InfluxDBClient3(host=influx.url, database=db, token="t") as c:
+        c.write(record=old)
+    s = InfluxDB3RecordStore(InfluxDB3Settings(url=influx.url, token="t", database=db))
+    (row,) = s.list(10, 0)
+    # The extras it has are read (not dropped with the ones it lacks).
+    assert row["manifest_sha256"] == "m" and row["analysis"] == "passed"
+    assert all(row[k] == "" for k in (*LOCATED, "local_deleted_at", "s3_deleted_at"))
+    assert list(row) == API_RECORD_FIELDS
+    s.mark_location_deleted(row, "local", datetime(2026, 1, 2, tzinfo=UTC))
+    (row,) = s.list(10, 0)
+    assert row["local_deleted_at"] == "2026-01-02T00:00:00.000000" and row["analysis"] == "passed"

@@ -202,17 +202,54 @@ class _Tampering:
         return done
 
 
-def test_mismatch_after_completion_deletes_the_object(
+def test_an_object_replaced_by_another_writer_is_left_alone(
     endpoint: str, client: Any, bucket: str, tmp_path: Path
 ) -> None:
+    # Changed for issue 11 (item 1): this test used to expect the object deleted. The
+    # object at the key after completion is not the one this upload created (its ETag
+    # differs): it is someone else's, so it is reported and kept.
     store = S3Store(_settings(endpoint, bucket), client=_Tampering(_client(endpoint)))
     path = _dump(tmp_path, 6 * MiB)
     with pytest.raises(OffloadIntegrityError) as ei:
         store.upload(path, gz_sha256=_sha(path), size=6 * MiB)
     err = ei.value
-    assert not err.retryable and err.fields["op"] == "verify" and err.fields["deleted"]
+    assert not err.retryable and err.fields["op"] == "verify"
+    assert not err.fields["deleted"] and not err.fields["ours"]
     assert any("size" in p for p in err.fields["problems"])
-    assert not store.exists(store.key_for(path))
+    body = client.get_object(Bucket=bucket, Key=store.key_for(path))["Body"].read()
+    assert body == b"not the dump"
+
+
+class _LyingHead:
+    """A client whose head_object misreports the metadata of the object we just made."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def head_object(self, **kw: Any) -> Any:
+        head = self._real.head_object(**kw)
+        head["Metadata"] = {"sha256-gz": "f" * 64}
+        return head
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_an_unverified_object_of_our_own_is_deleted(
+    endpoint: str, client: Any, bucket: str, tmp_path: Path, versioned: bool
+) -> None:
+    if versioned:
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    store = S3Store(_settings(endpoint, bucket), client=_LyingHead(_client(endpoint)))
+    path = _dump(tmp_path, 6 * MiB)
+    with pytest.raises(OffloadIntegrityError) as ei:
+        store.upload(path, gz_sha256=_sha(path), size=6 * MiB)
+    assert ei.value.fields["ours"] and ei.value.fields["deleted"]
+    key = store.key_for(path)
+    assert not store.exists(key)
+    if versioned:  # the version we made is gone, not just hidden behind a delete marker
+        assert not client.list_object_versions(Bucket=bucket, Prefix=key).get("Versions")
 
 
 def test_failure_mid_upload_aborts_the_multipart_upload(
@@ -333,3 +370,188 @@ def test_retention_deletes_the_object_and_its_manifest(
     assert report.freed_bytes == 1000 and report.errors == {}, report
     assert not store.exists(key) and not store.exists(manifest_key(key))
     assert records.list(1, 0)[0]["deleted_at"]
+
+
+# -- issue 11: conditional writes, versions, locations -------------------------------------
+
+
+def test_moto_honours_if_none_match_on_complete_multipart_upload(client: Any, bucket: str) -> None:
+    """What the tests below can show: moto (5.2.5) refuses CompleteMultipartUpload with
+    ``If-None-Match: *`` on an existing key (412 PreconditionFailed), as AWS S3 does.
+    What they cannot: two completions racing inside S3 (AWS answers the loser 409
+    ConditionalRequestConflict or 412; moto checks then writes, in one process)."""
+    import botocore.exceptions
+
+    key = "memdump/race.mem.gz"
+    client.put_object(Bucket=bucket, Key=key, Body=b"first")
+    up = client.create_multipart_upload(Bucket=bucket, Key=key)
+    part = client.upload_part(
+        Bucket=bucket, Key=key, UploadId=up["UploadId"], PartNumber=1, Body=b"second"
+    )
+    with pytest.raises(botocore.exceptions.ClientError) as ei:
+        client.complete_multipart_upload(
+            Bucket=bucket,
+            Key=key,
+            UploadId=up["UploadId"],
+            MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+            IfNoneMatch="*",
+        )
+    assert ei.value.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"first"
+
+
+def test_an_existing_key_fails_the_upload_and_nothing_is_deleted(
+    store: S3Store, client: Any, bucket: str, tmp_path: Path
+) -> None:
+    path = _dump(tmp_path, 6 * MiB)
+    key = store.key_for(path)
+    client.put_object(Bucket=bucket, Key=key, Body=b"another collector's dump")
+    with pytest.raises(StorageError) as ei:
+        store.upload(path, gz_sha256=_sha(path), size=6 * MiB)
+    assert type(ei.value).__name__ == "ObjectExistsError"
+    assert not ei.value.retryable and ei.value.fields["http_status"] == 412
+    assert client.get_object(Bucket=bucket, Key=key)["Body"].read() == b"another collector's dump"
+    assert _no_uploads(client, bucket)
+
+
+def test_a_retried_upload_of_the_same_bytes_is_done_other_bytes_are_not(
+    store: S3Store, client: Any, bucket: str, tmp_path: Path
+) -> None:
+    path = _dump(tmp_path, 6 * MiB)
+    sha = _sha(path)
+    first = store.upload(path, gz_sha256=sha, size=6 * MiB)
+    again = store.upload(path, gz_sha256=sha, size=6 * MiB)  # the first answer was "lost"
+    assert again.key == first.key and store.sha256(first.key) == sha
+    # Same size and a forged sha256-gz metadata, other bytes: still someone else's object.
+    other = tmp_path / "other"
+    other.write_bytes(os.urandom(6 * MiB))
+    forged = "memdump/forged.mem.gz"
+    client.put_object(
+        Bucket=bucket, Key=forged, Body=other.read_bytes(), Metadata={"sha256-gz": sha}
+    )
+    with pytest.raises(StorageError) as ei:
+        store.upload(path, forged, gz_sha256=sha, size=6 * MiB)
+    assert type(ei.value).__name__ == "ObjectExistsError"
+    assert client.get_object(Bucket=bucket, Key=forged)["Body"].read() == other.read_bytes()
+
+
+def test_version_id_is_returned_on_a_versioned_bucket(
+    store: S3Store, client: Any, bucket: str, tmp_path: Path
+) -> None:
+    path = _dump(tmp_path, 1000)
+    assert store.upload(path, gz_sha256=_sha(path), size=1000).version_id is None
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    path2 = _dump(tmp_path, 1000, name="lab_1_20261129T015216.123456Z_00aa00.mem.gz")
+    obj = store.upload(path2, gz_sha256=_sha(path2), size=1000)
+    assert obj.version_id
+    assert client.head_object(Bucket=bucket, Key=obj.key)["VersionId"] == obj.version_id
+
+
+def _located(
+    tmp_path: Path, store: S3Store, collector: str, *, keep_local: bool = True
+) -> tuple[Any, Path]:
+    """A dump offloaded the way offload_dump does it: local copy + object + manifests."""
+    import dataclasses
+    from datetime import UTC, datetime, timedelta
+
+    from memdump.manifest import manifest_path
+    from tests.helpers.dumps import stored
+
+    rec = stored(
+        tmp_path / "dumps", "100", datetime.now(UTC) - timedelta(days=40), 1000,
+        collector=collector,
+    )  # fmt: skip
+    path = Path(rec.dump_path)
+    rec = dataclasses.replace(rec, gz_sha256=_sha(path))
+    obj = store.upload(path, gz_sha256=rec.gz_sha256, size=1000)
+    mpath = manifest_path(path)
+    store.upload(mpath, gz_sha256=_sha(mpath), size=mpath.stat().st_size)
+    return dataclasses.replace(rec, s3_uri=obj.uri, s3_version_id=obj.version_id or ""), path
+
+
+@pytest.mark.parametrize("versioned", [False, True])
+def test_retention_deletes_offloaded_copies_with_keep_local(
+    endpoint: str, client: Any, bucket: str, tmp_path: Path, versioned: bool
+) -> None:
+    from memdump import retention
+    from memdump.manifest import manifest_key, manifest_path
+    from memdump.records.sqlite import SQLiteRecordStore
+    from memdump.settings import Settings
+
+    if versioned:
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3 = _settings(endpoint, bucket)  # keep_local defaults to true
+    store = S3Store(s3)
+    rec, path = _located(tmp_path, store, "col-1")
+    key = rec.s3_uri.removeprefix(f"s3://{bucket}/")
+    assert bool(rec.s3_version_id) == versioned
+    records = SQLiteRecordStore(tmp_path / "r.db")
+    records.add(rec)
+    settings = Settings(data_dir=tmp_path, dump_dir=tmp_path / "dumps", s3=s3, collector_id="col-1")
+    report = retention.apply(settings, records, days=30)
+    assert report.errors == {} and report.deleted == [rec.dump_path], report
+    assert report.freed_bytes == 2000  # both copies
+    assert not path.exists() and not manifest_path(path).exists()
+    assert not store.exists(key) and not store.exists(manifest_key(key))
+    if versioned:  # the recorded version itself is gone
+        versions = client.list_object_versions(Bucket=bucket, Prefix=key).get("Versions", [])
+        assert rec.s3_version_id not in [v["VersionId"] for v in versions]
+    row = records.list(1, 0)[0]
+    assert row["deleted_at"] and row["local_deleted_at"] and row["s3_deleted_at"]
+
+
+def test_retention_with_a_copy_on_another_collector(
+    endpoint: str, bucket: str, tmp_path: Path
+) -> None:
+    from memdump import retention
+    from memdump.records.sqlite import SQLiteRecordStore
+    from memdump.settings import Settings
+
+    s3 = _settings(endpoint, bucket)
+    store = S3Store(s3)
+    rec, path = _located(tmp_path, store, "col-2")
+    key = rec.s3_uri.removeprefix(f"s3://{bucket}/")
+    records = SQLiteRecordStore(tmp_path / "r.db")
+    records.add(rec)
+    here = Settings(data_dir=tmp_path, dump_dir=tmp_path / "dumps", s3=s3, collector_id="col-1")
+    report = retention.apply(here, records, days=30)
+    # The object goes; col-2's local copy stays for col-2, and the record is not marked.
+    assert report.errors == {} and report.deleted == [] and rec.dump_path in report.left
+    assert not store.exists(key) and path.exists()
+    row = records.list(1, 0)[0]
+    assert row["s3_deleted_at"] and not row["local_deleted_at"] and not row["deleted_at"]
+    # col-2's run finishes the job without touching S3 again.
+    there = here.model_copy(update={"collector_id": "col-2"})
+    report = retention.apply(there, records, days=30)
+    assert report.errors == {} and report.deleted == [rec.dump_path] and not path.exists()
+    assert records.list(1, 0)[0]["deleted_at"]
+
+
+def test_a_key_outside_the_prefix_is_refused_by_retention_and_verify(
+    endpoint: str, client: Any, bucket: str, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from memdump import retention
+    from memdump.errors import LocationError
+    from memdump.records.model import DumpRecord
+    from memdump.records.sqlite import SQLiteRecordStore
+    from memdump.settings import Settings
+    from memdump.verify import verify
+
+    s3 = _settings(endpoint, bucket)
+    outside = "backups/101_1699520400.mem.gz"  # a dump-like name, outside memdump/
+    client.put_object(Bucket=bucket, Key=outside, Body=b"not memdump's")
+    rec = DumpRecord(
+        datetime.now(UTC) - timedelta(days=40), "vm-1", "vm-1", "a" * 64, 1.0, 13, 1, 2, 3,
+        f"s3://{bucket}/{outside}", "b" * 64, 13, "lab",
+    )  # fmt: skip
+    records = SQLiteRecordStore(tmp_path / "r.db")
+    records.add(rec)
+    settings = Settings(data_dir=tmp_path, dump_dir=tmp_path / "dumps", s3=s3)
+    report = retention.apply(settings, records, days=30)
+    assert report.deleted == [] and "refused" in report.errors[rec.dump_path]
+    assert client.get_object(Bucket=bucket, Key=outside)["Body"].read() == b"not memdump's"
+    assert records.list(1, 0)[0]["deleted_at"] == ""
+    with pytest.raises(LocationError):
+        verify(records.list(1, 0)[0], settings)

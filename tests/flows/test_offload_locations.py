@@ -1,0 +1,80 @@
+"""offload_dump records every location of a dump (issue 11, item 3): the S3 URI and
+VersionId beside the local copy, and with keep_local off the local copy is cleared (a
+real moto server, the task run under Prefect's test harness)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import boto3
+import pytest
+
+from memdump.manifest import manifest_path
+from tests.helpers.dumps import stored
+from tests.moto import running_moto
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    with running_moto() as url:
+        yield url
+
+
+@pytest.mark.parametrize(("keep_local", "versioned"), [(True, True), (False, False)])
+def test_offload_records_every_location(
+    moto_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    keep_local: bool,
+    versioned: bool,
+) -> None:
+    from tasks.capture import offload_dump
+
+    bucket = f"loc-{uuid.uuid4().hex[:12]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_url,
+        region_name="us-east-1",
+        aws_access_key_id="t",
+        aws_secret_access_key="t",
+    )
+    client.create_bucket(Bucket=bucket)
+    if versioned:
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    for k, v in {
+        "ENDPOINT_URL": moto_url,
+        "BUCKET": bucket,
+        "ACCESS_KEY_ID": "t",
+        "SECRET_ACCESS_KEY": "t",
+        "KEEP_LOCAL": str(keep_local).lower(),
+    }.items():
+        monkeypatch.setenv(f"MEMDUMP_S3__{k}", v)
+    rec = stored(tmp_path / "dumps", "100", datetime.now(UTC), 1000, collector="col-1")
+    path = Path(rec.dump_path)
+    mpath = manifest_path(path)
+    rec = dataclasses.replace(
+        rec,
+        gz_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        manifest_sha256=hashlib.sha256(mpath.read_bytes()).hexdigest(),
+    )
+
+    out = offload_dump(rec)
+
+    uri = f"s3://{bucket}/memdump/{path.name}"
+    assert out.s3_uri == uri
+    head = client.head_object(Bucket=bucket, Key=f"memdump/{path.name}")
+    if versioned:
+        assert out.s3_version_id and out.s3_version_id == head["VersionId"]
+    else:
+        assert out.s3_version_id == ""
+    if keep_local:
+        assert (out.dump_path, out.local_path, out.collector) == (str(path), str(path), "col-1")
+        assert path.exists()
+    else:
+        assert (out.dump_path, out.local_path, out.collector) == (uri, "", "")
+        assert not path.exists() and not mpath.exists()
