@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
+from memdump.escaping import md_text
 from memdump.records import open_store
 from memdump.records.base import RecordQuery
 from memdump.settings import Settings
@@ -38,9 +39,11 @@ def verify_dump(row: dict[str, Any]) -> dict[str, Any]:
 
 def _summary(results: list[dict[str, Any]]) -> str:
     lines = ["| dump | status | seconds | detail |", "|---|---|---|---|"]
-    for r in results:
-        detail = str(r["detail"]).replace("|", "/")[:300]
-        lines.append(f"| `{r['dump_path']}` | {r['status']} | {r['seconds']} | {detail} |")
+    for r in results:  # record values and error texts: shown as text (memdump.escaping)
+        lines.append(
+            f"| {md_text(r['dump_path'])} | {md_text(r['status'])} | {md_text(r['seconds'])} "
+            f"| {md_text(r['detail'], 300)} |"
+        )
     return "\n".join(lines)
 
 

@@ -104,3 +104,23 @@ def test_proxmox_names_are_checked_like_ids(
         d.snapshot(listed["106"])  # a ref straight from the listing (the CLI's "all")
     assert d.resolve("101") == VMRef("pve", "101", "vm-web")
     assert d.snapshot(listed["101"]).ref.name == "vm-web"
+
+
+def test_verify_summary_escapes_record_values() -> None:
+    from flows.verify import _summary
+
+    results = [
+        {
+            "dump_path": "/d/[x](http://evil.example)_`1`.mem.gz",
+            "status": "mismatch",
+            "seconds": 0.5,
+            "detail": "sha256 differs: <b>x</b>\n| forged | row |",
+        }
+    ]
+    rendered = render_table(_summary(results))
+    assert rendered[1] == [
+        "/d/[x](http://evil.example)_`1`.mem.gz",
+        "mismatch",
+        "0.5",
+        "sha256 differs: <b>x</b>\\x0a| forged | row |",
+    ]
