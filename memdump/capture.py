@@ -14,8 +14,8 @@ from memdump import manifest
 from memdump.analysis import analyze
 from memdump.errors import InsufficientSpaceError, MemdumpError, VMNotRunningError
 from memdump.hypervisors import Driver, VMInfo, VMRef
-from memdump.pipeline import PipelineResult, ProgressFn, write_dump
 from memdump.locations import dump_name
+from memdump.pipeline import PipelineResult, ProgressFn, write_dump
 from memdump.records.model import DumpRecord
 from memdump.settings import Settings
 
@@ -111,9 +111,9 @@ def capture(
         hypervisor=ref.hypervisor,
         manifest_sha256=manifest_sha,
         analysis=analysis.status if analysis else "skipped",
-    )
         collector=settings.collector_id,
         local_path=str(result.path),
+    )
     return Capture(record, info, result, doc)
 
 

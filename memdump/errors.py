@@ -179,11 +179,6 @@ class OffloadIntegrityError(ObjectStoreError):
     checksum or size mismatch. The object is not kept. Never retried."""
 
 
-# -- settings and results ----------------------------------------------------------------
-
-
-# -- orchestration -------------------------------------------------------------------------
-
 class ObjectExistsError(ObjectStoreError):
     """The key already holds an object (conditional write, ``If-None-Match: *``): it is
     someone else's evidence, so nothing is overwritten or deleted. Never retried."""
@@ -193,6 +188,11 @@ class LocationError(MemdumpError):
     """A record's dump location is outside the dump directory or the S3 prefix, or not a
     dump file name: it is refused (nothing read or deleted there). Never retried."""
 
+
+# -- settings and results ----------------------------------------------------------------
+
+
+# -- orchestration -------------------------------------------------------------------------
 
 
 class CollectorLostError(MemdumpError):

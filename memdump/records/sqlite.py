@@ -31,13 +31,13 @@ CREATE TABLE IF NOT EXISTS mem_dumps (
     manifest_sha256 TEXT NOT NULL DEFAULT '',
     analysis TEXT NOT NULL DEFAULT '',
     deleted_at TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (vmid, time_us, sha256)
     collector TEXT NOT NULL DEFAULT '',
     local_path TEXT NOT NULL DEFAULT '',
     local_deleted_at TEXT NOT NULL DEFAULT '',
     s3_uri TEXT NOT NULL DEFAULT '',
     s3_version_id TEXT NOT NULL DEFAULT '',
     s3_deleted_at TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (vmid, time_us, sha256)
 );
 CREATE INDEX IF NOT EXISTS mem_dumps_time ON mem_dumps (time_us DESC);
 CREATE INDEX IF NOT EXISTS mem_dumps_path ON mem_dumps (dump_path);
@@ -150,8 +150,6 @@ class SQLiteRecordStore:
         except sqlite3.Error as exc:
             raise RecordStoreError(f"cannot update record: {exc}", retryable=True) from exc
 
-    def stats(self) -> Stats:
-        try:
     def mark_location_deleted(self, record: dict[str, Any], kind: str, when: datetime) -> None:
         """Retention deleted one copy (``kind``: "local" or "s3") of this record's dump."""
         column = _LOCATION_MARKS[kind]
@@ -166,6 +164,8 @@ class SQLiteRecordStore:
         except sqlite3.Error as exc:
             raise RecordStoreError(f"cannot update record: {exc}", retryable=True) from exc
 
+    def stats(self) -> Stats:
+        try:
             with self._conn() as db:
                 n, vms, size, avg, last = db.execute(
                     "SELECT COUNT(*), COUNT(DISTINCT vmid),"
