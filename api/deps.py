@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.runs import LatestRunCache, Runs
+from api.verify_jobs import VerifyJobs
 from memdump.records.base import RecordStore
 from memdump.records.outbox import Outbox
 from memdump.settings import Settings
@@ -37,8 +38,14 @@ def get_latest_run(request: Request) -> LatestRunCache:
     return cache
 
 
+def get_verify_jobs(request: Request) -> VerifyJobs:
+    jobs: VerifyJobs = request.app.state.verify_jobs
+    return jobs
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[RecordStore, Depends(get_store)]
 RunsDep = Annotated[Runs, Depends(get_runs)]
 OutboxDep = Annotated[Outbox, Depends(get_outbox)]
 LatestRunDep = Annotated[LatestRunCache, Depends(get_latest_run)]
+VerifyJobsDep = Annotated[VerifyJobs, Depends(get_verify_jobs)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -13,10 +14,50 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.limits import BodySizeLimit
 from api.routes import router
 from api.runs import LatestRunCache, PrefectRuns, Runs
+from api.verify_jobs import VerifyJobs
 from memdump import __version__
+from memdump.fsperm import private_umask
 from memdump.records import Outbox, open_store
 from memdump.records.base import RecordStore
 from memdump.settings import Settings
+
+# uvicorn imports this module first: the records and outbox it opens are 0600.
+private_umask()
+
+
+def _remote_ip(host: str) -> bool:
+    """A non-loopback IP address. Servers put the socket's IP here; a name (a test
+    client's "testserver") is not a socket address and is not judged."""
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(header: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header names an allowed host: entries without a port allow any
+    port, ``name:port`` only that port, ``*`` anything."""
+    if "*" in allowed:
+        return True
+    host, port = split_host(header.strip().lower())
+    if not host:
+        return False
+    for entry in allowed:
+        ehost, eport = split_host(entry)
+        if ehost == host and (eport is None or eport == port):
+            return True
+    return False
+
+
+def split_host(value: str) -> tuple[str, str | None]:
+    """``name[:port]``, ``[v6][:port]`` or a bare IPv6 address -> (host, port or None)."""
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, (rest[1:] if rest.startswith(":") and rest[1:] else None)
+    if value.count(":") == 1:
+        host, _, port = value.partition(":")
+        return host, port or None
+    return value, None
 
 
 def _describe(errors: list[Any]) -> str:
@@ -43,6 +84,9 @@ def create_app(
     runs: Runs | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
+    # However the app is served (memdump serve, uvicorn by hand): no anonymous API
+    # beyond loopback. A --host given to uvicorn directly is caught per request below.
+    settings.check_api_exposure()
     app = FastAPI(
         title="memdump",
         version=__version__,
@@ -54,10 +98,32 @@ def create_app(
     app.state.runs = runs or PrefectRuns(settings.flow_name, settings.deployment)
     app.state.latest_run = LatestRunCache(app.state.runs, settings.status_cache_sec)
 
+    app.state.verify_jobs = VerifyJobs(settings.verify_max_concurrent, settings.verify_jobs_kept)
     token = settings.api_token.get_secret_value().encode() if settings.api_token else None
+    allowed_hosts = settings.allowed_api_hosts()
+    anonymous_anywhere = settings.api_allow_anonymous
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
+        # DNS rebinding: a browser sends the attacker's name as Host, whatever address
+        # it resolved to. Checked first, for every path.
+        if not host_allowed(request.headers.get("host", ""), allowed_hosts):
+            return JSONResponse(
+                {"detail": "Invalid Host header (not in MEMDUMP_API_ALLOWED_HOSTS)"},
+                status_code=400,
+            )
+        if token is None and not anonymous_anywhere:
+            # Served beyond loopback without a token (e.g. `uvicorn --host 0.0.0.0`,
+            # which the start-up check cannot see): the connection's local address says.
+            server = request.scope.get("server")
+            if server and server[1] is not None and _remote_ip(str(server[0])):
+                return JSONResponse(
+                    {
+                        "detail": "This API has no MEMDUMP_API_TOKEN and answers on loopback"
+                        " only (MEMDUMP_API_ALLOW_ANONYMOUS=true overrides)"
+                    },
+                    status_code=403,
+                )
         # Everything but /health (docs included) needs the bearer token when one is set.
         if token is not None and request.url.path != "/health":
             scheme, _, given = request.headers.get("authorization", "").partition(" ")

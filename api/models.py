@@ -182,6 +182,19 @@ class VerifyRequest(BaseModel):
         Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
         | SkipJsonSchema[None]
     ) = None
+    # Beyond the first version of /verify: how to answer.
+    wait: (
+        Annotated[
+            bool,
+            Field(
+                description="true: answer with the result (200) however long it takes;"
+                " false: start a background job and answer 202 at once; omitted: a"
+                " background job only when the .gz is larger than"
+                " MEMDUMP_VERIFY_BACKGROUND_BYTES"
+            ),
+        ]
+        | SkipJsonSchema[None]
+    ) = None
 
 
 class VerifyResponse(BaseModel):
@@ -190,3 +203,17 @@ class VerifyResponse(BaseModel):
     detail: str = Field(description="What matched, or what differs")
     checks: dict[str, Any] = Field(description="Each comparison: expected, actual, ok")
     seconds: float
+
+
+class VerifyJobResponse(BaseModel):
+    """A background verification (beyond the contract; see README)."""
+
+    job_id: str = Field(description="Poll GET /api/memory-dumps/verify/{job_id}")
+    state: Literal["running", "done", "error"] = Field(
+        description="running; done (result holds the verification); error (detail says why)"
+    )
+    dump_path: str
+    started_at: str = Field(description="ISO 8601 UTC")
+    finished_at: str | None
+    result: VerifyResponse | None = Field(description="The POST /verify answer, once done")
+    detail: str | None = Field(description="Why the verification could not run (state error)")

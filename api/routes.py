@@ -10,10 +10,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
-from api.deps import LatestRunDep, OutboxDep, RunsDep, SettingsDep, StoreDep
+from api.deps import LatestRunDep, OutboxDep, RunsDep, SettingsDep, StoreDep, VerifyJobsDep
 from api.limits import json_content_type
 from api.models import (
     ID_PATTERN,
@@ -24,11 +24,13 @@ from api.models import (
     StatusResponse,
     TriggerRequest,
     TriggerResponse,
+    VerifyJobResponse,
     VerifyRequest,
     VerifyResponse,
 )
-from api.runs import Runs
+from api.runs import LatestRunCache, Runs, TriggerBusy, TriggerView
 from api.status import map_state
+from api.verify_jobs import VerifyBusy, VerifyJob, VerifyJobs
 from memdump.errors import MemdumpError
 from memdump.escaping import csv_cell
 from memdump.identifiers import split_qualified, validate_id
@@ -66,8 +68,8 @@ TOO_LARGE: dict[int | str, dict[str, Any]] = {
 TOO_MANY: dict[int | str, dict[str, Any]] = {
     429: {
         "model": ErrorBody,
-        "description": "a trigger came too soon, or a run is in progress"
-        " (Retry-After says when to try again)",
+        "description": "a trigger came too soon, a run is in progress, or another"
+        " trigger holds the trigger lock (Retry-After says when to try again)",
     },
 }
 
@@ -104,18 +106,41 @@ def trigger(
                 split_qualified(vm_id)
             except MemdumpError as exc:
                 raise HTTPException(400, str(exc)) from None
-    _check_rate(runs, settings.trigger_min_interval_sec)
-    try:
-        runs.trigger(vm_ids, "api")
-        latest.invalidate()
-    except Exception as exc:
-        reason = str(exc) if str(exc) not in ("", "None") else type(exc).__name__
-        raise HTTPException(500, f"Error scheduling memory dump: {reason}") from exc
+    interval = settings.trigger_min_interval_sec
+    if interval <= 0:  # limit off
+        _schedule(runs, vm_ids, latest, None)
+    else:
+        # Check and create under one lock held across API replicas (a Prefect
+        # concurrency slot), with the Prefect server's clock: N concurrent triggers make
+        # one run, the others are refused.
+        try:
+            with runs.exclusive() as view:
+                _check_rate(view, interval)
+                _schedule(runs, vm_ids, latest, view.now)
+        except TriggerBusy:
+            raise HTTPException(
+                429,
+                "Another trigger is being scheduled; retry in 1 s",
+                headers={"Retry-After": "1"},
+            ) from None
+        except HTTPException:
+            raise
+        except Exception as exc:
+            raise HTTPException(500, f"Error checking the last trigger: {exc}") from exc
     return TriggerResponse(
         message=f"Memory dump scheduled for {len(vm_ids)} VM(s)",
         vm_ids=vm_ids,
         timestamp=iso_utc(datetime.now(UTC)),
     )
+
+
+def _schedule(runs: Runs, vm_ids: list[str], latest: LatestRunCache, at: datetime | None) -> None:
+    try:
+        runs.trigger(vm_ids, "api") if at is None else runs.trigger(vm_ids, "api", at)
+        latest.invalidate()
+    except Exception as exc:
+        reason = str(exc) if str(exc) not in ("", "None") else type(exc).__name__
+        raise HTTPException(500, f"Error scheduling memory dump: {reason}") from exc
 
 
 # Documented in the schema; checked by validate_id (pydantic's regex has no look-ahead).
@@ -282,14 +307,12 @@ def outbox(box: OutboxDep) -> dict[str, Any]:
     return {"depth": st.depth, "oldest_queued_at": oldest, "last_error": st.last_error}
 
 
-def _check_rate(runs: Runs, interval: float) -> None:
+def _check_rate(view: TriggerView, interval: float) -> None:
     """At most one trigger per ``interval`` seconds, and none while the last run is still
     in progress (so /status never hides a running capture behind a newer one). Read from
-    Prefect, so every API replica applies the same rule."""
-    if interval <= 0:
-        return
-    with _answer_500("Error checking the last trigger"):
-        last = runs.latest()
+    Prefect under the trigger lock, on the Prefect server's clock, so every API replica
+    applies the same rule at once."""
+    last = view.last
     if last is None:
         return
     if map_state(last.state_type, last.state_name) == "in_progress":
@@ -299,7 +322,7 @@ def _check_rate(runs: Runs, interval: float) -> None:
             "trigger again when it has finished",
             headers={"Retry-After": "10"},
         )
-    age = (datetime.now(UTC) - last.triggered_at).total_seconds()
+    age = (view.now - last.triggered_at).total_seconds()
     if age < interval:
         wait = max(1, math.ceil(interval - age))
         raise HTTPException(
@@ -309,19 +332,45 @@ def _check_rate(runs: Runs, interval: float) -> None:
         )
 
 
+VERIFY_BUSY: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorBody,
+        "description": "MEMDUMP_VERIFY_MAX_CONCURRENT verifications are already running in"
+        " this API process (Retry-After says when to try again)",
+    },
+}
+VERIFY_RETRY_AFTER = "10"
+
+
+def _verify_busy(jobs: VerifyJobs) -> HTTPException:
+    return HTTPException(
+        429,
+        f"Too many verifications: at most {jobs.max_concurrent} at once; retry later",
+        headers={"Retry-After": VERIFY_RETRY_AFTER},
+    )
+
+
 @router.post(
     "/verify",
     response_model=VerifyResponse,
     responses={
         **BAD_REQUEST,
+        202: {
+            "model": VerifyJobResponse,
+            "description": 'A background verification ("wait": false, or a .gz larger than'
+            " MEMDUMP_VERIFY_BACKGROUND_BYTES): poll the Location",
+        },
         404: {"model": ErrorBody, "description": "no record for that dump"},
         **TOO_LARGE,
+        **VERIFY_BUSY,
         **SERVER_ERROR,
     },
     dependencies=[Depends(require_json)],
     summary="Re-read a recorded dump (local or S3) and check both hashes and its manifest",
 )
-def verify_dump(body: VerifyRequest, store: StoreDep, settings: SettingsDep) -> dict[str, Any]:
+def verify_dump(
+    body: VerifyRequest, store: StoreDep, settings: SettingsDep, jobs: VerifyJobsDep
+) -> Any:
     # Only dumps the store knows are read: a path from the request never opens a file
     # by itself, it only selects a record.
     if body.dump_path is not None and body.vmid is None and body.timestamp is None:
@@ -342,5 +391,60 @@ def verify_dump(body: VerifyRequest, store: StoreDep, settings: SettingsDep) -> 
         rows = store.list(1, 0, query)
     if not rows:
         raise HTTPException(404, f"No record for {what}")
-    with _answer_500("Error verifying dump"):
-        return verify(rows[0], settings).to_dict()
+    row = rows[0]
+    size = row.get("gzip_size_bytes")
+    background = body.wait is False or (
+        body.wait is None and isinstance(size, int) and size > settings.verify_background_bytes
+    )
+    if background:
+        try:
+            job = jobs.start(
+                str(row["dump_path"]),
+                lambda: verify(row, settings).to_dict(),
+                lambda exc: f"Error verifying dump: {exc}",
+            )
+        except VerifyBusy:
+            raise _verify_busy(jobs) from None
+        return JSONResponse(
+            _job_body(job),
+            status_code=202,
+            headers={"Location": f"{router.prefix}/verify/{job.id}"},
+        )
+    try:
+        with jobs.slot(), _answer_500("Error verifying dump"):
+            return verify(row, settings).to_dict()
+    except VerifyBusy:
+        raise _verify_busy(jobs) from None
+
+
+@router.get(
+    "/verify/{job_id}",
+    response_model=VerifyJobResponse,
+    responses={
+        **BAD_REQUEST,
+        404: {"model": ErrorBody, "description": "no such job"},
+        **SERVER_ERROR,
+    },
+    summary="A background verification: running, or its result (beyond the contract)",
+)
+def verify_job(
+    job_id: Annotated[str, Path(max_length=64, pattern=r"^[0-9a-f]+$")], jobs: VerifyJobsDep
+) -> dict[str, Any]:
+    job = jobs.get(job_id)
+    if job is None:
+        # Jobs live in the API process that started them, and only the newest
+        # MEMDUMP_VERIFY_JOBS_KEPT finished ones are kept.
+        raise HTTPException(404, f"No verification job {job_id} (kept by this API process)")
+    return _job_body(job)
+
+
+def _job_body(job: VerifyJob) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "state": job.state,
+        "dump_path": job.dump_path,
+        "started_at": iso_utc(job.started_at),
+        "finished_at": iso_utc(job.finished_at) if job.finished_at else None,
+        "result": job.result,
+        "detail": job.detail,
+    }

@@ -8,9 +8,10 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -65,14 +66,39 @@ class RunSummary:
     vms: tuple[VMRun, ...] = ()
 
 
+class TriggerBusy(Exception):
+    """Another trigger (in this or another API replica) holds the trigger lock."""
+
+
+@dataclass(frozen=True)
+class TriggerView:
+    """What a trigger decides on, read while holding the trigger lock."""
+
+    now: datetime  # the Prefect server's clock, the one its run timestamps use
+    last: RunSummary | None
+
+
 class Runs(Protocol):
-    def trigger(self, vm_ids: list[str], source: str) -> str:
-        """Create a flow run (returns at once) and return its id."""
+    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> str:
+        """Create a flow run (returns at once) and return its id; ``at``: its start
+        time (the server's clock, from TriggerView.now), else now."""
         ...
 
     def latest(self) -> RunSummary | None:
         """The newest capture run that is due (not a future scheduled one)."""
         ...
+
+    def exclusive(self) -> AbstractContextManager[TriggerView]:
+        """The trigger lock, one holder across every API replica (TriggerBusy at once
+        if taken): the rate check and the run's creation happen inside it."""
+        ...
+
+
+# A Prefect global concurrency limit of 1 used as a mutex by every API replica. Its slot
+# is leased: an API that dies holding it frees it when the lease runs out (the
+# server's minimum lease).
+TRIGGER_LOCK = "memdump-trigger"
+TRIGGER_LOCK_LEASE_SEC = 60.0
 
 
 class PrefectRuns:
@@ -83,7 +109,7 @@ class PrefectRuns:
         # finished run costs one Prefect query again, as before the detail existed.
         self._final: tuple[str, tuple[VMRun, ...]] | None = None
 
-    def trigger(self, vm_ids: list[str], source: str) -> str:
+    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> str:
         from prefect.deployments import run_deployment
 
         run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync call: not a coroutine
@@ -91,11 +117,33 @@ class PrefectRuns:
             parameters={"vm_ids": vm_ids, "source": source},
             timeout=0,  # return once the run exists; the runner picks it up
             tags=["memdump", f"source:{source}"],
+            # Unset, Prefect's client would stamp the run with this machine's clock.
+            scheduled_time=at,
         )
         return str(run.id)
 
+    @contextmanager
+    def exclusive(self) -> Iterator[TriggerView]:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            lease_id, now = _take_lock(client)
+            try:
+                # Due within the coming second counts: the Date header drops fractions.
+                yield TriggerView(now, self._latest(client, now + timedelta(seconds=1)))
+            finally:
+                try:
+                    client.release_concurrency_slots_with_lease(lease_id)
+                except Exception:  # noqa: S110 - the lease runs out by itself
+                    pass
+
     def latest(self) -> RunSummary | None:
         from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            return self._latest(client, datetime.now(UTC))
+
+    def _latest(self, client: Any, now: datetime) -> RunSummary | None:
         from prefect.client.schemas.filters import (
             FlowFilter,
             FlowFilterName,
@@ -104,29 +152,28 @@ class PrefectRuns:
         )
         from prefect.client.schemas.sorting import FlowRunSort
 
-        with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(
-                flow_filter=FlowFilter(name=FlowFilterName(any_=[self.flow_name])),
-                # The scheduler creates next week's run ahead of time; it is not "the last".
-                flow_run_filter=FlowRunFilter(
-                    expected_start_time=FlowRunFilterExpectedStartTime(before_=datetime.now(UTC))  # type: ignore[arg-type]
-                ),
-                sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-                limit=1,
-            )
-            if not runs:
-                return None
-            run = runs[0]
-            state = run.state
-            vm_ids = [str(v) for v in (run.parameters.get("vm_ids") or [])]
-            run_final = state is not None and state.is_final()
-            cached = self._final
-            if cached is not None and cached[0] == str(run.id):
-                vms = cached[1]
-            else:
-                vms = self._vms(client, run, vm_ids, run_final)
-                if run_final and all(v.final for v in vms):
-                    self._final = (str(run.id), vms)
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[self.flow_name])),
+            # The scheduler creates next week's run ahead of time; it is not "the last".
+            flow_run_filter=FlowRunFilter(
+                expected_start_time=FlowRunFilterExpectedStartTime(before_=now)  # type: ignore[arg-type]
+            ),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=1,
+        )
+        if not runs:
+            return None
+        run = runs[0]
+        state = run.state
+        vm_ids = [str(v) for v in (run.parameters.get("vm_ids") or [])]
+        run_final = state is not None and state.is_final()
+        cached = self._final
+        if cached is not None and cached[0] == str(run.id):
+            vms = cached[1]
+        else:
+            vms = self._vms(client, run, vm_ids, run_final)
+            if run_final and all(v.final for v in vms):
+                self._final = (str(run.id), vms)
         duration = None
         if state is not None and state.is_final() and run.start_time and run.end_time:
             duration = round((run.end_time - run.start_time).total_seconds(), 3)
@@ -178,6 +225,55 @@ class PrefectRuns:
                 )
             )
         return vm_detail(vm_ids, run_final, task_runs, artifacts)
+
+
+def _take_lock(client: Any) -> tuple[Any, datetime]:
+    """Take the trigger lock's slot: (lease id, the server's time from its answer).
+    A missing or inactive limit would be "acquired" without holding anything, so the
+    answer must name it; else it is created (or re-activated) and taken again."""
+    import httpx
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectAlreadyExists
+
+    for _ in range(2):
+        try:
+            resp = client.increment_concurrency_slots_with_lease(
+                names=[TRIGGER_LOCK],
+                slots=1,
+                mode="concurrency",
+                lease_duration=TRIGGER_LOCK_LEASE_SEC,
+            )
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 423:  # Locked: another trigger holds it
+                raise TriggerBusy from None
+            raise
+        body = resp.json()
+        if any(lim.get("name") == TRIGGER_LOCK for lim in body.get("limits", [])):
+            return body["lease_id"], _server_time(resp)
+        client.release_concurrency_slots_with_lease(body["lease_id"])
+        try:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=TRIGGER_LOCK, limit=1)
+            )
+        except ObjectAlreadyExists:  # inactive, or another trigger just created it
+            client.update_global_concurrency_limit(
+                TRIGGER_LOCK, GlobalConcurrencyLimitUpdate(active=True, limit=1)
+            )
+    raise RuntimeError(f"the Prefect concurrency limit {TRIGGER_LOCK!r} cannot be taken")
+
+
+def _server_time(resp: Any) -> datetime:
+    """The Prefect server's clock, from its answer's Date header (whole seconds: the
+    rate check rounds in its favour). Without one, this machine's clock."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        return parsedate_to_datetime(resp.headers["date"]).astimezone(UTC)
+    except (KeyError, TypeError, ValueError):
+        return datetime.now(UTC)
 
 
 def _pages(read: Any) -> list[Any]:

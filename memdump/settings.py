@@ -3,11 +3,13 @@ plus a hypervisor inventory file (YAML), e.g. the one ``lab/up`` writes."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import re
 import socket
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -19,7 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from memdump.errors import ConfigError, InvalidIdentifierError
 from memdump.identifiers import validate_id
@@ -289,6 +291,15 @@ class Settings(BaseSettings):
 
     # REST API
     api_token: SecretStr | None = None  # when set, every route but /health needs it
+    # Without a token the API answers only on loopback: bound elsewhere it refuses to
+    # start (check_api_exposure) unless this explicit override says a trusted proxy in
+    # front does the authentication.
+    api_allow_anonymous: bool = False
+    # Host header allow-list against DNS rebinding (a page on evil.example whose name
+    # now resolves to 127.0.0.1 reaching the loopback API). Unset: localhost, 127.0.0.1,
+    # ::1 and api_host. "name" allows any port, "name:port" only that port, "*" turns the
+    # check off. Environment: a JSON list or comma-separated names.
+    api_allowed_hosts: Annotated[list[str], NoDecode] | None = None
     trigger_min_interval_sec: float = Field(default=60.0, ge=0)
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=1, le=65535)
@@ -301,6 +312,12 @@ class Settings(BaseSettings):
     # ("all" covers a whole inventory in one entry).
     api_max_body_bytes: int = Field(default=256 * 1024, ge=1024)
     trigger_max_vms: int = Field(default=1000, ge=1)
+    # /verify: at most this many verifications at once per API process (each reads a
+    # whole dump); past it a 429. A dump whose .gz is larger than verify_background_bytes
+    # is verified as a background job the client polls (unless the request says "wait").
+    verify_max_concurrent: int = Field(default=2, ge=1)
+    verify_background_bytes: int = Field(default=1024 * MiB, ge=0)
+    verify_jobs_kept: int = Field(default=100, ge=1)  # finished jobs kept for polling
 
     outbox_replay_sec: float = Field(default=60.0, gt=0)
 
@@ -311,6 +328,50 @@ class Settings(BaseSettings):
             return validate_id(v, what="collector id")
         except InvalidIdentifierError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_empty(cls, v: SecretStr | None) -> SecretStr | None:
+        # An empty SecretStr is falsy: "" would silently mean "no authentication".
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError(
+                "MEMDUMP_API_TOKEN is empty: set a token, or unset the variable for an API"
+                " that answers on loopback only"
+            )
+        return v
+
+    @field_validator("api_allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = json.loads(v) if v.lstrip().startswith("[") else v.split(",")
+        if isinstance(v, list):
+            v = [str(h).strip().lower() for h in v if str(h).strip()]
+            if not v:
+                raise ValueError("MEMDUMP_API_ALLOWED_HOSTS is empty (use * to allow any)")
+        return v
+
+    def allowed_api_hosts(self) -> tuple[str, ...]:
+        """Host header values the API accepts (see api_allowed_hosts)."""
+        if self.api_allowed_hosts is not None:
+            return tuple(self.api_allowed_hosts)
+        hosts = ["localhost", "127.0.0.1", "::1"]
+        if not _any_address(self.api_host):
+            hosts.append(self.api_host.strip("[]").lower())
+        return tuple(dict.fromkeys(hosts))
+
+    def check_api_exposure(self, host: str | None = None) -> None:
+        """Refuse (ConfigError) to serve the API on ``host`` (default api_host) when that
+        is not a loopback address and no token is set, unless api_allow_anonymous."""
+        host = self.api_host if host is None else host
+        if self.api_token is None and not self.api_allow_anonymous and not is_loopback(host):
+            raise ConfigError(
+                f"refusing to serve the API on {host!r} without MEMDUMP_API_TOKEN: anyone"
+                " who reaches it could start captures. Set MEMDUMP_API_TOKEN, bind"
+                " MEMDUMP_API_HOST to 127.0.0.1, or set MEMDUMP_API_ALLOW_ANONYMOUS=true"
+                " when a proxy in front authenticates",
+                setting="MEMDUMP_API_TOKEN",
+            )
 
     @property
     def records_db(self) -> Path:
@@ -339,6 +400,21 @@ class Settings(BaseSettings):
             if hv.name == name:
                 return hv
         raise ConfigError(f"no hypervisor named {name!r} in the inventory", hypervisor=name)
+
+
+def _any_address(host: str) -> bool:
+    return host.strip("[]") in ("", "0.0.0.0", "::")  # noqa: S104 - detecting it
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP; a wildcard, another name or address is not."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def load_inventory(path: Path) -> list[HypervisorConfig]:

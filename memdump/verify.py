@@ -26,6 +26,7 @@ from memdump.settings import Settings
 
 Status = Literal["verified", "mismatch", "missing"]
 _CHUNK = 4 << 20
+_INFLATE_STEP = 1 << 20  # most raw bytes one decompress call may return
 _ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # stub says instance
 
 
@@ -59,14 +60,25 @@ def _hash_stream(chunks: Iterable[bytes]) -> tuple[str, str | None, int, int, st
         if error:
             continue  # keep hashing the stored bytes
         try:
+            # At most _INFLATE_STEP bytes out per call: zero pages inflate ~1000:1, so one
+            # unbounded call on a 4 MiB chunk would allocate ~4 GiB.
             data = chunk
-            while data:
+            while True:
                 if d.eof:
+                    if not data:
+                        break
                     d = isal_zlib.decompressobj(wbits=31)  # the next gzip member
-                out = d.decompress(data)
+                out = d.decompress(data, _INFLATE_STEP)
                 raw.update(out)
                 raw_n += len(out)
-                data = d.unused_data if d.eof else b""
+                if d.eof:
+                    data = d.unused_data
+                else:
+                    data = d.unconsumed_tail
+                    # A full step may leave output pending inside the decompressor
+                    # even when all input was taken: ask again until a short step.
+                    if not data and len(out) < _INFLATE_STEP:
+                        break
         except (zlib.error, _ISAL_ERROR) as exc:
             error = f"not a valid gzip stream: {exc}"
     if not error and not d.eof:

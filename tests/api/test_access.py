@@ -28,7 +28,10 @@ ROUTES = [
 
 def app(tmp_path: Path, runs: FakeRuns, **settings: object) -> TestClient:
     s = Settings(data_dir=tmp_path, **settings)  # type: ignore[arg-type]
-    return TestClient(create_app(s, store=SQLiteRecordStore(tmp_path / "r.db"), runs=runs))
+    return TestClient(
+        create_app(s, store=SQLiteRecordStore(tmp_path / "r.db"), runs=runs),
+        base_url="http://localhost",
+    )
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)

@@ -19,25 +19,13 @@ from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 from tests.contract import API_RECORD_FIELDS
+from tests.helpers.api import FakeRuns
+from tests.helpers.api import client as localhost_client
+
+__all__ = ["FakeRuns"]  # older test modules import it from here
 
 ISO_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
 BASE = "/api/memory-dumps"
-
-
-class FakeRuns:
-    def __init__(self) -> None:
-        self.triggered: list[tuple[list[str], str]] = []
-        self.run: RunSummary | None = None
-        self.fail = False
-
-    def trigger(self, vm_ids: list[str], source: str) -> str:
-        if self.fail:
-            raise ConnectionError("Prefect is down")
-        self.triggered.append((vm_ids, source))
-        return "run-1"
-
-    def latest(self) -> RunSummary | None:
-        return self.run
 
 
 class BrokenStore:
@@ -66,7 +54,7 @@ def store(tmp_path: Path) -> SQLiteRecordStore:
 
 @pytest.fixture
 def client(tmp_path: Path, runs: FakeRuns, store: SQLiteRecordStore) -> TestClient:
-    return TestClient(
+    return localhost_client(
         create_app(Settings(data_dir=tmp_path, status_cache_sec=0), store=store, runs=runs)
     )
 
@@ -170,7 +158,7 @@ def test_records_bad_query(client: TestClient, query: str) -> None:
 
 
 def test_store_down(tmp_path: Path, runs: FakeRuns) -> None:
-    c = TestClient(create_app(Settings(data_dir=tmp_path), store=BrokenStore(), runs=runs))
+    c = localhost_client(create_app(Settings(data_dir=tmp_path), store=BrokenStore(), runs=runs))
     r = c.get(f"{BASE}/records")
     assert r.status_code == 500
     assert r.json() == {"detail": "Error fetching records: Connection refused"}
@@ -285,7 +273,7 @@ def test_outbox_depth(tmp_path: Path, runs: FakeRuns) -> None:
     from memdump.records.outbox import Outbox
 
     app = create_app(Settings(data_dir=tmp_path), store=BrokenStore(), runs=runs)
-    c = TestClient(app)
+    c = localhost_client(app)
     assert c.get(f"{BASE}/outbox").json() == {
         "depth": 0,
         "oldest_queued_at": None,
@@ -395,7 +383,7 @@ def test_status_is_asked_of_prefect_once_per_ttl_and_fresh_after_a_trigger(
     cache.get()
     assert CountingRuns.calls == 2
 
-    c = TestClient(
+    c = localhost_client(
         create_app(
             Settings(data_dir=tmp_path, status_cache_sec=3600, trigger_min_interval_sec=0),
             store=store,

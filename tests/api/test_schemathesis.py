@@ -12,11 +12,12 @@ from hypothesis import HealthCheck, settings
 from api.main import create_app
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
-from tests.api.test_routes import FakeRuns
+from tests.helpers.api import FakeRuns
 
 _tmp = Path(tempfile.mkdtemp(prefix="memdump-schemathesis-"))
 app = create_app(
-    Settings(data_dir=_tmp, trigger_min_interval_sec=0),
+    # schemathesis's ASGI client sends "Host: testserver".
+    Settings(data_dir=_tmp, trigger_min_interval_sec=0, api_allowed_hosts=["testserver"]),
     store=SQLiteRecordStore(_tmp / "r.db"),
     runs=FakeRuns(),
 )

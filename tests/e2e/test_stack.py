@@ -84,7 +84,7 @@ def test_status_comes_from_prefect_not_process_memory(stack: Stack) -> None:
     from memdump.settings import Settings
 
     _, live = stack.call("GET", f"{BASE}/status")
-    replica = TestClient(create_app(Settings(data_dir=stack.data_dir)))
+    replica = TestClient(create_app(Settings(data_dir=stack.data_dir)), base_url="http://localhost")
     assert replica.get(f"{BASE}/status").json() == live
 
 

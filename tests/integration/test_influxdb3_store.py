@@ -98,7 +98,9 @@ def test_outage_fails_fast_and_outbox_replays(
     assert time.monotonic() - t0 < 15
     assert recorder.outbox.state().depth == 2
     # The API answers the contract's 500 quickly while the store is down.
-    api = TestClient(create_app(Settings(data_dir=tmp_path), store=store, runs=None))
+    api = TestClient(
+        create_app(Settings(data_dir=tmp_path), store=store, runs=None), base_url="http://localhost"
+    )
     r = api.get("/api/memory-dumps/records")
     assert r.status_code == 500 and r.json()["detail"].startswith("Error fetching records: ")
     server.start()
@@ -131,7 +133,10 @@ def test_api_filters_and_csv_on_influxdb3(cfg: InfluxDB3Settings, tmp_path: Path
     q = "since=2025-11-11T10:31:00&until=2025-11-11T10:35:00&vmid=101"
     answers = []
     for store in (influx, lite):
-        api = TestClient(create_app(Settings(data_dir=tmp_path), store=store, runs=None))
+        api = TestClient(
+            create_app(Settings(data_dir=tmp_path), store=store, runs=None),
+            base_url="http://localhost",
+        )
         body = api.get(f"/api/memory-dumps/records?{q}").json()
         text = api.get(f"/api/memory-dumps/records?{q}&format=csv").text
         answers.append((body, text))

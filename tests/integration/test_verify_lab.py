@@ -79,7 +79,7 @@ def test_api_and_cli(
     captured: tuple[dict[str, object], SQLiteRecordStore], settings: Settings
 ) -> None:
     row, store = captured
-    client = TestClient(create_app(settings, store=store))
+    client = TestClient(create_app(settings, store=store), base_url="http://localhost")
     r = client.post(f"{BASE}/verify", json={"dump_path": row["dump_path"]})
     assert r.status_code == 200 and r.json()["status"] == "verified", r.text
     r = client.post(f"{BASE}/verify", json={"vmid": row["vmid"], "timestamp": row["timestamp"]})

@@ -105,6 +105,9 @@ def seen(
         status_cache_sec=0,
         trigger_min_interval_sec=0,
         api_token=token,  # type: ignore[arg-type]
+        # The in-process app also stands for a remote API (--api http://10.0.0.5:9000).
+        api_allowed_hosts=["127.0.0.1", "10.0.0.5"],
+        api_allow_anonymous=True,
     )
     app = create_app(settings, store=store, runs=runs)
     sent: list[dict[str, Any]] = []

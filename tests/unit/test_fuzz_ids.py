@@ -107,7 +107,10 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, FakeRu
     tmp = tmp_path_factory.mktemp("fuzz")
     runs = FakeRuns()
     s = Settings(data_dir=tmp, trigger_min_interval_sec=0)
-    return TestClient(create_app(s, store=SQLiteRecordStore(tmp / "r.db"), runs=runs)), runs
+    return TestClient(
+        create_app(s, store=SQLiteRecordStore(tmp / "r.db"), runs=runs),
+        base_url="http://localhost",  # an allowed Host header
+    ), runs
 
 
 @settings(

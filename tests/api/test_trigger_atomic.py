@@ -1,0 +1,147 @@
+"""Issue 11 item 11: the trigger rate limit is atomic across API replicas and uses the
+Prefect server's clock. Against a real (temporary) Prefect server, with a deployment
+that no runner serves, so a created run stays Scheduled (in progress)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import api.routes
+from api.main import create_app
+from api.runs import TRIGGER_LOCK
+from memdump.records.sqlite import SQLiteRecordStore
+from memdump.settings import Settings
+
+BASE = "/api/memory-dumps"
+FLOW = "capture-vms-atomic-test"
+
+
+@pytest.fixture(scope="module")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    mp = pytest.MonkeyPatch()
+    # Telemetry off: its heartbeat races the harness's fresh SQLite ("database is locked").
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    mp.setenv("DO_NOT_TRACK", "1")
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    mp.undo()
+
+
+@pytest.fixture
+def deployment(prefect_server: None, request: pytest.FixtureRequest) -> str:
+    """A fresh flow + deployment per test (no runner: its runs stay Scheduled)."""
+    from prefect import get_client
+
+    flow = f"{FLOW}-{request.node.name}".replace("[", "-").replace("]", "")[:60]
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(flow)
+        client.create_deployment(flow_id=flow_id, name="on-demand")
+    return flow
+
+
+def _runs(flow: str) -> list[Any]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        return list(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow]))))
+
+
+def _replica(tmp_path: Path, flow: str, i: int) -> TestClient:
+    d = tmp_path / f"replica{i}"
+    d.mkdir()
+    s = Settings(data_dir=d, flow_name=flow, deployment="on-demand", trigger_min_interval_sec=60)
+    return TestClient(
+        create_app(s, store=SQLiteRecordStore(d / "r.db")), base_url="http://localhost"
+    )
+
+
+def test_concurrent_triggers_on_two_replicas_make_one_run(tmp_path: Path, deployment: str) -> None:
+    replicas = [_replica(tmp_path, deployment, i) for i in range(2)]
+    n = 20
+    barrier = threading.Barrier(n)
+    answers: list[Any] = [None] * n
+
+    def trigger(i: int) -> None:
+        c = replicas[i % 2]
+        barrier.wait()
+        answers[i] = c.post(f"{BASE}/trigger", json={"vm_ids": ["vm-web-01"]})
+
+    threads = [threading.Thread(target=trigger, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200] + [429] * (n - 1), [a.text for a in answers if a.status_code != 429]
+    for a in answers:
+        if a.status_code == 429:
+            assert list(a.json()) == ["detail"] and int(a.headers["retry-after"]) >= 1
+    assert len(_runs(deployment)) == 1
+
+
+def test_the_lock_is_given_back(tmp_path: Path, deployment: str) -> None:
+    from prefect import get_client
+
+    c = _replica(tmp_path, deployment, 0)
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    assert r.status_code == 429 and "in progress" in r.json()["detail"]
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(TRIGGER_LOCK)
+    assert limit.limit == 1 and limit.active_slots == 0
+    assert len(_runs(deployment)) == 1
+
+
+class _AheadClock(datetime):
+    """This API machine's clock, an hour ahead of the Prefect server's."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> Any:
+        return datetime.now(tz) + timedelta(hours=1)
+
+
+def test_interval_is_measured_on_the_servers_clock(
+    tmp_path: Path, deployment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect import get_client
+    from prefect.states import Completed
+
+    c = _replica(tmp_path, deployment, 0)
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    (run,) = _runs(deployment)
+    # The run's start time is the server's, not this process's.
+    assert abs((run.expected_start_time - run.created).total_seconds()) < 2
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run.id, Completed(), force=True)
+    monkeypatch.setattr(api.routes, "datetime", _AheadClock)
+    r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    assert r.status_code == 429 and "at most one every 60 s" in r.json()["detail"]
+    assert 55 <= int(r.headers["retry-after"]) <= 61
+    assert len(_runs(deployment)) == 1
+
+
+def test_deleted_lock_limit_is_recreated(tmp_path: Path, deployment: str) -> None:
+    """Without its limit, taking the lock would succeed vacuously (Prefect ignores
+    unknown names): the API creates it again instead of running unlocked."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.delete_global_concurrency_limit_by_name(TRIGGER_LOCK)
+        except Exception:  # noqa: S110 - not created yet in this server
+            pass
+    c = _replica(tmp_path, deployment, 0)
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(TRIGGER_LOCK)
+    assert limit.limit == 1 and limit.active and limit.active_slots == 0
