@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from memdump.errors import ConfigError, LocationError, MemdumpError
+from memdump.escaping import md_text
 from memdump.locations import Location, confine_local, confine_s3, record_locations
 from memdump.manifest import manifest_key, manifest_path
 from memdump.records.base import RecordStore
@@ -223,15 +223,10 @@ def _apply_one(
     report.deleted.append(where)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_PUNCT = re.compile(r"([!-/:-@\[-`{-~])")
-
-
 def md(text: str) -> str:
-    """``text`` (from records or errors) as literal markdown: every ASCII punctuation
-    character backslash-escaped, control characters shown as ``\\xNN``."""
-    escaped = _PUNCT.sub(r"\\\1", text)
-    return _CONTROL.sub(lambda m: f"\\\\x{ord(m.group()):02x}", escaped)
+    """``text`` (from records or errors) as literal markdown: the one escape every
+    artifact uses (memdump.escaping.md_text)."""
+    return md_text(text)
 
 
 def describe(report: Report) -> str:
