@@ -101,7 +101,8 @@ class VMStatus(BaseModel):
 
     vm_id: str | None = Field(
         description='The VM id as requested (or as found, for "all"); null for a VM of an'
-        ' "all" trigger that has not started streaming yet',
+        ' "all" trigger that has not started streaming yet; "<hypervisor>:all" for a'
+        " hypervisor whose VMs could not be listed (state failed, error says why)",
         examples=["vm-web-01"],
     )
     state: VMState = Field(
