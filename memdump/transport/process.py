@@ -28,6 +28,8 @@ _READ_SIZE = 4 << 20
 # the per-chunk cost of the pipeline dominates. 1 MiB is the default pipe-max-size.
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+# The most of a dump stream's stderr kept (its end).
+STDERR_TAIL = 1 << 20
 
 ExitCheck = Callable[[int, bytes], None]
 
@@ -175,7 +177,10 @@ class ProcessByteStream:
                 f"{self._what}: command did not exit within {timeout:.0f}s after the stream ended",
                 op="stream",
             ) from exc
-        self._err.seek(0)
+        # Its tail only (what the scripts report comes last): a peer that floods stderr
+        # during a dump must not fill the collector's memory.
+        size = self._err.seek(0, os.SEEK_END)
+        self._err.seek(max(0, size - STDERR_TAIL))
         stderr = self._err.read()
         self._close()
         if rc < 0:

@@ -13,6 +13,7 @@ import pytest
 from memdump.errors import CommandTimeoutError, OutputTooLargeError
 from memdump.settings import HypervisorConfig, SSHTuning
 from memdump.transport.local import LocalTransport
+from memdump.transport.process import STDERR_TAIL
 from memdump.transport.ssh import SSHTransport
 from tests.helpers.runaway import FLOOD_STDERR, FLOOD_STDOUT, TRICKLE, marker, wait_gone
 
@@ -143,3 +144,17 @@ def test_ssh_cap_holds_at_most_one_byte_past(
         "limit": 65536,
     }
     assert sum(asked) == 65537 and chan.closed
+
+
+def test_stream_keeps_only_the_tail_of_a_flooded_stderr() -> None:
+    # 20 MiB of stderr beside the stream, then the line that matters: only the last
+    # STDERR_TAIL bytes are read back into memory.
+    s = LocalTransport().stream(
+        'head -c 20971520 /dev/zero >&2; printf data; echo "$1" >&2', ["last line"]
+    )
+    out = b""
+    while chunk := s.read():
+        out += chunk
+    res = s.finish(30)
+    assert out == b"data" and res.returncode == 0
+    assert len(res.stderr) == STDERR_TAIL and res.stderr.endswith(b"last line\n")
