@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +13,7 @@ from api.main import create_app
 from api.runs import RunSummary
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
-from tests.api.test_routes import FakeRuns
+from tests.helpers.api import FakeRuns
 
 BASE = "/api/memory-dumps"
 ROUTES = [
@@ -100,3 +101,38 @@ def test_bad_request_wins_over_rate_limit(tmp_path: Path) -> None:
     runs.run = _last("RUNNING", 1)
     r = app(tmp_path, runs).post(f"{BASE}/trigger", json={"vm_ids": []})
     assert r.status_code == 400 and r.json() == {"detail": "No VM IDs specified"}
+
+
+def test_trigger_lock_taken_is_429_retry_after_1(tmp_path: Path) -> None:
+    """Another replica holds the trigger lock (issue 11 item 11): refused, nothing run."""
+    runs = FakeRuns()
+    c = app(tmp_path, runs)
+    with runs.exclusive():
+        r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    assert r.json() == {"detail": "Another trigger is being scheduled; retry in 1 s"}
+    assert runs.triggered == []
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+
+
+def test_trigger_lock_unreachable_is_500(tmp_path: Path) -> None:
+    class NoPrefect(FakeRuns):
+        def exclusive(self) -> Any:
+            raise ConnectionError("Connection refused")
+
+    runs = NoPrefect()
+    r = app(tmp_path, runs).post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    assert r.status_code == 500
+    assert r.json() == {"detail": "Error checking the last trigger: Connection refused"}
+    assert runs.triggered == []
+
+
+def test_interval_uses_the_lock_holders_clock(tmp_path: Path) -> None:
+    """The age of the last trigger is measured on the clock the lock gives (Prefect's),
+    not this machine's."""
+    runs = FakeRuns()
+    runs.run = _last("COMPLETED", 3600)  # an hour ago by this machine's clock...
+    runs.now = runs.run.triggered_at + timedelta(seconds=20)  # ...20 s by the server's
+    r = app(tmp_path, runs).post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    assert r.status_code == 429 and r.headers["retry-after"] == "40"
+    assert runs.triggered == []
