@@ -103,3 +103,24 @@ def test_same_record_queued_twice_is_one(store: FlakyStore, tmp_path: Path) -> N
 def test_record_roundtrip() -> None:
     a = rec(5)
     assert DumpRecord.from_dict(a.full_dict()) == a
+
+
+def test_a_record_queued_before_locations_existed_is_replayed(tmp_path: Path) -> None:
+    import json
+    import sqlite3
+
+    # An outbox row written by a memdump from before the location extras (issue 11).
+    old = {k: v for k, v in rec(7).full_dict().items() if k not in {
+        "collector", "local_path", "local_deleted_at", "s3_uri", "s3_version_id",
+        "s3_deleted_at"}}  # fmt: skip
+    box = Outbox(tmp_path / "outbox.db")
+    with sqlite3.connect(tmp_path / "outbox.db") as db:
+        db.execute(
+            "INSERT INTO outbox (key, record, queued_at) VALUES (?, ?, 0)",
+            (rec(7).key, json.dumps(old)),
+        )
+    db.close()
+    store = SQLiteRecordStore(tmp_path / "records.db")
+    assert DurableRecorder(store, box).replay() == 0
+    (row,) = store.list(10, 0)
+    assert row["dump_path"] == "/d/7" and row["local_path"] == row["s3_uri"] == ""
