@@ -29,9 +29,12 @@ def _remote_ip(host: str) -> bool:
     """A non-loopback IP address. Servers put the socket's IP here; a name (a test
     client's "testserver") is not a socket address and is not judged."""
     try:
-        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+        ip = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return False
+    # A dual-stack socket ("::") shows an IPv4 client as ::ffff:127.0.0.1.
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return not (mapped or ip).is_loopback
 
 
 def host_allowed(header: str, allowed: tuple[str, ...]) -> bool:

@@ -62,7 +62,9 @@ def test_non_loopback_bind_without_token_is_refused(tmp_path: Path, host: str) -
     Settings(data_dir=tmp_path, api_host=host, api_allow_anonymous=True).check_api_exposure()
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "::ffff:127.0.0.1"]
+)
 def test_loopback_bind_without_token_is_fine(tmp_path: Path, host: str) -> None:
     Settings(data_dir=tmp_path, api_host=host).check_api_exposure()
     # memdump serve may check the address it is about to give uvicorn.
@@ -84,6 +86,14 @@ def test_request_on_a_non_loopback_socket_without_token_is_refused(tmp_path: Pat
         c2.base_url = c2.base_url.copy_with(host="10.0.0.5")
         r2 = c2.get(f"{BASE}/stats", headers={"authorization": "Bearer t"})
         assert r2.status_code == 200, r2.text
+
+
+@pytest.mark.parametrize(("server", "code"), [("::ffff:127.0.0.1", 200), ("::ffff:10.0.0.5", 403)])
+def test_dual_stack_socket_addresses(tmp_path: Path, server: str, code: int) -> None:
+    # uvicorn --host :: shows an IPv4 client's local address as an IPv4-mapped one.
+    c = _app(tmp_path, api_allowed_hosts=["*"])
+    c.base_url = c.base_url.copy_with(host=f"[{server}]")
+    assert c.get(f"{BASE}/stats").status_code == code
 
 
 # -- Host header -------------------------------------------------------------------------
