@@ -116,7 +116,7 @@ def trigger_to_states(stack: Stack, vm: str) -> tuple[float, float]:
 
 
 def measure(stack: Stack, args: argparse.Namespace) -> None:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     trig = timed(stack, "POST", f"{BASE}/trigger", args.n, {"vm_ids": ["bench-absent-01"]})
     stack.wait_status()
@@ -126,7 +126,8 @@ def measure(stack: Stack, args: argparse.Namespace) -> None:
         ("GET /records?limit=1000 (of 5000)", timed(stack, "GET", f"{BASE}/records", args.n)),
         ("GET /stats (5000 records)", timed(stack, "GET", f"{BASE}/stats", args.n)),
     ]
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+    updates = {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.prefect_auth}
+    with temporary_settings(updates=updates):
         pairs = [trigger_to_states(stack, args.vm) for _ in range(args.runs)]
     results += [
         ("trigger -> flow run RUNNING", [p[0] for p in pairs]),

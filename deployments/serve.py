@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -16,6 +17,8 @@ from prefect import serve
 from flows.capture import capture_one_vm, capture_vms
 from flows.retention import apply_retention
 from flows.verify import verify_dumps
+from memdump.children import end_adopted
+from memdump.fsperm import private_umask
 from memdump.leftovers import clean_leftovers
 from memdump.records import open_recorder
 from memdump.settings import Settings
@@ -24,6 +27,7 @@ from tasks.limits import ensure_limits
 WEEKLY_CRON = "0 2 * * 1"
 VERIFY_CRON = "0 4 * * 0"
 RETENTION_CRON = "30 3 * * *"
+ORPHAN_GRACE_SEC = 10.0  # SIGTERM -> SIGKILL for flow runs left at exit
 
 
 def build_deployments(settings: Settings) -> list[Any]:
@@ -75,6 +79,22 @@ def replay_outbox(settings: Settings) -> None:
         time.sleep(settings.outbox_replay_sec)
 
 
+def exit_with_parent(parent: int) -> None:
+    """End this runner and its flow runs once ``parent`` (memdump serve) is gone.
+
+    memdump serve's death, even by SIGKILL, sends this process SIGTERM (PDEATHSIG), but
+    Prefect's graceful stop needs the Prefect server, which is being stopped the same
+    way: it was seen hanging past a minute. So the runner does not wait for it: its flow
+    runs get SIGTERM (their process groups), SIGKILL after ORPHAN_GRACE_SEC, and it
+    exits. A capture killed so is cleaned on the next start (memdump.leftovers).
+    """
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    logging.getLogger("memdump.runner").warning("memdump serve is gone: stopping")
+    end_adopted(set(), ORPHAN_GRACE_SEC)
+    os._exit(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -82,13 +102,29 @@ def main() -> None:
         action="store_true",
         help="free concurrency slots leaked by a Prefect server restart",
     )
+    parser.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop (and end the flow runs) when the parent process dies (memdump serve)",
+    )
     args = parser.parse_args()
+    private_umask()  # records, outbox, dumps: 0600 in 0700 dirs
+    if args.exit_with_parent:
+        threading.Thread(
+            target=exit_with_parent, args=(os.getppid(),), name="parent", daemon=True
+        ).start()
     settings = Settings()
     # What a worker killed mid-dump left (a .part, a FIFO on the hypervisor) goes first.
     clean_leftovers(settings, settings.cleanup_min_age_sec)
     ensure_limits(settings, reset_slots=args.reset_slots)
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
-    serve(*build_deployments(settings), query_seconds=settings.runner_poll_sec, limit=None)
+    try:
+        serve(*build_deployments(settings), query_seconds=settings.runner_poll_sec, limit=None)
+    finally:
+        # Flow runs Prefect could not cancel on the way out (it reads each run from the
+        # server first: with the server gone too, as when `memdump serve` is SIGKILLed
+        # and all its children get SIGTERM at once, it skips them) end with us.
+        end_adopted(set(), ORPHAN_GRACE_SEC)
 
 
 if __name__ == "__main__":

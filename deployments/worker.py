@@ -14,12 +14,13 @@ import argparse
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 from types import FrameType
 
 from deployments.serve import replay_outbox
+from memdump.children import popen_dying_with_parent
+from memdump.fsperm import private_umask
 from memdump.leftovers import clean_leftovers
 from memdump.settings import Settings
 from tasks.automations import ensure_crash_automation
@@ -32,6 +33,7 @@ def main() -> int:
     parser.add_argument("--name", default=None, help="worker name (default: Prefect's)")
     parser.add_argument("--limit", type=int, default=None, help="flow runs at once")
     args = parser.parse_args()
+    private_umask()  # records, outbox, dumps: 0600 in 0700 dirs (flow runs inherit it)
     settings = Settings()
     clean_leftovers(settings, settings.cleanup_min_age_sec)
     ensure_limits(settings)
@@ -45,7 +47,8 @@ def main() -> int:
         argv += ["--name", args.name]
     if args.limit:
         argv += ["--limit", str(args.limit)]
-    worker = subprocess.Popen(argv)  # noqa: S603 - fixed argv
+    # SIGTERM to `prefect worker` if this process is SIGKILLed (memdump.children).
+    worker = popen_dying_with_parent(argv)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         worker.send_signal(signum)

@@ -13,6 +13,7 @@ from typing import Any
 from memdump import manifest
 from memdump.analysis import analyze
 from memdump.errors import InsufficientSpaceError, MemdumpError, VMNotRunningError
+from memdump.fsperm import private_dir
 from memdump.hypervisors import Driver, VMInfo, VMRef
 from memdump.locations import dump_name
 from memdump.pipeline import PipelineResult, ProgressFn, write_dump
@@ -120,7 +121,7 @@ def capture(
 def _check_space(settings: Settings, info: VMInfo) -> None:
     """Fail before the guest is paused, not halfway through its dump."""
     dump_dir = settings.dump_dir.resolve()
-    dump_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(dump_dir)
     free = shutil.disk_usage(dump_dir).free
     need = int(info.memory_bytes * settings.disk_space_margin)
     if free < need:

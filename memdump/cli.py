@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from memdump.capture import capture
 from memdump.errors import MemdumpError
+from memdump.fsperm import private_umask
 from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.settings import Settings
 from memdump.targets import ALL, find, list_each
@@ -585,6 +586,9 @@ def _add_api_parsers(sub: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Records, dumps, manifests, Prefect's database: for the operator only, whatever
+    # umask the shell or the supervisor gave us (the children inherit it).
+    private_umask()
     parser = argparse.ArgumentParser(prog="memdump", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="run Prefect server + runner + API (embedded defaults)")

@@ -42,6 +42,11 @@ class ConfigError(MemdumpError):
     """Settings or inventory are wrong; fixing them needs a human."""
 
 
+class PortInUseError(ConfigError):
+    """A port ``memdump serve`` must listen on is taken (``port``, ``host``; ``holders``:
+    pid and command line of each process holding it, where /proc shows them)."""
+
+
 class InvalidIdentifierError(MemdumpError):
     """An id that is not a plain identifier; it never reaches a command."""
 

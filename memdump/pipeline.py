@@ -34,6 +34,7 @@ from memdump.errors import (
     ShortDumpError,
     StorageError,
 )
+from memdump.fsperm import private_dir
 
 ProgressFn = Callable[[int, int | None], None]
 _BUFFERS = 8
@@ -154,7 +155,7 @@ def write_dump(
     final = dest_dir / filename
     part = dest_dir / (filename + ".part")
     try:
-        dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(dest_dir)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         source.abort()

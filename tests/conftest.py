@@ -30,9 +30,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def on_stack_prefect(stack: Stack) -> Iterator[None]:
     """Point this process's Prefect client at the stack's server. Prefect reads its
     settings once at import, so changing the environment later is not enough."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api}):
+    updates = {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.prefect_auth}
+    with temporary_settings(updates=updates):
         yield
 
 

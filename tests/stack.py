@@ -34,6 +34,8 @@ class Stack:
     data_dir: Path
     env: dict[str, str]
     pid: int = 0  # of `memdump serve`
+    # user:password of its Prefect server (memdump serve makes one under the data dir)
+    prefect_auth: str = ""
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else json.dumps(body).encode()
@@ -95,6 +97,8 @@ def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack
                     raise RuntimeError("memdump serve exited:\n" + logfile.read_text()[-3000:])
                 try:
                     urllib.request.urlopen(st.api + "/health", timeout=2).close()
+                    auth = Path(env["MEMDUMP_DATA_DIR"]) / "prefect" / "auth-string"
+                    st.prefect_auth = auth.read_text().strip()
                     break
                 except OSError:
                     if time.monotonic() > deadline:

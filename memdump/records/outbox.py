@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memdump.errors import MemdumpError, RecordStoreError
+from memdump.fsperm import private_dir, private_file
 from memdump.records.base import RecordStore
 from memdump.records.model import DumpRecord
 
@@ -43,7 +44,8 @@ class OutboxState:
 class Outbox:
     def __init__(self, path: Path) -> None:
         self._path = path
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(path.parent)
+        private_file(path)  # 0600, and so its -wal/-shm
         with self._db() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)

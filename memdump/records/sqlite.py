@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from memdump.errors import RecordStoreError
+from memdump.fsperm import private_dir, private_file
 from memdump.records.base import RecordQuery, Stats
 from memdump.records.model import API_FIELDS, LATER_FIELDS, DumpRecord, iso_utc
 
@@ -81,7 +82,8 @@ class SQLiteRecordStore:
         self._path = path
         self._timeout = timeout
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(path.parent)
+            private_file(path)  # 0600, and so its -wal/-shm
             with self._conn() as db:
                 db.execute("PRAGMA journal_mode=WAL")
                 have = {row[1] for row in db.execute("PRAGMA table_info(mem_dumps)")}
