@@ -6,6 +6,7 @@ and halt BIOS as the libvirt VMs, so their dumps can be checked byte for byte.
 Usage: qemu.py up --state STATE --name NAME --mib MIB --images DIR --bios BIOS --accel kvm|tcg
        qemu.py down --state STATE (--all | NAME...)
        qemu.py up ... --vmid VMID          # a VM of the qm stand-in (lab/qm.py)
+       qemu.py up ... --runas UID:GID      # QEMU drops to this uid/gid once started
        qemu.py list --state STATE          # "NAME STATUS PID MIB" per lab QEMU VM
        qemu.py qmp SOCKET COMMAND [ARGS_JSON]   # one QMP command, prints the reply
 
@@ -111,7 +112,9 @@ def vm_uuid(name: str) -> str:
     return str(uuid.UUID(bytes=hashlib.sha256(f"memdump-lab-qemu:{name}".encode()).digest()[:16]))
 
 
-def argv_for(layout: dict, d: Path, stem: str, bios: str, accel: str) -> list[str]:
+def argv_for(
+    layout: dict, d: Path, stem: str, bios: str, accel: str, runas: str | None = None
+) -> list[str]:
     name = layout["name"]
     argv = [
         QEMU,
@@ -132,6 +135,11 @@ def argv_for(layout: dict, d: Path, stem: str, bios: str, accel: str) -> list[st
         "-pidfile", str(d / f"{stem}.pid"),
         "-daemonize",
     ]  # fmt: skip
+    if runas:
+        # As QEMU runs in production (libvirt's libvirt-qemu): its files (QMP socket,
+        # pidfile, /dev/kvm) are opened as root, then it drops to this uid:gid. It can
+        # then open none of root's private files: a dump must reach it as a descriptor.
+        argv += ["-runas", runas]
     return argv
 
 
@@ -208,8 +216,11 @@ def up(
     bios: str,
     accel: str,
     vmid: str | None = None,
+    runas: str | None = None,
 ) -> str:
     check_name(name)
+    if runas is not None and not re.fullmatch(r"[0-9]{1,9}:[0-9]{1,9}", runas):
+        raise SystemExit(f"lab: bad --runas {runas!r} (UID:GID)")
     if vmid is not None and not re.fullmatch(r"[1-9][0-9]{2,8}", vmid):
         raise SystemExit(f"lab: bad Proxmox vmid {vmid!r} (100-999999999)")
     d = qmp_dir(state, pve=vmid is not None)
@@ -220,7 +231,7 @@ def up(
         raise SystemExit(f"lab: QMP socket path too long for a unix socket: {sock}")
     vmdir = state / "vms" / name
     layout = image.generate(name, mib * image.MiB, image.seed_for(name), vmdir, images)
-    argv = argv_for(layout, d, stem, bios, accel)
+    argv = argv_for(layout, d, stem, bios, accel, runas)
     (vmdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1) + "\n")
     if vmid is not None:
         write_pve_conf(state, vmid, name, mib)
@@ -283,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bios", required=True)
     p.add_argument("--accel", choices=("kvm", "tcg"), required=True)
     p.add_argument("--vmid", help="a VM of the qm stand-in (lab/qm.py), by this vmid")
+    p.add_argument("--runas", help="UID:GID QEMU drops to once started (QEMU's -runas)")
     p = sub.add_parser("down")
     p.add_argument("--state", type=Path, required=True)
     p.add_argument("--all", action="store_true")
@@ -296,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "up":
         state = a.state.resolve()
-        print(up(state, a.name, a.mib, a.images.resolve(), a.bios, a.accel, a.vmid))
+        print(up(state, a.name, a.mib, a.images.resolve(), a.bios, a.accel, a.vmid, a.runas))
     elif a.cmd == "down":
         state = a.state.resolve()
         for pve in (False, True):

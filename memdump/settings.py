@@ -87,7 +87,7 @@ class HypervisorConfig(BaseModel):
 
     name: str
     # "libvirt": virsh on the hypervisor; "qemu": QEMU processes not managed by libvirt,
-    # each with a QMP socket <qmp_dir>/<vm name>.qmp, spoken to with socat; "proxmox":
+    # each with a QMP socket <qmp_dir>/<vm name>.qmp, spoken to with python3; "proxmox":
     # a Proxmox VE node, through its `qm` command (list, config, status, monitor).
     driver: Literal["libvirt", "qemu", "proxmox"] = "libvirt"
     transport: Literal["ssh", "local"] = "ssh"
@@ -103,12 +103,31 @@ class HypervisorConfig(BaseModel):
     # memory size x disk_space_margin free, checked before the guest is paused.
     staging_dir: str | None = None
     # driver "qemu": the directory of the VMs' QMP unix sockets (one <name>.qmp per VM);
-    # unset: /run/memdump-qemu. Its path goes into a socat address, so it is limited to
-    # letters, digits and "._/-".
+    # unset: /run/memdump-qemu. Its path goes into remote command lines, so it is limited
+    # to letters, digits and "._/-".
     qmp_dir: str | None = None
+    # driver "qemu": what may serve a VM's QMP socket. fnmatch patterns ("*" also matches
+    # "/") of the real path of /proc/PID/exe of the process listening on it (its SO_PEERCRED
+    # pid); that file and every directory above it must also be root's and writable by
+    # root only. A socket served by anything else is refused. Debian/Ubuntu/Proxmox
+    # (/usr/bin/kvm is a link) and RHEL paths by default; add e.g. /opt/qemu/bin/qemu-*.
+    qemu_binaries: list[str] = Field(
+        default=["/usr/bin/qemu-system-*", "/usr/libexec/qemu-kvm", "/usr/local/bin/qemu-system-*"],
+        min_length=1,
+        max_length=32,
+    )
     # driver "proxmox": the `qm` command on the node (absolute path); unset: "qm" from the
     # remote PATH (/usr/sbin/qm on Proxmox VE).
     qm_command: str | None = None
+
+    @field_validator("qemu_binaries")
+    @classmethod
+    def _binary_patterns(cls, v: list[str]) -> list[str]:
+        # One line each: they reach the hypervisor as one newline-separated argument.
+        for p in v:
+            if not re.fullmatch(r"/[^\x00-\x1f\x7f]{1,255}", p):
+                raise ValueError(f"qemu_binaries: {p!r} is not an absolute path pattern")
+        return v
 
     @field_validator("qm_command")
     @classmethod

@@ -1,15 +1,20 @@
-"""The plain-QEMU driver against a lab QEMU process (lab/up --qemu), over the lab's sshd:
-byte-exact dumps, lookups, errors, and aborts that leave the guest running."""
+"""The plain-QEMU driver against a lab QEMU process (lab/up --qemu, running as libvirt's
+QEMU user, not root), over the lab's sshd: byte-exact dumps handed to QEMU as a file
+descriptor, QEMU identified by its socket's peer (not a process named like it), lookups,
+errors, and aborts that leave the guest running."""
 
 from __future__ import annotations
 
+import array
 import gzip
 import hashlib
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,8 +43,11 @@ VM = "vm-qemu-01"
 HV = "lab-qemu"
 
 
-def qmp(sock: Path, command: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One QMP command on its own connection (events skipped); the reply."""
+def qmp(
+    sock: Path, command: str, args: dict[str, Any] | None = None, fd: int | None = None
+) -> dict[str, Any]:
+    """One QMP command on its own connection (events skipped); the reply. ``fd``: sent
+    with a ``getfd`` (as "ref") on that connection first, for ``protocol: fd:ref``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(120)
         s.connect(str(sock))
@@ -57,14 +65,38 @@ def qmp(sock: Path, command: str, args: dict[str, Any] | None = None) -> dict[st
         f.write(b'{"execute":"qmp_capabilities"}\n')
         f.flush()
         reply()
+        if fd is not None:
+            getfd = b'{"execute":"getfd","arguments":{"fdname":"ref"}}\n'
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            assert s.sendmsg([getfd], anc) == len(getfd)
+            assert reply() == {"return": {}}
         cmd: dict[str, Any] = {"execute": command, **({"arguments": args} if args else {})}
         f.write(json.dumps(cmd).encode() + b"\n")
         f.flush()
         return reply()
 
 
+def qemu_dump_to(sock: Path, path: Path) -> dict[str, Any]:
+    """QEMU's own dump of the VM into ``path``, handed over as a descriptor: a QEMU that
+    runs as another user (the lab's) could not open a file of this test's."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        args = {"paging": False, "protocol": "fd:ref", "format": "elf"}
+        return qmp(sock, "dump-guest-memory", args, fd=fd)
+    finally:
+        os.close(fd)
+
+
 def qemu_pid(lab_dir: Path) -> int:
     return int((lab_dir / "run" / "qemu" / f"{VM}.pid").read_text().strip())
+
+
+def proc_uid(pid: int) -> int:
+    """The effective uid of ``pid``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[2])
+    raise AssertionError(f"no Uid line for pid {pid}")
 
 
 @contextmanager
@@ -149,8 +181,7 @@ def paused_capture_is_byte_exact(
         result = capture(driver, ref, settings)
         assert status(sock) == "paused"  # a dump leaves a paused guest paused
         local = tmp_path / "reference.elf"
-        args = {"paging": False, "protocol": f"file:{local}", "format": "elf"}
-        assert qmp(sock, "dump-guest-memory", args) == {"return": {}}
+        assert qemu_dump_to(sock, local) == {"return": {}}
     finally:
         qmp(sock, "cont")
     assert status(sock) == "running"
@@ -175,6 +206,9 @@ def test_dump_is_byte_exact_with_markers(
 
     # What the snapshot said, and the manifest.
     pid = qemu_pid(lab_dir)
+    # QEMU runs as another user (lab/up: -runas): it could not open the script's root-only
+    # FIFO by path, so the dump reached it as a descriptor.
+    assert proc_uid(pid) != 0
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     assert info.memory_bytes == vm_layout["memory_bytes"]
     assert info.domain_id == str(pid)
@@ -280,3 +314,95 @@ def test_stale_socket_is_not_a_vm(qdriver: Driver, qemu_vm: Path, tmp_path: Path
         assert set(remote_temp_dirs()) - set(before) == set()
     finally:
         stale.unlink()
+
+
+def fifos_held_by(pid: int) -> list[Path]:
+    """The FIFOs named "mem" that ``pid`` has open (what /proc/PID/fd/N names)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            st = os.stat(fd)  # what the descriptor is, whatever became of its name
+        except OSError:
+            continue
+        if stat.S_ISFIFO(st.st_mode) and target.endswith("/mem"):
+            found.append(Path(target))
+    return found
+
+
+@pytest.fixture
+def decoy(qemu_vm: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A local user's process named ``qemu-x`` (comm), running as nobody, whose command
+    line names the VM's QMP socket as reached through another path (a symlinked dir, as
+    /var/run is /run): the base driver took the process named qemu* that mentions the
+    socket for QEMU and chowned the FIFO to it. Yields it and the symlink dir."""
+    base = Path(tempfile.mkdtemp(prefix="mdqd", dir="/tmp"))
+    base.chmod(0o755)
+    alias = base / "q"
+    alias.symlink_to(qemu_vm.parent)
+    script = base / "qemu-x"
+    script.write_text("#!/bin/sh\nsleep 600\n")
+    script.chmod(0o755)
+    proc = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(script),
+         "-qmp", f"unix:{alias / qemu_vm.name},server=on,wait=off"],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "qemu-x":
+            assert time.monotonic() < deadline, "the decoy did not start"
+            time.sleep(0.05)
+        assert proc_uid(proc.pid) == 65534
+        yield proc, alias
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        alias.unlink()
+        script.unlink()
+        base.rmdir()
+
+
+def test_qemu_is_its_sockets_peer_not_a_process_named_qemu(
+    decoy: tuple[subprocess.Popen[bytes], Path],
+    qhv: HypervisorConfig,
+    qsettings: Settings,
+    qemu_vm: Path,
+    lab_dir: Path,
+) -> None:
+    proc, alias = decoy
+    d = open_driver(qhv.model_copy(update={"qmp_dir": str(alias)}), qsettings.ssh)
+    try:
+        pid = qemu_pid(lab_dir)
+        ref = d.resolve(VM)
+        # Not chosen: the pid recorded is the process serving the socket (SO_PEERCRED).
+        info = d.snapshot(ref)
+        assert info.domain_id == str(pid) != str(proc.pid)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert info.domain_xml_sha256 == hashlib.sha256(cmdline).hexdigest()
+
+        src = d.open_dump(ref)
+        raw = bytearray()
+        chunk = memoryview(bytearray(4 << 20))
+        n = src.readinto(chunk)
+        assert n > 0  # streaming: QEMU is writing, the guest paused
+        raw += chunk[:n]
+        # QEMU (not root) writes through the descriptor it was handed: the FIFO it holds
+        # is root's, 0600, in root's 0700 dir, so it could not have opened it by name,
+        # and neither can the decoy, which holds nothing.
+        held = fifos_held_by(pid)
+        assert len(held) == 1 and proc_uid(pid) != 0
+        fifo = held[0]
+        st, dst = os.lstat(fifo), os.lstat(fifo.parent)
+        assert stat.S_ISFIFO(st.st_mode) and st.st_uid == 0 and st.st_mode & 0o777 == 0o600
+        assert stat.S_ISDIR(dst.st_mode) and dst.st_uid == 0 and dst.st_mode & 0o777 == 0o700
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert all(fifos_held_by(p) == [] for p in [proc.pid, *map(int, kids)])
+        while n:
+            n = src.readinto(chunk)
+            raw += chunk[:n]
+        src.close_ok()  # the dump completed (QEMU said so)
+    finally:
+        d.close()
+    assert_markers(bytes(raw), lab_dir, VM)
+    assert status(qemu_vm) == "running"
