@@ -5,7 +5,11 @@ directory and possibly a temp directory with a FIFO on the hypervisor. Neither i
 evidence (a ``.part`` was never verified), so both go. Several workers may share a dump
 directory or a hypervisor, so only what has no living owner is removed: a ``.part`` whose
 writer still holds its lock (memdump.pipeline) is skipped, and so is a remote directory
-whose script is alive (memdump.hypervisors.fifo).
+whose script is alive (memdump.hypervisors.fifo). On a hypervisor the clean-up runs as
+root among local users: it looks in the scripts' root-only run directory and in
+``${TMPDIR:-/tmp}`` (and each ``staging_dir``) and takes only directories of the remote
+user that nobody else can write, checked from the inside, never following a symlink
+(fifo._CLEAN); nothing it needs comes from a command line.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import re
-import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,10 +20,19 @@ from memdump.errors import (
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
-from memdump.hypervisors.fifo import PROLOGUE, clean_stale, pause_window
+from memdump.hypervisors.fifo import (
+    ENTER_FN,
+    PROLOGUE,
+    PROLOGUE_IN_BASE,
+    DirStream,
+    clean_stale,
+    pause_window,
+    start_dump,
+    token_stdin,
+)
 from memdump.identifiers import validate_id
 from memdump.settings import HypervisorConfig, Settings
-from memdump.transport.base import ByteStream, CommandResult, Transport
+from memdump.transport.base import CommandResult, Transport
 
 Staging = Literal["fifo", "file"]
 _DEFAULT_MARGIN = float(Settings.model_fields["disk_space_margin"].default)
@@ -44,11 +52,12 @@ virsh -c "$1" version || true
 hostname
 """
 
-# $1 = URI, $2 = domain name. The reader (cat) is started before virsh so that QEMU's
-# open of the FIFO does not block; if virsh fails before QEMU opened it, cat would wait
-# forever in open(), so it is killed. The temp dir goes on every exit path (trap, and
-# fifo.clean_stale for a script killed outright). stdout carries only the dump; virsh's
-# own messages go to a file, sent as stderr last.
+# $1 = URI, $2 = domain name; stdin: the token (PROLOGUE). The reader (cat) is started
+# before virsh so that QEMU's open of the FIFO does not block; if virsh fails before QEMU
+# opened it, cat would wait forever in open(), so it is killed. The temp dir goes on every
+# exit path (trap, and fifo.clean_stale for a script killed outright). stdout carries the
+# memdump-dir line, then only the dump; virsh's own messages go to a file, sent as stderr
+# last.
 _DUMP = (
     """export LC_ALL=C
 umask 077
@@ -77,8 +86,9 @@ exit 0
 """
 )
 
-# $1 = URI, $2 = domain, $3 = directory for the temp dir ("" = ${TMPDIR:-/tmp}), $4 = space
-# margin in thousandths, $5 = token (how _ABORT_FILE finds this script's dir). Staged:
+# $1 = URI, $2 = domain, $3 = directory for the temp dir ("" = ${TMPDIR:-/tmp}: a whole
+# memory image does not belong in the RAM-backed run directory), $4 = space margin in
+# thousandths; stdin: the token (PROLOGUE; _ABORT_FILE checks it). Staged:
 # QEMU first writes the whole dump into "$d/mem", a 0600 regular file, so the guest is
 # paused only for that local write (t0..t1), and the file is streamed afterwards. Before
 # anything pauses the guest, the free space there must cover the domain's memory x the
@@ -89,11 +99,11 @@ exit 0
 _DUMP_FILE = (
     """export LC_ALL=C
 umask 077
-if [ -n "$3" ]; then TMPDIR=$3; export TMPDIR; fi
+memdump_base=${3:-${TMPDIR:-/tmp}}
 case $4 in ''|*[!0-9]*) echo "memdump: bad space margin" >&2; exit 97 ;; esac
 """
-    + PROLOGUE
-    + """printf '%s\\n' "$5" >"$d/token" || exit 93
+    + PROLOGUE_IN_BASE
+    + """
 kib=$(virsh -c "$1" dominfo "$2" 2>"$d/err" | sed -n 's/^Max memory: *\\([0-9]*\\) KiB$/\\1/p')
 if [ -z "$kib" ]; then
   cat "$d/err" >&2
@@ -148,30 +158,31 @@ _NO_SPACE = re.compile(r"^memdump-insufficient-space (\d+) (\d+) (\d+) (.*)$", r
 # $1 = URI, $2 = domain. Best effort: there may be no job left to abort.
 _ABORT = 'virsh -c "$1" domjobabort "$2" >/dev/null 2>&1; exit 0'
 
-# $1 = URI, $2 = domain, $3 = directory ("" = ${TMPDIR:-/tmp}), $4 = token of the staged
-# dump to stop. Over SSH nothing signals the script when the channel closes, and while
-# QEMU writes the file nothing is written to the channel either. So: mark the dump
-# cancelled (see _DUMP_FILE), then, for as long as the script says its dump may be
-# starting or running, stop it. libvirt refuses domjobabort for a memory-only dump
-# ("cannot abort memory-only dump", libvirt 9), so the writer libvirt put between QEMU
-# and our file (libvirt_iohelper, its command line naming our private "$d/mem") is
-# killed: QEMU's dump then fails and QEMU resumes the guest, as when a FIFO dump's reader
-# goes. domjobabort is still asked, for a libvirt that can abort it. Bounded: ~15 s.
-_ABORT_FILE = """export LC_ALL=C
-mine=
-for d in "${3:-${TMPDIR:-/tmp}}"/memdump.??????????; do
-  if [ -d "$d" ] && [ ! -L "$d" ] && [ "$(cat "$d/token" 2>/dev/null)" = "$4" ]; then
-    mine=$d
-    : >"$d/cancel" 2>/dev/null
-    break
-  fi
-done
-[ -n "$mine" ] || exit 0
+# $1 = URI, $2 = domain, $3 = the staged dump's own directory (its memdump-dir line);
+# stdin: its token. Nothing is done unless that directory passes memdump_enter (ours,
+# nobody else can change its entries) and holds the token; "cancel" is made there with
+# noclobber (no existing file, no symlink followed). Over SSH nothing signals the script
+# when the channel closes, and while QEMU writes the file nothing is written to the
+# channel either. So: mark the dump cancelled (see _DUMP_FILE), then, for as long as the
+# script says its dump may be starting or running, stop it. libvirt refuses domjobabort
+# for a memory-only dump ("cannot abort memory-only dump", libvirt 9), so the writer
+# libvirt put between QEMU and our file (libvirt_iohelper, its command line naming our
+# private "$3/mem") is killed: QEMU's dump then fails and QEMU resumes the guest, as when
+# a FIFO dump's reader goes. domjobabort is still asked, for a libvirt that can abort
+# it. Bounded: ~15 s.
+_ABORT_FILE = (
+    "export LC_ALL=C\n"
+    + ENTER_FN
+    + r"""memdump_token=
+IFS= read -r memdump_token || :
+memdump_enter "$3" || exit 0
+memdump_token_ok || exit 0
+(set -C; : >cancel) 2>/dev/null
 i=0
-while [ -e "$mine/dumping" ] && [ "$i" -lt 50 ]; do
-  grep -laF -- "$mine/mem" /proc/[0-9]*/cmdline 2>/dev/null | while read -r f; do
-    case $(tr '\\0' ' ' <"$f" 2>/dev/null) in
-      *libvirt_iohelper" $mine/mem "*) p=${f#/proc/}; kill "${p%/cmdline}" 2>/dev/null ;;
+while [ -e dumping ] && [ "$i" -lt 50 ]; do
+  grep -laF -- "$3/mem" /proc/[0-9]*/cmdline 2>/dev/null | while read -r f; do
+    case $(tr '\0' ' ' <"$f" 2>/dev/null) in
+      *libvirt_iohelper" $3/mem "*) p=${f#/proc/}; kill "${p%/cmdline}" 2>/dev/null ;;
     esac
   done
   virsh -c "$1" domjobabort "$2" >/dev/null 2>&1
@@ -180,6 +191,7 @@ while [ -e "$mine/dumping" ] && [ "$i" -lt 50 ]; do
 done
 exit 0
 """
+)
 # While QEMU writes the staged file nothing arrives on the stream, for as long as that
 # takes (SSH keepalives still catch a dead peer, the capture deadline a hung dump); past
 # this, a silent staged dump is given up as stalled.
@@ -269,15 +281,15 @@ class LibvirtDriver:
         ``margin`` (Settings.disk_space_margin) is free there, then streams that file."""
         validate_id(ref.name, what="domain name")
         if staging == "fifo":
-            stream = self._t.stream(_DUMP, (self._uri, ref.name))
+            stream, _ = start_dump(self._t, _DUMP, (self._uri, ref.name), self.name)
             return _VirshDump(stream, self.name, ref, self._stop_dump)
         if staging != "file":
             raise ConfigError(f"unknown staging {staging!r}", hypervisor=self.name)
-        token = secrets.token_hex(16)
         milli = max(0, math.ceil(margin * 1000 - 1e-6))
-        args = (self._uri, ref.name, self._staging_dir or "", str(milli), token)
-        stream = self._t.stream(_DUMP_FILE, args)
-        stop = functools.partial(self._stop_staged_dump, token=token)
+        args = (self._uri, ref.name, self._staging_dir or "", str(milli))
+        stream, token = start_dump(self._t, _DUMP_FILE, args, self.name)
+        # The abort acts on this script's own directory only (None: it never made one).
+        stop = functools.partial(self._stop_staged_dump, token=token, directory=stream.dir)
         return _VirshDump(stream, self.name, ref, stop, staging="file", margin=margin)
 
     def _stop_dump(self, ref: VMRef) -> None:
@@ -288,9 +300,16 @@ class LibvirtDriver:
         except MemdumpError:
             pass
 
-    def _stop_staged_dump(self, ref: VMRef, *, token: str) -> None:
+    def _stop_staged_dump(self, ref: VMRef, *, token: str, directory: str | None) -> None:
+        if directory is None:
+            return  # the script ended before it made its directory: no dump started
         try:
-            self._run(_ABORT_FILE, ref.name, self._staging_dir or "", token, timeout=30.0)
+            self._t.run(
+                _ABORT_FILE,
+                (self._uri, ref.name, directory),
+                timeout=30.0,
+                stdin=token_stdin(token),
+            )
         except MemdumpError:
             pass
 
@@ -307,7 +326,7 @@ class LibvirtDriver:
 class _VirshDump:
     def __init__(
         self,
-        stream: ByteStream,
+        stream: DirStream,
         hv: str,
         ref: VMRef,
         stop: Callable[[VMRef], None],

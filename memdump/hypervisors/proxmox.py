@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import secrets
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -82,7 +81,8 @@ exit 0
 """
 )
 
-# $1 = qm, $2 = vmid, $3 = token (how ABORT_FIFO finds this dump). stderr: the monitor's
+# $1 = qm, $2 = vmid; stdin: the token (PROLOGUE; ABORT_FIFO checks it: never on a
+# command line). stdout: the memdump-dir line, then the dump. stderr: the monitor's
 # answer to the dump command, "memdump-dump-status <info dump's Status>" and the pause
 # window. Exit 89: the dump did not complete; 88: the monitor refused the command.
 _DUMP = (
@@ -90,11 +90,7 @@ _DUMP = (
     + """umask 077
 """
     + PROLOGUE
-    + """case $d in
-  *[!A-Za-z0-9._/-]*) echo "memdump: temp dir path not plain: $d" >&2; exit 90 ;;
-esac
-printf '%s\\n' "$3" >"$d/token" || exit 93
-mkfifo -m 600 "$d/mem" || exit 91
+    + """mkfifo -m 600 "$d/mem" || exit 91
 cat "$d/mem" 8>&- &
 reader=$!
 echo "$reader" >"$d/reader"
@@ -301,9 +297,7 @@ class ProxmoxDriver:
                 hypervisor=self.name,
             )
         fifo_only(self.name, "proxmox", staging, "HMP cannot cancel a dump-guest-memory")
-        token = secrets.token_hex(16)
-        stream = self._t.stream(_DUMP, (self._qm, ref.vmid, token))
-        return _HmpDump(stream, self._t, self.name, ref, token)
+        return _HmpDump.start(self._t, _DUMP, (self._qm, ref.vmid), self.name, ref)
 
     def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
         return clean_stale(self._t, self.name, min_age_sec)

@@ -47,11 +47,15 @@ class ByteStream(Protocol):
 class Transport(Protocol):
     description: str
 
+    # ``stdin``: bytes written to the command's stdin, which is then closed. For secrets
+    # (a dump's token): a command line is world-readable in /proc/PID/cmdline.
     def run(
-        self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0
+        self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0, stdin: bytes = b""
     ) -> CommandResult: ...
 
-    def stream(self, script: str, args: Sequence[str] = ()) -> ByteStream: ...
+    def stream(
+        self, script: str, args: Sequence[str] = (), *, stdin: bytes = b""
+    ) -> ByteStream: ...
 
     def host_key_fingerprint(self) -> str:
         """The verified host key of the hypervisor ("ssh-ed25519 SHA256:..."), "" if the

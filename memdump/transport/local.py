@@ -23,7 +23,9 @@ class LocalTransport:
         self._max_stdout = max_stdout
         self._max_stderr = max_stderr
 
-    def run(self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0) -> CommandResult:
+    def run(
+        self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0, stdin: bytes = b""
+    ) -> CommandResult:
         # Capped and deadline-checked like the SSH transport's run().
         return run_capped(
             sh_command(script, args),
@@ -31,10 +33,13 @@ class LocalTransport:
             max_stdout=self._max_stdout,
             max_stderr=self._max_stderr,
             what="local",
+            stdin=stdin,
         )
 
-    def stream(self, script: str, args: Sequence[str] = ()) -> ProcessByteStream:
-        return start_stream(sh_command(script, args), stall=self._stall, what="local")
+    def stream(
+        self, script: str, args: Sequence[str] = (), *, stdin: bytes = b""
+    ) -> ProcessByteStream:
+        return start_stream(sh_command(script, args), stall=self._stall, what="local", stdin=stdin)
 
     def host_key_fingerprint(self) -> str:
         return ""

@@ -35,7 +35,13 @@ ExitCheck = Callable[[int, bytes], None]
 
 
 def run_capped(
-    argv: Sequence[str], *, timeout: float, max_stdout: int, max_stderr: int, what: str
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    max_stdout: int,
+    max_stderr: int,
+    what: str,
+    stdin: bytes = b"",
 ) -> CommandResult:
     """Run ``argv`` to completion, as the SSH transport's run(): the deadline is checked on
     every turn and stdout/stderr are capped; past either the whole process group is
@@ -43,13 +49,14 @@ def run_capped(
     try:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv, values as separate arguments
             list(argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # so a runaway command's children go with it
         )
     except OSError as exc:
         raise TransportError(f"{what}: cannot run command: {exc}", op="run") from exc
+    _feed(proc, stdin)
     assert proc.stdout is not None and proc.stderr is not None  # noqa: S101 - PIPEs
     out, err = bytearray(), bytearray()
     streams = {
@@ -111,14 +118,29 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def _feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
+    """Write ``data`` (a few bytes: it fits the pipe) to the child's stdin and close it."""
+    if proc.stdin is None:
+        return
+    with contextlib.suppress(BrokenPipeError):  # the child is gone: its exit says why
+        proc.stdin.write(data)
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.close()
+
+
 def start_stream(
-    argv: Sequence[str], *, stall: float, what: str, check_exit: ExitCheck | None = None
+    argv: Sequence[str],
+    *,
+    stall: float,
+    what: str,
+    check_exit: ExitCheck | None = None,
+    stdin: bytes = b"",
 ) -> ProcessByteStream:
     err = tempfile.TemporaryFile()  # stderr to a file: a full stderr pipe cannot block it
     try:
         proc = subprocess.Popen(  # noqa: S603 - fixed argv, values as separate arguments
             list(argv),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=err,
             start_new_session=True,  # so abort() can signal the whole group
@@ -126,6 +148,7 @@ def start_stream(
     except OSError as exc:
         err.close()
         raise TransportError(f"{what}: cannot start {argv[0]}: {exc}", op="stream") from exc
+    _feed(proc, stdin)
     return ProcessByteStream(proc, err, stall, what, check_exit)
 
 

@@ -166,13 +166,15 @@ class SSHTransport:
         key = t.get_remote_server_key()  # checked against known_hosts on connect
         return f"{key.get_name()} {key.fingerprint}"
 
-    def _open_channel(self, command: str, op: str) -> paramiko.Channel:
+    def _open_channel(self, command: str, op: str, stdin: bytes = b"") -> paramiko.Channel:
         client = self._connected()
         try:
             t = client.get_transport()
             assert t is not None  # noqa: S101 - _connected returned an active one
             chan = t.open_session(timeout=self._tuning.connect_timeout_sec)
             chan.exec_command(command)
+            if stdin:  # secrets (a dump's token) go here, never on the command line
+                chan.sendall(stdin)
             chan.shutdown_write()
             return chan
         except Exception as exc:
@@ -180,8 +182,10 @@ class SSHTransport:
 
     # -- Transport protocol ----------------------------------------------------------------
 
-    def run(self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0) -> CommandResult:
-        chan = self._open_channel(sh_command_line(script, args), "run")
+    def run(
+        self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0, stdin: bytes = b""
+    ) -> CommandResult:
+        chan = self._open_channel(sh_command_line(script, args), "run", stdin)
         out, err = bytearray(), bytearray()
         caps = (self._tuning.run_max_stdout_bytes, self._tuning.run_max_stderr_bytes)
         deadline = time.monotonic() + timeout
@@ -238,7 +242,7 @@ class SSHTransport:
                 limit=cap,
             )
 
-    def stream(self, script: str, args: Sequence[str] = ()) -> ByteStream:
+    def stream(self, script: str, args: Sequence[str] = (), *, stdin: bytes = b"") -> ByteStream:
         command = sh_command_line(script, args)
         if self._use_openssh():
             return start_stream(
@@ -246,8 +250,9 @@ class SSHTransport:
                 stall=self._tuning.stall_timeout_sec,
                 what=self._host,
                 check_exit=self._check_openssh_exit,
+                stdin=stdin,
             )
-        chan = self._open_channel(command, "stream")
+        chan = self._open_channel(command, "stream", stdin)
         chan.settimeout(self._tuning.stall_timeout_sec)
         return _SSHByteStream(chan, self._host, self._tuning)
 

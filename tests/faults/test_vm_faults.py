@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     assert_hypervisor_clean,
     extra_lab_vm,
     remote_temp_dirs,
+    remote_temp_paths,
     virsh,
 )
 from tests.procs import cmdline, holders
@@ -78,15 +79,15 @@ def test_dump_script_killed_outright_is_cleaned_by_the_next_start(settings: Sett
     buf = bytearray(1 << 20)
     assert src.readinto(memoryview(buf)) > 0  # the dump is streaming
     (left,) = remote_temp_dirs()
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    (shell,) = holders(tmp / left / "lock")  # fd 8 of the script, and only the script
+    (where,) = remote_temp_paths()
+    (shell,) = holders(where / "lock")  # fd 8 of the script, and only the script
     assert "mkfifo" in cmdline(shell)
     os.kill(shell, signal.SIGKILL)
     src.abort()
     time.sleep(1)
     assert remote_temp_dirs() == [left]  # nothing removed it
     assert drv.clean_stale(3600) == []  # too young to be sure
-    assert drv.clean_stale(0) == [str(tmp / left)]
+    assert drv.clean_stale(0) == [str(where)]
     assert_hypervisor_clean("vm-db-01")
     assert "None" in virsh("domjobinfo", "vm-db-01")
     drv.close()

@@ -59,9 +59,17 @@ def layout(lab_dir: Path, vm: str) -> dict[str, Any]:
     return data
 
 
+def remote_temp_paths() -> list[Path]:
+    """The dump scripts' temp dirs on the lab hypervisor (this machine): in their root-only
+    run directory (FIFO dumps) and in TMPDIR (file-staged dumps, or no run directory)."""
+    from memdump.hypervisors.fifo import RUN_DIR
+
+    bases = (Path(RUN_DIR), Path(os.environ.get("TMPDIR", "/tmp")))
+    return sorted(p for base in bases for p in base.glob("memdump.*"))
+
+
 def remote_temp_dirs() -> list[str]:
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    return sorted(p.name for p in tmp.glob("memdump.*"))
+    return sorted(p.name for p in remote_temp_paths())
 
 
 def assert_hypervisor_clean(vm: str, timeout: float = 30.0) -> None:

@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import json
 import os
+import secrets
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -23,6 +24,15 @@ from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.manifest import manifest_path
 from memdump.settings import Settings
 from memdump.targets import find
+from tests.helpers.hv_tempdirs import (
+    TARGET_BYTES,
+    TOKEN,
+    make_target,
+    plant,
+    state,
+    token_in_cmdlines,
+    watched,
+)
 from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
 from tests.integration.test_qemu_driver import (
     abort_mid_stream_resumes_the_guest,
@@ -144,3 +154,50 @@ def test_deadline_stops_the_dump_and_leaves_nothing(
     pdriver: Driver, psettings: Settings, pve_vm: Path
 ) -> None:
     deadline_stops_the_dump(pdriver, psettings, pve_vm, VMID)
+
+
+# -- issue 11 item 4: planted directories, the token on no command line -----------------------
+
+
+def test_abort_leaves_a_planted_dir_alone(
+    psettings: Settings, pve_vm: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local user read the token of a dump from /proc (old code) and planted
+    # memdump.0000000000 with it, its mem a symlink to someone's FIFO, in the scripts'
+    # shared TMPDIR (a sticky, world-writable dir like /tmp; over the local transport so
+    # that it can be this test's own). Aborting the real dump opens only its own FIFO.
+    monkeypatch.setattr(secrets, "token_hex", lambda n=32: TOKEN)
+    shared = tmp_path / "shared-tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setenv("TMPDIR", str(shared))
+    target = make_target(tmp_path)
+    hv = psettings.hypervisor(HV).model_copy(update={"transport": "local"})
+    drv = open_driver(hv, psettings.ssh)
+    with watched(tmp_path / "victim.fifo") as victim:
+        planted = plant(shared, target, victim.path)
+        kept = state(planted)
+        before = remote_temp_dirs()  # (TMPDIR is shared: the planted one is among them)
+        src = drv.open_dump(drv.resolve(VMID))
+        assert src.readinto(memoryview(bytearray(1 << 20))) > 0  # streaming, guest paused
+        src.abort()
+        wait_clean(pve_vm, before)
+        assert not victim.touched()
+    assert target.read_bytes() == TARGET_BYTES and state(planted) == kept
+    assert list(shared.iterdir()) == [planted]
+    assert drv.snapshot(drv.resolve(VMID)).state == "running"
+
+
+def test_the_token_is_on_no_command_line_during_a_dump(
+    pdriver: Driver, pve_vm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(secrets, "token_hex", lambda n=32: TOKEN)
+    before = remote_temp_dirs()
+    src = pdriver.open_dump(pdriver.resolve(VMID))
+    try:
+        assert src.readinto(memoryview(bytearray(1 << 20))) > 0  # the script is running
+        hits = token_in_cmdlines(TOKEN)  # this machine is the lab's hypervisor too
+    finally:
+        src.abort()
+    wait_clean(pve_vm, before)
+    assert hits == []

@@ -73,6 +73,7 @@ def remote_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "hvtmp"
     d.mkdir()
     monkeypatch.setenv("TMPDIR", str(d))
+    monkeypatch.setenv("MEMDUMP_RUN_DIR", str(d))  # the scripts' root-only base, here
     return d
 
 
@@ -159,7 +160,9 @@ def test_a_signal_as_the_script_ends_still_removes_its_dir(
     else:
         script += "sleep 30 &\nreader=$!\nkill -TERM $$\nwait $reader\n"
     env = {**os.environ, "TMPDIR": str(remote_tmp)}
-    res = subprocess.run([shell, "-c", script], env=env, timeout=20, check=False)
+    res = subprocess.run(
+        [shell, "-c", script], env=env, input=b"0123abcd\n", timeout=20, check=False
+    )
     assert res.returncode == 143
     assert list(remote_tmp.iterdir()) == []
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -25,6 +26,15 @@ from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.local import LocalTransport
 from tests.elfgen import make_core
+from tests.helpers.hv_tempdirs import (
+    TARGET_BYTES,
+    TOKEN,
+    Recording,
+    make_target,
+    plant,
+    state,
+    watched,
+)
 
 # A fake qm: VMs from $FAKE_QM/vms.json, one line per call in $FAKE_QM/log. `monitor`
 # answers "dump-guest-memory -d PATH" as QEMU does with detach: it opens PATH (the FIFO)
@@ -132,6 +142,7 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     (base / "core").write_bytes(make_core([(0, os.urandom(300_000)), (1 << 20, bytes(3 << 20))]))
     monkeypatch.setenv("FAKE_QM", str(base))
     monkeypatch.setenv("TMPDIR", str(base / "tmp"))
+    monkeypatch.setenv("MEMDUMP_RUN_DIR", str(base / "tmp"))  # the scripts' root-only base
     yield base
     shutil.rmtree(base, ignore_errors=True)
 
@@ -268,3 +279,45 @@ def test_abort_mid_dump_breaks_qemus_writes(env: Path) -> None:
         time.sleep(0.05)
     assert "pipe" in (env / "write-error").read_text().lower()
     assert _wait_empty(env / "tmp") == []
+
+
+# -- issue 11 item 4: a local user's planted directory; the token on no command line ----------
+
+
+def test_abort_leaves_a_planted_dir_alone_and_no_token_on_a_command_line(
+    env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local user read the token from /proc (old code) and planted memdump.0000000000
+    # with it, its mem a symlink to someone's FIFO, in the scripts' base: the abort opens
+    # the FIFO of the script's own directory only.
+    monkeypatch.setattr(secrets, "token_hex", lambda n=32: TOKEN)
+    (env / "mode").write_text("slow")
+    target = make_target(tmp_path)
+    t = Recording(LocalTransport(stall_timeout=20))
+    hv = HypervisorConfig(
+        name="pve", driver="proxmox", transport="local", qm_command=str(env / "qm")
+    )
+    with watched(tmp_path / "victim.fifo") as victim:
+        planted = plant(env / "tmp", target, victim.path)
+        before = state(planted)
+        src = ProxmoxDriver(hv, t).open_dump(VMRef("pve", "101", "vm-web"))
+        assert src.readinto(memoryview(bytearray(4096))) > 0
+        src.abort()
+        assert not victim.touched()
+    assert target.read_bytes() == TARGET_BYTES and state(planted) == before
+    deadline = time.monotonic() + 10
+    while not (env / "write-error").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "pipe" in (env / "write-error").read_text().lower()  # the real dump did stop
+    assert [p.name for p in _wait_only(env / "tmp", planted)] == [planted.name]
+    assert len(t.calls) == 2  # the dump, its abort
+    for script, args, stdin in t.calls:
+        assert TOKEN not in script and not any(TOKEN in a for a in args)
+        assert stdin == f"{TOKEN}\n".encode()
+
+
+def _wait_only(d: Path, keep: Path, timeout: float = 10.0) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while list(d.iterdir()) != [keep] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return list(d.iterdir())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import secrets
 import stat
 import subprocess
 import time
@@ -27,6 +28,15 @@ from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.local import LocalTransport
 from memdump.transport.process import ProcessByteStream
 from tests.elfgen import make_core
+from tests.helpers.hv_tempdirs import (
+    TARGET_BYTES,
+    TOKEN,
+    Recording,
+    make_target,
+    plant,
+    state,
+    watched,
+)
 
 REF = VMRef("local", "vm1", "vm1")
 
@@ -96,6 +106,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FAKE_KIB", "1024")
     monkeypatch.setenv("FAKE_MODE", "ok")
     monkeypatch.setenv("TMPDIR", str(tmp_path / "remote-tmp"))
+    monkeypatch.setenv("MEMDUMP_RUN_DIR", str(tmp_path / "remote-tmp"))  # FIFO dumps' base
     return tmp_path
 
 
@@ -241,8 +252,10 @@ class _DroppingTransport(LocalTransport):
         super().__init__()
         self.procs = procs
 
-    def stream(self, script: str, args: Sequence[str] = ()) -> _Dropped:  # type: ignore[override]
-        return _Dropped(super().stream(script, args), self.procs)
+    def stream(  # type: ignore[override]
+        self, script: str, args: Sequence[str] = (), *, stdin: bytes = b""
+    ) -> _Dropped:
+        return _Dropped(super().stream(script, args, stdin=stdin), self.procs)
 
 
 @pytest.fixture
@@ -353,3 +366,54 @@ def test_abort_while_streaming_the_file_cleans_up(env: Path) -> None:
     assert st.st_size == (env / "core.elf").stat().st_size
     src.abort()
     assert _wait_empty(env / "remote-tmp") == []
+
+
+# -- issue 11 item 4: a local user's planted directory; the token on no command line ----------
+
+
+@pytest.fixture
+def fixed_token(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every dump's token is TOKEN: the one a local user read from /proc (old code)."""
+    monkeypatch.setattr(secrets, "token_hex", lambda n=32: TOKEN)
+    return TOKEN
+
+
+def test_staged_abort_leaves_a_planted_dir_alone(
+    env: Path, fixed_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A local user plants memdump.0000000000 with the token and cancel -> a disk image in
+    # the staged dump's base: the abort acts on the script's own directory only.
+    monkeypatch.setenv("FAKE_INFO", "slow")  # the abort lands before the dump starts
+    target = make_target(env)
+    with watched(env / "victim.fifo") as victim:
+        planted = plant(env / "remote-tmp", target, victim.path)
+        before = state(planted)
+        src = _driver().open_dump(REF, staging="file")
+        src.abort()
+        assert not victim.touched()
+    assert target.read_bytes() == TARGET_BYTES and state(planted) == before
+    assert [p.name for p in _wait_empty_but(env / "remote-tmp", planted)] == [planted.name]
+
+
+def _wait_empty_but(d: Path, keep: Path, timeout: float = 10.0) -> list[Path]:
+    deadline = time.monotonic() + timeout
+    while list(d.iterdir()) != [keep] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return list(d.iterdir())
+
+
+def test_the_token_is_on_no_command_line(
+    env: Path, fixed_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every script of the libvirt driver (FIFO and staged dumps, the staged abort): the
+    # token travels on stdin only; /proc/PID/cmdline is world-readable.
+    monkeypatch.setenv("FAKE_INFO", "slow")
+    t = Recording(LocalTransport())
+    drv = _driver(t)  # type: ignore[arg-type]
+    drv.open_dump(REF, staging="file").abort()
+    write_dump(drv.open_dump(REF), env / "out", "a.gz")
+    scripts = [script for script, _, _ in t.calls]
+    assert len(t.calls) == 3 and "domjobabort" in scripts[1], scripts
+    for script, args, stdin in t.calls:
+        assert TOKEN not in script and not any(TOKEN in a for a in args)
+        assert stdin == f"{TOKEN}\n".encode()
