@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from memdump.capture import capture
 from memdump.errors import MemdumpError
+from memdump.escaping import plain_text
 from memdump.fsperm import private_umask
 from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.settings import Settings
@@ -38,8 +39,8 @@ def cmd_vms(settings: Settings, _args: argparse.Namespace) -> int:
             failed += 1
             err = {"hypervisor": listing.hypervisor, **listing.error.to_dict()}
             print(json.dumps(err, default=str), file=sys.stderr)
-        for ref in listing.vms:
-            print(f"{ref.hypervisor}\t{ref.vmid}\t{ref.name}")
+        for ref in listing.vms:  # names as the hypervisor gave them: no escape sequences
+            print("\t".join(plain_text(v) for v in (ref.hypervisor, ref.vmid, ref.name)))
     return 1 if failed else 0
 
 

@@ -29,6 +29,12 @@ def md_text(value: object, max_len: int | None = None) -> str:
     return _CONTROL.sub(lambda m: f"\\\\x{ord(m.group()):02x}", escaped)
 
 
+def plain_text(value: object) -> str:
+    """``value`` for a terminal or a plain-text line: control characters (escape
+    sequences, newlines, tabs) shown as ``\\xNN``, the rest as it is."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
 def csv_cell(value: object) -> object:
     """A CSV cell that no spreadsheet runs as a formula: text starting with ``=``, ``+``,
     ``-``, ``@``, tab or CR gets a leading ``'``. Numbers and None pass unchanged (a

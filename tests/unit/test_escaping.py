@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from memdump.escaping import csv_cell, md_text
+from memdump.escaping import csv_cell, md_text, plain_text
 from tests.helpers.markdown import render_table
 
 HOSTILE = [
@@ -47,3 +47,16 @@ def test_md_text_is_literal_in_a_table_cell(value: str) -> None:
     # Shown as the text itself, control characters as \xNN.
     expected = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value).strip()
     assert shown == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("vm-web-01", "vm-web-01"),
+        ("vm\x1b]0;pwned\x07x", "vm\\x1b]0;pwned\\x07x"),
+        ("a\tb\nc\r", "a\\x09b\\x0ac\\x0d"),
+        ("vm\x9bx", "vm\\x9bx"),
+    ],
+)
+def test_plain_text_shows_control_characters(value: str, shown: str) -> None:
+    assert plain_text(value) == shown
