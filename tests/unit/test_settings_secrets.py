@@ -55,6 +55,27 @@ def test_root_settings_hide_the_s3_secret(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_root_settings_hide_the_api_token() -> None:
     with pytest.raises(ValidationError) as ei:
-        Settings(api_token=NUMERIC_SECRET)
+        Settings(api_token=NUMERIC_SECRET)  # type: ignore[arg-type]  # the wrong type
     assert "api_token" in str(ei.value)
     assert _leaks(f"{ei.value}\n{ei.value!r}") == []
+
+
+def test_every_settings_model_with_a_secret_hides_its_input() -> None:
+    # A secret field added later to any settings model must come with the setting.
+    import inspect
+
+    from pydantic import BaseModel
+
+    import memdump.settings as mod
+
+    models = [
+        m
+        for _, m in inspect.getmembers(mod, inspect.isclass)
+        if issubclass(m, BaseModel) and m.__module__ == mod.__name__
+    ]
+    with_secrets = [
+        m for m in models if any("SecretStr" in str(f.annotation) for f in m.model_fields.values())
+    ]
+    assert {m.__name__ for m in with_secrets} >= {"S3Settings", "Settings"}
+    for m in with_secrets:
+        assert m.model_config.get("hide_input_in_errors") is True, m.__name__
