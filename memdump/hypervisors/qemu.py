@@ -101,7 +101,7 @@ done
 [ $# -gt 0 ] || exit 0
 """
     + _py('query 5 "$cmds" "$bins" "$@"')
-    + "exit 0\n"
+    + "exit\n"  # the client's status: 95, a python3 it cannot run on
 )
 
 # $1 = qmp_dir, $2 = VM (socket) name, $3 = the QMP commands, $4 = allowed QEMU binaries.
@@ -113,7 +113,9 @@ s=$1/$2.qmp
 [ -S "$s" ] || { printf 'memdump-no-vm %s\\n' "$2" >&2; exit 96; }
 """
     + _py('query 30 "$3" "$4" "$s"')
-    + """echo "memdump-host $(uname -n)"
+    + """rc=$?
+[ "$rc" -eq 0 ] || exit "$rc"
+echo "memdump-host $(uname -n)"
 exit 0
 """
 )
@@ -216,10 +218,14 @@ def _blocks(text: str) -> list[tuple[str, _Sock]]:
     return [(parts[i].strip(), _Sock(parts[i + 1])) for i in range(1, len(parts) - 1, 2)]
 
 
-def _no_python(hv: str, **fields: Any) -> HypervisorError:
+def _no_python(hv: str, output: str = "", **fields: Any) -> HypervisorError:
+    """python3 is not there (exit 95 of _COMMON) or cannot run the client (its exit 95:
+    too old, a module missing; ``output`` holds its memdump-error line)."""
+    m = _ERROR.search(output)
+    what = f"cannot run the QMP client ({m.group(2).strip()})" if m else "is missing"
     return HypervisorError(
-        f"{hv}: python3 is missing on the hypervisor; the qemu driver needs it (3.6 or later) "
-        "to speak QMP and pass the dump's file descriptor to QEMU",
+        f"{hv}: python3 on the hypervisor {what}; the qemu driver needs python3 (3.6 or later, "
+        "with its standard library) to speak QMP and pass the dump's file descriptor to QEMU",
         hypervisor=hv,
         retryable=False,
         **fields,
@@ -253,7 +259,7 @@ class QemuDriver:
         allowed QEMU; one that did not answer has no replies."""
         res = self._run(_SCAN, "\n".join((_STATUS, _NAME, _UUID)), self._bins, timeout=120.0)
         if res.returncode == _EXIT_NO_PYTHON:
-            raise _no_python(self.name)
+            raise _no_python(self.name, res.stdout.decode("utf-8", "replace"))
         if res.returncode != 0:
             raise HypervisorError(
                 f"{self.name}: listing QMP sockets in {self._dir} failed: {res.stderr_text}",
@@ -283,7 +289,7 @@ class QemuDriver:
                 f"no VM {vm_id!r} on hypervisor {self.name}", vm_id=vm_id, hypervisor=self.name
             )
         if res.returncode == _EXIT_NO_PYTHON:
-            raise _no_python(self.name, vm_id=vm_id)
+            raise _no_python(self.name, res.stdout.decode("utf-8", "replace"), vm_id=vm_id)
         text = res.stdout.decode("utf-8", "replace")
         blocks = _blocks(text)
         sock = blocks[0][1] if blocks else _Sock("")
@@ -293,8 +299,6 @@ class QemuDriver:
                 host = line.removeprefix("memdump-host ").strip()
         if sock.error and sock.error[0] == _EXIT_NOT_QEMU:
             raise _not_qemu(self.name, vm_id, sock.error[1])
-        if sock.error and sock.error[0] == _EXIT_NO_PYTHON:
-            raise _no_python(self.name, vm_id=vm_id)
         if res.returncode != 0 or "memdump-1" not in sock.replies:
             err = sock.error[1] if sock.error else res.stderr_text
             if "Connection refused" in err:  # a socket left by a QEMU that is gone
@@ -394,7 +398,7 @@ class _QmpDump(TokenFifoDump):
                 hypervisor=self._hv,
             )
         if rc == _EXIT_NO_PYTHON:
-            raise _no_python(self._hv, vm_id=self._ref.vmid)
+            raise _no_python(self._hv, stderr, vm_id=self._ref.vmid)
         if rc == _EXIT_NOT_QEMU:
             raise _not_qemu(self._hv, self._ref.vmid, m.group(2) if m else stderr[-500:])
         lines = [

@@ -9,6 +9,7 @@ import array
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import stat
@@ -387,8 +388,44 @@ def test_python3_missing_is_a_clear_non_retryable_error(
         with pytest.raises(HypervisorError) as ei:
             call()
         assert type(ei.value) is HypervisorError and not ei.value.retryable
-        assert "python3 is missing on the hypervisor" in str(ei.value)
+        assert "python3 on the hypervisor is missing" in str(ei.value)
     assert vms["vm-a"].commands == []
+
+
+# A python3 without json, as Debian's python3-minimal alone: the client, run by the
+# wrapper below exactly as the scripts run it, cannot import it.
+_NO_JSON = (
+    'import sys; sys.modules["json"] = None; '
+    'exec(compile(sys.stdin.read(), "qmp.py", "exec"), {"__name__": "__main__"})'
+)
+
+
+def test_python3_without_its_stdlib_is_a_clear_non_retryable_error(
+    env: Path, vms: dict[str, FakeQemu], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "python3"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'while [ "$1" != - ]; do shift; done; shift\n'  # drop "-I -S -": -c below
+        f'exec {shlex.quote(THIS_EXE)} -I -S -c {shlex.quote(_NO_JSON)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    d = _driver(env)
+    for call in (
+        d.list_vms,
+        lambda: d.snapshot(VMRef("hv", "vm-a", "vm-a")),
+        lambda: write_dump(d.open_dump(VMRef("hv", "vm-a", "vm-a")), tmp_path, "a.gz"),
+    ):
+        with pytest.raises(HypervisorError) as ei:
+            call()
+        assert type(ei.value) is HypervisorError and not ei.value.retryable
+        assert "python3 on the hypervisor cannot run the QMP client" in str(ei.value)
+        assert "lacks json" in str(ei.value)
+    assert vms["vm-a"].commands == []
+    assert _wait_empty(env / "tmp") == []
 
 
 def test_qmp_error_fails_fast_frees_the_reader_and_the_descriptor(

@@ -37,21 +37,27 @@ BINARIES: fnmatch patterns ("*" also matches "/"), one per line.
 
 Exit codes (dump): 0 done; 1 QEMU answered with an error; 70 usage; 71 no greeting; 72 not
 a QMP greeting; 73 the connection closed or timed out; 74 the socket is not served by an
-allowed QEMU; 75 cannot connect; 76 the FIFO has no reader; 95 Python too old.
+allowed QEMU; 75 cannot connect; 76 the FIFO has no reader; 95 Python too old or
+without a module it needs (query mode too).
 """
 
-import array
-import errno
-import fcntl
-import fnmatch
-import hashlib
-import json
-import os
-import socket
-import stat
-import struct
 import sys
-import time
+
+try:
+    import array
+    import errno
+    import fcntl
+    import fnmatch
+    import hashlib
+    import json
+    import os
+    import socket
+    import stat
+    import struct
+    import time
+except ImportError as exc:  # e.g. Debian's python3-minimal alone: no json
+    sys.stdout.write("memdump-error 95 python3 on the hypervisor lacks %s\n" % exc.name)
+    sys.exit(95)
 
 MAX_LINE = 1 << 20  # a QMP reply longer than this is not QEMU's: refused, not buffered
 FDNAME = "memdump"
