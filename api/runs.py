@@ -4,6 +4,7 @@ the status survives an API restart and every API replica sees the same)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import threading
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Artifact, FlowRun, TaskRun
+
+logger = logging.getLogger(__name__)
 
 # Names the capture flow and task use (flows/capture.py, tasks/capture.py). Kept here as
 # strings: reading a run must not import the flow (and with it the whole engine).
@@ -99,6 +102,11 @@ class Runs(Protocol):
 # server's minimum lease).
 TRIGGER_LOCK = "memdump-trigger"
 TRIGGER_LOCK_LEASE_SEC = 60.0
+# Leases live in the Prefect server's memory: a server restart while a trigger holds the
+# slot leaves it taken with no lease to expire. A lock that one API process has found
+# taken at every attempt for this long (a real hold lasts well under a second) is
+# treated as leaked and freed.
+STALE_LOCK_SEC = 3 * TRIGGER_LOCK_LEASE_SEC
 
 
 class PrefectRuns:
@@ -108,6 +116,7 @@ class PrefectRuns:
         # Per-VM detail of the last finished run read: it cannot change any more, so a
         # finished run costs one Prefect query again, as before the detail existed.
         self._final: tuple[str, tuple[VMRun, ...]] | None = None
+        self._busy_since: float | None = None  # first of an unbroken row of TriggerBusy
 
     def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> str:
         from prefect.deployments import run_deployment
@@ -127,7 +136,13 @@ class PrefectRuns:
         from prefect import get_client
 
         with get_client(sync_client=True) as client:
-            lease_id, now = _take_lock(client)
+            try:
+                lease_id, now = _take_lock(client)
+            except TriggerBusy:
+                if not self._free_stale_lock(client):
+                    raise
+                lease_id, now = _take_lock(client)
+            self._busy_since = None
             try:
                 # Due within the coming second counts: the Date header drops fractions.
                 yield TriggerView(now, self._latest(client, now + timedelta(seconds=1)))
@@ -136,6 +151,27 @@ class PrefectRuns:
                     client.release_concurrency_slots_with_lease(lease_id)
                 except Exception:  # noqa: S110 - the lease runs out by itself
                     pass
+
+    def _free_stale_lock(self, client: Any) -> bool:
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+        now = time.monotonic()
+        if self._busy_since is None:
+            self._busy_since = now
+            return False
+        if now - self._busy_since < STALE_LOCK_SEC:
+            return False
+        logger.warning(
+            "the trigger lock %r was taken at every attempt for %.0f s: freeing it as"
+            " leaked (a Prefect server restart loses its lease)",
+            TRIGGER_LOCK,
+            now - self._busy_since,
+        )
+        client.update_global_concurrency_limit(
+            TRIGGER_LOCK, GlobalConcurrencyLimitUpdate(active_slots=0)
+        )
+        self._busy_since = None
+        return True
 
     def latest(self) -> RunSummary | None:
         from prefect import get_client

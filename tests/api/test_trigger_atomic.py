@@ -5,6 +5,7 @@ that no runner serves, so a created run stays Scheduled (in progress)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import api.routes
+import api.runs
 from api.main import create_app
 from api.runs import TRIGGER_LOCK
 from memdump.records.sqlite import SQLiteRecordStore
@@ -145,3 +147,34 @@ def test_deleted_lock_limit_is_recreated(tmp_path: Path, deployment: str) -> Non
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(TRIGGER_LOCK)
     assert limit.limit == 1 and limit.active and limit.active_slots == 0
+
+
+def test_a_leaked_lock_frees_itself(
+    tmp_path: Path, deployment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Prefect server restart while a trigger holds the lock leaves its slot taken with
+    no lease to expire: after STALE_LOCK_SEC of refusals the API frees it."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.states import Completed
+
+    c = _replica(tmp_path, deployment, 0)
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    (run,) = _runs(deployment)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run.id, Completed(), force=True)
+        client.update_global_concurrency_limit(
+            TRIGGER_LOCK,
+            GlobalConcurrencyLimitUpdate(active_slots=1),  # leaked
+        )
+    monkeypatch.setattr(api.runs, "STALE_LOCK_SEC", 0.5)
+    for _ in range(2):  # refused while it may still be a real holder
+        r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+        assert r.status_code == 429 and "Another trigger" in r.json()["detail"]
+    time.sleep(0.6)
+    r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    # Freed and taken: now the ordinary rule answers (the last run was moments ago).
+    assert r.status_code == 429 and "at most one every 60 s" in r.json()["detail"]
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(TRIGGER_LOCK).active_slots == 0
+    assert len(_runs(deployment)) == 1
