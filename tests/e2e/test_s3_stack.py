@@ -121,7 +121,7 @@ def test_offload_then_outage(
     status = s3stack.wait_status()
     assert status["status"] == "failed", status
     assert "vm-web-01" in status["error"] and "offload failed" in status["error"]
-    kept = list(dumps.glob("vm-web-01_*.mem.gz"))
+    kept = list(dumps.glob("lab_vm-web-01_*.mem.gz"))
     assert len(kept) == 1 and not list(dumps.glob("*.part"))
     raw = gzip.decompress(Path(kept[0]).read_bytes())
     assert raw[:4] == b"\x7fELF"

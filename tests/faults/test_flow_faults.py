@@ -94,7 +94,9 @@ def test_ssh_session_killed_mid_stream_is_retried(
     assert state.is_completed(), state
     new_files = set(dumps.glob("*")) - before_files
     # One dump and its manifest: no .part, no second (truncated) dump.
-    assert sorted(p.name.split(".", 1)[1] for p in new_files) == ["manifest.json", "mem.gz"]
+    # (the name's time has a "." too: <hv>_<vmid>_<...>.123456Z_<random>.mem.gz)
+    suffixes = sorted(".".join(p.name.rsplit(".", 2)[1:]) for p in new_files)
+    assert suffixes == ["manifest.json", "mem.gz"]
     (path,) = [p for p in new_files if p.name.endswith(".mem.gz")]
     recs = _records(flow_on_stack, vm)
     assert len(recs) == len(before_recs) + 1
