@@ -154,7 +154,11 @@ def _delete(target: _Target, row: Mapping[str, Any], settings: Settings) -> int:
         existed = store.exists(target.key)
         # The version this capture wrote (versioned bucket), else the key itself.
         store.delete(target.key, version_id=target.location.version_id or None)
-        store.delete(manifest_key(target.key))
+        mkey = manifest_key(target.key)
+        # On a versioned bucket the manifest's version goes too, not just behind a delete
+        # marker: it was written with If-None-Match, so the version there is this dump's.
+        mversion = store.current_version(mkey) if target.location.version_id else None
+        store.delete(mkey, version_id=mversion)
         return size if existed else 0
     if target.path is None:
         raise LocationError(f"{target.location.where}: no confined path")

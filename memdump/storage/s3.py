@@ -626,6 +626,16 @@ class S3Store:
             return False
         return True
 
+    def current_version(self, key: str) -> str | None:
+        """The VersionId of the object at ``key`` now (None: no object, or no versioning)."""
+        try:
+            with self._mapped("head_object", key):
+                head = self._client.head_object(Bucket=self.bucket, Key=key)
+        except ObjectNotFoundError:
+            return None
+        version = head.get("VersionId")
+        return str(version) if version and version != "null" else None
+
     def delete(
         self, key: str, *, version_id: str | None = None, if_match: str | None = None
     ) -> None:

@@ -493,9 +493,11 @@ def test_retention_deletes_offloaded_copies_with_keep_local(
     assert report.freed_bytes == 2000  # both copies
     assert not path.exists() and not manifest_path(path).exists()
     assert not store.exists(key) and not store.exists(manifest_key(key))
-    if versioned:  # the recorded version itself is gone
+    if versioned:  # the recorded version itself is gone, and the manifest's
         versions = client.list_object_versions(Bucket=bucket, Prefix=key).get("Versions", [])
         assert rec.s3_version_id not in [v["VersionId"] for v in versions]
+        mkey = manifest_key(key)
+        assert not client.list_object_versions(Bucket=bucket, Prefix=mkey).get("Versions")
     row = records.list(1, 0)[0]
     assert row["deleted_at"] and row["local_deleted_at"] and row["s3_deleted_at"]
 
