@@ -91,3 +91,45 @@ def test_child_started_off_the_main_thread_is_refused() -> None:
     t.start()
     t.join()
     assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+def test_orphans_left_to_a_subreaper_are_ended_even_if_they_ignore_sigterm() -> None:
+    # As memdump serve after its runner was killed: the runner's flow run (here a
+    # grandchild in its own session that ignores SIGTERM) was reparented to serve, which
+    # ends it, SIGKILL after the grace, so a stop is bounded.
+    reaper_code = textwrap.dedent(
+        """
+        import subprocess, sys, time
+        from memdump.children import become_subreaper, child_pids, end_adopted
+        become_subreaper()
+        stubborn = (
+            "import os, signal, subprocess, sys, time\\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+            "print(os.getpid(), flush=True)\\n"
+            "time.sleep(600)\\n"
+        )
+        middle = subprocess.Popen(
+            [sys.executable, "-c",
+             "import subprocess, sys; "
+             f"p = subprocess.Popen([sys.executable, '-c', {stubborn!r}], "
+             "stdout=subprocess.PIPE, start_new_session=True); "
+             "print(p.stdout.readline().decode().strip(), flush=True)"],
+            stdout=subprocess.PIPE,
+        )
+        grandchild = int(middle.stdout.readline())
+        middle.wait()  # the "runner" is gone; its flow run is ours now
+        while grandchild not in child_pids():
+            time.sleep(0.05)
+        print(grandchild, flush=True)
+        ended = end_adopted(set(), grace=0.5)
+        print(" ".join(map(str, ended)), flush=True)
+        """
+    )
+    reaper = subprocess.run(
+        [sys.executable, "-c", reaper_code], capture_output=True, text=True, timeout=60
+    )
+    assert reaper.returncode == 0, reaper.stderr
+    lines = reaper.stdout.split("\n")
+    grandchild = int(lines[0])
+    assert [int(x) for x in lines[1].split()] == [grandchild]
+    assert not _alive(grandchild)
