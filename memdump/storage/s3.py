@@ -107,6 +107,9 @@ _RETRYABLE_CODES = frozenset(
         "ConditionalRequestConflict",
     }
 )
+# Writes made with If-None-Match: * (a 412 there means the key already holds an object;
+# elsewhere, e.g. a delete with If-Match, it means the object is not the one expected).
+_CONDITIONAL_WRITES = frozenset({"complete_multipart_upload", "put_object"})
 _ACCESS_CODES = frozenset(
     {
         "AccessDenied",
@@ -213,7 +216,7 @@ def map_s3_error(
     msg = f"S3 {op} {where}: {code or type(exc).__name__}: {exc}"
 
     if isinstance(exc, bx.ClientError):
-        if code == "PreconditionFailed" or status == 412:
+        if (code == "PreconditionFailed" or status == 412) and op in _CONDITIONAL_WRITES:
             # If-None-Match: * found an object at the key: someone else's, never ours
             return ObjectExistsError(
                 f"S3 {op} {where}: the key already holds an object; nothing was "

@@ -251,3 +251,22 @@ def test_engine_module_imports_neither_prefect_nor_fastapi() -> None:
         "sys.exit(str(bad) if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_precondition_failed_on_a_conditional_write_is_an_existing_object() -> None:
+    from memdump.errors import ObjectExistsError
+
+    exc = _client_error("PreconditionFailed", 412, "CompleteMultipartUpload")
+    mapped = map_s3_error(exc, op="complete_multipart_upload", bucket="b", key="memdump/k")
+    assert type(mapped) is ObjectExistsError and not mapped.retryable
+    assert "already holds an object" in str(mapped) and mapped.fields["http_status"] == 412
+    # A delete with If-Match that no longer matches: not "exists", still not retried.
+    other = map_s3_error(
+        _client_error("PreconditionFailed", 412, "DeleteObject"), op="delete_object", bucket="b"
+    )
+    assert type(other) is ObjectStoreError and not other.retryable
+    # A concurrent conditional write (AWS): start the upload again.
+    conflict = map_s3_error(
+        _client_error("ConditionalRequestConflict", 409), op="complete_multipart_upload", bucket="b"
+    )
+    assert type(conflict) is ObjectStoreUnavailableError and conflict.retryable
