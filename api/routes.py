@@ -31,7 +31,7 @@ from api.models import (
 from api.runs import LatestRunCache, Runs, TriggerBusy, TriggerView
 from api.status import map_state
 from api.verify_jobs import VerifyBusy, VerifyJob, VerifyJobs
-from memdump.errors import MemdumpError
+from memdump.errors import LocationError, MemdumpError
 from memdump.escaping import csv_cell
 from memdump.identifiers import split_qualified, validate_id
 from memdump.records.base import RecordQuery
@@ -360,6 +360,10 @@ def _verify_busy(jobs: VerifyJobs) -> HTTPException:
             "description": 'A background verification ("wait": false, or a .gz larger than'
             " MEMDUMP_VERIFY_BACKGROUND_BYTES): poll the Location",
         },
+        403: {
+            "model": ErrorBody,
+            "description": "the record's location is outside the dump directory or S3 prefix",
+        },
         404: {"model": ErrorBody, "description": "no record for that dump"},
         **TOO_LARGE,
         **VERIFY_BUSY,
@@ -412,7 +416,12 @@ def verify_dump(
         )
     try:
         with jobs.slot(), _answer_500("Error verifying dump"):
-            return verify(row, settings).to_dict()
+            try:
+                return verify(row, settings).to_dict()
+            except LocationError as exc:
+                # A record is data, not a licence to read: its location is outside the
+                # dump directory or S3 prefix, so nothing of it is read or described.
+                raise HTTPException(403, f"Refused to verify: {exc}") from None
     except VerifyBusy:
         raise _verify_busy(jobs) from None
 

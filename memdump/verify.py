@@ -27,6 +27,7 @@ from memdump.settings import Settings
 Status = Literal["verified", "mismatch", "missing"]
 _CHUNK = 4 << 20
 _INFLATE_STEP = 1 << 20  # most raw bytes one decompress call may return
+MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few KiB; more than this is not one
 _ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # stub says instance
 
 
@@ -46,6 +47,16 @@ class Verification:
             "checks": self.checks,
             "seconds": round(self.seconds, 3),
         }
+
+
+def _capped(chunks: Iterable[bytes]) -> bytes:
+    """The first MANIFEST_MAX_BYTES + 1 bytes of a stream (one more says "too large")."""
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk[: MANIFEST_MAX_BYTES + 1 - len(buf)]
+        if len(buf) > MANIFEST_MAX_BYTES:
+            break
+    return bytes(buf)
 
 
 def _hash_stream(chunks: Iterable[bytes]) -> tuple[str, str | None, int, int, str]:
@@ -116,7 +127,7 @@ def verify(record: Mapping[str, Any], settings: Settings) -> Verification:
 
         def manifest_bytes() -> bytes | None:
             try:
-                return b"".join(store.open_stream(manifest_key(key)))
+                return _capped(store.open_stream(manifest_key(key)))
             except ObjectNotFoundError:
                 return None
 
@@ -132,7 +143,8 @@ def verify(record: Mapping[str, Any], settings: Settings) -> Verification:
 
         def manifest_bytes() -> bytes | None:
             try:
-                return manifest_path(path).read_bytes()
+                with manifest_path(path).open("rb") as f:
+                    return f.read(MANIFEST_MAX_BYTES + 1)
             except FileNotFoundError:
                 return None
 
@@ -167,6 +179,11 @@ def verify(record: Mapping[str, Any], settings: Settings) -> Verification:
         if data is None:
             checks["manifest"] = {"ok": False, "detail": "missing"}
             problems.append("the manifest is missing")
+        elif len(data) > MANIFEST_MAX_BYTES:
+            # Read no further than a manifest can be: a hostile or broken one is a
+            # mismatch, not an allocation the size of whatever was put there.
+            checks["manifest"] = {"ok": False, "detail": "larger than a manifest can be"}
+            problems.append(f"the manifest is larger than {MANIFEST_MAX_BYTES} bytes")
         else:
             msha = hashlib.sha256(data).hexdigest()
             if not _check(checks, "manifest_sha256", expected_manifest, msha):

@@ -103,7 +103,7 @@ def test_dump_is_byte_exact_with_markers(
     result, info, raw = paused_capture_is_byte_exact(pdriver, psettings, pve_vm, VMID, tmp_path)
     rec = result.record
     assert rec.hypervisor == HV and rec.vmid == VMID and rec.dom == VM
-    assert Path(rec.dump_path).name.startswith(f"{VMID}_")
+    assert Path(rec.dump_path).name.startswith(f"{HV}_{VMID}_")
     assert_markers(raw, lab_dir, VM)
 
     pid = int((lab_dir / "run" / "qemu-server" / f"{VMID}.pid").read_text())

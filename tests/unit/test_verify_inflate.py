@@ -141,3 +141,33 @@ def test_verify_of_a_bomb_dump_is_verified(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert result.status == "verified", result.detail
     assert peak < 16 * MiB
+
+
+def test_a_huge_manifest_is_a_mismatch_read_only_to_its_cap(tmp_path: Path) -> None:
+    """A manifest is a few KiB: a 64 MiB one is refused after reading 1 MiB + 1 byte."""
+    dump_dir = tmp_path / "dumps"
+    dump_dir.mkdir(mode=0o700)
+    raw = b"memory" * 1000
+    gz = gzip.compress(raw, mtime=0)
+    path = dump_dir / "101_1699520400.mem.gz"
+    path.write_bytes(gz)
+    huge = b" " * (64 * MiB)
+    (dump_dir / "101_1699520400.manifest.json").write_bytes(huge)
+    record = {
+        "dump_path": str(path),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "gz_sha256": hashlib.sha256(gz).hexdigest(),
+        "gzip_size_bytes": len(gz),
+        "raw_size_bytes": len(raw),
+        "manifest_sha256": hashlib.sha256(huge).hexdigest(),
+    }
+    settings = Settings(data_dir=tmp_path, dump_dir=dump_dir)
+    tracemalloc.start()
+    try:
+        result = verify(record, settings)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.status == "mismatch"
+    assert "manifest is larger than" in result.detail
+    assert peak < 16 * MiB
