@@ -6,7 +6,8 @@ Why PR_SET_PDEATHSIG and not one process group: a group only helps when whoever 
 the parent signals the group, and the OOM killer and ``kill -9 PID`` do not. The kernel
 sends the death signal itself whoever killed the parent. It fires when the *thread* that
 forked the child ends, not the process: children are started from the main thread only
-(``popen_dying_with_parent`` refuses another thread).
+(``popen_dying_with_parent`` refuses another thread). The signal is armed by this
+module run as a launcher, which then execs the command (see popen_dying_with_parent).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,29 +38,40 @@ _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
 _prctl.restype = ctypes.c_int
 
 
-def _die_with(parent: int, sig: int) -> Callable[[], None]:
-    """A preexec_fn (runs in the child between fork and exec; resolved before the fork so
-    it only calls into libc there)."""
-
-    def setup() -> None:
-        os.umask(PRIVATE_UMASK)
-        if _prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-            os._exit(126)
-        # The parent may have died between fork and prctl: then no signal will ever come.
-        if os.getppid() != parent:
-            os._exit(125)
-
-    return setup
+def _arm(parent: int, sig: int) -> None:
+    """In the child: ask for ``sig`` when ``parent`` dies; exit if it already has."""
+    os.umask(PRIVATE_UMASK)
+    if _prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    # The parent may have died before prctl: then no signal will ever come.
+    if os.getppid() != parent:
+        sys.exit(125)
 
 
 def popen_dying_with_parent(
     argv: Sequence[str], *, sig: int = signal.SIGTERM, **kw: Any
 ) -> subprocess.Popen[bytes]:
     """``subprocess.Popen`` whose child gets ``sig`` when this process dies (also by
-    SIGKILL). The death signal survives exec (not of a set-uid program)."""
+    SIGKILL). The death signal survives exec (not of a set-uid program).
+
+    Not a ``preexec_fn``: that runs Python between fork and exec, unsafe once other
+    threads exist (a worker's Prefect client and outbox threads). The child is this
+    module (``python -m memdump.children PARENT SIG -- ARGV``), which arms the signal and
+    execs ``argv``: same pid, so the caller's Popen is the command's.
+    """
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("start children from the main thread: PDEATHSIG follows the thread")
-    return subprocess.Popen(argv, preexec_fn=_die_with(os.getpid(), sig), **kw)  # noqa: S603, PLW1509 - fixed argv; no other thread at start
+    launcher = [sys.executable, "-m", "memdump.children", str(os.getpid()), str(int(sig)), "--"]
+    return subprocess.Popen([*launcher, *argv], **kw)  # noqa: S603 - fixed argv
+
+
+def _launch(args: Sequence[str]) -> None:
+    """``python -m memdump.children PARENT SIG -- ARGV...``: arm, then exec ARGV."""
+    parent, sig, sep, *argv = args
+    if sep != "--" or not argv:
+        raise SystemExit("usage: python -m memdump.children PARENT SIG -- ARGV...")
+    _arm(int(parent), int(sig))
+    os.execvp(argv[0], argv)  # noqa: S606 - the caller's fixed argv
 
 
 def become_subreaper() -> None:
@@ -208,3 +221,7 @@ def check_port_free(host: str, port: int, what: str, setting: str) -> None:
                 port=port,
                 holders=[{"pid": h.pid, "cmdline": h.cmdline} for h in holders],
             ) from None
+
+
+if __name__ == "__main__":
+    _launch(sys.argv[1:])
