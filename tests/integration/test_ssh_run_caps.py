@@ -52,4 +52,3 @@ def test_trickle_is_stopped_at_the_deadline(lab_hv: HypervisorConfig) -> None:
         assert wait_gone(mark) == []
     finally:
         t.close()
-
