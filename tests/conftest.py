@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.prefect_events import reset_events_worker
 from tests.stack import Stack, lab_inventory, running_stack
 
 __all__ = ["Stack"]
@@ -33,8 +34,12 @@ def on_stack_prefect(stack: Stack) -> Iterator[None]:
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     updates = {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.prefect_auth}
+    reset_events_worker()
     with temporary_settings(updates=updates):
-        yield
+        try:
+            yield
+        finally:
+            reset_events_worker()
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
+from tests.helpers.prefect_events import reset_events_worker
+
 
 @pytest.fixture(scope="session", autouse=True)
 def harness() -> Iterator[None]:
@@ -15,5 +17,6 @@ def harness() -> Iterator[None]:
     mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     mp.setenv("DO_NOT_TRACK", "1")
     with prefect_test_harness(server_startup_timeout=120):
+        reset_events_worker()  # events go to this harness, not to a server of before
         yield
     mp.undo()
