@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers.services import stop, wait_http
 from tests.integration.conftest import remote_temp_dirs
 from tests.integration.test_qemu_driver import qmp
 from tests.procs import descendants
@@ -40,31 +41,6 @@ LIBVIRT_VMS = ("vm-web-01", "vm-db-01")
 
 def _run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=300, **kw)
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited:\n{log.read_text()[-3000:]}")
-        try:
-            httpx.get(url, timeout=2).raise_for_status()
-            return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} not up:\n{log.read_text()[-3000:]}") from None
-            time.sleep(0.3)
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    """SIGTERM its session (it leads one), SIGKILL after ``timeout``."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _pg_bin() -> Path:
@@ -232,7 +208,7 @@ def collectors(base: Path, postgres: str) -> Iterator[Collectors]:
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         procs.append(server)
-        _wait_http(f"{prefect_api}/health", server, log)
+        wait_http(f"{prefect_api}/health", server, log)
         env = {k: v for k, v in env.items() if not k.startswith("PREFECT_SERVER_")}
         env.update(
             PREFECT_API_URL=prefect_api,
@@ -270,7 +246,7 @@ def collectors(base: Path, postgres: str) -> Iterator[Collectors]:
                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         procs.append(api)
-        _wait_http(f"http://127.0.0.1:{api_port}/health", api, log)
+        wait_http(f"http://127.0.0.1:{api_port}/health", api, log)
         # Both workers are polling the pool before the first trigger.
         deadline = time.monotonic() + 120
         while True:
@@ -282,7 +258,7 @@ def collectors(base: Path, postgres: str) -> Iterator[Collectors]:
         yield Collectors(f"http://127.0.0.1:{api_port}", prefect_api, env, workers, logs, procs)
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop(proc)
         for vm in started_qemu:
             subprocess.run(
                 [str(REPO / "lab/down"), "--vm", vm], check=False, capture_output=True, timeout=120
