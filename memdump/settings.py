@@ -35,6 +35,14 @@ RETENTION_DAYS_ABOVE = 0.0
 RETENTION_KEEP_LAST_MIN = 1
 
 
+def _valid_id(v: str, what: str) -> str:
+    """validate_id as a pydantic validator: its error becomes a ValueError."""
+    try:
+        return validate_id(v, what=what)
+    except InvalidIdentifierError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class SSHTuning(BaseModel):
     """SSH knobs, measured on loopback: AES-GCM with a 2-8 MiB window and 256 KiB packets
     was 5x faster than large windows with small packets."""
@@ -149,10 +157,7 @@ class HypervisorConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        try:
-            return validate_id(v, what="hypervisor name")
-        except InvalidIdentifierError as exc:
-            raise ValueError(str(exc)) from None
+        return _valid_id(v, "hypervisor name")
 
     def check_complete(self) -> None:
         """SSH needs a host, a key and a known_hosts file: there is no fallback that trusts
@@ -343,10 +348,7 @@ class Settings(BaseSettings):
     @field_validator("collector_id")
     @classmethod
     def _collector_id(cls, v: str) -> str:
-        try:
-            return validate_id(v, what="collector id")
-        except InvalidIdentifierError as exc:
-            raise ValueError(str(exc)) from None
+        return _valid_id(v, "collector id")
 
     @field_validator("api_token")
     @classmethod

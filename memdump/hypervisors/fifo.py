@@ -59,11 +59,28 @@ ENTER_FN = r"""memdump_enter() {
   [ "$(stat -c %a .)" = 700 ] || return 1
   return 0
 }
-# memdump_token_ok: (in the directory) its token file is the token read from stdin.
-memdump_token_ok() {
+# memdump_enter_own DIR: reads the token from stdin, enters DIR (memdump_enter) and
+# succeeds only if DIR's token file holds that token: an abort's way in.
+memdump_enter_own() {
+  memdump_token=
+  IFS= read -r memdump_token || :
+  memdump_enter "$1" || return 1
   [ -n "$memdump_token" ] && [ -f token ] && [ ! -L token ] || return 1
   IFS= read -r t <token || return 1
   [ "$t" = "$memdump_token" ]
+}
+# memdump_kill_reader DIR: (in DIR) kills the child noted in its "reader" file, only if
+# that pid's command line still names DIR/mem (a reused pid is left alone).
+memdump_kill_reader() {
+  r=
+  [ -f reader ] && [ ! -L reader ] && IFS= read -r r <reader
+  case $r in
+    ''|*[!0-9]*) ;;
+    *) if tr '\0' ' ' <"/proc/$r/cmdline" 2>/dev/null | grep -qF -- "$1/mem"; then
+         kill "$r" 2>/dev/null
+       fi ;;
+  esac
+  return 0
 }
 """
 
@@ -134,18 +151,8 @@ PROLOGUE = "memdump_base=\n" + PROLOGUE_IN_BASE
 ABORT_FIFO = (
     "export LC_ALL=C\n"
     + ENTER_FN
-    + r"""memdump_token=
-IFS= read -r memdump_token || :
-memdump_enter "$1" || exit 0
-memdump_token_ok || exit 0
-r=
-[ -f reader ] && [ ! -L reader ] && IFS= read -r r <reader
-case $r in
-  ''|*[!0-9]*) ;;
-  *) if tr '\0' ' ' <"/proc/$r/cmdline" 2>/dev/null | grep -qF -- "$1/mem"; then
-       kill "$r" 2>/dev/null
-     fi ;;
-esac
+    + r"""memdump_enter_own "$1" || exit 0
+memdump_kill_reader "$1"
 if [ -p mem ] && [ ! -L mem ]; then exec 9<>mem; exec 9>&-; fi
 exit 0
 """
@@ -169,14 +176,7 @@ clean_in() {
       if [ -e lock ] || [ -L lock ]; then
         [ -f lock ] && [ ! -L lock ] && flock -n lock true || exit 1
       fi
-      r=
-      [ -f reader ] && [ ! -L reader ] && IFS= read -r r <reader
-      case $r in
-        ''|*[!0-9]*) ;;
-        *) if tr '\0' ' ' <"/proc/$r/cmdline" 2>/dev/null | grep -qF -- "$d/mem"; then
-             kill "$r" 2>/dev/null
-           fi ;;
-      esac
+      memdump_kill_reader "$d"
       rm -rf ./* ./.[!.]* ./..?* 2>/dev/null
       exit 0
     ) || continue

@@ -173,10 +173,7 @@ _ABORT = 'virsh -c "$1" domjobabort "$2" >/dev/null 2>&1; exit 0'
 _ABORT_FILE = (
     "export LC_ALL=C\n"
     + ENTER_FN
-    + r"""memdump_token=
-IFS= read -r memdump_token || :
-memdump_enter "$3" || exit 0
-memdump_token_ok || exit 0
+    + r"""memdump_enter_own "$3" || exit 0
 (set -C; : >cancel) 2>/dev/null
 i=0
 while [ -e dumping ] && [ "$i" -lt 50 ]; do

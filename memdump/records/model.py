@@ -45,17 +45,7 @@ EXTRA_FIELDS = (
 )
 # Extras added after the first release: stores add their columns to an older table and
 # read rows without them as "".
-LATER_FIELDS = (
-    "manifest_sha256",
-    "analysis",
-    "deleted_at",
-    "collector",
-    "local_path",
-    "local_deleted_at",
-    "s3_uri",
-    "s3_version_id",
-    "s3_deleted_at",
-)
+LATER_FIELDS = EXTRA_FIELDS[EXTRA_FIELDS.index("manifest_sha256") :]
 API_FIELDS = CONTRACT_FIELDS + EXTRA_FIELDS
 
 

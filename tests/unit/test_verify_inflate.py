@@ -27,6 +27,28 @@ def _gzip(raw: bytes, level: int = 9) -> bytes:
     return c.compress(raw) + c.flush()
 
 
+def _record(path: Path, raw: bytes, gz: bytes, manifest_sha256: str = "") -> dict[str, Any]:
+    return {
+        "dump_path": str(path),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+        "gz_sha256": hashlib.sha256(gz).hexdigest(),
+        "gzip_size_bytes": len(gz),
+        "raw_size_bytes": len(raw),
+        "manifest_sha256": manifest_sha256,
+    }
+
+
+def _verify_peak(record: dict[str, Any], settings: Settings) -> tuple[Any, int]:
+    """verify()'s result and its tracemalloc peak."""
+    tracemalloc.start()
+    try:
+        result = verify(record, settings)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
+
+
 def _chunks(data: bytes, size: int) -> Iterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
@@ -124,21 +146,8 @@ def test_verify_of_a_bomb_dump_is_verified(tmp_path: Path) -> None:
     gz = gzip.compress(raw, compresslevel=9, mtime=0)
     path = dump_dir / "101_1699520400.mem.gz"
     path.write_bytes(gz)
-    record = {
-        "dump_path": str(path),
-        "sha256": hashlib.sha256(raw).hexdigest(),
-        "gz_sha256": hashlib.sha256(gz).hexdigest(),
-        "gzip_size_bytes": len(gz),
-        "raw_size_bytes": len(raw),
-        "manifest_sha256": "",
-    }
     settings = Settings(data_dir=tmp_path, dump_dir=dump_dir)
-    tracemalloc.start()
-    try:
-        result = verify(record, settings)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = _verify_peak(_record(path, raw, gz), settings)
     assert result.status == "verified", result.detail
     assert peak < 16 * MiB
 
@@ -153,21 +162,8 @@ def test_a_huge_manifest_is_a_mismatch_read_only_to_its_cap(tmp_path: Path) -> N
     path.write_bytes(gz)
     huge = b" " * (64 * MiB)
     (dump_dir / "101_1699520400.manifest.json").write_bytes(huge)
-    record = {
-        "dump_path": str(path),
-        "sha256": hashlib.sha256(raw).hexdigest(),
-        "gz_sha256": hashlib.sha256(gz).hexdigest(),
-        "gzip_size_bytes": len(gz),
-        "raw_size_bytes": len(raw),
-        "manifest_sha256": hashlib.sha256(huge).hexdigest(),
-    }
     settings = Settings(data_dir=tmp_path, dump_dir=dump_dir)
-    tracemalloc.start()
-    try:
-        result = verify(record, settings)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = _verify_peak(_record(path, raw, gz, hashlib.sha256(huge).hexdigest()), settings)
     assert result.status == "mismatch"
     assert "manifest is larger than" in result.detail
     assert peak < 16 * MiB
