@@ -122,6 +122,12 @@ class DumpFailedError(HypervisorError):
     retryable = True
 
 
+class LiveCaptureUnsupportedError(HypervisorError):
+    """A live capture cannot run on this VM (QEMU too old, no userfaultfd write-protect,
+    another migration in progress, ...), found before the guest was touched. ``reason``
+    says why; the capture falls back to a paused dump and records it."""
+
+
 # -- capture pipeline and storage ---------------------------------------------------------
 
 
@@ -137,6 +143,11 @@ class ShortDumpError(CaptureError):
 
 class InvalidDumpError(CaptureError):
     """The stream is not a well-formed ELF core."""
+
+
+class MigrationStreamError(CaptureError):
+    """A live capture's migration stream cannot be turned into the guest's memory image
+    (malformed, an unknown section, a page outside the layout, a page sent twice)."""
 
 
 class CaptureTimeoutError(CaptureError):

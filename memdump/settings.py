@@ -127,6 +127,20 @@ class HypervisorConfig(BaseModel):
     # driver "proxmox": the `qm` command on the node (absolute path); unset: "qm" from the
     # remote PATH (/usr/sbin/qm on Proxmox VE).
     qm_command: str | None = None
+    # How this hypervisor's VMs are captured; unset: Settings.capture_mode. "paused": the
+    # hypervisor's dump (the guest is stopped for the whole dump). "live": QEMU's
+    # background-snapshot migration, turned into the same ELF core on the collector (the
+    # guest pauses for milliseconds); where live cannot run, the capture falls back to
+    # "paused" with the reason in the manifest and the record, never silently.
+    capture_mode: Literal["paused", "live"] | None = None
+    # Live capture needs QEMU to create a userfaultfd. QEMU running as root (Proxmox) or
+    # with CAP_SYS_PTRACE can; QEMU 7.2 as an unprivileged user (libvirt's libvirt-qemu)
+    # cannot while the host's vm.unprivileged_userfaultfd is 0 (the usual hardening).
+    # "none": memdump never changes the host; such a VM falls back to paused.
+    # "sysctl-window": memdump sets vm.unprivileged_userfaultfd=1 only from QEMU's
+    # capability check until its write tracking has started (milliseconds), restores the
+    # previous value on every exit path, and records this in the manifest.
+    live_userfaultfd: Literal["none", "sysctl-window"] = "none"
 
     @field_validator("qemu_binaries")
     @classmethod
@@ -312,6 +326,14 @@ class Settings(BaseSettings):
     #   write is done; the file is then streamed and removed. Needs memory size x
     #   disk_space_margin free there, checked before the guest is paused.
     staging: Literal["fifo", "file"] = "fifo"
+    # How VMs are captured (MEMDUMP_CAPTURE_MODE); a hypervisor's capture_mode overrides it.
+    # "paused": the hypervisor's memory-only dump, the guest stopped for the whole dump.
+    # "live": a point-in-time image while the guest runs (QEMU background-snapshot; see
+    # HypervisorConfig.capture_mode), falling back to "paused" with the reason recorded.
+    capture_mode: Literal["paused", "live"] = "paused"
+    # Live capture: pages the guest wrote ahead of the sweep wait in memory up to this
+    # many bytes, then in a private temp file under dump_dir.
+    live_buffer_bytes: int = Field(default=64 << 20, ge=1 << 20)
 
     # REST API
     api_token: SecretStr | None = None  # when set, every route but /health needs it
