@@ -1,0 +1,887 @@
+"""A QEMU background-snapshot migration stream -> the ELF64 core ``dump-guest-memory`` writes.
+
+Live capture (issue 12) has QEMU save guest RAM *as it was when the migration started*
+while the guest runs (``background-snapshot``: write-protected RAM, a page the guest
+writes is sent first). This module turns that stream, while it arrives, into the same
+ELF core a paused ``virsh dump --memory-only --format elf`` / QMP ``dump-guest-memory``
+(paging=false) produces for the guest, so everything downstream (gzip, hashes, the
+Volatility check, verify) is unchanged.
+
+The stream (QEMU >= 6.0 up to at least 7.2; migration/savevm.c, migration/ram.c,
+migration/migration.c ``bg_migration_thread``):
+
+- ``QEVM`` + version 3, an optional configuration section (machine type, and
+  subsections: target-page-bits, validated capabilities, uuid);
+- iterable sections: ``SECTION_START`` "ram" (the RAMBlock list: idstr + used length,
+  in the order the sweep visits them), then ``SECTION_PART`` "ram" records, each a run
+  of pages (be64 ``offset | flags``, the block's idstr unless ``CONTINUE``; ``ZERO``: one
+  fill byte; ``PAGE``: 4 KiB) ended by ``EOS``, each section with a footer (0x7e + id);
+- after the last RAM section, the device state QEMU saved *before* RAM (vCPUs, devices:
+  ``SECTION_FULL`` records whose length only the device's own code knows), ``QEMU_VM_EOF``
+  and the JSON vmdescription. We do not parse it: from the first byte after RAM to the
+  end it is only hashed and counted.
+
+The guest-physical layout comes from HMP ``info mtree -f`` (:meth:`GuestLayout.from_mtree`),
+merged into PT_LOADs exactly as QEMU's ``guest_phys_blocks_region_add`` does.
+
+Data order: segment data are laid out in the file in the order the stream delivers RAM
+(blocks in sweep order, offsets ascending), so only pages the guest wrote ahead of the
+sweep (and alias copies, e.g. the BIOS mapped twice) wait: in memory up to
+``buffer_bytes``, then in a 0600 spill file in ``spill_dir`` (unlinked as soon as it is
+opened: nothing is left behind on any exit path). p_offset is therefore not always
+increasing with p_paddr (a >3.5 GiB guest's RAM above 4 GiB comes before the BIOS).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import os
+import re
+import secrets
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memdump.errors import MigrationStreamError
+from memdump.pipeline import DumpSource
+
+PAGE_SIZE = 4096  # TARGET_PAGE_SIZE on x86
+EM_386 = 3
+EM_X86_64 = 62
+
+# migration/savevm.c
+QEMU_VM_FILE_MAGIC = 0x5145564D
+QEMU_VM_FILE_VERSION = 3
+QEMU_VM_EOF = 0x00
+QEMU_VM_SECTION_START = 0x01
+QEMU_VM_SECTION_PART = 0x02
+QEMU_VM_SECTION_END = 0x03
+QEMU_VM_SECTION_FULL = 0x04
+QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_CONFIGURATION = 0x07
+QEMU_VM_SECTION_FOOTER = 0x7E
+
+# migration/ram.c
+RAM_SAVE_FLAG_FULL = 0x01  # obsolete, never sent
+RAM_SAVE_FLAG_ZERO = 0x02
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+RAM_SAVE_FLAG_PAGE = 0x08
+RAM_SAVE_FLAG_EOS = 0x10
+RAM_SAVE_FLAG_CONTINUE = 0x20
+RAM_SAVE_FLAG_XBZRLE = 0x40
+RAM_SAVE_FLAG_HOOK = 0x80
+RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
+RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+_FLAG_NAMES = {
+    RAM_SAVE_FLAG_FULL: "FULL",
+    RAM_SAVE_FLAG_XBZRLE: "XBZRLE",
+    RAM_SAVE_FLAG_HOOK: "HOOK (RDMA)",
+    RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
+    RAM_SAVE_FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH",
+}
+_PAGE_MASK = ~(PAGE_SIZE - 1)
+
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+_NHDR = struct.Struct("<III")
+_PN_XNUM = 0xFFFF
+_SHSTRTAB = b"\0.shstrtab\0"
+_NOTE_NAME = b"MEMDUMP\0"
+NT_MEMDUMP_LIVE = 0x4C495645  # "LIVE"
+NOTE_TEXT = (
+    b"memdump live capture: guest RAM at the instant a QEMU background-snapshot migration "
+    b"started, converted from the migration stream. No vCPU registers: QEMU's own notes "
+    b"(NT_PRSTATUS, QEMU CPU state) are not in this core.\n"
+)
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+class LayoutError(MigrationStreamError):
+    """The guest-physical memory layout (``info mtree -f``) cannot be mapped safely."""
+
+
+@dataclass(frozen=True)
+class RamSegment:
+    """One PT_LOAD of the core."""
+
+    phys_start: int  # guest-physical address
+    size: int  # bytes
+    block: str  # memory region name (the RAMBlock idstr, or its last "/" component)
+    block_offset: int  # offset of phys_start inside that block
+
+    @property
+    def phys_end(self) -> int:
+        return self.phys_start + self.size
+
+
+# "  0000000000000000-000000000009ffff (prio 0, ram): pc.ram @00000000000c0000 KVM"
+_RANGE = re.compile(
+    r"^\s+([0-9a-f]{1,16})-([0-9a-f]{1,16}) \(prio (-?\d+), ([a-z/-]+)\): (\S+)"
+    r"(?: @([0-9a-f]{1,16}))?((?: [A-Z][A-Za-z0-9]*)*)\s*$"
+)
+_FLATVIEW = re.compile(r"^FlatView #\d+\s*$")
+_AS = re.compile(r'^ AS "([^"]*)", root: (.*?)\s*$')
+_ROOT = re.compile(r"^ Root memory region: (.*?)\s*$")
+# What QEMU's mtree printer writes for a flat range (memory_region_type() or "rom" for a
+# read-only range), and whether guest_phys_blocks_region_add keeps it: RAM and ROM, not a
+# ram device (ramd), not nonvolatile (nv-), not a ROM device (romd: memory_region_is_ram
+# is false) nor I/O.
+_TYPES = {
+    "ram": True,
+    "rom": True,
+    "nv-ram": False,
+    "nv-rom": False,
+    "ramd": False,
+    "nv-ramd": False,
+    "romd": False,
+    "nv-romd": False,
+    "i/o": False,
+    "nv-i/o": False,
+}
+
+
+@dataclass(frozen=True)
+class GuestLayout:
+    """The PT_LOAD segments of the guest's core, in the order dump-guest-memory writes them."""
+
+    segments: tuple[RamSegment, ...]
+
+    @classmethod
+    def from_mtree(cls, text: str) -> GuestLayout:
+        """Parse HMP ``info mtree -f``: the flat view of address space "memory" (root
+        "system"), merged as QEMU's ``guest_phys_blocks_region_add`` merges sections:
+        physically adjacent and adjacent in the same region (same host mapping)."""
+        views: list[tuple[list[str], list[tuple[int, str]]]] = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if _FLATVIEW.match(line):
+                views.append(([], []))
+            elif views:
+                m = _AS.match(line)
+                if m:
+                    views[-1][0].append(m.group(1))
+                else:
+                    views[-1][1].append((lineno, line))
+        chosen = [v for v in views if "memory" in v[0]]
+        if len(chosen) != 1:
+            raise LayoutError(
+                f"`info mtree -f` output has {len(chosen)} flat views of address space "
+                '"memory" (expected exactly one)',
+                found=len(chosen),
+            )
+        segs: list[RamSegment] = []
+        last_end = -1
+        seen_range = False
+        for lineno, line in chosen[0][1]:
+            if not line.strip() or _ROOT.match(line):
+                continue
+            if line.strip() == "No rendered FlatView":
+                continue
+            m = _RANGE.match(line)
+            if m is None:
+                raise LayoutError(
+                    f"`info mtree -f` line {lineno} is not a flat range: {line.strip()[:120]!r}",
+                    line=lineno,
+                )
+            seen_range = True
+            start, last = int(m.group(1), 16), int(m.group(2), 16)
+            kind, name = m.group(4), m.group(5)
+            offset = int(m.group(6), 16) if m.group(6) else 0
+            if last < start or start <= last_end:
+                raise LayoutError(
+                    f"`info mtree -f` line {lineno}: range {start:#x}-{last:#x} overlaps or "
+                    "is out of order",
+                    line=lineno,
+                )
+            last_end = last
+            if kind not in _TYPES:
+                raise LayoutError(
+                    f"`info mtree -f` line {lineno}: unknown region type {kind!r}",
+                    line=lineno,
+                    region_type=kind,
+                )
+            if not _TYPES[kind]:
+                continue
+            size = last - start + 1
+            prev = segs[-1] if segs else None
+            if (
+                prev is not None
+                and prev.phys_end == start
+                and prev.block == name
+                and prev.block_offset + prev.size == offset
+            ):
+                segs[-1] = RamSegment(prev.phys_start, prev.size + size, name, prev.block_offset)
+            else:
+                segs.append(RamSegment(start, size, name, offset))
+        if not seen_range or not segs:
+            raise LayoutError('`info mtree -f` shows no RAM in address space "memory"')
+        return cls(tuple(segs))
+
+
+def elf_machine_from_registers(text: str) -> int:
+    """e_machine as QEMU's dump picks it (target/i386/arch_dump.c): EM_X86_64 when the
+    first vCPU is in long mode (EFER.LMA), else EM_386; from HMP ``info registers``."""
+    m = re.search(r"\bEFER=([0-9a-fA-F]+)", text)
+    if m is None:
+        raise LayoutError("`info registers` shows no EFER")
+    return EM_X86_64 if int(m.group(1), 16) & (1 << 10) else EM_386
+
+
+# -- the stream -------------------------------------------------------------------------
+
+
+class _Reader:
+    """Buffered, hashing reader over a DumpSource; knows its offset in the stream."""
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, source: DumpSource) -> None:
+        self.source = source
+        self.sha = hashlib.sha256()
+        self.buf = bytearray(self._CHUNK)
+        self.start = 0
+        self.end = 0
+        self.consumed = 0  # stream offset of buf[start]
+        self.total = 0  # bytes read from the source
+        self.eof = False
+
+    @property
+    def offset(self) -> int:
+        return self.consumed
+
+    def _fill(self, need: int) -> bool:
+        """Make ``need`` bytes available at buf[start:]; False at the end of the stream."""
+        while self.end - self.start < need:
+            if self.eof:
+                return False
+            if self.start:
+                rest = self.end - self.start
+                self.buf[:rest] = self.buf[self.start : self.end]
+                self.start, self.end = 0, rest
+            if len(self.buf) - self.end < self._CHUNK // 4:
+                self.buf.extend(bytes(max(need, self._CHUNK)))
+            view = memoryview(self.buf)
+            try:
+                n = self.source.readinto(view[self.end :])
+                if n:
+                    self.sha.update(view[self.end : self.end + n])
+            finally:
+                view.release()
+            if not n:
+                self.eof = True
+            self.end += n
+            self.total += n
+        return True
+
+    def read(self, n: int, what: str) -> bytes:
+        if not self._fill(n):
+            raise MigrationStreamError(
+                f"migration stream truncated at offset {self.consumed}: expected {n} bytes "
+                f"({what}), got {self.end - self.start}",
+                offset=self.consumed,
+            )
+        out = bytes(self.buf[self.start : self.start + n])
+        self.start += n
+        self.consumed += n
+        return out
+
+    def peek_byte(self) -> int | None:
+        if not self._fill(1):
+            return None
+        return self.buf[self.start]
+
+    def u8(self, what: str) -> int:
+        return self.read(1, what)[0]
+
+    def be32(self, what: str) -> int:
+        return int.from_bytes(self.read(4, what), "big")
+
+    def be64(self, what: str) -> int:
+        return int.from_bytes(self.read(8, what), "big")
+
+    def string(self, what: str) -> str:
+        n = self.u8(what)
+        raw = self.read(n, what)
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise MigrationStreamError(
+                f"migration stream offset {self.consumed - n}: {what} is not ASCII: {raw[:64]!r}",
+                offset=self.consumed - n,
+            ) from None
+
+    def drain(self) -> int:
+        """Hash everything up to the end of the stream; the number of bytes."""
+        n = 0
+        while self._fill(1):
+            n += self.end - self.start
+            self.consumed += self.end - self.start
+            self.start = self.end
+        return n
+
+
+@dataclass
+class _Block:
+    idstr: str
+    used_length: int
+    index: int  # position in the sweep
+    received: bytearray  # one byte per page: 1 when it arrived
+
+
+class _Spill:
+    """Pages waiting in a private file: created O_EXCL 0600 and unlinked at once (the open
+    descriptor keeps it), so no path on any exit leaves it behind."""
+
+    def __init__(self, directory: Path) -> None:
+        path = directory / f".memdump-live-{secrets.token_hex(8)}.spill"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        self.fd: int | None = os.open(path, flags, 0o600)
+        os.unlink(path)
+        self.free: list[int] = []
+        self.slots = 0
+        self.used = 0
+        self.peak = 0
+
+    def put(self, data: bytes) -> int:
+        slot = self.free.pop() if self.free else self._grow()
+        os.pwrite(self._fd(), data, slot * PAGE_SIZE)
+        self.used += 1
+        self.peak = max(self.peak, self.used)
+        return slot
+
+    def _grow(self) -> int:
+        self.slots += 1
+        return self.slots - 1
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise MigrationStreamError("spill file used after it was closed")
+        return self.fd
+
+    def read(self, slot: int) -> bytes:
+        data = os.pread(self._fd(), PAGE_SIZE, slot * PAGE_SIZE)
+        if len(data) != PAGE_SIZE:
+            raise MigrationStreamError("spill file lost a page", slot=slot)
+        return data
+
+    def take(self, slot: int) -> bytes:
+        data = self.read(slot)
+        self.free.append(slot)
+        self.used -= 1
+        return data
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class _Piece:
+    """One PT_LOAD's bytes in the file: block bytes [block_offset, +size)."""
+
+    segment: int
+    block: _Block
+    block_offset: int
+    size: int
+    file_offset: int = 0
+
+
+class LiveCoreSource:
+    """A :class:`memdump.pipeline.DumpSource` producing the ELF core of a migration stream."""
+
+    dump_format = "elf"
+
+    def __init__(
+        self,
+        stream: DumpSource,
+        layout: GuestLayout,
+        *,
+        spill_dir: Path,
+        buffer_bytes: int = 64 << 20,
+        machine: int = EM_X86_64,
+    ) -> None:
+        self.stream = stream
+        self.layout = layout
+        self.spill_dir = Path(spill_dir)
+        self.buffer_bytes = buffer_bytes
+        self.machine = machine
+        self._reader = _Reader(stream)
+        self._gen: Iterator[memoryview | bytes] | None = None
+        self._chunk: memoryview = memoryview(b"")
+        self._finished = False
+        self._failed: BaseException | None = None
+        self._spill: _Spill | None = None
+        # key (block index, page offset) -> [data | None (zero) | int fill | ("s", slot), uses]
+        self._store: dict[tuple[int, int], list[Any]] = {}
+        self._mem = 0
+        self._mem_peak = 0
+        self._blocks: dict[str, _Block] = {}
+        self._order: list[_Block] = []
+        self._targets: dict[int, tuple[list[int], list[_Piece]]] = {}
+        self._ram_section: int | None = None
+        self._last_block: _Block | None = None
+        self._ram_done = False
+        self._want: tuple[int, int] | None = None
+        self.machine_type: str | None = None
+        self.counts = {
+            "normal": 0,  # 4 KiB pages sent as data
+            "zero": 0,  # sent as one fill byte
+            "early": 0,  # arrived ahead of the file position (guest writes, aliases)
+            "spilled": 0,  # of those, written to the spill file
+            "dropped": 0,  # of blocks or offsets no PT_LOAD holds (ROMs, ACPI tables...)
+        }
+        self.tail_bytes = 0
+        self.stream_bytes = 0
+        self.stream_sha256 = ""
+
+    # -- DumpSource -------------------------------------------------------------------
+
+    def readinto(self, view: memoryview) -> int:
+        if self._failed is not None:
+            raise self._failed
+        try:
+            while not self._chunk:
+                if self._gen is None:
+                    self._gen = self._produce()
+                nxt = next(self._gen, None)
+                if nxt is None:
+                    return 0
+                self._chunk = memoryview(nxt)
+            n = min(len(view), len(self._chunk))
+            view[:n] = self._chunk[:n]
+            self._chunk = self._chunk[n:]
+            return n
+        except BaseException as exc:
+            self._failed = exc
+            self._cleanup()
+            raise
+
+    def close_ok(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if not self._finished:
+            raise MigrationStreamError(
+                "migration stream conversion did not reach its end",
+                offset=self._reader.offset,
+            )
+        self.stream.close_ok()
+
+    def abort(self) -> None:
+        try:
+            self.stream.abort()
+        finally:
+            self._cleanup()
+
+    @property
+    def pause_window(self) -> Any:
+        return getattr(self.stream, "pause_window", None)
+
+    @property
+    def staging(self) -> Any:
+        return getattr(self.stream, "staging", "fifo")
+
+    @property
+    def live(self) -> dict[str, Any]:
+        return {
+            "mode": "live",
+            "stream_sha256": self.stream_sha256,
+            "stream_bytes": self.stream_bytes,
+            "machine_type": self.machine_type,
+            "pages": dict(self.counts),
+            "buffer_peak_bytes": self._mem_peak,
+            "spill_peak_bytes": self._spill.peak * PAGE_SIZE if self._spill else 0,
+            **getattr(self.stream, "live", {}),
+        }
+
+    def _cleanup(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+        self._store.clear()
+        self._mem = 0
+
+    # -- conversion -------------------------------------------------------------------
+
+    def _produce(self) -> Iterator[memoryview | bytes]:
+        r = self._reader
+        self._read_header()
+        pieces = self._plan()
+        head, data_start = self._elf_head(pieces)
+        yield head
+        for piece in pieces:
+            yield from self._piece_bytes(piece)
+        while not self._ram_done:
+            self._record()
+        self._check_complete()
+        self.tail_bytes = r.drain()
+        self.stream_bytes = r.total
+        self.stream_sha256 = r.sha.hexdigest()
+        self._finished = True
+        self._cleanup()
+        yield _SHSTRTAB
+
+    def _err(self, msg: str, at: int | None = None, **fields: Any) -> MigrationStreamError:
+        off = self._reader.offset if at is None else at
+        return MigrationStreamError(f"migration stream offset {off}: {msg}", offset=off, **fields)
+
+    def _read_header(self) -> None:
+        r = self._reader
+        magic = r.be32("file magic")
+        if magic != QEMU_VM_FILE_MAGIC:
+            raise self._err(f"not a QEMU migration stream (magic {magic:#010x})", at=0)
+        version = r.be32("file version")
+        if version != QEMU_VM_FILE_VERSION:
+            raise self._err(f"unsupported stream version {version}", at=4)
+        if r.peek_byte() == QEMU_VM_CONFIGURATION:
+            r.u8("section type")
+            n = r.be32("configuration length")
+            if n > 255:
+                raise self._err(f"machine type name of {n} bytes")
+            self.machine_type = r.read(n, "machine type").decode("ascii", "replace")
+            self._subsections("configuration")
+        at = r.offset
+        kind = r.u8("section type")
+        if kind != QEMU_VM_SECTION_START:
+            raise self._err(f"expected the RAM section's start, found section type {kind:#x}", at)
+        section_id, idstr = self._section_header(at)
+        if idstr != "ram":
+            raise self._err(f"unsupported iterable section {idstr!r} (only RAM is)", at)
+        self._ram_section = section_id
+        self._ram_setup()
+        self._footer()
+        self._next_section()
+
+    def _subsections(self, parent: str) -> None:
+        r = self._reader
+        while r.peek_byte() == QEMU_VM_SUBSECTION:
+            at = r.offset
+            r.u8("subsection")
+            name = r.string("subsection name")
+            version = r.be32("subsection version")
+            if name == "configuration/target-page-bits" and version == 1:
+                bits = r.be32("target page bits")
+                if bits != 12:
+                    raise self._err(f"target page bits {bits} (expected 12)", at)
+            elif name == "configuration/capabilities" and version == 1:
+                count = r.be32("capability count")
+                caps = [r.string("capability") for _ in range(count)]
+                if caps:
+                    # Validated capabilities (x-ignore-shared, mapped-ram) change which
+                    # pages are sent or where: not a stream this converter can read.
+                    raise self._err(f"capabilities {caps} change the RAM format", at)
+            elif name == "configuration/uuid" and version == 1:
+                r.read(16, "uuid")
+            else:
+                raise self._err(f"unknown subsection {name!r} v{version} of {parent}", at)
+            self._subsections(name)
+
+    def _section_header(self, at: int) -> tuple[int, str]:
+        r = self._reader
+        section_id = r.be32("section id")
+        idstr = r.string("section name")
+        instance = r.be32("instance id")
+        version = r.be32("version id")
+        if idstr == "ram" and (instance != 0 or version != 4):
+            raise self._err(f"RAM section instance {instance} version {version}", at)
+        return section_id, idstr
+
+    def _footer(self) -> None:
+        r = self._reader
+        if r.peek_byte() == QEMU_VM_SECTION_FOOTER:
+            at = r.offset
+            r.u8("footer")
+            sid = r.be32("footer section id")
+            if sid != self._ram_section:
+                raise self._err(f"footer of section {sid} in RAM section {self._ram_section}", at)
+
+    def _ram_setup(self) -> None:
+        r = self._reader
+        at = r.offset
+        word = r.be64("RAM size")
+        flags, total = word & ~_PAGE_MASK, word & _PAGE_MASK
+        if flags != RAM_SAVE_FLAG_MEM_SIZE:
+            raise self._err(f"RAM set-up starts with flags {flags:#x}, not MEM_SIZE", at)
+        seen = 0
+        while seen < total:
+            at = r.offset
+            idstr = r.string("RAM block name")
+            used = r.be64("RAM block length")
+            if idstr in self._blocks or not idstr:
+                raise self._err(f"RAM block {idstr!r} listed twice or unnamed", at)
+            if used % PAGE_SIZE or used == 0:
+                raise self._err(f"RAM block {idstr!r} has length {used:#x}", at)
+            blk = _Block(idstr, used, len(self._order), bytearray(used // PAGE_SIZE))
+            self._blocks[idstr] = blk
+            self._order.append(blk)
+            seen += used
+        if seen != total:
+            raise self._err(f"RAM blocks add up to {seen:#x}, the stream said {total:#x}")
+        at = r.offset
+        eos = r.be64("end of RAM set-up")
+        if eos != RAM_SAVE_FLAG_EOS:
+            raise self._err(f"RAM set-up ends with {eos:#x}, not EOS", at)
+
+    def _resolve(self, name: str) -> _Block:
+        """A memory region's name -> its RAMBlock: same idstr, or a device's block
+        ("<qdev path>/<name>")."""
+        if name in self._blocks:
+            return self._blocks[name]
+        found = [b for b in self._order if b.idstr.endswith("/" + name)]
+        if len(found) != 1:
+            raise LayoutError(
+                f"memory region {name!r} matches {len(found)} RAM blocks of the stream "
+                f"({', '.join(b.idstr for b in self._order)})",
+                region=name,
+            )
+        return found[0]
+
+    def _plan(self) -> list[_Piece]:
+        pieces: list[_Piece] = []
+        for i, seg in enumerate(self.layout.segments):
+            blk = self._resolve(seg.block)
+            if (
+                seg.size <= 0
+                or seg.block_offset < 0
+                or seg.block_offset + seg.size > blk.used_length
+            ):
+                raise LayoutError(
+                    f"PT_LOAD at {seg.phys_start:#x} ({seg.size:#x} bytes at {seg.block_offset:#x}"
+                    f" of {seg.block!r}) lies outside its RAM block ({blk.used_length:#x} bytes)",
+                    region=seg.block,
+                )
+            pieces.append(_Piece(i, blk, seg.block_offset, seg.size))
+        # Sweep order: the file is written in the order the stream brings the bytes.
+        pieces.sort(key=lambda p: (p.block.index, p.block_offset, p.segment))
+        for p in pieces:
+            starts, plist = self._targets.setdefault(p.block.index, ([], []))
+            plist.append(p)
+        for starts, plist in self._targets.values():
+            plist.sort(key=lambda p: p.block_offset)
+            starts[:] = [p.block_offset for p in plist]
+        return pieces
+
+    def _elf_head(self, pieces: list[_Piece]) -> tuple[bytes, int]:
+        nseg = len(self.layout.segments)
+        phnum = 1 + nseg
+        shnum = 2
+        shoff = _EHDR.size
+        phoff = shoff + shnum * _SHDR.size
+        note_off = phoff + phnum * _PHDR.size
+        note = self._note()
+        data = note_off + len(note)
+        pos = data
+        for p in pieces:
+            p.file_offset = pos
+            pos += p.size
+        strtab_off = pos
+        ehdr = _EHDR.pack(
+            b"\x7fELF\x02\x01\x01" + bytes(9),  # ELF64, LSB, EV_CURRENT
+            4,  # ET_CORE
+            self.machine,
+            1,
+            0,
+            phoff,
+            shoff,
+            0,
+            _EHDR.size,
+            _PHDR.size,
+            min(phnum, _PN_XNUM),
+            _SHDR.size,
+            shnum,
+            shnum - 1,
+        )
+        sh0 = _SHDR.pack(0, 0, 0, 0, 0, 0, 0, phnum if phnum >= _PN_XNUM else 0, 0, 0)
+        sh1 = _SHDR.pack(1, 3, 0, 0, strtab_off, len(_SHSTRTAB), 0, 0, 0, 0)  # SHT_STRTAB
+        phdrs = [_PHDR.pack(4, 0, note_off, 0, 0, len(note), len(note), 0)]  # PT_NOTE
+        by_seg = {p.segment: p for p in pieces}
+        for i, seg in enumerate(self.layout.segments):
+            # dump-guest-memory with paging=false: p_vaddr 0, p_flags 0, p_align 0.
+            off = by_seg[i].file_offset
+            phdrs.append(_PHDR.pack(1, 0, off, 0, seg.phys_start, seg.size, seg.size, 0))
+        return ehdr + sh0 + sh1 + b"".join(phdrs) + note, data
+
+    @staticmethod
+    def _note() -> bytes:
+        desc = NOTE_TEXT + bytes(-len(NOTE_TEXT) % 4)
+        return _NHDR.pack(len(_NOTE_NAME), len(NOTE_TEXT), NT_MEMDUMP_LIVE) + _NOTE_NAME + desc
+
+    def _piece_bytes(self, piece: _Piece) -> Iterator[memoryview | bytes]:
+        bidx = piece.block.index
+        pos = piece.block_offset
+        end = pos + piece.size
+        while pos < end:
+            page = pos & _PAGE_MASK
+            lo = pos - page
+            hi = min(PAGE_SIZE, end - page)
+            key = (bidx, page)
+            entry = self._store.get(key)
+            if entry is None:
+                self._want = key
+                while entry is None:
+                    self._record()
+                    entry = self._store.get(key)
+                self._want = None
+            data = self._take(key, entry)
+            yield data if lo == 0 and hi == PAGE_SIZE else memoryview(data)[lo:hi]
+            pos = page + hi
+
+    def _take(self, key: tuple[int, int], entry: list[Any]) -> bytes:
+        value = entry[0]
+        entry[1] -= 1
+        last = entry[1] == 0
+        if last:
+            del self._store[key]
+        if value is None:
+            return _ZERO_PAGE
+        if isinstance(value, int):
+            return bytes([value]) * PAGE_SIZE
+        if isinstance(value, tuple):
+            if self._spill is None:
+                raise MigrationStreamError("a spilled page without a spill file")
+            return self._spill.take(value[1]) if last else self._spill.read(value[1])
+        if last:
+            self._mem -= PAGE_SIZE
+        return bytes(value)
+
+    def _put(self, blk: _Block, page: int, value: bytes | int | None, at: int) -> None:
+        idx = page // PAGE_SIZE
+        if page >= blk.used_length:
+            raise self._err(
+                f"page at {page:#x} of RAM block {blk.idstr!r} lies past its end "
+                f"({blk.used_length:#x})",
+                at,
+                block=blk.idstr,
+            )
+        if blk.received[idx]:
+            raise self._err(
+                f"page at {page:#x} of RAM block {blk.idstr!r} sent twice", at, block=blk.idstr
+            )
+        blk.received[idx] = 1
+        uses = self._uses(blk, page)
+        if not uses:
+            self.counts["dropped"] += 1
+            return
+        key = (blk.index, page)
+        if key != self._want:
+            self.counts["early"] += 1
+        stored: Any = value
+        if isinstance(value, bytes):
+            if self._mem + PAGE_SIZE <= self.buffer_bytes:
+                self._mem += PAGE_SIZE
+                self._mem_peak = max(self._mem_peak, self._mem)
+            else:
+                if self._spill is None:
+                    self._spill = _Spill(self.spill_dir)
+                stored = ("s", self._spill.put(value))
+                self.counts["spilled"] += 1
+        self._store[key] = [stored, uses]
+
+    def _uses(self, blk: _Block, page: int) -> int:
+        t = self._targets.get(blk.index)
+        if t is None:
+            return 0
+        starts, plist = t
+        n = 0
+        i = bisect.bisect_right(starts, page + PAGE_SIZE - 1)
+        while i > 0:
+            i -= 1
+            p = plist[i]
+            if p.block_offset + p.size > page:
+                n += 1
+            # Pieces are sorted by start; an earlier, longer one may still cover the page.
+        return n
+
+    def _record(self) -> None:
+        """Parse one RAM record (or a section boundary). Raises if RAM has ended."""
+        r = self._reader
+        if self._ram_done:
+            raise self._missing()
+        at = r.offset
+        word = r.be64("RAM page header")
+        flags, addr = word & ~_PAGE_MASK, word & _PAGE_MASK
+        if flags & RAM_SAVE_FLAG_EOS:
+            if flags != RAM_SAVE_FLAG_EOS or addr:
+                raise self._err(f"RAM end-of-section word {word:#x} carries other flags", at)
+            self._footer()
+            self._next_section()
+            return
+        for bit, name in _FLAG_NAMES.items():
+            if flags & bit:
+                raise self._err(f"RAM record with flag {name} (not supported)", at, flags=flags)
+        kind = flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE)
+        if flags & ~(
+            RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+        ) or kind not in (
+            RAM_SAVE_FLAG_ZERO,
+            RAM_SAVE_FLAG_PAGE,
+        ):
+            raise self._err(f"RAM record with unknown flags {flags:#x}", at, flags=flags)
+        if flags & RAM_SAVE_FLAG_CONTINUE:
+            blk = self._last_block
+            if blk is None:
+                raise self._err("RAM record continues a block but none was named", at)
+        else:
+            name_at = r.offset
+            idstr = r.string("RAM block name")
+            found = self._blocks.get(idstr)
+            if found is None:
+                raise self._err(f"RAM record for unknown block {idstr!r}", name_at)
+            blk = self._last_block = found
+        if kind == RAM_SAVE_FLAG_ZERO:
+            fill = r.u8("zero page fill byte")
+            self.counts["zero"] += 1
+            self._put(blk, addr, None if fill == 0 else fill, at)
+        else:
+            data = r.read(PAGE_SIZE, "RAM page")
+            self.counts["normal"] += 1
+            self._put(blk, addr, data, at)
+
+    def _next_section(self) -> None:
+        """After a RAM section's EOS and footer: another RAM part, or the device state."""
+        r = self._reader
+        at = r.offset
+        kind = r.peek_byte()
+        if kind in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
+            r.u8("section type")
+            sid = r.be32("section id")
+            if sid != self._ram_section:
+                raise self._err(
+                    f"section {sid} in the RAM phase (an iterable section other than RAM)",
+                    at,
+                    section_id=sid,
+                )
+            return
+        if kind in (QEMU_VM_SECTION_FULL, QEMU_VM_EOF):
+            # The device state a background snapshot saved before RAM, then EOF and the
+            # vmdescription: hashed, not parsed.
+            self._ram_done = True
+            return
+        if kind is None:
+            raise self._err("migration stream truncated after a RAM section")
+        raise self._err(
+            f"unknown section type {kind:#x} after a RAM section", at, section_type=kind
+        )
+
+    def _missing(self) -> MigrationStreamError:
+        for blk in self._order:
+            starts, plist = self._targets.get(blk.index, ([], []))
+            for p in plist:
+                first = p.block_offset // PAGE_SIZE
+                last = (p.block_offset + p.size - 1) // PAGE_SIZE
+                for i in range(first, last + 1):
+                    if not blk.received[i]:
+                        phys = self.layout.segments[p.segment].phys_start
+                        phys += i * PAGE_SIZE - p.block_offset
+                        return self._err(
+                            f"RAM ended without page {i * PAGE_SIZE:#x} of block {blk.idstr!r} "
+                            f"(guest-physical {phys:#x})",
+                            block=blk.idstr,
+                        )
+        return self._err("RAM ended before the core was complete")
+
+    def _check_complete(self) -> None:
+        if self._store:
+            raise self._err(f"{len(self._store)} pages left unwritten")
