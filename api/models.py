@@ -75,6 +75,16 @@ class Record(BaseModel):
     s3_uri: str = Field("", description="The offloaded copy, s3://bucket/key")
     s3_version_id: str = Field("", description="Its S3 VersionId (versioned buckets)")
     s3_deleted_at: str = Field("", description="When retention deleted the S3 copy")
+    # How the dump was taken (issue 12); empty/null in records older than these fields.
+    capture_mode: str = Field("", description="paused or live: the capture mode used")
+    live_fallback_reason: str = Field(
+        "", description="Why a requested live capture fell back to paused; empty if it did not"
+    )
+    pause_ms: float | None = Field(
+        None,
+        description="The guest's measured pause, ms (live: QEMU's downtime; paused: the"
+        " hypervisor script's window around the dump); null where unknown",
+    )
 
 
 class RecordsResponse(BaseModel):

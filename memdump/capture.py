@@ -1,24 +1,44 @@
-"""Capture one VM: snapshot -> dump -> stream into a verified .mem.gz -> a DumpRecord."""
+"""Capture one VM: snapshot -> dump -> stream into a verified .mem.gz -> a DumpRecord.
+
+Two capture modes (issue 12): "paused", the hypervisor's dump (the guest is stopped for
+the whole dump), and "live", QEMU's background-snapshot migration turned into the same ELF
+core on the collector (memdump.livecore; the guest pauses for milliseconds). The mode is
+``mode`` if given (`memdump capture --mode`), else the hypervisor's ``capture_mode``, else
+``Settings.capture_mode``. A live capture the driver finds it cannot do
+(LiveCaptureUnsupportedError, before the guest is touched) or a driver without a live
+mode is captured paused instead, never silently: a warning, and the reason in the
+manifest (``capture.fallback_reason``) and the record (``live_fallback_reason``).
+"""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from memdump import manifest
 from memdump.analysis import analyze
-from memdump.errors import InsufficientSpaceError, MemdumpError, VMNotRunningError
+from memdump.errors import (
+    InsufficientSpaceError,
+    LiveCaptureUnsupportedError,
+    MemdumpError,
+    VMNotRunningError,
+)
 from memdump.fsperm import private_dir
 from memdump.hypervisors import Driver, VMInfo, VMRef
 from memdump.locations import dump_name
-from memdump.pipeline import PipelineResult, ProgressFn, write_dump
+from memdump.pipeline import DumpSource, PipelineResult, ProgressFn, write_dump
 from memdump.records.model import DumpRecord
-from memdump.settings import Settings
+from memdump.settings import HypervisorConfig, Settings
+
+Mode = Literal["paused", "live"]
+log = logging.getLogger("memdump.capture")
 
 
 @dataclass(frozen=True)
@@ -27,6 +47,40 @@ class Capture:
     info: VMInfo
     pipeline: PipelineResult
     manifest: dict[str, Any]
+    mode: Mode = "paused"  # the mode used
+    mode_requested: Mode = "paused"
+    fallback_reason: str = ""  # why a requested live capture was taken paused
+
+
+def capture_mode(settings: Settings, hypervisor: str, hv: HypervisorConfig | None = None) -> Mode:
+    """The configured mode for a hypervisor's VMs: its inventory entry's ``capture_mode``
+    (``hv``, else the entry named ``hypervisor``), else the global one."""
+    if hv is None:
+        hv = next((h for h in settings.inventory if h.name == hypervisor), None)
+    return (hv.capture_mode if hv is not None else None) or settings.capture_mode
+
+
+def has_live_mode(driver: Driver) -> bool:
+    """Whether the driver's open_dump takes a capture ``mode`` (drivers gain live mode one
+    by one; one that does not know the argument has none)."""
+    try:
+        params = inspect.signature(driver.open_dump).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        return False
+    return any(p.name == "mode" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _unsupported(exc: BaseException) -> LiveCaptureUnsupportedError | None:
+    """The LiveCaptureUnsupportedError behind ``exc``, if any: the converter may report the
+    driver's refusal as the cause of its own error (a stream that ended before it began)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, LiveCaptureUnsupportedError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def capture(
@@ -36,9 +90,14 @@ def capture(
     *,
     progress: ProgressFn | None = None,
     trigger: Mapping[str, str] | None = None,
+    mode: Mode | None = None,
+    hv: HypervisorConfig | None = None,
 ) -> Capture:
     """``trigger``: what started the capture (``source``: api, schedule, cli; and the
-    orchestrator's run id), recorded in the manifest."""
+    orchestrator's run id), recorded in the manifest. ``mode``: "paused" or "live",
+    overriding the configured one (capture_mode); ``hv``: the driver's inventory entry
+    (else found by ``ref.hypervisor``)."""
+    requested: Mode = mode or capture_mode(settings, ref.hypervisor, hv)
     info = driver.snapshot(ref)
     if not info.running:
         raise VMNotRunningError(
@@ -48,16 +107,71 @@ def capture(
             state=info.state,
         )
     _check_space(settings, info)
+    # One deadline for the whole capture, a fallback included.
+    deadline = time.monotonic() + settings.capture_timeout_sec
+    reason = ""
+    if requested == "live":
+        kind = str(getattr(driver, "kind", type(driver).__name__))
+        if not has_live_mode(driver):
+            reason = f"driver {kind} has no live mode"
+        else:
+            try:
+                return _capture_once(
+                    driver, ref, settings, info, "live", deadline, progress, trigger
+                )
+            except MemdumpError as exc:
+                refused = _unsupported(exc)
+                if refused is None:
+                    raise
+                reason = str(refused.fields.get("reason") or refused)
+        log.warning(
+            "live capture of %s on %s not possible (%s): capturing it paused",
+            ref.name,
+            ref.hypervisor,
+            reason,
+        )
+    return _capture_once(
+        driver, ref, settings, info, "paused", deadline, progress, trigger, requested, reason
+    )
+
+
+def _capture_once(
+    driver: Driver,
+    ref: VMRef,
+    settings: Settings,
+    info: VMInfo,
+    mode: Mode,
+    deadline: float,
+    progress: ProgressFn | None,
+    trigger: Mapping[str, str] | None,
+    requested: Mode | None = None,
+    fallback_reason: str = "",
+) -> Capture:
     started = datetime.now(UTC)
     t0 = time.monotonic()
-    deadline = t0 + settings.capture_timeout_sec
     # hypervisor + vmid + microsecond time + random: two collectors capturing pve1:100 and
     # pve2:100 in the same second never share a file name or an S3 key.
     filename = dump_name(ref.hypervisor, ref.vmid, started)
-    source = driver.open_dump(ref, staging=settings.staging, margin=settings.disk_space_margin)
+    dump_dir = settings.dump_dir.resolve()
+    source: DumpSource
+    if mode == "live":
+        # Pages the guest wrote ahead of QEMU's sweep wait in memory, then in a 0600 temp
+        # file in the (0700) dump directory.
+        # Any signature: has_live_mode() checked that this driver takes the mode.
+        open_live: Callable[..., DumpSource] = driver.open_dump
+        source = open_live(
+            ref,
+            staging=settings.staging,
+            margin=settings.disk_space_margin,
+            mode="live",
+            spill_dir=dump_dir,
+            buffer_bytes=settings.live_buffer_bytes,
+        )
+    else:
+        source = driver.open_dump(ref, staging=settings.staging, margin=settings.disk_space_margin)
     result = write_dump(
         source,
-        settings.dump_dir.resolve(),
+        dump_dir,
         filename,
         level=settings.compression_level,
         progress=progress,
@@ -76,18 +190,24 @@ def capture(
         if settings.analysis
         else None
     )
+    pause_window = getattr(source, "pause_window", None)
+    live = dict(getattr(source, "live", None) or {}) if mode == "live" else None
     doc = manifest.build(
         info,
         result,
         started=started,
         ended=ended,
-        pause_window=getattr(source, "pause_window", None),
+        pause_window=pause_window,
         dump_format=getattr(source, "dump_format", "elf"),
         staging=getattr(source, "staging", "fifo"),
         compression=f"gzip (ISA-L level {settings.compression_level})",
         trigger=trigger,
         analysis=analysis.to_dict() if analysis else None,
         driver=getattr(driver, "kind", type(driver).__name__),
+        mode=mode,
+        mode_requested=requested or mode,
+        fallback_reason=fallback_reason or None,
+        live=live,
     )
     try:
         _, manifest_sha = manifest.write(result.path, doc)
@@ -114,8 +234,11 @@ def capture(
         analysis=analysis.status if analysis else "skipped",
         collector=settings.collector_id,
         local_path=str(result.path),
+        capture_mode=mode,
+        live_fallback_reason=fallback_reason,
+        pause_ms=doc["capture"]["pause_ms"],
     )
-    return Capture(record, info, result, doc)
+    return Capture(record, info, result, doc, mode, requested or mode, fallback_reason)
 
 
 def _check_space(settings: Settings, info: VMInfo) -> None:

@@ -67,10 +67,16 @@ def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
             report_failure(vm_id, exc)
     for driver, ref in dict.fromkeys(targets):
         try:
-            result = capture(driver, ref, settings, trigger={"source": "cli"})
+            result = capture(driver, ref, settings, trigger={"source": "cli"}, mode=args.mode)
         except MemdumpError as exc:
             report_failure(ref.vmid, exc)
             continue
+        if result.fallback_reason:  # also in the record's live_fallback_reason
+            why = plain_text(result.fallback_reason)
+            print(
+                f"memdump: {plain_text(ref.vmid)}: captured paused, not live: {why}",
+                file=sys.stderr,
+            )
         print(json.dumps(result.record.full_dict()), flush=True)
     for d in drivers:
         d.close()
@@ -596,6 +602,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("vms", help="list running VMs of every hypervisor in the inventory")
     p = sub.add_parser("capture", help="capture VMs now, into MEMDUMP_DUMP_DIR")
     p.add_argument("vm_ids", nargs="+", help='VM ids (domain name, id or UUID), or "all"')
+    p.add_argument(
+        "--mode",
+        choices=("paused", "live"),
+        default=None,
+        help="paused: the guest is stopped for the whole dump; live: a point-in-time image"
+        " while it runs (falls back to paused, with the reason, where live cannot run)."
+        " Default: the hypervisor's capture_mode, else MEMDUMP_CAPTURE_MODE",
+    )
     p = sub.add_parser(
         "clean", help="remove .part files and hypervisor temp dirs left by killed captures"
     )

@@ -5,6 +5,13 @@ its verified SSH host key, versions), how and when (format, staging, the guest's
 window, start and end, what triggered it) and what came out (both hashes, both sizes,
 the analysis result). The record carries the manifest's own SHA-256, so a manifest
 edited later no longer matches its record (memdump.verify).
+
+Version 2 (issue 12) adds to ``capture``: ``mode_requested`` and ``mode`` ("paused" or
+"live"), ``fallback_reason`` (why a requested live capture fell back to paused, else
+null), ``pause_ms`` (the guest's measured pause) and ``live`` (null unless the mode used
+was live: the acquisition hash of the migration stream and what QEMU reported, see
+live_section). Version 1 manifests stay valid as written: they are read as paused
+captures (``capture_summary``), and verification reads only ``output`` in both.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import os
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from memdump import __version__
 from memdump.errors import StorageError
@@ -24,7 +31,7 @@ from memdump.hypervisors.base import VMInfo
 from memdump.pipeline import PipelineResult
 from memdump.records.model import iso_utc
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 SUFFIX = ".manifest.json"
 
 
@@ -45,6 +52,90 @@ def _ts(value: datetime | None) -> str | None:
     return None if value is None else iso_utc(value) + "Z"
 
 
+Mode = Literal["paused", "live"]
+
+
+def _json_safe(value: Any) -> Any:
+    """What a driver or the converter reports, as plain JSON (datetimes as ISO 8601 UTC)."""
+    if isinstance(value, datetime):
+        return _ts(value)
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _first(live: Mapping[str, Any], *keys: str) -> Any:
+    """The first of ``keys`` present in ``live`` or in QEMU's final query-migrate answer
+    the driver passed along (``stats``)."""
+    stats = live.get("stats")
+    for key in keys:
+        if live.get(key) is not None:
+            return live[key]
+        if isinstance(stats, Mapping) and stats.get(key) is not None:
+            return stats[key]
+    return None
+
+
+def live_section(
+    live: Mapping[str, Any], pause_window: tuple[datetime, datetime] | None
+) -> dict[str, Any]:
+    """``capture.live`` of a live capture, from memdump.livecore.LiveCoreSource.live (the
+    converter's stream hash, size and page counts, and the driver's live stats: QEMU's
+    final ``query-migrate``, the userfaultfd method, libvirt's taint).
+
+    ``acquisition_sha256`` is the SHA-256 of the migration stream as QEMU wrote it, the
+    bytes acquired from the hypervisor; ``output.raw_sha256`` is that of the ELF core made
+    from them. Everything the converter and the driver reported is kept under
+    ``details`` as they gave it."""
+    window = None
+    if pause_window:
+        window = {"started_at": _ts(pause_window[0]), "ended_at": _ts(pause_window[1])}
+    downtime = _first(live, "downtime_ms", "downtime")
+    return {
+        "acquisition_sha256": live.get("stream_sha256"),
+        "stream_bytes": live.get("stream_bytes"),
+        "pages": _json_safe(live.get("pages") or {}),
+        # QEMU's measure of the guest's pause (query-migrate "downtime"), milliseconds.
+        "downtime_ms": downtime,
+        # The instant the image shows: when QEMU stopped the vCPUs to arm write tracking.
+        "snapshot_at": _json_safe(_first(live, "snapshot_at", "snapshot_instant")),
+        "setup_ms": _first(live, "setup_ms", "setup-time"),
+        "total_ms": _first(live, "total_ms", "total-time"),
+        "userfaultfd": _first(live, "userfaultfd"),
+        "userfaultfd_window_ms": _first(live, "userfaultfd_window_ms"),
+        "taint": _json_safe(_first(live, "taint", "tainted")),
+        # The hypervisor script's clock around the migration (the guest ran throughout).
+        "migration_window": window,
+        "details": _json_safe(live),
+    }
+
+
+def pause_ms(
+    mode: Mode, live: Mapping[str, Any] | None, pause_window: tuple[datetime, datetime] | None
+) -> float | None:
+    """The guest's measured pause: live, QEMU's downtime; paused, the script's window
+    around the dump (the guest was stopped inside it). None when unknown."""
+    if mode == "live":
+        value = _first(live or {}, "downtime_ms", "downtime")
+        return None if value is None else round(float(value), 3)
+    if pause_window:
+        return round((pause_window[1] - pause_window[0]).total_seconds() * 1000, 3)
+    return None
+
+
+def capture_summary(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The capture mode of a manifest of any version: a version 1 manifest (before live
+    capture existed) is a paused capture with no fallback."""
+    cap = manifest.get("capture") or {}
+    if int(manifest.get("manifest_version", 1)) < 2:
+        return {"mode_requested": "paused", "mode": "paused", "fallback_reason": None}
+    return {k: cap.get(k) for k in ("mode_requested", "mode", "fallback_reason")}
+
+
 def build(
     info: VMInfo,
     result: PipelineResult,
@@ -58,7 +149,14 @@ def build(
     trigger: Mapping[str, str] | None,
     analysis: Mapping[str, Any] | None,
     driver: str,
+    mode: Mode = "paused",
+    mode_requested: Mode = "paused",
+    fallback_reason: str | None = None,
+    live: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``mode``: the capture mode used; ``mode_requested``: the one asked for (they differ
+    after a fallback, whose ``fallback_reason`` says why); ``live``: the converter's
+    ``live`` dict of a live capture."""
     paused, resumed = pause_window if pause_window else (None, None)
     window = None
     if pause_window:
@@ -90,10 +188,16 @@ def build(
             "duration_sec": round((ended - started).total_seconds(), 3),
             # Measured by the hypervisor-side script around the dump tool (its clock): the
             # guest was paused inside this window, so it bounds the downtime from outside.
+            # Live: the window around the migration, whose pause (pause_ms) is milliseconds.
             "guest_paused_at": _ts(paused),
             "guest_resumed_at": _ts(resumed),
             "pause_window_sec": window,
             "trigger": dict(trigger or {}),
+            "mode_requested": mode_requested,
+            "mode": mode,
+            "fallback_reason": fallback_reason,
+            "pause_ms": pause_ms(mode, live, pause_window),
+            "live": live_section(live or {}, pause_window) if mode == "live" else None,
         },
         "output": {
             "file": result.path.name,

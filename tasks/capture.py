@@ -101,6 +101,12 @@ def capture_vm(
             except CaptureTimeoutError as exc:
                 return Failed(name=TIMED_OUT, message=f"{ref.vmid}: {exc}")
         rec = result.record
+        if result.fallback_reason:  # never silently: also in the manifest and the record
+            logger.warning(
+                "live capture of %s not possible (%s): captured it paused",
+                rec.vmid,
+                result.fallback_reason,
+            )
         logger.info(
             "captured %s: %d bytes raw, %d gz, sha256 %s in %.3fs",
             rec.vmid,

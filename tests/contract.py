@@ -28,5 +28,9 @@ EXTRA_RECORD_FIELDS = [
     "s3_uri",
     "s3_version_id",
     "s3_deleted_at",
+    # how the dump was taken (issue 12)
+    "capture_mode",
+    "live_fallback_reason",
+    "pause_ms",
 ]
 API_RECORD_FIELDS = RECORD_FIELDS + EXTRA_RECORD_FIELDS

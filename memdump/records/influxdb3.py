@@ -14,7 +14,13 @@ from typing import Any
 
 from memdump.errors import RecordStoreError
 from memdump.records.base import RecordQuery, Stats
-from memdump.records.model import API_FIELDS, LATER_FIELDS, DumpRecord, iso_utc
+from memdump.records.model import (
+    API_FIELDS,
+    LATER_FIELDS,
+    NUMERIC_LATER_FIELDS,
+    DumpRecord,
+    iso_utc,
+)
 from memdump.settings import InfluxDB3Settings
 
 TABLE = "mem_dumps"
@@ -24,8 +30,10 @@ _STR_FIELDS = (
     "dump_path",
     "gz_sha256",
     "hypervisor",
-    *LATER_FIELDS,
+    *(f for f in LATER_FIELDS if f not in NUMERIC_LATER_FIELDS),
 )
+# Float fields written only when known (InfluxDB has no null: a missing field reads as it).
+_FLOAT_FIELDS = NUMERIC_LATER_FIELDS
 # Fields a table written before they existed may lack (InfluxDB adds a column on the
 # first write that carries it): such a table is read without them (as "").
 _LATER_FIELDS = LATER_FIELDS
@@ -121,6 +129,9 @@ class InfluxDB3RecordStore:
             point = point.field(name, int(getattr(r, name)))
         for name in _STR_FIELDS:
             point = point.field(name, str(getattr(r, name)))
+        for name in _FLOAT_FIELDS:
+            if (value := getattr(r, name)) is not None:
+                point = point.field(name, float(value))
         # Same series + same time = the same row: a replayed write is not a duplicate.
         self._write(point.time(_ns(r.timestamp), WritePrecision.NS))
         return True
@@ -165,7 +176,8 @@ class InfluxDB3RecordStore:
         for row in rows:
             d = {k: row.get(k) for k in API_FIELDS}
             for k in _LATER_FIELDS:
-                d[k] = d[k] or ""
+                if k not in _FLOAT_FIELDS:
+                    d[k] = d[k] or ""
             d["timestamp"] = _iso_from_ns(int(row["time_ns"]))
             out.append(d)
         return out

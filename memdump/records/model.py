@@ -42,10 +42,14 @@ EXTRA_FIELDS = (
     "s3_uri",
     "s3_version_id",
     "s3_deleted_at",
+    "capture_mode",
+    "live_fallback_reason",
+    "pause_ms",
 )
 # Extras added after the first release: stores add their columns to an older table and
-# read rows without them as "".
+# read rows without them as "" (the numeric ones in NUMERIC_LATER_FIELDS as None).
 LATER_FIELDS = EXTRA_FIELDS[EXTRA_FIELDS.index("manifest_sha256") :]
+NUMERIC_LATER_FIELDS = ("pause_ms",)
 API_FIELDS = CONTRACT_FIELDS + EXTRA_FIELDS
 
 
@@ -79,6 +83,9 @@ class DumpRecord:
     s3_uri: str = ""
     s3_version_id: str = ""
     s3_deleted_at: str = ""
+    capture_mode: str = ""  # "paused" or "live": the mode used; "" in older records
+    live_fallback_reason: str = ""  # why a live capture fell back to paused; "" if it did not
+    pause_ms: float | None = None  # the guest's measured pause; None where unknown
 
     def contract_dict(self) -> dict[str, Any]:
         d = asdict(self)

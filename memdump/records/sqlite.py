@@ -12,7 +12,13 @@ from typing import Any
 from memdump.errors import RecordStoreError
 from memdump.fsperm import private_dir, private_file
 from memdump.records.base import RecordQuery, Stats
-from memdump.records.model import API_FIELDS, LATER_FIELDS, DumpRecord, iso_utc
+from memdump.records.model import (
+    API_FIELDS,
+    LATER_FIELDS,
+    NUMERIC_LATER_FIELDS,
+    DumpRecord,
+    iso_utc,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mem_dumps (
@@ -38,13 +44,19 @@ CREATE TABLE IF NOT EXISTS mem_dumps (
     s3_uri TEXT NOT NULL DEFAULT '',
     s3_version_id TEXT NOT NULL DEFAULT '',
     s3_deleted_at TEXT NOT NULL DEFAULT '',
+    capture_mode TEXT NOT NULL DEFAULT '',
+    live_fallback_reason TEXT NOT NULL DEFAULT '',
+    pause_ms REAL,                     -- NULL: unknown (records older than the field)
     PRIMARY KEY (vmid, time_us, sha256)
 );
 CREATE INDEX IF NOT EXISTS mem_dumps_time ON mem_dumps (time_us DESC);
 CREATE INDEX IF NOT EXISTS mem_dumps_path ON mem_dumps (dump_path);
 """
 # Columns added after the first release, with their definitions (added on open).
-_ADDED = {name: "TEXT NOT NULL DEFAULT ''" for name in LATER_FIELDS}
+_ADDED = {
+    name: "REAL" if name in NUMERIC_LATER_FIELDS else "TEXT NOT NULL DEFAULT ''"
+    for name in LATER_FIELDS
+}
 # Per-location deletion marks retention may set (memdump.locations).
 _LOCATION_MARKS = {"local": "local_deleted_at", "s3": "s3_deleted_at"}
 _COLUMNS = ", ".join(("time_us",) + API_FIELDS[1:])

@@ -92,7 +92,7 @@ def check_manifest(mpath: Path, rec: DumpRecord, lab_dir: Path) -> dict[str, Any
     assert set(m) == {
         "manifest_version", "memdump_version", "vm", "hypervisor", "capture", "output", "analysis"
     }  # fmt: skip
-    assert m["manifest_version"] == 1 and m["memdump_version"]
+    assert m["manifest_version"] == 2 and m["memdump_version"]
     vm = rec.dom
     xml = subprocess.run(
         ["virsh", "-c", URI, "dumpxml", vm], capture_output=True, check=True
@@ -117,6 +117,10 @@ def check_manifest(mpath: Path, rec: DumpRecord, lab_dir: Path) -> dict[str, Any
     assert hv["versions"]["libvirt"] and "QEMU" in hv["versions"]["hypervisor"]
     cap = m["capture"]
     assert cap["format"].startswith("ELF64 core") and cap["staging"] == "fifo"
+    # Manifest version 2 (issue 12): the lab inventory may ask for live; this test's is paused.
+    assert (cap["mode_requested"], cap["mode"], cap["fallback_reason"], cap["live"]) == (
+        rec.capture_mode, rec.capture_mode, None, None
+    ) == ("paused", "paused", None, None)  # fmt: skip
     t = {k: datetime.fromisoformat(cap[k]) for k in cap if k.endswith("_at")}
     # The pause window sits inside start..end (one clock here; 50 ms of slack).
     slack = timedelta(milliseconds=50)
