@@ -39,6 +39,7 @@ from memdump.settings import HypervisorConfig, Settings
 
 Mode = Literal["paused", "live"]
 log = logging.getLogger("memdump.capture")
+LIVE_FORMAT = "memdump.livecore, from a QEMU background-snapshot migration stream"
 
 
 @dataclass(frozen=True)
@@ -192,13 +193,16 @@ def _capture_once(
     )
     pause_window = getattr(source, "pause_window", None)
     live = dict(getattr(source, "live", None) or {}) if mode == "live" else None
+    dump_format = str(getattr(source, "dump_format", "elf"))
+    if mode == "live" and not dump_format.startswith("ELF64 core"):
+        dump_format = f"ELF64 core: {LIVE_FORMAT}"
     doc = manifest.build(
         info,
         result,
         started=started,
         ended=ended,
         pause_window=pause_window,
-        dump_format=getattr(source, "dump_format", "elf"),
+        dump_format=dump_format,
         staging=getattr(source, "staging", "fifo"),
         compression=f"gzip (ISA-L level {settings.compression_level})",
         trigger=trigger,

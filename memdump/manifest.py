@@ -103,8 +103,8 @@ def live_section(
         "downtime_ms": downtime,
         # The instant the image shows: when QEMU stopped the vCPUs to arm write tracking.
         "snapshot_at": _json_safe(_first(live, "snapshot_at", "snapshot_instant")),
-        "setup_ms": _first(live, "setup_ms", "setup-time"),
-        "total_ms": _first(live, "total_ms", "total-time"),
+        "setup_ms": _first(live, "setup_ms", "setup_time_ms", "setup-time"),
+        "total_ms": _first(live, "total_ms", "total_time_ms", "total-time"),
         "userfaultfd": _first(live, "userfaultfd"),
         "userfaultfd_window_ms": _first(live, "userfaultfd_window_ms"),
         "taint": _json_safe(_first(live, "taint", "tainted")),

@@ -27,12 +27,15 @@ LIVE_STATS: dict[str, Any] = {
     "stream_sha256": hashlib.sha256(STREAM).hexdigest(),
     "stream_bytes": len(STREAM),
     "pages": {"normal": 3, "zero": 1, "early": 1},
-    # as the drivers pass QEMU's final query-migrate along
-    "stats": {"status": "completed", "downtime": 7, "setup-time": 2, "total-time": 480},
+    # as the qemu driver reports QEMU's final query-migrate and events
+    "downtime_ms": 7,
+    "setup_time_ms": 2,
+    "total_time_ms": 480,
+    "migration_status": "completed",
     "userfaultfd": "sysctl-window",
     "userfaultfd_window_ms": 3.5,
     "taint": ["custom-monitor"],
-    "snapshot_at": T0 + timedelta(milliseconds=2),
+    "snapshot_instant": (T0 + timedelta(milliseconds=2)).isoformat(),
 }
 Refusal = Literal["open", "stream", "stream-chained", "none"]
 
@@ -51,7 +54,8 @@ class Source:
         self.data, self.pos = data, 0
         self.pause_window = WINDOW
         self.staging = "fifo"
-        self.dump_format = "ELF64 core: fake"
+        # LiveCoreSource says "elf"; a paused driver names its dump tool.
+        self.dump_format = "elf" if live is not None else "ELF64 core: fake"
         self.aborted = False
         self.refuse_at_end, self.chained = refuse_at_end, chained
         if live is not None:

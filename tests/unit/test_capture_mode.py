@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from memdump.capture import capture, capture_mode
+from memdump.capture import LIVE_FORMAT, capture, capture_mode
 from memdump.errors import MigrationStreamError
 from memdump.manifest import manifest_path
 from memdump.records.sqlite import SQLiteRecordStore
@@ -120,6 +120,7 @@ def test_live_capture_gets_the_live_call_and_records_it(tmp_path: Path) -> None:
     assert m["manifest_version"] == 2
     assert (c["mode_requested"], c["mode"], c["fallback_reason"]) == ("live", "live", None)
     assert c["pause_ms"] == 7.0
+    assert c["format"] == f"ELF64 core: {LIVE_FORMAT}"
     live = c["live"]
     # The acquisition hash (of the migration stream) beside the ELF's.
     assert live["acquisition_sha256"] == hashlib.sha256(STREAM).hexdigest()
@@ -129,12 +130,12 @@ def test_live_capture_gets_the_live_call_and_records_it(tmp_path: Path) -> None:
     assert (live["downtime_ms"], live["setup_ms"], live["total_ms"]) == (7, 2, 480)
     assert live["userfaultfd"] == "sysctl-window" and live["userfaultfd_window_ms"] == 3.5
     assert live["taint"] == ["custom-monitor"]
-    assert live["snapshot_at"] == "2026-11-29T04:00:00.002000Z"
+    assert live["snapshot_at"] == "2026-11-29T04:00:00.002000+00:00"
     assert live["migration_window"] == {
         "started_at": "2026-11-29T04:00:00.000000Z",
         "ended_at": "2026-11-29T04:00:00.480000Z",
     }
-    assert live["details"]["stats"]["status"] == "completed"
+    assert live["details"]["migration_status"] == "completed"
 
 
 # -- fallback --------------------------------------------------------------------------
@@ -155,6 +156,7 @@ def test_refused_at_open_falls_back_to_paused_with_the_reason(
     c = read_manifest(rec.dump_path)["capture"]
     assert (c["mode_requested"], c["mode"]) == ("live", "paused")
     assert c["fallback_reason"] == USERFAULTFD_REASON and c["live"] is None
+    assert c["format"] == "ELF64 core: fake"
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert USERFAULTFD_REASON in warning.getMessage() and "paused" in warning.getMessage()
     assert files(s) == [".gz", ".json"]  # one dump, one manifest

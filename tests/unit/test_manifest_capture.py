@@ -97,6 +97,15 @@ def test_live_section_from_flat_fields_and_json_safe(tmp_path: Path) -> None:
     assert sec["details"]["odd"].startswith("<object")
 
 
+def test_live_section_from_query_migrate_stats(tmp_path: Path) -> None:
+    # A driver that passes QEMU's final query-migrate answer as it came.
+    stats = {"status": "completed", "downtime": 9, "setup-time": 3, "total-time": 700}
+    doc = build(tmp_path, mode="live", mode_requested="live", live={"stats": stats})
+    sec = doc["capture"]["live"]
+    assert (sec["downtime_ms"], sec["setup_ms"], sec["total_ms"]) == (9, 3, 700)
+    assert doc["capture"]["pause_ms"] == 9.0
+
+
 def test_live_without_a_measured_pause(tmp_path: Path) -> None:
     doc = build(tmp_path, mode="live", mode_requested="live", live={"stream_sha256": "d" * 64})
     assert doc["capture"]["pause_ms"] is None  # unknown, not the migration window
