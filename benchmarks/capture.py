@@ -20,10 +20,21 @@ SHA-256 of the raw bytes:
 
 - ``memdump``: memdump's command line, unchanged (``memdump.cli`` run by ``runpy`` in a
   child ``python -c`` that only adds an atexit hook reporting its VmHWM), i.e.
-  ``memdump capture VM`` end-to-end: interpreter start, imports, SSH connect, ``virsh
-  dominfo``/``version``, dump, SHA-256, ISA-L gzip, fsync. The record's own
-  ``duration_sec`` (dump + stream + fsync only) is shown as ``memdump[engine]`` for
-  reference; it is not a separate run.
+  ``memdump capture --mode paused VM`` end-to-end: interpreter start, imports, SSH
+  connect, ``virsh dominfo``/``version``, dump, SHA-256, ISA-L gzip, fsync (FIFO
+  staging). The record's own ``duration_sec`` (dump + stream + fsync only) is shown as
+  ``memdump[engine]`` for reference; it is not a separate run.
+- ``memdump-file``: the same with ``MEMDUMP_STAGING=file`` (the guest resumes once the
+  hypervisor has written the dump to its disk; then it is streamed).
+- ``memdump-live``: ``memdump capture --mode live VM`` (issue 12): QEMU's
+  background-snapshot migration, converted into the ELF core on the collector while the
+  guest runs. Its ``pause s`` is the sum of QEMU's STOP->RESUME intervals; the driver's
+  own measure (QEMU's ``downtime``, the record's ``pause_ms``) is printed beside it. A
+  live capture that fell back to paused (``live_fallback_reason``), or a memdump without
+  live mode, is an error naming the reason: the benchmark never reports a paused
+  capture as live. Its raw ELF differs from the paused dumps' in the notes only (no vCPU
+  registers), so it is checked differently: every PT_LOAD (physical address, size and
+  SHA-256 of its bytes) must equal those of the paused memdump run (untimed).
 - ``ssh-default`` / ``ssh-aes128gcm``: ``ssh HV SCRIPT > /dev/null`` with OpenSSH's
   default cipher and with ``-c aes128-gcm@openssh.com`` (memdump's cipher): the ceiling.
 - ``gzip-6``: ``ssh ... | tee >(sha256sum > f.sha) | gzip -6 > f.gz`` (bash, pipefail).
@@ -53,6 +64,12 @@ the faster one of the middle two for even N; every run is in ``--json``):
   of every local process's peak (ssh, bash, tee, gzip, sha256sum...), polled every
   0.1 s through /proc. Not ``ru_maxrss``: Linux carries a forked child's pre-exec peak
   (this ~50 MiB script) over exec. Hypervisor-side processes are not counted.
+
+Live targets (issue 12): the guest's pause <= 50 ms and >= 100x shorter than the paused
+FIFO capture's, end-to-end <= 1.2x the paused FIFO capture's wall time, peak RSS <
+300 MiB. ``RAM MB/s``: guest memory / wall time. The lab's bench VMs are halted (their
+memory never changes): the RSS a guest writing during the capture costs (pages sent
+early, buffered up to ``MEMDUMP_LIVE_BUFFER_BYTES``) is not exercised here.
 
 Targets are printed as PASS/FAIL; the exit status is 0 whatever they say (this is a
 report) and non-zero only on errors or mismatched dumps.
@@ -93,7 +110,16 @@ from memdump.transport.base import sh_command_line  # noqa: E402
 MB = 1_000_000
 MiB = 1 << 20
 GCM = "aes128-gcm@openssh.com"
-METHODS = ("memdump", "ssh-default", "ssh-aes128gcm", "gzip-6", "pigz-1")
+METHODS = (
+    "memdump",
+    "memdump-file",
+    "memdump-live",
+    "ssh-default",
+    "ssh-aes128gcm",
+    "gzip-6",
+    "pigz-1",
+)
+MEMDUMP_METHODS = ("memdump", "memdump-file", "memdump-live")
 _EVENT = re.compile(r"^event (\w+) at (\d+)\.(\d+) for domain '([^']*)': (.*)$")
 _CHUNK = 4 * MiB
 
@@ -139,6 +165,8 @@ class VMResult:
     raw_sha256: str = ""
     gzip1_bytes: int = 0
     runs: dict[str, list[Run]] = field(default_factory=dict)
+    # (paddr, filesz) -> SHA-256 of that PT_LOAD's bytes, from the paused memdump run
+    loads: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def median(self, method: str) -> Run:
         runs = sorted(self.runs[method], key=lambda r: r.wall_sec)
@@ -311,6 +339,23 @@ class PauseMonitor:
         if self._f is not None:
             self._f.close()
 
+    def live_pause(self) -> float:
+        """Seconds the guest was stopped during a live capture: the sum of its STOP ->
+        RESUME intervals (QEMU stops the vCPUs to arm write tracking); no dump events."""
+        ev = self.events()
+        if any(n == "DUMP_COMPLETED" for n, _, _ in ev):
+            raise BenchError(f"{self.domain}: a live capture ran a dump: {ev}")
+        total, stopped = 0.0, None
+        for name, t, _ in ev:
+            if name == "STOP" and stopped is None:
+                stopped = t
+            elif name == "RESUME" and stopped is not None:
+                total += t - stopped
+                stopped = None
+        if stopped is not None or not any(n == "RESUME" for n, _, _ in ev):
+            raise BenchError(f"{self.domain}: expected STOP/RESUME pairs, got {ev}")
+        return total
+
     def pause(self) -> tuple[float, int]:
         """(seconds paused, DUMP_COMPLETED total bytes); exactly one dump or an error."""
         ev = self.events()
@@ -389,16 +434,21 @@ runpy.run_module("memdump.cli", run_name="__main__", alter_sys=True)
 """
 
 
-def run_memdump(lab: Lab, vm: str, work: Path) -> tuple[Timed, int, dict[str, Any]]:
+def run_memdump(
+    lab: Lab, vm: str, work: Path, method: str = "memdump"
+) -> tuple[Timed, int, dict[str, Any]]:
     dump_dir = work / "memdump"
     hwm_path = work / "memdump.hwm"
     env = {
         **os.environ,
         "MEMDUMP_DUMP_DIR": str(dump_dir),
         "MEMDUMP_BENCH_HWM_FILE": str(hwm_path),
+        "MEMDUMP_STAGING": "file" if method == "memdump-file" else "fifo",
     }
     out_path, err_path = work / "memdump.out", work / "memdump.err"
-    argv = [sys.executable, "-c", _MEMDUMP_CHILD, "capture", vm]
+    # The mode always explicit: an inventory's capture_mode must not change the baseline.
+    mode = "live" if method == "memdump-live" else "paused"
+    argv = [sys.executable, "-c", _MEMDUMP_CHILD, "capture", "--mode", mode, vm]
     with out_path.open("wb") as out, err_path.open("wb") as err:
         t = _timed(argv, env=env, stdout=out, stderr=err, cwd=REPO)
     if t.rc != 0:
@@ -409,7 +459,18 @@ def run_memdump(lab: Lab, vm: str, work: Path) -> tuple[Timed, int, dict[str, An
         raise BenchError(f"{path}: size differs from the record's gzip_size_bytes")
     rss_kib = int(hwm_path.read_text())
     hwm_path.unlink()
-    return t, rss_kib, {"record": record, "polled_hwm_kib": t.tree_hwm_kib}
+    extra: dict[str, Any] = {"record": record, "polled_hwm_kib": t.tree_hwm_kib}
+    if method == "memdump-live":
+        if record.get("capture_mode") != "live":
+            why = record.get("live_fallback_reason") or (
+                "this memdump has no live capture mode (no capture_mode in its record)"
+            )
+            raise BenchError(f"memdump-live on {vm} did not capture live: {why}")
+        doc = json.loads(path.with_name(path.name.removesuffix(".mem.gz") + ".manifest.json")
+                         .read_text())  # fmt: skip
+        extra["live"] = doc["capture"]["live"]
+        extra["pause_ms"] = record.get("pause_ms")
+    return t, rss_kib, extra
 
 
 def run_method(
@@ -422,8 +483,8 @@ def run_method(
     raw_sha: str | None = None
     gz_bytes: int | None = None
     with PauseMonitor(lab.hv.libvirt_uri, vm, work / "events.txt") as mon:
-        if method == "memdump":
-            t, rss, extra = run_memdump(lab, vm, work)
+        if method in MEMDUMP_METHODS:
+            t, rss, extra = run_memdump(lab, vm, work, method)
             record = extra["record"]
             raw_bytes, raw_sha = record["raw_size_bytes"], record["sha256"]
             gz_bytes = record["gzip_size_bytes"]
@@ -450,7 +511,10 @@ def run_method(
             gz_bytes = gz_path.stat().st_size
             sha_path.unlink()
         mon.wait_resumed()
-    pause, total = mon.pause()
+    if method == "memdump-live":
+        pause, total = mon.live_pause(), 0
+    else:
+        pause, total = mon.pause()
 
     if method == "memdump":
         if not res.gzip1_bytes:
@@ -458,6 +522,17 @@ def run_method(
             n, sha, res.gzip1_bytes = digest_of(["pigz", "-dc", str(gz_path)], ["gzip", "-1"])
             if (n, sha) != (raw_bytes, raw_sha):
                 raise BenchError(f"memdump's .gz decompresses to {n} bytes {sha}, not its record")
+        if not res.loads:
+            res.loads = load_digests(gz_path)
+        gz_path.unlink()
+    elif method == "memdump-file":
+        gz_path.unlink()
+    elif method == "memdump-live":
+        # Untimed: the live ELF's guest memory is the paused dump's, PT_LOAD by PT_LOAD.
+        loads = load_digests(gz_path)
+        if res.loads and loads != res.loads:
+            raise BenchError(f"{vm}: the live capture's PT_LOADs differ from the paused dump's")
+        extra["loads_checked"] = bool(res.loads)
         gz_path.unlink()
     elif method in ("gzip-6", "pigz-1"):
         if verify_gz:
@@ -470,8 +545,40 @@ def run_method(
 
     run = Run(method, t.wall_sec, rss, pause, total, raw_bytes, raw_sha, gz_bytes, extra)
     run.host_cpu_pct = 100 * t.host_busy_sec / (t.wall_sec * (os.cpu_count() or 1))
-    _check_same(res, run)
+    if method != "memdump-live":  # its notes differ: checked by PT_LOAD above
+        _check_same(res, run)
     return run
+
+
+def load_digests(gz_path: Path) -> dict[tuple[int, int], str]:
+    """(paddr, filesz) -> SHA-256 of each PT_LOAD's bytes of a .mem.gz, in one streaming
+    pass (``pigz -dc``). A live core may lay its PT_LOADs out in another file order."""
+    from memdump.elfcore import PT_LOAD, parse_core
+
+    src = _spawn(["pigz", "-dc", str(gz_path)], stdout=subprocess.PIPE)
+    assert src.stdout is not None  # noqa: S101 - stdout=PIPE
+    head = bytearray()
+    layout = None
+    while layout is None:
+        chunk = src.stdout.read(_CHUNK)
+        if not chunk:
+            raise BenchError(f"{gz_path}: no ELF headers")
+        head += chunk
+        layout = parse_core(bytes(head))
+    segs = sorted((s for s in layout.segments if s.type == PT_LOAD), key=lambda s: s.offset)
+    sums = {(s.paddr, s.filesz): hashlib.sha256() for s in segs}
+    pos, data = 0, bytes(head)
+    while data:
+        end = pos + len(data)
+        for s in segs:
+            lo, hi = max(pos, s.offset), min(end, s.offset + s.filesz)
+            if lo < hi:
+                sums[(s.paddr, s.filesz)].update(data[lo - pos : hi - pos])
+        pos, data = end, src.stdout.read(_CHUNK)
+    src.stdout.close()
+    if _reap(src, os.waitpid(src.pid, 0)[1]) != 0:
+        raise BenchError(f"pigz -dc {gz_path} failed")
+    return {k: h.hexdigest() for k, h in sums.items()}
 
 
 def _check_same(res: VMResult, run: Run) -> None:
@@ -580,6 +687,21 @@ def _targets(results: list[VMResult], methods: Sequence[str]) -> list[dict[str, 
             rel <= 0.05,
             f"{gz} vs {res.gzip1_bytes} bytes ({rel:+.1%})",
         )
+    for res in results:
+        if "memdump-live" not in methods:
+            continue
+        live = res.median("memdump-live")
+        ms = live.pause_sec * 1000
+        check(res.vm, "live: guest pause <= 50 ms (QEMU events)", ms <= 50, f"{ms:.1f} ms")
+        if "memdump" in methods:
+            md = res.median("memdump")
+            ratio = md.pause_sec / live.pause_sec if live.pause_sec else float("inf")
+            check(res.vm, "live: pause >= 100x shorter than paused fifo", ratio >= 100,
+                  f"{ratio:.0f}x ({md.pause_sec:.3f} s / {live.pause_sec:.4f} s)")  # fmt: skip
+            x = live.wall_sec / md.wall_sec
+            check(res.vm, "live: end-to-end <= 1.2x paused fifo", x <= 1.2, f"{x:.2f}x")
+        rss = live.peak_rss_kib / 1024
+        check(res.vm, "live: peak RSS < 300 MiB", rss < 300, f"{rss:.1f} MiB")
     mem = [r for r in results if "memdump" in methods]
     if len(mem) >= 2:
         peaks = [r.median("memdump").peak_rss_kib / 1024 for r in mem]
@@ -609,15 +731,27 @@ def print_report(
             x = f"{r.wall_sec / md.wall_sec:.2f}" if md else "-"
             ratio = f"{res.raw_bytes / r.gz_bytes:.3f}" if r.gz_bytes else "-"
             rss = r.peak_rss_kib / 1024
-            rss_s = f"{rss:.1f}" if method == "memdump" else f"({rss:.1f})"
+            rss_s = f"{rss:.1f}" if method in MEMDUMP_METHODS else f"({rss:.1f})"
             print(
                 f"{labels.get(method, method):<40} {r.wall_sec:7.2f} {mbs:7.1f} {x:>6} "
                 f"{ratio:>6} {r.pause_sec:8.3f} {rss_s:>8} {r.host_cpu_pct:7.0f}%"
             )
-            if method == "memdump":
+            if method == "memdump-live":
+                live = r.extra.get("live") or {}
+                print(
+                    f"{'  memdump-live: QEMU downtime, RAM MB/s':<40} "
+                    f"{r.extra.get('pause_ms')} ms, "
+                    f"{res.memory_mib * MiB / MB / r.wall_sec:.1f} MB/s of guest RAM, "
+                    f"stream {live.get('stream_bytes')} bytes, pages {live.get('pages')}, "
+                    f"userfaultfd {live.get('userfaultfd')}"
+                )
+            if method in MEMDUMP_METHODS:
+                label = {"memdump": "memdump", "memdump-file": "file", "memdump-live": "live"}[
+                    method
+                ]
                 eng = r.extra["engine_duration_sec"]
                 print(
-                    f"{'  memdump[engine] (record duration_sec)':<40} {eng:7.2f} "
+                    f"{f'  {label}[engine] (record duration_sec)':<40} {eng:7.2f} "
                     f"{res.raw_bytes / MB / eng:7.1f}"
                 )
         if md is not None:
