@@ -82,7 +82,7 @@ class Source:
         self.aborted = True
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, as real drivers
 class LiveDriver:
     """open_dump takes a mode. ``refuse``: "open" (preflight refusal), "stream" (the
     script found it unsupported: the stream ends and close_ok raises), "stream-chained"
@@ -129,7 +129,7 @@ class LiveDriver:
         pass
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity, as real drivers
 class PausedOnlyDriver:
     """A driver from before live capture: open_dump knows staging and margin only."""
 

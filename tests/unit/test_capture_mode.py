@@ -235,3 +235,52 @@ def test_paused_capture_is_unchanged(tmp_path: Path) -> None:
         None,
     )
     assert c["pause_window_sec"] == 0.48 and c["pause_ms"] == 480.0
+
+
+# -- memdump capture --mode ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "refuse", "want", "stderr"),
+    [
+        (["--mode", "live"], "none", "live", ""),
+        (["--mode", "live"], "open", "paused", "captured paused, not live: QEMU runs as"),
+        (["--mode", "paused"], "none", "paused", ""),
+        ([], "none", "live", ""),  # no option: the hypervisor's capture_mode
+    ],
+)
+def test_cli_mode_option(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    refuse: Any,
+    want: str,
+    stderr: str,
+) -> None:
+    from memdump import cli
+
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("MEMDUMP_DUMP_DIR", str(tmp_path / "dumps"))
+    monkeypatch.setenv("MEMDUMP_ANALYSIS", "false")
+    monkeypatch.setenv(
+        "MEMDUMP_HYPERVISORS", '[{"name": "hv", "transport": "local", "capture_mode": "live"}]'
+    )
+    d = LiveDriver(refuse=refuse)
+    monkeypatch.setattr(cli, "_drivers", lambda settings: [d])
+    monkeypatch.setattr(cli, "find", lambda drivers, vm_id: (d, REF))
+    assert cli.main(["capture", *argv, "vm1"]) == 0
+    out, err = capsys.readouterr()
+    rec = json.loads(out)
+    assert rec["capture_mode"] == want and d.calls[-1]["mode"] == want
+    assert (stderr in err) if stderr else err == ""
+    if stderr:
+        assert rec["live_fallback_reason"] == USERFAULTFD_REASON
+
+
+def test_cli_refuses_an_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    from memdump import cli
+
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["capture", "--mode", "frozen", "vm1"])
+    assert ei.value.code == 2 and "invalid choice: 'frozen'" in capsys.readouterr().err
