@@ -142,6 +142,74 @@ printf 'memdump-dir %s\\n' "$d" || exit 93
 """.replace("@RUN_DIR@", RUN_DIR)
 PROLOGUE = "memdump_base=\n" + PROLOGUE_IN_BASE
 
+# Shell (live capture, HypervisorConfig.live_userfaultfd "sysctl-window"; the same files
+# and protocol as the qemu driver's Python client): ``memdump_uffd_open RUN`` sets
+# vm.unprivileged_userfaultfd to 1 for an unprivileged QEMU to create its write-tracking
+# userfaultfd, ``memdump_uffd_close`` puts the old value back (the descriptor QEMU made
+# stays valid). RUN must be the root-only run directory (the caller checks it). The
+# window holds a lock on RUN/userfaultfd.lock on fd 6 (children must not inherit it:
+# 6>&-), so concurrent captures take turns; the old value is written to
+# RUN/userfaultfd.restore *before* the sysctl changes and removed only after it is back,
+# so a script killed outright is repaired by the next window or by UFFD_RESTORE. The
+# sysctl's path can be moved with MEMDUMP_UFFD_SYSCTL (tests).
+UFFD_WINDOW_FN = r"""memdump_uffd_sysctl=/proc/sys/vm/unprivileged_userfaultfd
+memdump_uffd_sysctl=${MEMDUMP_UFFD_SYSCTL:-$memdump_uffd_sysctl}
+memdump_uffd_old=
+memdump_uffd_t0=
+memdump_uffd_t1=
+memdump_uffd_open() {
+  memdump_uffd_run=$1
+  exec 6>"$1/userfaultfd.lock" || return 1
+  flock -w 60 6 || { exec 6>&-; return 1; }
+  o=
+  if [ -f "$1/userfaultfd.restore" ] && [ ! -L "$1/userfaultfd.restore" ]; then
+    IFS= read -r o <"$1/userfaultfd.restore"
+  fi
+  case $o in 0|1) ;; *) o=$(cat "$memdump_uffd_sysctl" 2>/dev/null) ;; esac
+  case $o in ''|*[!0-9]*) exec 6>&-; return 1 ;; esac
+  rm -f "$1/userfaultfd.restore"
+  printf '%s\n' "$o" >"$1/userfaultfd.restore" || { exec 6>&-; return 1; }
+  memdump_uffd_old=$o
+  memdump_uffd_t0=$(date +%s.%N)
+  echo 1 >"$memdump_uffd_sysctl" || { memdump_uffd_close; return 1; }
+  return 0
+}
+memdump_uffd_close() {
+  [ -n "$memdump_uffd_old" ] || return 0
+  echo "$memdump_uffd_old" >"$memdump_uffd_sysctl" || return 1
+  memdump_uffd_t1=$(date +%s.%N)
+  memdump_uffd_old=
+  rm -f "$memdump_uffd_run/userfaultfd.restore"
+  exec 6>&-
+  return 0
+}
+"""
+
+# No arguments. Puts back vm.unprivileged_userfaultfd from RUN/userfaultfd.restore when a
+# window was left open by a script killed outright (the window's lock is free), in the
+# root-only run directory only; prints "userfaultfd-restored VALUE" if it did.
+UFFD_RESTORE = (
+    "export LC_ALL=C\n"
+    + r"""sysctl=${MEMDUMP_UFFD_SYSCTL:-/proc/sys/vm/unprivileged_userfaultfd}
+run=${MEMDUMP_RUN_DIR:-@RUN_DIR@}
+[ -d "$run" ] && [ ! -L "$run" ] && [ -O "$run" ] || exit 0
+command -v flock >/dev/null 2>&1 || exit 0
+[ -e "$run/userfaultfd.restore" ] || exit 0
+exec 6>"$run/userfaultfd.lock" || exit 0
+flock -n 6 || exit 0
+[ -f "$run/userfaultfd.restore" ] && [ ! -L "$run/userfaultfd.restore" ] || exit 0
+IFS= read -r o <"$run/userfaultfd.restore"
+case $o in
+  0|1) ;;
+  *) echo "memdump: $run/userfaultfd.restore holds no sysctl value" >&2; exit 1 ;;
+esac
+echo "$o" >"$sysctl" || exit 1
+rm -f "$run/userfaultfd.restore"
+echo "userfaultfd-restored $o"
+exit 0
+""".replace("@RUN_DIR@", RUN_DIR)
+)
+
 # $1 = the dump's directory (its memdump-dir line); stdin: its token. For drivers whose
 # dump tool cannot be cancelled (QMP/HMP dump-guest-memory). Closing the stream already
 # breaks the FIFO; this kills that dump's reader as well (only if its command line names
@@ -225,6 +293,18 @@ def clean_stale(
     if res.returncode != 0:
         raise HypervisorError(
             f"{hypervisor}: clean-up of stale dump directories failed: {res.stderr_text}",
+            hypervisor=hypervisor,
+            retryable=True,
+        )
+    return [line for line in res.stdout.decode("utf-8", "replace").splitlines() if line]
+
+
+def restore_userfaultfd(transport: Transport, hypervisor: str) -> list[str]:
+    """Run UFFD_RESTORE: a userfaultfd window a killed script left open is closed."""
+    res = transport.run(UFFD_RESTORE, (), timeout=60.0)
+    if res.returncode != 0:
+        raise HypervisorError(
+            f"{hypervisor}: restoring vm.unprivileged_userfaultfd failed: {res.stderr_text}",
             hypervisor=hypervisor,
             retryable=True,
         )

@@ -1,0 +1,273 @@
+"""Live capture through libvirt on the lab (issue 12), over the lab's real sshd: QEMU 7.2
+run by libvirt as libvirt-qemu with vm.unprivileged_userfaultfd=0, so the capture needs the
+userfaultfd window. Each test uses domains of its own (256 MiB, seeded RAM) and checks
+afterwards: guest running, no migration active, background-snapshot off, no write
+protection left in QEMU, the sysctl as it was, the window's lock free, no temp dir."""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from memdump.errors import CaptureTimeoutError, LiveCaptureUnsupportedError
+from memdump.hypervisors.base import VMRef
+from memdump.hypervisors.fifo import RUN_DIR
+from memdump.hypervisors.libvirt import LibvirtDriver
+from memdump.livecore import LiveCoreSource
+from memdump.pipeline import write_dump
+from memdump.settings import HypervisorConfig, Settings
+from memdump.transport import open_transport
+from tests.integration.conftest import URI, assert_markers, extra_lab_vm, remote_temp_paths, virsh
+
+VM = "vlive-t1"
+FRESH = "vlive-t2"
+SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
+ACTIVE = ("setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug")
+
+
+@pytest.fixture(scope="module")
+def vm(lab_dir: Path) -> Iterator[str]:
+    with extra_lab_vm(VM, 256) as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def sysctl_before() -> str:
+    return SYSCTL.read_text().strip()
+
+
+def _driver(lab_dir: Path, setting: str) -> LibvirtDriver:
+    s = Settings(inventory_file=lab_dir / "inventory.yaml")
+    hv: HypervisorConfig = s.inventory[0].model_copy(update={"live_userfaultfd": setting})
+    return LibvirtDriver(hv, open_transport(hv, s.ssh))
+
+
+@pytest.fixture
+def live_driver(lab_dir: Path) -> Iterator[LibvirtDriver]:
+    d = _driver(lab_dir, "sysctl-window")
+    yield d
+    d.close()
+
+
+def qmp(vm: str, execute: str) -> object:
+    return json.loads(virsh("qemu-monitor-command", vm, json.dumps({"execute": execute})))["return"]
+
+
+def migration_status(vm: str) -> str:
+    ret = qmp(vm, "query-migrate")
+    assert isinstance(ret, dict)
+    return str(ret.get("status", "none"))
+
+
+def background_snapshot_on(vm: str) -> bool:
+    caps = qmp(vm, "query-migrate-capabilities")
+    assert isinstance(caps, list)
+    (bg,) = [c for c in caps if c["capability"] == "background-snapshot"]
+    return bool(bg["state"])
+
+
+def qemu_pid(vm: str) -> int:
+    return int(Path(f"/run/libvirt/qemu/{vm}.pid").read_text().strip())
+
+
+def write_protected(vm: str) -> bool:
+    """QEMU still has memory registered for userfaultfd write protection (VmFlags "uw")
+    or holds a userfaultfd: nobody would serve the guest's write faults any more."""
+    pid = qemu_pid(vm)
+    smaps = Path(f"/proc/{pid}/smaps").read_text()
+    if any(ln.startswith("VmFlags:") and " uw" in f"{ln} " for ln in smaps.splitlines()):
+        return True
+    fds = Path(f"/proc/{pid}/fd")
+    return any("userfaultfd" in os.readlink(fds / f) for f in os.listdir(fds))
+
+
+def live_dirs(vm: str) -> list[Path]:
+    """Remote temp dirs of live scripts for ``vm`` (other helpers' dumps may run at the
+    same time on the lab: theirs are not ours to judge)."""
+    out = []
+    for p in remote_temp_paths():
+        try:
+            if (p / "live").read_text().strip() == vm:
+                out.append(p)
+        except OSError:
+            continue
+    return out
+
+
+def lock_free(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def assert_live_clean(vm: str, sysctl_before: str, directory: str | None = None) -> None:
+    """After a live capture, however it ended. An aborted one on QEMU 7.2 drains its
+    migration to the end first (seconds for 256 MiB): wait for that, bounded."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (
+        migration_status(vm) in ACTIVE
+        or live_dirs(vm)
+        or (directory is not None and Path(directory).exists())
+    ):
+        time.sleep(0.2)
+    assert migration_status(vm) not in ACTIVE
+    assert live_dirs(vm) == []
+    assert directory is None or not Path(directory).exists()
+    assert virsh("domstate", vm).strip() == "running"
+    assert background_snapshot_on(vm) is False
+    assert write_protected(vm) is False
+    assert SYSCTL.read_text().strip() == sysctl_before
+    run = Path(os.environ.get("MEMDUMP_RUN_DIR", RUN_DIR))
+    assert not (run / "userfaultfd.restore").exists()
+    assert lock_free(run / "userfaultfd.lock")
+    assert lock_free(run / f"live.{vm}.lock")
+
+
+def _dir_of(src: object) -> str | None:
+    assert isinstance(src, LiveCoreSource)
+    d: str | None = src.stream._s.dir  # type: ignore[attr-defined]
+    return d
+
+
+class StatePoller(threading.Thread):
+    """``virsh domstate`` over and over while the capture runs: (start, end, state)."""
+
+    def __init__(self, vm: str) -> None:
+        super().__init__(daemon=True)
+        self.vm = vm
+        self.seen: list[tuple[float, float, str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.time()
+            state = virsh("domstate", self.vm, check=False).strip()
+            self.seen.append((t0, time.time(), state))
+
+
+def test_live_capture_of_a_running_guest(
+    vm: str, live_driver: LibvirtDriver, lab_dir: Path, tmp_path: Path, sysctl_before: str
+) -> None:
+    assert sysctl_before == "0"  # the lab: the window is what makes live possible
+    ref = VMRef("lab", vm, vm)
+    poller = StatePoller(vm)
+    poller.start()
+    src: LiveCoreSource | None = None
+    try:
+        opened = live_driver.open_dump(ref, mode="live", spill_dir=tmp_path, buffer_bytes=4 << 20)
+        assert isinstance(opened, LiveCoreSource)
+        src = opened
+        directory = _dir_of(src)
+        # The stream has begun and is not being read: the migration is running now.
+        assert migration_status(vm) == "active"
+        assert background_snapshot_on(vm) is True
+        # libvirt does not see it as a job of its own, and domjobabort leaves it alone.
+        assert "None" in virsh("domjobinfo", vm)
+        abort = subprocess.run(
+            ["virsh", "-c", URI, "domjobabort", vm], capture_output=True, text=True, timeout=60
+        )
+        assert abort.returncode != 0 and "no job is active" in abort.stderr
+        assert SYSCTL.read_text().strip() == sysctl_before  # the window closed already
+        res = write_dump(src, tmp_path, "live.mem.gz")
+    except BaseException:
+        if src is not None:
+            src.abort()
+        raise
+    finally:
+        poller.stop.set()
+        poller.join()
+    assert_markers(gzip.open(res.path).read(), lab_dir, vm)
+    live = src.live
+    assert live["mode"] == "live" and live["driver"] == "libvirt"
+    assert live["migration_status"] == "completed"
+    assert live["userfaultfd"] == "sysctl-window"
+    assert 0 < live["userfaultfd_window_ms"] < 60_000
+    assert isinstance(live["downtime_ms"], int)
+    assert "custom-monitor" in live["taint"]
+    assert len(live["stream_sha256"]) == 64 and live["stream_bytes"] > 0
+    window = src.pause_window
+    assert window is not None
+    # The guest ran throughout: every domstate is "running" but those that overlap the
+    # script's window around the snapshot's start (QEMU stops the vCPUs for milliseconds
+    # there, and libvirt follows QEMU's STOP/RESUME events).
+    t0, t1 = window[0].timestamp(), window[1].timestamp()
+    assert len(poller.seen) >= 2
+    off = [s for s in poller.seen if s[2] != "running" and not (s[0] <= t1 and s[1] >= t0)]
+    assert off == []
+    assert_live_clean(vm, sysctl_before, directory)
+
+
+def test_live_userfaultfd_none_is_unsupported_before_the_guest_is_touched(
+    lab_dir: Path, tmp_path: Path, sysctl_before: str
+) -> None:
+    status_xml = Path(f"/run/libvirt/qemu/{FRESH}.xml")
+    with extra_lab_vm(FRESH, 256) as name:
+        assert "custom-monitor" not in status_xml.read_text()  # a fresh domain
+        drv = _driver(lab_dir, "none")
+        try:
+            with pytest.raises(LiveCaptureUnsupportedError) as ei:
+                drv.open_dump(VMRef("lab", name, name), mode="live", spill_dir=tmp_path)
+        finally:
+            drv.close()
+        reason = ei.value.fields["reason"]
+        assert "live_userfaultfd: sysctl-window" in reason
+        assert "vm.unprivileged_userfaultfd is 0" in reason
+        # Not even a monitor command (which taints the domain) was issued.
+        assert "custom-monitor" not in status_xml.read_text()
+        assert live_dirs(name) == []
+        assert SYSCTL.read_text().strip() == sysctl_before
+        assert virsh("domstate", name).strip() == "running"
+
+
+def test_abort_mid_capture_leaves_the_guest_running(
+    vm: str, live_driver: LibvirtDriver, tmp_path: Path, sysctl_before: str
+) -> None:
+    src = live_driver.open_dump(
+        VMRef("lab", vm, vm), mode="live", spill_dir=tmp_path, buffer_bytes=4 << 20
+    )
+    directory = _dir_of(src)
+    buf = memoryview(bytearray(1 << 20))
+    assert src.readinto(buf) > 0
+    assert migration_status(vm) == "active"
+    src.abort()
+    assert_live_clean(vm, sysctl_before, directory)
+    # QEMU 7.2 would leave guest RAM write-protected after a cancel: the abort drained
+    # the snapshot to its end instead.
+    assert migration_status(vm) == "completed"
+
+
+def test_deadline_mid_capture_leaves_the_guest_running(
+    vm: str, live_driver: LibvirtDriver, tmp_path: Path, sysctl_before: str
+) -> None:
+    src = live_driver.open_dump(
+        VMRef("lab", vm, vm), mode="live", spill_dir=tmp_path, buffer_bytes=4 << 20
+    )
+    directory = _dir_of(src)
+    fired = threading.Event()
+
+    def slow(done: int, total: int | None) -> None:
+        # The first progress report holds the pipeline past the deadline (the watchdog
+        # aborts the source while the capture is mid-stream).
+        if not fired.is_set():
+            fired.set()
+            time.sleep(3)
+
+    with pytest.raises(CaptureTimeoutError):
+        write_dump(src, tmp_path, "d.mem.gz", progress=slow, deadline=time.monotonic() + 1.0)
+    assert fired.is_set()
+    assert not (tmp_path / "d.mem.gz").exists()
+    assert_live_clean(vm, sysctl_before, directory)
