@@ -34,12 +34,12 @@ increasing with p_paddr (a >3.5 GiB guest's RAM above 4 GiB comes before the BIO
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import os
 import re
 import secrets
 import struct
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +118,13 @@ class RamSegment:
         return self.phys_start + self.size
 
 
-# "  0000000000000000-000000000009ffff (prio 0, ram): pc.ram @00000000000c0000 KVM"
+# "  0000000000000000-000000000009ffff (prio 0, ram): pc.ram @00000000000c0000 KVM": the
+# name may hold spaces ("vga ioports remapped"); "@offset" when the range starts inside
+# its region; then the accelerators that map the range (softmmu/memory.c
+# mtree_print_flatview; only KVM implements has_memory in 7.2).
 _RANGE = re.compile(
-    r"^\s+([0-9a-f]{1,16})-([0-9a-f]{1,16}) \(prio (-?\d+), ([a-z/-]+)\): (\S+)"
-    r"(?: @([0-9a-f]{1,16}))?((?: [A-Z][A-Za-z0-9]*)*)\s*$"
+    r"^\s+([0-9a-f]{1,16})-([0-9a-f]{1,16}) \(prio (-?\d+), ([a-z/-]+)\): (.+?)"
+    r"(?: @([0-9a-f]{1,16}))?((?: (?:KVM|HVF|WHPX|NVMM))*)\s*$"
 )
 _FLATVIEW = re.compile(r"^FlatView #\d+\s*$")
 _AS = re.compile(r'^ AS "([^"]*)", root: (.*?)\s*$')
@@ -323,12 +326,24 @@ class _Reader:
         return n
 
 
+# Where a page waiting for its place in the file is (``_Block.slot``); >= 0: spill slot.
+_NONE = -1  # not waiting (not arrived yet, or already written)
+_IN_MEMORY = -2
+_FILL = -3  # _FILL - byte: a page of one repeated byte (0: a zero page)
+
+
 @dataclass
 class _Block:
     idstr: str
     used_length: int
     index: int  # position in the sweep
-    received: bytearray  # one byte per page: 1 when it arrived
+    received: bytearray  # one byte per page: 1 once it arrived
+    # Per page, how many PT_LOAD bytes ranges need it (0: dropped; 2: e.g. the BIOS, mapped
+    # twice), its uses left while it waits, and where it waits (8 bytes a page: bounded
+    # bookkeeping whatever the guest writes ahead of the sweep).
+    need: bytearray | None = None
+    uses: bytearray | None = None
+    slot: array[int] | None = None
 
 
 class _Spill:
@@ -415,13 +430,14 @@ class LiveCoreSource:
         self._finished = False
         self._failed: BaseException | None = None
         self._spill: _Spill | None = None
-        # key (block index, page offset) -> [data | None (zero) | int fill | ("s", slot), uses]
-        self._store: dict[tuple[int, int], list[Any]] = {}
+        # Pages waiting in memory, (block index, page offset) -> data; at most buffer_bytes.
+        self._store: dict[tuple[int, int], bytes] = {}
+        self._waiting = 0
+        self._hit: bytes | None = None
         self._mem = 0
         self._mem_peak = 0
         self._blocks: dict[str, _Block] = {}
         self._order: list[_Block] = []
-        self._targets: dict[int, tuple[list[int], list[_Piece]]] = {}
         self._ram_section: int | None = None
         self._last_block: _Block | None = None
         self._ram_done = False
@@ -443,18 +459,22 @@ class LiveCoreSource:
     def readinto(self, view: memoryview) -> int:
         if self._failed is not None:
             raise self._failed
+        if self._gen is None:
+            self._gen = self._produce()
+        done = 0
         try:
-            while not self._chunk:
-                if self._gen is None:
-                    self._gen = self._produce()
-                nxt = next(self._gen, None)
-                if nxt is None:
-                    return 0
-                self._chunk = memoryview(nxt)
-            n = min(len(view), len(self._chunk))
-            view[:n] = self._chunk[:n]
-            self._chunk = self._chunk[n:]
-            return n
+            # Fill the whole view (many pages a call): the pipeline hands 4 MiB buffers.
+            while done < len(view):
+                if not self._chunk:
+                    nxt = next(self._gen, None)
+                    if nxt is None:
+                        break
+                    self._chunk = memoryview(nxt)
+                n = min(len(view) - done, len(self._chunk))
+                view[done : done + n] = self._chunk[:n]
+                self._chunk = self._chunk[n:]
+                done += n
+            return done
         except BaseException as exc:
             self._failed = exc
             self._cleanup()
@@ -656,11 +676,21 @@ class LiveCoreSource:
         # Sweep order: the file is written in the order the stream brings the bytes.
         pieces.sort(key=lambda p: (p.block.index, p.block_offset, p.segment))
         for p in pieces:
-            starts, plist = self._targets.setdefault(p.block.index, ([], []))
-            plist.append(p)
-        for starts, plist in self._targets.values():
-            plist.sort(key=lambda p: p.block_offset)
-            starts[:] = [p.block_offset for p in plist]
+            blk = p.block
+            pages = blk.used_length // PAGE_SIZE
+            if blk.need is None:
+                blk.need = bytearray(pages)
+                blk.uses = bytearray(pages)
+                blk.slot = array("q", [_NONE]) * pages
+            first = p.block_offset // PAGE_SIZE
+            last = (p.block_offset + p.size - 1) // PAGE_SIZE + 1
+            if not any(blk.need[first:last]):
+                blk.need[first:last] = b"\x01" * (last - first)
+            else:
+                for i in range(first, last):
+                    if blk.need[i] == 255:
+                        raise LayoutError(f"a page of {blk.idstr!r} is mapped 255 times")
+                    blk.need[i] += 1
         return pieces
 
     def _elf_head(self, pieces: list[_Piece]) -> tuple[bytes, int]:
@@ -698,9 +728,12 @@ class LiveCoreSource:
         phdrs = [_PHDR.pack(4, 0, note_off, 0, 0, len(note), len(note), 0)]  # PT_NOTE
         by_seg = {p.segment: p for p in pieces}
         for i, seg in enumerate(self.layout.segments):
-            # dump-guest-memory with paging=false: p_vaddr 0, p_flags 0, p_align 0.
+            # dump-guest-memory with paging=false (dump/dump.c write_elf64_load): p_vaddr is
+            # the virtual address, 0 without paging, hence p_paddr; p_flags 0, p_align 0.
             off = by_seg[i].file_offset
-            phdrs.append(_PHDR.pack(1, 0, off, 0, seg.phys_start, seg.size, seg.size, 0))
+            phdrs.append(
+                _PHDR.pack(1, 0, off, seg.phys_start, seg.phys_start, seg.size, seg.size, 0)
+            )
         return ehdr + sh0 + sh1 + b"".join(phdrs) + note, data
 
     @staticmethod
@@ -709,44 +742,56 @@ class LiveCoreSource:
         return _NHDR.pack(len(_NOTE_NAME), len(NOTE_TEXT), NT_MEMDUMP_LIVE) + _NOTE_NAME + desc
 
     def _piece_bytes(self, piece: _Piece) -> Iterator[memoryview | bytes]:
-        bidx = piece.block.index
+        blk = piece.block
+        slots = blk.slot
+        if slots is None:
+            raise MigrationStreamError(f"no page map for {blk.idstr!r}")
         pos = piece.block_offset
         end = pos + piece.size
         while pos < end:
             page = pos & _PAGE_MASK
             lo = pos - page
             hi = min(PAGE_SIZE, end - page)
-            key = (bidx, page)
-            entry = self._store.get(key)
-            if entry is None:
-                self._want = key
-                while entry is None:
+            idx = page // PAGE_SIZE
+            if slots[idx] == _NONE:
+                # Not here yet: read the stream until it comes (usually the next record).
+                self._want = (blk.index, page)
+                self._hit = None
+                while self._hit is None and slots[idx] == _NONE:
                     self._record()
-                    entry = self._store.get(key)
                 self._want = None
-            data = self._take(key, entry)
+            if self._hit is not None:
+                data, self._hit = self._hit, None
+            else:
+                data = self._take(blk, idx)
             yield data if lo == 0 and hi == PAGE_SIZE else memoryview(data)[lo:hi]
             pos = page + hi
 
-    def _take(self, key: tuple[int, int], entry: list[Any]) -> bytes:
-        value = entry[0]
-        entry[1] -= 1
-        last = entry[1] == 0
+    def _take(self, blk: _Block, idx: int) -> bytes:
+        """A waiting page, for one of its uses."""
+        if blk.slot is None or blk.uses is None:
+            raise MigrationStreamError(f"no page map for {blk.idstr!r}")
+        where = blk.slot[idx]
+        blk.uses[idx] -= 1
+        last = blk.uses[idx] == 0
         if last:
-            del self._store[key]
-        if value is None:
-            return _ZERO_PAGE
-        if isinstance(value, int):
-            return bytes([value]) * PAGE_SIZE
-        if isinstance(value, tuple):
-            if self._spill is None:
-                raise MigrationStreamError("a spilled page without a spill file")
-            return self._spill.take(value[1]) if last else self._spill.read(value[1])
-        if last:
-            self._mem -= PAGE_SIZE
-        return bytes(value)
+            blk.slot[idx] = _NONE
+            self._waiting -= 1
+        if where == _IN_MEMORY:
+            key = (blk.index, idx * PAGE_SIZE)
+            if last:
+                self._mem -= PAGE_SIZE
+                return self._store.pop(key)
+            return self._store[key]
+        if where <= _FILL:
+            return _ZERO_PAGE if where == _FILL else bytes([_FILL - where]) * PAGE_SIZE
+        if self._spill is None:
+            raise MigrationStreamError("a spilled page without a spill file")
+        return self._spill.take(where) if last else self._spill.read(where)
 
-    def _put(self, blk: _Block, page: int, value: bytes | int | None, at: int) -> None:
+    def _put(self, blk: _Block, page: int, value: bytes | int, at: int) -> None:
+        """A page from the stream: ``value`` its bytes, or the byte a ZERO record fills it
+        with."""
         idx = page // PAGE_SIZE
         if page >= blk.used_length:
             raise self._err(
@@ -760,39 +805,34 @@ class LiveCoreSource:
                 f"page at {page:#x} of RAM block {blk.idstr!r} sent twice", at, block=blk.idstr
             )
         blk.received[idx] = 1
-        uses = self._uses(blk, page)
+        uses = blk.need[idx] if blk.need is not None else 0
         if not uses:
             self.counts["dropped"] += 1
             return
-        key = (blk.index, page)
-        if key != self._want:
+        if self._want == (blk.index, page):
+            if uses == 1:  # the page the file needs next: no waiting
+                if isinstance(value, int):
+                    value = _ZERO_PAGE if value == 0 else bytes([value]) * PAGE_SIZE
+                self._hit = value
+                return
+        else:
             self.counts["early"] += 1
-        stored: Any = value
-        if isinstance(value, bytes):
-            if self._mem + PAGE_SIZE <= self.buffer_bytes:
-                self._mem += PAGE_SIZE
-                self._mem_peak = max(self._mem_peak, self._mem)
-            else:
-                if self._spill is None:
-                    self._spill = _Spill(self.spill_dir)
-                stored = ("s", self._spill.put(value))
-                self.counts["spilled"] += 1
-        self._store[key] = [stored, uses]
-
-    def _uses(self, blk: _Block, page: int) -> int:
-        t = self._targets.get(blk.index)
-        if t is None:
-            return 0
-        starts, plist = t
-        n = 0
-        i = bisect.bisect_right(starts, page + PAGE_SIZE - 1)
-        while i > 0:
-            i -= 1
-            p = plist[i]
-            if p.block_offset + p.size > page:
-                n += 1
-            # Pieces are sorted by start; an earlier, longer one may still cover the page.
-        return n
+        if blk.slot is None or blk.uses is None:
+            raise MigrationStreamError(f"no page map for {blk.idstr!r}")
+        blk.uses[idx] = uses
+        self._waiting += 1
+        if isinstance(value, int):
+            blk.slot[idx] = _FILL - value
+        elif self._mem + PAGE_SIZE <= self.buffer_bytes:
+            self._store[(blk.index, page)] = value
+            self._mem += PAGE_SIZE
+            self._mem_peak = max(self._mem_peak, self._mem)
+            blk.slot[idx] = _IN_MEMORY
+        else:
+            if self._spill is None:
+                self._spill = _Spill(self.spill_dir)
+            blk.slot[idx] = self._spill.put(value)
+            self.counts["spilled"] += 1
 
     def _record(self) -> None:
         """Parse one RAM record (or a section boundary). Raises if RAM has ended."""
@@ -833,7 +873,7 @@ class LiveCoreSource:
         if kind == RAM_SAVE_FLAG_ZERO:
             fill = r.u8("zero page fill byte")
             self.counts["zero"] += 1
-            self._put(blk, addr, None if fill == 0 else fill, at)
+            self._put(blk, addr, fill, at)
         else:
             data = r.read(PAGE_SIZE, "RAM page")
             self.counts["normal"] += 1
@@ -866,22 +906,20 @@ class LiveCoreSource:
         )
 
     def _missing(self) -> MigrationStreamError:
-        for blk in self._order:
-            starts, plist = self._targets.get(blk.index, ([], []))
-            for p in plist:
-                first = p.block_offset // PAGE_SIZE
-                last = (p.block_offset + p.size - 1) // PAGE_SIZE
-                for i in range(first, last + 1):
-                    if not blk.received[i]:
-                        phys = self.layout.segments[p.segment].phys_start
-                        phys += i * PAGE_SIZE - p.block_offset
-                        return self._err(
-                            f"RAM ended without page {i * PAGE_SIZE:#x} of block {blk.idstr!r} "
-                            f"(guest-physical {phys:#x})",
-                            block=blk.idstr,
-                        )
+        for seg in self.layout.segments:
+            blk = self._resolve(seg.block)
+            first = seg.block_offset // PAGE_SIZE
+            last = (seg.block_offset + seg.size - 1) // PAGE_SIZE
+            for i in range(first, last + 1):
+                if not blk.received[i]:
+                    phys = seg.phys_start + i * PAGE_SIZE - seg.block_offset
+                    return self._err(
+                        f"RAM ended without page {i * PAGE_SIZE:#x} of block {blk.idstr!r} "
+                        f"(guest-physical {max(phys, seg.phys_start):#x})",
+                        block=blk.idstr,
+                    )
         return self._err("RAM ended before the core was complete")
 
     def _check_complete(self) -> None:
-        if self._store:
-            raise self._err(f"{len(self._store)} pages left unwritten")
+        if self._waiting:
+            raise self._err(f"{self._waiting} pages were received but never written")
