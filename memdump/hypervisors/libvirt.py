@@ -449,12 +449,12 @@ exit 0
 # still says "live", its lock is free) and whose domain no live script holds: waits (up
 # to ~60 s) for a migration still draining, unless libvirt has a job of its own on the
 # domain, then turns background-snapshot off and closes a "memdump" fd left in QEMU, and
-# takes the "live" mark away (the directory itself goes with fifo.clean_stale). Prints
-# "live-repaired DOMAIN" for each.
+# removes the directory. Prints "live-repaired DOMAIN" and the directory for each.
 _LIVE_REPAIR = (
     "export LC_ALL=C\n"
     + ENTER_FN
-    + r"""run=${MEMDUMP_RUN_DIR:-@RUN_DIR@}
+    + r"""uri=$1
+run=${MEMDUMP_RUN_DIR:-@RUN_DIR@}
 [ -d "$run" ] && [ ! -L "$run" ] && [ -O "$run" ] || exit 0
 command -v flock >/dev/null 2>&1 || exit 0
 for d in "$run"/memdump.??????????; do
@@ -466,8 +466,8 @@ for d in "$run"/memdump.??????????; do
     case $dom in ''|[!A-Za-z0-9]*|*[!A-Za-z0-9._-]*|*..*) exit 0 ;; esac
     exec 5>"$run/live.$dom.lock" || exit 0
     flock -n 5 || exit 0
-    mon() { virsh -c "$1" qemu-monitor-command "$dom" "$2" 2>/dev/null 5>&-; }
-    job=$(virsh -c "$1" domjobinfo "$dom" 2>/dev/null 5>&- | sed -n 's/^Job type: *//p')
+    mon() { virsh -c "$uri" qemu-monitor-command "$dom" "$1" 2>/dev/null 5>&-; }
+    job=$(virsh -c "$uri" domjobinfo "$dom" 2>/dev/null 5>&- | sed -n 's/^Job type: *//p')
     i=0
     while [ "$i" -lt 300 ]; do
       case $(mon '{"execute":"query-migrate"}') in
@@ -483,9 +483,13 @@ for d in "$run"/memdump.??????????; do
     mon '{"execute":"migrate-set-capabilities","arguments":{"capabilities":'\
 '[{"capability":"background-snapshot","state":false}]}}' >/dev/null
     mon '{"execute":"closefd","arguments":{"fdname":"memdump"}}' >/dev/null
-    rm -f live
     echo "live-repaired $dom"
+    # Its script is dead (the lock, held from before "live" was written, is free): the
+    # directory goes now, entries relative to it, then the name (rmdir).
+    rm -rf ./* ./.[!.]* ./..?* 2>/dev/null
+    exit 2
   )
+  [ $? -eq 2 ] && rmdir "$d" 2>/dev/null && echo "$d"
 done
 exit 0
 """.replace("@RUN_DIR@", RUN_DIR)
