@@ -38,18 +38,33 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
+from pathlib import Path
 from typing import Any, Literal
 
 from memdump.errors import (
     DumpFailedError,
     HypervisorError,
+    LiveCaptureUnsupportedError,
+    MemdumpError,
+    MigrationStreamError,
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
-from memdump.hypervisors.fifo import PROLOGUE, TokenFifoDump, clean_stale, fifo_only
+from memdump.hypervisors.fifo import (
+    ENTER_FN,
+    PROLOGUE,
+    RUN_DIR,
+    TokenFifoDump,
+    clean_stale,
+    fifo_only,
+    token_stdin,
+)
 from memdump.identifiers import validate_id
+from memdump.livecore import EM_X86_64, GuestLayout, LiveCoreSource, elf_machine_from_registers
+from memdump.pipeline import DumpSource
 from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.base import CommandResult, Transport
 
@@ -157,6 +172,152 @@ exit 0
 """
 )
 
+# Live capture (mode="live"): QEMU's migration capability background-snapshot.
+_UFFD_SYSCTL = "sysctl=${MEMDUMP_UFFD_SYSCTL:-/proc/sys/vm/unprivileged_userfaultfd}\n"
+
+# $1 = qmp_dir, $2 = VM name, $3 = allowed QEMU binaries. The client's preflight: peer,
+# QEMU's uid, the replies to its PREFLIGHT commands, the userfaultfd sysctl. Changes
+# nothing.
+_PREFLIGHT = (
+    _COMMON
+    + """plain "$1" && plain "$2" || { echo "memdump: bad qmp_dir or VM name" >&2; exit 97; }
+s=$1/$2.qmp
+[ -S "$s" ] || { printf 'memdump-no-vm %s\\n' "$2" >&2; exit 96; }
+"""
+    + _UFFD_SYSCTL
+    + _py('preflight "$s" "$3" "$sysctl"')
+    + "exit\n"
+)
+
+
+def _py_bg(args: str, redirections: str) -> str:
+    """As _py, in the background (the script waits for it, so its traps can run)."""
+    return f"python3 -I -S - {args} {redirections}<<'{_EOF}' &\n{QMP_CLIENT}{_EOF}\n"
+
+
+# $1 = qmp_dir, $2 = VM name, $3 = allowed QEMU binaries, $4 = live_userfaultfd; stdin:
+# the token. As _DUMP, with the client's ``live`` mode: the migration stream goes into
+# the FIFO, cat sends it on stdout. "$d/qmp" (the socket) and the client's output
+# "$d/reply" (its peer line: QEMU's pid) let clean_stale repair QEMU if this script is
+# killed outright. A signal to the script stops the client first (it cancels the
+# migration, turns the capability off and puts the sysctl back), then cleans up; a client
+# that died without doing so (killed) is repaired here.
+_LIVE = (
+    "umask 077\n"
+    + _COMMON
+    + """plain "$1" && plain "$2" || { echo "memdump: bad qmp_dir or VM name" >&2; exit 97; }
+s=$1/$2.qmp
+[ -S "$s" ] || { printf 'memdump-no-vm %s\\n' "$2" >&2; exit 96; }
+bins=$3 policy=$4
+run=${MEMDUMP_RUN_DIR:-@RUN_DIR@}
+"""
+    + _UFFD_SYSCTL
+    + PROLOGUE
+    + """plain "$d" || { echo "memdump: temp dir path not plain: $d" >&2; exit 90; }
+client=
+memdump_live_stop() {
+  trap "" HUP INT TERM PIPE
+  if [ -n "$client" ]; then kill "$client" 2>/dev/null; wait "$client"; client=; fi
+}
+trap 'memdump_live_stop; memdump_cleanup; exit 143' HUP INT TERM PIPE
+mkfifo -m 600 "$d/mem" || exit 91
+printf '%s\\n' "$s" >"$d/qmp" || exit 91
+cat "$d/mem" 8>&- &
+reader=$!
+echo "$reader" >"$d/reader"
+"""
+    + _py_bg(
+        'live "$s" "$d/mem" "$bins" "$reader" "$policy" "$run" "$sysctl"',
+        '>"$d/reply" 2>"$d/err" 8>&- ',
+    )
+    + """client=$!
+echo "$client" >"$d/client"
+wait "$client"
+rc=$?
+client=
+if [ "$rc" -gt 128 ]; then
+  # The client was killed before it could put QEMU and the sysctl right: repaired
+  # here, its migration drained through the FIFO while the reader still holds it.
+  pid=$(sed -n 's/^memdump-peer \\([0-9][0-9]*\\) .*/\\1/p' "$d/reply" | head -n 1)
+  if [ -n "$pid" ]; then
+"""
+    + "    "
+    + _py('repair "$s" "$bins" "$pid" "$d/mem"', '>>"$d/reply" 2>&1 8>&- ')
+    + """  fi
+"""
+    + _py('uffd-restore "$run" "$sysctl"', '>>"$d/reply" 2>&1 8>&- ')
+    + """fi
+if [ "$rc" -ne 0 ]; then kill "$reader" 2>/dev/null; fi
+wait "$reader"
+rrc=$?
+reader=
+"""
+    + """cat "$d/err" "$d/reply" >&2
+[ "$rc" -eq 0 ] || exit "$rc"
+[ "$rrc" -eq 0 ] || exit 92
+exit 0
+"""
+).replace("@RUN_DIR@", RUN_DIR)
+
+# $1 = the live script's directory; stdin: its token. Kills its reader (QEMU's next
+# write fails, which fails the migration), then stops its client (SIGTERM: it cancels
+# the migration, turns the capability off, puts the sysctl back) and waits for it, up
+# to 10 s. Only processes whose command line names that directory's FIFO.
+_ABORT_LIVE = (
+    "export LC_ALL=C\n"
+    + ENTER_FN
+    + r"""memdump_enter_own "$1" || exit 0
+memdump_kill_reader "$1"
+c=
+[ -f client ] && [ ! -L client ] && IFS= read -r c <client
+case $c in
+  ''|*[!0-9]*) ;;
+  *) if tr '\0' ' ' <"/proc/$c/cmdline" 2>/dev/null | grep -qF -- "$1/mem"; then
+       kill "$c" 2>/dev/null
+       n=0
+       while [ -d "/proc/$c" ] && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+     fi ;;
+esac
+if [ -p mem ] && [ ! -L mem ]; then exec 9<>mem; exec 9>&-; fi
+exit 0
+"""
+)
+
+# $1 = allowed QEMU binaries. Before the temp dirs are cleaned: for each live script's
+# directory in the run directory whose lock is free (the script is gone), the QMP client
+# repairs its QEMU (same pid, only if background-snapshot is still on: cancel, turn it
+# off), then any userfaultfd window left open is closed (its lock free).
+_REPAIR = (
+    "export LC_ALL=C\n"
+    + _COMMON
+    + ENTER_FN
+    + _UFFD_SYSCTL
+    + r"""command -v flock >/dev/null 2>&1 || exit 0
+run=${MEMDUMP_RUN_DIR:-@RUN_DIR@}
+[ -d "$run" ] && [ ! -L "$run" ] && [ -O "$run" ] || exit 0
+bins=$1
+for d in "$run"/memdump.??????????; do
+  got=$(
+    memdump_enter "$d" || exit 1
+    [ -f qmp ] && [ ! -L qmp ] && [ -f lock ] && [ ! -L lock ] || exit 1
+    flock -n lock true || exit 1
+    IFS= read -r sock <qmp || exit 1
+    pid=$(sed -n 's/^memdump-peer \([0-9][0-9]*\) .*/\1/p' reply 2>/dev/null | head -n 1)
+    printf '%s %s\n' "$pid" "$sock"
+  ) || continue
+  pid=${got%% *} sock=${got#* }
+  case $pid in ''|*[!0-9]*) continue ;; esac
+  case $sock in /*) ;; *) continue ;; esac
+  plain "$sock" && [ -S "$sock" ] || continue
+"""
+    + "  "
+    + _py('repair "$sock" "$bins" "$pid" "$d/mem"')
+    + """done
+"""
+    + _py('uffd-restore "$run" "$sysctl"')
+    + "exit 0\n"
+).replace("@RUN_DIR@", RUN_DIR)
+
 _EXIT_NOT_QEMU = 74
 _EXIT_NO_PYTHON = 95
 _EXIT_NO_VM = 96
@@ -242,6 +403,106 @@ def _not_qemu(hv: str, vm: str, why: str) -> HypervisorError:
     )
 
 
+# The migration stream's header: QEMU_VM_FILE_MAGIC "QEVM", QEMU_VM_FILE_VERSION 3.
+_STREAM_HEAD = b"QEVM\x00\x00\x00\x03"
+_MIN_QEMU = (6, 0)  # background-snapshot
+# The live client's exit codes (remote/qmp.py).
+_EXIT_UNSUPPORTED = 77
+_EXIT_MIGRATION_FAILED = 78
+_EXIT_LEFT_PAUSED = 79
+_EXIT_STOPPED = 80
+
+
+@dataclass(frozen=True)
+class LivePreflight:
+    """What the preflight found on a VM that can be captured live."""
+
+    qemu_version: str
+    userfaultfd: str  # "root" | "unprivileged-allowed" | "sysctl-window"
+    mtree: str  # HMP ``info mtree -f``: the guest-physical layout of its RAM blocks
+    registers: str = ""  # HMP ``info registers`` (first vCPU): the core's e_machine
+
+
+def judge_preflight(text: str, policy: str, hv: str, vm: str) -> LivePreflight:
+    """The client's preflight output -> LivePreflight, or LiveCaptureUnsupportedError
+    (``reason``: a short sentence) for a VM that cannot be captured live."""
+    sock = _blocks("memdump-sock x\n" + text)[0][1]
+    if sock.error and sock.error[0] == _EXIT_NOT_QEMU:
+        raise _not_qemu(hv, vm, sock.error[1])
+    rep = sock.replies
+
+    def unsupported(reason: str) -> LiveCaptureUnsupportedError:
+        return LiveCaptureUnsupportedError(
+            f"{hv}: {vm} cannot be captured live: {reason}", hypervisor=hv, vm_id=vm, reason=reason
+        )
+
+    if sock.error or "memdump-7" not in rep:
+        why = sock.error[1] if sock.error else "no complete answer"
+        raise HypervisorError(
+            f"{hv}: live preflight of {vm} failed: {_qmp_error(text) or why}",
+            hypervisor=hv,
+            vm_id=vm,
+            retryable=True,
+        )
+    q = _ret(rep, 1).get("qemu")
+    try:
+        ver = (int(q["major"]), int(q["minor"]), int(q["micro"]))  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise unsupported("QEMU did not report its version") from None
+    version = ".".join(map(str, ver))
+    if ver[:2] < _MIN_QEMU:
+        raise unsupported(f"QEMU {version} is older than 6.0 (no background-snapshot)")
+    status = _ret(rep, 2).get("status")
+    if status != "running":
+        raise unsupported(f"the guest is {status}, not running")
+    mig = _ret(rep, 3)
+    if str(mig.get("status", "none")) not in ("none", "completed", "failed", "cancelled"):
+        raise unsupported(f"another migration is in progress (status {mig.get('status')})")
+    if mig.get("blocked-reasons"):
+        raise unsupported("migration is blocked: " + "; ".join(map(str, mig["blocked-reasons"])))
+    caps = rep.get("memdump-4", {}).get("return")
+    names = (
+        {c.get("capability") for c in caps if isinstance(c, dict)}
+        if isinstance(caps, list)
+        else set()
+    )
+    if "background-snapshot" not in names:
+        raise unsupported(f"QEMU {version} does not know the capability background-snapshot")
+    for n in (5, 6):
+        devs = rep.get(f"memdump-{n}", {}).get("return")
+        for dev in devs if isinstance(devs, list) else []:
+            if isinstance(dev, dict) and str(dev.get("type", "")).startswith("child<vfio"):
+                raise unsupported(
+                    f"VFIO device {dev.get('name')} (its memory is not RAM QEMU can snapshot)"
+                )
+    mtree = rep["memdump-7"].get("return")
+    if not isinstance(mtree, str):
+        raise unsupported(f"no memory layout (info mtree -f): {_qmp_error(text) or 'no answer'}")
+    uid = re.search(r"^memdump-qemu-uid (\d+)$", text, re.M)
+    uffd = re.search(r"^memdump-uffd (.*)$", text, re.M)
+    value = uffd.group(1).strip() if uffd else ""
+    if uid is not None and uid.group(1) == "0":
+        method = "root"
+    elif value == "1":
+        method = "unprivileged-allowed"
+    elif policy == "sysctl-window":
+        method = "sysctl-window"
+    else:
+        raise unsupported(
+            f"QEMU runs as uid {uid.group(1) if uid else '?'} and vm.unprivileged_userfaultfd "
+            f"is {value or 'absent'}, so QEMU cannot track the guest's writes; set the "
+            "hypervisor's live_userfaultfd: sysctl-window to allow it for the set-up of each "
+            "capture"
+        )
+    regs = rep.get("memdump-8", {}).get("return")
+    return LivePreflight(
+        qemu_version=version,
+        userfaultfd=method,
+        mtree=mtree,
+        registers=regs if isinstance(regs, str) else "",
+    )
+
+
 class QemuDriver:
     kind = "qemu"
 
@@ -250,6 +511,7 @@ class QemuDriver:
         self._dir = hv.qmp_dir or DEFAULT_QMP_DIR
         self._bins = "\n".join(hv.qemu_binaries)
         self._t = transport
+        self._uffd_policy = hv.live_userfaultfd
 
     def _run(self, script: str, *args: str, timeout: float = 60.0) -> CommandResult:
         return self._t.run(script, (self._dir, *args), timeout=timeout)
@@ -368,15 +630,86 @@ class QemuDriver:
         )
 
     def open_dump(
-        self, ref: VMRef, *, staging: Staging = "fifo", margin: float = _DEFAULT_MARGIN
-    ) -> _QmpDump:
-        """Only ``staging="fifo"``: the guest stays paused for the whole transfer."""
+        self,
+        ref: VMRef,
+        *,
+        staging: Staging = "fifo",
+        margin: float = _DEFAULT_MARGIN,
+        mode: Literal["paused", "live"] = "paused",
+        spill_dir: Path | None = None,
+        buffer_bytes: int = 64 << 20,
+    ) -> DumpSource:
+        """Only ``staging="fifo"``. "paused": the guest stays paused for the whole
+        transfer. "live": the guest keeps running; the ELF core is built from QEMU's
+        background snapshot (memdump.livecore) in ``spill_dir``'s bounded buffer;
+        LiveCaptureUnsupportedError (``reason``) before anything touched the guest where
+        live cannot run."""
         validate_id(ref.name, what="VM name")
         fifo_only(self.name, "qemu", staging, "QMP cannot cancel a dump-guest-memory")
-        return _QmpDump.start(self._t, _DUMP, (self._dir, ref.name, self._bins), self.name, ref)
+        if mode == "paused":
+            return _QmpDump.start(self._t, _DUMP, (self._dir, ref.name, self._bins), self.name, ref)
+        raw, pre = self.open_live_stream(ref)
+        try:
+            layout = GuestLayout.from_mtree(pre.mtree)
+            # QEMU's dump picks EM_X86_64 or EM_386 from the first vCPU's EFER.LMA
+            # (read here just before the snapshot).
+            machine = elf_machine_from_registers(pre.registers) if pre.registers else EM_X86_64
+            return LiveCoreSource(
+                raw,
+                layout,
+                spill_dir=spill_dir or Path("."),
+                buffer_bytes=buffer_bytes,
+                machine=machine,
+            )
+        except BaseException:
+            raw.abort()
+            raise
+
+    def live_preflight(self, ref: VMRef) -> LivePreflight:
+        """Whether ``ref`` can be captured live (one remote command; changes nothing)."""
+        res = self._run(_PREFLIGHT, ref.name, self._bins)
+        if res.returncode == _EXIT_NO_VM:
+            raise VMNotFoundError(
+                f"no VM {ref.name!r} on hypervisor {self.name}",
+                vm_id=ref.vmid,
+                hypervisor=self.name,
+            )
+        if res.returncode == _EXIT_NO_PYTHON:
+            raise _no_python(self.name, res.stdout.decode("utf-8", "replace"), vm_id=ref.vmid)
+        return judge_preflight(
+            res.stdout.decode("utf-8", "replace"), self._uffd_policy, self.name, ref.vmid
+        )
+
+    def open_live_stream(self, ref: VMRef) -> tuple[_LiveDump, LivePreflight]:
+        """The raw migration stream of a live capture (it starts with "QEVM", version 3),
+        after the preflight; the first bytes are read here, so a capture the client
+        refused (exit 77) raises LiveCaptureUnsupportedError from here."""
+        validate_id(ref.name, what="VM name")
+        pre = self.live_preflight(ref)
+        args = (self._dir, ref.name, self._bins, self._uffd_policy)
+        raw = _LiveDump.start(self._t, _LIVE, args, self.name, ref)
+        raw.qemu_version = pre.qemu_version
+        try:
+            raw.check_head()
+        except BaseException:
+            raw.abort()
+            raise
+        return raw, pre
 
     def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
-        return clean_stale(self._t, self.name, min_age_sec)
+        # First what a live script killed outright left in QEMU and the sysctl (it needs
+        # that script's directory), then the directories.
+        repaired: list[str] = []
+        try:
+            res = self._t.run(_REPAIR, (self._bins,), timeout=120.0)
+            repaired = [
+                ln
+                for ln in res.stdout.decode("utf-8", "replace").splitlines()
+                if ln.startswith(("memdump-repaired", "memdump-uffd-restored"))
+            ]
+        except MemdumpError:
+            pass  # the directories are still cleaned; the next clean-up tries again
+        return repaired + clean_stale(self._t, self.name, min_age_sec)
 
     def close(self) -> None:
         self._t.close()
@@ -415,3 +748,169 @@ class _QmpDump(TokenFifoDump):
             exit_code=rc,
             stderr=stderr[-2000:],
         )
+
+
+class _LiveDump(TokenFifoDump):
+    """The raw migration stream of a live capture (QEMU background-snapshot). Its end
+    is checked as soon as it comes (the script's exit), so an error of the client is
+    raised from ``readinto`` whatever reads it. After the end: ``live`` (for the
+    manifest) and ``pause_window`` (the client's, from just before ``migrate`` to QEMU's
+    RESUME)."""
+
+    dump_format = "QEMU migration stream (background-snapshot)"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.live: dict[str, Any] = {}
+        self.qemu_version = ""
+        self._head = b""
+        self._done: tuple[int, str] | None = None
+
+    def check_head(self) -> None:
+        """Read the stream's header (or its end: the client's error)."""
+        buf = bytearray(len(_STREAM_HEAD))
+        n = 0
+        while n < len(buf):
+            got = self._s.readinto(memoryview(buf)[n:])
+            if not got:
+                self._end()
+                break
+            n += got
+        self._head = bytes(buf[:n])
+        if self._head != _STREAM_HEAD:
+            raise MigrationStreamError(
+                f"the live capture of {self._ref.name} on {self._hv} did not start with a "
+                f"QEMU migration stream header (got {self._head!r})",
+                hypervisor=self._hv,
+                vm_id=self._ref.vmid,
+            )
+
+    def readinto(self, view: memoryview) -> int:
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        n = self._s.readinto(view)
+        if n == 0:
+            self._end()
+        return n
+
+    def _end(self) -> None:
+        if self._done is None:
+            self._done = self.finish()
+            self._parse(self._done[1])
+        self._raise(*self._done)
+
+    def close_ok(self) -> None:
+        self._end()
+
+    def _parse(self, stderr: str) -> None:
+        stats: dict[str, Any] = {}
+        m = re.search(r"^memdump-live-stats (.*)$", stderr, re.M)
+        if m:
+            try:
+                doc = json.loads(m.group(1))
+                stats = doc if isinstance(doc, dict) else {}
+            except ValueError:
+                pass
+        live: dict[str, Any] = {"method": "qemu background-snapshot (QMP migrate fd:)"}
+        for key, name in (
+            ("downtime", "downtime_ms"),
+            ("setup-time", "setup_time_ms"),
+            ("total-time", "total_time_ms"),
+        ):
+            if isinstance(stats.get(key), int):
+                live[name] = stats[key]
+        ram = stats.get("ram")
+        if isinstance(ram, dict):
+            live["ram"] = {
+                k: ram[k]
+                for k in ("total", "transferred", "duplicate", "normal", "normal-bytes", "mbps")
+                if k in ram
+            }
+        if stats.get("status"):
+            live["migration_status"] = stats["status"]
+        u = re.search(r"^memdump-live-uffd (\S+) (\d+(?:\.\d+)?)$", stderr, re.M)
+        if u:
+            live["userfaultfd"] = u.group(1)
+            if u.group(1) == "sysctl-window":
+                live["userfaultfd_window_ms"] = round(float(u.group(2)) * 1000, 3)
+        events = []
+        for em in re.finditer(r"^memdump-qmp-event (.*)$", stderr, re.M):
+            try:
+                ev = json.loads(em.group(1))
+                ts = ev["timestamp"]
+                t = int(ts["seconds"]) + int(ts["microseconds"]) / 1e6
+                events.append((str(ev["event"]), t))
+            except (ValueError, KeyError, TypeError):
+                continue
+        stop = next((t for e, t in events if e == "STOP"), None)
+        resume = next(
+            (t for e, t in events if e == "RESUME" and stop is not None and t >= stop), None
+        )
+        if stop is not None:
+            # QEMU stops the guest to save its devices and start write tracking: the
+            # image is the guest's memory at this instant.
+            live["snapshot_instant"] = datetime.fromtimestamp(stop, UTC).isoformat()
+            if resume is not None:
+                live["pause_ms_events"] = round((resume - stop) * 1000, 3)
+        live["events"] = [
+            {"event": e, "at": datetime.fromtimestamp(t, UTC).isoformat()} for e, t in events
+        ]
+        if self.qemu_version:
+            live["qemu_version"] = self.qemu_version
+        self.live = live
+
+    def _raise(self, rc: int, stderr: str) -> None:
+        if rc == 0:
+            return
+        m = _ERROR.search(stderr)
+        msg = m.group(2).strip() if m else ""
+        fields: dict[str, Any] = {"hypervisor": self._hv, "vm_id": self._ref.vmid}
+        if rc == _EXIT_UNSUPPORTED:
+            reason = msg or "refused by QEMU"
+            raise LiveCaptureUnsupportedError(
+                f"{self._hv}: {self._ref.name} cannot be captured live: {reason}",
+                reason=reason,
+                **fields,
+            )
+        if rc == _EXIT_NO_VM:
+            raise VMNotFoundError(f"no VM {self._ref.name!r} on hypervisor {self._hv}", **fields)
+        if rc == _EXIT_NO_PYTHON:
+            raise _no_python(self._hv, stderr, vm_id=self._ref.vmid)
+        if rc == _EXIT_NOT_QEMU:
+            raise _not_qemu(self._hv, self._ref.vmid, msg or stderr[-500:])
+        what = {
+            _EXIT_MIGRATION_FAILED: "the migration did not complete",
+            _EXIT_LEFT_PAUSED: "the guest was left paused by the migration and was resumed",
+            _EXIT_STOPPED: "stopped",
+        }.get(rc, "failed")
+        stats = re.search(r"^memdump-live-stats (.*)$", stderr, re.M)
+        detail = ""
+        if stats:
+            try:
+                detail = str(json.loads(stats.group(1)).get("error-desc") or "")
+            except (ValueError, AttributeError):
+                pass
+        errs = "; ".join(x.group(2).strip() for x in _ERROR.finditer(stderr))
+        text = "; ".join(x for x in (detail, errs, _qmp_error(stderr)) if x) or "no message"
+        raise DumpFailedError(
+            f"live capture of {self._ref.name} on {self._hv}: {what} (exit {rc}): {text}",
+            exit_code=rc,
+            stderr=stderr[-2000:],
+            **fields,
+        )
+
+    def abort(self) -> None:
+        if self._aborted:
+            return
+        self._aborted = True
+        self._s.abort()
+        d = self._s.dir
+        if d is None:
+            return
+        try:
+            self._t.run(_ABORT_LIVE, (d,), timeout=20.0, stdin=token_stdin(self._token))
+        except MemdumpError:
+            pass  # best effort: the closed stream fails the migration; clean_stale repairs

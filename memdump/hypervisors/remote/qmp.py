@@ -33,12 +33,30 @@ Modes (output on stdout, one record per line; JSON is re-serialised on one line)
   dump SOCKET FIFO BINARIES READER_PID
       The peer line, the replies to ``getfd`` and ``dump-guest-memory``. No timeout once
       the dump is asked for: QEMU answers when the dump has ended (or failed).
+  preflight SOCKET BINARIES
+      What a live capture needs to know, nothing changed: the peer line, the replies to
+      PREFLIGHT (version, status, migration, capabilities, devices, ``info mtree -f``,
+      ``info registers``),
+      then ``memdump-uffd VALUE`` (/proc/sys/vm/unprivileged_userfaultfd, "" if absent).
+  live SOCKET FIFO BINARIES READER_PID UFFD RUN_DIR
+      A live capture (migration capability ``background-snapshot``) into the FIFO, see
+      ``live`` below. UFFD: the hypervisor's live_userfaultfd ("none" or "sysctl-window").
+  uffd-restore RUN_DIR
+      Puts back vm.unprivileged_userfaultfd from RUN_DIR/userfaultfd.restore if a window
+      was left open by a client killed outright (its lock is free); prints what it did.
+  repair SOCKET BINARIES PID FIFO
+      After a live client killed outright: if the QEMU on SOCKET is still pid PID and has
+      background-snapshot on, end its migration (drained through FIFO) and turn the
+      capability off.
 BINARIES: fnmatch patterns ("*" also matches "/"), one per line.
 
 Exit codes (dump): 0 done; 1 QEMU answered with an error; 70 usage; 71 no greeting; 72 not
 a QMP greeting; 73 the connection closed or timed out; 74 the socket is not served by an
 allowed QEMU; 75 cannot connect; 76 the FIFO has no reader; 95 Python too old or
-without a module it needs (query mode too).
+without a module it needs (query mode too). Live only: 77 a live capture cannot run on
+this VM, found before ``migrate`` (``memdump-unsupported REASON``; the guest untouched);
+78 the migration ended failed or cancelled; 79 the guest was left paused and was resumed
+(``cont``): a failure; 80 stopped by a signal (the migration cancelled).
 """
 
 import sys
@@ -51,6 +69,7 @@ try:
     import hashlib
     import json
     import os
+    import signal
     import socket
     import stat
     import struct
@@ -142,6 +161,7 @@ class Qmp:
         self.sock = sock
         self.deadline = deadline
         self.buf = b""
+        self.events = []  # type: list[dict[str, object]]
 
     def _recv(self) -> "bytes":
         if self.deadline is not None:
@@ -188,12 +208,40 @@ class Qmp:
         except OSError as exc:
             raise Fail(73, "connection lost: %s" % (exc.strerror or exc)) from None
 
-    def reply(self, cid: "str") -> "dict[str, object]":
+    def reply(self, cid: "str", show: "bool" = True) -> "dict[str, object]":
         while True:
             doc = self.doc()
             if isinstance(doc, dict) and doc.get("id") == cid:
-                out("memdump-qmp-reply", json.dumps(doc))
+                if show:
+                    out("memdump-qmp-reply", json.dumps(doc))
                 return doc
+            if isinstance(doc, dict) and isinstance(doc.get("event"), str):
+                self.events.append(doc)  # STOP/RESUME time a live capture's pause
+
+    def ask(
+        self,
+        execute: "str",
+        arguments: "dict[str, object] | None" = None,
+        show: "bool" = True,
+        fds: "list[int] | None" = None,
+    ) -> "dict[str, object]":
+        """One command (``fds`` passed with it), its reply (printed unless ``show`` is
+        false)."""
+        self.n = getattr(self, "n", 100) + 1
+        cid = "memdump-%d" % self.n
+        doc = {"execute": execute, "id": cid}  # type: dict[str, object]
+        if arguments is not None:
+            doc["arguments"] = arguments
+        self.send(doc, fds)
+        return self.reply(cid, show)
+
+    def greet_quiet(self) -> None:
+        first = self.doc()
+        if not isinstance(first, dict) or "QMP" not in first:
+            raise Fail(72, "not a QMP greeting")
+        self.send({"execute": "qmp_capabilities", "id": "memdump-0"})
+        if "return" not in self.reply("memdump-0", False):
+            raise Fail(72, "qmp_capabilities refused")
 
     def greet(self) -> None:
         try:
@@ -208,17 +256,24 @@ class Qmp:
 
 
 def connect(path: "str", timeout: "float") -> "socket.socket":
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except socket.timeout:
-        sock.close()
-        raise Fail(75, "cannot connect to %s: timed out" % path) from None
-    except OSError as exc:
-        sock.close()
-        raise Fail(75, "cannot connect to %s: %s" % (path, exc.strerror or exc)) from None
-    return sock
+    # QEMU serves one QMP client at a time and listens with a backlog of 1: while the
+    # queue is full a connect fails at once with EAGAIN, so it is tried again.
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            sock.connect(path)
+            return sock
+        except socket.timeout:
+            sock.close()
+            raise Fail(75, "cannot connect to %s: timed out" % path) from None
+        except OSError as exc:
+            sock.close()
+            if exc.errno == errno.EAGAIN and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            raise Fail(75, "cannot connect to %s: %s" % (path, exc.strerror or exc)) from None
 
 
 def query(timeout: "float", commands: "str", patterns: "list[str]", sockets: "list[str]") -> int:
@@ -301,6 +356,590 @@ def dump(path: "str", fifo: "str", patterns: "list[str]", reader: "int") -> int:
         sock.close()
 
 
+# -- live capture (migration capability background-snapshot) ----------------------------
+
+# What a live capture needs to know (preflight; nothing changes on the VM). The devices
+# under /machine/peripheral(-anon) are every -device; their QOM type "child<vfio-...>"
+# marks a VFIO device.
+PREFLIGHT = [
+    ("query-version", None),
+    ("query-status", None),
+    ("query-migrate", None),
+    ("query-migrate-capabilities", None),
+    ("qom-list", {"path": "/machine/peripheral"}),
+    ("qom-list", {"path": "/machine/peripheral-anon"}),
+    ("human-monitor-command", {"command-line": "info mtree -f"}),
+    ("human-monitor-command", {"command-line": "info registers"}),  # the core's e_machine
+]
+# query-migrate states after which no migration runs ("none", or no status at all: never).
+IDLE = ("none", "completed", "failed", "cancelled")
+CAP = "background-snapshot"
+
+
+class Unsupported(Fail):
+    def __init__(self, reason: "str") -> None:
+        Fail.__init__(self, 77, reason)
+
+
+class Stop(Exception):
+    """A signal (SIGTERM, SIGHUP, SIGINT, SIGPIPE) asked the client to stop, or the
+    stream's reader is gone."""
+
+
+def alive(pid: "int") -> bool:
+    """``pid`` runs (a zombie does not: the reader is the script's child, reaped late)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def read_sysctl(path: "str") -> "str":
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def write_sysctl(path: "str", value: "str") -> None:
+    with open(path, "w") as f:
+        f.write(value + "\n")
+    if read_sysctl(path) != value:
+        raise OSError(errno.EIO, "%s reads back %r, not %r" % (path, read_sysctl(path), value))
+
+
+def run_dir_fd(run_dir: "str") -> "str":
+    """Why RUN_DIR cannot hold the window's lock and restore file ("" if it can): it must
+    be a real directory of ours (root), 0700, as the dump scripts' PROLOGUE makes it."""
+    try:
+        st = os.lstat(run_dir)
+    except OSError as exc:
+        return "%s: %s" % (run_dir, exc.strerror)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return "%s is not a directory of uid %d with mode 0700" % (run_dir, os.geteuid())
+    return ""
+
+
+def lock_file(path: "str") -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def restore_left(sysctl: "str", restore: "str") -> "str":
+    """Under the window lock: put back a value a killed client left in ``restore``; the
+    value put back, "" if there was none."""
+    try:
+        fd = os.open(restore, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    try:
+        value = os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    if not value.isdigit():
+        raise Fail(80, "%s holds %r, not a sysctl value" % (restore, value))
+    write_sysctl(sysctl, value)
+    os.unlink(restore)
+    return value
+
+
+class Window:
+    """vm.unprivileged_userfaultfd set to 1 only while QEMU (not root) creates its
+    userfaultfd for write tracking: the descriptor stays valid after the sysctl is put
+    back. Serialised by a lock on RUN_DIR/userfaultfd.lock for the whole window; the old
+    value waits in RUN_DIR/userfaultfd.restore until it is back, so a client killed
+    outright is repaired by the next window or by the driver's clean-up (uffd-restore)."""
+
+    def __init__(self, run_dir: "str", sysctl: "str") -> None:
+        self.sysctl = sysctl
+        self.lock = os.path.join(run_dir, "userfaultfd.lock")
+        self.restore = os.path.join(run_dir, "userfaultfd.restore")
+        self.run_dir = run_dir
+        self.fd = -1
+        self.old = ""
+        self.t0 = 0.0
+        self.length = 0.0
+
+    def open(self, wait: "float" = 120.0) -> None:
+        why = run_dir_fd(self.run_dir)
+        if why:
+            raise Unsupported("the userfaultfd window needs the run directory: %s" % why)
+        fd = lock_file(self.lock)
+        deadline = time.monotonic() + wait
+        while True:  # another capture's window: they last milliseconds to seconds
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
+                    os.close(fd)
+                    raise Fail(80, "cannot lock %s: %s" % (self.lock, exc.strerror)) from None
+                time.sleep(0.02)
+        self.fd = fd
+        restore_left(self.sysctl, self.restore)
+        old = read_sysctl(self.sysctl)
+        if not old.isdigit():
+            raise Unsupported("cannot read %s" % self.sysctl)
+        rfd = os.open(self.restore, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(rfd, (old + "\n").encode())
+            os.fsync(rfd)
+        finally:
+            os.close(rfd)
+        self.old = old
+        self.t0 = time.monotonic()
+        write_sysctl(self.sysctl, "1")
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if self.old:
+                write_sysctl(self.sysctl, self.old)
+                os.unlink(self.restore)
+                self.length = time.monotonic() - self.t0
+                self.old = ""
+        finally:
+            os.close(self.fd)  # releases the lock
+            self.fd = -1
+
+
+def uffd_restore(run_dir: "str", sysctl: "str") -> int:
+    lock = os.path.join(run_dir, "userfaultfd.lock")
+    restore = os.path.join(run_dir, "userfaultfd.restore")
+    if run_dir_fd(run_dir) or not os.path.lexists(restore):
+        return 0
+    fd = lock_file(lock)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return 0  # a window is open: its client puts the value back
+        value = restore_left(sysctl, restore)
+        if value:
+            out("memdump-uffd-restored", value)
+    finally:
+        os.close(fd)
+    return 0
+
+
+def ret(doc: "dict[str, object]") -> "dict[str, object]":
+    r = doc.get("return")
+    return r if isinstance(r, dict) else {}
+
+
+def desc(doc: "dict[str, object]") -> "str":
+    err = doc.get("error")
+    if isinstance(err, dict):
+        return str(err.get("desc") or err.get("class") or err)
+    return ""
+
+
+class Session:
+    """QMP connections to one QEMU, the same pid each time (checked by peer_line)."""
+
+    def __init__(self, path: "str", patterns: "list[str]", pid: "int" = 0) -> None:
+        self.path = path
+        self.patterns = patterns
+        self.pid = pid
+        self.q = None  # type: Qmp | None
+        self.events = []  # type: list[dict[str, object]]
+
+    def get(self, timeout: "float" = 30.0) -> "Qmp":
+        if self.q is not None:
+            self.q.deadline = time.monotonic() + timeout
+            return self.q
+        sock = connect(self.path, timeout)
+        try:
+            peer = peer_line(sock, self.patterns)
+            if not self.pid:
+                out("memdump-peer", *peer)
+                self.pid = int(peer[0])
+            elif int(peer[0]) != self.pid:
+                raise Fail(74, "the socket is now served by pid %s, not %d" % (peer[0], self.pid))
+            q = Qmp(sock, time.monotonic() + timeout)
+            q.greet_quiet()
+        except BaseException:
+            sock.close()
+            raise
+        self.q = q
+        return q
+
+    def release(self) -> None:
+        """Close the connection: QEMU serves one QMP client at a time, and others (a
+        listing, an operator) must get their turn while the snapshot runs."""
+        if self.q is not None:
+            self.events += self.q.events
+            self.q.sock.close()
+            self.q = None
+
+    def ask(
+        self,
+        execute: "str",
+        arguments: "dict[str, object] | None" = None,
+        show: "bool" = True,
+        fds: "list[int] | None" = None,
+    ) -> "dict[str, object]":
+        return self.get().ask(execute, arguments, show, fds)
+
+
+def migration_status(s: "Session") -> "str":
+    return str(ret(s.ask("query-migrate", show=False)).get("status", "none"))
+
+
+def wait_idle(s: "Session", wait: "float") -> "str":
+    deadline = time.monotonic() + wait
+    st = migration_status(s)
+    while st not in IDLE and time.monotonic() < deadline:
+        time.sleep(0.05)
+        st = migration_status(s)
+    return st
+
+
+def qemu_uid(pid: "int") -> int:
+    """QEMU's effective uid now: the peer credentials are those of when it began to
+    listen, before -runas (or libvirt's set-up) dropped root."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        pass
+    raise Fail(74, "cannot read the uid of pid %d" % pid)
+
+
+def checks(s: "Session", policy: "str", sysctl: "str") -> "tuple[str, tuple[int, int]]":
+    """Refuse (Unsupported) what cannot run live, before anything changes; the
+    userfaultfd method ("root", "unprivileged-allowed" or "sysctl-window") and QEMU's
+    (major, minor) version."""
+    qv = ret(s.ask("query-version")).get("qemu")
+    try:
+        version = (int(qv["major"]), int(qv["minor"]))  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise Unsupported("QEMU did not report its version") from None
+    if version < (6, 0):
+        raise Unsupported("QEMU %d.%d is older than 6.0 (no background-snapshot)" % version)
+    st = ret(s.ask("query-status")).get("status")
+    if st != "running":
+        raise Unsupported("the guest is %s, not running" % st)
+    mig = ret(s.ask("query-migrate"))
+    if str(mig.get("status", "none")) not in IDLE:
+        raise Unsupported("another migration is in progress (status %s)" % mig.get("status"))
+    blocked = mig.get("blocked-reasons")
+    if blocked:
+        raise Unsupported("migration is blocked: %s" % "; ".join(str(b) for b in blocked))
+    caps = s.ask("query-migrate-capabilities").get("return")
+    if not any(isinstance(c, dict) and c.get("capability") == CAP for c in caps or []):
+        raise Unsupported("this QEMU has no migration capability %s (QEMU 6.0 or later)" % CAP)
+    for path in ("/machine/peripheral", "/machine/peripheral-anon"):
+        for dev in s.ask("qom-list", {"path": path}).get("return") or []:
+            if isinstance(dev, dict) and str(dev.get("type", "")).startswith("child<vfio"):
+                raise Unsupported("VFIO device %s cannot be snapshotted live" % dev.get("name"))
+    uid = qemu_uid(s.pid)
+    if uid == 0:
+        return "root", version
+    value = read_sysctl(sysctl)
+    if value == "1":
+        return "unprivileged-allowed", version
+    if policy == "sysctl-window":
+        return "sysctl-window", version
+    raise Unsupported(
+        "QEMU runs as uid %d and vm.unprivileged_userfaultfd is %s: QEMU cannot create the "
+        "userfaultfd write tracking needs (set the hypervisor's live_userfaultfd: "
+        "sysctl-window to allow it for the set-up of each capture)" % (uid, value or "absent")
+    )
+
+
+SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE}
+
+
+def on_signal(signum: "int", frame: "object") -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)  # once: the clean-up must not be cut short
+    raise Stop()
+
+
+def live(
+    path: "str",
+    fifo: "str",
+    patterns: "list[str]",
+    reader: "int",
+    policy: "str",
+    run_dir: "str",
+    sysctl: "str",
+) -> int:
+    for sig in SIGNALS:
+        signal.signal(sig, on_signal)
+    s = Session(path, patterns)
+    window = Window(run_dir, sysctl)
+    started = False  # a migrate of ours was accepted
+    touched = False  # the capability may be on
+    final = {}  # type: dict[str, object]
+    code = 0
+    spare = -1
+    version = (0, 0)
+    uffd_before = 0
+    try:
+        try:
+            s.get()
+            method, version = checks(s, policy, sysctl)
+            uffd_before = uffds(s.pid)
+            fd = open_writer(fifo, reader)
+            try:
+                # A read end of our own: QEMU's write never fails for want of a reader
+                # (a failed background snapshot leaves QEMU < 8.1 write-protecting the
+                # guest's memory for good), and an abort can drain the rest (see repair).
+                spare = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+                a, b = os.fstat(fd), os.fstat(spare)
+                if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                    raise Fail(76, "%s changed under us" % fifo)
+                got = s.ask("getfd", {"fdname": FDNAME}, fds=[fd])
+            finally:
+                os.close(fd)  # QEMU has its copy: the reader's end of file is QEMU's close
+            if "return" not in got:
+                return 1
+            if method == "sysctl-window":
+                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+                try:  # a signal in the middle would leave a restore file for nothing
+                    window.open()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            touched = True
+            got = s.ask(
+                "migrate-set-capabilities", {"capabilities": [{"capability": CAP, "state": True}]}
+            )
+            if "return" not in got:
+                raise Unsupported(desc(got))
+            # A migrate without the capability in force is an ordinary migration, which
+            # leaves the guest paused at its end: check it right before.
+            caps = s.ask("query-migrate-capabilities").get("return") or []
+            if not any(
+                isinstance(c, dict) and c.get("capability") == CAP and c.get("state") is True
+                for c in caps
+            ):
+                raise Unsupported("QEMU did not turn %s on" % CAP)
+            t0 = time.time()
+            got = s.ask("migrate", {"uri": "fd:" + FDNAME})
+            if "return" not in got:
+                raise Unsupported("migrate refused: %s" % desc(got))
+            started = True
+            # QEMU stops the guest, saves the devices, write-protects RAM (its userfaultfd:
+            # the window may close once it exists) and resumes the guest: RESUME, or the
+            # migration's end.
+            st = "setup"
+            q = s.get()
+            deadline = time.monotonic() + 120.0
+            while not any(e.get("event") == "RESUME" for e in q.events):
+                st = migration_status(s)
+                if st in IDLE or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+            t1 = time.time()
+            window.close()
+            out("memdump-pause-window", "%.6f" % t0, "%.6f" % t1)
+            s.release()
+            while st not in IDLE:
+                time.sleep(0.1)
+                final = ret(s.ask("query-migrate", show=False))
+                st = str(final.get("status", "none"))
+                s.release()
+                if st not in IDLE and not alive(reader):
+                    out("memdump-error", "80", "the stream's reader is gone")
+                    raise Stop()
+            if not final:
+                final = ret(s.ask("query-migrate", show=False))
+            out("memdump-live-stats", json.dumps(final))
+            out("memdump-live-uffd", method, "%.6f" % window.length)
+            if final.get("status") != "completed":
+                code = 78
+        except Stop:
+            code = 80
+            out("memdump-error", "80", "stopped by a signal")
+    finally:
+        # Every exit path: signals held off while QEMU and the sysctl are put right, and
+        # ignored after (the client ends here anyway).
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            code = repair(s, window, started, touched, final, code, spare, version, uffd_before)
+        finally:
+            for sig in SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return code
+
+
+def drain(s: "Session", spare: "int", wait: "float") -> "str":
+    """Read the rest of the stream into nothing until the migration has ended; its
+    last status."""
+    deadline = time.monotonic() + wait
+    st = migration_status(s)
+    while st not in IDLE and time.monotonic() < deadline:
+        end = time.monotonic() + 0.05
+        while time.monotonic() < end:
+            try:
+                if not os.read(spare, 1 << 20):
+                    break  # every writer is gone (QEMU closed the stream)
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:
+                    raise
+                time.sleep(0.005)
+        st = migration_status(s)
+    return st
+
+
+def repair(
+    s: "Session",
+    window: "Window",
+    started: "bool",
+    touched: "bool",
+    final: "dict[str, object]",
+    code: "int",
+    spare: "int" = -1,
+    version: "tuple[int, int]" = (0, 0),
+    uffd_before: "int" = 0,
+) -> int:
+    errors = []
+    try:
+        window.close()
+    except Exception as exc:
+        errors.append("cannot put vm.unprivileged_userfaultfd back: %s" % exc)
+    for e in s.events + (s.q.events if s.q is not None else []):
+        out("memdump-qmp-event", json.dumps(e))
+    try:
+        if started and str(final.get("status")) not in IDLE:
+            # QEMU before 8.1 stops write tracking only when a background snapshot
+            # completes: a cancelled or failed one leaves the guest's memory
+            # write-protected, its next write to a page not yet saved hangs. There the
+            # snapshot is run to its end, into nothing; from 8.1 on it is cancelled
+            # (the rest still drained: QEMU cannot shut a FIFO down under a write).
+            if version >= (8, 1):
+                s.ask("migrate_cancel")
+            st = drain(s, spare, 3600.0) if spare >= 0 else wait_idle(s, 30.0)
+            if st not in IDLE:
+                errors.append("the migration is still %s" % st)
+        if touched:
+            got = s.ask(
+                "migrate-set-capabilities", {"capabilities": [{"capability": CAP, "state": False}]}
+            )
+            if "return" not in got:
+                errors.append("cannot turn %s off: %s" % (CAP, desc(got)))
+        if started and uffds(s.pid) > uffd_before:
+            errors.append(
+                "QEMU still holds the snapshot's userfaultfd: the guest's memory may stay "
+                "write-protected (QEMU before 8.1 keeps it after a snapshot that did not "
+                "complete)"
+            )
+        if started:
+            st = ret(s.ask("query-status")).get("status")
+            if st in ("postmigrate", "paused", "finish-migrate"):
+                s.ask("cont")
+                errors.append("the guest was left %s by the migration and was resumed" % st)
+                code = 79 if code == 0 else code
+        else:
+            s.ask("closefd", {"fdname": FDNAME})  # harmless if QEMU has none by that name
+    except Fail as exc:
+        errors.append(exc.message)
+    finally:
+        s.release()
+        if spare >= 0:
+            os.close(spare)
+    for e in errors:
+        out("memdump-error", "80", " ".join(e.split()))
+    if errors and code == 0:
+        code = 80
+    return code
+
+
+def preflight(path: "str", patterns: "list[str]", sysctl: "str") -> int:
+    sock = connect(path, 30.0)
+    try:
+        peer = peer_line(sock, patterns)
+        out("memdump-peer", *peer)
+        out("memdump-qemu-uid", str(qemu_uid(int(peer[0]))))
+        q = Qmp(sock, time.monotonic() + 30.0)
+        q.greet()
+        for i, (execute, arguments) in enumerate(PREFLIGHT):
+            doc = {"execute": execute, "id": "memdump-%d" % (i + 1)}  # type: dict[str, object]
+            if arguments is not None:
+                doc["arguments"] = arguments
+            q.send(doc)
+            q.reply("memdump-%d" % (i + 1))
+    finally:
+        sock.close()
+    out("memdump-uffd", read_sysctl(sysctl))
+    return 0
+
+
+def uffds(pid: "int") -> int:
+    """How many userfaultfds ``pid`` holds (write tracking holds one while it runs)."""
+    n = 0
+    try:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "anon_inode:[userfaultfd]":
+                    n += 1
+            except OSError:
+                pass
+    except OSError:
+        pass
+    return n
+
+
+def open_spare(fifo: "str") -> int:
+    """A read end of a dead live script's FIFO (ours: root's, a FIFO), -1 if none."""
+    try:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    st = os.fstat(fd)
+    if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        return -1
+    return fd
+
+
+def repair_left(path: "str", patterns: "list[str]", pid: "int", fifo: "str") -> int:
+    """A live client killed outright: its QEMU (same pid) may still migrate with the
+    capability on. Only then: end the migration (run into nothing through the dead
+    script's FIFO, cancelled first from QEMU 8.1 on: see repair) and turn the capability
+    off. A migration of someone else's, without background-snapshot, is left alone."""
+    s = Session(path, patterns, pid)
+    spare = open_spare(fifo)
+    try:
+        caps = s.ask("query-migrate-capabilities", show=False).get("return") or []
+        if not any(
+            isinstance(c, dict) and c.get("capability") == CAP and c.get("state") is True
+            for c in caps
+        ):
+            return 0
+        if migration_status(s) not in IDLE:
+            qv = ret(s.ask("query-version", show=False)).get("qemu")
+            if isinstance(qv, dict) and (qv.get("major", 0), qv.get("minor", 0)) >= (8, 1):
+                s.ask("migrate_cancel", show=False)
+            st = drain(s, spare, 3600.0) if spare >= 0 else wait_idle(s, 30.0)
+            out("memdump-repaired", "migration", st)
+        s.ask(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": CAP, "state": False}]},
+            show=False,
+        )
+        out("memdump-repaired", CAP, "off")
+        if uffds(pid):
+            out(
+                "memdump-repair-failed",
+                "QEMU pid %d still holds a userfaultfd: a background snapshot that did not "
+                "complete left its write protection on (QEMU before 8.1); the guest's writes "
+                "to the pages not saved hang until QEMU is restarted" % pid,
+            )
+    finally:
+        s.release()
+        if spare >= 0:
+            os.close(spare)
+    return 0
+
+
 def main(argv: "list[str]") -> int:
     if sys.version_info < (3, 6):
         out("memdump-error", "95", "python3 on the hypervisor is older than 3.6")
@@ -310,6 +949,15 @@ def main(argv: "list[str]") -> int:
             return query(float(argv[1]), argv[2], argv[3].split("\n"), argv[4:])
         if len(argv) == 5 and argv[0] == "dump" and argv[4].isdigit():
             return dump(argv[1], argv[2], argv[3].split("\n"), int(argv[4]))
+        if len(argv) == 4 and argv[0] == "preflight":
+            return preflight(argv[1], argv[2].split("\n"), argv[3])
+        if len(argv) == 8 and argv[0] == "live" and argv[4].isdigit():
+            a = argv
+            return live(a[1], a[2], a[3].split("\n"), int(a[4]), a[5], a[6], a[7])
+        if len(argv) == 3 and argv[0] == "uffd-restore":
+            return uffd_restore(argv[1], argv[2])
+        if len(argv) == 5 and argv[0] == "repair" and argv[3].isdigit():
+            return repair_left(argv[1], argv[2].split("\n"), int(argv[3]), argv[4])
     except Fail as exc:
         out("memdump-error", str(exc.code), " ".join(exc.message.split()))
         return exc.code

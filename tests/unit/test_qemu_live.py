@@ -1,0 +1,426 @@
+"""Live capture in the plain-QEMU driver (issue 12), without a hypervisor: the preflight's
+QMP replies -> the reason a VM cannot be captured live (or what it needs), the live
+script's exit codes -> errors, its stats -> the manifest's ``live`` fields, open_dump
+(mode="live") -> an ELF core through memdump.livecore, and the hypervisor-side client's
+userfaultfd window (lock, restore file) on a stand-in sysctl file."""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import importlib.util
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from memdump.elfcore import parse_core
+from memdump.errors import (
+    DumpFailedError,
+    HypervisorError,
+    LiveCaptureUnsupportedError,
+    MigrationStreamError,
+)
+from memdump.hypervisors import qemu
+from memdump.hypervisors.base import VMRef
+from memdump.hypervisors.qemu import QemuDriver
+from memdump.pipeline import write_dump
+from memdump.settings import HypervisorConfig
+from memdump.transport.base import CommandResult
+from tests.helpers import migstream
+
+REF = VMRef("hv", "vm-a", "vm-a")
+MIB = 1 << 20
+MTREE = migstream.mtree([(0, 2 * MIB, "ram", "pc.ram", 0)])
+REGISTERS = "EAX=00000000 EBX=00000000\nEFER=0000000000000000\n"  # not long mode: EM_386
+CAPS = [
+    {"capability": "xbzrle", "state": False},
+    {"capability": "background-snapshot", "state": False},
+]
+
+
+def preflight_text(
+    *,
+    version: tuple[int, int, int] = (7, 2, 0),
+    status: str = "running",
+    migrate: dict[str, Any] | None = None,
+    caps: list[dict[str, Any]] | None = None,
+    devices: list[dict[str, str]] | None = None,
+    mtree: Any = MTREE,
+    uid: int = 64055,
+    uffd: str = "0",
+) -> str:
+    """What the client's preflight mode prints, from these replies."""
+    replies: list[Any] = [
+        {"qemu": dict(zip(("major", "minor", "micro"), version, strict=True))},
+        {"status": status, "running": status == "running"},
+        migrate if migrate is not None else {},
+        caps if caps is not None else CAPS,
+        [{"name": "type", "type": "string"}],
+        [{"name": "type", "type": "string"}, *(devices or [])],
+        mtree,
+        REGISTERS,
+    ]
+    lines = [
+        "memdump-peer 4242 0 0 " + "ab" * 32 + " /usr/bin/qemu-system-x86_64",
+        f"memdump-qemu-uid {uid}",
+        'memdump-qmp-reply {"return": {}, "id": "memdump-0"}',
+    ]
+    for i, r in enumerate(replies, 1):
+        lines.append("memdump-qmp-reply " + json.dumps({"return": r, "id": f"memdump-{i}"}))
+    lines.append(f"memdump-uffd {uffd}")
+    return "\n".join(lines) + "\n"
+
+
+def reason(text: str, policy: str = "sysctl-window") -> str:
+    with pytest.raises(LiveCaptureUnsupportedError) as ei:
+        qemu.judge_preflight(text, policy, "hv", "vm-a")
+    assert not ei.value.retryable
+    r: str = ei.value.fields["reason"]
+    assert r in str(ei.value)
+    return r
+
+
+def test_preflight_reasons_name_what_is_missing() -> None:
+    assert "older than 6.0" in reason(preflight_text(version=(5, 2, 0)))
+    assert "does not know the capability background-snapshot" in reason(
+        preflight_text(caps=[{"capability": "xbzrle", "state": False}])
+    )
+    assert "another migration is in progress (status active)" in reason(
+        preflight_text(migrate={"status": "active"})
+    )
+    blocked = {"blocked-reasons": ["a device is not migratable"]}
+    assert "migration is blocked: a device is not migratable" in reason(
+        preflight_text(migrate=blocked)
+    )
+    vfio = [{"name": "gpu0", "type": "child<vfio-pci>"}]
+    assert "VFIO device gpu0" in reason(preflight_text(devices=vfio))
+    assert "the guest is paused, not running" in reason(preflight_text(status="paused"))
+    r = reason(preflight_text(uid=64055, uffd="0"), policy="none")
+    assert "uid 64055" in r and "vm.unprivileged_userfaultfd is 0" in r
+    assert "live_userfaultfd: sysctl-window" in r
+    assert "no memory layout" in reason(preflight_text(mtree={"not": "text"}))
+
+
+def test_preflight_userfaultfd_method() -> None:
+    def method(policy: str, **kw: Any) -> str:
+        return qemu.judge_preflight(preflight_text(**kw), policy, "hv", "vm-a").userfaultfd
+
+    assert method("none", uid=0) == "root"  # Proxmox: QEMU runs as root
+    assert method("none", uid=64055, uffd="1") == "unprivileged-allowed"
+    assert method("sysctl-window", uid=64055, uffd="0") == "sysctl-window"
+    pre = qemu.judge_preflight(preflight_text(), "sysctl-window", "hv", "vm-a")
+    assert pre.qemu_version == "7.2.0" and pre.mtree == MTREE and "EFER" in pre.registers
+    # Past completed/failed/cancelled migrations are no obstacle.
+    for done in ("completed", "failed", "cancelled", "none"):
+        qemu.judge_preflight(preflight_text(migrate={"status": done}), "sysctl-window", "hv", "vm")
+
+
+def test_preflight_without_answers_is_a_retryable_error() -> None:
+    text = "memdump-error 75 cannot connect to /run/q/vm-a.qmp: Connection refused\n"
+    with pytest.raises(HypervisorError) as ei:
+        qemu.judge_preflight(text, "none", "hv", "vm-a")
+    assert not isinstance(ei.value, LiveCaptureUnsupportedError) and ei.value.retryable
+
+
+# -- the driver's side of a live capture, on a fake transport ------------------------------
+
+
+class FakeStream:
+    """A live script's stdout (its memdump-dir line, then the stream) and its exit."""
+
+    def __init__(self, data: bytes, rc: int, stderr: str) -> None:
+        self.data = b"memdump-dir /run/memdump/memdump.AbCdEfGhIj\n" + data
+        self.rc = rc
+        self.stderr = stderr
+        self.aborted = False
+
+    def readinto(self, view: memoryview) -> int:
+        n = min(len(view), 7000, len(self.data))
+        view[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
+
+    def read(self) -> bytes:
+        buf = bytearray(1 << 16)
+        return bytes(buf[: self.readinto(memoryview(buf))])
+
+    def finish(self, timeout: float) -> CommandResult:
+        return CommandResult(self.rc, b"", self.stderr.encode())
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class FakeTransport:
+    description = "fake"
+
+    def __init__(self, preflight: str, stream: FakeStream) -> None:
+        self.preflight = preflight
+        self.live = stream
+        self.runs: list[tuple[str, tuple[str, ...]]] = []
+        self.streams: list[tuple[str, tuple[str, ...]]] = []
+
+    def run(
+        self, script: str, args: Sequence[str] = (), *, timeout: float = 60.0, stdin: bytes = b""
+    ) -> CommandResult:
+        self.runs.append((script, tuple(args)))
+        if script == qemu._PREFLIGHT:
+            return CommandResult(0, self.preflight.encode(), b"")
+        return CommandResult(0, b"", b"")
+
+    def stream(self, script: str, args: Sequence[str] = (), *, stdin: bytes = b"") -> FakeStream:
+        self.streams.append((script, tuple(args)))
+        assert script == qemu._LIVE
+        return self.live
+
+    def host_key_fingerprint(self) -> str:
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+STATS = {
+    "status": "completed",
+    "setup-time": 25,
+    "downtime": 5,
+    "total-time": 992,
+    "ram": {"total": 2 * MIB, "transferred": 12345, "duplicate": 500, "normal": 12, "mbps": 9.5},
+}
+EVENTS = [
+    {"timestamp": {"seconds": 1795926402, "microseconds": 515956}, "event": "STOP"},
+    {"timestamp": {"seconds": 1795926402, "microseconds": 519010}, "event": "RESUME"},
+]
+
+
+def live_stderr(rc: int = 0, stats: dict[str, Any] | None = None, extra: str = "") -> str:
+    lines = [
+        "memdump-peer 4242 0 0 " + "ab" * 32 + " /usr/bin/qemu-system-x86_64",
+        "memdump-pause-window 1795926402.468347 1795926402.526878",
+        "memdump-live-stats " + json.dumps(stats if stats is not None else STATS),
+        "memdump-live-uffd sysctl-window 0.063392",
+        *("memdump-qmp-event " + json.dumps(e) for e in EVENTS),
+    ]
+    return "\n".join(lines) + "\n" + extra
+
+
+def driver(t: FakeTransport) -> QemuDriver:
+    hv = HypervisorConfig(
+        name="hv",
+        driver="qemu",
+        transport="local",
+        qmp_dir="/run/q",
+        live_userfaultfd="sysctl-window",
+    )
+    return QemuDriver(hv, t)
+
+
+def stream_of_2mib() -> bytes:
+    return migstream.sweep([("pc.ram", 2 * MIB)], zero_pages=[("pc.ram", 4096)])
+
+
+def test_open_dump_live_gives_the_elf_core_and_live_fields(tmp_path: Path) -> None:
+    t = FakeTransport(preflight_text(), FakeStream(stream_of_2mib(), 0, live_stderr()))
+    src = driver(t).open_dump(REF, mode="live", spill_dir=tmp_path, buffer_bytes=MIB)
+    # The script gets the VM and the hypervisor's live_userfaultfd as arguments.
+    assert t.streams == [
+        (
+            qemu._LIVE,
+            (
+                "/run/q",
+                "vm-a",
+                "\n".join(HypervisorConfig(name="x", driver="qemu").qemu_binaries),
+                "sysctl-window",
+            ),
+        )
+    ]
+    result = write_dump(src, tmp_path, "d.mem.gz")
+    core = gzip.decompress(result.path.read_bytes())
+    lay = parse_core(core)
+    assert lay is not None and lay.file_size == len(core)
+    assert core[18] == 3  # e_machine EM_386: the first vCPU is not in long mode
+    off = lay.offset_of(0x3000)
+    assert off is not None and core[off : off + 4096] == migstream.pattern("pc.ram", 0x3000)
+    live = src.live  # type: ignore[attr-defined]
+    assert live["mode"] == "live"
+    assert live["downtime_ms"] == 5 and live["setup_time_ms"] == 25
+    assert live["total_time_ms"] == 992
+    assert live["ram"] == {
+        "total": 2 * MIB,
+        "transferred": 12345,
+        "duplicate": 500,
+        "normal": 12,
+        "mbps": 9.5,
+    }
+    assert live["userfaultfd"] == "sysctl-window" and live["userfaultfd_window_ms"] == 63.392
+    assert live["pause_ms_events"] == 3.054
+    assert live["snapshot_instant"] == "2026-11-29T04:26:42.515956+00:00"
+    assert [e["event"] for e in live["events"]] == ["STOP", "RESUME"]
+    assert live["qemu_version"] == "7.2.0"
+    assert live["migration_status"] == "completed"
+    t0, t1 = src.pause_window  # type: ignore[attr-defined]
+    assert (t1 - t0).total_seconds() == pytest.approx(0.058531)
+
+
+def test_unsupported_found_by_the_script_is_raised_by_open_dump(tmp_path: Path) -> None:
+    """The client refused before migrate (exit 77): no stream at all; open_dump reads
+    the stream's header, so the refusal comes from open_dump, reason and all."""
+    err = "memdump-error 77 Background-snapshot is not compatible with guest memory configuration\n"
+    t = FakeTransport(preflight_text(), FakeStream(b"", 77, err))
+    with pytest.raises(LiveCaptureUnsupportedError) as ei:
+        driver(t).open_dump(REF, mode="live", spill_dir=tmp_path)
+    assert ei.value.fields["reason"] == (
+        "Background-snapshot is not compatible with guest memory configuration"
+    )
+    assert t.live.aborted
+
+
+def test_unsupported_preflight_starts_no_script(tmp_path: Path) -> None:
+    t = FakeTransport(
+        preflight_text(migrate={"status": "active"}), FakeStream(b"", 0, live_stderr())
+    )
+    with pytest.raises(LiveCaptureUnsupportedError):
+        driver(t).open_dump(REF, mode="live", spill_dir=tmp_path)
+    assert t.streams == []
+    assert [s for s, _ in t.runs] == [qemu._PREFLIGHT]
+
+
+@pytest.mark.parametrize(
+    ("rc", "stats", "extra", "want"),
+    [
+        (
+            78,
+            {**STATS, "status": "failed", "error-desc": "Unable to write to file"},
+            "",
+            "the migration did not complete (exit 78): Unable to write to file",
+        ),
+        (
+            79,
+            STATS,
+            "memdump-error 80 the guest was left postmigrate by the migration and was resumed\n",
+            "the guest was left paused by the migration and was resumed (exit 79)",
+        ),
+        (
+            80,
+            STATS,
+            "memdump-error 80 stopped by a signal\n",
+            "stopped (exit 80): stopped by a signal",
+        ),
+    ],
+)
+def test_failures_after_migrate_are_dump_failures(
+    tmp_path: Path, rc: int, stats: dict[str, Any], extra: str, want: str
+) -> None:
+    t = FakeTransport(
+        preflight_text(), FakeStream(stream_of_2mib(), rc, live_stderr(rc, stats, extra))
+    )
+    src = driver(t).open_dump(REF, mode="live", spill_dir=tmp_path)
+    with pytest.raises(DumpFailedError) as ei:
+        write_dump(src, tmp_path, "d.mem.gz")
+    assert want in str(ei.value)
+    assert ei.value.fields["exit_code"] == rc
+    assert list(tmp_path.iterdir()) == []  # nothing kept
+
+
+def test_a_stream_that_is_not_a_migration_stream_is_refused(tmp_path: Path) -> None:
+    t = FakeTransport(preflight_text(), FakeStream(b"\x7fELF" + bytes(100), 0, live_stderr()))
+    with pytest.raises(MigrationStreamError):
+        driver(t).open_dump(REF, mode="live", spill_dir=tmp_path)
+    assert t.live.aborted
+    # The abort ran the live abort script on the script's own directory.
+    assert (qemu._ABORT_LIVE, ("/run/memdump/memdump.AbCdEfGhIj",)) in t.runs
+
+
+# -- the hypervisor-side client's userfaultfd window -----------------------------------
+
+
+def client() -> ModuleType:
+    """memdump/hypervisors/remote/qmp.py as a module (memdump itself never imports it)."""
+    path = Path(__file__).resolve().parents[2] / "memdump/hypervisors/remote/qmp.py"
+    spec = importlib.util.spec_from_file_location("memdump_remote_qmp", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def window_env(tmp_path: Path) -> tuple[Path, Path]:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    sysctl = tmp_path / "unprivileged_userfaultfd"
+    sysctl.write_text("0\n")
+    return run, sysctl
+
+
+def test_window_sets_and_restores_the_sysctl_under_its_lock(window_env: tuple[Path, Path]) -> None:
+    run, sysctl = window_env
+    q = client()
+    w = q.Window(str(run), str(sysctl))
+    w.open()
+    assert sysctl.read_text().strip() == "1"
+    assert (run / "userfaultfd.restore").read_text() == "0\n"
+    assert oct((run / "userfaultfd.restore").stat().st_mode & 0o777) == "0o600"
+    # Another capture's window waits for the lock.
+    other = q.Window(str(run), str(sysctl))
+    opened = threading.Event()
+
+    def take() -> None:
+        other.open()
+        opened.set()
+
+    th = threading.Thread(target=take)
+    th.start()
+    assert not opened.wait(0.3)
+    w.close()
+    assert opened.wait(10)
+    th.join()
+    assert sysctl.read_text().strip() == "1"  # the other window's turn
+    other.close()
+    assert sysctl.read_text().strip() == "0"
+    assert not (run / "userfaultfd.restore").exists()
+    assert w.length > 0
+
+
+def test_a_window_left_open_by_a_killed_client_is_restored(
+    window_env: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, sysctl = window_env
+    q = client()
+    # What a client killed outright inside its window leaves.
+    (run / "userfaultfd.restore").write_text("0\n")
+    sysctl.write_text("1\n")
+    # While another window holds the lock, the clean-up leaves it to that window.
+    fd = os.open(run / "userfaultfd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    assert q.uffd_restore(str(run), str(sysctl)) == 0
+    assert sysctl.read_text().strip() == "1"
+    os.close(fd)
+    assert q.uffd_restore(str(run), str(sysctl)) == 0
+    assert sysctl.read_text().strip() == "0"
+    assert not (run / "userfaultfd.restore").exists()
+    assert "memdump-uffd-restored 0" in capsys.readouterr().out
+    # The next window also takes the old value from a restore file, not the current 1.
+    (run / "userfaultfd.restore").write_text("0\n")
+    sysctl.write_text("1\n")
+    w = q.Window(str(run), str(sysctl))
+    w.open()
+    assert (run / "userfaultfd.restore").read_text() == "0\n"
+    w.close()
+    assert sysctl.read_text().strip() == "0"
+
+
+def test_window_refuses_a_run_dir_others_can_write(window_env: tuple[Path, Path]) -> None:
+    run, sysctl = window_env
+    run.chmod(0o777)
+    q = client()
+    with pytest.raises(q.Fail) as ei:
+        q.Window(str(run), str(sysctl)).open()
+    assert ei.value.code == 77 and "mode 0700" in ei.value.message
+    assert sysctl.read_text().strip() == "0"
