@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -22,10 +23,13 @@ from memdump.errors import CaptureTimeoutError, LiveCaptureUnsupportedError
 from memdump.hypervisors.base import VMRef
 from memdump.hypervisors.fifo import RUN_DIR
 from memdump.hypervisors.libvirt import LibvirtDriver
-from memdump.livecore import LiveCoreSource
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.transport import open_transport
+
+if TYPE_CHECKING:
+    from memdump.livecore import LiveCoreSource
+
 from tests.integration.conftest import URI, assert_markers, extra_lab_vm, remote_temp_paths, virsh
 
 VM = "vlive-t1"
@@ -138,6 +142,8 @@ def assert_live_clean(vm: str, sysctl_before: str, directory: str | None = None)
 
 
 def _dir_of(src: object) -> str | None:
+    from memdump.livecore import LiveCoreSource
+
     assert isinstance(src, LiveCoreSource)
     d: str | None = src.stream._s.dir  # type: ignore[attr-defined]
     return d
@@ -169,6 +175,8 @@ def test_live_capture_of_a_running_guest(
     src: LiveCoreSource | None = None
     try:
         opened = live_driver.open_dump(ref, mode="live", spill_dir=tmp_path, buffer_bytes=4 << 20)
+        from memdump.livecore import LiveCoreSource
+
         assert isinstance(opened, LiveCoreSource)
         src = opened
         directory = _dir_of(src)

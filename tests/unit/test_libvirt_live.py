@@ -16,11 +16,10 @@ from typing import Any
 import pytest
 
 from memdump.errors import DumpFailedError, LiveCaptureUnsupportedError
+from memdump.hypervisors import fifo
 from memdump.hypervisors import libvirt as lv
 from memdump.hypervisors.base import VMRef
-from memdump.hypervisors.fifo import UFFD_RESTORE, UFFD_WINDOW_FN
-from memdump.hypervisors.libvirt import LibvirtDriver, judge_preflight, parse_sections
-from memdump.livecore import LiveCoreSource
+from memdump.hypervisors.libvirt import LibvirtDriver
 from memdump.settings import HypervisorConfig
 from memdump.transport.base import CommandResult
 
@@ -86,7 +85,7 @@ def sections(monitor: bool = True, over: dict[str, str] | None = None) -> bytes:
 
 
 def judge(data: bytes, setting: str = "sysctl-window") -> lv.LivePreflight:
-    return judge_preflight(parse_sections(data), DOM, "hv1", setting)
+    return lv.judge_preflight(lv.parse_sections(data), DOM, "hv1", setting)
 
 
 def reason_of(data: bytes, setting: str = "sysctl-window") -> str:
@@ -200,9 +199,9 @@ def test_preflight_output_cut_short_is_an_error() -> None:
     from memdump.errors import HypervisorError
 
     with pytest.raises(HypervisorError, match="cut short"):
-        parse_sections(b"memdump-section state 100\nrunning\n")
+        lv.parse_sections(b"memdump-section state 100\nrunning\n")
     with pytest.raises(HypervisorError, match="not understood"):
-        parse_sections(b"garbage\n")
+        lv.parse_sections(b"garbage\n")
 
 
 # -- the live script's end, through a fake transport --------------------------------------
@@ -291,6 +290,8 @@ def test_open_dump_live_returns_the_converter_over_the_script_stream(tmp_path: P
     stream = FakeStream(DIR_LINE + b"QEVM\x00\x00\x00\x03rest", 0, GOOD_END)
     drv, t = driver(stream)
     src = drv.open_dump(REF, mode="live", spill_dir=tmp_path, buffer_bytes=1 << 20)
+    from memdump.livecore import LiveCoreSource
+
     assert isinstance(src, LiveCoreSource)
     # The preflight got the setting; the script: window (sysctl), drain (QEMU 7.2).
     assert t.runs[0][1] == ("qemu:///system", DOM, "sysctl-window")
@@ -424,7 +425,7 @@ def run_dir(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
 def test_uffd_window_opens_and_closes(run_dir: tuple[Path, Path, dict[str, str]]) -> None:
     run, sysctl, env = run_dir
     script = (
-        UFFD_WINDOW_FN
+        fifo.UFFD_WINDOW_FN
         + 'memdump_uffd_open "$1" || exit 1\n'
         + 'echo "in=$(cat "$memdump_uffd_sysctl") restore=$(cat "$1/userfaultfd.restore")"\n'
         + 'flock -n "$1/userfaultfd.lock" true && echo lock-free || echo lock-held\n'
@@ -447,7 +448,7 @@ def test_uffd_window_of_a_killed_script_is_restored(
     run_dir: tuple[Path, Path, dict[str, str]],
 ) -> None:
     run, sysctl, env = run_dir
-    script = UFFD_WINDOW_FN + 'memdump_uffd_open "$1" || exit 1\necho open\nexec sleep 60\n'
+    script = fifo.UFFD_WINDOW_FN + 'memdump_uffd_open "$1" || exit 1\necho open\nexec sleep 60\n'
     p = subprocess.Popen(
         ["sh", "-c", script, "sh", str(run)],
         stdout=subprocess.PIPE,
@@ -458,13 +459,13 @@ def test_uffd_window_of_a_killed_script_is_restored(
         assert p.stdout is not None and p.stdout.readline() == "open\n"
         assert sysctl.read_text().strip() == "1"
         # Its lock is held: the repair leaves the window alone.
-        res = sh(UFFD_RESTORE, env=env)
+        res = sh(fifo.UFFD_RESTORE, env=env)
         assert res.returncode == 0 and res.stdout == ""
         assert sysctl.read_text().strip() == "1"
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    res = sh(UFFD_RESTORE, env=env)
+    res = sh(fifo.UFFD_RESTORE, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "userfaultfd-restored 0"
     assert sysctl.read_text().strip() == "0"
@@ -478,7 +479,7 @@ def test_next_window_takes_the_old_value_from_a_left_restore_file(
     run, sysctl, env = run_dir
     sysctl.write_text("1\n")
     (run / "userfaultfd.restore").write_text("0\n")
-    script = UFFD_WINDOW_FN + 'memdump_uffd_open "$1" && memdump_uffd_close\n'
+    script = fifo.UFFD_WINDOW_FN + 'memdump_uffd_open "$1" && memdump_uffd_close\n'
     assert sh(script, str(run), env=env).returncode == 0
     assert sysctl.read_text().strip() == "0"
 
@@ -537,12 +538,12 @@ def test_preflight_script_asks_the_monitor_only_when_allowed(tmp_path: Path) -> 
                 break
             subprocess.run(["sleep", "0.05"], check=True)
         res = sh(lv._LIVE_PREFLIGHT, "qemu:///system", DOM, "none", env=env)
-        sec = parse_sections(res.stdout.encode())
+        sec = lv.parse_sections(res.stdout.encode())
         assert sec["pid"] == str(p.pid) and "Uid:\t65534" in sec["status"]
         assert "version" not in sec
         assert "qemu-monitor-command" not in calls.read_text()
         res = sh(lv._LIVE_PREFLIGHT, "qemu:///system", DOM, "sysctl-window", env=env)
-        sec = parse_sections(res.stdout.encode())
+        sec = lv.parse_sections(res.stdout.encode())
         assert sec["version"] == '{"return":{}}'
         assert "qemu-monitor-command" in calls.read_text()
     finally:
