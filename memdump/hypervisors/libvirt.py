@@ -394,6 +394,7 @@ done
 memdump_uffd_close
 mig
 t1=$(date +%s.%N)
+at_t1=$r
 while running; do sleep 0.1; mig; done
 final=$r
 started=0
@@ -413,6 +414,7 @@ cat "$d/err" >&2
 printf 'memdump-live-stats %s\n' "$final" >&2
 printf 'memdump-live-uffd %s %s %s\n' "$how" "${memdump_uffd_t0:--}" "${memdump_uffd_t1:--}" >&2
 printf 'memdump-live-taint %s\n' "$taint" >&2
+printf 'memdump-live-t1 %s %s\n' "$t1" "$at_t1" >&2
 printf 'memdump-live-state %s\n' "$state" >&2
 echo "memdump-pause-window $t0 $t1" >&2
 case $state in
@@ -1011,6 +1013,18 @@ def live_metadata(lines: dict[str, str], pre: LivePreflight) -> dict[str, Any]:
                 for k in ("total", "transferred", "normal", "duplicate", "normal-bytes", "mbps")
                 if isinstance(ram.get(k), int | float)
             }
+    # The snapshot instant: QEMU stops the vCPUs when its setup ends, setup-time after the
+    # migration's start; the start is when the script read total-time at t1 minus that
+    # total-time (early by the few ms virsh took to hand the answer back).
+    t1_time, _, t1_reply = lines.get("t1", "").partition(" ")
+    at_t1 = _qmp_return(t1_reply, "query-migrate")
+    setup = live.get("setup_time_ms")
+    if isinstance(at_t1, dict) and isinstance(at_t1.get("total-time"), int) and setup is not None:
+        try:
+            start = float(t1_time) - at_t1["total-time"] / 1000
+            live["snapshot_at"] = datetime.fromtimestamp(start + setup / 1000, UTC).isoformat()
+        except ValueError:
+            pass
     uffd = lines.get("uffd", "").split()
     if len(uffd) == 3 and uffd[0] == "window":
         try:

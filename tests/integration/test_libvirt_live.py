@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -204,6 +205,7 @@ def test_live_capture_of_a_running_guest(
     assert live["userfaultfd"] == "sysctl-window"
     assert 0 < live["userfaultfd_window_ms"] < 60_000
     assert isinstance(live["downtime_ms"], int)
+    assert datetime.fromisoformat(live["snapshot_at"]).tzinfo is not None
     assert "custom-monitor" in live["taint"]
     assert len(live["stream_sha256"]) == 64 and live["stream_bytes"] > 0
     window = src.pause_window

@@ -271,6 +271,9 @@ GOOD_END = (
     "memdump-live-stats " + qmp(STATS) + "\n"
     "memdump-live-uffd window 1764390707.500000000 1764390707.625600000\n"
     "memdump-live-taint custom-argv custom-monitor \n"
+    "memdump-live-t1 1764390707.710000000 "
+    + qmp({"status": "active", "setup-time": 2, "total-time": 110})
+    + "\n"
     "memdump-live-state running (unpaused)\n"
     "memdump-pause-window 1764390707.600000000 1764390707.710000000\n"
 )
@@ -321,6 +324,8 @@ def test_live_stream_end_stats_and_window() -> None:
     assert live["migration_status"] == "completed" and live["libvirt_job"] == "none"
     assert (live["qemu_version"], live["libvirt_version"]) == ("7.2.22", "9.0.0")
     assert live["ram"]["transferred"] == 189362004
+    # QEMU's start = t1 - total-time at t1 (110 ms); the snapshot, setup-time (2 ms) later.
+    assert live["snapshot_at"] == "2025-11-29T04:31:47.602000+00:00"
     assert raw.pause_window is not None
     assert (raw.pause_window[1] - raw.pause_window[0]).total_seconds() == pytest.approx(0.11)
 
