@@ -915,12 +915,14 @@ def judge_preflight(
     sysctl = sec.get("uffd", "").strip()
     if privileged:
         method = "root" if uid == 0 else "cap-sys-ptrace"
-    elif sysctl == "1":
-        method = "unprivileged-allowed"
-    elif sysctl != "0":
+    elif sysctl not in ("0", "1"):
         raise no("the kernel has no vm.unprivileged_userfaultfd (userfaultfd unavailable)")
     elif live_userfaultfd == "sysctl-window":
+        # Even if the sysctl reads 1 now: that may be another capture's window, closed by
+        # the time this one's QEMU needs it. The window reads the value under its lock.
         method = "sysctl-window"
+    elif sysctl == "1":
+        method = "unprivileged-allowed"
     else:
         raise no(
             f"QEMU runs as uid {uid} without CAP_SYS_PTRACE and vm.unprivileged_userfaultfd "

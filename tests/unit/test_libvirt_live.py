@@ -138,6 +138,12 @@ def test_preflight_userfaultfd_method(status: str, uffd: str, setting: str, meth
     assert judge(sections(over={"status": status, "uffd": uffd}), setting).userfaultfd == method
 
 
+def test_preflight_uses_the_window_even_when_the_sysctl_reads_1() -> None:
+    # 1 may be another capture's window (the lab ran into it): closed again by the time
+    # this capture's QEMU checks, which would then refuse. The window reads it under lock.
+    assert judge(sections(over={"uffd": "1"})).userfaultfd == "sysctl-window"
+
+
 def test_preflight_root_without_capabilities_is_not_privileged() -> None:
     # libvirt clears a root QEMU's capabilities by default (clear_emulator_capabilities):
     # uid 0 alone does not let it create a kernel-fault userfaultfd.
