@@ -98,6 +98,9 @@ NOTE_TEXT = (
     b"(NT_PRSTATUS, QEMU CPU state) are not in this core.\n"
 )
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_ZERO_RUN = 256  # pages: zero pages in a row are handed on as one chunk of up to 1 MiB
+_ZEROS = memoryview(bytes(_ZERO_RUN * PAGE_SIZE))
+_ZERO_CONT = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
 
 
 class LayoutError(MigrationStreamError):
@@ -753,6 +756,12 @@ class LiveCoreSource:
             lo = pos - page
             hi = min(PAGE_SIZE, end - page)
             idx = page // PAGE_SIZE
+            if lo == 0 and slots[idx] == _NONE and self._last_block is blk:
+                run = self._zero_run(blk, idx, min(_ZERO_RUN, (end - page) // PAGE_SIZE))
+                if run:
+                    yield _ZEROS[: run * PAGE_SIZE]
+                    pos = page + run * PAGE_SIZE
+                    continue
             if slots[idx] == _NONE:
                 # Not here yet: read the stream until it comes (usually the next record).
                 self._want = (blk.index, page)
@@ -766,6 +775,36 @@ class LiveCoreSource:
                 data = self._take(blk, idx)
             yield data if lo == 0 and hi == PAGE_SIZE else memoryview(data)[lo:hi]
             pos = page + hi
+
+    def _zero_run(self, blk: _Block, idx: int, limit: int) -> int:
+        """Fast path for the common case of a mostly empty guest: consume the ZERO records
+        (fill 0, same block) of pages idx, idx+1, ... straight from the read buffer while
+        each is the very page the file needs next; how many. Anything else is left to
+        _record, which parses and checks it in full."""
+        r = self._reader
+        if r.end - r.start < 9 and not r._fill(9):
+            return 0
+        need, received = blk.need, blk.received
+        if need is None:
+            return 0
+        buf, pos, stop = r.buf, r.start, r.end
+        n = 0
+        while n < limit and stop - pos >= 9:
+            i = idx + n
+            if (
+                buf[pos + 8] != 0
+                or int.from_bytes(buf[pos : pos + 8], "big") != (i * PAGE_SIZE) | _ZERO_CONT
+                or received[i]
+                or need[i] != 1
+            ):
+                break
+            received[i] = 1
+            pos += 9
+            n += 1
+        r.consumed += pos - r.start
+        r.start = pos
+        self.counts["zero"] += n
+        return n
 
     def _take(self, blk: _Block, idx: int) -> bytes:
         """A waiting page, for one of its uses."""
