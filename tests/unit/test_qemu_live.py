@@ -11,8 +11,10 @@ import gzip
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -32,7 +34,9 @@ from memdump.hypervisors.qemu import QemuDriver
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig
 from memdump.transport.base import CommandResult
+from memdump.transport.local import LocalTransport
 from tests.helpers import migstream
+from tests.helpers.fake_qmp_live import STREAM, FakeLiveQemu
 
 REF = VMRef("hv", "vm-a", "vm-a")
 MIB = 1 << 20
@@ -424,3 +428,110 @@ def test_window_refuses_a_run_dir_others_can_write(window_env: tuple[Path, Path]
         q.Window(str(run), str(sysctl)).open()
     assert ei.value.code == 77 and "mode 0700" in ei.value.message
     assert sysctl.read_text().strip() == "0"
+
+
+# -- the hypervisor-side client against a fake QEMU, through the real scripts -------------
+
+THIS_EXE = os.readlink("/proc/self/exe")  # the fakes' peer: allowed as if it were QEMU
+
+
+@pytest.fixture
+def fake(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[FakeLiveQemu]:
+    # Short paths: the socket path goes into sun_path.
+    base = Path(tempfile.mkdtemp(prefix="mdl", dir="/tmp"))
+    (base / "qmp").mkdir()
+    (base / "run").mkdir(mode=0o700)
+    (base / "uffd").write_text("0\n")
+    monkeypatch.setenv("TMPDIR", str(base / "run"))
+    monkeypatch.setenv("MEMDUMP_RUN_DIR", str(base / "run"))
+    monkeypatch.setenv("MEMDUMP_UFFD_SYSCTL", str(base / "uffd"))
+    f = FakeLiveQemu(base / "qmp" / "vm-a.qmp")
+    f.hmp = {"info mtree -f": MTREE, "info registers": REGISTERS}
+    yield f
+    f.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def local_driver(fake: FakeLiveQemu) -> QemuDriver:
+    hv = HypervisorConfig(
+        name="hv",
+        driver="qemu",
+        transport="local",
+        qmp_dir=str(fake.path.parent),
+        qemu_binaries=[THIS_EXE],
+    )
+    return QemuDriver(hv, LocalTransport(stall_timeout=20))
+
+
+def read_raw(src: Any) -> bytes:
+    out = bytearray()
+    buf = memoryview(bytearray(1 << 16))
+    while n := src.readinto(buf):
+        out += buf[:n]
+    src.close_ok()
+    return bytes(out)
+
+
+def test_client_checks_the_capability_right_before_migrate_and_turns_it_off(
+    fake: FakeLiveQemu,
+) -> None:
+    raw, pre = local_driver(fake).open_live_stream(REF)
+    assert pre.userfaultfd == "root"  # the fake runs as this test: root, no window
+    assert read_raw(raw) == STREAM
+    cmds = fake.commands
+    i = cmds.index("migrate")
+    assert cmds[i - 2 : i + 1] == [
+        "migrate-set-capabilities",
+        "query-migrate-capabilities",
+        "migrate",
+    ]
+    assert fake.cap_at_migrate is True
+    assert cmds.count("migrate-set-capabilities") == 2 and not fake.cap  # off again
+    assert fake.status == "running" and "cont" not in cmds
+    assert raw.live["downtime_ms"] == 4 and raw.live["userfaultfd"] == "root"
+    assert [e["event"] for e in raw.live["events"]] == ["STOP", "RESUME"]
+
+
+def test_capability_refused_is_unsupported_and_nothing_migrates(fake: FakeLiveQemu) -> None:
+    fake.cap_error = "Background-snapshot is not supported by host kernel"
+    with pytest.raises(LiveCaptureUnsupportedError) as ei:
+        local_driver(fake).open_live_stream(REF)
+    assert ei.value.fields["reason"] == "Background-snapshot is not supported by host kernel"
+    assert "migrate" not in fake.commands
+    assert "closefd" in fake.commands and fake.fds == {}  # QEMU holds no stray descriptor
+    assert not fake.cap
+
+
+def test_capability_that_does_not_stick_is_unsupported_and_nothing_migrates(
+    fake: FakeLiveQemu,
+) -> None:
+    """A migrate without the capability in force would be an ordinary migration, which
+    pauses the guest at its end: never issued."""
+    fake.cap_sticks = False
+    with pytest.raises(LiveCaptureUnsupportedError) as ei:
+        local_driver(fake).open_live_stream(REF)
+    assert "did not turn background-snapshot on" in ei.value.fields["reason"]
+    assert "migrate" not in fake.commands
+    assert fake.status == "running"
+
+
+def test_guest_left_paused_is_resumed_and_a_failure(fake: FakeLiveQemu) -> None:
+    fake.plain = True
+    raw, _ = local_driver(fake).open_live_stream(REF)
+    with pytest.raises(DumpFailedError) as ei:
+        read_raw(raw)
+    assert "left paused by the migration and was resumed (exit 79)" in str(ei.value)
+    assert "postmigrate" in str(ei.value)
+    assert "cont" in fake.commands
+    assert fake.status == "running" and not fake.cap
+
+
+def test_failed_migration_is_a_failure_with_qemus_reason(fake: FakeLiveQemu) -> None:
+    fake.outcome = "failed"
+    raw, _ = local_driver(fake).open_live_stream(REF)
+    with pytest.raises(DumpFailedError) as ei:
+        read_raw(raw)
+    assert "did not complete (exit 78): Unable to write to file" in str(ei.value)
+    assert not fake.cap and fake.status == "running"

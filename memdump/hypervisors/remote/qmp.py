@@ -725,19 +725,27 @@ def live(
             if "return" not in got:
                 raise Unsupported("migrate refused: %s" % desc(got))
             started = True
-            # QEMU stops the guest, saves the devices, write-protects RAM (its userfaultfd:
-            # the window may close once it exists) and resumes the guest: RESUME, or the
-            # migration's end.
+            # QEMU stops the guest, saves the devices, write-protects RAM with a new
+            # userfaultfd (the window may close once QEMU holds it) and resumes the guest
+            # (RESUME, which also ends the pause), unless the migration ends first.
             st = "setup"
             q = s.get()
             deadline = time.monotonic() + 120.0
-            while not any(e.get("event") == "RESUME" for e in q.events):
+
+            def resumed() -> bool:
+                return any(e.get("event") == "RESUME" for e in q.events)
+
+            while not resumed() and uffds(s.pid) <= uffd_before:
                 st = migration_status(s)
                 if st in IDLE or time.monotonic() > deadline:
                     break
                 time.sleep(0.005)
-            t1 = time.time()
             window.close()
+            deadline = time.monotonic() + 10.0
+            while not resumed() and st not in IDLE and time.monotonic() < deadline:
+                st = migration_status(s)  # for the RESUME event: it times the pause
+                time.sleep(0.005)
+            t1 = time.time()
             out("memdump-pause-window", "%.6f" % t0, "%.6f" % t1)
             s.release()
             while st not in IDLE:
