@@ -251,6 +251,8 @@ sec libvirt "$(virsh -c "$1" version 2>&1)"
 sec xml "$(virsh -c "$1" dumpxml "$2" 2>&1)"
 tools=
 for t in flock tee setsid; do command -v "$t" >/dev/null 2>&1 || tools="$tools $t"; done
+# GNU tee's -p: the reader must outlive its stdout (see _LIVE); busybox tee has no -p.
+tee -p /dev/null </dev/null >/dev/null 2>&1 || tools="$tools tee-p"
 sec missing "${tools# }"
 pid=$(memdump_qemu_pid "$2") || pid=
 sec pid "$pid"
@@ -356,6 +358,7 @@ unsupported() { printf 'memdump-live-unsupported %s\n' "$1" >&2; exit 80; }
 for t in flock tee setsid; do
   command -v "$t" >/dev/null 2>&1 || unsupported "$t is missing on the hypervisor"
 done
+tee -p /dev/null </dev/null >/dev/null 2>&1 || unsupported "tee has no -p (GNU coreutils)"
 exec 5>"$memdump_run/live.$dom.lock" || exit 83
 flock -n 5 || unsupported "another live capture of domain $dom is running"
 pid=$(memdump_qemu_pid "$dom") || unsupported "cannot find the QEMU process of domain $dom"

@@ -557,6 +557,15 @@ def test_preflight_script_asks_the_monitor_only_when_allowed(tmp_path: Path) -> 
         sec = lv.parse_sections(res.stdout.encode())
         assert sec["version"] == '{"return":{}}'
         assert "qemu-monitor-command" in calls.read_text()
+        # A tee without GNU's -p (busybox) could not outlive its stdout: not even asked.
+        calls.write_text("")
+        (bin_dir / "tee").write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / "tee").chmod(0o755)
+        res = sh(lv._LIVE_PREFLIGHT, "qemu:///system", DOM, "sysctl-window", env=env)
+        sec = lv.parse_sections(res.stdout.encode())
+        assert sec["missing"] == "tee-p" and "version" not in sec
+        assert "qemu-monitor-command" not in calls.read_text()
+        assert "missing on the hypervisor: tee-p" in reason_of(res.stdout.encode())
     finally:
         p.kill()
         p.wait()
