@@ -418,3 +418,39 @@ def test_clean_stale_repairs_a_killed_script(
     assert "memdump-repaired background-snapshot off" in removed
     assert str(d) in removed
     assert_clean(vm_sock, before, sysctl_before)
+
+
+def test_live_capture_under_tcg(lab_dir: Path, sysctl_before: str, tmp_path: Path) -> None:
+    """The same under TCG (the lab's fallback where /dev/kvm is missing): userfaultfd
+    write protection is on the host's mapping of guest RAM, which TCG writes too."""
+    vm = "qlive-tcg"
+    sock = lab_dir / "run" / "qemu" / f"{vm}.qmp"
+    env = {**os.environ, "MEMDUMP_LAB_ACCEL": "tcg"}
+    subprocess.run(
+        [str(REPO / "lab/up"), "--qemu", f"{vm}:256"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
+    d = make_driver(lab_dir)
+    try:
+        argv = json.loads((lab_dir / "vms" / vm / "qemu.argv.json").read_text())
+        assert "pc,accel=tcg" in argv
+        before = remote_temp_dirs()
+        poller = Poller(sock)
+        poller.start()
+        try:
+            src = d.open_dump(VMRef(HV, vm, vm), mode="live", spill_dir=tmp_path)
+            result = write_dump(src, tmp_path, "tcg.mem.gz")
+        finally:
+            seen = poller.stop()
+        assert seen and set(seen) == {"running"}
+        assert src.live["migration_status"] == "completed"  # type: ignore[attr-defined]
+        assert_markers(gzip.decompress(result.path.read_bytes()), lab_dir, vm)
+        assert_clean(sock, before, sysctl_before)
+    finally:
+        d.close()
+        subprocess.run(
+            [str(REPO / "lab/down"), "--vm", vm], check=False, capture_output=True, timeout=120
+        )
