@@ -306,6 +306,43 @@ def test_clean_stale_repairs_a_killed_live_script(
     assert_live_clean(vm, sysctl_before, directory)
 
 
+def _children_running(marker: bytes) -> list[int]:
+    """This process's children whose command line holds ``marker`` (the ssh client)."""
+    me = str(os.getpid())
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if ppid == me and cmd.startswith(b"ssh\0") and marker in cmd:
+            out.append(int(entry))
+    return out
+
+
+def test_ssh_cut_mid_capture_leaves_the_guest_running(
+    vm: str, live_driver: LibvirtDriver, tmp_path: Path, sysctl_before: str
+) -> None:
+    """The collector's SSH connection dies (its client killed) mid-stream: nothing tells
+    the script; its reader's stdout breaks and it drains the snapshot into /dev/null."""
+    from memdump.errors import MemdumpError
+
+    src = live_driver.open_dump(
+        VMRef("lab", vm, vm), mode="live", spill_dir=tmp_path, buffer_bytes=4 << 20
+    )
+    directory = _dir_of(src)
+    (client,) = _children_running(b"memdump_live_end")
+    os.kill(client, 9)
+    with pytest.raises(MemdumpError):
+        write_dump(src, tmp_path, "cut.mem.gz")
+    assert not (tmp_path / "cut.mem.gz").exists()
+    assert_live_clean(vm, sysctl_before, directory)
+    assert migration_status(vm) == "completed"
+
+
 def test_deadline_mid_capture_leaves_the_guest_running(
     vm: str, live_driver: LibvirtDriver, tmp_path: Path, sysctl_before: str
 ) -> None:
