@@ -98,9 +98,10 @@ NOTE_TEXT = (
     b"(NT_PRSTATUS, QEMU CPU state) are not in this core.\n"
 )
 _ZERO_PAGE = bytes(PAGE_SIZE)
-_ZERO_RUN = 256  # pages: zero pages in a row are handed on as one chunk of up to 1 MiB
-_ZEROS = memoryview(bytes(_ZERO_RUN * PAGE_SIZE))
+_RUN = 256  # pages: records in sweep order are taken up to 1 MiB at a time
+_ZEROS = memoryview(bytes(_RUN * PAGE_SIZE))
 _ZERO_CONT = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
+_PAGE_CONT = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
 
 
 class LayoutError(MigrationStreamError):
@@ -757,10 +758,10 @@ class LiveCoreSource:
             hi = min(PAGE_SIZE, end - page)
             idx = page // PAGE_SIZE
             if lo == 0 and slots[idx] == _NONE and self._last_block is blk:
-                run = self._zero_run(blk, idx, min(_ZERO_RUN, (end - page) // PAGE_SIZE))
+                run = self._run(blk, idx, min(_RUN, (end - page) // PAGE_SIZE))
                 if run:
-                    yield _ZEROS[: run * PAGE_SIZE]
-                    pos = page + run * PAGE_SIZE
+                    yield from run
+                    pos = page + sum(len(c) for c in run)
                     continue
             if slots[idx] == _NONE:
                 # Not here yet: read the stream until it comes (usually the next record).
@@ -776,35 +777,48 @@ class LiveCoreSource:
             yield data if lo == 0 and hi == PAGE_SIZE else memoryview(data)[lo:hi]
             pos = page + hi
 
-    def _zero_run(self, blk: _Block, idx: int, limit: int) -> int:
-        """Fast path for the common case of a mostly empty guest: consume the ZERO records
-        (fill 0, same block) of pages idx, idx+1, ... straight from the read buffer while
-        each is the very page the file needs next; how many. Anything else is left to
-        _record, which parses and checks it in full."""
+    def _run(self, blk: _Block, idx: int, limit: int) -> list[memoryview | bytes]:
+        """Fast path for the bulk of the stream: the records of pages idx, idx+1, ... of the
+        block just named (ZERO with fill 0, or PAGE), taken straight from the read buffer
+        while each is the very page the file needs next and needed once. Zero pages in a
+        row become one chunk. Anything else is left to _record, which parses and checks
+        it in full."""
         r = self._reader
-        if r.end - r.start < 9 and not r._fill(9):
-            return 0
+        if r.end - r.start < PAGE_SIZE + 8:
+            r._fill(PAGE_SIZE + 8)
         need, received = blk.need, blk.received
         if need is None:
-            return 0
+            return []
         buf, pos, stop = r.buf, r.start, r.end
-        n = 0
+        out: list[memoryview | bytes] = []
+        zeros = n = normal = 0
         while n < limit and stop - pos >= 9:
             i = idx + n
-            if (
-                buf[pos + 8] != 0
-                or int.from_bytes(buf[pos : pos + 8], "big") != (i * PAGE_SIZE) | _ZERO_CONT
-                or received[i]
-                or need[i] != 1
-            ):
+            if received[i] or need[i] != 1:
+                break
+            word = int.from_bytes(buf[pos : pos + 8], "big")
+            if word == (i * PAGE_SIZE) | _ZERO_CONT and buf[pos + 8] == 0:
+                zeros += 1
+                pos += 9
+            elif word == (i * PAGE_SIZE) | _PAGE_CONT and stop - pos >= PAGE_SIZE + 8:
+                if zeros:
+                    out.append(_ZEROS[: zeros * PAGE_SIZE])
+                    self.counts["zero"] += zeros
+                    zeros = 0
+                out.append(bytes(buf[pos + 8 : pos + 8 + PAGE_SIZE]))
+                normal += 1
+                pos += PAGE_SIZE + 8
+            else:
                 break
             received[i] = 1
-            pos += 9
             n += 1
+        if zeros:
+            out.append(_ZEROS[: zeros * PAGE_SIZE])
+            self.counts["zero"] += zeros
+        self.counts["normal"] += normal
         r.consumed += pos - r.start
         r.start = pos
-        self.counts["zero"] += n
-        return n
+        return out
 
     def _take(self, blk: _Block, idx: int) -> bytes:
         """A waiting page, for one of its uses."""
