@@ -93,7 +93,7 @@ def live_section(
     ``details`` as they gave it."""
     window = None
     if pause_window:
-        window = {"started_at": _ts(pause_window[0]), "ended_at": _ts(pause_window[1])}
+        window = {"from": _ts(pause_window[0]), "to": _ts(pause_window[1])}
     downtime = _first(live, "downtime_ms", "downtime")
     return {
         "acquisition_sha256": live.get("stream_sha256"),
@@ -108,8 +108,9 @@ def live_section(
         "userfaultfd": _first(live, "userfaultfd"),
         "userfaultfd_window_ms": _first(live, "userfaultfd_window_ms"),
         "taint": _json_safe(_first(live, "taint", "tainted")),
-        # The hypervisor script's clock around the migration (the guest ran throughout).
-        "migration_window": window,
+        # The drivers' window on the hypervisor's clock: from just before `migrate` until
+        # QEMU resumed the guest; its pause (downtime_ms) lies inside.
+        "pause_window": window,
         "details": _json_safe(live),
     }
 
@@ -188,7 +189,7 @@ def build(
             "duration_sec": round((ended - started).total_seconds(), 3),
             # Measured by the hypervisor-side script around the dump tool (its clock): the
             # guest was paused inside this window, so it bounds the downtime from outside.
-            # Live: the window around the migration, whose pause (pause_ms) is milliseconds.
+            # Live: from just before `migrate` until QEMU resumed the guest (pause_ms inside).
             "guest_paused_at": _ts(paused),
             "guest_resumed_at": _ts(resumed),
             "pause_window_sec": window,

@@ -97,9 +97,10 @@ def test_capture_with_file_staging_says_so_in_its_manifest(
         functools.partial(driver.open_dump, staging="file", margin=settings.disk_space_margin),
     )
     settings = settings.model_copy(update={"analysis": False, "staging": "file"})
-    result = capture(driver, driver.resolve(VM), settings)
+    # Staging is about paused dumps: paused whatever the inventory's capture_mode.
+    result = capture(driver, driver.resolve(VM), settings, mode="paused")
     cap = result.manifest["capture"]
-    assert cap["staging"] == "file"
+    assert cap["staging"] == "file" and cap["mode"] == "paused"
     assert 0 < cap["pause_window_sec"] < cap["duration_sec"]
     assert manifest_path(Path(result.record.dump_path)).is_file()
     assert remote_temp_dirs() == []

@@ -131,9 +131,9 @@ def test_live_capture_gets_the_live_call_and_records_it(tmp_path: Path) -> None:
     assert live["userfaultfd"] == "sysctl-window" and live["userfaultfd_window_ms"] == 3.5
     assert live["taint"] == ["custom-monitor"]
     assert live["snapshot_at"] == "2026-11-29T04:00:00.002000+00:00"
-    assert live["migration_window"] == {
-        "started_at": "2026-11-29T04:00:00.000000Z",
-        "ended_at": "2026-11-29T04:00:00.480000Z",
+    assert live["pause_window"] == {
+        "from": "2026-11-29T04:00:00.000000Z",
+        "to": "2026-11-29T04:00:00.480000Z",
     }
     assert live["details"]["migration_status"] == "completed"
 
