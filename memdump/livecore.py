@@ -34,18 +34,20 @@ increasing with p_paddr (a >3.5 GiB guest's RAM above 4 GiB comes before the BIO
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import secrets
 import struct
+import threading
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memdump.errors import MigrationStreamError
+from memdump.errors import MigrationStreamError, StorageError
 from memdump.pipeline import DumpSource
 
 PAGE_SIZE = 4096  # TARGET_PAGE_SIZE on x86
@@ -355,18 +357,33 @@ class _Spill:
     descriptor keeps it), so no path on any exit leaves it behind."""
 
     def __init__(self, directory: Path) -> None:
-        path = directory / f".memdump-live-{secrets.token_hex(8)}.spill"
+        self.path = directory / f".memdump-live-{secrets.token_hex(8)}.spill"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        self.fd: int | None = os.open(path, flags, 0o600)
-        os.unlink(path)
+        self.fd: int | None = None
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+            os.unlink(self.path)
+        except OSError as exc:
+            self.close()
+            raise self._error(exc) from exc
         self.free: list[int] = []
         self.slots = 0
         self.used = 0
         self.peak = 0
 
+    def _error(self, exc: OSError) -> StorageError:
+        why = "no space left" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        return StorageError(
+            f"live capture spill file {self.path}: {why}", path=str(self.path), errno=exc.errno
+        )
+
     def put(self, data: bytes) -> int:
         slot = self.free.pop() if self.free else self._grow()
-        os.pwrite(self._fd(), data, slot * PAGE_SIZE)
+        try:
+            if os.pwrite(self._fd(), data, slot * PAGE_SIZE) != PAGE_SIZE:
+                raise OSError(errno.ENOSPC, "short write")
+        except OSError as exc:
+            raise self._error(exc) from exc
         self.used += 1
         self.peak = max(self.peak, self.used)
         return slot
@@ -381,7 +398,10 @@ class _Spill:
         return self.fd
 
     def read(self, slot: int) -> bytes:
-        data = os.pread(self._fd(), PAGE_SIZE, slot * PAGE_SIZE)
+        try:
+            data = os.pread(self._fd(), PAGE_SIZE, slot * PAGE_SIZE)
+        except OSError as exc:
+            raise self._error(exc) from exc
         if len(data) != PAGE_SIZE:
             raise MigrationStreamError("spill file lost a page", slot=slot)
         return data
@@ -433,6 +453,9 @@ class LiveCoreSource:
         self._chunk: memoryview = memoryview(b"")
         self._finished = False
         self._failed: BaseException | None = None
+        self._lock = threading.Lock()
+        self._busy = False
+        self._aborted = False
         self._spill: _Spill | None = None
         # Pages waiting in memory, (block index, page offset) -> data; at most buffer_bytes.
         self._store: dict[tuple[int, int], bytes] = {}
@@ -463,6 +486,10 @@ class LiveCoreSource:
     def readinto(self, view: memoryview) -> int:
         if self._failed is not None:
             raise self._failed
+        with self._lock:
+            if self._aborted:
+                raise MigrationStreamError("live capture aborted", offset=self._reader.offset)
+            self._busy = True
         if self._gen is None:
             self._gen = self._produce()
         done = 0
@@ -483,6 +510,11 @@ class LiveCoreSource:
             self._failed = exc
             self._cleanup()
             raise
+        finally:
+            with self._lock:
+                self._busy = False
+                if self._aborted:
+                    self._cleanup()
 
     def close_ok(self) -> None:
         if self._failed is not None:
@@ -495,10 +527,16 @@ class LiveCoreSource:
         self.stream.close_ok()
 
     def abort(self) -> None:
+        """Stop the producer; may come from another thread (the pipeline's deadline) while
+        readinto runs: then the reading thread drops the spill file when it returns, never
+        closing a descriptor under it."""
         try:
             self.stream.abort()
         finally:
-            self._cleanup()
+            with self._lock:
+                self._aborted = True
+                if not self._busy:
+                    self._cleanup()
 
     @property
     def pause_window(self) -> Any:

@@ -4,10 +4,12 @@ layouts from recorded `info mtree -f` outputs of real QEMU 7.2 guests."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 import struct
+import threading
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import pytest
 
 from memdump.elfcore import PT_LOAD, PT_NOTE, parse_core
-from memdump.errors import MigrationStreamError
+from memdump.errors import MigrationStreamError, StorageError
 from memdump.livecore import (
     EM_386,
     EM_X86_64,
@@ -692,3 +694,94 @@ def test_mtree_errors(text: str, match: str) -> None:
     with pytest.raises(LayoutError, match=match) as info:
         GuestLayout.from_mtree(text)
     assert isinstance(info.value, MigrationStreamError)
+
+
+class _BlockingSource(ms.BytesSource):
+    """Hands out ``data``, then blocks (a live stream waiting on QEMU) until released."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.release = threading.Event()
+        self.blocked = threading.Event()
+
+    def readinto(self, view: memoryview) -> int:
+        if self.pos < len(self.data):
+            return super().readinto(view)
+        self.blocked.set()
+        self.release.wait(30)
+        raise MigrationStreamError("stream closed by abort")
+
+
+def test_abort_from_another_thread_while_reading(tmp_path: Path) -> None:
+    """The pipeline's deadline aborts from a timer thread while readinto blocks: abort()
+    stops the producer but leaves the spill file's descriptor to the reading thread, which
+    drops it when it returns (closing it under a pread/pwrite could hit a reused fd)."""
+    early = [("pc.ram", off) for off in range(15 * PAGE, 0, -PAGE)]
+    stream = ms.sweep(BLOCKS, early=early)
+    cut = stream.index(ms.page(0, ms.pattern("pc.ram", 0)))  # just before page 0
+    src = _BlockingSource(stream[:cut])
+    core = LiveCoreSource(src, LAYOUT, spill_dir=tmp_path, buffer_bytes=PAGE)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while core.readinto(memoryview(bytearray(1 << 16))):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=read)
+    t.start()
+    assert src.blocked.wait(30)
+    spill = core._spill
+    assert spill is not None and spill.fd is not None
+    core.abort()
+    assert src.aborted
+    assert spill.fd is not None  # the reader is still inside readinto
+    src.release.set()
+    t.join(30)
+    assert spill.fd is None
+    assert [str(e) for e in errors] == ["stream closed by abort"]
+    with pytest.raises(MigrationStreamError, match="stream closed by abort"):
+        core.readinto(memoryview(bytearray(10)))
+    # Aborted between reads: the next read says so.
+    other = LiveCoreSource(ms.BytesSource(stream), LAYOUT, spill_dir=tmp_path)
+    other.abort()
+    with pytest.raises(MigrationStreamError, match="aborted"):
+        other.readinto(memoryview(bytearray(10)))
+
+
+def test_spill_disk_full_is_a_storage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    early = [("pc.ram", off) for off in range(15 * PAGE, 0, -PAGE)]
+    stream = ms.sweep(BLOCKS, early=early)
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(StorageError, match="no space left") as info:
+        convert(stream, tmp_path, buffer_bytes=PAGE)
+    assert info.value.fields["errno"] == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    with pytest.raises(StorageError, match="spill file"):
+        convert(stream, tmp_path / "missing", buffer_bytes=PAGE)
+
+
+def test_ram_end_section_and_footers(tmp_path: Path) -> None:
+    """A RAM section closed by SECTION_END (as a precopy migration does) is read the same;
+    a footer naming another section, or a RAM section of another version, is an error."""
+    stream = ms.sweep(BLOCKS)
+    last = ms.part() + ms.eos() + ms.device_tail()
+    assert stream.endswith(last)
+    ended = (
+        stream[: -len(last)] + bytes([ms.END]) + ms.be32(ms.RAM_ID) + ms.eos() + ms.device_tail()
+    )
+    core, _, _ = convert(ended, tmp_path)
+    check_core(core)
+    bad_footer = stream[: -len(last)] + ms.part() + ms.be64(ms.EOS) + ms.footer(9)
+    assert "footer of section 9 in RAM section 2" in _convert_error(bad_footer, tmp_path)
+    v3 = ms.header() + ms.section_header(ms.START, "ram", ms.RAM_ID, version=3) + bytes(40)
+    assert "RAM section instance 0 version 3" in _convert_error(v3, tmp_path)
