@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from memdump.capture import LIVE_FORMAT, capture, capture_mode
+import memdump.capture as engine
+from memdump.capture import capture
 from memdump.errors import MigrationStreamError
 from memdump.manifest import manifest_path
 from memdump.records.sqlite import SQLiteRecordStore
@@ -74,7 +75,7 @@ def test_mode_per_hypervisor_else_global(
     tmp_path: Path, global_mode: str, hv_mode: str | None, want: str
 ) -> None:
     s = settings(tmp_path, capture_mode=global_mode, hypervisors=[hv(hv_mode)])
-    assert capture_mode(s, "hv") == want
+    assert engine.capture_mode(s, "hv") == want
     d = LiveDriver()
     cap = capture(d, REF, s)  # type: ignore[arg-type]
     assert [c["mode"] for c in d.calls] == [want]
@@ -120,7 +121,7 @@ def test_live_capture_gets_the_live_call_and_records_it(tmp_path: Path) -> None:
     assert m["manifest_version"] == 2
     assert (c["mode_requested"], c["mode"], c["fallback_reason"]) == ("live", "live", None)
     assert c["pause_ms"] == 7.0
-    assert c["format"] == f"ELF64 core: {LIVE_FORMAT}"
+    assert c["format"] == f"ELF64 core: {engine.LIVE_FORMAT}"
     live = c["live"]
     # The acquisition hash (of the migration stream) beside the ELF's.
     assert live["acquisition_sha256"] == hashlib.sha256(STREAM).hexdigest()
