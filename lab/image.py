@@ -11,6 +11,7 @@ Same name/seed + size -> same bytes, on any machine and Python >= 3.9
 (random.Random seeded with a str is hashed with SHA-512, randbytes is stable).
 
 Usage: image.py --name vm-web-01 --mib 256 --out DIR [--images DIR] [--seed N] [--force]
+                [--counter]      (layout.json also describes lab/counter.py's pages)
        image.py --bios PATH      (write the 64 KiB halt-forever BIOS)
 """
 
@@ -216,8 +217,34 @@ def cached(layout_path: Path, want: dict) -> dict | None:
     return have
 
 
+def set_counter(layout_path: Path, layout: dict, counter: bool) -> dict:
+    """A VM running lab/counter.py's BIOS: its layout.json says where the counter pages
+    are ("counter"); any other VM's has no such key. Rewritten only when that changes."""
+    import counter as counter_bios  # lab/counter.py, next to this file
+
+    want = dict(counter_bios.LAYOUT) if counter else None
+    if layout.get("counter") == want:
+        return layout
+    layout = dict(layout)
+    if want is None:
+        layout.pop("counter", None)
+    else:
+        layout["counter"] = want
+    tmp_layout = layout_path.with_suffix(".json.tmp")
+    tmp_layout.write_text(json.dumps(layout, indent=1) + "\n")
+    os.chmod(tmp_layout, 0o644)
+    os.replace(tmp_layout, layout_path)
+    return layout
+
+
 def generate(
-    name: str, memory_bytes: int, seed: int, out: Path, images: Path, force: bool = False
+    name: str,
+    memory_bytes: int,
+    seed: int,
+    out: Path,
+    images: Path,
+    force: bool = False,
+    counter: bool = False,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     images.mkdir(parents=True, exist_ok=True)
@@ -226,7 +253,7 @@ def generate(
     if not force:
         have = cached(layout_path, layout)
         if have is not None:
-            return have
+            return set_counter(layout_path, have, counter)
     # Invalidate first: a crash mid-generation must not leave a layout that
     # vouches for half-written images.
     layout_path.unlink(missing_ok=True)
@@ -280,7 +307,7 @@ def generate(
     tmp_layout.write_text(json.dumps(layout, indent=1) + "\n")
     os.chmod(tmp_layout, 0o644)
     os.replace(tmp_layout, layout_path)
-    return layout
+    return set_counter(layout_path, layout, counter)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, help="default: derived from --name")
     ap.add_argument("--force", action="store_true", help="regenerate even if cached")
     ap.add_argument("--bios", type=Path, help="only write the halt BIOS to this path")
+    ap.add_argument(
+        "--counter", action="store_true", help="the VM runs the counter BIOS (lab/counter.py)"
+    )
     args = ap.parse_args(argv)
     if args.bios:
         write_halt_bios(args.bios)
@@ -301,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else seed_for(args.name)
     images = (args.images or args.out).resolve()
     t0 = time.monotonic()
-    layout = generate(args.name, args.mib * MiB, seed, args.out.resolve(), images, args.force)
+    layout = generate(
+        args.name, args.mib * MiB, seed, args.out.resolve(), images, args.force, args.counter
+    )
     print(
         f"image.py: {args.name} {args.mib} MiB seed={seed} "
         f"regions={len(layout['regions'])} markers={len(layout['markers'])} "

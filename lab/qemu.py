@@ -7,6 +7,7 @@ Usage: qemu.py up --state STATE --name NAME --mib MIB --images DIR --bios BIOS -
        qemu.py down --state STATE (--all | NAME...)
        qemu.py up ... --vmid VMID          # a VM of the qm stand-in (lab/qm.py)
        qemu.py up ... --runas UID:GID      # QEMU drops to this uid/gid once started
+       qemu.py up ... --counter            # --bios is lab/counter.py's: layout.json says so
        qemu.py list --state STATE          # "NAME STATUS PID MIB" per lab QEMU VM
        qemu.py qmp SOCKET COMMAND [ARGS_JSON]   # one QMP command, prints the reply
 
@@ -217,6 +218,7 @@ def up(
     accel: str,
     vmid: str | None = None,
     runas: str | None = None,
+    counter: bool = False,
 ) -> str:
     check_name(name)
     if runas is not None and not re.fullmatch(r"[0-9]{1,9}:[0-9]{1,9}", runas):
@@ -230,7 +232,9 @@ def up(
     if len(str(sock).encode()) > SUN_PATH_MAX:
         raise SystemExit(f"lab: QMP socket path too long for a unix socket: {sock}")
     vmdir = state / "vms" / name
-    layout = image.generate(name, mib * image.MiB, image.seed_for(name), vmdir, images)
+    layout = image.generate(
+        name, mib * image.MiB, image.seed_for(name), vmdir, images, counter=counter
+    )
     argv = argv_for(layout, d, stem, bios, accel, runas)
     (vmdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1) + "\n")
     if vmid is not None:
@@ -295,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accel", choices=("kvm", "tcg"), required=True)
     p.add_argument("--vmid", help="a VM of the qm stand-in (lab/qm.py), by this vmid")
     p.add_argument("--runas", help="UID:GID QEMU drops to once started (QEMU's -runas)")
+    p.add_argument("--counter", action="store_true", help="--bios is lab/counter.py's BIOS")
     p = sub.add_parser("down")
     p.add_argument("--state", type=Path, required=True)
     p.add_argument("--all", action="store_true")
@@ -308,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "up":
         state = a.state.resolve()
-        print(up(state, a.name, a.mib, a.images.resolve(), a.bios, a.accel, a.vmid, a.runas))
+        images = a.images.resolve()
+        print(up(state, a.name, a.mib, images, a.bios, a.accel, a.vmid, a.runas, a.counter))
     elif a.cmd == "down":
         state = a.state.resolve()
         for pve in (False, True):
