@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -63,6 +64,7 @@ QEMU_VM_SECTION_PART = 0x02
 QEMU_VM_SECTION_END = 0x03
 QEMU_VM_SECTION_FULL = 0x04
 QEMU_VM_SUBSECTION = 0x05
+QEMU_VM_VMDESCRIPTION = 0x06
 QEMU_VM_CONFIGURATION = 0x07
 QEMU_VM_SECTION_FOOTER = 0x7E
 
@@ -100,6 +102,7 @@ NOTE_TEXT = (
     b"(NT_PRSTATUS, QEMU CPU state) are not in this core.\n"
 )
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_TAIL_KEEP = 8 << 20  # the end of the stream kept to find the vmdescription in
 _RUN = 256  # pages: records in sweep order are taken up to 1 MiB at a time
 _ZEROS = memoryview(bytes(_RUN * PAGE_SIZE))
 _ZERO_CONT = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
@@ -322,14 +325,19 @@ class _Reader:
                 offset=self.consumed - n,
             ) from None
 
-    def drain(self) -> int:
-        """Hash everything up to the end of the stream; the number of bytes."""
+    def drain(self, keep: int) -> tuple[int, bytes]:
+        """Hash everything up to the end of the stream: the number of bytes, and the last
+        ``keep`` of them."""
         n = 0
+        last = bytearray()
         while self._fill(1):
+            last += self.buf[self.start : self.end]
+            if len(last) > 2 * keep:
+                del last[:-keep]
             n += self.end - self.start
             self.consumed += self.end - self.start
             self.start = self.end
-        return n
+        return n, bytes(last[-keep:])
 
 
 # Where a page waiting for its place in the file is (``_Block.slot``); >= 0: spill slot.
@@ -578,7 +586,9 @@ class LiveCoreSource:
         while not self._ram_done:
             self._record()
         self._check_complete()
-        self.tail_bytes = r.drain()
+        tail_at = r.offset
+        self.tail_bytes, last = r.drain(_TAIL_KEEP)
+        self._check_tail(tail_at, last)
         self.stream_bytes = r.total
         self.stream_sha256 = r.sha.hexdigest()
         self._finished = True
@@ -1010,6 +1020,30 @@ class LiveCoreSource:
                         block=blk.idstr,
                     )
         return self._err("RAM ended before the core was complete")
+
+    def _check_tail(self, tail_at: int, last: bytes) -> None:
+        """The device state is not parsed, but its end is known: QEMU_VM_EOF, then the
+        vmdescription (QEMU_VM_VMDESCRIPTION, be32 length, JSON) that ends the stream (sent
+        unless the machine suppresses it; x86 machines do not). A stream cut anywhere after
+        RAM lacks it."""
+        end = len(last)
+        p = last.rfind(bytes([QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION]))
+        while p >= 0:
+            if p + 6 <= end and int.from_bytes(last[p + 2 : p + 6], "big") == end - p - 6:
+                try:
+                    desc = json.loads(last[p + 6 :])
+                except ValueError:
+                    desc = None
+                if isinstance(desc, dict) and "devices" in desc:
+                    if desc.get("page_size", PAGE_SIZE) != PAGE_SIZE:
+                        raise self._err(f"vmdescription page size {desc.get('page_size')}")
+                    return
+            p = last.rfind(bytes([QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION]), 0, p)
+        raise self._err(
+            f"the device state after RAM (from offset {tail_at}, {self.tail_bytes} bytes) does "
+            "not end with QEMU's vmdescription: stream truncated",
+            at=tail_at + self.tail_bytes,
+        )
 
     def _check_complete(self) -> None:
         if self._waiting:

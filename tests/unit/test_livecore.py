@@ -263,12 +263,14 @@ def test_truncated_stream_is_an_error_wherever_it_is_cut(tmp_path: Path) -> None
     for cut in cuts:
         msg = _convert_error(stream[:cut], tmp_path)
         assert "truncated" in msg, (cut, msg)
-    # The device state after RAM is opaque to the converter (only QEMU's device code knows
-    # its length): past its first byte, the end of the stream is QEMU's to report
-    # (query-migrate "completed"), which the driver checks.
-    core, src, _ = convert(stream[: ram_end + 1], tmp_path)
+    # The device state after RAM is not parsed (only each device's code knows its length),
+    # but the stream must end with QEMU_VM_EOF and the JSON vmdescription.
+    for cut in range(ram_end + 1, len(stream)):
+        msg = _convert_error(stream[:cut], tmp_path)
+        assert "does not end with QEMU's vmdescription: stream truncated" in msg, cut
+    core, src, _ = convert(stream, tmp_path)
     check_core(core)
-    assert src.tail_bytes == 1
+    assert src.tail_bytes == tail
 
 
 def test_truncation_reports_its_offset(tmp_path: Path) -> None:
@@ -296,6 +298,21 @@ def test_unknown_section_after_ram_part(tmp_path: Path, insert: bytes, match: st
         + ms.eos()
     )
     assert match in _convert_error(head + insert + b"\x00" * 64, tmp_path)
+
+
+def test_vmdescription_checks(tmp_path: Path) -> None:
+    stream = ms.sweep(BLOCKS)
+    desc = b'{"page_size": 4096, "devices": []}'
+    good = stream[: -len(ms.device_tail())] + bytes([ms.FULL]) + bytes(30)
+    good += b"\x00\x06" + ms.be32(len(desc)) + desc
+    convert(good, tmp_path)
+    # Length off by one, not JSON, another page size: not QEMU's end of stream.
+    for bad in (
+        good[: -len(desc) - 6] + b"\x00\x06" + ms.be32(len(desc) + 1) + desc,
+        good[: -len(desc)] + b"[" + desc[1:],
+        good.replace(b'"page_size": 4096', b'"page_size": 65536'),
+    ):
+        assert "vmdescription" in _convert_error(bad, tmp_path)
 
 
 def test_other_iterable_section_and_bad_header(tmp_path: Path) -> None:
