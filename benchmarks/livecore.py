@@ -123,7 +123,11 @@ def capture(mib: int, work: Path) -> tuple[Path, Path]:
         argv += ["-device", f"loader,file={r['file']},addr={r['addr']:#x},force-raw=on"]
     subprocess.run(argv, check=True)
     pid = int((work / "pid").read_text())
-    qmp = Qmp(work / "qmp")
+    try:
+        qmp = Qmp(work / "qmp")
+    except BaseException:
+        os.kill(pid, 9)
+        raise
     try:
         (work / "mtree").write_text(
             qmp.cmd("human-monitor-command", {"command-line": "info mtree -f"})

@@ -111,15 +111,21 @@ def root_qemu(mib: int, loaders: list[tuple[int, Path]], bios: Path) -> Iterator
         str(d / "pid"),
         "-daemonize",
     ]
-    subprocess.run(argv, check=True, timeout=120, capture_output=True)
-    pid = int((d / "pid").read_text())
-    qmp = Qmp(d / "qmp")
     try:
+        subprocess.run(argv, check=True, timeout=120, capture_output=True)
+    except BaseException:
+        shutil.rmtree(d)
+        raise
+    pid = int((d / "pid").read_text())
+    qmp: Qmp | None = None
+    try:
+        qmp = Qmp(d / "qmp")
         yield qmp
     finally:
-        with contextlib.suppress(Exception):
-            qmp.cmd("quit")
-        qmp.close()
+        if qmp is not None:
+            with contextlib.suppress(Exception):
+                qmp.cmd("quit")
+            qmp.close()
         for _ in range(100):
             try:
                 os.kill(pid, 0)
