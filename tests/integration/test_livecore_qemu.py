@@ -91,12 +91,14 @@ class Qmp:
 
 
 @contextlib.contextmanager
-def root_qemu(mib: int, loaders: list[tuple[int, Path]], bios: Path) -> Iterator[Qmp]:
+def root_qemu(
+    mib: int, loaders: list[tuple[int, Path]], bios: Path, machine: str = "pc"
+) -> Iterator[Qmp]:
     """A lab-style `pc` guest (halt BIOS, RAM preloaded) run by this test, as root."""
     d = Path(tempfile.mkdtemp(prefix="memdump-livecore-"))
     os.chmod(d, 0o700)
     argv = [
-        QEMU, "-name", d.name, "-machine", f"pc,accel={_accel()}", "-m", str(mib),
+        QEMU, "-name", d.name, "-machine", f"{machine},accel={_accel()}", "-m", str(mib),
         "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-bios", str(bios),
     ]  # fmt: skip
     for addr, path in loaders:
@@ -318,15 +320,18 @@ def _lab_image(name: str, mib: int, tmp: Path) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("mib", [256, 1024], ids=["256M", "1G"])
-def test_live_core_equals_dump_guest_memory(mib: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("mib", "machine"), [(256, "pc"), (1024, "pc"), (256, "q35")], ids=["256M", "1G", "q35-256M"]
+)
+def test_live_core_equals_dump_guest_memory(mib: int, machine: str, tmp_path: Path) -> None:
     bios = _lab_bios()
     img = _lab_image(f"lc-{mib}", mib, tmp_path)
     markers = {m["addr"]: bytes.fromhex(m["hex"]) for m in img["markers"]}
     grab = {a: len(b) for a, b in markers.items()}
     spill = tmp_path / "spill"
     spill.mkdir(mode=0o700)
-    with root_qemu(mib, [(r["addr"], Path(r["file"])) for r in img["regions"]], bios) as qmp:
+    loaders = [(r["addr"], Path(r["file"])) for r in img["regions"]]
+    with root_qemu(mib, loaders, bios, machine) as qmp:
         live, core, mig = live_capture(qmp, spill, grab)
         assert qmp.cmd("query-status")["status"] == "running"
         paused = paused_dump(qmp, {})
