@@ -18,6 +18,14 @@ root there and QEMU (run as root by Proxmox) opens the FIFO as the same user.
 ``staging="file"`` is not supported (a ConfigError), for the same reason as the qemu
 driver: a file-staged dump could not be stopped once QEMU writes it. A dump runs in its
 own QEMU thread, so other ``qm`` commands keep working meanwhile.
+
+Live capture (``mode="live"``): HMP cannot hand QEMU a file descriptor, and a path would
+have QEMU open it, so the VM's QMP socket (``<qmp_dir>/<vmid>.qmp``, Proxmox's
+``/var/run/qemu-server``) is spoken to directly with the qemu driver's QMP client and
+scripts (memdump.hypervisors.qemu.QmpLive): the same preflight, peer check (an allowed
+QEMU binary, and the pid ``qm status`` gives for the VM), background snapshot and
+repairs. Proxmox runs QEMU as root: no userfaultfd window. (Proxmox's own ``qm snapshot
+--vmstate`` is its savevm-async, not this.)
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 from memdump.errors import (
@@ -35,12 +44,16 @@ from memdump.errors import (
 )
 from memdump.hypervisors.base import VMInfo, VMRef
 from memdump.hypervisors.fifo import PROLOGUE, TokenFifoDump, clean_stale, fifo_only
+from memdump.hypervisors.qemu import QmpLive
 from memdump.identifiers import validate_id
+from memdump.pipeline import DumpSource
 from memdump.settings import HypervisorConfig
 from memdump.transport.base import CommandResult, Transport
 
 Staging = Literal["fifo", "file"]
 
+# Where Proxmox VE puts each VM's QMP socket, <vmid>.qmp (a hypervisor's qmp_dir moves it).
+DEFAULT_QMP_DIR = "/var/run/qemu-server"
 # Proxmox VM ids are integers from 100 to 999999999.
 _VMID = re.compile(r"[1-9][0-9]{2,8}")
 # `qm list` prints names cut to 20 characters: a name that long may be longer.
@@ -169,6 +182,7 @@ class ProxmoxDriver:
         self.name = hv.name
         self._qm = hv.qm_command or "qm"
         self._t = transport
+        self._live = QmpLive(transport, hv, hv.qmp_dir or DEFAULT_QMP_DIR)
 
     def _run(self, script: str, *args: str, timeout: float = 60.0) -> CommandResult:
         return self._t.run(script, (self._qm, *args), timeout=timeout)
@@ -288,8 +302,19 @@ class ProxmoxDriver:
             host_key=self._t.host_key_fingerprint(),
         )
 
-    def open_dump(self, ref: VMRef, *, staging: Staging = "fifo", margin: float = 1.1) -> _HmpDump:
-        """Only ``staging="fifo"``: the guest stays paused for the whole transfer."""
+    def open_dump(
+        self,
+        ref: VMRef,
+        *,
+        staging: Staging = "fifo",
+        margin: float = 1.1,
+        mode: Literal["paused", "live"] = "paused",
+        spill_dir: Path | None = None,
+        buffer_bytes: int = 64 << 20,
+    ) -> DumpSource:
+        """Only ``staging="fifo"``. "paused": the guest stays paused for the whole
+        transfer. "live": QEMU's background snapshot over the VM's QMP socket (see the
+        module's doc); LiveCaptureUnsupportedError (``reason``) where it cannot run."""
         if not _VMID.fullmatch(ref.vmid):
             raise VMNotFoundError(
                 f"no VM {ref.vmid!r} on hypervisor {self.name}",
@@ -297,10 +322,15 @@ class ProxmoxDriver:
                 hypervisor=self.name,
             )
         fifo_only(self.name, "proxmox", staging, "HMP cannot cancel a dump-guest-memory")
+        if mode == "live":
+            # The socket must be served by the QEMU qm knows for this VM.
+            pid = _keys(self._info(ref.vmid).get("status", "")).get("pid", "")
+            return self._live.open(ref, ref.vmid, spill_dir, buffer_bytes, pid=pid)
         return _HmpDump.start(self._t, _DUMP, (self._qm, ref.vmid), self.name, ref)
 
     def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
-        return clean_stale(self._t, self.name, min_age_sec)
+        # A live script killed outright: QEMU and the sysctl first (QmpLive.repair).
+        return self._live.repair() + clean_stale(self._t, self.name, min_age_sec)
 
     def close(self) -> None:
         self._t.close()

@@ -421,6 +421,7 @@ class LivePreflight:
     userfaultfd: str  # "root" | "unprivileged-allowed" | "sysctl-window"
     mtree: str  # HMP ``info mtree -f``: the guest-physical layout of its RAM blocks
     registers: str = ""  # HMP ``info registers`` (first vCPU): the core's e_machine
+    pid: str = ""  # of the QEMU that answered (the socket's peer, checked to be QEMU)
 
 
 def judge_preflight(text: str, policy: str, hv: str, vm: str) -> LivePreflight:
@@ -500,7 +501,101 @@ def judge_preflight(text: str, policy: str, hv: str, vm: str) -> LivePreflight:
         userfaultfd=method,
         mtree=mtree,
         registers=regs if isinstance(regs, str) else "",
+        pid=sock.peer.get("pid", ""),
     )
+
+
+class QmpLive:
+    """Live capture over a VM's QMP socket ``<qmp_dir>/<name>.qmp`` with the QMP client
+    (remote/qmp.py): the ``qemu`` driver's, and the ``proxmox`` driver's on the socket
+    Proxmox gives each VM (``/var/run/qemu-server/<vmid>.qmp``)."""
+
+    def __init__(self, transport: Transport, hv: HypervisorConfig, qmp_dir: str) -> None:
+        self._t = transport
+        self._hv = hv.name
+        self._dir = qmp_dir
+        self._bins = "\n".join(hv.qemu_binaries)
+        self._policy = hv.live_userfaultfd
+
+    def preflight(self, ref: VMRef, name: str, pid: str | None = None) -> LivePreflight:
+        """Whether the VM on socket ``name`` can be captured live (one remote command;
+        changes nothing). ``pid``: the VM's QEMU as its manager knows it; a socket served
+        by another process is refused."""
+        res = self._t.run(_PREFLIGHT, (self._dir, name, self._bins), timeout=60.0)
+        if res.returncode == _EXIT_NO_VM:
+            raise VMNotFoundError(
+                f"no VM {ref.name!r} on hypervisor {self._hv} (no QMP socket {name}.qmp in "
+                f"{self._dir})",
+                vm_id=ref.vmid,
+                hypervisor=self._hv,
+            )
+        if res.returncode == _EXIT_NO_PYTHON:
+            raise _no_python(self._hv, res.stdout.decode("utf-8", "replace"), vm_id=ref.vmid)
+        pre = judge_preflight(
+            res.stdout.decode("utf-8", "replace"), self._policy, self._hv, ref.vmid
+        )
+        if pid is not None and pre.pid != pid:
+            raise HypervisorError(
+                f"{self._hv}: the QMP socket {self._dir}/{name}.qmp is served by pid "
+                f"{pre.pid or '?'}, but VM {ref.vmid} runs as pid {pid or '?'}; nothing was "
+                "changed",
+                hypervisor=self._hv,
+                vm_id=ref.vmid,
+                retryable=False,
+            )
+        return pre
+
+    def open_stream(
+        self, ref: VMRef, name: str, pid: str | None = None
+    ) -> tuple[_LiveDump, LivePreflight]:
+        pre = self.preflight(ref, name, pid)
+        args = (self._dir, name, self._bins, self._policy)
+        raw = _LiveDump.start(self._t, _LIVE, args, self._hv, ref)
+        raw.qemu_version = pre.qemu_version
+        try:
+            raw.check_head()
+        except BaseException:
+            raw.abort()
+            raise
+        return raw, pre
+
+    def open(
+        self,
+        ref: VMRef,
+        name: str,
+        spill_dir: Path | None,
+        buffer_bytes: int,
+        pid: str | None = None,
+    ) -> LiveCoreSource:
+        """The ELF core of a live capture (memdump.livecore over the raw stream)."""
+        raw, pre = self.open_stream(ref, name, pid)
+        try:
+            layout = GuestLayout.from_mtree(pre.mtree)
+            # QEMU's dump picks EM_X86_64 or EM_386 from the first vCPU's EFER.LMA
+            # (read here just before the snapshot).
+            machine = elf_machine_from_registers(pre.registers) if pre.registers else EM_X86_64
+            return LiveCoreSource(
+                raw,
+                layout,
+                spill_dir=spill_dir or Path("."),
+                buffer_bytes=buffer_bytes,
+                machine=machine,
+            )
+        except BaseException:
+            raw.abort()
+            raise
+
+    def repair(self) -> list[str]:
+        """What live scripts killed outright left in QEMU and the sysctl (_REPAIR)."""
+        try:
+            res = self._t.run(_REPAIR, (self._bins,), timeout=120.0)
+        except MemdumpError:
+            return []  # the directories are still cleaned; the next clean-up tries again
+        return [
+            ln
+            for ln in res.stdout.decode("utf-8", "replace").splitlines()
+            if ln.startswith(("memdump-repaired", "memdump-uffd-restored", "memdump-repair-failed"))
+        ]
 
 
 class QemuDriver:
@@ -511,7 +606,7 @@ class QemuDriver:
         self._dir = hv.qmp_dir or DEFAULT_QMP_DIR
         self._bins = "\n".join(hv.qemu_binaries)
         self._t = transport
-        self._uffd_policy = hv.live_userfaultfd
+        self._live = QmpLive(transport, hv, self._dir)
 
     def _run(self, script: str, *args: str, timeout: float = 60.0) -> CommandResult:
         return self._t.run(script, (self._dir, *args), timeout=timeout)
@@ -648,68 +743,23 @@ class QemuDriver:
         fifo_only(self.name, "qemu", staging, "QMP cannot cancel a dump-guest-memory")
         if mode == "paused":
             return _QmpDump.start(self._t, _DUMP, (self._dir, ref.name, self._bins), self.name, ref)
-        raw, pre = self.open_live_stream(ref)
-        try:
-            layout = GuestLayout.from_mtree(pre.mtree)
-            # QEMU's dump picks EM_X86_64 or EM_386 from the first vCPU's EFER.LMA
-            # (read here just before the snapshot).
-            machine = elf_machine_from_registers(pre.registers) if pre.registers else EM_X86_64
-            return LiveCoreSource(
-                raw,
-                layout,
-                spill_dir=spill_dir or Path("."),
-                buffer_bytes=buffer_bytes,
-                machine=machine,
-            )
-        except BaseException:
-            raw.abort()
-            raise
+        return self._live.open(ref, ref.name, spill_dir, buffer_bytes)
 
     def live_preflight(self, ref: VMRef) -> LivePreflight:
         """Whether ``ref`` can be captured live (one remote command; changes nothing)."""
-        res = self._run(_PREFLIGHT, ref.name, self._bins)
-        if res.returncode == _EXIT_NO_VM:
-            raise VMNotFoundError(
-                f"no VM {ref.name!r} on hypervisor {self.name}",
-                vm_id=ref.vmid,
-                hypervisor=self.name,
-            )
-        if res.returncode == _EXIT_NO_PYTHON:
-            raise _no_python(self.name, res.stdout.decode("utf-8", "replace"), vm_id=ref.vmid)
-        return judge_preflight(
-            res.stdout.decode("utf-8", "replace"), self._uffd_policy, self.name, ref.vmid
-        )
+        return self._live.preflight(ref, ref.name)
 
     def open_live_stream(self, ref: VMRef) -> tuple[_LiveDump, LivePreflight]:
         """The raw migration stream of a live capture (it starts with "QEVM", version 3),
         after the preflight; the first bytes are read here, so a capture the client
         refused (exit 77) raises LiveCaptureUnsupportedError from here."""
         validate_id(ref.name, what="VM name")
-        pre = self.live_preflight(ref)
-        args = (self._dir, ref.name, self._bins, self._uffd_policy)
-        raw = _LiveDump.start(self._t, _LIVE, args, self.name, ref)
-        raw.qemu_version = pre.qemu_version
-        try:
-            raw.check_head()
-        except BaseException:
-            raw.abort()
-            raise
-        return raw, pre
+        return self._live.open_stream(ref, ref.name)
 
     def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
         # First what a live script killed outright left in QEMU and the sysctl (it needs
         # that script's directory), then the directories.
-        repaired: list[str] = []
-        try:
-            res = self._t.run(_REPAIR, (self._bins,), timeout=120.0)
-            repaired = [
-                ln
-                for ln in res.stdout.decode("utf-8", "replace").splitlines()
-                if ln.startswith(("memdump-repaired", "memdump-uffd-restored"))
-            ]
-        except MemdumpError:
-            pass  # the directories are still cleaned; the next clean-up tries again
-        return repaired + clean_stale(self._t, self.name, min_age_sec)
+        return self._live.repair() + clean_stale(self._t, self.name, min_age_sec)
 
     def close(self) -> None:
         self._t.close()

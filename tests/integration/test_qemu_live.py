@@ -8,108 +8,41 @@ guest; abort, deadline and a script killed outright leave the guest as clean."""
 
 from __future__ import annotations
 
-import array
-import fcntl
 import gzip
 import json
 import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from memdump.errors import CaptureTimeoutError, LiveCaptureUnsupportedError
 from memdump.hypervisors import open_driver
 from memdump.hypervisors.base import VMRef
-from memdump.hypervisors.fifo import RUN_DIR
 from memdump.hypervisors.qemu import QemuDriver
 from memdump.pipeline import DumpSource, write_dump
 from memdump.settings import Settings
+from tests.helpers.qmp_lab import (
+    IDLE,
+    RESTORE,
+    SYSCTL,
+    Poller,
+    assert_clean,
+    capability,
+    migration,
+    qmp,
+    status,
+)
 from tests.integration.conftest import assert_markers, remote_temp_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 VM = "qlive-01"
 HV = "lab-qemu"
-SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
-LOCK = Path(RUN_DIR) / "userfaultfd.lock"
-RESTORE = Path(RUN_DIR) / "userfaultfd.restore"
 STREAM_HEAD = b"QEVM\x00\x00\x00\x03"
-
-
-def connect(sock: Path) -> socket.socket:
-    """A connection to QEMU's QMP socket. QEMU serves one client at a time with a listen
-    backlog of 1: while the capture's client and another wait, connect says EAGAIN."""
-    deadline = time.monotonic() + 120
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(120)
-        try:
-            s.connect(str(sock))
-            return s
-        except BlockingIOError:
-            s.close()
-            assert time.monotonic() < deadline, f"cannot connect to {sock}"
-            time.sleep(0.02)
-
-
-def qmp(
-    sock: Path, command: str, args: dict[str, Any] | None = None, fd: int | None = None
-) -> dict[str, Any]:
-    """One QMP command on its own connection (events skipped); the reply. ``fd``: handed
-    to QEMU first (getfd, as "other"), on the same connection."""
-    with connect(sock) as s, s.makefile("rwb") as f:
-
-        def reply() -> dict[str, Any]:
-            while True:
-                line = f.readline()
-                assert line, "QMP connection closed"
-                doc: dict[str, Any] = json.loads(line)
-                if "return" in doc or "error" in doc:
-                    return doc
-
-        assert "QMP" in json.loads(f.readline())
-        f.write(b'{"execute":"qmp_capabilities"}\n')
-        f.flush()
-        reply()
-        if fd is not None:
-            getfd = b'{"execute":"getfd","arguments":{"fdname":"other"}}\n'
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-            assert s.sendmsg([getfd], anc) == len(getfd)
-            assert reply() == {"return": {}}
-        cmd: dict[str, Any] = {"execute": command, **({"arguments": args} if args else {})}
-        f.write(json.dumps(cmd).encode() + b"\n")
-        f.flush()
-        return reply()
-
-
-def status(sock: Path) -> str:
-    return str(qmp(sock, "query-status")["return"]["status"])
-
-
-def migration(sock: Path) -> str:
-    return str(qmp(sock, "query-migrate")["return"].get("status", "none"))
-
-
-def capability(sock: Path) -> bool:
-    caps = qmp(sock, "query-migrate-capabilities")["return"]
-    return any(c["capability"] == "background-snapshot" and c["state"] for c in caps)
-
-
-def lock_free() -> bool:
-    fd = os.open(LOCK, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture(scope="module")
@@ -150,63 +83,6 @@ def qdriver(lab_dir: Path, vm_sock: Path, sysctl_before: str) -> Iterator[QemuDr
     d = make_driver(lab_dir)
     yield d
     d.close()
-
-
-class Poller(threading.Thread):
-    """Polls the guest's run state (QMP query-status) until stopped."""
-
-    def __init__(self, sock: Path) -> None:
-        super().__init__(daemon=True)
-        self.sock = sock
-        self.seen: list[str] = []
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.is_set():
-            self.seen.append(status(self.sock))
-            time.sleep(0.02)
-
-    def stop(self) -> list[str]:
-        self.done.set()
-        self.join(60)
-        return self.seen
-
-
-def userfaultfds(sock: Path) -> int:
-    """How many userfaultfds the VM's QEMU holds: write tracking holds one, and QEMU
-    before 8.1 keeps it (the guest's memory write-protected) after a background snapshot
-    that did not complete."""
-    pid = int(sock.with_suffix(".pid").read_text())
-    fds = Path(f"/proc/{pid}/fd")
-    links = []
-    for fd in fds.iterdir():
-        try:
-            links.append(os.readlink(fd))
-        except OSError:
-            pass
-    return links.count("anon_inode:[userfaultfd]")
-
-
-def assert_clean(sock: Path, before_dirs: list[str], sysctl: str, timeout: float = 30.0) -> None:
-    """The guest runs, no migration is active, the capability is off, no write
-    protection is left, the sysctl is unchanged, no temp dir or restore file is left,
-    the lock is free."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (
-        set(remote_temp_dirs()) - set(before_dirs) or migration(sock) not in IDLE
-    ):
-        time.sleep(0.2)
-    assert status(sock) == "running"
-    assert migration(sock) in IDLE
-    assert not capability(sock)
-    assert userfaultfds(sock) == 0
-    assert SYSCTL.read_text().strip() == sysctl
-    assert set(remote_temp_dirs()) - set(before_dirs) == set()
-    assert not RESTORE.exists()
-    assert lock_free()
-
-
-IDLE = ("none", "completed", "failed", "cancelled")
 
 
 def read_all(src: DumpSource) -> bytes:

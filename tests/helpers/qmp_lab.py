@@ -1,0 +1,170 @@
+"""QMP on the lab's QEMU processes for the live-capture tests (issue 12): one command per
+connection, the guest's run state polled while a capture runs, and the checks that a live
+capture left nothing behind (no migration, capability off, no userfaultfd left in QEMU,
+sysctl unchanged, no temp dir, the window's lock free)."""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from memdump.hypervisors.fifo import RUN_DIR
+from tests.integration.conftest import remote_temp_paths
+
+SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
+LOCK = Path(RUN_DIR) / "userfaultfd.lock"
+RESTORE = Path(RUN_DIR) / "userfaultfd.restore"
+IDLE = ("none", "completed", "failed", "cancelled")
+
+
+def connect(sock: Path) -> socket.socket:
+    """A connection to QEMU's QMP socket. QEMU serves one client at a time with a listen
+    backlog of 1: while the capture's client and another wait, connect says EAGAIN."""
+    deadline = time.monotonic() + 120
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(120)
+        try:
+            s.connect(str(sock))
+            return s
+        except BlockingIOError:
+            s.close()
+            assert time.monotonic() < deadline, f"cannot connect to {sock}"
+            time.sleep(0.02)
+
+
+def qmp(
+    sock: Path, command: str, args: dict[str, Any] | None = None, fd: int | None = None
+) -> dict[str, Any]:
+    """One QMP command on its own connection (events skipped); the reply. ``fd``: handed
+    to QEMU first (getfd, as "other"), on the same connection."""
+    with connect(sock) as s, s.makefile("rwb") as f:
+
+        def reply() -> dict[str, Any]:
+            while True:
+                line = f.readline()
+                assert line, "QMP connection closed"
+                doc: dict[str, Any] = json.loads(line)
+                if "return" in doc or "error" in doc:
+                    return doc
+
+        assert "QMP" in json.loads(f.readline())
+        f.write(b'{"execute":"qmp_capabilities"}\n')
+        f.flush()
+        reply()
+        if fd is not None:
+            getfd = b'{"execute":"getfd","arguments":{"fdname":"other"}}\n'
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            assert s.sendmsg([getfd], anc) == len(getfd)
+            assert reply() == {"return": {}}
+        cmd: dict[str, Any] = {"execute": command, **({"arguments": args} if args else {})}
+        f.write(json.dumps(cmd).encode() + b"\n")
+        f.flush()
+        return reply()
+
+
+def status(sock: Path) -> str:
+    return str(qmp(sock, "query-status")["return"]["status"])
+
+
+def migration(sock: Path) -> str:
+    return str(qmp(sock, "query-migrate")["return"].get("status", "none"))
+
+
+def capability(sock: Path) -> bool:
+    caps = qmp(sock, "query-migrate-capabilities")["return"]
+    return any(c["capability"] == "background-snapshot" and c["state"] for c in caps)
+
+
+def lock_free() -> bool:
+    fd = os.open(LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class Poller(threading.Thread):
+    """Polls the guest's run state (QMP query-status) until stopped."""
+
+    def __init__(self, sock: Path) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.seen: list[str] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.seen.append(status(self.sock))
+            time.sleep(0.02)
+
+    def stop(self) -> list[str]:
+        self.done.set()
+        self.join(60)
+        return self.seen
+
+
+def userfaultfds(sock: Path) -> int:
+    """How many userfaultfds the VM's QEMU holds: write tracking holds one, and QEMU
+    before 8.1 keeps it (the guest's memory write-protected) after a background snapshot
+    that did not complete."""
+    pid = int(sock.with_suffix(".pid").read_text())
+    fds = Path(f"/proc/{pid}/fd")
+    links = []
+    for fd in fds.iterdir():
+        try:
+            links.append(os.readlink(fd))
+        except OSError:
+            pass
+    return links.count("anon_inode:[userfaultfd]")
+
+
+def assert_clean(sock: Path, before_dirs: list[str], sysctl: str, timeout: float = 30.0) -> None:
+    """The guest runs, no migration is active, the capability is off, no write
+    protection is left (QEMU holds no userfaultfd), the sysctl is unchanged, no temp dir
+    of a live script on this VM's socket and no restore file is left, the lock is free."""
+    deadline = time.monotonic() + timeout
+
+    def host_settled() -> bool:
+        # Other captures on this host (other tests) open windows of their own, for
+        # milliseconds: the sysctl, the restore file and the lock are host-wide.
+        return SYSCTL.read_text().strip() == sysctl and not RESTORE.exists() and lock_free()
+
+    def left() -> set[str]:
+        """New temp dirs of live scripts on this VM's socket (other tests' come and go)."""
+        out = set()
+        for p in remote_temp_paths():
+            if p.name in before_dirs:
+                continue
+            try:
+                if (p / "qmp").read_text().strip() == str(sock):
+                    out.add(p.name)
+            except OSError:
+                continue
+        return out
+
+    while time.monotonic() < deadline and (
+        left() or migration(sock) not in IDLE or not host_settled()
+    ):
+        time.sleep(0.05)
+    assert status(sock) == "running"
+    assert migration(sock) in IDLE
+    assert not capability(sock)
+    assert userfaultfds(sock) == 0
+    assert SYSCTL.read_text().strip() == sysctl
+    assert left() == set()
+    assert not RESTORE.exists()
+    assert lock_free()
+
+
+IDLE = ("none", "completed", "failed", "cancelled")
