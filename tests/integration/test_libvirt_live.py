@@ -328,8 +328,10 @@ def test_clean_stale_repairs_a_killed_live_script(
     )
     directory = _dir_of(src)
     assert directory is not None
-    os.kill(_live_script_pid(directory), 9)
-    src.abort()
+    try:
+        os.kill(_live_script_pid(directory), 9)
+    finally:
+        src.abort()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and migration_status(vm) in ACTIVE:
         time.sleep(0.2)
@@ -343,21 +345,24 @@ def test_clean_stale_repairs_a_killed_live_script(
     assert_live_clean(vm, sysctl_before, directory)
 
 
-def _children_running(marker: bytes) -> list[int]:
-    """This process's children whose command line holds ``marker`` (the ssh client)."""
+def _newest_child(marker: bytes) -> int:
+    """This process's newest live child whose command line holds ``marker`` (the ssh
+    client of the stream just opened; an earlier test's may still be going away)."""
     me = str(os.getpid())
-    out = []
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            ppid = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if ppid == me and cmd.startswith(b"ssh\0") and marker in cmd:
-            out.append(int(entry))
-    return out
+        state, ppid, start = fields[0], fields[1], int(fields[19])
+        if ppid == me and state != "Z" and cmd.startswith(b"ssh\0") and marker in cmd:
+            found.append((start, int(entry)))
+    assert found, "no ssh client of this test's stream"
+    return max(found)[1]
 
 
 def test_ssh_cut_mid_capture_leaves_the_guest_running(
@@ -371,8 +376,11 @@ def test_ssh_cut_mid_capture_leaves_the_guest_running(
         VMRef("lab", vm, vm), mode="live", spill_dir=tmp_path, buffer_bytes=4 << 20
     )
     directory = _dir_of(src)
-    (client,) = _children_running(b"memdump_live_end")
-    os.kill(client, 9)
+    try:
+        os.kill(_newest_child(b"memdump_live_end"), 9)
+    except BaseException:
+        src.abort()
+        raise
     with pytest.raises(MemdumpError):
         write_dump(src, tmp_path, "cut.mem.gz")
     assert not (tmp_path / "cut.mem.gz").exists()
