@@ -18,18 +18,21 @@ migration/migration.c ``bg_migration_thread``):
   fill byte; ``PAGE``: 4 KiB) ended by ``EOS``, each section with a footer (0x7e + id);
 - after the last RAM section, the device state QEMU saved *before* RAM (vCPUs, devices:
   ``SECTION_FULL`` records whose length only the device's own code knows), ``QEMU_VM_EOF``
-  and the JSON vmdescription. We do not parse it: from the first byte after RAM to the
-  end it is only hashed and counted.
+  and the JSON vmdescription. Only the end is checked (QEMU_VM_EOF and a vmdescription
+  that ends exactly at the end of the stream); the rest is hashed and counted.
 
 The guest-physical layout comes from HMP ``info mtree -f`` (:meth:`GuestLayout.from_mtree`),
 merged into PT_LOADs exactly as QEMU's ``guest_phys_blocks_region_add`` does.
 
-Data order: segment data are laid out in the file in the order the stream delivers RAM
-(blocks in sweep order, offsets ascending), so only pages the guest wrote ahead of the
-sweep (and alias copies, e.g. the BIOS mapped twice) wait: in memory up to
-``buffer_bytes``, then in a 0600 spill file in ``spill_dir`` (unlinked as soon as it is
-opened: nothing is left behind on any exit path). p_offset is therefore not always
-increasing with p_paddr (a >3.5 GiB guest's RAM above 4 GiB comes before the BIOS).
+Data order: segment data are laid out in the file in the order QEMU sweeps RAM (blocks
+largest first, offsets ascending), so for a guest that does not write only alias copies
+(the BIOS mapped twice) wait. A page that arrives before the file needs it waits in
+memory up to ``buffer_bytes``, then in a 0600 spill file in ``spill_dir`` (unlinked as soon
+as it is opened: nothing is left behind on any exit path). QEMU 7.2 sends a page the guest
+writes at once and then continues its sweep *after* that page, wrapping around at the end
+(ram.c ram_find_and_save_block), so on a busy guest a large part of RAM can wait.
+p_offset is not always increasing with p_paddr (a >3.5 GiB guest's RAM above 4 GiB comes
+before the BIOS).
 """
 
 from __future__ import annotations
@@ -579,8 +582,7 @@ class LiveCoreSource:
         r = self._reader
         self._read_header()
         pieces = self._plan()
-        head, data_start = self._elf_head(pieces)
-        yield head
+        yield self._elf_head(pieces)
         for piece in pieces:
             yield from self._piece_bytes(piece)
         while not self._ram_done:
@@ -745,7 +747,9 @@ class LiveCoreSource:
                     blk.need[i] += 1
         return pieces
 
-    def _elf_head(self, pieces: list[_Piece]) -> tuple[bytes, int]:
+    def _elf_head(self, pieces: list[_Piece]) -> bytes:
+        """ELF header, section headers, program headers and the note; assigns each
+        piece its file offset (in sweep order)."""
         nseg = len(self.layout.segments)
         phnum = 1 + nseg
         shnum = 2
@@ -786,7 +790,7 @@ class LiveCoreSource:
             phdrs.append(
                 _PHDR.pack(1, 0, off, seg.phys_start, seg.phys_start, seg.size, seg.size, 0)
             )
-        return ehdr + sh0 + sh1 + b"".join(phdrs) + note, data
+        return ehdr + sh0 + sh1 + b"".join(phdrs) + note
 
     @staticmethod
     def _note() -> bytes:
