@@ -101,6 +101,8 @@ def live_section(
         "pages": _json_safe(live.get("pages") or {}),
         # QEMU's measure of the guest's pause (query-migrate "downtime"), milliseconds.
         "downtime_ms": downtime,
+        # The same pause from QEMU's STOP and RESUME events, where the driver saw them.
+        "pause_ms_events": _first(live, "pause_ms_events"),
         # The instant the image shows: when QEMU stopped the vCPUs to arm write tracking.
         "snapshot_at": _json_safe(_first(live, "snapshot_at", "snapshot_instant")),
         "setup_ms": _first(live, "setup_ms", "setup_time_ms", "setup-time"),

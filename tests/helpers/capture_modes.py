@@ -29,6 +29,7 @@ LIVE_STATS: dict[str, Any] = {
     "pages": {"normal": 3, "zero": 1, "early": 1},
     # as the qemu driver reports QEMU's final query-migrate and events
     "downtime_ms": 7,
+    "pause_ms_events": 6.5,
     "setup_time_ms": 2,
     "total_time_ms": 480,
     "migration_status": "completed",

@@ -129,6 +129,7 @@ def test_live_capture_gets_the_live_call_and_records_it(tmp_path: Path) -> None:
     assert live["stream_bytes"] == len(STREAM)
     assert live["pages"] == {"normal": 3, "zero": 1, "early": 1}
     assert (live["downtime_ms"], live["setup_ms"], live["total_ms"]) == (7, 2, 480)
+    assert live["pause_ms_events"] == 6.5
     assert live["userfaultfd"] == "sysctl-window" and live["userfaultfd_window_ms"] == 3.5
     assert live["taint"] == ["custom-monitor"]
     assert live["snapshot_at"] == "2026-11-29T04:00:00.002000+00:00"
