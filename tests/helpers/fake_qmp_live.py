@@ -24,7 +24,9 @@ class FakeLiveQemu(threading.Thread):
     ``cap_sticks``: whether a capability set to true reads back true; ``plain``: the
     migrate acts as an ordinary migration whatever the capability says, and leaves the
     guest "postmigrate" at its end (the trap of issue 12); ``outcome``: "completed" or
-    "failed"."""
+    "failed"; ``version``: QEMU's (major, minor); ``endless_mib``: after STREAM, write this
+    many MiB more (a guest's RAM: an abort comes while it runs), stopping early at a
+    migrate_cancel."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
@@ -36,6 +38,9 @@ class FakeLiveQemu(threading.Thread):
         self.cap_sticks = True
         self.plain = False
         self.outcome = "completed"
+        self.version = (7, 2)
+        self.endless_mib = 0
+        self.written = 0
         self.commands: list[str] = []
         self.cap_at_migrate: bool | None = None
         self.fds: dict[str, int] = {}
@@ -99,7 +104,8 @@ class FakeLiveQemu(threading.Thread):
             err = ""
             after = None
             if ex == "query-version":
-                ret = {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": "fake"}
+                major, minor = self.version
+                ret = {"qemu": {"major": major, "minor": minor, "micro": 0}, "package": "fake"}
             elif ex == "query-status":
                 ret = {"status": self.status, "running": self.status == "running"}
             elif ex == "query-migrate":
@@ -158,6 +164,12 @@ class FakeLiveQemu(threading.Thread):
             try:
                 with os.fdopen(fd, "wb", buffering=0) as out:
                     out.write(STREAM)
+                    chunk = bytes(1 << 20)
+                    for _ in range(self.endless_mib):
+                        if self.migration == "cancelled":
+                            return
+                        out.write(chunk)
+                        self.written += len(chunk)
             except OSError:
                 self.migration = "failed"
                 return
