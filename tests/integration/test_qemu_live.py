@@ -239,6 +239,22 @@ def test_abort_mid_capture_leaves_the_guest_clean(
     assert_clean(vm_sock, before, sysctl_before)
 
 
+def test_ssh_cut_mid_capture_leaves_the_guest_clean(
+    qdriver: QemuDriver, vm_sock: Path, sysctl_before: str
+) -> None:
+    """The SSH channel goes (a network cut: no abort script runs): the reader's writes
+    fail, the client sees its reader gone and ends the snapshot on its own."""
+    before = remote_temp_dirs()
+    raw, _ = qdriver.open_live_stream(VMRef(HV, VM, VM))
+    buf = memoryview(bytearray(1 << 20))
+    got = 0
+    while got < 8 << 20:
+        got += raw.readinto(buf)
+    assert migration(vm_sock) == "active"
+    raw._s.abort()  # only the channel, as a cut would  # noqa: SLF001
+    assert_clean(vm_sock, before, sysctl_before, timeout=60)
+
+
 class Slow:
     """A source that reads slowly: the deadline comes mid-capture."""
 
