@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from memdump.capture import capture
 from memdump.errors import CaptureTimeoutError, LiveCaptureUnsupportedError
 from memdump.hypervisors import open_driver
 from memdump.hypervisors.base import VMRef
@@ -346,3 +347,35 @@ def test_live_capture_under_tcg(lab_dir: Path, sysctl_before: str, tmp_path: Pat
         subprocess.run(
             [str(REPO / "lab/down"), "--vm", vm], check=False, capture_output=True, timeout=120
         )
+
+
+@pytest.mark.parametrize("policy", ["sysctl-window", "none"])
+def test_capture_live_or_paused_with_the_reason(
+    lab_dir: Path, vm_sock: Path, sysctl_before: str, tmp_path: Path, policy: str
+) -> None:
+    """memdump.capture in live mode on plain QEMU: with the window allowed, a live capture
+    (its fields in the manifest and the record); without, a paused one whose manifest and
+    record say why."""
+    settings = Settings(
+        inventory_file=lab_dir / "inventory-qemu.yaml", dump_dir=tmp_path / "d", analysis=False
+    )
+    hv = settings.hypervisor(HV).model_copy(update={"live_userfaultfd": policy})
+    d = open_driver(hv, settings.ssh)
+    before = remote_temp_dirs()
+    try:
+        c = capture(d, VMRef(HV, VM, VM), settings, mode="live", hv=hv)
+    finally:
+        d.close()
+    cap = c.manifest["capture"]
+    assert cap["mode_requested"] == "live"
+    if policy == "sysctl-window":
+        assert cap["mode"] == "live" and c.record.capture_mode == "live"
+        assert cap["live"]["userfaultfd"] == "sysctl-window"
+        assert isinstance(cap["live"]["downtime_ms"], int)
+        assert c.record.live_fallback_reason == ""
+    else:
+        assert cap["mode"] == "paused" and c.record.capture_mode == "paused"
+        assert "live_userfaultfd" in cap["fallback_reason"]
+        assert c.record.live_fallback_reason == cap["fallback_reason"]
+    assert_markers(gzip.decompress(Path(c.record.dump_path).read_bytes()), lab_dir, VM)
+    assert_clean(vm_sock, before, sysctl_before)
