@@ -303,7 +303,7 @@ uri=$1 dom=$2 how=$3 stop=$4
   "$memdump_run"/memdump.*) ;;
   *) echo "memdump: live capture needs the private run directory $memdump_run" >&2; exit 83 ;;
 esac
-started=0 capon=0 fdgiven=0 s=none r=
+started=0 capon=0 fdgiven=0 s=none r= events=
 mon() { virsh -c "$uri" qemu-monitor-command "$dom" "$@" 2>>"$d/err" 5>&- 6>&- 8>&-; }
 mig() {
   r=$(mon '{"execute":"query-migrate"}')
@@ -348,6 +348,7 @@ memdump_live_end() {
     mon '{"execute":"closefd","arguments":{"fdname":"memdump"}}' >/dev/null
     fdgiven=0
   fi
+  if [ -n "$events" ]; then kill "$events" 2>/dev/null; events=; fi
   # Never killed: it ends when QEMU closes the stream (see above).
   reader=
   memdump_cleanup
@@ -371,6 +372,11 @@ fdgiven=1
 r=$(virsh -c "$uri" qemu-monitor-command "$dom" --pass-fds 7 \
   '{"execute":"getfd","arguments":{"fdname":"memdump"}}' 7>"$d/mem" 2>>"$d/err" 5>&- 6>&- 8>&-)
 case $r in *'"return"'*) ;; *) printf 'memdump-live-error getfd: %s\n' "$r" >&2; exit 81 ;; esac
+# QEMU's STOP and RESUME around the snapshot's start, with QEMU's timestamps: the pause
+# as the events show it. Listening from now gives it time to register before migrate.
+virsh -c "$uri" qemu-monitor-event --domain "$dom" --loop --timestamp --timeout 3600 \
+  >"$d/events" 2>/dev/null 5>&- 6>&- 8>&- &
+events=$!
 mig
 running && unsupported "a migration is in progress (status $s)"
 n0=$(uffds)
@@ -408,6 +414,14 @@ fdgiven=0
 wait "$reader"
 rrc=$?
 reader=
+kill "$events" 2>/dev/null
+wait "$events"
+events=
+ev() {
+  sed -n "s/^\([0-9-]* [0-9:.]*\)+0000: event $1 for domain .*/\1/p" "$d/events" | head -n 1
+}
+evstop=$(ev STOP)
+evresume=$(ev RESUME)
 state=$(virsh -c "$uri" domstate --reason "$dom" 2>>"$d/err" 5>&- 6>&- 8>&-)
 leak=0
 grep -qE '^VmFlags:.* uw( |$)' "/proc/$pid/smaps" 2>/dev/null && leak=1
@@ -419,6 +433,7 @@ printf 'memdump-live-uffd %s %s %s\n' "$how" "${memdump_uffd_t0:--}" "${memdump_
 printf 'memdump-live-taint %s\n' "$taint" >&2
 printf 'memdump-live-t1 %s %s\n' "$t1" "$at_t1" >&2
 printf 'memdump-live-state %s\n' "$state" >&2
+printf 'memdump-live-events %s|%s\n' "$evstop" "$evresume" >&2
 echo "memdump-pause-window $t0 $t1" >&2
 case $state in
   *user*) ;;
@@ -975,6 +990,14 @@ def judge_preflight(
     )
 
 
+def _event_time(text: str) -> datetime | None:
+    """``2026-11-29 05:09:50.737`` (virsh qemu-monitor-event --timestamp, UTC)."""
+    try:
+        return datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def parse_live_stderr(stderr: str) -> tuple[str, dict[str, str]]:
     """The live script's ``memdump-live-NAME VALUE`` lines, and the rest of its stderr."""
     lines: dict[str, str] = {}
@@ -1018,13 +1041,28 @@ def live_metadata(lines: dict[str, str], pre: LivePreflight) -> dict[str, Any]:
                 for k in ("total", "transferred", "normal", "duplicate", "normal-bytes", "mbps")
                 if isinstance(ram.get(k), int | float)
             }
-    # The snapshot instant: QEMU stops the vCPUs when its setup ends, setup-time after the
-    # migration's start; the start is when the script read total-time at t1 minus that
-    # total-time (early by the few ms virsh took to hand the answer back).
+    # QEMU's STOP and RESUME events (QEMU's clock, milliseconds as virsh prints them):
+    # the vCPUs stopped to arm write tracking, and ran again.
+    stop_s, _, resume_s = lines.get("events", "").partition("|")
+    stopped, resumed = _event_time(stop_s), _event_time(resume_s)
+    if stopped is not None:
+        live["stopped_at"] = stopped.isoformat()
+        live["snapshot_at"] = stopped.isoformat()
+    if stopped is not None and resumed is not None and resumed >= stopped:
+        live["resumed_at"] = resumed.isoformat()
+        live["pause_ms_events"] = round((resumed - stopped).total_seconds() * 1000, 3)
+    # Without the events, the snapshot instant from QEMU's times: the vCPUs stop when its
+    # setup ends, setup-time after the migration's start; the start is when the script
+    # read total-time at t1 minus that total-time (early by the few ms virsh took).
     t1_time, _, t1_reply = lines.get("t1", "").partition(" ")
     at_t1 = _qmp_return(t1_reply, "query-migrate")
     setup = live.get("setup_time_ms")
-    if isinstance(at_t1, dict) and isinstance(at_t1.get("total-time"), int) and setup is not None:
+    if (
+        "snapshot_at" not in live
+        and isinstance(at_t1, dict)
+        and isinstance(at_t1.get("total-time"), int)
+        and setup is not None
+    ):
         try:
             start = float(t1_time) - at_t1["total-time"] / 1000
             live["snapshot_at"] = datetime.fromtimestamp(start + setup / 1000, UTC).isoformat()

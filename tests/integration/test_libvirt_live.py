@@ -206,6 +206,9 @@ def test_live_capture_of_a_running_guest(
     assert 0 < live["userfaultfd_window_ms"] < 60_000
     assert isinstance(live["downtime_ms"], int)
     assert datetime.fromisoformat(live["snapshot_at"]).tzinfo is not None
+    # QEMU's STOP and RESUME events were seen (the pause as they show it).
+    assert live["snapshot_at"] == live["stopped_at"]
+    assert live["pause_ms_events"] >= 0
     assert "custom-monitor" in live["taint"]
     assert len(live["stream_sha256"]) == 64 and live["stream_bytes"] > 0
     window = src.pause_window

@@ -281,6 +281,7 @@ GOOD_END = (
     + qmp({"status": "active", "setup-time": 2, "total-time": 110})
     + "\n"
     "memdump-live-state running (unpaused)\n"
+    "memdump-live-events 2025-11-29 04:31:47.603|2025-11-29 04:31:47.608\n"
     "memdump-pause-window 1764390707.600000000 1764390707.710000000\n"
 )
 
@@ -330,10 +331,23 @@ def test_live_stream_end_stats_and_window() -> None:
     assert live["migration_status"] == "completed" and live["libvirt_job"] == "none"
     assert (live["qemu_version"], live["libvirt_version"]) == ("7.2.22", "9.0.0")
     assert live["ram"]["transferred"] == 189362004
-    # QEMU's start = t1 - total-time at t1 (110 ms); the snapshot, setup-time (2 ms) later.
-    assert live["snapshot_at"] == "2025-11-29T04:31:47.602000+00:00"
+    # QEMU's STOP and RESUME events: the snapshot instant and the pause they show.
+    assert live["snapshot_at"] == live["stopped_at"] == "2025-11-29T04:31:47.603000+00:00"
+    assert live["resumed_at"] == "2025-11-29T04:31:47.608000+00:00"
+    assert live["pause_ms_events"] == 5.0
     assert raw.pause_window is not None
     assert (raw.pause_window[1] - raw.pause_window[0]).total_seconds() == pytest.approx(0.11)
+
+
+def test_snapshot_instant_without_events_from_qemus_times() -> None:
+    end = GOOD_END.replace(
+        "memdump-live-events 2025-11-29 04:31:47.603|2025-11-29 04:31:47.608",
+        "memdump-live-events |",
+    )
+    live = lv.live_metadata(lv.parse_live_stderr(end)[1], judge(sections()))
+    # QEMU's start = t1 - total-time at t1 (110 ms); the snapshot, setup-time (2 ms) later.
+    assert live["snapshot_at"] == "2025-11-29T04:31:47.602000+00:00"
+    assert "pause_ms_events" not in live and "stopped_at" not in live
 
 
 def test_script_refusal_is_unsupported_at_open_with_qemus_words(tmp_path: Path) -> None:
