@@ -484,10 +484,11 @@ def judge_preflight(text: str, policy: str, hv: str, vm: str) -> LivePreflight:
     value = uffd.group(1).strip() if uffd else ""
     if uid is not None and uid.group(1) == "0":
         method = "root"
+    elif policy == "sysctl-window":
+        # Always the window then: a 1 read here may be another capture's window.
+        method = "sysctl-window"
     elif value == "1":
         method = "unprivileged-allowed"
-    elif policy == "sysctl-window":
-        method = "sysctl-window"
     else:
         raise unsupported(
             f"QEMU runs as uid {uid.group(1) if uid else '?'} and vm.unprivileged_userfaultfd "

@@ -640,11 +640,13 @@ def checks(s: "Session", policy: "str", sysctl: "str") -> "tuple[str, tuple[int,
     uid = qemu_uid(s.pid)
     if uid == 0:
         return "root", version
+    # With the window allowed it is always taken: a 1 read here may be another capture's
+    # window, closed again by the time QEMU checks.
+    if policy == "sysctl-window":
+        return "sysctl-window", version
     value = read_sysctl(sysctl)
     if value == "1":
         return "unprivileged-allowed", version
-    if policy == "sysctl-window":
-        return "sysctl-window", version
     raise Unsupported(
         "QEMU runs as uid %d and vm.unprivileged_userfaultfd is %s: QEMU cannot create the "
         "userfaultfd write tracking needs (set the hypervisor's live_userfaultfd: "
