@@ -529,6 +529,10 @@ def ret(doc: "dict[str, object]") -> "dict[str, object]":
     return r if isinstance(r, dict) else {}
 
 
+def listed(v: "object") -> "list[object]":
+    return v if isinstance(v, list) else []
+
+
 def desc(doc: "dict[str, object]") -> "str":
     err = doc.get("error")
     if isinstance(err, dict):
@@ -629,12 +633,12 @@ def checks(s: "Session", policy: "str", sysctl: "str") -> "tuple[str, tuple[int,
         raise Unsupported("another migration is in progress (status %s)" % mig.get("status"))
     blocked = mig.get("blocked-reasons")
     if blocked:
-        raise Unsupported("migration is blocked: %s" % "; ".join(str(b) for b in blocked))
-    caps = s.ask("query-migrate-capabilities").get("return")
-    if not any(isinstance(c, dict) and c.get("capability") == CAP for c in caps or []):
+        raise Unsupported("migration is blocked: %s" % "; ".join(str(b) for b in listed(blocked)))
+    caps = listed(s.ask("query-migrate-capabilities").get("return"))
+    if not any(isinstance(c, dict) and c.get("capability") == CAP for c in caps):
         raise Unsupported("this QEMU has no migration capability %s (QEMU 6.0 or later)" % CAP)
     for path in ("/machine/peripheral", "/machine/peripheral-anon"):
-        for dev in s.ask("qom-list", {"path": path}).get("return") or []:
+        for dev in listed(s.ask("qom-list", {"path": path}).get("return")):
             if isinstance(dev, dict) and str(dev.get("type", "")).startswith("child<vfio"):
                 raise Unsupported("VFIO device %s cannot be snapshotted live" % dev.get("name"))
     uid = qemu_uid(s.pid)
@@ -716,7 +720,7 @@ def live(
                 raise Unsupported(desc(got))
             # A migrate without the capability in force is an ordinary migration, which
             # leaves the guest paused at its end: check it right before.
-            caps = s.ask("query-migrate-capabilities").get("return") or []
+            caps = listed(s.ask("query-migrate-capabilities").get("return"))
             if not any(
                 isinstance(c, dict) and c.get("capability") == CAP and c.get("state") is True
                 for c in caps
@@ -842,10 +846,10 @@ def repair(
                 "complete)"
             )
         if started:
-            st = ret(s.ask("query-status")).get("status")
-            if st in ("postmigrate", "paused", "finish-migrate"):
+            left = str(ret(s.ask("query-status")).get("status"))
+            if left in ("postmigrate", "paused", "finish-migrate"):
                 s.ask("cont")
-                errors.append("the guest was left %s by the migration and was resumed" % st)
+                errors.append("the guest was left %s by the migration and was resumed" % left)
                 code = 79 if code == 0 else code
         else:
             s.ask("closefd", {"fdname": FDNAME})  # harmless if QEMU has none by that name
@@ -855,8 +859,8 @@ def repair(
         s.release()
         if spare >= 0:
             os.close(spare)
-    for e in errors:
-        out("memdump-error", "80", " ".join(e.split()))
+    for problem in errors:
+        out("memdump-error", "80", " ".join(problem.split()))
     if errors and code == 0:
         code = 80
     return code
@@ -918,7 +922,7 @@ def repair_left(path: "str", patterns: "list[str]", pid: "int", fifo: "str") -> 
     s = Session(path, patterns, pid)
     spare = open_spare(fifo)
     try:
-        caps = s.ask("query-migrate-capabilities", show=False).get("return") or []
+        caps = listed(s.ask("query-migrate-capabilities", show=False).get("return"))
         if not any(
             isinstance(c, dict) and c.get("capability") == CAP and c.get("state") is True
             for c in caps
