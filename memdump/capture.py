@@ -167,6 +167,7 @@ def _capture_once(
             mode="live",
             spill_dir=dump_dir,
             buffer_bytes=settings.live_buffer_bytes,
+            max_bandwidth=settings.live_max_bandwidth_bytes,
         )
     else:
         source = driver.open_dump(ref, staging=settings.staging, margin=settings.disk_space_margin)

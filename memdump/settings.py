@@ -33,6 +33,8 @@ MAX_PART_SIZE = 5 * 1024 * MiB
 # above this, keep_last at least this (0 would delete every dump).
 RETENTION_DAYS_ABOVE = 0.0
 RETENTION_KEEP_LAST_MIN = 1
+# The largest migration max-bandwidth QEMU accepts (a uint64; 7.2 takes 2**64-1).
+QEMU_MAX_BANDWIDTH = (1 << 64) - 1
 
 
 def _valid_id(v: str, what: str) -> str:
@@ -334,6 +336,13 @@ class Settings(BaseSettings):
     # Live capture: pages the guest wrote ahead of the sweep wait in memory up to this
     # many bytes, then in a private temp file under dump_dir.
     live_buffer_bytes: int = Field(default=64 << 20, ge=1 << 20)
+    # Live capture: a cap (bytes/s) on QEMU's background snapshot, to spare the
+    # hypervisor's CPU, disk or network; the guest's write faults last as long as the
+    # capture. None (default): no cap, as a paused dump has none. QEMU's snapshot thread
+    # ignores the migration max-bandwidth set before it starts (128 MiB/s by default),
+    # so the cap is set as max-bandwidth once the snapshot runs, the VM's own value put
+    # back after it.
+    live_max_bandwidth_bytes: int | None = Field(default=None, ge=1 << 20, le=QEMU_MAX_BANDWIDTH)
 
     # REST API
     api_token: SecretStr | None = None  # when set, every route but /health needs it

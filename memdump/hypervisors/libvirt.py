@@ -39,7 +39,7 @@ from memdump.hypervisors.fifo import (
 )
 from memdump.identifiers import validate_id
 from memdump.pipeline import DumpSource
-from memdump.settings import HypervisorConfig, Settings
+from memdump.settings import QEMU_MAX_BANDWIDTH, HypervisorConfig, Settings
 from memdump.transport.base import CommandResult, Transport
 
 Staging = Literal["fifo", "file"]
@@ -278,13 +278,18 @@ exit 0
 )
 
 # $1 = URI, $2 = domain, $3 = "window" (open the userfaultfd window: UFFD_WINDOW_FN) or
-# "direct", $4 = "drain" or "cancel" (what an abort does, above); stdin: the token
-# (PROLOGUE). stdout: the memdump-dir line, then the migration stream. The steps: the
-# reader on the FIFO; the FIFO's write end handed to QEMU (getfd "memdump"; the shell
-# opens it for that one virsh call); [window]; background-snapshot on, checked on (a
-# migrate without it is an ordinary migration that leaves the guest paused); migrate to
-# fd:memdump; [the window closes once QEMU's new userfaultfd is in /proc/PID/fd: the
-# status turns "active" before QEMU creates it]; poll until the end; capability off;
+# "direct", $4 = "drain" or "cancel" (what an abort does, above), $5 = a cap on the
+# snapshot (bytes/s; "": none); stdin: the token (PROLOGUE). QEMU's snapshot thread
+# disables the rate limit when it starts (a max-bandwidth set before migrate is ignored),
+# so the cap is set as max-bandwidth once the migration runs: the previous value is saved
+# in "$d/bandwidth" ("OLD NEW", for the repair of a killed script) first, and put back
+# on every exit path. stdout: the memdump-dir line, then the migration stream. The
+# steps: the reader on the FIFO; the FIFO's write end handed to QEMU (getfd "memdump"; the
+# shell opens it for that one virsh call); [window]; background-snapshot on, checked on
+# (a migrate without it is an ordinary migration that leaves the guest paused); migrate
+# to fd:memdump; [the window closes once QEMU's new userfaultfd is in /proc/PID/fd: the
+# status turns "active" before QEMU creates it]; [the cap]; poll until the end; [the
+# previous max-bandwidth back]; capability off;
 # the guest must be running (paused by the migration: resumed, and exit 86). Exit 80 =
 # live capture unsupported, found before the guest was touched (a memdump-live-unsupported
 # line says why); 81 = a monitor command failed; 83 = no private run directory; 84 = the
@@ -294,7 +299,8 @@ exit 0
 _LIVE = (
     """export LC_ALL=C
 umask 077
-uri=$1 dom=$2 how=$3 stop=$4
+uri=$1 dom=$2 how=$3 stop=$4 bw=$5
+case $bw in *[!0-9]*) echo "memdump: bad max-bandwidth $bw" >&2; exit 70 ;; esac
 """
     + PROLOGUE
     + _PID_FN
@@ -303,7 +309,7 @@ uri=$1 dom=$2 how=$3 stop=$4
   "$memdump_run"/memdump.*) ;;
   *) echo "memdump: live capture needs the private run directory $memdump_run" >&2; exit 83 ;;
 esac
-started=0 capon=0 fdgiven=0 s=none r= events=
+started=0 capon=0 fdgiven=0 s=none r= events= bwset=0 bwold=
 mon() { virsh -c "$uri" qemu-monitor-command "$dom" "$@" 2>>"$d/err" 5>&- 6>&- 8>&-; }
 mig() {
   r=$(mon '{"execute":"query-migrate"}')
@@ -315,6 +321,9 @@ mig() {
 capset() {
   mon '{"execute":"migrate-set-capabilities","arguments":{"capabilities":'"\
 [{\"capability\":\"background-snapshot\",\"state\":$1}]}}"
+}
+bwput() {
+  mon '{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":'"$1"'}}'
 }
 capstate() {
   case $(mon '{"execute":"query-migrate-capabilities"}') in
@@ -343,6 +352,7 @@ memdump_live_end() {
     esac
     started=0
   fi
+  if [ "$bwset" = 1 ]; then bwput "$bwold" >/dev/null; bwset=0; fi
   if [ "$capon" = 1 ]; then capset false >/dev/null; capon=0; fi
   if [ "$fdgiven" = 1 ]; then
     mon '{"execute":"closefd","arguments":{"fdname":"memdump"}}' >/dev/null
@@ -404,9 +414,27 @@ memdump_uffd_close
 mig
 t1=$(date +%s.%N)
 at_t1=$r
+if [ -n "$bw" ] && running; then
+  r=$(mon '{"execute":"query-migrate-parameters"}')
+  bwold=${r#*\"max-bandwidth\":}
+  bwold=${bwold%%[!0-9]*}
+  if [ "$bwold" = "" ] || [ "$bwold" = "$r" ]; then
+    printf 'memdump-live-error query-migrate-parameters: %s\n' "$r" >&2; exit 81
+  fi
+  printf '%s %s\n' "$bwold" "$bw" >"$d/bandwidth" || exit 91
+  bwset=1
+  r=$(bwput "$bw")
+  case $r in
+    *'"return"'*) mig ;;
+    *) printf 'memdump-live-error max-bandwidth: %s\n' "$r" >&2; exit 81 ;;
+  esac
+fi
 while running; do sleep 0.1; mig; done
 final=$r
 started=0
+if [ "$bwset" = 1 ]; then
+  case $(bwput "$bwold") in *'"return"'*) bwset=0 ;; esac
+fi
 r=$(capset false)
 [ "$(capstate)" = off ] && capon=0
 mon '{"execute":"closefd","arguments":{"fdname":"memdump"}}' >/dev/null
@@ -431,6 +459,7 @@ cat "$d/err" >&2
 printf 'memdump-live-stats %s\n' "$final" >&2
 printf 'memdump-live-uffd %s %s %s\n' "$how" "${memdump_uffd_t0:--}" "${memdump_uffd_t1:--}" >&2
 printf 'memdump-live-taint %s\n' "$taint" >&2
+[ -n "$bwold" ] && printf 'memdump-live-bandwidth %s %s\n' "$bwold" "$bw" >&2
 printf 'memdump-live-t1 %s %s\n' "$t1" "$at_t1" >&2
 printf 'memdump-live-state %s\n' "$state" >&2
 printf 'memdump-live-events %s|%s\n' "$evstop" "$evresume" >&2
@@ -444,6 +473,7 @@ case $state in
 esac
 [ "$leak" = 0 ] || exit 85
 [ "$capon" = 0 ] || { echo "memdump: background-snapshot could not be turned off" >&2; exit 81; }
+[ "$bwset" = 0 ] || { echo "memdump: max-bandwidth $bwold could not be put back" >&2; exit 81; }
 [ "$s" = completed ] || exit 84
 [ "$rrc" -eq 0 ] || exit 92
 exit 0
@@ -468,8 +498,10 @@ exit 0
 # $1 = URI. For the live scripts killed outright (their directory in the run directory
 # still says "live", its lock is free) and whose domain no live script holds: waits (up
 # to ~60 s) for a migration still draining, unless libvirt has a job of its own on the
-# domain, then turns background-snapshot off and closes a "memdump" fd left in QEMU, and
-# removes the directory. Prints "live-repaired DOMAIN" and the directory for each.
+# domain, then puts the VM's max-bandwidth back (from the directory's "bandwidth" file, if
+# the script's value is still in force), turns background-snapshot off and closes a
+# "memdump" fd left in QEMU, and removes the directory. Prints "live-repaired DOMAIN"
+# and the directory for each.
 _LIVE_REPAIR = (
     "export LC_ALL=C\n"
     + ENTER_FN
@@ -500,6 +532,16 @@ for d in "$run"/memdump.??????????; do
       sleep 0.2
     done
     [ "$i" -lt 300 ] || exit 0
+    bw0= bw1=
+    if [ -f bandwidth ] && [ ! -L bandwidth ]; then read -r bw0 bw1 <bandwidth; fi
+    case $bw0$bw1 in *[!0-9]*) bw0= bw1= ;; esac
+    if [ -n "$bw0" ] && [ -n "$bw1" ] && [ "$bw0" != "$bw1" ]; then
+      case $(mon '{"execute":"query-migrate-parameters"}') in
+        *"\"max-bandwidth\":$bw1,"*|*"\"max-bandwidth\":$bw1}"*)
+          mon '{"execute":"migrate-set-parameters","arguments":{"max-bandwidth":'"$bw0"'}}' \
+            >/dev/null ;;
+      esac
+    fi
     mon '{"execute":"migrate-set-capabilities","arguments":{"capabilities":'\
 '[{"capability":"background-snapshot","state":false}]}}' >/dev/null
     mon '{"execute":"closefd","arguments":{"fdname":"memdump"}}' >/dev/null
@@ -607,6 +649,7 @@ class LibvirtDriver:
         mode: Literal["paused", "live"] = "paused",
         spill_dir: Path | None = None,
         buffer_bytes: int = 64 << 20,
+        max_bandwidth: int | None = None,
     ) -> DumpSource:
         """``staging`` (Settings.staging): "fifo" streams QEMU's output as it is written
         (the guest is paused for the whole transfer); "file" has QEMU write a temp file in
@@ -614,7 +657,9 @@ class LibvirtDriver:
         ``margin`` (Settings.disk_space_margin) is free there, then streams that file.
         ``mode="live"``: the guest keeps running; QEMU's background snapshot is turned
         into the ELF core on the collector (memdump.livecore, early pages buffered up to
-        ``buffer_bytes``, then spilled into ``spill_dir``); staging does not apply.
+        ``buffer_bytes``, then spilled into ``spill_dir``), capped at ``max_bandwidth``
+        bytes/s if set (QEMU's max-bandwidth while it runs, the VM's own value put back
+        after it); staging does not apply.
         LiveCaptureUnsupportedError (before the guest was touched) if it cannot be."""
         validate_id(ref.name, what="domain name")
         if mode == "live":
@@ -633,7 +678,7 @@ class LibvirtDriver:
                     hypervisor=self.name,
                     vm_id=ref.vmid,
                 ) from exc
-            raw = self.open_live_stream(ref, pre)
+            raw = self.open_live_stream(ref, pre, max_bandwidth)
             return LiveCoreSource(
                 raw,
                 layout,
@@ -668,11 +713,21 @@ class LibvirtDriver:
             parse_sections(res.stdout), ref.name, self.name, self._live_userfaultfd
         )
 
-    def open_live_stream(self, ref: VMRef, pre: LivePreflight) -> _LiveStream:
+    def open_live_stream(
+        self, ref: VMRef, pre: LivePreflight, max_bandwidth: int | None = None
+    ) -> _LiveStream:
         """Start the live script; returns its raw migration stream once the first bytes
-        arrived (a refusal by the script raises here)."""
+        arrived (a refusal by the script raises here). ``max_bandwidth``: a cap (bytes/s)
+        on the snapshot, QEMU's max-bandwidth while it runs, the previous value put back
+        after it; None: no cap (QEMU does not rate-limit a background snapshot)."""
+        if max_bandwidth is not None and not 0 < max_bandwidth <= QEMU_MAX_BANDWIDTH:
+            raise ConfigError(
+                f"max_bandwidth {max_bandwidth} is not 1 to 2**64-1 bytes/s", hypervisor=self.name
+            )
         how = "window" if pre.userfaultfd == "sysctl-window" else "direct"
-        stream, token = start_dump(self._t, _LIVE, (self._uri, ref.name, how, pre.stop), self.name)
+        bw = "" if max_bandwidth is None else str(max_bandwidth)
+        args = (self._uri, ref.name, how, pre.stop, bw)
+        stream, token = start_dump(self._t, _LIVE, args, self.name)
         live = _LiveStream(stream, self, ref, token, pre)
         try:
             live.start()
@@ -1076,6 +1131,12 @@ def live_metadata(lines: dict[str, str], pre: LivePreflight) -> dict[str, Any]:
             pass
     taint = [t for t in lines.get("taint", "").split() if re.fullmatch(r"[a-z0-9-]{1,40}", t)]
     live["taint"] = taint
+    bw = re.fullmatch(r"(\d{1,20}) (\d{1,20})", lines.get("bandwidth", ""))
+    if bw:
+        # The cap on the snapshot (QEMU's max-bandwidth while it ran, bytes/s) and the
+        # VM's own value, put back after it.
+        live["max_bandwidth"] = int(bw.group(2))
+        live["max_bandwidth_before"] = int(bw.group(1))
     return live
 
 

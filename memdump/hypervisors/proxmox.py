@@ -311,10 +311,13 @@ class ProxmoxDriver:
         mode: Literal["paused", "live"] = "paused",
         spill_dir: Path | None = None,
         buffer_bytes: int = 64 << 20,
+        max_bandwidth: int | None = None,
     ) -> DumpSource:
         """Only ``staging="fifo"``. "paused": the guest stays paused for the whole
         transfer. "live": QEMU's background snapshot over the VM's QMP socket (see the
-        module's doc); LiveCaptureUnsupportedError (``reason``) where it cannot run."""
+        module's doc), capped at ``max_bandwidth`` bytes/s if set (QEMU's max-bandwidth
+        while it runs, the VM's own value put back after it); LiveCaptureUnsupportedError
+        (``reason``) where it cannot run."""
         if not _VMID.fullmatch(ref.vmid):
             raise VMNotFoundError(
                 f"no VM {ref.vmid!r} on hypervisor {self.name}",
@@ -325,7 +328,9 @@ class ProxmoxDriver:
         if mode == "live":
             # The socket must be served by the QEMU qm knows for this VM.
             pid = _keys(self._info(ref.vmid).get("status", "")).get("pid", "")
-            return self._live.open(ref, ref.vmid, spill_dir, buffer_bytes, pid=pid)
+            return self._live.open(
+                ref, ref.vmid, spill_dir, buffer_bytes, pid=pid, max_bandwidth=max_bandwidth
+            )
         return _HmpDump.start(self._t, _DUMP, (self._qm, ref.vmid), self.name, ref)
 
     def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:

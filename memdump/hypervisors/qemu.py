@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from memdump.errors import (
+    ConfigError,
     DumpFailedError,
     HypervisorError,
     LiveCaptureUnsupportedError,
@@ -65,7 +66,7 @@ from memdump.hypervisors.fifo import (
 from memdump.identifiers import validate_id
 from memdump.livecore import EM_X86_64, GuestLayout, LiveCoreSource, elf_machine_from_registers
 from memdump.pipeline import DumpSource
-from memdump.settings import HypervisorConfig, Settings
+from memdump.settings import QEMU_MAX_BANDWIDTH, HypervisorConfig, Settings
 from memdump.transport.base import CommandResult, Transport
 
 Staging = Literal["fifo", "file"]
@@ -74,7 +75,21 @@ DEFAULT_QMP_DIR = "/run/memdump-qemu"
 
 # The QMP client, run as `python3 -I -S - MODE ARG...` with this text on stdin: -I ignores
 # PYTHON* variables and the user's site directory, -S skips site-packages (root runs it).
-QMP_CLIENT = resources.files("memdump.hypervisors.remote").joinpath("qmp.py").read_text("utf-8")
+QMP_SOURCE = resources.files("memdump.hypervisors.remote").joinpath("qmp.py").read_text("utf-8")
+
+
+def _compact(text: str) -> str:
+    """The client as the scripts carry it: without its module docstring and whole-line
+    comments. A script is one argument of ``sh -c`` (at most 128 KiB on Linux,
+    MAX_ARG_STRLEN), and _LIVE holds the client three times."""
+    head, _, rest = text.partition('"""')
+    body = rest.partition('"""')[2]
+    return "".join(
+        ln for ln in (head + body).splitlines(keepends=True) if not ln.lstrip().startswith("#")
+    )
+
+
+QMP_CLIENT = _compact(QMP_SOURCE)
 _EOF = "MEMDUMP_QMP_CLIENT"
 if any(line.strip() == _EOF for line in QMP_CLIENT.splitlines()):  # pragma: no cover
     raise RuntimeError(f"{_EOF} ends the here-document: it must not be a line of qmp.py")
@@ -190,14 +205,24 @@ s=$1/$2.qmp
 )
 
 
+# The client's "memdump-live-bandwidth OLD NEW" line in file @F@ (printed before it set
+# NEW) -> $bw0 $bw1, empty if there is none: what a repair after a kill puts back.
+_BW_READ = r"""  bw=$(sed -n 's/^memdump-live-bandwidth \([0-9]\{1,20\} [0-9]\{1,20\}\)$/\1/p' @F@ |
+    head -n 1)
+  bw0=${bw%% *} bw1=${bw#* }
+"""
+
+
 def _py_bg(args: str, redirections: str) -> str:
     """As _py, in the background (the script waits for it, so its traps can run)."""
     return f"python3 -I -S - {args} {redirections}<<'{_EOF}' &\n{QMP_CLIENT}{_EOF}\n"
 
 
-# $1 = qmp_dir, $2 = VM name, $3 = allowed QEMU binaries, $4 = live_userfaultfd; stdin:
-# the token. As _DUMP, with the client's ``live`` mode: the migration stream goes into
-# the FIFO, cat sends it on stdout. "$d/qmp" (the socket) and the client's output
+# $1 = qmp_dir, $2 = VM name, $3 = allowed QEMU binaries, $4 = live_userfaultfd, $5 = a
+# cap on the snapshot (bytes/s, QEMU's max-bandwidth while it runs; "": none); stdin: the
+# token. As _DUMP,
+# with the client's ``live`` mode: the migration stream goes into the FIFO, cat sends it
+# on stdout. "$d/qmp" (the socket) and the client's output
 # "$d/reply" (its peer line: QEMU's pid) let clean_stale repair QEMU if this script is
 # killed outright. A signal to the script stops the client first (it cancels the
 # migration, turns the capability off and puts the sysctl back), then cleans up; a client
@@ -208,7 +233,7 @@ _LIVE = (
     + """plain "$1" && plain "$2" || { echo "memdump: bad qmp_dir or VM name" >&2; exit 97; }
 s=$1/$2.qmp
 [ -S "$s" ] || { printf 'memdump-no-vm %s\\n' "$2" >&2; exit 96; }
-bins=$3 policy=$4
+bins=$3 policy=$4 bw=$5
 run=${MEMDUMP_RUN_DIR:-@RUN_DIR@}
 """
     + _UFFD_SYSCTL
@@ -227,7 +252,7 @@ reader=$!
 echo "$reader" >"$d/reader"
 """
     + _py_bg(
-        'live "$s" "$d/mem" "$bins" "$reader" "$policy" "$run" "$sysctl"',
+        'live "$s" "$d/mem" "$bins" "$reader" "$policy" "$run" "$sysctl" "$bw"',
         '>"$d/reply" 2>"$d/err" 8>&- ',
     )
     + """client=$!
@@ -239,10 +264,12 @@ if [ "$rc" -gt 128 ]; then
   # The client was killed before it could put QEMU and the sysctl right: repaired
   # here, its migration drained through the FIFO while the reader still holds it.
   pid=$(sed -n 's/^memdump-peer \\([0-9][0-9]*\\) .*/\\1/p' "$d/reply" | head -n 1)
-  if [ -n "$pid" ]; then
+"""
+    + _BW_READ.replace("@F@", '"$d/reply"')
+    + """  if [ -n "$pid" ]; then
 """
     + "    "
-    + _py('repair "$s" "$bins" "$pid" "$d/mem"', '>>"$d/reply" 2>&1 8>&- ')
+    + _py('repair "$s" "$bins" "$pid" "$d/mem" "$bw0" "$bw1"', '>>"$d/reply" 2>&1 8>&- ')
     + """  fi
 """
     + _py('uffd-restore "$run" "$sysctl"', '>>"$d/reply" 2>&1 8>&- ')
@@ -303,15 +330,20 @@ for d in "$run"/memdump.??????????; do
     flock -n lock true || exit 1
     IFS= read -r sock <qmp || exit 1
     pid=$(sed -n 's/^memdump-peer \([0-9][0-9]*\) .*/\1/p' reply 2>/dev/null | head -n 1)
-    printf '%s %s\n' "$pid" "$sock"
+    bw=$(sed -n 's/^memdump-live-bandwidth \([0-9]\{1,20\} [0-9]\{1,20\}\)$/\1/p' reply \
+      2>/dev/null | head -n 1)
+    printf '%s %s %s\n' "$pid" "${bw:-- -}" "$sock"
   ) || continue
-  pid=${got%% *} sock=${got#* }
+  pid=${got%% *} got=${got#* }
+  bw0=${got%% *} got=${got#* }
+  bw1=${got%% *} sock=${got#* }
+  case $bw0$bw1 in *[!0-9]*) bw0= bw1= ;; esac
   case $pid in ''|*[!0-9]*) continue ;; esac
   case $sock in /*) ;; *) continue ;; esac
   plain "$sock" && [ -S "$sock" ] || continue
 """
     + "  "
-    + _py('repair "$sock" "$bins" "$pid" "$d/mem"')
+    + _py('repair "$sock" "$bins" "$pid" "$d/mem" "$bw0" "$bw1"')
     + """done
 """
     + _py('uffd-restore "$run" "$sysctl"')
@@ -547,10 +579,20 @@ class QmpLive:
         return pre
 
     def open_stream(
-        self, ref: VMRef, name: str, pid: str | None = None
+        self,
+        ref: VMRef,
+        name: str,
+        pid: str | None = None,
+        max_bandwidth: int | None = None,
     ) -> tuple[_LiveDump, LivePreflight]:
+        """``max_bandwidth``: a cap (bytes/s) on the snapshot, QEMU's migration
+        max-bandwidth set once it runs and put back after it; None: no cap (QEMU does not
+        rate-limit a background snapshot), max-bandwidth untouched."""
+        if max_bandwidth is not None and not 0 < max_bandwidth <= QEMU_MAX_BANDWIDTH:
+            raise ConfigError(f"max_bandwidth {max_bandwidth} is not 1 to 2**64-1 bytes/s")
         pre = self.preflight(ref, name, pid)
-        args = (self._dir, name, self._bins, self._policy)
+        bw = "" if max_bandwidth is None else str(max_bandwidth)
+        args = (self._dir, name, self._bins, self._policy, bw)
         raw = _LiveDump.start(self._t, _LIVE, args, self._hv, ref)
         raw.qemu_version = pre.qemu_version
         try:
@@ -567,9 +609,10 @@ class QmpLive:
         spill_dir: Path | None,
         buffer_bytes: int,
         pid: str | None = None,
+        max_bandwidth: int | None = None,
     ) -> LiveCoreSource:
         """The ELF core of a live capture (memdump.livecore over the raw stream)."""
-        raw, pre = self.open_stream(ref, name, pid)
+        raw, pre = self.open_stream(ref, name, pid, max_bandwidth)
         try:
             layout = GuestLayout.from_mtree(pre.mtree)
             # QEMU's dump picks EM_X86_64 or EM_386 from the first vCPU's EFER.LMA
@@ -734,28 +777,32 @@ class QemuDriver:
         mode: Literal["paused", "live"] = "paused",
         spill_dir: Path | None = None,
         buffer_bytes: int = 64 << 20,
+        max_bandwidth: int | None = None,
     ) -> DumpSource:
         """Only ``staging="fifo"``. "paused": the guest stays paused for the whole
         transfer. "live": the guest keeps running; the ELF core is built from QEMU's
         background snapshot (memdump.livecore) in ``spill_dir``'s bounded buffer;
         LiveCaptureUnsupportedError (``reason``) before anything touched the guest where
-        live cannot run."""
+        live cannot run. ``max_bandwidth``: a cap (bytes/s) on the snapshot
+        (Settings.live_max_bandwidth_bytes; None: none)."""
         validate_id(ref.name, what="VM name")
         fifo_only(self.name, "qemu", staging, "QMP cannot cancel a dump-guest-memory")
         if mode == "paused":
             return _QmpDump.start(self._t, _DUMP, (self._dir, ref.name, self._bins), self.name, ref)
-        return self._live.open(ref, ref.name, spill_dir, buffer_bytes)
+        return self._live.open(ref, ref.name, spill_dir, buffer_bytes, max_bandwidth=max_bandwidth)
 
     def live_preflight(self, ref: VMRef) -> LivePreflight:
         """Whether ``ref`` can be captured live (one remote command; changes nothing)."""
         return self._live.preflight(ref, ref.name)
 
-    def open_live_stream(self, ref: VMRef) -> tuple[_LiveDump, LivePreflight]:
+    def open_live_stream(
+        self, ref: VMRef, max_bandwidth: int | None = None
+    ) -> tuple[_LiveDump, LivePreflight]:
         """The raw migration stream of a live capture (it starts with "QEVM", version 3),
         after the preflight; the first bytes are read here, so a capture the client
         refused (exit 77) raises LiveCaptureUnsupportedError from here."""
         validate_id(ref.name, what="VM name")
-        return self._live.open_stream(ref, ref.name)
+        return self._live.open_stream(ref, ref.name, max_bandwidth=max_bandwidth)
 
     def clean_stale(self, min_age_sec: float = 60.0) -> list[str]:
         # First what a live script killed outright left in QEMU and the sysctl (it needs
@@ -882,6 +929,12 @@ class _LiveDump(TokenFifoDump):
             }
         if stats.get("status"):
             live["migration_status"] = stats["status"]
+        b = re.search(r"^memdump-live-bandwidth (\d+) (\d+)$", stderr, re.M)
+        if b:
+            # The cap on the snapshot (QEMU's max-bandwidth while it ran, bytes/s) and the
+            # VM's own value, put back after it.
+            live["max_bandwidth"] = int(b.group(2))
+            live["max_bandwidth_before"] = int(b.group(1))
         u = re.search(r"^memdump-live-uffd (\S+) (\d+(?:\.\d+)?)$", stderr, re.M)
         if u:
             live["userfaultfd"] = u.group(1)

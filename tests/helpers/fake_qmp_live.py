@@ -26,7 +26,12 @@ class FakeLiveQemu(threading.Thread):
     guest "postmigrate" at its end (the trap of issue 12); ``outcome``: "completed" or
     "failed"; ``version``: QEMU's (major, minor); ``endless_mib``: after STREAM, write this
     many MiB more (a guest's RAM: an abort comes while it runs), stopping early at a
-    migrate_cancel."""
+    migrate_cancel. ``max_bandwidth``: the migration parameter (QEMU 7.2's default
+    128 MiB/s); ``bandwidth_at_migrate`` and ``bandwidth_at_end``: its value when
+    ``migrate`` came and when the migration ended (the one in force while it ran: QEMU's
+    snapshot thread ignores the value set before it starts); ``wait_for_bandwidth``: the
+    migration does not end before max-bandwidth is this (up to 10 s);
+    ``bandwidth_error``: migrate-set-parameters refuses with this desc."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
@@ -43,6 +48,12 @@ class FakeLiveQemu(threading.Thread):
         self.written = 0
         self.commands: list[str] = []
         self.cap_at_migrate: bool | None = None
+        self.max_bandwidth = 128 << 20
+        self.bandwidth_at_migrate: int | None = None
+        self.bandwidth_at_end: int | None = None
+        self.wait_for_bandwidth: int | None = None
+        self.bandwidth_error = ""
+        self.bandwidth_sets: list[int] = []
         self.fds: dict[str, int] = {}
         self.hmp: dict[str, str] = {}  # HMP command line -> its text
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -119,6 +130,14 @@ class FakeLiveQemu(threading.Thread):
                     {"capability": "xbzrle", "state": False},
                     {"capability": "background-snapshot", "state": self.cap},
                 ]
+            elif ex == "query-migrate-parameters":
+                ret = {"downtime-limit": 300, "max-bandwidth": self.max_bandwidth}
+            elif ex == "migrate-set-parameters":
+                if self.bandwidth_error:
+                    err = self.bandwidth_error
+                elif "max-bandwidth" in args:
+                    self.max_bandwidth = args["max-bandwidth"]
+                    self.bandwidth_sets.append(self.max_bandwidth)
             elif ex == "qom-list":
                 ret = [{"name": "type", "type": "string"}]
             elif ex == "human-monitor-command":
@@ -141,6 +160,7 @@ class FakeLiveQemu(threading.Thread):
                     self.cap = want and self.cap_sticks
             elif ex == "migrate":
                 self.cap_at_migrate = self.cap
+                self.bandwidth_at_migrate = self.max_bandwidth
                 fd = self.fds.pop(args["uri"].removeprefix("fd:"))
                 self.migration = "active"
                 after = fd
@@ -173,6 +193,12 @@ class FakeLiveQemu(threading.Thread):
             except OSError:
                 self.migration = "failed"
                 return
+            deadline = time.monotonic() + 10
+            while self.wait_for_bandwidth not in (None, self.max_bandwidth):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            self.bandwidth_at_end = self.max_bandwidth
             if self.plain or not self.cap_at_migrate:
                 self.status = "postmigrate"  # an ordinary migration pauses the guest at its end
             self.migration = self.outcome

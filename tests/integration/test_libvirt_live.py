@@ -37,6 +37,7 @@ VM = "vlive-t1"
 FRESH = "vlive-t2"
 SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
 ACTIVE = ("setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug")
+CAP = 200 << 20  # a cap on the snapshot (Settings.live_max_bandwidth_bytes)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,26 @@ def live_driver(lab_dir: Path) -> Iterator[LibvirtDriver]:
 
 def qmp(vm: str, execute: str) -> object:
     return json.loads(virsh("qemu-monitor-command", vm, json.dumps({"execute": execute})))["return"]
+
+
+def max_bandwidth(vm: str) -> int:
+    ret = qmp(vm, "query-migrate-parameters")
+    assert isinstance(ret, dict)
+    return int(ret["max-bandwidth"])
+
+
+def set_max_bandwidth(vm: str, value: int) -> None:
+    doc = {"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": value}}
+    assert "return" in json.loads(virsh("qemu-monitor-command", vm, json.dumps(doc)))
+
+
+def wait_max_bandwidth(vm: str, value: int) -> int:
+    """max-bandwidth once it is ``value`` (the script sets the cap just after the
+    snapshot's start), or after 10 s."""
+    deadline = time.monotonic() + 10
+    while (now := max_bandwidth(vm)) != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now
 
 
 def migration_status(vm: str) -> str:
@@ -171,6 +192,7 @@ def test_live_capture_of_a_running_guest(
 ) -> None:
     assert sysctl_before == "0"  # the lab: the window is what makes live possible
     ref = VMRef("lab", vm, vm)
+    bw_before = max_bandwidth(vm)
     poller = StatePoller(vm)
     poller.start()
     src: LiveCoreSource | None = None
@@ -184,6 +206,9 @@ def test_live_capture_of_a_running_guest(
         # The stream has begun and is not being read: the migration is running now.
         assert migration_status(vm) == "active"
         assert background_snapshot_on(vm) is True
+        # No cap asked for: QEMU's max-bandwidth is left alone (it does not rate-limit
+        # a background snapshot).
+        assert max_bandwidth(vm) == bw_before
         # libvirt does not see it as a job of its own, and domjobabort leaves it alone.
         assert "None" in virsh("domjobinfo", vm)
         abort = subprocess.run(
@@ -210,6 +235,8 @@ def test_live_capture_of_a_running_guest(
     assert live["snapshot_at"] == live["stopped_at"]
     assert live["pause_ms_events"] >= 0
     assert "custom-monitor" in live["taint"]
+    assert "max_bandwidth" not in live
+    assert max_bandwidth(vm) == bw_before
     assert len(live["stream_sha256"]) == 64 and live["stream_bytes"] > 0
     window = src.pause_window
     assert window is not None
@@ -285,15 +312,26 @@ def test_live_userfaultfd_none_is_unsupported_before_the_guest_is_touched(
 def test_abort_mid_capture_leaves_the_guest_running(
     vm: str, live_driver: LibvirtDriver, tmp_path: Path, sysctl_before: str
 ) -> None:
-    src = live_driver.open_dump(
-        VMRef("lab", vm, vm), mode="live", spill_dir=tmp_path, buffer_bytes=4 << 20
-    )
-    directory = _dir_of(src)
-    buf = memoryview(bytearray(1 << 20))
-    assert src.readinto(buf) > 0
-    assert migration_status(vm) == "active"
-    src.abort()
-    assert_live_clean(vm, sysctl_before, directory)
+    bw_before = max_bandwidth(vm)
+    set_max_bandwidth(vm, 300 << 20)  # not QEMU's default: it must come back as it was
+    try:
+        src = live_driver.open_dump(
+            VMRef("lab", vm, vm),
+            mode="live",
+            spill_dir=tmp_path,
+            buffer_bytes=4 << 20,
+            max_bandwidth=CAP,
+        )
+        directory = _dir_of(src)
+        buf = memoryview(bytearray(1 << 20))
+        assert src.readinto(buf) > 0
+        assert migration_status(vm) == "active"
+        assert wait_max_bandwidth(vm, CAP) == CAP
+        src.abort()
+        assert_live_clean(vm, sysctl_before, directory)
+        assert max_bandwidth(vm) == 300 << 20
+    finally:
+        set_max_bandwidth(vm, bw_before)
     # QEMU 7.2 would leave guest RAM write-protected after a cancel: the abort drained
     # the snapshot to its end instead.
     assert migration_status(vm) == "completed"
@@ -326,15 +364,22 @@ def test_clean_stale_repairs_a_killed_live_script(
     """SIGKILL to the script mid-capture: nothing of its own clean-up runs. Its reader
     (its own session) drains the snapshot to the end, so QEMU is not left write-protected,
     but the capability stays on and the directory stays: clean_stale repairs both."""
+    bw_before = max_bandwidth(vm)
     src = live_driver.open_dump(
-        VMRef("lab", vm, vm), mode="live", spill_dir=tmp_path, buffer_bytes=4 << 20
+        VMRef("lab", vm, vm),
+        mode="live",
+        spill_dir=tmp_path,
+        buffer_bytes=4 << 20,
+        max_bandwidth=CAP,
     )
     directory = _dir_of(src)
     assert directory is not None
     try:
+        assert wait_max_bandwidth(vm, CAP) == CAP
         os.kill(_live_script_pid(directory), 9)
     finally:
         src.abort()
+    assert max_bandwidth(vm) == CAP  # nobody put it back
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and migration_status(vm) in ACTIVE:
         time.sleep(0.2)
@@ -346,6 +391,7 @@ def test_clean_stale_repairs_a_killed_live_script(
     assert f"live-repaired {vm}" in removed
     assert directory in removed
     assert_live_clean(vm, sysctl_before, directory)
+    assert max_bandwidth(vm) == bw_before
 
 
 def _newest_child(marker: bytes) -> int:

@@ -44,6 +44,26 @@ REPO = Path(__file__).resolve().parents[2]
 VM = "qlive-01"
 HV = "lab-qemu"
 STREAM_HEAD = b"QEVM\x00\x00\x00\x03"
+CAP = 200 << 20  # a cap on the snapshot (Settings.live_max_bandwidth_bytes)
+QEMU_DEFAULT_BANDWIDTH = 128 << 20  # QEMU 7.2's own
+
+
+def max_bandwidth(sock: Path) -> int:
+    value: int = qmp(sock, "query-migrate-parameters")["return"]["max-bandwidth"]
+    return value
+
+
+def set_max_bandwidth(sock: Path, value: int) -> None:
+    assert qmp(sock, "migrate-set-parameters", {"max-bandwidth": value}) == {"return": {}}
+
+
+def wait_max_bandwidth(sock: Path, value: int) -> int:
+    """max-bandwidth once it is ``value`` (the client sets the cap just after the
+    snapshot's start), or after 10 s."""
+    deadline = time.monotonic() + 10
+    while (now := max_bandwidth(sock)) != value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +162,39 @@ def loads(core: bytes) -> list[tuple[tuple[int, int, int, int], bytes]]:
     return out
 
 
+def test_max_bandwidth_cap_while_the_snapshot_runs_and_put_back(
+    qdriver: QemuDriver, vm_sock: Path, sysctl_before: str
+) -> None:
+    """Without a cap the capture leaves QEMU's max-bandwidth alone (QEMU does not
+    rate-limit a background snapshot); with one, max-bandwidth is the cap while the
+    snapshot runs and the VM's own value (here not QEMU's default) after it."""
+    before = remote_temp_dirs()
+    assert max_bandwidth(vm_sock) == QEMU_DEFAULT_BANDWIDTH
+    try:
+        raw, _ = qdriver.open_live_stream(VMRef(HV, VM, VM))
+        read_all(raw)
+        assert "max_bandwidth" not in raw.live
+        assert max_bandwidth(vm_sock) == QEMU_DEFAULT_BANDWIDTH
+        set_max_bandwidth(vm_sock, 300 << 20)
+        raw, _ = qdriver.open_live_stream(VMRef(HV, VM, VM), max_bandwidth=CAP)
+        try:
+            buf = memoryview(bytearray(1 << 20))
+            got = 0
+            while got < 4 << 20:  # then stop reading: the snapshot waits, still running
+                got += raw.readinto(buf)
+            assert migration(vm_sock) == "active"
+            assert wait_max_bandwidth(vm_sock, CAP) == CAP
+        except BaseException:
+            raw.abort()  # not left running for the next test
+            raise
+        read_all(raw)
+        assert (raw.live["max_bandwidth"], raw.live["max_bandwidth_before"]) == (CAP, 300 << 20)
+        assert max_bandwidth(vm_sock) == 300 << 20
+    finally:
+        set_max_bandwidth(vm_sock, QEMU_DEFAULT_BANDWIDTH)
+    assert_clean(vm_sock, before, sysctl_before)
+
+
 def test_live_capture_is_the_paused_dump_of_a_quiescent_guest(
     qdriver: QemuDriver, vm_sock: Path, sysctl_before: str, lab_dir: Path, tmp_path: Path
 ) -> None:
@@ -226,7 +279,8 @@ def test_abort_mid_capture_leaves_the_guest_clean(
     qdriver: QemuDriver, vm_sock: Path, sysctl_before: str
 ) -> None:
     before = remote_temp_dirs()
-    raw, _ = qdriver.open_live_stream(VMRef(HV, VM, VM))
+    bw_before = max_bandwidth(vm_sock)
+    raw, _ = qdriver.open_live_stream(VMRef(HV, VM, VM), max_bandwidth=CAP)
     got = 0
     buf = memoryview(bytearray(1 << 20))
     try:
@@ -235,9 +289,11 @@ def test_abort_mid_capture_leaves_the_guest_clean(
         assert migration(vm_sock) == "active"
         assert status(vm_sock) == "running"
         assert not RESTORE.exists()  # the window closed as soon as QEMU resumed the guest
+        assert wait_max_bandwidth(vm_sock, CAP) == CAP
     finally:
         raw.abort()
     assert_clean(vm_sock, before, sysctl_before)
+    assert max_bandwidth(vm_sock) == bw_before
 
 
 def test_ssh_cut_mid_capture_leaves_the_guest_clean(
@@ -291,7 +347,8 @@ def test_clean_stale_repairs_a_killed_script(
     still runs with the capability on; the driver's clean-up cancels it, turns the
     capability off and removes the directory."""
     before = remote_temp_dirs()
-    raw, _ = qdriver.open_live_stream(VMRef(HV, VM, VM))
+    set_max_bandwidth(vm_sock, 300 << 20)  # not QEMU's default: it must come back as it was
+    raw, _ = qdriver.open_live_stream(VMRef(HV, VM, VM), max_bandwidth=CAP)
     d = Path(raw.directory or "")
     try:
         buf = memoryview(bytearray(1 << 20))
@@ -304,11 +361,16 @@ def test_clean_stale_repairs_a_killed_script(
         os.kill(client, signal.SIGKILL)
         assert migration(vm_sock) == "active" and capability(vm_sock)
         assert status(vm_sock) == "running"
+        assert wait_max_bandwidth(vm_sock, CAP) == CAP
         removed = qdriver.clean_stale(0)
     finally:
         raw.abort()
+        bw_after = max_bandwidth(vm_sock)
+        set_max_bandwidth(vm_sock, QEMU_DEFAULT_BANDWIDTH)
     assert "memdump-repaired migration completed" in removed
     assert "memdump-repaired background-snapshot off" in removed
+    assert f"memdump-repaired max-bandwidth {300 << 20}" in removed
+    assert bw_after == 300 << 20
     assert str(d) in removed
     assert_clean(vm_sock, before, sysctl_before)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from memdump.errors import DumpFailedError, LiveCaptureUnsupportedError
+from memdump.errors import ConfigError, DumpFailedError, LiveCaptureUnsupportedError
 from memdump.hypervisors import fifo
 from memdump.hypervisors import libvirt as lv
 from memdump.hypervisors.base import VMRef
@@ -277,6 +277,7 @@ GOOD_END = (
     "memdump-live-stats " + qmp(STATS) + "\n"
     "memdump-live-uffd window 1764390707.500000000 1764390707.625600000\n"
     "memdump-live-taint custom-argv custom-monitor \n"
+    "memdump-live-bandwidth 134217728 314572800\n"
     "memdump-live-t1 1764390707.710000000 "
     + qmp({"status": "active", "setup-time": 2, "total-time": 110})
     + "\n"
@@ -299,7 +300,9 @@ def driver(
 def test_open_dump_live_returns_the_converter_over_the_script_stream(tmp_path: Path) -> None:
     stream = FakeStream(DIR_LINE + b"QEVM\x00\x00\x00\x03rest", 0, GOOD_END)
     drv, t = driver(stream)
-    src = drv.open_dump(REF, mode="live", spill_dir=tmp_path, buffer_bytes=1 << 20)
+    src = drv.open_dump(
+        REF, mode="live", spill_dir=tmp_path, buffer_bytes=1 << 20, max_bandwidth=512 << 20
+    )
     from memdump.livecore import LiveCoreSource
 
     assert isinstance(src, LiveCoreSource)
@@ -307,7 +310,8 @@ def test_open_dump_live_returns_the_converter_over_the_script_stream(tmp_path: P
     assert t.runs[0][1] == ("qemu:///system", DOM, "sysctl-window")
     script, args, stdin = t.streams[0]
     assert script is lv._LIVE
-    assert args == ("qemu:///system", DOM, "window", "drain")
+    # ... and QEMU's migration max-bandwidth for the snapshot (bytes/s).
+    assert args == ("qemu:///system", DOM, "window", "drain", "536870912")
     assert len(stdin.strip()) == 32  # the token, on stdin only
     assert all(stdin.strip().decode() not in a for a in args)
 
@@ -328,6 +332,9 @@ def test_live_stream_end_stats_and_window() -> None:
     assert live["userfaultfd"] == "sysctl-window"
     assert live["userfaultfd_window_ms"] == pytest.approx(125.6, abs=0.05)
     assert live["taint"] == ["custom-argv", "custom-monitor"]
+    # The cap (QEMU's max-bandwidth while the snapshot ran); the VM's own was put back.
+    assert live["max_bandwidth"] == 300 << 20
+    assert live["max_bandwidth_before"] == 128 << 20
     assert live["migration_status"] == "completed" and live["libvirt_job"] == "none"
     assert (live["qemu_version"], live["libvirt_version"]) == ("7.2.22", "9.0.0")
     assert live["ram"]["transferred"] == 189362004
@@ -583,3 +590,15 @@ def test_preflight_script_asks_the_monitor_only_when_allowed(tmp_path: Path) -> 
     finally:
         p.kill()
         p.wait()
+
+
+def test_live_stream_has_no_cap_by_default() -> None:
+    """QEMU does not rate-limit a background snapshot; no cap unless one is asked for
+    (an empty argument: the script leaves max-bandwidth alone)."""
+    stream = FakeStream(DIR_LINE + b"QEVM\x00\x00\x00\x03", 0, GOOD_END)
+    drv, t = driver(stream)
+    drv.open_live_stream(REF, drv.live_preflight(REF))
+    assert t.streams[0][1][4] == ""
+    with pytest.raises(ConfigError):
+        drv.open_live_stream(REF, drv.live_preflight(REF), max_bandwidth=0)
+    assert len(t.streams) == 1

@@ -12,6 +12,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -24,6 +26,7 @@ import pytest
 
 from memdump.elfcore import parse_core
 from memdump.errors import (
+    ConfigError,
     DumpFailedError,
     HypervisorError,
     LiveCaptureUnsupportedError,
@@ -233,9 +236,15 @@ def stream_of_2mib() -> bytes:
 
 
 def test_open_dump_live_gives_the_elf_core_and_live_fields(tmp_path: Path) -> None:
-    t = FakeTransport(preflight_text(), FakeStream(stream_of_2mib(), 0, live_stderr()))
-    src = driver(t).open_dump(REF, mode="live", spill_dir=tmp_path, buffer_bytes=MIB)
-    # The script gets the VM and the hypervisor's live_userfaultfd as arguments.
+    bandwidth = "memdump-live-bandwidth 134217728 536870912\n"
+    t = FakeTransport(
+        preflight_text(), FakeStream(stream_of_2mib(), 0, live_stderr(extra=bandwidth))
+    )
+    src = driver(t).open_dump(
+        REF, mode="live", spill_dir=tmp_path, buffer_bytes=MIB, max_bandwidth=512 * MIB
+    )
+    # The script gets the VM, the hypervisor's live_userfaultfd and QEMU's migration
+    # max-bandwidth for the snapshot as arguments.
     assert t.streams == [
         (
             qemu._LIVE,
@@ -244,6 +253,7 @@ def test_open_dump_live_gives_the_elf_core_and_live_fields(tmp_path: Path) -> No
                 "vm-a",
                 "\n".join(HypervisorConfig(name="x", driver="qemu").qemu_binaries),
                 "sysctl-window",
+                "536870912",
             ),
         )
     ]
@@ -271,6 +281,7 @@ def test_open_dump_live_gives_the_elf_core_and_live_fields(tmp_path: Path) -> No
     assert [e["event"] for e in live["events"]] == ["STOP", "RESUME"]
     assert live["qemu_version"] == "7.2.0"
     assert live["migration_status"] == "completed"
+    assert live["max_bandwidth"] == 512 * MIB and live["max_bandwidth_before"] == 128 * MIB
     t0, t1 = src.pause_window  # type: ignore[attr-defined]
     assert (t1 - t0).total_seconds() == pytest.approx(0.058531)
 
@@ -435,7 +446,10 @@ def test_window_refuses_a_run_dir_others_can_write(window_env: tuple[Path, Path]
 
 # -- the hypervisor-side client against a fake QEMU, through the real scripts -------------
 
-THIS_EXE = os.readlink("/proc/self/exe")  # the fakes' peer: allowed as if it were QEMU
+THIS_EXE = os.readlink("/proc/self/exe")
+CLIENT_PATH = (
+    Path(__file__).resolve().parents[2] / "memdump/hypervisors/remote/qmp.py"
+)  # the fakes' peer: allowed as if it were QEMU
 
 
 @pytest.fixture
@@ -565,3 +579,123 @@ def test_abort_ends_the_snapshot_safely_for_the_qemu_version(
     else:
         assert "migrate_cancel" in fake.commands
         assert fake.migration == "cancelled" and fake.written < 64 << 20
+
+
+# -- a cap on the snapshot: QEMU's migration max-bandwidth while it runs ----------------
+
+CAP = 300 * MIB
+
+
+def test_no_cap_leaves_max_bandwidth_alone(fake: FakeLiveQemu) -> None:
+    """QEMU's snapshot thread does not rate-limit a background snapshot: by default the
+    capture neither reads nor sets max-bandwidth."""
+    raw, _ = local_driver(fake).open_live_stream(REF)
+    read_raw(raw)
+    assert "migrate-set-parameters" not in fake.commands
+    assert "query-migrate-parameters" not in fake.commands
+    assert fake.max_bandwidth == 128 * MIB and "max_bandwidth" not in raw.live
+
+
+def test_a_cap_is_set_while_the_snapshot_runs_and_put_back(fake: FakeLiveQemu) -> None:
+    """QEMU ignores a max-bandwidth set before migrate (its snapshot thread disables the
+    rate limit as it starts): the cap is set once the snapshot runs, the VM's own value
+    (here not QEMU's default) put back after it."""
+    fake.max_bandwidth = 3 << 30
+    fake.wait_for_bandwidth = CAP
+    raw, _ = local_driver(fake).open_live_stream(REF, max_bandwidth=CAP)
+    assert read_raw(raw) == STREAM
+    assert fake.bandwidth_at_end == CAP  # in force while the snapshot ran
+    assert fake.max_bandwidth == 3 << 30
+    assert fake.bandwidth_sets == [CAP, 3 << 30]
+    cmds = fake.commands
+    assert cmds.index("migrate") < cmds.index("migrate-set-parameters")
+    assert raw.live["max_bandwidth"] == CAP and raw.live["max_bandwidth_before"] == 3 << 30
+
+
+def test_a_cap_is_put_back_after_a_failed_migration(fake: FakeLiveQemu) -> None:
+    fake.outcome = "failed"
+    fake.wait_for_bandwidth = CAP
+    raw, _ = local_driver(fake).open_live_stream(REF, max_bandwidth=CAP)
+    with pytest.raises(DumpFailedError):
+        read_raw(raw)
+    assert fake.bandwidth_at_end == CAP
+    assert fake.max_bandwidth == 128 * MIB and not fake.cap and fake.status == "running"
+
+
+def test_a_cap_refused_fails_the_capture_and_leaves_the_guest_clean(fake: FakeLiveQemu) -> None:
+    fake.bandwidth_error = "Parameter 'max-bandwidth' expects uint64"
+    raw, _ = local_driver(fake).open_live_stream(REF, max_bandwidth=CAP)
+    with pytest.raises(DumpFailedError, match="max-bandwidth"):
+        read_raw(raw)
+    assert fake.max_bandwidth == 128 * MIB and not fake.cap and fake.status == "running"
+
+
+@pytest.mark.parametrize("bad", [0, 1 << 64])
+def test_a_cap_out_of_range_is_a_config_error(fake: FakeLiveQemu, bad: int) -> None:
+    with pytest.raises(ConfigError):
+        local_driver(fake).open_live_stream(REF, max_bandwidth=bad)
+    assert fake.commands == []
+
+
+def test_a_client_killed_outright_has_max_bandwidth_put_back(fake: FakeLiveQemu) -> None:
+    """SIGKILL to the client mid-snapshot: the live script's own repair (the client's
+    ``repair`` mode) puts the VM's max-bandwidth back from the client's output."""
+    fake.endless_mib = 64
+    raw, _ = local_driver(fake).open_live_stream(REF, max_bandwidth=CAP)
+    buf = memoryview(bytearray(1 << 16))
+    got = 0
+    while got < 1 << 20:
+        got += raw.readinto(buf)
+    deadline = time.monotonic() + 10
+    while fake.max_bandwidth != CAP and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.max_bandwidth == CAP
+    d = raw.directory
+    assert d is not None
+    os.kill(int(Path(d, "client").read_text()), 9)
+    with pytest.raises(DumpFailedError, match=r"exit 137"):
+        while raw.readinto(buf):  # the repair drains the rest through the FIFO
+            pass
+        raw.close_ok()
+    assert fake.max_bandwidth == 128 * MIB and not fake.cap and fake.status == "running"
+
+
+def test_repair_leaves_a_max_bandwidth_someone_else_set(fake: FakeLiveQemu) -> None:
+    """The client's ``repair`` mode puts OLD back only while NEW, the killed client's,
+    is in force."""
+    fake.max_bandwidth = 7 * MIB  # not the killed client's CAP: someone else's
+    rc = subprocess.run(
+        [
+            sys.executable, "-I", "-S", str(CLIENT_PATH), "repair", str(fake.path), THIS_EXE,
+            str(os.getpid()), "/nonexistent", str(128 * MIB), str(CAP),
+        ],
+        capture_output=True,
+        check=False,
+    )  # fmt: skip
+    assert rc.returncode == 0, rc.stdout
+    assert fake.max_bandwidth == 7 * MIB
+    fake.max_bandwidth = CAP
+    rc = subprocess.run(
+        [
+            sys.executable, "-I", "-S", str(CLIENT_PATH), "repair", str(fake.path), THIS_EXE,
+            str(os.getpid()), "/nonexistent", str(128 * MIB), str(CAP),
+        ],
+        capture_output=True,
+        check=False,
+    )  # fmt: skip
+    assert rc.returncode == 0, rc.stdout
+    assert fake.max_bandwidth == 128 * MIB
+    assert b"memdump-repaired max-bandwidth 134217728" in rc.stdout
+
+
+def test_scripts_fit_one_sh_argument_and_carry_the_whole_client() -> None:
+    """A script is one argument of ``sh -c`` (MAX_ARG_STRLEN, 128 KiB on Linux): _LIVE
+    holds the client three times, so the scripts carry it without its docstring and
+    comments, the same program."""
+    import ast
+
+    for script in (qemu._LIVE, qemu._REPAIR, qemu._PREFLIGHT, qemu._DUMP):
+        assert len(script.encode()) < 128 << 10
+    full = ast.parse(qemu.QMP_SOURCE)
+    full.body = full.body[1:]  # the module docstring
+    assert ast.dump(ast.parse(qemu.QMP_CLIENT)) == ast.dump(full)

@@ -38,16 +38,21 @@ Modes (output on stdout, one record per line; JSON is re-serialised on one line)
       PREFLIGHT (version, status, migration, capabilities, devices, ``info mtree -f``,
       ``info registers``),
       then ``memdump-uffd VALUE`` (/proc/sys/vm/unprivileged_userfaultfd, "" if absent).
-  live SOCKET FIFO BINARIES READER_PID UFFD RUN_DIR
+  live SOCKET FIFO BINARIES READER_PID UFFD RUN_DIR SYSCTL [BANDWIDTH]
       A live capture (migration capability ``background-snapshot``) into the FIFO, see
       ``live`` below. UFFD: the hypervisor's live_userfaultfd ("none" or "sysctl-window").
+      BANDWIDTH: a cap (bytes/s) on the snapshot: QEMU's migration max-bandwidth, set
+      once the snapshot runs (QEMU's snapshot thread disables the rate limit as it
+      starts, so a value set before ``migrate`` does nothing), the previous value put
+      back afterwards (``memdump-live-bandwidth OLD NEW`` is printed before it is set, so
+      a repair after a kill knows it); absent or "": no cap, max-bandwidth untouched.
   uffd-restore RUN_DIR
       Puts back vm.unprivileged_userfaultfd from RUN_DIR/userfaultfd.restore if a window
       was left open by a client killed outright (its lock is free); prints what it did.
-  repair SOCKET BINARIES PID FIFO
+  repair SOCKET BINARIES PID FIFO [OLD NEW]
       After a live client killed outright: if the QEMU on SOCKET is still pid PID and has
       background-snapshot on, end its migration (drained through FIFO) and turn the
-      capability off.
+      capability off; and if its max-bandwidth is still the client's NEW, put OLD back.
 BINARIES: fnmatch patterns ("*" also matches "/"), one per line.
 
 Exit codes (dump): 0 done; 1 QEMU answered with an error; 70 usage; 71 no greeting; 72 not
@@ -675,6 +680,7 @@ def live(
     policy: "str",
     run_dir: "str",
     sysctl: "str",
+    bandwidth: "int | None" = None,
 ) -> int:
     for sig in SIGNALS:
         signal.signal(sig, on_signal)
@@ -687,6 +693,7 @@ def live(
     spare = -1
     version = (0, 0)
     uffd_before = 0
+    bw = None  # type: tuple[int, int] | None
     try:
         try:
             s.get()
@@ -753,6 +760,11 @@ def live(
                 time.sleep(0.005)
             t1 = time.time()
             out("memdump-pause-window", "%.6f" % t0, "%.6f" % t1)
+            if bandwidth is not None and st not in IDLE:
+                bw = bandwidth_before(s, bandwidth)  # from here repair() puts it back
+                got = s.ask("migrate-set-parameters", {"max-bandwidth": bandwidth})
+                if "return" not in got:
+                    raise Fail(1, "QEMU refused max-bandwidth %d: %s" % (bandwidth, desc(got)))
             s.release()
             while st not in IDLE:
                 time.sleep(0.1)
@@ -776,12 +788,24 @@ def live(
         # ignored after (the client ends here anyway).
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
-            code = repair(s, window, started, touched, final, code, spare, version, uffd_before)
+            code = repair(s, window, started, touched, final, code, spare, version, uffd_before, bw)
         finally:
             for sig in SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return code
+
+
+def bandwidth_before(s: "Session", bandwidth: "int") -> "tuple[int, int]":
+    """(QEMU's max-bandwidth now, ``bandwidth``), printed before the cap is set (a repair
+    after a kill reads it). The cap is set once the snapshot runs: QEMU's snapshot thread
+    disables the rate limit when it starts, so a max-bandwidth set before ``migrate`` is
+    ignored; a parameter set while a migration runs applies to it."""
+    old = ret(s.ask("query-migrate-parameters", show=False)).get("max-bandwidth")
+    if not isinstance(old, int) or isinstance(old, bool) or old < 0:
+        raise Fail(1, "QEMU did not report its migration max-bandwidth")
+    out("memdump-live-bandwidth", str(old), str(bandwidth))
+    return (old, bandwidth)
 
 
 def drain(s: "Session", spare: "int", wait: "float") -> "str":
@@ -813,6 +837,7 @@ def repair(
     spare: "int" = -1,
     version: "tuple[int, int]" = (0, 0),
     uffd_before: "int" = 0,
+    bw: "tuple[int, int] | None" = None,
 ) -> int:
     errors = []
     try:
@@ -839,6 +864,10 @@ def repair(
             )
             if "return" not in got:
                 errors.append("cannot turn %s off: %s" % (CAP, desc(got)))
+        if bw is not None:
+            got = s.ask("migrate-set-parameters", {"max-bandwidth": bw[0]})
+            if "return" not in got:
+                errors.append("cannot put max-bandwidth %d back: %s" % (bw[0], desc(got)))
         if started and uffds(s.pid) > uffd_before:
             errors.append(
                 "QEMU still holds the snapshot's userfaultfd: the guest's memory may stay "
@@ -914,11 +943,30 @@ def open_spare(fifo: "str") -> int:
     return fd
 
 
-def repair_left(path: "str", patterns: "list[str]", pid: "int", fifo: "str") -> int:
+def restore_bandwidth(s: "Session", bw: "tuple[int, int] | None") -> None:
+    """A killed client's max-bandwidth ``bw`` = (OLD, NEW): OLD put back if NEW, the
+    client's, is still in force (a value someone set since is left alone)."""
+    if bw is None or bw[0] == bw[1]:
+        return
+    now = ret(s.ask("query-migrate-parameters", show=False)).get("max-bandwidth")
+    if now == bw[1]:
+        got = s.ask("migrate-set-parameters", {"max-bandwidth": bw[0]}, show=False)
+        if "return" in got:
+            out("memdump-repaired", "max-bandwidth", str(bw[0]))
+        else:
+            out(
+                "memdump-repair-failed", "cannot put max-bandwidth %d back: %s" % (bw[0], desc(got))
+            )
+
+
+def repair_left(
+    path: "str", patterns: "list[str]", pid: "int", fifo: "str", bw: "tuple[int, int] | None"
+) -> int:
     """A live client killed outright: its QEMU (same pid) may still migrate with the
     capability on. Only then: end the migration (run into nothing through the dead
     script's FIFO, cancelled first from QEMU 8.1 on: see repair) and turn the capability
-    off. A migration of someone else's, without background-snapshot, is left alone."""
+    off. A migration of someone else's, without background-snapshot, is left alone. The
+    client's max-bandwidth ``bw`` is put back in either case (restore_bandwidth)."""
     s = Session(path, patterns, pid)
     spare = open_spare(fifo)
     try:
@@ -927,6 +975,7 @@ def repair_left(path: "str", patterns: "list[str]", pid: "int", fifo: "str") -> 
             isinstance(c, dict) and c.get("capability") == CAP and c.get("state") is True
             for c in caps
         ):
+            restore_bandwidth(s, bw)
             return 0
         if migration_status(s) not in IDLE:
             qv = ret(s.ask("query-version", show=False)).get("qemu")
@@ -940,6 +989,7 @@ def repair_left(path: "str", patterns: "list[str]", pid: "int", fifo: "str") -> 
             show=False,
         )
         out("memdump-repaired", CAP, "off")
+        restore_bandwidth(s, bw)
         if uffds(pid):
             out(
                 "memdump-repair-failed",
@@ -954,6 +1004,11 @@ def repair_left(path: "str", patterns: "list[str]", pid: "int", fifo: "str") -> 
     return 0
 
 
+def digits(v: "str") -> bool:
+    """ASCII digits only (str.isdigit also takes other scripts' digits)."""
+    return v != "" and v.strip("0123456789") == ""
+
+
 def main(argv: "list[str]") -> int:
     if sys.version_info < (3, 6):
         out("memdump-error", "95", "python3 on the hypervisor is older than 3.6")
@@ -965,13 +1020,22 @@ def main(argv: "list[str]") -> int:
             return dump(argv[1], argv[2], argv[3].split("\n"), int(argv[4]))
         if len(argv) == 4 and argv[0] == "preflight":
             return preflight(argv[1], argv[2].split("\n"), argv[3])
-        if len(argv) == 8 and argv[0] == "live" and argv[4].isdigit():
+        if len(argv) in (8, 9) and argv[0] == "live" and argv[4].isdigit():
             a = argv
-            return live(a[1], a[2], a[3].split("\n"), int(a[4]), a[5], a[6], a[7])
+            bandwidth = None  # type: int | None
+            if len(a) == 9 and a[8] != "":
+                if not digits(a[8]) or not 0 < int(a[8]) < 1 << 64:
+                    out("memdump-error", "70", "BANDWIDTH must be 1 to 2**64-1 bytes/s")
+                    return 70
+                bandwidth = int(a[8])
+            return live(a[1], a[2], a[3].split("\n"), int(a[4]), a[5], a[6], a[7], bandwidth)
         if len(argv) == 3 and argv[0] == "uffd-restore":
             return uffd_restore(argv[1], argv[2])
-        if len(argv) == 5 and argv[0] == "repair" and argv[3].isdigit():
-            return repair_left(argv[1], argv[2].split("\n"), int(argv[3]), argv[4])
+        if len(argv) in (5, 7) and argv[0] == "repair" and argv[3].isdigit():
+            bw = None  # type: tuple[int, int] | None
+            if len(argv) == 7 and digits(argv[5]) and digits(argv[6]):
+                bw = (int(argv[5]), int(argv[6]))
+            return repair_left(argv[1], argv[2].split("\n"), int(argv[3]), argv[4], bw)
     except Fail as exc:
         out("memdump-error", str(exc.code), " ".join(exc.message.split()))
         return exc.code
