@@ -115,6 +115,8 @@ def capture(
         kind = str(getattr(driver, "kind", type(driver).__name__))
         if not has_live_mode(driver):
             reason = f"driver {kind} has no live mode"
+        elif short := _live_space_shortfall(settings, info):
+            reason = short
         else:
             try:
                 return _capture_once(
@@ -244,6 +246,23 @@ def _capture_once(
         pause_ms=doc["capture"]["pause_ms"],
     )
     return Capture(record, info, result, doc, mode, requested or mode, fallback_reason)
+
+
+def _live_space_shortfall(settings: Settings, info: VMInfo) -> str:
+    """Why dump_dir cannot take a live capture ("" if it can). Besides the image, the
+    converter may hold up to the guest's whole memory in its spill file there: QEMU's
+    sweep restarts at every page the guest writes during the capture (ram.c,
+    ram_find_and_save_block), so a busy guest's pages mostly arrive out of order."""
+    dump_dir = settings.dump_dir.resolve()
+    free = shutil.disk_usage(dump_dir).free
+    need = int(info.memory_bytes * settings.disk_space_margin) + info.memory_bytes
+    if free >= need:
+        return ""
+    return (
+        f"not enough space in {dump_dir} for a live capture: {free} bytes free, {need} "
+        f"needed (the image, {info.memory_bytes} bytes of memory x "
+        f"{settings.disk_space_margin}, plus as much again for the converter's spill file)"
+    )
 
 
 def _check_space(settings: Settings, info: VMInfo) -> None:

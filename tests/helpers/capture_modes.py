@@ -107,10 +107,16 @@ class LiveDriver:
         mode: Literal["paused", "live"] = "paused",
         spill_dir: Path | None = None,
         buffer_bytes: int = 64 << 20,
-        max_bandwidth: int | None = None,  # the real drivers' cap on a snapshot: unused
+        max_bandwidth: int | None = None,  # the real drivers' cap on a snapshot
     ) -> Source:
         self.calls.append(
-            {"mode": mode, "staging": staging, "spill_dir": spill_dir, "buffer_bytes": buffer_bytes}
+            {
+                "mode": mode,
+                "staging": staging,
+                "spill_dir": spill_dir,
+                "buffer_bytes": buffer_bytes,
+                "max_bandwidth": max_bandwidth,
+            }
         )
         if mode == "paused":
             src = Source(PAUSED_CORE)

@@ -14,7 +14,7 @@ import pytest
 
 import memdump.capture as engine
 from memdump.capture import capture
-from memdump.errors import MigrationStreamError
+from memdump.errors import InsufficientSpaceError, MigrationStreamError
 from memdump.manifest import manifest_path
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import HypervisorConfig, Settings
@@ -103,7 +103,9 @@ def test_hypervisor_entry_given_by_the_caller(tmp_path: Path) -> None:
 
 
 def test_live_capture_gets_the_live_call_and_records_it(tmp_path: Path) -> None:
-    s = settings(tmp_path, capture_mode="live", live_buffer_bytes=8 << 20)
+    s = settings(
+        tmp_path, capture_mode="live", live_buffer_bytes=8 << 20, live_max_bandwidth_bytes=1 << 28
+    )
     d = LiveDriver()
     cap = capture(d, REF, s)  # type: ignore[arg-type]
     (call,) = d.calls
@@ -112,6 +114,7 @@ def test_live_capture_gets_the_live_call_and_records_it(tmp_path: Path) -> None:
         "staging": "fifo",
         "spill_dir": s.dump_dir.resolve(),
         "buffer_bytes": 8 << 20,
+        "max_bandwidth": 1 << 28,
     }
     rec = cap.record
     assert rec.sha256 == hashlib.sha256(LIVE_CORE).hexdigest()
@@ -200,6 +203,41 @@ def test_driver_without_live_mode_falls_back(tmp_path: Path) -> None:
     c = read_manifest(cap.record.dump_path)["capture"]
     assert (c["mode_requested"], c["mode"]) == ("live", "paused")
     assert c["fallback_reason"] == "driver fakepaused has no live mode"
+
+
+@pytest.mark.parametrize(
+    ("free_mib", "used"),
+    [(1, None), (1.2, "paused"), (2.2, "live")],  # the guest has 1 MiB; margin 1.1
+)
+def test_live_needs_room_for_the_spill_file_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free_mib: float, used: str | None
+) -> None:
+    """A busy guest can make the converter spill up to its whole memory into dump_dir:
+    with room for the image but not for that, the capture is paused, with the reason;
+    without room for the image, it is refused before the guest is touched."""
+    s = settings(tmp_path, capture_mode="live")
+    s.dump_dir.mkdir(mode=0o700)
+    real = engine.shutil.disk_usage(s.dump_dir)
+    free = int(free_mib * (1 << 20))
+    monkeypatch.setattr(
+        engine.shutil, "disk_usage", lambda _p: type(real)(real.total, real.used, free)
+    )
+    d = LiveDriver()
+    if used is None:
+        with pytest.raises(InsufficientSpaceError):
+            capture(d, REF, s)  # type: ignore[arg-type]
+        assert d.calls == []
+        return
+    cap = capture(d, REF, s)  # type: ignore[arg-type]
+    assert [c["mode"] for c in d.calls] == [used]
+    assert cap.record.capture_mode == used
+    if used == "paused":
+        assert "spill file" in cap.record.live_fallback_reason
+        assert read_manifest(cap.record.dump_path)["capture"]["fallback_reason"] == (
+            cap.record.live_fallback_reason
+        )
+    else:
+        assert cap.record.live_fallback_reason == ""
 
 
 def test_other_live_errors_are_errors_not_fallbacks(
