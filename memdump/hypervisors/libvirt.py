@@ -37,6 +37,7 @@ from memdump.hypervisors.fifo import (
     start_dump,
     token_stdin,
 )
+from memdump.hypervisors.migration import migration_fields
 from memdump.identifiers import validate_id
 from memdump.pipeline import DumpSource
 from memdump.settings import QEMU_MAX_BANDWIDTH, HypervisorConfig, Settings
@@ -1081,21 +1082,7 @@ def live_metadata(lines: dict[str, str], pre: LivePreflight) -> dict[str, Any]:
     stats = _qmp_return(lines.get("stats", ""), "query-migrate")
     if isinstance(stats, dict):
         live["stats"] = stats
-        live["migration_status"] = stats.get("status")
-        for key, name in (
-            ("downtime", "downtime_ms"),
-            ("setup-time", "setup_time_ms"),
-            ("total-time", "total_time_ms"),
-        ):
-            if isinstance(stats.get(key), int):
-                live[name] = stats[key]
-        ram = stats.get("ram")
-        if isinstance(ram, dict):
-            live["ram"] = {
-                k: ram[k]
-                for k in ("total", "transferred", "normal", "duplicate", "normal-bytes", "mbps")
-                if isinstance(ram.get(k), int | float)
-            }
+        live.update(migration_fields(stats))
     # QEMU's STOP and RESUME events (QEMU's clock, milliseconds as virsh prints them):
     # the vCPUs stopped to arm write tracking, and ran again.
     stop_s, _, resume_s = lines.get("events", "").partition("|")

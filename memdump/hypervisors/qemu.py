@@ -63,6 +63,7 @@ from memdump.hypervisors.fifo import (
     fifo_only,
     token_stdin,
 )
+from memdump.hypervisors.migration import migration_fields
 from memdump.identifiers import validate_id
 from memdump.livecore import EM_X86_64, GuestLayout, LiveCoreSource, elf_machine_from_registers
 from memdump.pipeline import DumpSource
@@ -913,22 +914,7 @@ class _LiveDump(TokenFifoDump):
             except ValueError:
                 pass
         live: dict[str, Any] = {"method": "qemu background-snapshot (QMP migrate fd:)"}
-        for key, name in (
-            ("downtime", "downtime_ms"),
-            ("setup-time", "setup_time_ms"),
-            ("total-time", "total_time_ms"),
-        ):
-            if isinstance(stats.get(key), int):
-                live[name] = stats[key]
-        ram = stats.get("ram")
-        if isinstance(ram, dict):
-            live["ram"] = {
-                k: ram[k]
-                for k in ("total", "transferred", "duplicate", "normal", "normal-bytes", "mbps")
-                if k in ram
-            }
-        if stats.get("status"):
-            live["migration_status"] = stats["status"]
+        live.update(migration_fields(stats))
         b = re.search(r"^memdump-live-bandwidth (\d+) (\d+)$", stderr, re.M)
         if b:
             # The cap on the snapshot (QEMU's max-bandwidth while it ran, bytes/s) and the

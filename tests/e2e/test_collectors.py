@@ -30,9 +30,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers.qmp_lab import qmp
 from tests.helpers.services import stop, wait_http
 from tests.integration.conftest import remote_temp_dirs
-from tests.integration.test_qemu_driver import qmp
 from tests.procs import descendants
 from tests.stack import REPO, free_port, lab_inventory
 

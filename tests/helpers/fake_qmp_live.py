@@ -30,7 +30,8 @@ class FakeLiveQemu(threading.Thread):
     128 MiB/s); ``bandwidth_at_migrate`` and ``bandwidth_at_end``: its value when
     ``migrate`` came and when the migration ended (the one in force while it ran: QEMU's
     snapshot thread ignores the value set before it starts); ``wait_for_bandwidth``: the
-    migration does not end before max-bandwidth is this (up to 10 s);
+    migration does not end before max-bandwidth is this (up to 10 s, or until a set was
+    refused);
     ``bandwidth_error``: migrate-set-parameters refuses with this desc."""
 
     def __init__(self, path: Path) -> None:
@@ -53,6 +54,7 @@ class FakeLiveQemu(threading.Thread):
         self.bandwidth_at_end: int | None = None
         self.wait_for_bandwidth: int | None = None
         self.bandwidth_error = ""
+        self.bandwidth_refused = 0
         self.bandwidth_sets: list[int] = []
         self.fds: dict[str, int] = {}
         self.hmp: dict[str, str] = {}  # HMP command line -> its text
@@ -135,6 +137,7 @@ class FakeLiveQemu(threading.Thread):
             elif ex == "migrate-set-parameters":
                 if self.bandwidth_error:
                     err = self.bandwidth_error
+                    self.bandwidth_refused += 1
                 elif "max-bandwidth" in args:
                     self.max_bandwidth = args["max-bandwidth"]
                     self.bandwidth_sets.append(self.max_bandwidth)
@@ -195,6 +198,8 @@ class FakeLiveQemu(threading.Thread):
                 return
             deadline = time.monotonic() + 10
             while self.wait_for_bandwidth not in (None, self.max_bandwidth):
+                if self.bandwidth_refused:
+                    break  # asked for and refused: it will not come
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.01)

@@ -44,7 +44,7 @@ def qmp(
     sock: Path, command: str, args: dict[str, Any] | None = None, fd: int | None = None
 ) -> dict[str, Any]:
     """One QMP command on its own connection (events skipped); the reply. ``fd``: handed
-    to QEMU first (getfd, as "other"), on the same connection."""
+    to QEMU first (getfd, as "ref", for ``fd:ref``), on the same connection."""
     with connect(sock) as s, s.makefile("rwb") as f:
 
         def reply() -> dict[str, Any]:
@@ -60,7 +60,7 @@ def qmp(
         f.flush()
         reply()
         if fd is not None:
-            getfd = b'{"execute":"getfd","arguments":{"fdname":"other"}}\n'
+            getfd = b'{"execute":"getfd","arguments":{"fdname":"ref"}}\n'
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
             assert s.sendmsg([getfd], anc) == len(getfd)
             assert reply() == {"return": {}}

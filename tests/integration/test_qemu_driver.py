@@ -5,7 +5,6 @@ errors, and aborts that leave the guest running."""
 
 from __future__ import annotations
 
-import array
 import gzip
 import hashlib
 import json
@@ -36,44 +35,12 @@ from memdump.manifest import manifest_path
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.targets import find
+from tests.helpers.qmp_lab import qmp
 from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 VM = "vm-qemu-01"
 HV = "lab-qemu"
-
-
-def qmp(
-    sock: Path, command: str, args: dict[str, Any] | None = None, fd: int | None = None
-) -> dict[str, Any]:
-    """One QMP command on its own connection (events skipped); the reply. ``fd``: sent
-    with a ``getfd`` (as "ref") on that connection first, for ``protocol: fd:ref``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(120)
-        s.connect(str(sock))
-        f = s.makefile("rwb")
-
-        def reply() -> dict[str, Any]:
-            while True:
-                line = f.readline()
-                assert line, "QMP connection closed"
-                doc: dict[str, Any] = json.loads(line)
-                if "return" in doc or "error" in doc:
-                    return doc
-
-        assert "QMP" in json.loads(f.readline())
-        f.write(b'{"execute":"qmp_capabilities"}\n')
-        f.flush()
-        reply()
-        if fd is not None:
-            getfd = b'{"execute":"getfd","arguments":{"fdname":"ref"}}\n'
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-            assert s.sendmsg([getfd], anc) == len(getfd)
-            assert reply() == {"return": {}}
-        cmd: dict[str, Any] = {"execute": command, **({"arguments": args} if args else {})}
-        f.write(json.dumps(cmd).encode() + b"\n")
-        f.flush()
-        return reply()
 
 
 def qemu_dump_to(sock: Path, path: Path) -> dict[str, Any]:

@@ -221,7 +221,7 @@ def test_live_capture_is_the_paused_dump_of_a_quiescent_guest(
     ref = tmp_path / "paused.elf"
     fd = os.open(ref, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        args = {"paging": False, "protocol": "fd:other", "format": "elf"}
+        args = {"paging": False, "protocol": "fd:ref", "format": "elf"}
         assert qmp(vm_sock, "dump-guest-memory", args, fd=fd) == {"return": {}}
     finally:
         os.close(fd)
@@ -258,7 +258,7 @@ def test_unsupported_while_another_migration_runs(
     before = remote_temp_dirs()
     ours, theirs = socket.socketpair()
     try:
-        assert "return" in qmp(vm_sock, "migrate", {"uri": "fd:other"}, fd=theirs.fileno())
+        assert "return" in qmp(vm_sock, "migrate", {"uri": "fd:ref"}, fd=theirs.fileno())
         theirs.close()
         assert migration(vm_sock) in ("setup", "active")
         with pytest.raises(LiveCaptureUnsupportedError) as ei:

@@ -624,6 +624,9 @@ def test_a_cap_is_put_back_after_a_failed_migration(fake: FakeLiveQemu) -> None:
 
 def test_a_cap_refused_fails_the_capture_and_leaves_the_guest_clean(fake: FakeLiveQemu) -> None:
     fake.bandwidth_error = "Parameter 'max-bandwidth' expects uint64"
+    # The migration lasts until the cap is asked for (or 10 s): a short fake stream could
+    # otherwise end before the client sets it, and then nothing is refused.
+    fake.wait_for_bandwidth = CAP
     raw, _ = local_driver(fake).open_live_stream(REF, max_bandwidth=CAP)
     with pytest.raises(DumpFailedError, match="max-bandwidth"):
         read_raw(raw)
