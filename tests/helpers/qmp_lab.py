@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,77 @@ def assert_clean(sock: Path, before_dirs: list[str], sysctl: str, timeout: float
 
 
 IDLE = ("none", "completed", "failed", "cancelled")
+
+
+class QmpError(Exception):
+    def __init__(self, command: str, error: dict[str, Any]) -> None:
+        super().__init__(f"{command}: {error.get('class')}: {error.get('desc')}")
+        self.error = error
+
+
+class Qmp:
+    """One QMP connection (unix socket): commands, optional descriptors (SCM_RIGHTS, for
+    ``getfd``), and the events seen on the way, with QEMU's timestamps."""
+
+    def __init__(self, sock: Path, timeout: float = 120.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(sock))
+        self._buf = b""
+        self.events: list[dict[str, Any]] = []
+        greeting = self._read()
+        if "QMP" not in greeting:
+            raise AssertionError(f"not a QMP greeting: {greeting}")
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("QMP connection closed")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        doc: dict[str, Any] = json.loads(line)
+        return doc
+
+    def execute(
+        self, command: str, args: dict[str, Any] | None = None, fds: Sequence[int] = ()
+    ) -> Any:
+        msg = json.dumps({"execute": command, **({"arguments": args} if args else {})}).encode()
+        if fds:
+            self.sock.sendmsg(
+                [msg + b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            )
+        else:
+            self.sock.sendall(msg + b"\n")
+        while True:
+            doc = self._read()
+            if "event" in doc:
+                self.events.append(doc)
+            elif "error" in doc:
+                raise QmpError(command, doc["error"])
+            elif "return" in doc:
+                return doc["return"]
+
+    def hmp(self, line: str) -> str:
+        return str(self.execute("human-monitor-command", {"command-line": line}))
+
+    def status(self) -> str:
+        return str(self.execute("query-status")["status"])
+
+    def migration(self) -> dict[str, Any]:
+        doc: dict[str, Any] = self.execute("query-migrate")
+        return doc
+
+    def capability(self, name: str = "background-snapshot") -> bool:
+        caps = self.execute("query-migrate-capabilities")
+        return any(c["capability"] == name and c["state"] for c in caps)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> Qmp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -56,7 +56,6 @@ from tests.helpers.counter_guest import (
     PhysReader,
     Probe,
     Prober,
-    Qmp,
     SmearedImage,
     background_snapshot,
     check_consistent,
@@ -67,6 +66,7 @@ from tests.helpers.counter_guest import (
     read_counter,
     read_pages_one_by_one,
 )
+from tests.helpers.qmp_lab import Qmp
 from tests.integration.conftest import layout, virsh
 
 REPO = Path(__file__).resolve().parents[2]

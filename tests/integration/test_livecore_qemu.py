@@ -13,13 +13,11 @@ bg_migration_vm_start_bh calls vm_start() whatever the run state was.)
 
 from __future__ import annotations
 
-import array
 import contextlib
 import hashlib
 import json
 import os
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -35,6 +33,7 @@ import pytest
 
 from memdump.elfcore import PT_LOAD, parse_core
 from memdump.livecore import GuestLayout, LiveCoreSource, elf_machine_from_registers
+from tests.helpers.qmp_lab import Qmp
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -46,48 +45,6 @@ def _accel() -> str:
     except OSError:
         return "tcg"
     return "kvm"
-
-
-class Qmp:
-    """One QMP connection to a QEMU of this test."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(300)
-        self.sock.connect(str(path))
-        self.f = self.sock.makefile("rwb")
-        assert "QMP" in json.loads(self.f.readline())
-        assert self.cmd("qmp_capabilities") == {}
-
-    def cmd(self, command: str, args: dict[str, Any] | None = None, fd: int | None = None) -> Any:
-        """The command's "return" (events skipped); ``fd`` goes first, as getfd "memdump"."""
-        if fd is not None:
-            getfd = b'{"execute":"getfd","arguments":{"fdname":"memdump"}}\n'
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-            self.sock.sendmsg([getfd], anc)
-            assert self._reply() == {"return": {}}
-        doc: dict[str, Any] = {"execute": command, **({"arguments": args} if args else {})}
-        self.f.write(json.dumps(doc).encode() + b"\n")
-        self.f.flush()
-        reply = self._reply()
-        assert "return" in reply, reply
-        return reply["return"]
-
-    def _reply(self) -> dict[str, Any]:
-        while True:
-            line = self.f.readline()
-            assert line, "QMP connection closed"
-            doc: dict[str, Any] = json.loads(line)
-            if "return" in doc or "error" in doc:
-                return doc
-
-    def hmp(self, line: str) -> str:
-        out: str = self.cmd("human-monitor-command", {"command-line": line})
-        return out
-
-    def close(self) -> None:
-        self.f.close()
-        self.sock.close()
 
 
 @contextlib.contextmanager
@@ -126,7 +83,7 @@ def root_qemu(
     finally:
         if qmp is not None:
             with contextlib.suppress(Exception):
-                qmp.cmd("quit")
+                qmp.execute("quit")
             qmp.close()
         for _ in range(100):
             try:
@@ -223,16 +180,17 @@ def live_capture(
     """background-snapshot into a pipe, converted on the fly; the capability is off after."""
     layout = GuestLayout.from_mtree(qmp.hmp("info mtree -f"))
     machine = elf_machine_from_registers(qmp.hmp("info registers"))
-    qmp.cmd(
+    qmp.execute(
         "migrate-set-capabilities",
         {"capabilities": [{"capability": "background-snapshot", "state": True}]},
     )
-    old_bw = qmp.cmd("query-migrate-parameters")["max-bandwidth"]
-    qmp.cmd("migrate-set-parameters", {"max-bandwidth": 1 << 40})  # not 128 MiB/s
+    old_bw = qmp.execute("query-migrate-parameters")["max-bandwidth"]
+    qmp.execute("migrate-set-parameters", {"max-bandwidth": 1 << 40})  # not 128 MiB/s
     r, w = os.pipe()
     src = FdSource(r)
     try:
-        qmp.cmd("migrate", {"uri": "fd:memdump"}, fd=w)
+        qmp.execute("getfd", {"fdname": "memdump"}, fds=[w])
+        qmp.execute("migrate", {"uri": "fd:memdump"})
     finally:
         os.close(w)
     core = LiveCoreSource(src, layout, spill_dir=spill_dir, buffer_bytes=16 << 20, machine=machine)
@@ -244,17 +202,17 @@ def live_capture(
         raise
     finally:
         for _ in range(600):
-            mig = qmp.cmd("query-migrate")
+            mig = qmp.execute("query-migrate")
             if mig.get("status") not in ("setup", "active", "device"):
                 break
             time.sleep(0.1)
-        qmp.cmd(
+        qmp.execute(
             "migrate-set-capabilities",
             {"capabilities": [{"capability": "background-snapshot", "state": False}]},
         )
-        qmp.cmd("migrate-set-parameters", {"max-bandwidth": old_bw})
+        qmp.execute("migrate-set-parameters", {"max-bandwidth": old_bw})
     assert mig["status"] == "completed", mig
-    caps = {c["capability"]: c["state"] for c in qmp.cmd("query-migrate-capabilities")}
+    caps = {c["capability"]: c["state"] for c in qmp.execute("query-migrate-capabilities")}
     assert caps["background-snapshot"] is False
     assert core.stream_sha256 == src.sha.hexdigest() and core.stream_bytes == src.bytes
     return dig, core, mig
@@ -273,7 +231,8 @@ def paused_dump(qmp: Qmp, grab: dict[int, int]) -> ElfDigest:
     t = threading.Thread(target=reader, daemon=True)
     t.start()
     try:
-        qmp.cmd("dump-guest-memory", {"paging": False, "protocol": "fd:memdump"}, fd=w)
+        qmp.execute("getfd", {"fdname": "memdump"}, fds=[w])
+        qmp.execute("dump-guest-memory", {"paging": False, "protocol": "fd:memdump"})
     finally:
         os.close(w)
     t.join(600)
@@ -333,7 +292,7 @@ def test_live_core_equals_dump_guest_memory(mib: int, machine: str, tmp_path: Pa
     loaders = [(r["addr"], Path(r["file"])) for r in img["regions"]]
     with root_qemu(mib, loaders, bios, machine) as qmp:
         live, core, mig = live_capture(qmp, spill, grab)
-        assert qmp.cmd("query-status")["status"] == "running"
+        assert qmp.execute("query-status")["status"] == "running"
         paused = paused_dump(qmp, {})
     assert_same_core(live, paused)
     assert live.grabbed == markers  # the lab's markers at their guest-physical addresses
