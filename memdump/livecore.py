@@ -37,10 +37,12 @@ before the BIOS).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
 import struct
@@ -91,6 +93,7 @@ _FLAG_NAMES = {
 }
 _PAGE_MASK = ~(PAGE_SIZE - 1)
 
+_BE64 = struct.Struct(">Q")
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _PHDR = struct.Struct("<IIQQQQQQ")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
@@ -248,6 +251,42 @@ def elf_machine_from_registers(text: str) -> int:
 # -- the stream -------------------------------------------------------------------------
 
 
+class _StreamHash(threading.Thread):
+    """SHA-256 of the stream on its own thread (hashlib lets go of the GIL): on the
+    converter's thread it cost a third of its time. At most ``_DEPTH`` chunks wait."""
+
+    _DEPTH = 8
+
+    def __init__(self) -> None:
+        super().__init__(name="memdump-stream-sha", daemon=True)
+        self._sha = hashlib.sha256()
+        self._work: queue.Queue[bytes | None] = queue.Queue(self._DEPTH)
+
+    def update(self, data: bytes) -> None:
+        if not self.is_alive():
+            self.start()
+        self._work.put(data)
+
+    def run(self) -> None:
+        while (data := self._work.get()) is not None:
+            self._sha.update(data)
+
+    def hexdigest(self) -> str:
+        if self.is_alive():
+            self._work.put(None)
+            self.join()
+        return self._sha.hexdigest()
+
+    def stop(self) -> None:
+        """Drop what waits and end the thread (abort, error): never blocks the caller."""
+        while self.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._work.get_nowait()
+            with contextlib.suppress(queue.Full):
+                self._work.put_nowait(None)
+                self.join()
+
+
 class _Reader:
     """Buffered, hashing reader over a DumpSource; knows its offset in the stream."""
 
@@ -255,7 +294,7 @@ class _Reader:
 
     def __init__(self, source: DumpSource) -> None:
         self.source = source
-        self.sha = hashlib.sha256()
+        self.sha = _StreamHash()
         self.buf = bytearray(self._CHUNK)
         self.start = 0
         self.end = 0
@@ -282,7 +321,7 @@ class _Reader:
             try:
                 n = self.source.readinto(view[self.end :])
                 if n:
-                    self.sha.update(view[self.end : self.end + n])
+                    self.sha.update(bytes(view[self.end : self.end + n]))
             finally:
                 view.release()
             if not n:
@@ -571,6 +610,7 @@ class LiveCoreSource:
         }
 
     def _cleanup(self) -> None:
+        self._reader.sha.stop()
         if self._spill is not None:
             self._spill.close()
         self._store.clear()
@@ -832,9 +872,10 @@ class LiveCoreSource:
     def _run(self, blk: _Block, idx: int, limit: int) -> list[memoryview | bytes]:
         """Fast path for the bulk of the stream: the records of pages idx, idx+1, ... of the
         block just named (ZERO with fill 0, or PAGE), taken straight from the read buffer
-        while each is the very page the file needs next and needed once. Zero pages in a
-        row become one chunk. Anything else is left to _record, which parses and checks
-        it in full."""
+        while each is the very page the file needs next and needed once. The run becomes
+        one chunk (a slice of the shared zeros if it holds no data): per page one memcpy
+        into it and no other object, since this loop is the converter's cost per page.
+        Anything else is left to _record, which parses and checks it in full."""
         r = self._reader
         if r.end - r.start < PAGE_SIZE + 8:
             r._fill(PAGE_SIZE + 8)
@@ -842,35 +883,43 @@ class LiveCoreSource:
         if need is None:
             return []
         buf, pos, stop = r.buf, r.start, r.end
-        out: list[memoryview | bytes] = []
-        zeros = n = normal = 0
-        while n < limit and stop - pos >= 9:
-            i = idx + n
-            if received[i] or need[i] != 1:
-                break
-            word = int.from_bytes(buf[pos : pos + 8], "big")
-            if word == (i * PAGE_SIZE) | _ZERO_CONT and buf[pos + 8] == 0:
-                zeros += 1
-                pos += 9
-            elif word == (i * PAGE_SIZE) | _PAGE_CONT and stop - pos >= PAGE_SIZE + 8:
-                if zeros:
-                    out.append(_ZEROS[: zeros * PAGE_SIZE])
-                    self.counts["zero"] += zeros
-                    zeros = 0
-                out.append(bytes(buf[pos + 8 : pos + 8 + PAGE_SIZE]))
-                normal += 1
-                pos += PAGE_SIZE + 8
-            else:
-                break
-            received[i] = 1
-            n += 1
-        if zeros:
-            out.append(_ZEROS[: zeros * PAGE_SIZE])
-            self.counts["zero"] += zeros
+        src = memoryview(buf)
+        out: bytearray | None = None
+        unpack = _BE64.unpack_from
+        zero_word, page_word = _ZERO_CONT, _PAGE_CONT
+        n = normal = 0
+        try:
+            while n < limit and stop - pos >= 9:
+                i = idx + n
+                if received[i] or need[i] != 1:
+                    break
+                (word,) = unpack(buf, pos)
+                if word == (i * PAGE_SIZE) | zero_word and buf[pos + 8] == 0:
+                    pos += 9
+                elif word == (i * PAGE_SIZE) | page_word and stop - pos >= PAGE_SIZE + 8:
+                    if out is None:
+                        out = bytearray(limit * PAGE_SIZE)  # zero-filled: the zero pages
+                    at = n * PAGE_SIZE
+                    out[at : at + PAGE_SIZE] = src[pos + 8 : pos + 8 + PAGE_SIZE]
+                    normal += 1
+                    pos += PAGE_SIZE + 8
+                else:
+                    break
+                received[i] = 1
+                n += 1
+        finally:
+            src.release()
+        self.counts["zero"] += n - normal
         self.counts["normal"] += normal
         r.consumed += pos - r.start
         r.start = pos
-        return out
+        if not n:
+            return []
+        if out is None:
+            return [_ZEROS[: n * PAGE_SIZE]]
+        if n < limit:
+            del out[n * PAGE_SIZE :]
+        return [memoryview(out)]
 
     def _take(self, blk: _Block, idx: int) -> bytes:
         """A waiting page, for one of its uses."""
