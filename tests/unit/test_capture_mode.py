@@ -259,8 +259,18 @@ def test_other_live_errors_are_errors_not_fallbacks(
 # -- paused, as before -----------------------------------------------------------------
 
 
-def test_paused_capture_is_unchanged(tmp_path: Path) -> None:
+def test_live_is_the_default_and_a_driver_without_it_says_so(tmp_path: Path) -> None:
     s = settings(tmp_path)
+    assert s.capture_mode == "live"
+    cap = capture(PausedOnlyDriver(), REF, s)  # type: ignore[arg-type]
+    rec = cap.record
+    assert (cap.mode_requested, rec.capture_mode) == ("live", "paused")
+    assert rec.live_fallback_reason == "driver fakepaused has no live mode"
+    assert read_manifest(rec.dump_path)["capture"]["fallback_reason"] == rec.live_fallback_reason
+
+
+def test_paused_capture_is_unchanged(tmp_path: Path) -> None:
+    s = settings(tmp_path, capture_mode="paused")
     d = PausedOnlyDriver()  # open_dump without a mode argument: called as before
     cap = capture(d, REF, s)  # type: ignore[arg-type]
     assert d.calls == [{"staging": "fifo", "margin": s.disk_space_margin}]
