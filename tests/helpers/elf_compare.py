@@ -4,13 +4,13 @@ paused dump (``dump-guest-memory`` with paging off, what ``virsh dump --memory-o
 --format elf`` and HMP ``dump-guest-memory`` write) in a file.
 
 Neither core is held whole in memory (a 4 GiB guest's core as Python bytes, twice, would
-be 8+ GiB of RSS) nor hashed (SHA-256 of both, on the lab's 2 shared cores, cost more
-than the capture): the live core is read in 4 MiB chunks and every byte of every
-PT_LOAD is compared with the same guest-physical bytes of the file (``pread``, found
-through the file's own PT_LOAD headers), in whatever order the live core holds its
-PT_LOADs (it lays segment data out in the order QEMU's migration sweep sends RAM blocks,
-so its p_offsets need not grow with the addresses). A failure names the first
-guest-physical address at which the two differ.
+be 8+ GiB of RSS) nor hashed (SHA-256 of the live core as it came added ~10 s to a 1 GiB
+libvirt capture of ~14 s on the lab's 2 shared cores): the live core is read in 4 MiB
+chunks and every byte of every PT_LOAD is compared with the same guest-physical bytes of
+the file (``pread``, found through the file's own PT_LOAD headers), in whatever order
+the live core holds its PT_LOADs (it lays segment data out in the order QEMU's migration
+sweep sends RAM blocks, so its p_offsets need not grow with the addresses). A failure
+names the first guest-physical address at which the two differ.
 """
 
 from __future__ import annotations
