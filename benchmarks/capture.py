@@ -72,6 +72,12 @@ FIFO capture's, end-to-end <= 1.2x the paused FIFO capture's wall time, peak RSS
 memory never changes): the RSS a guest writing during the capture costs is not exercised
 by them.
 
+``--linux``: the bench VMs are Linux guests instead (``vm-lx-bench-1g``, ...; ``lab/up
+--linux NAME:MIB``, lab/linux.py: Debian's kernel booted into an idle initramfs), whose RAM
+is mostly untouched, i.e. zero: the case where a live capture sends one byte per zero page
+and a paused dump every byte. The guest runs, so bytes are not compared across methods,
+as with ``--writer``.
+
 ``--writer``: the bench VMs are writer guests instead, ``vm-wr-bench-1g``, ... (``lab/up
 --vm NAME:MIB:writer``, lab/writer.py: the same seeded RAM, and a BIOS that keeps writing
 one dword into every 4 KiB page of its RAM from 1 MiB to the end of RAM below 4 GiB, pass
@@ -178,6 +184,13 @@ class VMResult:
     vm: str
     memory_mib: int
     writer: bool = False  # a lab/writer.py guest: its memory changes between captures
+    linux: bool = False  # a lab/linux.py guest (Debian's kernel, idle): mostly empty RAM
+
+    @property
+    def changes(self) -> bool:
+        """Its memory changes between captures: methods' bytes are not compared."""
+        return self.writer or self.linux
+
     raw_bytes: int = 0
     raw_sha256: str = ""
     gzip1_bytes: int = 0
@@ -539,7 +552,7 @@ def run_method(
             n, sha, res.gzip1_bytes = digest_of(["pigz", "-dc", str(gz_path)], ["gzip", "-1"])
             if (n, sha) != (raw_bytes, raw_sha):
                 raise BenchError(f"memdump's .gz decompresses to {n} bytes {sha}, not its record")
-        if not res.loads and not res.writer:
+        if not res.loads and not res.changes:
             res.loads = load_digests(gz_path)
         gz_path.unlink()
     elif method == "memdump-file":
@@ -555,6 +568,13 @@ def run_method(
             print(
                 f"{vm}: writer guest: live PT_LOADs not compared with the paused dump's "
                 "(the guest wrote between them)",
+                file=sys.stderr,
+            )
+            extra["loads_checked"] = False
+        elif res.linux:
+            print(
+                f"{vm}: Linux guest: live PT_LOADs not compared with the paused dump's "
+                "(the guest runs between them)",
                 file=sys.stderr,
             )
             extra["loads_checked"] = False
@@ -620,11 +640,12 @@ def _check_same(res: VMResult, run: Run) -> None:
     if run.raw_sha256 is not None:
         if not res.raw_sha256:
             res.raw_sha256 = run.raw_sha256
-        elif res.writer:
+        elif res.changes:
             if run.raw_sha256 != res.raw_sha256:
                 print(
-                    f"{res.vm}: writer guest: {run.method}'s SHA-256 not compared with the "
-                    "first method's (the guest wrote between them)",
+                    f"{res.vm}: {'writer' if res.writer else 'Linux'} guest: {run.method}'s "
+                    "SHA-256 not compared with the first method's (the guest wrote between "
+                    "them)",
                     file=sys.stderr,
                 )
         elif run.raw_sha256 != res.raw_sha256:
@@ -659,23 +680,24 @@ def vm_memory_mib(uri: str, vm: str) -> int:
     return int(m.group(1)) // 1024 if m else 0
 
 
-def bench_name(mib: int, writer: bool = False) -> str:
-    prefix = "vm-wr-bench" if writer else "vm-bench"
+def bench_name(mib: int, writer: bool = False, linux: bool = False) -> str:
+    prefix = "vm-wr-bench" if writer else "vm-lx-bench" if linux else "vm-bench"
     return f"{prefix}-{mib // 1024}g" if mib % 1024 == 0 else f"{prefix}-{mib}m"
 
 
 @contextmanager
 def lab_vms(
-    uri: str, sizes: Sequence[int], keep: bool, writer: bool = False
+    uri: str, sizes: Sequence[int], keep: bool, writer: bool = False, linux: bool = False
 ) -> Iterator[list[str]]:
-    """Ensure ``vm-bench-*`` VMs (``vm-wr-bench-*`` writer guests with ``writer``); on the
-    way out remove those this run created."""
+    """Ensure ``vm-bench-*`` VMs (``vm-wr-bench-*`` writer guests with ``writer``,
+    ``vm-lx-bench-*`` Linux guests with ``linux``); on the way out remove those this run
+    created."""
     created: list[str] = []
     names: list[str] = []
     try:
         for mib in sizes:
-            name = bench_name(mib, writer)
-            spec = f"{name}:{mib}:writer" if writer else f"{name}:{mib}"
+            name = bench_name(mib, writer, linux)
+            spec = f"{name}:{mib}" + (":writer" if writer else ":linux" if linux else "")
             existed = _virsh(uri, "dominfo", name).returncode == 0
             print(f"lab/up --vm {spec}", file=sys.stderr, flush=True)
             if not existed:
@@ -781,6 +803,11 @@ def print_report(
                 "  writer guest (lab/writer.py), writing during every capture: each method's "
                 "bytes differ; the live PT_LOADs were not compared with the paused dump's"
             )
+        elif res.linux:
+            print(
+                "  Linux guest (lab/linux.py), idle, running between captures: each method's "
+                "bytes differ; the live PT_LOADs were not compared with the paused dump's"
+            )
         head = f"{'method':<40} {'s':>7} {'MB/s':>7} {'md x':>6} {'ratio':>6}"
         print(head + f" {'pause s':>8} {'RSS MiB':>8} {'host CPU':>8}")
         md = res.median("memdump") if "memdump" in methods else None
@@ -857,6 +884,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="--sizes VMs are writer guests (lab/writer.py, vm-wr-bench-*) writing all along",
     )
+    ap.add_argument(
+        "--linux",
+        action="store_true",
+        help="--sizes VMs are Linux guests (lab/linux.py, vm-lx-bench-*): mostly empty RAM",
+    )
     ap.add_argument("--json", type=Path, help="write every number to this file")
     ap.add_argument(
         "--methods",
@@ -872,6 +904,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"unknown methods {bad}")
     if args.repeat < 1:
         ap.error("--repeat must be >= 1")
+    if args.writer and args.linux:
+        ap.error("--writer and --linux exclude each other")
     vms_given = [v for v in (args.vms or "").split(",") if v]
     sizes = args.sizes if args.sizes is not None else ([] if vms_given else [1024, 4096])
 
@@ -895,10 +929,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[VMResult] = []
     work = Path(tempfile.mkdtemp(prefix="memdump-bench-", dir=args.tmpdir))
     try:
-        with lab_vms(hv.libvirt_uri, sizes, args.keep_vms, args.writer) as created:
+        with lab_vms(hv.libvirt_uri, sizes, args.keep_vms, args.writer, args.linux) as created:
             for vm in [*created, *vms_given]:
                 res = VMResult(vm, vm_memory_mib(hv.libvirt_uri, vm), writer=vm in created
-                               and args.writer)  # fmt: skip
+                               and args.writer, linux=vm in created and args.linux)  # fmt: skip
                 results.append(res)
                 for i in range(args.repeat):
                     for method in methods:
@@ -934,6 +968,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "vm": r.vm,
                     "memory_mib": r.memory_mib,
                     "writer": r.writer,
+                    "linux": r.linux,
                     "raw_bytes": r.raw_bytes,
                     "raw_sha256": r.raw_sha256,
                     "gzip1_bytes": r.gzip1_bytes,
