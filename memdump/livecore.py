@@ -91,6 +91,7 @@ _FLAG_NAMES = {
     RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
     RAM_SAVE_FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH",
 }
+_UNSUPPORTED_FLAGS = sum(_FLAG_NAMES)
 _PAGE_MASK = ~(PAGE_SIZE - 1)
 
 _BE64 = struct.Struct(">Q")
@@ -348,13 +349,23 @@ class _Reader:
         return self.buf[self.start]
 
     def u8(self, what: str) -> int:
-        return self.read(1, what)[0]
+        if self.end - self.start < 1 and not self._fill(1):
+            self.read(1, what)  # raises: truncated
+        v = self.buf[self.start]
+        self.start += 1
+        self.consumed += 1
+        return v
 
     def be32(self, what: str) -> int:
         return int.from_bytes(self.read(4, what), "big")
 
     def be64(self, what: str) -> int:
-        return int.from_bytes(self.read(8, what), "big")
+        if self.end - self.start < 8 and not self._fill(8):
+            self.read(8, what)  # raises: truncated
+        (v,) = _BE64.unpack_from(self.buf, self.start)
+        self.start += 8
+        self.consumed += 8
+        return int(v)
 
     def string(self, what: str) -> str:
         n = self.u8(what)
@@ -855,6 +866,13 @@ class LiveCoreSource:
                     yield from run
                     pos = page + sum(len(c) for c in run)
                     continue
+            if lo == 0 and slots[idx] != _NONE and end - page >= 2 * PAGE_SIZE:
+                # Pages that came early (after a write fault QEMU's sweep jumps ahead, so
+                # half of RAM may wait): many at once, one chunk, zero pages not copied.
+                got = self._waiting_run(blk, idx, min(_RUN, (end - page) // PAGE_SIZE))
+                yield got
+                pos = page + len(got)
+                continue
             if slots[idx] == _NONE:
                 # Not here yet: read the stream until it comes (usually the next record).
                 self._want = (blk.index, page)
@@ -920,6 +938,21 @@ class LiveCoreSource:
         if n < limit:
             del out[n * PAGE_SIZE :]
         return [memoryview(out)]
+
+    def _waiting_run(self, blk: _Block, idx: int, limit: int) -> memoryview:
+        """Pages idx, idx+1, ... that wait (slot set), up to ``limit``, as one chunk."""
+        slots = blk.slot
+        if slots is None:
+            raise MigrationStreamError(f"no page map for {blk.idstr!r}")
+        n = 0
+        while n < limit and slots[idx + n] != _NONE:
+            n += 1
+        out = bytearray(n * PAGE_SIZE)  # zero-filled: zero pages need no copy
+        for k in range(n):
+            data = self._take(blk, idx + k)
+            if data is not _ZERO_PAGE:
+                out[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] = data
+        return memoryview(out)
 
     def _take(self, blk: _Block, idx: int) -> bytes:
         """A waiting page, for one of its uses."""
@@ -1002,9 +1035,9 @@ class LiveCoreSource:
             self._footer()
             self._next_section()
             return
-        for bit, name in _FLAG_NAMES.items():
-            if flags & bit:
-                raise self._err(f"RAM record with flag {name} (not supported)", at, flags=flags)
+        if flags & _UNSUPPORTED_FLAGS:
+            name = next(n for bit, n in _FLAG_NAMES.items() if flags & bit)
+            raise self._err(f"RAM record with flag {name} (not supported)", at, flags=flags)
         kind = flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE)
         if flags & ~(
             RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.libvirt_live import live_dirs
 from tests.integration.conftest import assert_hypervisor_clean, extra_lab_vm, virsh
 from tests.procs import ancestor_below, cmdline, descendants, holders, lab_sshd_pid
 from tests.stack import Stack, lab_inventory, running_stack
@@ -42,8 +43,9 @@ def _raw_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _kill_dump_session(vm: str) -> int:
-    """SIGKILL the lab sshd's per-connection child that serves the dump of ``vm``."""
+def _kill_dump_session(vm: str) -> tuple[int, bool]:
+    """SIGKILL the lab sshd's per-connection child that serves the dump of ``vm``: its pid,
+    and whether that dump was a live capture (the script arms background-snapshot)."""
     master = lab_sshd_pid()
     for pid in descendants(master):
         line = cmdline(pid)
@@ -51,7 +53,7 @@ def _kill_dump_session(vm: str) -> int:
             session = ancestor_below(pid, master)
             assert session is not None
             os.kill(session, signal.SIGKILL)
-            return session
+            return session, "background-snapshot" in line
     raise AssertionError(f"no SSH session is dumping {vm}")
 
 
@@ -82,7 +84,7 @@ def test_ssh_session_killed_mid_stream_is_retried(
 
         return real_capture(driver, ref, settings, progress=hook, trigger=trigger)
 
-    killed: list[int] = []
+    killed: list[tuple[int, bool]] = []
     monkeypatch.setattr(task_module, "capture", capture_with_a_cut)
     dumps = flow_on_stack.data_dir / "dumps"
     before_files = set(dumps.glob("*")) if dumps.exists() else set()
@@ -91,6 +93,7 @@ def test_ssh_session_killed_mid_stream_is_retried(
     state = capture_vms(vm_ids=[vm], source="test", return_state=True)
 
     assert killed and len(attempts) == 2, (killed, attempts)
+    assert killed[0][1], "the lab captures live: the session cut was not a live capture's"
     assert state.is_completed(), state
     new_files = set(dumps.glob("*")) - before_files
     # One dump and its manifest: no .part, no second (truncated) dump.
@@ -102,7 +105,8 @@ def test_ssh_session_killed_mid_stream_is_retried(
     assert len(recs) == len(before_recs) + 1
     (rec,) = [r for r in recs if r not in before_recs]
     assert rec["dump_path"] == str(path) and rec["sha256"] == _raw_sha256(path)
-    assert_hypervisor_clean(vm)
+    assert (rec["capture_mode"], rec["live_fallback_reason"]) == ("live", "")
+    assert_hypervisor_clean(vm)  # the cut capture's migration ended, nothing write-protected
 
 
 def test_hypervisor_with_sshd_stopped_fails_after_bounded_retries(
@@ -161,6 +165,7 @@ def test_flow_run_killed_mid_dump_crashes_and_next_start_cleans(
         part = _wait_for(lambda: next((data / "dumps").glob("*.part"), None), 120)
         writers = _wait_for(lambda: holders(part), 10)
         (writer,) = writers
+        assert live_dirs(crash_vm), "the lab captures live: no live capture is running"
         assert writer in descendants(st.pid)  # the flow-run process of this stack
         os.kill(writer, signal.SIGKILL)
         status = st.wait_status()

@@ -73,17 +73,31 @@ def remote_temp_dirs() -> list[str]:
 
 
 def assert_hypervisor_clean(vm: str, timeout: float = 30.0) -> None:
-    """After a failed or aborted dump: the remote temp dir is gone and the guest runs
-    again (QEMU resumes it when its dump fails). Both may take a moment."""
+    """After a failed or aborted dump, paused or live: the remote temp dir is gone and the
+    guest runs again (QEMU resumes it when its dump fails), no migration is active (an
+    aborted live capture on QEMU 7.2 drains to its end first), background-snapshot is
+    off and QEMU holds no userfaultfd write protection. All may take a moment."""
     import time
+
+    from tests.helpers.libvirt_live import (
+        ACTIVE,
+        background_snapshot_on,
+        migration_status,
+        write_protected,
+    )
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and (
-        remote_temp_dirs() or virsh("domstate", vm).strip() != "running"
+        remote_temp_dirs()
+        or virsh("domstate", vm).strip() != "running"
+        or migration_status(vm) in ACTIVE
     ):
         time.sleep(0.2)
     assert remote_temp_dirs() == []
     assert virsh("domstate", vm).strip() == "running"
+    assert migration_status(vm) not in ACTIVE
+    assert background_snapshot_on(vm) is False
+    assert write_protected(vm) is False
 
 
 def assert_markers(raw: bytes, lab_dir: Path, vm: str) -> None:

@@ -7,7 +7,6 @@ the sysctl as it was, the window's lock free, no temp dir."""
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import json
 import os
@@ -23,7 +22,6 @@ import pytest
 
 from memdump.errors import CaptureTimeoutError, LiveCaptureUnsupportedError
 from memdump.hypervisors.base import VMRef
-from memdump.hypervisors.fifo import RUN_DIR
 from memdump.hypervisors.libvirt import LibvirtDriver
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
@@ -38,19 +36,25 @@ from tests.helpers.elf_compare import (
     compare_source_with_file,
     lab_markers,
 )
+from tests.helpers.libvirt_live import (
+    ACTIVE,
+    SYSCTL,
+    assert_live_clean,
+    background_snapshot_on,
+    live_dirs,
+    migration_status,
+    qmp,
+)
 from tests.integration.conftest import (
     URI,
     assert_markers,
     extra_lab_vm,
     layout,
-    remote_temp_paths,
     virsh,
 )
 
 VM = "vlive-t1"
 FRESH = "vlive-t2"
-SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
-ACTIVE = ("setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug")
 CAP = 200 << 20  # a cap on the snapshot (Settings.live_max_bandwidth_bytes)
 
 
@@ -78,10 +82,6 @@ def live_driver(lab_dir: Path) -> Iterator[LibvirtDriver]:
     d.close()
 
 
-def qmp(vm: str, execute: str) -> object:
-    return json.loads(virsh("qemu-monitor-command", vm, json.dumps({"execute": execute})))["return"]
-
-
 def max_bandwidth(vm: str) -> int:
     ret = qmp(vm, "query-migrate-parameters")
     assert isinstance(ret, dict)
@@ -100,81 +100,6 @@ def wait_max_bandwidth(vm: str, value: int) -> int:
     while (now := max_bandwidth(vm)) != value and time.monotonic() < deadline:
         time.sleep(0.05)
     return now
-
-
-def migration_status(vm: str) -> str:
-    ret = qmp(vm, "query-migrate")
-    assert isinstance(ret, dict)
-    return str(ret.get("status", "none"))
-
-
-def background_snapshot_on(vm: str) -> bool:
-    caps = qmp(vm, "query-migrate-capabilities")
-    assert isinstance(caps, list)
-    (bg,) = [c for c in caps if c["capability"] == "background-snapshot"]
-    return bool(bg["state"])
-
-
-def qemu_pid(vm: str) -> int:
-    return int(Path(f"/run/libvirt/qemu/{vm}.pid").read_text().strip())
-
-
-def write_protected(vm: str) -> bool:
-    """QEMU still has memory registered for userfaultfd write protection (VmFlags "uw")
-    or holds a userfaultfd: nobody would serve the guest's write faults any more."""
-    pid = qemu_pid(vm)
-    smaps = Path(f"/proc/{pid}/smaps").read_text()
-    if any(ln.startswith("VmFlags:") and " uw" in f"{ln} " for ln in smaps.splitlines()):
-        return True
-    fds = Path(f"/proc/{pid}/fd")
-    return any("userfaultfd" in os.readlink(fds / f) for f in os.listdir(fds))
-
-
-def live_dirs(vm: str) -> list[Path]:
-    """Remote temp dirs of live scripts for ``vm`` (other helpers' dumps may run at the
-    same time on the lab: theirs are not ours to judge)."""
-    out = []
-    for p in remote_temp_paths():
-        try:
-            if (p / "live").read_text().strip() == vm:
-                out.append(p)
-        except OSError:
-            continue
-    return out
-
-
-def lock_free(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def assert_live_clean(vm: str, sysctl_before: str, directory: str | None = None) -> None:
-    """After a live capture, however it ended. An aborted one on QEMU 7.2 drains its
-    migration to the end first (seconds for 256 MiB): wait for that, bounded."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (
-        migration_status(vm) in ACTIVE
-        or live_dirs(vm)
-        or (directory is not None and Path(directory).exists())
-    ):
-        time.sleep(0.2)
-    assert migration_status(vm) not in ACTIVE
-    assert live_dirs(vm) == []
-    assert directory is None or not Path(directory).exists()
-    assert virsh("domstate", vm).strip() == "running"
-    assert background_snapshot_on(vm) is False
-    assert write_protected(vm) is False
-    assert SYSCTL.read_text().strip() == sysctl_before
-    run = Path(os.environ.get("MEMDUMP_RUN_DIR", RUN_DIR))
-    assert not (run / "userfaultfd.restore").exists()
-    assert lock_free(run / "userfaultfd.lock")
-    assert lock_free(run / f"live.{vm}.lock")
 
 
 def _dir_of(src: object) -> str | None:

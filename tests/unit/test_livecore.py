@@ -183,6 +183,21 @@ def test_sweep_restarting_mid_block_after_a_write_fault(tmp_path: Path) -> None:
     assert src.live["pages"]["spilled"] > 0
 
 
+def test_waiting_pages_of_every_kind_leave_together_in_place(tmp_path: Path) -> None:
+    """After the sweep jumped, the pages that waited leave in runs: zero pages, pages in
+    memory and spilled pages mixed, each at its own place."""
+    order = [("pc.ram", off) for off in range(0x9000, 16 * PAGE, PAGE)]
+    order += [(n, o) for n, size in BLOCKS[1:] for o in range(0, size, PAGE)]
+    order += [("pc.ram", off) for off in range(0, 0x9000, PAGE)]
+    zeros = {("pc.ram", off) for off in range(0x9000, 16 * PAGE, 2 * PAGE)} | {(VRAM, PAGE)}
+    stream = ms.sweep(BLOCKS, early=order, zero_pages=zeros)
+    core, src, _ = convert(stream, tmp_path, buffer_bytes=2 * PAGE)
+    check_core(core, zeros)
+    pages = src.live["pages"]
+    assert pages["spilled"] > 0 and src.live["buffer_peak_bytes"] == 2 * PAGE
+    assert pages["zero"] == len(zeros)
+
+
 def test_spill_past_the_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past buffer_bytes, waiting pages go to a private file in spill_dir: created 0600
     with O_EXCL, unlinked at once, so nothing is ever left behind."""
