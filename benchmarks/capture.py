@@ -60,6 +60,13 @@ the faster one of the middle two for even N; every run is in ``--json``):
   around every method in the same way.
 - ``host CPU``: busy CPU of the whole machine (every process: QEMU, sshd, the method)
   during the run, in % of all cores (/proc/stat); near 100 % means CPU-bound.
+- ``CPU s by process group`` (under each row): CPU seconds every process of the machine
+  used during the run, grouped: ``collector`` (the timed child's process tree: memdump's
+  Python threads and its ssh client, or a pipeline's processes), ``QEMU`` (the VM's QEMU,
+  all threads), ``sshd``, ``libvirt``, ``hv scripts`` (sh, virsh, cat... the
+  hypervisor-side scripts), ``kernel`` (kernel threads), ``other``. On the lab the
+  hypervisor and the collector share the cores: the groups show which side the CPU went
+  to (processes shorter than the 0.1 s poll, such as single virsh calls, are missed).
 - ``RSS MiB``: peak RSS (VmHWM). For memdump, exactly that of its one Python process,
   read by the child itself at interpreter exit. For the others (in parentheses) the sum
   of every local process's peak (ssh, bash, tee, gzip, sha256sum...), polled every
@@ -173,6 +180,7 @@ class Run:
     gz_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     host_cpu_pct: float = 0.0  # machine-wide CPU use during the run, % of all cores
+    cpu_by_group: dict[str, float] = field(default_factory=dict)  # CPU seconds, by group
 
     @property
     def mb_s(self) -> float:
@@ -293,6 +301,84 @@ class _TreeHWM(threading.Thread):
         return sum(self.peaks.values())
 
 
+# Process groups of the CPU accounting: by command name, except "collector", the timed
+# child's process tree (memdump's Python and its ssh client, or a pipeline's processes).
+_CPU_GROUPS = {
+    "qemu-system-x86": "QEMU",
+    "sshd": "sshd",
+    "libvirtd": "libvirt",
+    "libvirt_iohelpe": "libvirt",
+    "rpc-libvirtd": "libvirt",
+    "virsh": "hv scripts",
+    "sh": "hv scripts",
+    "cat": "hv scripts",
+    "tee": "hv scripts",
+    "sleep": "hv scripts",
+}
+
+
+class _CpuByGroup(threading.Thread):
+    """CPU seconds of every process of the machine during a run, by group: the timed
+    child's tree ("collector"), QEMU, sshd, libvirt, the hypervisor-side scripts' tools,
+    kernel threads, "other". Process-level utime+stime (dead threads included), polled
+    every ``interval``: a process that lives shorter than that is missed (virsh calls),
+    one that exits is counted up to its last poll."""
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        super().__init__(name="bench-cpu", daemon=True)
+        self.root, self.interval = root, interval
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.base = self._snap()
+        self.last = dict(self.base)
+        self.tree = {root}
+        self._done = threading.Event()
+
+    @staticmethod
+    def _snap() -> dict[int, tuple[str, int, int]]:
+        out: dict[int, tuple[str, int, int]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"{entry.path}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            out[int(entry.name)] = (comm, int(fields[1]), int(fields[11]) + int(fields[12]))
+        return out
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self._poll()
+
+    def _poll(self) -> None:
+        now = self._snap()
+        for pid, (_, ppid, _) in now.items():
+            if ppid in self.tree:
+                self.tree.add(pid)
+        self.last.update(now)
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self.join()
+        self._poll()
+        groups: dict[str, float] = {}
+        for pid, (comm, ppid, ticks) in self.last.items():
+            used = ticks - self.base.get(pid, (comm, ppid, 0))[2]
+            if used <= 0:
+                continue
+            if pid in self.tree:
+                group = "collector"
+            elif ppid == 2 or pid == 2:
+                group = "kernel"
+            else:
+                group = _CPU_GROUPS.get(comm, "other")
+            groups[group] = groups.get(group, 0.0) + used / self.tick
+        return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
 def _host_busy() -> float:
     """Busy CPU seconds of the whole machine so far, all cores (from /proc/stat)."""
     with open("/proc/stat") as f:
@@ -307,6 +393,7 @@ class Timed:
     rc: int
     tree_hwm_kib: int  # sum of the child tree's VmHWM
     host_busy_sec: float  # machine-wide busy CPU seconds meanwhile (every process)
+    cpu_by_group: dict[str, float] = field(default_factory=dict)  # _CpuByGroup
 
 
 def _timed(argv: Sequence[str], **kw: Any) -> Timed:
@@ -316,10 +403,12 @@ def _timed(argv: Sequence[str], **kw: Any) -> Timed:
     p = _spawn(argv, **kw)
     hwm = _TreeHWM(p.pid)
     hwm.start()
+    cpu = _CpuByGroup(p.pid)
+    cpu.start()
     _, status, _ = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t0
     busy = _host_busy() - busy0
-    return Timed(wall, _reap(p, status), hwm.stop(), busy)
+    return Timed(wall, _reap(p, status), hwm.stop(), busy, cpu.stop())
 
 
 # --------------------------------------------------------------------- guest pause
@@ -596,6 +685,7 @@ def run_method(
 
     run = Run(method, t.wall_sec, rss, pause, total, raw_bytes, raw_sha, gz_bytes, extra)
     run.host_cpu_pct = 100 * t.host_busy_sec / (t.wall_sec * (os.cpu_count() or 1))
+    run.cpu_by_group = t.cpu_by_group
     if method != "memdump-live":  # its notes differ: checked by PT_LOAD above
         _check_same(res, run)
     return run
@@ -848,6 +938,10 @@ def print_report(
                     f"{f'  {label}[engine] (record duration_sec)':<40} {eng:7.2f} "
                     f"{res.raw_bytes / MB / eng:7.1f}"
                 )
+            if r.cpu_by_group:
+                groups = ", ".join(f"{g} {v:.1f}" for g, v in r.cpu_by_group.items())
+                total = sum(r.cpu_by_group.values())
+                print(f"{'  CPU s by process group':<40} {groups} (sum {total:.1f})")
         if md is not None:
             print(
                 f"{'gzip -1 reference (untimed)':<40} {'':>7} {'':>7} {'':>6} "
