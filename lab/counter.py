@@ -24,11 +24,8 @@ Usage: counter.py --bios PATH      (write the 64 KiB counter BIOS)
 
 from __future__ import annotations
 
-import argparse
-import os
 import struct
 import sys
-from pathlib import Path
 
 # Bump when the machine code or the page format changes.
 COUNTER_VERSION = 1
@@ -119,30 +116,10 @@ def bios_bytes() -> bytes:
     return bytes(rom)
 
 
-def write_counter_bios(path: Path) -> None:
-    rom = bios_bytes()
-    if path.exists() and path.read_bytes() == rom:
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(rom)
-    # QEMU may run as an unprivileged user (libvirt-qemu).
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    group = ap.add_mutually_exclusive_group(required=True)
-    group.add_argument("--bios", type=Path, help="write the counter BIOS here")
-    group.add_argument("--bios-dir", type=Path, help="write it in this directory, print its path")
-    args = ap.parse_args(argv)
-    if args.bios:
-        write_counter_bios(args.bios)
-    else:
-        path = args.bios_dir.resolve() / f"bios-counter-v{COUNTER_VERSION}.bin"
-        write_counter_bios(path)
-        print(path)
-    return 0
+    from rom import rom_main  # lab/rom.py, next to this file
+
+    return rom_main(argv, __doc__ or "", "counter", COUNTER_VERSION, bios_bytes)
 
 
 if __name__ == "__main__":

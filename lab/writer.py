@@ -33,11 +33,8 @@ Usage: writer.py --bios PATH      (write the 64 KiB writer BIOS)
 
 from __future__ import annotations
 
-import argparse
-import os
 import struct
 import sys
-from pathlib import Path
 
 # Bump when the machine code changes.
 WRITER_VERSION = 1
@@ -137,30 +134,10 @@ def written_addrs(low_ram_end: int) -> range:
     return range(START + OFFSET, low_ram_end, STRIDE)
 
 
-def write_writer_bios(path: Path) -> None:
-    rom = bios_bytes()
-    if path.exists() and path.read_bytes() == rom:
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(rom)
-    # QEMU may run as an unprivileged user (libvirt-qemu).
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    group = ap.add_mutually_exclusive_group(required=True)
-    group.add_argument("--bios", type=Path, help="write the writer BIOS here")
-    group.add_argument("--bios-dir", type=Path, help="write it in this directory, print its path")
-    args = ap.parse_args(argv)
-    if args.bios:
-        write_writer_bios(args.bios)
-    else:
-        path = args.bios_dir.resolve() / f"bios-writer-v{WRITER_VERSION}.bin"
-        write_writer_bios(path)
-        print(path)
-    return 0
+    from rom import rom_main  # lab/rom.py, next to this file
+
+    return rom_main(argv, __doc__ or "", "writer", WRITER_VERSION, bios_bytes)
 
 
 if __name__ == "__main__":

@@ -432,7 +432,25 @@ if [ -n "$bw" ] && running; then
     *) printf 'memdump-live-error max-bandwidth: %s\n' "$r" >&2; exit 81 ;;
   esac
 fi
-while running; do sleep 0.1; mig; done
+# The end of the snapshot is the reader's end: QEMU closes the stream when the migration
+# ends, however it ends. Waiting for that instead of asking QEMU every 0.1 s spares a
+# virsh call (17 ms of CPU, measured) per poll: a second of hypervisor CPU per 6 s
+# capture. QEMU is still asked every 5 s, in case it ended without closing the stream.
+reading() {  # the reader has not ended (exited and not yet waited for: state Z)
+  st=
+  read -r _ _ st _ <"/proc/$reader/stat" 2>/dev/null || return 1
+  [ "$st" != Z ]
+}
+i=0
+while running && reading; do
+  sleep 0.1
+  i=$((i + 1))
+  [ $((i % 50)) -eq 0 ] && mig
+done
+# Once the stream has ended QEMU may need a moment to report the migration's end.
+i=0
+mig
+while running && [ "$i" -lt 600 ]; do i=$((i + 1)); sleep 0.05; mig; done
 final=$r
 started=0
 if [ "$bwset" = 1 ]; then

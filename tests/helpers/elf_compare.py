@@ -261,3 +261,14 @@ def assert_notes_as_documented(live: Core, paused: Core) -> None:
     kinds = [(name, ntype) for name, ntype, _ in paused.notes]
     assert (b"CORE", NT_PRSTATUS) in kinds
     assert [(name, ntype) for name, ntype, _ in live.notes] == [(b"MEMDUMP", NT_MEMDUMP_LIVE)]
+
+
+def assert_same_lab_guest(live: Core, paused: Core, layout: Mapping[str, Any]) -> None:
+    """After compare_source_with_file: both cores are the lab guest's whole image (markers,
+    every seeded RAM region, the GiB above the PCI hole of a guest that has one), and the
+    notes differ as documented."""
+    assert_lab_image(live, layout)
+    assert_lab_image(paused, layout)
+    assert_notes_as_documented(live, paused)
+    if layout["memory_bytes"] > 3 << 30:  # RAM above the PCI hole is in the comparison
+        assert (1 << 32, 1 << 30) in [(paddr, size) for _, paddr, size in live.loads()]

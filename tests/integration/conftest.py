@@ -54,6 +54,17 @@ def driver(settings: Settings) -> Iterator[Driver]:
     d.close()
 
 
+@pytest.fixture
+def libvirt_window_driver(lab_dir: Path) -> Iterator[Driver]:
+    """The lab's libvirt driver with live_userfaultfd sysctl-window: libvirt's QEMU runs as
+    libvirt-qemu here, so a live capture needs the driver to open the userfaultfd window."""
+    settings = Settings(inventory_file=lab_dir / "inventory.yaml")
+    hv = settings.inventory[0].model_copy(update={"live_userfaultfd": "sysctl-window"})
+    d = open_driver(hv, settings.ssh)
+    yield d
+    d.close()
+
+
 def layout(lab_dir: Path, vm: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((lab_dir / "vms" / vm / "layout.json").read_text())
     return data

@@ -487,19 +487,10 @@ def virsh_capability(domain: str) -> bool:
     return any(c["capability"] == "background-snapshot" and c["state"] for c in caps)
 
 
-@pytest.fixture
-def libvirt_driver(lab_dir: Path) -> Iterator[Driver]:
-    settings = Settings(inventory_file=lab_dir / "inventory.yaml")
-    hv = settings.inventory[0].model_copy(update={"live_userfaultfd": "sysctl-window"})
-    d = open_driver(hv, settings.ssh)
-    yield d
-    d.close()
-
-
 @pytest.mark.parametrize("mode", ["live", "paused"])
 def test_libvirt_driver_capture_is_one_instant(
     counter_domain: CounterVM,
-    libvirt_driver: Driver,
+    libvirt_window_driver: Driver,
     sysctl_unchanged: str,
     qemu_user_dir: Path,
     tmp_path: Path,
@@ -518,8 +509,10 @@ def test_libvirt_driver_capture_is_one_instant(
         return virsh_migration(vm.name)
 
     wait_counting(counter)
-    ref = libvirt_driver.resolve(vm.name)
-    cap = capture_with_probes(libvirt_driver, ref, mode, tmp_path, counter, run_state, migration)
+    ref = libvirt_window_driver.resolve(vm.name)
+    cap = capture_with_probes(
+        libvirt_window_driver, ref, mode, tmp_path, counter, run_state, migration
+    )
     cons = check_consistent(pages_from_core(read_core_gz(cap.result.path), vm.lay), vm.lay)
     if mode == "live":
         live = cap.source.live

@@ -26,9 +26,8 @@ from typing import Any
 
 import pytest
 
-from memdump.hypervisors import Driver, open_driver
+from memdump.hypervisors import Driver
 from memdump.pipeline import write_dump
-from memdump.settings import Settings
 from tests.helpers.writer_guest import (
     FIRST_ADDR,
     check_one_instant,
@@ -48,16 +47,6 @@ def writer_vm(lab_dir: Path) -> Iterator[str]:
         yield name
 
 
-@pytest.fixture
-def libvirt_driver(lab_dir: Path) -> Iterator[Driver]:
-    settings = Settings(inventory_file=lab_dir / "inventory.yaml")
-    # libvirt's QEMU runs as libvirt-qemu here: the driver opens its userfaultfd window.
-    hv = settings.inventory[0].model_copy(update={"live_userfaultfd": "sysctl-window"})
-    d = open_driver(hv, settings.ssh)
-    yield d
-    d.close()
-
-
 def qmp(domain: str, command: str) -> Any:
     return json.loads(virsh("qemu-monitor-command", domain, json.dumps({"execute": command})))[
         "return"
@@ -65,14 +54,14 @@ def qmp(domain: str, command: str) -> Any:
 
 
 def test_live_capture_of_a_writing_guest(
-    writer_vm: str, libvirt_driver: Driver, tmp_path: Path
+    writer_vm: str, libvirt_window_driver: Driver, tmp_path: Path
 ) -> None:
     wait_pass_changes(writer_vm, FIRST_ADDR)  # writing, and past its first pass
     spill = tmp_path / "spill"
     spill.mkdir(mode=0o700)
     # 1 MiB of buffer: the early pages beyond it go to the spill file.
     live_kw: dict[str, Any] = {"mode": "live", "spill_dir": spill, "buffer_bytes": 1 << 20}
-    src = libvirt_driver.open_dump(libvirt_driver.resolve(writer_vm), **live_kw)
+    src = libvirt_window_driver.open_dump(libvirt_window_driver.resolve(writer_vm), **live_kw)
     res = write_dump(src, tmp_path, "live.mem.gz")
     live: dict[str, Any] = src.live  # type: ignore[attr-defined]
     pages = live["pages"]
