@@ -510,8 +510,10 @@ class LiveCoreSource:
         self.buffer_bytes = buffer_bytes
         self.machine = machine
         self._reader = _Reader(stream)
-        self._gen: Iterator[memoryview | bytes] | None = None
+        self._gen: Iterator[memoryview | bytes | int] | None = None
         self._chunk: memoryview = memoryview(b"")
+        self._dest: memoryview | None = None  # readinto's view while the generator runs
+        self._dest_at = 0
         self._finished = False
         self._failed: BaseException | None = None
         self._lock = threading.Lock()
@@ -558,9 +560,17 @@ class LiveCoreSource:
             # Fill the whole view (many pages a call): the pipeline hands 4 MiB buffers.
             while done < len(view):
                 if not self._chunk:
-                    nxt = next(self._gen, None)
+                    # The sweep's fast path (_run) writes straight into the caller's view.
+                    self._dest, self._dest_at = view, done
+                    try:
+                        nxt = next(self._gen, None)
+                    finally:
+                        self._dest = None
                     if nxt is None:
                         break
+                    if isinstance(nxt, int):
+                        done += nxt
+                        continue
                     self._chunk = memoryview(nxt)
                 n = min(len(view) - done, len(self._chunk))
                 view[done : done + n] = self._chunk[:n]
@@ -629,7 +639,7 @@ class LiveCoreSource:
 
     # -- conversion -------------------------------------------------------------------
 
-    def _produce(self) -> Iterator[memoryview | bytes]:
+    def _produce(self) -> Iterator[memoryview | bytes | int]:
         r = self._reader
         self._read_header()
         pieces = self._plan()
@@ -848,7 +858,7 @@ class LiveCoreSource:
         desc = NOTE_TEXT + bytes(-len(NOTE_TEXT) % 4)
         return _NHDR.pack(len(_NOTE_NAME), len(NOTE_TEXT), NT_MEMDUMP_LIVE) + _NOTE_NAME + desc
 
-    def _piece_bytes(self, piece: _Piece) -> Iterator[memoryview | bytes]:
+    def _piece_bytes(self, piece: _Piece) -> Iterator[memoryview | bytes | int]:
         blk = piece.block
         slots = blk.slot
         if slots is None:
@@ -863,8 +873,8 @@ class LiveCoreSource:
             if lo == 0 and slots[idx] == _NONE and self._last_block is blk:
                 run = self._run(blk, idx, min(_RUN, (end - page) // PAGE_SIZE))
                 if run:
-                    yield from run
-                    pos = page + sum(len(c) for c in run)
+                    yield run  # bytes written into readinto's view
+                    pos = page + run
                     continue
             if lo == 0 and slots[idx] != _NONE and end - page >= 2 * PAGE_SIZE:
                 # Pages that came early (after a write fault QEMU's sweep jumps ahead, so
@@ -887,25 +897,33 @@ class LiveCoreSource:
             yield data if lo == 0 and hi == PAGE_SIZE else memoryview(data)[lo:hi]
             pos = page + hi
 
-    def _run(self, blk: _Block, idx: int, limit: int) -> list[memoryview | bytes]:
+    def _run(self, blk: _Block, idx: int, limit: int) -> int:
         """Fast path for the bulk of the stream: the records of pages idx, idx+1, ... of the
         block just named (ZERO with fill 0, or PAGE), taken straight from the read buffer
-        while each is the very page the file needs next and needed once. The run becomes
-        one chunk (a slice of the shared zeros if it holds no data): per page one memcpy
-        into it and no other object, since this loop is the converter's cost per page.
-        Anything else is left to _record, which parses and checks it in full."""
+        while each is the very page the file needs next and needed once, and written
+        straight into readinto's view (as many as fit in it, at most ``limit``): per page
+        one memcpy and no object, since this loop is the converter's cost per page. The
+        number of bytes written (0: nothing here for it; anything else is left to
+        _record, which parses and checks it in full)."""
+        dest = self._dest
+        if dest is None:
+            return 0
+        at0 = self._dest_at
+        limit = min(limit, (len(dest) - at0) // PAGE_SIZE)
         r = self._reader
+        if limit <= 0:
+            return 0
         if r.end - r.start < PAGE_SIZE + 8:
             r._fill(PAGE_SIZE + 8)
         need, received = blk.need, blk.received
         if need is None:
-            return []
+            return 0
         buf, pos, stop = r.buf, r.start, r.end
         src = memoryview(buf)
-        out: bytearray | None = None
         unpack = _BE64.unpack_from
         zero_word, page_word = _ZERO_CONT, _PAGE_CONT
-        n = normal = 0
+        n = normal = zeros = 0
+        at = at0
         try:
             while n < limit and stop - pos >= 9:
                 i = idx + n
@@ -913,31 +931,31 @@ class LiveCoreSource:
                     break
                 (word,) = unpack(buf, pos)
                 if word == (i * PAGE_SIZE) | zero_word and buf[pos + 8] == 0:
+                    zeros += 1
                     pos += 9
                 elif word == (i * PAGE_SIZE) | page_word and stop - pos >= PAGE_SIZE + 8:
-                    if out is None:
-                        out = bytearray(limit * PAGE_SIZE)  # zero-filled: the zero pages
-                    at = n * PAGE_SIZE
-                    out[at : at + PAGE_SIZE] = src[pos + 8 : pos + 8 + PAGE_SIZE]
+                    if zeros:  # the caller's buffer is reused: zero pages are written too
+                        dest[at : at + zeros * PAGE_SIZE] = _ZEROS[: zeros * PAGE_SIZE]
+                        at += zeros * PAGE_SIZE
+                        zeros = 0
+                    dest[at : at + PAGE_SIZE] = src[pos + 8 : pos + 8 + PAGE_SIZE]
+                    at += PAGE_SIZE
                     normal += 1
                     pos += PAGE_SIZE + 8
                 else:
                     break
                 received[i] = 1
                 n += 1
+            if zeros:
+                dest[at : at + zeros * PAGE_SIZE] = _ZEROS[: zeros * PAGE_SIZE]
+                at += zeros * PAGE_SIZE
         finally:
             src.release()
         self.counts["zero"] += n - normal
         self.counts["normal"] += normal
         r.consumed += pos - r.start
         r.start = pos
-        if not n:
-            return []
-        if out is None:
-            return [_ZEROS[: n * PAGE_SIZE]]
-        if n < limit:
-            del out[n * PAGE_SIZE :]
-        return [memoryview(out)]
+        return at - at0
 
     def _waiting_run(self, blk: _Block, idx: int, limit: int) -> memoryview:
         """Pages idx, idx+1, ... that wait (slot set), up to ``limit``, as one chunk."""
