@@ -3,8 +3,6 @@ mapping for every state Prefect can produce."""
 
 from __future__ import annotations
 
-import json
-import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,26 +17,11 @@ from api.status import map_state
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
-from tests.api.test_routes import FakeRuns
 from tests.contract import API_RECORD_FIELDS, EXTRA_RECORD_FIELDS
+from tests.helpers.api import FakeRuns
+from tests.helpers.contract_doc import contract_examples
 
-CONTRACT = Path(__file__).resolve().parents[2].parent / "shared/contract/memory-dumps-api.md"
 BASE = "/api/memory-dumps"
-
-
-def contract_examples() -> dict[str, list[Any]]:
-    """JSON examples of the contract, by the section ("### 1. Trigger ...") they are in."""
-    if not CONTRACT.is_file():
-        pytest.fail(f"contract not found at {CONTRACT} (shared/ sits beside the repo)")
-    out: dict[str, list[Any]] = {}
-    section = ""
-    for part in re.split(r"(^### .*$)", CONTRACT.read_text(), flags=re.M):
-        if part.startswith("### "):
-            section = part[4:].strip()
-            continue
-        for block in re.findall(r"```json\n(.*?)```", part, flags=re.S):
-            out.setdefault(section, []).append(json.loads(block))
-    return out
 
 
 def shape(value: Any) -> Any:

@@ -22,8 +22,6 @@ from tests.contract import API_RECORD_FIELDS
 from tests.helpers.api import FakeRuns
 from tests.helpers.api import client as localhost_client
 
-__all__ = ["FakeRuns"]  # older test modules import it from here
-
 ISO_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
 BASE = "/api/memory-dumps"
 

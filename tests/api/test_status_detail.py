@@ -19,8 +19,8 @@ from api.main import create_app
 from api.runs import PrefectRuns, RunSummary, VMRun, vm_detail
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
-from tests.api.test_contract import contract_examples
-from tests.api.test_routes import FakeRuns
+from tests.helpers.api import FakeRuns
+from tests.helpers.contract_doc import contract_examples
 
 BASE = "/api/memory-dumps"
 T = datetime(2025, 11, 11, 10, 30, 45, 123456, tzinfo=UTC)

@@ -150,7 +150,7 @@ def test_store_down_keeps_record_in_outbox_and_run_completes(
     from flows.capture import capture_vms
     from memdump.records import open_recorder
     from memdump.settings import Settings
-    from tests.unit.test_outbox import FlakyStore
+    from tests.helpers.stores import FlakyStore
 
     store = FlakyStore(tmp_path / "records.db")
     store.down = True

@@ -33,14 +33,14 @@ from tests.helpers.hv_tempdirs import (
     token_in_cmdlines,
     watched,
 )
-from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
-from tests.integration.test_qemu_driver import (
+from tests.helpers.qemu_lab import (
     abort_mid_stream_resumes_the_guest,
     deadline_stops_the_dump,
     lab_qemu_vm,
     paused_capture_is_byte_exact,
     wait_clean,
 )
+from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 VMID = "101"

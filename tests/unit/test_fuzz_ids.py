@@ -20,7 +20,7 @@ from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import HypervisorConfig, Settings
 from memdump.targets import find
 from memdump.transport.base import CommandResult
-from tests.api.test_routes import FakeRuns
+from tests.helpers.api import FakeRuns
 
 PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 

@@ -19,7 +19,7 @@ from memdump.leftovers import clean_parts
 from memdump.pipeline import write_dump
 from memdump.transport.local import LocalTransport
 from tests.elfgen import make_core, mixed_bytes
-from tests.unit.test_pipeline import FakeSource
+from tests.helpers.sources import FakeSource
 
 OLD = time.time() - 3600
 

@@ -172,8 +172,15 @@ def test_not_enough_space_refuses_before_the_dump(
 
 
 def test_margin_zero_needs_no_space(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The guest would need 1 PiB staged: with margin 0 no space is asked for, and the
+    # staged dump runs and arrives whole.
     monkeypatch.setenv("FAKE_KIB", str(1 << 40))
-    write_dump(_driver().open_dump(REF, staging="file", margin=0), env / "out", "a.gz")
+    src = _driver().open_dump(REF, staging="file", margin=0)
+    res = write_dump(src, env / "out", "a.gz")
+    core = (env / "core.elf").read_bytes()
+    assert gzip.decompress(res.path.read_bytes()) == core and src.staging == "file"
+    (dump,) = [line for line in _log(env) if line.startswith("dump ")]
+    assert dump.startswith("dump 600 regular empty file / 700 directory / ")
 
 
 def test_staging_dir_of_the_hypervisor(env: Path) -> None:
