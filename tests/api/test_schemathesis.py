@@ -3,6 +3,8 @@ every response matches the documented schema and status codes (so never a 422)."
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from memdump.settings import Settings
 from tests.helpers.api import FakeRuns
 
 _tmp = Path(tempfile.mkdtemp(prefix="memdump-schemathesis-"))
+atexit.register(shutil.rmtree, _tmp, True)
 app = create_app(
     # schemathesis's ASGI client sends "Host: testserver".
     Settings(data_dir=_tmp, trigger_min_interval_sec=0, api_allowed_hosts=["testserver"]),
