@@ -10,13 +10,10 @@ import logging
 import os
 import threading
 import time
-from typing import Any
 
 from prefect import serve
 
-from flows.capture import capture_one_vm, capture_vms
-from flows.retention import apply_retention
-from flows.verify import verify_dumps
+from deployments.catalog import runner_deployments
 from memdump.children import end_adopted
 from memdump.fsperm import private_umask
 from memdump.leftovers import clean_leftovers
@@ -24,45 +21,7 @@ from memdump.records import open_recorder
 from memdump.settings import Settings
 from tasks.limits import ensure_limits
 
-WEEKLY_CRON = "0 2 * * 1"
-VERIFY_CRON = "0 4 * * 0"
-RETENTION_CRON = "30 3 * * *"
 ORPHAN_GRACE_SEC = 10.0  # SIGTERM -> SIGKILL for flow runs left at exit
-
-
-def build_deployments(settings: Settings) -> list[Any]:
-    on_demand = capture_vms.to_deployment(
-        name=settings.deployment,
-        tags=["memdump"],
-        description="Started by POST /api/memory-dumps/trigger",
-    )
-    weekly = capture_vms.to_deployment(
-        name="weekly",
-        cron=WEEKLY_CRON,
-        parameters={"vm_ids": ["all"], "source": "schedule"},
-        tags=["memdump"],
-        description="Every VM of the inventory, Mondays 02:00 (server time zone: UTC)",
-    )
-    verify = verify_dumps.to_deployment(
-        name="verify-weekly",
-        cron=VERIFY_CRON,
-        parameters={"days": settings.verify_days},
-        tags=["memdump"],
-        description="Re-read and check every dump of the last days (Sundays 04:00 UTC)",
-    )
-    retention = apply_retention.to_deployment(
-        name="retention-daily",
-        cron=RETENTION_CRON,
-        tags=["memdump"],
-        description="Delete dumps past MEMDUMP_RETENTION_DAYS / _KEEP_LAST (records stay)",
-    )
-    one_vm = capture_one_vm.to_deployment(
-        name=settings.child_deployment.split("/", 1)[-1],
-        tags=["memdump"],
-        description="One VM's chain; started per VM by a trigger's flow run "
-        "(MEMDUMP_FANOUT=deployments)",
-    )
-    return [on_demand, weekly, verify, retention, one_vm]
 
 
 def replay_outbox(settings: Settings) -> None:
@@ -119,7 +78,7 @@ def main() -> None:
     ensure_limits(settings, reset_slots=args.reset_slots)
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
     try:
-        serve(*build_deployments(settings), query_seconds=settings.runner_poll_sec, limit=None)
+        serve(*runner_deployments(settings), query_seconds=settings.runner_poll_sec, limit=None)
     finally:
         # Flow runs Prefect could not cancel on the way out (it reads each run from the
         # server first: with the server gone too, as when `memdump serve` is SIGKILLed

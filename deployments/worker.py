@@ -18,6 +18,7 @@ import sys
 import threading
 from types import FrameType
 
+from deployments.catalog import POOL
 from deployments.serve import replay_outbox
 from memdump.children import popen_dying_with_parent
 from memdump.fsperm import private_umask
@@ -29,7 +30,7 @@ from tasks.limits import ensure_limits
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pool", default="memdump")
+    parser.add_argument("--pool", default=POOL)
     parser.add_argument("--name", default=None, help="worker name (default: Prefect's)")
     parser.add_argument("--limit", type=int, default=None, help="flow runs at once")
     args = parser.parse_args()
