@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memdump.records.model import DumpRecord  # noqa: E402
 from memdump.records.sqlite import SQLiteRecordStore  # noqa: E402
-from tests.stack import Stack, running_stack  # noqa: E402
+from tests.helpers.stack import Stack, running_stack  # noqa: E402
 
 BASE = "/api/memory-dumps"
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")

@@ -36,7 +36,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.api import pct, seed  # noqa: E402
-from tests.stack import Stack, running_stack  # noqa: E402
+from tests.helpers.stack import Stack, running_stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "/api/memory-dumps"

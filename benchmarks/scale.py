@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.stack import running_stack  # noqa: E402
+from tests.helpers.stack import running_stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = "/api/memory-dumps"

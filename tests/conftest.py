@@ -1,17 +1,35 @@
 """Shared fixtures. ``stack``: the whole stack as a user runs it, ``memdump serve`` (Prefect
 server + runner + API) against the lab, on free loopback ports, with its data in a temp
-dir; started once per session, on first use (tests/e2e, tests/faults)."""
+dir; started once per session, on first use (tests/e2e, tests/faults). ``lab_dir`` and
+``settings``: the lab (lab/up) for tests/integration and tests/faults."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from memdump.settings import Settings
 from tests.helpers.prefect_events import reset_events_worker
-from tests.stack import Stack, lab_inventory, running_stack
+from tests.helpers.stack import Stack, lab_inventory, running_stack
 
 __all__ = ["Stack"]
+
+
+@pytest.fixture(scope="session")
+def lab_dir() -> Path:
+    d = os.environ.get("MEMDUMP_LAB_DIR")
+    inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
+    if not d or not inv or not Path(inv).is_file():
+        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+    return Path(d)
+
+
+@pytest.fixture
+def settings(lab_dir: Path, tmp_path: Path) -> Settings:
+    return Settings(inventory_file=lab_dir / "inventory.yaml", dump_dir=tmp_path / "dumps")
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ from api.status import map_state
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
-from tests.contract import API_RECORD_FIELDS, EXTRA_RECORD_FIELDS
 from tests.helpers.api import FakeRuns
+from tests.helpers.contract import API_RECORD_FIELDS, EXTRA_RECORD_FIELDS
 from tests.helpers.contract_doc import contract_examples
 
 BASE = "/api/memory-dumps"

@@ -18,9 +18,9 @@ from memdump.records.base import Stats
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
-from tests.contract import API_RECORD_FIELDS
 from tests.helpers.api import FakeRuns
 from tests.helpers.api import client as localhost_client
+from tests.helpers.contract import API_RECORD_FIELDS
 
 ISO_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}$")
 BASE = "/api/memory-dumps"

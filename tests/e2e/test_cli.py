@@ -13,7 +13,7 @@ import time
 import urllib.request
 from typing import Any
 
-from tests.stack import REPO, Stack, free_port
+from tests.helpers.stack import REPO, Stack, free_port
 
 BASE = "/api/memory-dumps"
 VM_KEYS = ["vm_id", "state", "progress", "bytes_done", "bytes_total", "error"]

@@ -31,11 +31,11 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers.lab import remote_temp_dirs
+from tests.helpers.procs import descendants
 from tests.helpers.qmp_lab import qmp
 from tests.helpers.services import stop, wait_http
-from tests.integration.conftest import remote_temp_dirs
-from tests.procs import descendants
-from tests.stack import REPO, free_port, lab_inventory
+from tests.helpers.stack import REPO, free_port, lab_inventory
 
 QEMU_VMS = ("vm-qcol-01", "vm-qcol-02")
 LIBVIRT_VMS = ("vm-web-01", "vm-db-01")

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.stack import Stack, lab_inventory, running_stack
 from tests.influxdb3_server import InfluxDB3TestServer
-from tests.stack import Stack, lab_inventory, running_stack
 
 BASE = "/api/memory-dumps"
 TOKEN = "e2e-token"

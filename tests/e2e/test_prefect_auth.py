@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.helpers.services import start, stop, wait_http
-from tests.stack import REPO, free_port, lab_inventory
+from tests.helpers.stack import REPO, free_port, lab_inventory
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 

@@ -18,9 +18,9 @@ from memdump.manifest import manifest_key
 from memdump.records.influxdb3 import InfluxDB3RecordStore
 from memdump.settings import InfluxDB3Settings, S3Settings
 from memdump.storage import S3Store
+from tests.helpers.moto import running_moto_process, stop
+from tests.helpers.stack import Stack, lab_inventory, running_stack
 from tests.influxdb3_server import InfluxDB3TestServer
-from tests.moto import running_moto_process, stop
-from tests.stack import Stack, lab_inventory, running_stack
 
 BASE = "/api/memory-dumps"
 BUCKET = "forensics"

@@ -26,10 +26,10 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests.helpers.lab import virsh
 from tests.helpers.listeners import hold_port, listening, port_free, socket_owners
-from tests.integration.conftest import virsh
-from tests.procs import cmdline, descendants
-from tests.stack import REPO, Stack, free_port, lab_inventory, running_stack
+from tests.helpers.procs import cmdline, descendants
+from tests.helpers.stack import REPO, Stack, free_port, lab_inventory, running_stack
 
 BASE = "/api/memory-dumps"
 

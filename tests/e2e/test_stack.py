@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import assert_hypervisor_clean, virsh
-from tests.stack import Stack
+from tests.helpers.lab import assert_hypervisor_clean, virsh
+from tests.helpers.stack import Stack
 
 BASE = "/api/memory-dumps"
 

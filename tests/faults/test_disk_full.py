@@ -14,7 +14,7 @@ from memdump.capture import capture
 from memdump.errors import InsufficientSpaceError, StorageError
 from memdump.hypervisors import open_driver
 from memdump.settings import Settings
-from tests.integration.conftest import assert_hypervisor_clean, virsh
+from tests.helpers.lab import assert_hypervisor_clean, virsh
 
 
 @pytest.fixture

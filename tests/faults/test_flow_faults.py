@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.lab import assert_hypervisor_clean, extra_lab_vm, virsh
 from tests.helpers.libvirt_live import live_dirs
-from tests.integration.conftest import assert_hypervisor_clean, extra_lab_vm, virsh
-from tests.procs import ancestor_below, cmdline, descendants, holders, lab_sshd_pid
-from tests.stack import Stack, lab_inventory, running_stack
+from tests.helpers.procs import ancestor_below, cmdline, descendants, holders, lab_sshd_pid
+from tests.helpers.stack import Stack, lab_inventory, running_stack
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "/api/memory-dumps"
@@ -114,7 +114,7 @@ def test_hypervisor_with_sshd_stopped_fails_after_bounded_retries(
 ) -> None:
     import tasks.capture as task_module
     from flows.capture import capture_vms
-    from tests.stack import free_port
+    from tests.helpers.stack import free_port
 
     # The lab's hypervisor entry, on a port where no sshd listens any more: what a stopped
     # sshd looks like from the collector (connection refused).

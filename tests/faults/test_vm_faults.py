@@ -17,14 +17,14 @@ from memdump.errors import ConnectError, DumpFailedError, ShortDumpError
 from memdump.hypervisors import open_driver
 from memdump.settings import Settings
 from memdump.targets import find
-from tests.integration.conftest import (
+from tests.helpers.lab import (
     assert_hypervisor_clean,
     extra_lab_vm,
     remote_temp_dirs,
     remote_temp_paths,
     virsh,
 )
-from tests.procs import cmdline, holders
+from tests.helpers.procs import cmdline, holders
 
 REPO = Path(__file__).resolve().parents[2]
 VM = "vm-fault-01"

@@ -16,7 +16,7 @@ import pytest
 
 from memdump.manifest import manifest_path
 from tests.helpers.dumps import stored
-from tests.moto import running_moto
+from tests.helpers.moto import running_moto
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 from memdump.manifest import encode, manifest_path
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
-from tests.elfgen import make_core, mixed_bytes
+from tests.helpers.elfgen import make_core, mixed_bytes
 
 
 def _dump(d: Path, i: int, when: datetime) -> DumpRecord:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from memdump.errors import LiveCaptureUnsupportedError, MemdumpError
 from memdump.hypervisors.base import VMInfo, VMRef
-from tests.elfgen import make_core
+from tests.helpers.elfgen import make_core
 
 REF = VMRef("hv", "vm1", "vm1")
 CORE = make_core([(0, b"\x11" * 8192), (1 << 20, b"\x22" * 4096)])

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from memdump.hypervisors.fifo import RUN_DIR
-from tests.integration.conftest import remote_temp_paths, virsh
+from tests.helpers.lab import remote_temp_paths, virsh
 
 SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
 ACTIVE = ("setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug")

@@ -22,8 +22,8 @@ from memdump.errors import (
 from memdump.hypervisors import Driver, VMInfo
 from memdump.pipeline import write_dump
 from memdump.settings import Settings
+from tests.helpers.lab import remote_temp_dirs
 from tests.helpers.qmp_lab import qmp
-from tests.integration.conftest import remote_temp_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 

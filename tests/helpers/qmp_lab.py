@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from memdump.hypervisors.fifo import RUN_DIR
-from tests.integration.conftest import remote_temp_paths
+from tests.helpers.lab import remote_temp_paths
 
 SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
 LOCK = Path(RUN_DIR) / "userfaultfd.lock"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from tests.procs import cmdline, pids
+from tests.helpers.procs import cmdline, pids
 
 # "$1" is the marker: it lands in the command lines of the shell and of `yes`.
 FLOOD_STDOUT = 'yes "$1"'

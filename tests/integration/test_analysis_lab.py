@@ -13,7 +13,7 @@ from memdump.capture import capture
 from memdump.hypervisors import Driver
 from memdump.manifest import manifest_path
 from memdump.settings import Settings
-from tests.integration.conftest import layout
+from tests.helpers.lab import layout
 
 
 def test_lab_dump_passes_with_every_marker(

@@ -25,8 +25,8 @@ from memdump.manifest import manifest_path
 from memdump.records.model import DumpRecord
 from memdump.settings import Settings
 from memdump.targets import find, list_all
-from tests.contract import RECORD_FIELDS
-from tests.integration.conftest import URI, assert_markers, layout, remote_temp_dirs, virsh
+from tests.helpers.contract import RECORD_FIELDS
+from tests.helpers.lab import URI, assert_markers, layout, remote_temp_dirs, virsh
 
 VM = "vm-web-01"
 

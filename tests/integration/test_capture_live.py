@@ -31,7 +31,7 @@ from memdump.hypervisors.fifo import RUN_DIR
 from memdump.manifest import manifest_path
 from memdump.settings import HypervisorConfig, Settings
 from memdump.verify import verify
-from tests.integration.conftest import (
+from tests.helpers.lab import (
     assert_markers,
     extra_lab_vm,
     remote_temp_dirs,

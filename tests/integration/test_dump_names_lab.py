@@ -21,7 +21,7 @@ from memdump.hypervisors import open_driver
 from memdump.manifest import manifest_key, manifest_path
 from memdump.settings import HypervisorConfig, S3Settings, Settings
 from memdump.storage import S3Store
-from tests.moto import running_moto
+from tests.helpers.moto import running_moto
 
 VM = "vm-db-01"
 FROZEN = datetime(2026, 11, 29, 1, 52, 16, 123456, tzinfo=UTC)

@@ -28,7 +28,7 @@ from tests.helpers.hv_tempdirs import (
     token_in_cmdlines,
     watched,
 )
-from tests.integration.conftest import assert_hypervisor_clean, virsh
+from tests.helpers.lab import assert_hypervisor_clean, virsh
 
 VM = "vm-web-01"
 RUN_DIR = "/run/memdump"  # memdump.hypervisors.fifo.RUN_DIR (tests/unit/test_hv_tempdirs.py)

@@ -17,7 +17,7 @@ from memdump.records.influxdb3 import InfluxDB3RecordStore
 from memdump.records.model import DumpRecord
 from memdump.records.outbox import DurableRecorder, Outbox
 from memdump.settings import InfluxDB3Settings, Settings
-from tests.contract import API_RECORD_FIELDS
+from tests.helpers.contract import API_RECORD_FIELDS
 from tests.influxdb3_server import InfluxDB3TestServer
 
 TOKEN = "test-token"

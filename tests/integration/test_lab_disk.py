@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from tests.integration.conftest import extra_lab_vm
+from tests.helpers.lab import extra_lab_vm
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from memdump.elfcore import parse_core
-from tests.integration.conftest import layout, virsh
+from tests.helpers.lab import layout, virsh
 
 VM = "vm-linux-01"
 MIB = 256

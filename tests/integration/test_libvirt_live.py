@@ -35,6 +35,13 @@ from tests.helpers.elf_compare import (
     compare_source_with_file,
     lab_markers,
 )
+from tests.helpers.lab import (
+    URI,
+    assert_markers,
+    extra_lab_vm,
+    layout,
+    virsh,
+)
 from tests.helpers.libvirt_live import (
     ACTIVE,
     SYSCTL,
@@ -43,13 +50,6 @@ from tests.helpers.libvirt_live import (
     live_dirs,
     migration_status,
     qmp,
-)
-from tests.integration.conftest import (
-    URI,
-    assert_markers,
-    extra_lab_vm,
-    layout,
-    virsh,
 )
 
 VM = "vlive-t1"

@@ -66,8 +66,8 @@ from tests.helpers.counter_guest import (
     read_counter,
     read_pages_one_by_one,
 )
+from tests.helpers.lab import layout, virsh
 from tests.helpers.qmp_lab import Qmp
-from tests.integration.conftest import layout, virsh
 
 REPO = Path(__file__).resolve().parents[2]
 SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")

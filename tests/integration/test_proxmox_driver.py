@@ -33,6 +33,7 @@ from tests.helpers.hv_tempdirs import (
     token_in_cmdlines,
     watched,
 )
+from tests.helpers.lab import assert_markers, layout, remote_temp_dirs
 from tests.helpers.qemu_lab import (
     abort_mid_stream_resumes_the_guest,
     deadline_stops_the_dump,
@@ -40,7 +41,6 @@ from tests.helpers.qemu_lab import (
     paused_capture_is_byte_exact,
     wait_clean,
 )
-from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 VMID = "101"

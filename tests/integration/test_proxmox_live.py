@@ -26,8 +26,8 @@ from tests.helpers.elf_compare import (
     lab_markers,
     save_source,
 )
+from tests.helpers.lab import assert_markers, layout, remote_temp_dirs
 from tests.helpers.qmp_lab import SYSCTL, Poller, assert_clean, migration, status
-from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 VMID = "177"

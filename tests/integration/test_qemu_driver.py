@@ -32,6 +32,7 @@ from memdump.manifest import manifest_path
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.targets import find
+from tests.helpers.lab import assert_markers, layout, remote_temp_dirs
 from tests.helpers.qemu_lab import (
     abort_mid_stream_resumes_the_guest,
     deadline_stops_the_dump,
@@ -41,7 +42,6 @@ from tests.helpers.qemu_lab import (
     wait_clean,
 )
 from tests.helpers.qmp_lab import qmp
-from tests.integration.conftest import assert_markers, layout, remote_temp_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 VM = "vm-qemu-01"

@@ -27,6 +27,7 @@ from memdump.hypervisors.base import VMRef
 from memdump.hypervisors.qemu import QemuDriver
 from memdump.pipeline import DumpSource, write_dump
 from memdump.settings import Settings
+from tests.helpers.lab import assert_markers, remote_temp_dirs
 from tests.helpers.qmp_lab import (
     IDLE,
     RESTORE,
@@ -38,7 +39,6 @@ from tests.helpers.qmp_lab import (
     qmp,
     status,
 )
-from tests.integration.conftest import assert_markers, remote_temp_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 VM = "qlive-01"

@@ -15,7 +15,7 @@ from memdump.records.influxdb3 import InfluxDB3RecordStore
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import InfluxDB3Settings
-from tests.contract import API_RECORD_FIELDS
+from tests.helpers.contract import API_RECORD_FIELDS
 from tests.influxdb3_server import InfluxDB3TestServer
 
 

@@ -1,4 +1,4 @@
-"""S3Store against a real moto S3 server over HTTP (tests/moto.py), not moto's mock.
+"""S3Store against a real moto S3 server over HTTP (tests/helpers/moto.py), not moto's mock.
 
 moto does not check part checksums (a wrong ChecksumSHA256 is accepted), ignores
 MpuObjectSize and KMS keys; what it does support is used: multipart uploads, the
@@ -29,7 +29,7 @@ from memdump.storage.s3 import (
     S3Settings,
     S3Store,
 )
-from tests.moto import running_moto, running_moto_process, stop
+from tests.helpers.moto import running_moto, running_moto_process, stop
 
 CREDS = {"access_key_id": "testing", "secret_access_key": "testing"}
 

@@ -17,7 +17,7 @@ from memdump.hypervisors import open_driver
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.ssh import SSHTransport
-from tests.integration.conftest import assert_hypervisor_clean
+from tests.helpers.lab import assert_hypervisor_clean
 
 
 def _with_known_hosts(hv: HypervisorConfig, path: Path) -> HypervisorConfig:

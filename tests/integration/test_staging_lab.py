@@ -24,7 +24,7 @@ from memdump.hypervisors.libvirt import LibvirtDriver
 from memdump.manifest import manifest_path
 from memdump.pipeline import DumpSource, PipelineResult, write_dump
 from memdump.settings import Settings
-from tests.integration.conftest import (
+from tests.helpers.lab import (
     URI,
     assert_hypervisor_clean,
     assert_markers,

@@ -28,6 +28,7 @@ import pytest
 
 from memdump.hypervisors import Driver
 from memdump.pipeline import write_dump
+from tests.helpers.lab import virsh
 from tests.helpers.writer_guest import (
     FIRST_ADDR,
     check_one_instant,
@@ -35,7 +36,6 @@ from tests.helpers.writer_guest import (
     wait_pass_changes,
     writer_domain,
 )
-from tests.integration.conftest import virsh
 
 NAME = "wr-it-256"
 MIB = 256

@@ -1,4 +1,4 @@
-"""memdump.analysis on synthetic QEMU-style cores (tests/elfgen.py): Volatility 3 must
+"""memdump.analysis on synthetic QEMU-style cores (tests/helpers/elfgen.py): Volatility 3 must
 stack its ELF layer and read the same bytes memdump's parser locates."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from isal import isal_zlib
 from memdump import analysis
 from memdump.analysis import PAGE, Analysis, analyze
 from memdump.elfcore import parse_core
-from tests.elfgen import PHDR, make_core, mixed_bytes
+from tests.helpers.elfgen import PHDR, make_core, mixed_bytes
 
 # memdump.analysis installs this filter process-wide on first use, but pytest restores the
 # warning filters after each test, and which test first validates a symbol file with

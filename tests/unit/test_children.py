@@ -16,7 +16,7 @@ import pytest
 from memdump.children import check_port_free, port_holders
 from memdump.errors import PortInUseError
 from tests.helpers.listeners import hold_port, port_free
-from tests.stack import free_port
+from tests.helpers.stack import free_port
 
 
 def _alive(pid: int) -> bool:

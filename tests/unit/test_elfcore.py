@@ -2,7 +2,7 @@ import pytest
 
 from memdump.elfcore import PT_LOAD, parse_core
 from memdump.errors import InvalidDumpError
-from tests.elfgen import make_core
+from tests.helpers.elfgen import make_core
 
 
 def test_layout_and_size() -> None:

@@ -18,7 +18,7 @@ from memdump.hypervisors.fifo import PROLOGUE, clean_stale
 from memdump.leftovers import clean_parts
 from memdump.pipeline import write_dump
 from memdump.transport.local import LocalTransport
-from tests.elfgen import make_core, mixed_bytes
+from tests.helpers.elfgen import make_core, mixed_bytes
 from tests.helpers.sources import FakeSource
 
 OLD = time.time() - 3600

@@ -13,7 +13,7 @@ from memdump.hypervisors.libvirt import LibvirtDriver
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig
 from memdump.transport.local import LocalTransport
-from tests.elfgen import make_core
+from tests.helpers.elfgen import make_core
 
 
 def test_arguments_are_never_parsed_by_a_shell(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from memdump.errors import (
     StreamInterruptedError,
 )
 from memdump.pipeline import write_dump
-from tests.elfgen import make_core, mixed_bytes
+from tests.helpers.elfgen import make_core, mixed_bytes
 from tests.helpers.sources import FakeSource
 
 

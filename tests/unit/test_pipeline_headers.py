@@ -10,7 +10,7 @@ import pytest
 from memdump.elfcore import parse_core
 from memdump.errors import InvalidDumpError, ShortDumpError
 from memdump.pipeline import write_dump
-from tests.elfgen import make_core
+from tests.helpers.elfgen import make_core
 
 
 class ChunkedSource:

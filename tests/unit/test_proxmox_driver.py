@@ -25,7 +25,7 @@ from memdump.hypervisors.proxmox import ProxmoxDriver
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.local import LocalTransport
-from tests.elfgen import make_core
+from tests.helpers.elfgen import make_core
 from tests.helpers.hv_tempdirs import (
     TARGET_BYTES,
     TOKEN,

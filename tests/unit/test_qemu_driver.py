@@ -37,7 +37,7 @@ from memdump.hypervisors.qemu import DEFAULT_QMP_DIR, QemuDriver
 from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.local import LocalTransport
-from tests.elfgen import make_core
+from tests.helpers.elfgen import make_core
 
 # The fakes run in this process: the peer of their sockets is this python binary, which the
 # drivers of these tests allow as if it were QEMU (the default qemu_binaries do not).

@@ -27,7 +27,7 @@ from memdump.pipeline import write_dump
 from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.local import LocalTransport
 from memdump.transport.process import ProcessByteStream
-from tests.elfgen import make_core
+from tests.helpers.elfgen import make_core
 from tests.helpers.hv_tempdirs import (
     TARGET_BYTES,
     TOKEN,

@@ -20,8 +20,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 START_TIMEOUT_SEC = 15.0
 
 
@@ -97,11 +95,4 @@ def running_moto() -> Iterator[str]:
     """Start ``moto_server`` on a free port, wait (< 15 s) until it answers, yield its
     endpoint URL and stop that process at exit."""
     with running_moto_process() as (url, _):
-        yield url
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """One moto server for the whole session (import this fixture into a test module)."""
-    with running_moto() as url:
         yield url
