@@ -13,6 +13,7 @@ memdump.children), so no orphaned Prefect server keeps the port for the next sta
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -248,3 +249,14 @@ def serve(settings: Settings) -> int:
         left = end_adopted(set(), ORPHAN_GRACE_SEC)
         if left:
             print(f"memdump serve: ended {len(left)} leftover process(es)", file=sys.stderr)
+
+
+def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
+    return serve(settings)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``memdump serve`` (a command of the ``memdump`` CLI)."""
+    sub.add_parser(
+        "serve", help="run Prefect server + runner + API (embedded defaults)"
+    ).set_defaults(handler=cmd_serve)

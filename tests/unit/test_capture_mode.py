@@ -309,6 +309,7 @@ def test_cli_mode_option(
     stderr: str,
 ) -> None:
     from memdump import cli
+    from memdump.cli import capture as capture_command
 
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.setenv("MEMDUMP_DUMP_DIR", str(tmp_path / "dumps"))
@@ -317,8 +318,8 @@ def test_cli_mode_option(
         "MEMDUMP_HYPERVISORS", '[{"name": "hv", "transport": "local", "capture_mode": "live"}]'
     )
     d = LiveDriver(refuse=refuse)
-    monkeypatch.setattr(cli, "_drivers", lambda settings: [d])
-    monkeypatch.setattr(cli, "find", lambda drivers, vm_id: (d, REF))
+    monkeypatch.setattr(capture_command, "open_drivers", lambda settings: [d])
+    monkeypatch.setattr(capture_command, "find", lambda drivers, vm_id: (d, REF))
     assert cli.main(["capture", *argv, "vm1"]) == 0
     out, err = capsys.readouterr()
     rec = json.loads(out)

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 import memdump.cli as cli
 from api.main import create_app
 from api.runs import RunSummary, VMRun
+from memdump.cli import capture, client, inventory, maintenance, render
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
@@ -120,7 +121,7 @@ def seen(
         )
         return client
 
-    monkeypatch.setattr(cli, "_http", factory)
+    monkeypatch.setattr(client, "_http", factory)
     yield sent
 
 
@@ -144,9 +145,9 @@ def main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     ],
 )
 def test_api_base_from_settings(host: str, url: str) -> None:
-    assert cli.api_base(Settings(api_host=host, api_port=8123), None) == url
+    assert client.api_base(Settings(api_host=host, api_port=8123), None) == url
     given = "https://memdump.example/"
-    assert cli.api_base(Settings(api_host=host), given) == "https://memdump.example"
+    assert client.api_base(Settings(api_host=host), given) == "https://memdump.example"
 
 
 def test_base_url_from_settings_and_api_flag(
@@ -325,7 +326,7 @@ def test_trigger_wait_live_display_on_a_terminal(
 
     buf = io.StringIO()
     term = Console(file=buf, force_terminal=True, width=100)
-    monkeypatch.setattr(cli, "_console", lambda: term)
+    monkeypatch.setattr(render, "console", lambda: term)
     runs.script = _progressing(
         "COMPLETED", "Completed", vms(("completed", 100), ("completed", 100))
     )
@@ -487,7 +488,7 @@ def test_non_json_error_from_a_proxy(
         return httpx.Response(502, text="<html>Bad Gateway</html>")
 
     monkeypatch.setattr(
-        cli,
+        client,
         "_http",
         lambda base_url, headers, timeout: httpx.Client(
             base_url=base_url, transport=httpx.MockTransport(handler)
@@ -504,7 +505,7 @@ def test_read_timeout(
         raise httpx.ReadTimeout("timed out", request=request)
 
     monkeypatch.setattr(
-        cli,
+        client,
         "_http",
         lambda base_url, headers, timeout: httpx.Client(
             base_url=base_url, transport=httpx.MockTransport(handler)
@@ -551,14 +552,31 @@ def test_existing_subcommands_are_unchanged(
     env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     called: list[tuple[str, Any]] = []
-    for name in ("cmd_vms", "cmd_capture", "cmd_clean", "cmd_verify"):
-        monkeypatch.setattr(cli, name, lambda s, a, name=name: called.append((name, vars(a))) or 0)
+    for module, name in (
+        (inventory, "cmd_vms"),
+        (capture, "cmd_capture"),
+        (maintenance, "cmd_verify"),
+    ):
+        monkeypatch.setattr(
+            module, name, lambda s, a, name=name: called.append((name, vars(a))) or 0
+        )
+
+    class Cleaned:  # what clean_leftovers found: nothing
+        local: list[str] = []
+        remote: dict[str, list[str]] = {}
+        errors: dict[str, str] = {}
+
+    monkeypatch.setattr(
+        "memdump.leftovers.clean_leftovers",
+        lambda s, min_age: called.append(("cmd_clean", {"min_age": min_age})) or Cleaned(),
+    )
     assert cli.main(["vms"]) == 0
     assert cli.main(["capture", "vm-web-01", "all"]) == 0
     assert cli.main(["clean"]) == 0
     assert cli.main(["verify", "--since-days", "2"]) == 0
     assert [c[0] for c in called] == ["cmd_vms", "cmd_capture", "cmd_clean", "cmd_verify"]
     assert called[1][1]["vm_ids"] == ["vm-web-01", "all"]
+    # Without --min-age, clean keeps leftovers younger than the setting.
     assert called[2][1]["min_age"] == Settings().cleanup_min_age_sec
     assert called[3][1]["since_days"] == 2.0
     with pytest.raises(SystemExit) as exc:

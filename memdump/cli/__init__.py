@@ -1,0 +1,12 @@
+"""The ``memdump`` command line, one module per command group:
+
+- ``app``: the parser and dispatch (commands register themselves; commands of the layers
+  above the engine, such as ``serve``, come from the ``memdump.commands`` entry-point group)
+- ``inventory`` (vms), ``capture``, ``maintenance`` (clean, verify): the engine, no server
+- ``trigger``, ``queries`` (status, records, stats): a running service over its REST API,
+  through ``client`` (the one HTTP client) and ``render`` (the one renderer)
+"""
+
+from memdump.cli.app import main
+
+__all__ = ["main"]

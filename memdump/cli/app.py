@@ -1,0 +1,62 @@
+"""``memdump`` command line: capture VMs of the inventory directly (no server needed), or
+talk to a running service (`memdump serve`) over its REST API: trigger, status, records,
+stats."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, TypeAlias
+
+from memdump import serve
+from memdump.cli import capture, inventory, maintenance, queries, trigger
+from memdump.errors import MemdumpError
+from memdump.fsperm import private_umask
+from memdump.settings import Settings
+
+if TYPE_CHECKING:
+    Subcommands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+# Each command module adds its subparsers, each with ``handler`` (settings, args) -> exit
+# status and, where the arguments need a check argparse cannot express, ``check`` (args)
+# -> an error message or None.
+Register: TypeAlias = "Callable[[Subcommands], None]"
+# Commands of the layers above the engine (``memdump serve`` supervises the API and the
+# Prefect runner) are found by this entry-point group, so the engine never names them.
+PLUGIN_GROUP = "memdump.commands"
+ENGINE: tuple[Register, ...] = (
+    serve.register,
+    inventory.register,
+    capture.register,
+    maintenance.register,
+    trigger.register,
+    queries.register,
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memdump", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    plugins: list[Register] = [
+        ep.load() for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name)
+    ]
+    for register in (*plugins, *ENGINE):
+        register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Records, dumps, manifests, Prefect's database: for the operator only, whatever
+    # umask the shell or the supervisor gave us (the children inherit it).
+    private_umask()
+    p = parser()
+    args = p.parse_args(argv)
+    check: Callable[[argparse.Namespace], str | None] | None = getattr(args, "check", None)
+    if check is not None and (problem := check(args)):
+        p.error(problem)
+    try:
+        return int(args.handler(Settings(), args))
+    except MemdumpError as exc:
+        print(f"memdump: {exc}", file=sys.stderr)
+        return 2

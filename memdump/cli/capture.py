@@ -1,0 +1,68 @@
+"""``memdump capture VM...``: capture VMs now, into MEMDUMP_DUMP_DIR (no server needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from memdump.capture import capture
+from memdump.cli.inventory import open_drivers
+from memdump.errors import MemdumpError
+from memdump.escaping import plain_text
+from memdump.hypervisors import Driver, VMRef
+from memdump.settings import Settings
+from memdump.targets import ALL, find, list_each
+
+
+def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
+    drivers = open_drivers(settings)
+    failed = 0
+
+    def report_failure(vm_id: str, exc: MemdumpError) -> None:
+        nonlocal failed
+        failed += 1
+        print(json.dumps({"vm_id": vm_id, **exc.to_dict()}, default=str), file=sys.stderr)
+
+    targets: list[tuple[Driver, VMRef]] = []
+    for vm_id in dict.fromkeys(args.vm_ids):  # duplicates are captured once
+        try:
+            if vm_id == ALL:  # each hypervisor on its own: one failing fails its VMs only
+                for d, listing in zip(drivers, list_each(drivers), strict=True):
+                    if listing.error is not None:
+                        report_failure(f"{listing.hypervisor}:{ALL}", listing.error)
+                    targets.extend((d, ref) for ref in listing.vms)
+            else:
+                targets.append(find(drivers, vm_id))
+        except MemdumpError as exc:
+            report_failure(vm_id, exc)
+    for driver, ref in dict.fromkeys(targets):
+        try:
+            result = capture(driver, ref, settings, trigger={"source": "cli"}, mode=args.mode)
+        except MemdumpError as exc:
+            report_failure(ref.vmid, exc)
+            continue
+        if result.fallback_reason:  # also in the record's live_fallback_reason
+            why = plain_text(result.fallback_reason)
+            print(
+                f"memdump: {plain_text(ref.vmid)}: captured paused, not live: {why}",
+                file=sys.stderr,
+            )
+        print(json.dumps(result.record.full_dict()), flush=True)
+    for d in drivers:
+        d.close()
+    return 1 if failed else 0
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("capture", help="capture VMs now, into MEMDUMP_DUMP_DIR")
+    p.add_argument("vm_ids", nargs="+", help='VM ids (domain name, id or UUID), or "all"')
+    p.add_argument(
+        "--mode",
+        choices=("paused", "live"),
+        default=None,
+        help="paused: the guest is stopped for the whole dump; live: a point-in-time image"
+        " while it runs (falls back to paused, with the reason, where live cannot run)."
+        " Default: the hypervisor's capture_mode, else MEMDUMP_CAPTURE_MODE",
+    )
+    p.set_defaults(handler=cmd_capture)
