@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import gzip
 import json
 import time
@@ -28,6 +29,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import h11
 import pyarrow as pa
 
 from tests.influxdb3_server.flight import QueryError, execute_sql
@@ -402,41 +404,7 @@ def _iso(ns: int) -> str:
     return f"{base}.{frac:09d}"
 
 
-# -- HTTP/1.1 on an asyncio stream ----------------------------------------------------------
-
-
-class _Closed(Exception):
-    """The peer went away or sent something we cannot answer."""
-
-
-class _Stream:
-    """Buffered reads over an asyncio StreamReader, starting with already-peeked bytes."""
-
-    def __init__(self, reader: asyncio.StreamReader, prefix: bytes) -> None:
-        self._reader = reader
-        self._buf = bytearray(prefix)
-
-    async def _fill(self) -> None:
-        chunk = await self._reader.read(65536)
-        if not chunk:
-            raise _Closed
-        self._buf += chunk
-
-    async def read_until(self, sep: bytes, limit: int) -> bytes:
-        while (i := self._buf.find(sep)) < 0:
-            if len(self._buf) > limit:
-                raise _Closed
-            await self._fill()
-        data = bytes(self._buf[: i + len(sep)])
-        del self._buf[: i + len(sep)]
-        return data
-
-    async def read_exactly(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            await self._fill()
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
+# -- HTTP/1.1 on an asyncio stream, spoken by h11 ------------------------------------------
 
 
 async def serve_http(
@@ -445,93 +413,88 @@ async def serve_http(
     prefix: bytes,
     handle: Callable[[Request], Response],
 ) -> None:
-    """Serve HTTP/1.1 requests on one connection until either side closes it (keep-alive)."""
-    stream = _Stream(reader, prefix)
+    """Serve HTTP/1.1 requests on one connection until either side closes it (keep-alive).
+
+    h11 does the protocol (request parsing, chunked bodies, Expect: 100-continue,
+    keep-alive); ``prefix`` is what the splice already read to tell HTTP from gRPC."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADER_BYTES)
+    conn.receive_data(prefix)
     loop = asyncio.get_running_loop()
     try:
         while True:
-            try:
-                head = await stream.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES)
-            except _Closed:
+            event = await _next_event(conn, reader)
+            if isinstance(event, h11.ConnectionClosed):
                 return
-            try:
-                request, keep_alive, expect_continue, length, chunked = _parse_head(head)
-            except ValueError:
-                await _send(writer, text(400, "malformed HTTP request"), keep_alive=False)
-                return
-            if length is not None and length > MAX_REQUEST_BYTES:
+            assert isinstance(event, h11.Request)
+            request = _request(event)
+            length = request.headers.get("content-length")
+            if length is not None and int(length) > MAX_REQUEST_BYTES:
                 too_big = text(500, f"max request size ({MAX_REQUEST_BYTES} bytes) exceeded")
-                await _send(writer, too_big, keep_alive=False)
+                too_big.headers["Connection"] = "close"
+                await _send(conn, writer, too_big, request.method)
                 return
-            if expect_continue:
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.body = await (
-                _read_chunked(stream) if chunked else stream.read_exactly(length or 0)
-            )
+            if conn.client_is_waiting_for_100_continue:
+                go_on = h11.InformationalResponse(status_code=100, headers=[], reason="Continue")
+                writer.write(conn.send(go_on))
+            body = bytearray()
+            while not isinstance(event := await _next_event(conn, reader), h11.EndOfMessage):
+                assert isinstance(event, h11.Data)
+                body += event.data
+                if len(body) > MAX_REQUEST_BYTES:  # a chunked body has no length up front
+                    return
+            request.body = bytes(body)
             # Handlers parse, gzip-decode and run DataFusion: keep that off the event loop,
             # which also carries the spliced gRPC traffic.
             response = await loop.run_in_executor(None, handle, request)
-            await _send(writer, response, keep_alive)
-            if not keep_alive:
-                return
-    except (_Closed, ConnectionError, asyncio.IncompleteReadError):
+            await _send(conn, writer, response, request.method)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return  # Connection: close (either side), or an HTTP/1.0 client
+            conn.start_next_cycle()
+    except h11.RemoteProtocolError:
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            bad = text(400, "malformed HTTP request")
+            bad.headers["Connection"] = "close"
+            with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
+                await _send(conn, writer, bad, "")
+    except ConnectionError:
         return
     finally:
         writer.close()
 
 
-def _parse_head(head: bytes) -> tuple[Request, bool, bool, int | None, bool]:
-    lines = head.decode("latin-1").split("\r\n")
-    method, target, version = lines[0].split(" ")
-    if not version.startswith("HTTP/1."):
-        raise ValueError(version)
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Event:
+    while (event := conn.next_event()) is h11.NEED_DATA:
+        conn.receive_data(await reader.read(65536))  # b"" tells h11 the peer closed
+    assert isinstance(event, h11.Event)
+    return event
+
+
+def _request(event: h11.Request) -> Request:
     headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ValueError(line)
-        name = name.strip().lower()
-        value = value.strip()
+    for raw_name, raw_value in event.headers:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
-    url = urlsplit(target)
-    request = Request(method, url.path, parse_qs(url.query, keep_blank_values=True), headers)
-    connection = headers.get("connection", "").lower()
-    keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
-    expect_continue = headers.get("expect", "").lower() == "100-continue"
-    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-    length = int(headers["content-length"]) if "content-length" in headers else None
-    if length is not None and length < 0:
-        raise ValueError(length)
-    return request, keep_alive, expect_continue, length, chunked
+    url = urlsplit(event.target.decode("latin-1"))
+    query = parse_qs(url.query, keep_blank_values=True)
+    return Request(event.method.decode("latin-1"), url.path, query, headers)
 
 
-async def _read_chunked(stream: _Stream) -> bytes:
-    body = bytearray()
-    while True:
-        size_line = await stream.read_until(b"\r\n", 1024)
-        size = int(size_line.split(b";")[0].strip(), 16)
-        if size == 0:
-            while await stream.read_until(b"\r\n", 8192) != b"\r\n":
-                pass  # optional trailer fields up to the empty line
-            return bytes(body)
-        body += await stream.read_exactly(size)
-        await stream.read_exactly(2)  # CRLF after the chunk
-        if len(body) > MAX_REQUEST_BYTES:
-            raise _Closed
-
-
-async def _send(writer: asyncio.StreamWriter, response: Response, keep_alive: bool) -> None:
-    reason = HTTPStatus(response.status).phrase
-    lines = [f"HTTP/1.1 {response.status} {reason}"]
+async def _send(
+    conn: h11.Connection, writer: asyncio.StreamWriter, response: Response, method: str
+) -> None:
     headers = dict(response.headers)
     if response.content_type:
         headers["Content-Type"] = response.content_type
     if response.status not in (204, 304):
         headers["Content-Length"] = str(len(response.body))
-    if not keep_alive:
-        headers["Connection"] = "close"
-    lines += [f"{k}: {v}" for k, v in headers.items()]
-    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + response.body)
+    head = h11.Response(
+        status_code=response.status,
+        headers=list(headers.items()),
+        reason=HTTPStatus(response.status).phrase,
+    )
+    data = conn.send(head)
+    if response.body and method != "HEAD":
+        data += conn.send(h11.Data(data=response.body))
+    data += conn.send(h11.EndOfMessage())
+    writer.write(data)
     await writer.drain()

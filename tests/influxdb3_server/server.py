@@ -3,7 +3,8 @@
 An asyncio front accepts every connection and looks at its first bytes: the HTTP/2
 connection preface that gRPC clients open with means Arrow Flight, so the connection is
 spliced to the pyarrow Flight server on an internal loopback port; anything else is
-served as HTTP/1.1 by `http.serve_http` (keep-alive, since the client pools connections).
+served as HTTP/1.1 by `http.serve_http`, which lets h11 speak the protocol (keep-alive,
+since the client pools connections).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -556,6 +557,49 @@ def test_http_keep_alive(srv: InfluxDB3TestServer, db: str) -> None:
     assert conn.getresponse().read() == b"OK"
     assert conn.sock is sock  # the same TCP connection served every request
     conn.close()
+
+
+def exchange(srv: InfluxDB3TestServer, data: bytes) -> bytes:
+    """Send ``data`` as is and read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+        return out
+
+
+def test_http_chunked_body_expect_continue_and_pipelining(
+    srv: InfluxDB3TestServer, client: InfluxDBClient3, db: str
+) -> None:
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    write = (
+        f"POST /api/v3/write_lp?db={db}&precision=nanosecond HTTP/1.1\r\nHost: x\r\n".encode()
+        + auth
+        + b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+        + b"4\r\nc f=\r\n3;ext=1\r\n1i \r\n1\r\n7\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+    last = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    out = exchange(srv, write + last)  # two requests in one send: answered in order
+    assert out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n")
+    assert out.index(b"HTTP/1.1 204") < out.index(b"HTTP/1.1 200 OK\r\n")
+    assert out.endswith(b"\r\n\r\nOK")
+    assert rows(client, "SELECT f, time FROM c") == [{"f": 1, "time": 7}]
+
+
+def test_http_bad_and_oversized_requests_close_the_connection(srv: InfluxDB3TestServer) -> None:
+    out = exchange(srv, b"NOT HTTP AT ALL\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 ") and out.endswith(b"\r\n\r\nmalformed HTTP request")
+    too_big = (
+        f"POST /api/v3/write_lp?db=x HTTP/1.1\r\nHost: x\r\nContent-Length: {10 * 1024 * 1024 + 1}"
+        "\r\n\r\n"
+    )
+    out = exchange(srv, too_big.encode())  # answered before the body: no 10 MiB to send
+    assert out.startswith(b"HTTP/1.1 500 ")
+    assert out.endswith(b"max request size (10485760 bytes) exceeded")
+    # An HTTP/1.0 request without keep-alive is answered, then the connection closes.
+    out = exchange(srv, b"GET /health HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nOK")
 
 
 def test_stop_start_is_an_outage(db: str) -> None:
