@@ -389,7 +389,7 @@ def _offline(vol: SimpleNamespace) -> Iterator[None]:
     Nothing we call should fetch anything (symbol downloads only happen in automagic we
     do not run), this makes sure. It is not left on: Volatility installs its urllib
     opener process-wide and that opener refuses http(s) for everyone while OFFLINE is
-    set (tests/stack.py and memdump.serve use urllib).
+    set (the test harness and the stack supervisor use urllib).
     """
     global _OFFLINE_USERS, _OFFLINE_SAVED
     with _VOL_LOCK:

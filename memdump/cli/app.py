@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, TypeAlias
 
-from memdump import serve
 from memdump.cli import capture, inventory, maintenance, queries, trigger
 from memdump.errors import MemdumpError
 from memdump.fsperm import private_umask
@@ -26,7 +25,6 @@ Register: TypeAlias = "Callable[[Subcommands], None]"
 # Prefect runner) are found by this entry-point group, so the engine never names them.
 PLUGIN_GROUP = "memdump.commands"
 ENGINE: tuple[Register, ...] = (
-    serve.register,
     inventory.register,
     capture.register,
     maintenance.register,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from memdump.serve import prefect_env
+from deployments.stack import prefect_env
 from memdump.settings import Settings
 
 
@@ -68,3 +68,13 @@ def test_a_symlinked_credential_file_is_not_followed_for_writing(settings: Setti
     with pytest.raises(OSError):
         prefect_env(settings)
     assert not target.exists()
+
+
+def test_memdump_serve_is_the_stack_supervisors_entry_point() -> None:
+    # Issue 13 item 4: the engine's CLI does not name the supervisor; it finds `serve`
+    # through the memdump.commands entry point that pyproject.toml declares.
+    from deployments import stack
+    from memdump.cli.app import PLUGIN_GROUP, parser
+
+    assert PLUGIN_GROUP == "memdump.commands"
+    assert parser().parse_args(["serve"]).handler is stack.cmd_serve

@@ -1,10 +1,14 @@
 """``memdump serve``: the whole stack on embedded defaults, as child processes.
 
+Process supervision of the layers above the engine lives here, not in memdump/: the
+engine names nothing above it. The ``memdump`` CLI finds this command through the
+``memdump.commands`` entry-point group (pyproject.toml).
+
 A Prefect server on SQLite under ``<data_dir>/prefect`` bound to 127.0.0.1 with basic
 auth (unless PREFECT_API_URL points at one), the runner serving the deployments, and the
 API on 127.0.0.1:8000. Ctrl-C or SIGTERM stops them in reverse order, each within a
-bounded time (STOP_GRACE_SEC). The engine imports neither Prefect nor FastAPI: they run
-in their own processes.
+bounded time (STOP_GRACE_SEC). This module imports neither Prefect nor FastAPI (the CLI
+loads it for every command): they run in their own processes.
 
 Children die with this process even when it is SIGKILLed (the OOM killer, a
 supervisor's timeout): each gets SIGTERM from the kernel (PR_SET_PDEATHSIG, see
@@ -256,7 +260,7 @@ def cmd_serve(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``memdump serve`` (a command of the ``memdump`` CLI)."""
+    """``memdump serve``: a ``memdump.commands`` entry point of the ``memdump`` CLI."""
     sub.add_parser(
         "serve", help="run Prefect server + runner + API (embedded defaults)"
     ).set_defaults(handler=cmd_serve)
