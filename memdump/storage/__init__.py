@@ -8,7 +8,8 @@ from memdump.errors import (
     OffloadIntegrityError,
 )
 from memdump.settings import S3Settings
-from memdump.storage.s3 import S3Object, S3Store, map_s3_error
+from memdump.storage.s3 import S3Object, S3Store
+from memdump.storage.s3_errors import map_s3_error
 
 __all__ = [
     "ObjectNotFoundError",

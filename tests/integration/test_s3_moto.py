@@ -20,15 +20,14 @@ from typing import Any
 import boto3
 import pytest
 
-from memdump.errors import StorageError
-from memdump.storage.s3 import (
-    MiB,
+from memdump.errors import (
     ObjectNotFoundError,
     ObjectStoreUnavailableError,
     OffloadIntegrityError,
-    S3Settings,
-    S3Store,
+    StorageError,
 )
+from memdump.settings import S3Settings
+from memdump.storage.s3 import MiB, S3Store
 from tests.helpers.moto import running_moto, running_moto_process, stop
 
 CREDS = {"access_key_id": "testing", "secret_access_key": "testing"}

@@ -13,17 +13,18 @@ import botocore.exceptions as bx
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from memdump.errors import MemdumpError, StorageError
-from memdump.storage.s3 import (
-    MiB,
+from memdump.errors import (
+    MemdumpError,
     ObjectNotFoundError,
     ObjectStoreAccessError,
     ObjectStoreError,
     ObjectStoreUnavailableError,
     OffloadIntegrityError,
-    S3Settings,
-    map_s3_error,
+    StorageError,
 )
+from memdump.settings import S3Settings
+from memdump.storage.s3 import MiB
+from memdump.storage.s3_errors import map_s3_error
 
 MODULES = (bx, b3x)
 
