@@ -9,8 +9,9 @@ bytes memdump's own ELF parser (memdump.elfcore) locates in the file. Two indepe
 readings of the same headers that agree are the evidence.
 
 Volatility is used as a library, which brings process-wide state (module constants, a
-urllib opener, loggers); ``_volatility()`` sets that up once. Nothing here may touch the
-network or write outside the temporary directory.
+urllib opener, loggers): memdump.volatility holds everything memdump uses of it and sets
+that up once. Nothing here may touch the network or write outside the temporary
+directory.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Literal, cast
 
 from isal import igzip, igzip_threaded, isal_zlib
 
+from memdump import volatility
 from memdump.elfcore import PT_LOAD, CoreLayout, parse_core
 from memdump.errors import InvalidDumpError
 
@@ -47,14 +47,6 @@ _MAX_HEAD = (64 << 20) + _READ  # memdump.elfcore refuses headers beyond 64 MiB 
 TEMP_PREFIX = ".memdump-analysis-"
 _CORE_NAME = "core.elf"  # no .gz suffix: Volatility would wrap a *.gz location in gzip again
 
-# Volatility's banners plugin (framework/plugins/banners.py) looks for this pattern; see
-# _FastBanners for why we scan for its literal prefixes first.
-_BANNER_PATTERN = rb"(Linux version|Darwin Kernel Version) [0-9]+\.[0-9]+\.[0-9]+"
-_BANNER_PREFIXES = (b"Linux version ", b"Darwin Kernel Version ")
-_BANNER_CHARS = frozenset(
-    b" #()+,;/-.0123456789:@ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~"
-)
-_MAX_BANNERS = 32
 _PN_XNUM = 0xFFFF
 # igzip raises EOFError for a stream cut short, BadGzipFile for a CRC/length mismatch or
 # a file that is not gzip at all, IsalError for corrupt deflate data (its stub declares
@@ -126,12 +118,12 @@ def analyze(
     progress = _Progress()
     status: Status = "passed"
     try:
-        vol = _volatility()
+        vol = volatility.load()
     except Exception as exc:  # an unusable volatility3 install is not the dump's fault
         return _result("error", f"volatility3 unavailable: {exc}", progress, started, "")
     version = str(vol.constants.PACKAGE_VERSION)
     try:
-        with _offline(vol):
+        with volatility.offline(vol):
             detail = _check(vol, dump, samples, banners, work_dir, expect or {}, progress)
     except _Failed as exc:
         status, detail = "failed", str(exc)
@@ -192,7 +184,7 @@ def _check(
             # Even when the pages disagree, the banners tell a human what the image is.
             with progress.timed("banners"):
                 try:
-                    progress.banners = _banners(vol, ctx, elf_name)
+                    progress.banners = volatility.banners(vol, ctx, elf_name)
                 except Exception as exc:  # a plugin bug must not hide a failed check
                     banner_error = exc
         if failures:
@@ -211,9 +203,7 @@ def _check(
         )
     finally:
         if ctx is not None:
-            for name in list(ctx.layers):
-                with contextlib.suppress(Exception):
-                    ctx.layers[name].destroy()  # closes the FileLayer's handle
+            volatility.destroy_layers(ctx)
         try:
             shutil.rmtree(tmp)
         except OSError as exc:
@@ -317,117 +307,14 @@ def _check_room(directory: Path, size: int) -> None:
         )
 
 
-# -- volatility ------------------------------------------------------------------------
-
-_VOL_LOCK = threading.Lock()
-_VOL: SimpleNamespace | None = None
-_OFFLINE_USERS = 0
-_OFFLINE_SAVED = False
-
-
-def _volatility() -> SimpleNamespace:
-    """Import and configure volatility3 once per process.
-
-    Imported lazily: most memdump processes never analyse, and importing
-    volatility3.framework.constants creates ``~/.cache/volatility3`` (its CACHE_PATH,
-    computed and created at import; an empty directory, see below for its contents).
-    """
-    global _VOL
-    with _VOL_LOCK:
-        if _VOL is not None:
-            return _VOL
-        vol_log = logging.getLogger("volatility3")
-        if vol_log.level == logging.NOTSET:
-            # Its debug chatter (imports, stacking attempts, schema validation) is noise
-            # to us; warnings still get through. An application's own setting wins.
-            vol_log.setLevel(logging.WARNING)
-        import volatility3.framework.layers
-        import volatility3.schemas
-        from volatility3 import framework
-        from volatility3.framework import constants, contexts, exceptions, interfaces
-        from volatility3.framework.automagic import stacker
-        from volatility3.framework.layers import elf, physical, scanners
-        from volatility3.framework.plugins import construct_plugin
-        from volatility3.framework.renderers import format_hints
-        from volatility3.plugins import banners
-
-        framework.require_interface_version(2, 0, 0)
-        # Stackers register themselves on import; LayerStacker.__call__ would do this.
-        framework.import_files(volatility3.framework.layers, True)
-
-        # Volatility records validated symbol files in CACHE_PATH (in the user's home) on
-        # first use; keep its in-memory cache but write the file to nowhere. Nothing else
-        # we call writes to CACHE_PATH (downloads are off, see _offline; no symbol
-        # automagic runs).
-        volatility3.schemas.cached_validation_filepath = os.devnull
-        # jsonschema warns (DeprecationWarning) about the $schema of Volatility's own
-        # symbol files on every first validation; nothing for us or the user to act on.
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module="volatility3")
-
-        _VOL = SimpleNamespace(
-            constants=constants,
-            contexts=contexts,
-            exceptions=exceptions,
-            interfaces=interfaces,
-            framework_subclasses=framework.class_subclasses,
-            stacker=stacker,
-            physical=physical,
-            elf=elf,
-            construct_plugin=construct_plugin,
-            banners_plugin=_fast_banners_class(
-                banners.Banners, scanners.RegExScanner, format_hints.Hex
-            ),
-            stock_banners_plugin=banners.Banners,
-        )
-        return _VOL
-
-
-@contextlib.contextmanager
-def _offline(vol: SimpleNamespace) -> Iterator[None]:
-    """Volatility's OFFLINE switch, on while any analysis runs.
-
-    Nothing we call should fetch anything (symbol downloads only happen in automagic we
-    do not run), this makes sure. It is not left on: Volatility installs its urllib
-    opener process-wide and that opener refuses http(s) for everyone while OFFLINE is
-    set (the test harness and the stack supervisor use urllib).
-    """
-    global _OFFLINE_USERS, _OFFLINE_SAVED
-    with _VOL_LOCK:
-        if _OFFLINE_USERS == 0:
-            _OFFLINE_SAVED = vol.constants.OFFLINE
-            vol.constants.OFFLINE = True
-        _OFFLINE_USERS += 1
-    try:
-        yield
-    finally:
-        with _VOL_LOCK:
-            _OFFLINE_USERS -= 1
-            if _OFFLINE_USERS == 0:
-                vol.constants.OFFLINE = _OFFLINE_SAVED
-
-
 def _stack(
     vol: SimpleNamespace, ctx: Any, core: Path, layout: CoreLayout, progress: _Progress
 ) -> str:
     """Let Volatility recognise the file in ``ctx``; returns the ELF layer's name."""
-    base = "memdump_file"
-    ctx.config[vol.interfaces.configuration.path_join(base, "location")] = core.as_uri()
-    ctx.add_layer(vol.physical.FileLayer(ctx, base, base))
-    # File-format stackers only (ELF, LiME, QEMU, crash dump, ...): the OS stackers
-    # (LinuxIntelStacker & co.) hunt for page tables and need kernel symbols, which is
-    # analysis proper, not "does the image open".
-    stackers = sorted(
-        (
-            s
-            for s in vol.framework_subclasses(vol.interfaces.automagic.StackerLayerInterface)
-            if s.__module__.startswith("volatility3.framework.layers.")
-        ),
-        key=lambda s: s.stack_order,
-    )
-    names: list[str] = vol.stacker.LayerStacker.stack_layer(ctx, base, stackers)
+    names = volatility.stack_file(vol, ctx, core)
     progress.summary = " over ".join(type(ctx.layers[n]).__name__ for n in names)
     if len(names) < 2:
-        why = _why_not_elf(vol, ctx, base)
+        why = volatility.why_not_elf(vol, ctx, names[-1])
         if len(layout.segments) >= _PN_XNUM:
             why += "; it has more than 65534 program headers (PN_XNUM), Volatility 3 reads e_phnum"
         raise _Failed(f"Volatility 3 recognises no memory image format in this file{why}")
@@ -436,17 +323,6 @@ def _stack(
     if type(first) is not vol.elf.Elf64Layer:
         raise _Failed(f"Volatility 3 reads this file as {progress.layer}, not as an ELF core")
     return names[-2]
-
-
-def _why_not_elf(vol: SimpleNamespace, ctx: Any, base: str) -> str:
-    """The ELF layer's own complaint, which stack_layer only logs (at level 7)."""
-    name = "memdump_elf_probe"
-    ctx.config[vol.interfaces.configuration.path_join(name, "base_layer")] = base
-    try:
-        vol.elf.Elf64Layer(ctx, name, name)
-    except Exception as exc:
-        return f" (Elf64Layer: {exc})"
-    return ""
 
 
 def _cross_check(
@@ -543,70 +419,3 @@ def _sample_pages(layout: CoreLayout, samples: int) -> list[tuple[int, int]]:
                 index += 1
             chosen.append(index)
     return sorted({page(i) for i in chosen})
-
-
-# -- banners ---------------------------------------------------------------------------
-
-
-def _banners(vol: SimpleNamespace, ctx: Any, layer_name: str, stock: bool = False) -> list[str]:
-    """Run the banners plugin on ``layer_name``; distinct banners in the order found."""
-    plugin_cls = vol.stock_banners_plugin if stock else vol.banners_plugin
-    base = "memdump_plugins"
-    ctx.config[vol.interfaces.configuration.path_join(base, plugin_cls.__name__, "primary")] = (
-        layer_name
-    )
-    plugin = vol.construct_plugin(ctx, [], plugin_cls, base, None, None)
-
-    def visit(node: Any, found: list[str]) -> list[str]:
-        text = str(node.values[1]).strip()
-        if text and text not in found and len(found) < _MAX_BANNERS:
-            found.append(text)
-        return found
-
-    found: list[str] = []
-    plugin.run().populate(visit, found)
-    return found
-
-
-def _fast_banners_class(banners_cls: Any, regex_scanner: Any, hex_hint: Any) -> Any:
-    """Volatility's Banners plugin with a faster scan for the Linux/macOS part.
-
-    The stock plugin scans with a regex that starts with an alternation, which Python's
-    re engine cannot search for quickly: ~250 MiB/s whatever the data (4 s per GiB,
-    four times as long as decompressing). Every match starts with one of two literals,
-    which bytes.find locates at >2 GiB/s; the regex then only runs where one occurs.
-    Same matches, same filtering afterwards (tests compare with the stock plugin), one
-    deliberate difference: the banner is read padded, where the stock plugin raises for
-    a banner within 4 KiB of the end of a RAM block. The Windows part is the stock one.
-    """
-
-    class _PrefixRegExScanner(regex_scanner):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__(_BANNER_PATTERN)
-
-        def __call__(self, data: bytes, data_offset: int) -> Iterator[int]:
-            starts: list[int] = []
-            for prefix in _BANNER_PREFIXES:
-                at = data.find(prefix)
-                # Like RegExScanner, leave hits in the overlap to the next chunk.
-                while 0 <= at < self.chunk_size:
-                    starts.append(at)
-                    at = data.find(prefix, at + 1)
-            for at in sorted(starts):
-                if self.regex.match(data, at):
-                    yield at + data_offset
-
-    class _FastBanners(banners_cls):  # type: ignore[misc]
-        @classmethod
-        def locate_banners(cls, context: Any, layer_name: str) -> Iterator[tuple[Any, str]]:
-            layer = context.layers[layer_name]
-            for offset in layer.scan(context=context, scanner=_PrefixRegExScanner()):
-                data = layer.read(offset, 0xFFF, pad=True)
-                end = data.find(b"\x00")
-                if end > 0:
-                    text = data[:end].strip()
-                    if all(c in _BANNER_CHARS for c in text):
-                        yield hex_hint(offset), text.decode("latin-1")
-            yield from cls.locate_windows_banners(context, layer_name)
-
-    return _FastBanners

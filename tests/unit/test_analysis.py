@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from isal import isal_zlib
 
-from memdump import analysis
+from memdump import analysis, volatility
 from memdump.analysis import PAGE, Analysis, analyze
 from memdump.elfcore import parse_core
 from tests.helpers.elfgen import PHDR, make_core, mixed_bytes
@@ -451,12 +451,12 @@ def test_fast_banners_match_the_stock_plugin(tmp_path: Path) -> None:
     core.write_bytes(make_core([(0, bytes(mem[: 1 << 20])), (2 << 20, bytes(mem[1 << 20 :]))]))
     layout = parse_core(core.read_bytes())
     assert layout is not None
-    vol = analysis._volatility()
+    vol = volatility.load()
     ctx = vol.contexts.Context()
     name = analysis._stack(vol, ctx, core, layout, analysis._Progress())
     try:
-        fast = analysis._banners(vol, ctx, name)
-        stock = analysis._banners(vol, ctx, name, stock=True)
+        fast = volatility.banners(vol, ctx, name)
+        stock = volatility.banners(vol, ctx, name, stock=True)
     finally:
         for layer in list(ctx.layers):
             ctx.layers[layer].destroy()
@@ -486,7 +486,7 @@ def test_banners_plugin_crash_is_an_error_unless_the_dump_failed(
     def boom(*_args: Any, **_kw: Any) -> list[str]:
         raise RuntimeError("plugin bug")
 
-    monkeypatch.setattr(analysis, "_banners", boom)
+    monkeypatch.setattr(volatility, "banners", boom)
     a = analyze(good)
     assert a.status == "error" and "plugin bug" in a.detail
     assert a.layer == "Elf64Layer" and a.pages_checked == 32

@@ -1,0 +1,225 @@
+"""Volatility 3 as a library: everything memdump uses of it, and only here.
+
+memdump.analysis asks "does this dump open as an image Volatility can analyse"; this
+module is how it talks to Volatility: importing and configuring it once per process
+(``load``), its OFFLINE switch (``offline``), stacking a file with its file-format
+stackers (``stack_file``), and its banners plugin, with a faster scan (``banners``).
+Some of this reaches past Volatility's plugin interface (``LayerStacker.stack_layer``,
+the stackers' ``stack_order``, ``schemas.cached_validation_filepath``, a subclass of
+``RegExScanner`` and of the ``Banners`` plugin): pyproject.toml pins volatility3 to the
+tested minor release, and tests/unit/test_volatility_api.py checks that each of these
+exists with the signature used here, so an upgrade fails in that test, not at a capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+# The framework interface memdump is written against (major must match, minor at least).
+INTERFACE = (2, 0, 0)
+
+# Volatility's banners plugin (framework/plugins/banners.py) looks for this pattern; see
+# _FastBanners for why we scan for its literal prefixes first.
+_BANNER_PATTERN = rb"(Linux version|Darwin Kernel Version) [0-9]+\.[0-9]+\.[0-9]+"
+_BANNER_PREFIXES = (b"Linux version ", b"Darwin Kernel Version ")
+_BANNER_CHARS = frozenset(
+    b" #()+,;/-.0123456789:@ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~"
+)
+_MAX_BANNERS = 32
+
+_VOL_LOCK = threading.Lock()
+_VOL: SimpleNamespace | None = None
+_OFFLINE_USERS = 0
+_OFFLINE_SAVED = False
+
+
+def load() -> SimpleNamespace:
+    """Import and configure volatility3 once per process.
+
+    Imported lazily: most memdump processes never analyse, and importing
+    volatility3.framework.constants creates ``~/.cache/volatility3`` (its CACHE_PATH,
+    computed and created at import; an empty directory, see below for its contents).
+    """
+    global _VOL
+    with _VOL_LOCK:
+        if _VOL is not None:
+            return _VOL
+        vol_log = logging.getLogger("volatility3")
+        if vol_log.level == logging.NOTSET:
+            # Its debug chatter (imports, stacking attempts, schema validation) is noise
+            # to us; warnings still get through. An application's own setting wins.
+            vol_log.setLevel(logging.WARNING)
+        import volatility3.framework.layers
+        import volatility3.schemas
+        from volatility3 import framework
+        from volatility3.framework import constants, contexts, exceptions, interfaces
+        from volatility3.framework.automagic import stacker
+        from volatility3.framework.layers import elf, physical, scanners
+        from volatility3.framework.plugins import construct_plugin
+        from volatility3.framework.renderers import format_hints
+        from volatility3.plugins import banners
+
+        framework.require_interface_version(*INTERFACE)
+        # Stackers register themselves on import; LayerStacker.__call__ would do this.
+        framework.import_files(volatility3.framework.layers, True)
+
+        # Volatility records validated symbol files in CACHE_PATH (in the user's home) on
+        # first use; keep its in-memory cache but write the file to nowhere. Nothing else
+        # we call writes to CACHE_PATH (downloads are off, see offline(); no symbol
+        # automagic runs).
+        volatility3.schemas.cached_validation_filepath = os.devnull
+        # jsonschema warns (DeprecationWarning) about the $schema of Volatility's own
+        # symbol files on every first validation; nothing for us or the user to act on.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="volatility3")
+
+        _VOL = SimpleNamespace(
+            constants=constants,
+            contexts=contexts,
+            exceptions=exceptions,
+            interfaces=interfaces,
+            framework_subclasses=framework.class_subclasses,
+            stacker=stacker,
+            physical=physical,
+            elf=elf,
+            construct_plugin=construct_plugin,
+            banners_plugin=_fast_banners_class(
+                banners.Banners, scanners.RegExScanner, format_hints.Hex
+            ),
+            stock_banners_plugin=banners.Banners,
+        )
+        return _VOL
+
+
+@contextlib.contextmanager
+def offline(vol: SimpleNamespace) -> Iterator[None]:
+    """Volatility's OFFLINE switch, on while any analysis runs.
+
+    Nothing we call should fetch anything (symbol downloads only happen in automagic we
+    do not run), this makes sure. It is not left on: Volatility installs its urllib
+    opener process-wide and that opener refuses http(s) for everyone while OFFLINE is
+    set (the test harness and the stack supervisor use urllib).
+    """
+    global _OFFLINE_USERS, _OFFLINE_SAVED
+    with _VOL_LOCK:
+        if _OFFLINE_USERS == 0:
+            _OFFLINE_SAVED = vol.constants.OFFLINE
+            vol.constants.OFFLINE = True
+        _OFFLINE_USERS += 1
+    try:
+        yield
+    finally:
+        with _VOL_LOCK:
+            _OFFLINE_USERS -= 1
+            if _OFFLINE_USERS == 0:
+                vol.constants.OFFLINE = _OFFLINE_SAVED
+
+
+def stack_file(vol: SimpleNamespace, ctx: Any, path: Path) -> list[str]:
+    """Open ``path`` as a file layer of ``ctx`` and let Volatility's file-format stackers
+    recognise it: the names of the layers, the top first, the file layer last."""
+    base = "memdump_file"
+    ctx.config[vol.interfaces.configuration.path_join(base, "location")] = path.as_uri()
+    ctx.add_layer(vol.physical.FileLayer(ctx, base, base))
+    # File-format stackers only (ELF, LiME, QEMU, crash dump, ...): the OS stackers
+    # (LinuxIntelStacker & co.) hunt for page tables and need kernel symbols, which is
+    # analysis proper, not "does the image open".
+    stackers = sorted(
+        (
+            s
+            for s in vol.framework_subclasses(vol.interfaces.automagic.StackerLayerInterface)
+            if s.__module__.startswith("volatility3.framework.layers.")
+        ),
+        key=lambda s: s.stack_order,
+    )
+    names: list[str] = vol.stacker.LayerStacker.stack_layer(ctx, base, stackers)
+    return names
+
+
+def destroy_layers(ctx: Any) -> None:
+    """Close what ``ctx`` opened (a FileLayer holds its file open)."""
+    for name in list(ctx.layers):
+        with contextlib.suppress(Exception):
+            ctx.layers[name].destroy()
+
+
+def why_not_elf(vol: SimpleNamespace, ctx: Any, base: str) -> str:
+    """The ELF layer's own complaint, which stack_layer only logs (at level 7)."""
+    name = "memdump_elf_probe"
+    ctx.config[vol.interfaces.configuration.path_join(name, "base_layer")] = base
+    try:
+        vol.elf.Elf64Layer(ctx, name, name)
+    except Exception as exc:
+        return f" (Elf64Layer: {exc})"
+    return ""
+
+
+def banners(vol: SimpleNamespace, ctx: Any, layer_name: str, stock: bool = False) -> list[str]:
+    """Run the banners plugin on ``layer_name``; distinct banners in the order found."""
+    plugin_cls = vol.stock_banners_plugin if stock else vol.banners_plugin
+    base = "memdump_plugins"
+    ctx.config[vol.interfaces.configuration.path_join(base, plugin_cls.__name__, "primary")] = (
+        layer_name
+    )
+    plugin = vol.construct_plugin(ctx, [], plugin_cls, base, None, None)
+
+    def visit(node: Any, found: list[str]) -> list[str]:
+        text = str(node.values[1]).strip()
+        if text and text not in found and len(found) < _MAX_BANNERS:
+            found.append(text)
+        return found
+
+    found: list[str] = []
+    plugin.run().populate(visit, found)
+    return found
+
+
+def _fast_banners_class(banners_cls: Any, regex_scanner: Any, hex_hint: Any) -> Any:
+    """Volatility's Banners plugin with a faster scan for the Linux/macOS part.
+
+    The stock plugin scans with a regex that starts with an alternation, which Python's
+    re engine cannot search for quickly: ~250 MiB/s whatever the data (4 s per GiB,
+    four times as long as decompressing). Every match starts with one of two literals,
+    which bytes.find locates at >2 GiB/s; the regex then only runs where one occurs.
+    Same matches, same filtering afterwards (tests compare with the stock plugin), one
+    deliberate difference: the banner is read padded, where the stock plugin raises for
+    a banner within 4 KiB of the end of a RAM block. The Windows part is the stock one.
+    """
+
+    class _PrefixRegExScanner(regex_scanner):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(_BANNER_PATTERN)
+
+        def __call__(self, data: bytes, data_offset: int) -> Iterator[int]:
+            starts: list[int] = []
+            for prefix in _BANNER_PREFIXES:
+                at = data.find(prefix)
+                # Like RegExScanner, leave hits in the overlap to the next chunk.
+                while 0 <= at < self.chunk_size:
+                    starts.append(at)
+                    at = data.find(prefix, at + 1)
+            for at in sorted(starts):
+                if self.regex.match(data, at):
+                    yield at + data_offset
+
+    class _FastBanners(banners_cls):  # type: ignore[misc]
+        @classmethod
+        def locate_banners(cls, context: Any, layer_name: str) -> Iterator[tuple[Any, str]]:
+            layer = context.layers[layer_name]
+            for offset in layer.scan(context=context, scanner=_PrefixRegExScanner()):
+                data = layer.read(offset, 0xFFF, pad=True)
+                end = data.find(b"\x00")
+                if end > 0:
+                    text = data[:end].strip()
+                    if all(c in _BANNER_CHARS for c in text):
+                        yield hex_hint(offset), text.decode("latin-1")
+            yield from cls.locate_windows_banners(context, layer_name)
+
+    return _FastBanners

@@ -1,0 +1,112 @@
+"""Issue 13 item 5: the Volatility 3 internals memdump.volatility depends on exist, with the
+signatures it calls them with, and volatility3 is pinned to the tested release. An
+upgrade that moves or reshapes one of them fails here, by name, not at a capture (where
+the check would only report "error")."""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pytest
+from packaging.requirements import Requirement
+
+from memdump import volatility
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def params(fn: Callable[..., Any]) -> list[str]:
+    """Parameter names as a caller passes them (no self)."""
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
+@pytest.fixture(scope="module")
+def vol() -> Any:
+    return volatility.load()
+
+
+def test_volatility3_is_pinned_to_the_tested_release() -> None:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (req,) = [Requirement(d) for d in deps if Requirement(d).name == "volatility3"]
+    assert any(s.operator == "<" for s in req.specifier), f"no upper bound: {req}"
+    assert req.specifier.contains(version("volatility3")), (str(req), version("volatility3"))
+
+
+def test_framework_interface_and_module_state(vol: Any) -> None:
+    import volatility3.schemas
+    from volatility3 import framework
+
+    framework.require_interface_version(*volatility.INTERFACE)  # raises if incompatible
+    assert params(framework.import_files)[:2] == ["base_module", "ignore_errors"]
+    assert params(framework.class_subclasses) == ["cls"]
+    # load() points it at os.devnull: the attribute must still be the one Volatility reads.
+    assert "cached_validation_filepath" in vars(volatility3.schemas)
+    assert isinstance(vol.constants.OFFLINE, bool)
+    assert str(vol.constants.PACKAGE_VERSION) == version("volatility3")
+
+
+def test_layers_and_stacking(vol: Any) -> None:
+    assert params(vol.interfaces.configuration.path_join) == ["args"]
+    assert params(vol.contexts.Context.add_layer) == ["layer"]
+    ctx = vol.contexts.Context()
+    assert hasattr(ctx, "config") and hasattr(ctx, "layers")
+    for layer in (vol.physical.FileLayer, vol.elf.Elf64Layer):
+        assert params(layer)[:3] == ["context", "config_path", "name"]
+    stack_layer = inspect.getattr_static(vol.stacker.LayerStacker, "stack_layer")
+    assert isinstance(stack_layer, classmethod | staticmethod)
+    assert params(vol.stacker.LayerStacker.stack_layer)[:3] == [
+        "context",
+        "initial_layer",
+        "stack_set",
+    ]
+    stackers = [
+        s
+        for s in vol.framework_subclasses(vol.interfaces.automagic.StackerLayerInterface)
+        if s.__module__.startswith("volatility3.framework.layers.")
+    ]
+    assert "Elf64Stacker" in {s.__name__ for s in stackers}
+    assert all(isinstance(s.stack_order, int) for s in stackers)
+    elf = vol.elf.Elf64Layer
+    assert params(elf.mapping)[:3] == ["offset", "length", "ignore_errors"]
+    assert params(elf.read)[:3] == ["offset", "length", "pad"]
+    assert params(elf.scan)[:2] == ["context", "scanner"]
+    for name in ("minimum_address", "maximum_address", "destroy"):
+        assert hasattr(elf, name), name
+    assert issubclass(vol.exceptions.InvalidAddressException, Exception)
+
+
+def test_the_banners_plugin_memdump_subclasses(vol: Any) -> None:
+    from volatility3.framework.layers import scanners
+    from volatility3.framework.renderers import TreeGrid, format_hints
+    from volatility3.plugins import banners
+
+    stock = banners.Banners
+    assert vol.stock_banners_plugin is stock and issubclass(vol.banners_plugin, stock)
+    for name in ("locate_banners", "locate_windows_banners"):
+        assert isinstance(inspect.getattr_static(stock, name), classmethod), name
+        assert params(getattr(stock, name)) == ["context", "layer_name"], name
+    # The faster scan only runs if the plugin finds banners through cls.locate_banners,
+    # and memdump configures the layer to scan as its "primary" requirement.
+    assert "locate_banners" in stock._generator.__code__.co_names
+    assert "primary" in {r.name for r in stock.get_requirements()}
+    assert params(vol.construct_plugin) == [
+        "context",
+        "automagics",
+        "plugin",
+        "base_config_path",
+        "progress_callback",
+        "open_method",
+    ]
+    assert params(TreeGrid.populate)[:2] == ["function", "initial_accumulator"]
+    # memdump's scanner subclasses RegExScanner: its constructor, the compiled regex it
+    # matches with, the chunk size it honours, and how the layer calls it.
+    assert params(scanners.RegExScanner)[:1] == ["pattern"]
+    scanner = scanners.RegExScanner(rb"x")
+    assert hasattr(scanner, "regex") and isinstance(scanner.chunk_size, int)
+    assert params(scanners.RegExScanner.__call__) == ["data", "data_offset"]
+    assert issubclass(format_hints.Hex, int)
