@@ -133,7 +133,7 @@ def measure(stack: Stack, args: argparse.Namespace) -> None:
         ("trigger -> flow run RUNNING", [p[0] for p in pairs]),
         (f"trigger -> COMPLETED ({args.vm})", [p[1] for p in pairs]),
     ]
-    poll = stack.env.get("MEMDUMP_RUNNER_POLL_SEC", "1 (default)")
+    poll = stack.env.get("MEMDUMP_ORCHESTRATION__RUNNER_POLL_SEC", "1 (default)")
     print(f"memdump serve on loopback; runner poll interval {poll} s")
     for name, values in results:
         print(row(name, values))

@@ -65,7 +65,7 @@ from memdump.capture import capture  # noqa: E402
 from memdump.hypervisors import open_driver  # noqa: E402
 from memdump.hypervisors.libvirt import LibvirtDriver, Staging  # noqa: E402
 from memdump.pipeline import DumpSource  # noqa: E402
-from memdump.settings import Settings  # noqa: E402
+from memdump.settings import AnalysisSettings, Settings  # noqa: E402
 
 MB = 1_000_000
 MODES: tuple[Staging, ...] = ("fifo", "file")
@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         raise BenchError("no hypervisor in the inventory (lab/up, then source .lab/env)")
     hv = base.hypervisor(args.hypervisor) if args.hypervisor else base.inventory[0]
     work = Path(tempfile.mkdtemp(prefix="memdump-staging-bench-"))
-    settings = base.model_copy(update={"dump_dir": work / "dumps", "analysis": False})
+    settings = base.model_copy(
+        update={"dump_dir": work / "dumps", "analysis": AnalysisSettings(enabled=False)}
+    )
     runs: list[Run] = []
     driver = open_driver(hv, settings.ssh)
     assert isinstance(driver, LibvirtDriver)

@@ -51,14 +51,14 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
     per-VM names are settings because the API and the trigger's flow run start them."""
     return [
         DeploymentSpec(
-            settings.deployment,
+            settings.orchestration.deployment,
             "flows/capture.py:capture_vms",
             "Started by POST /api/memory-dumps/trigger",
         ),
         DeploymentSpec(
-            settings.child_deployment.split("/", 1)[-1],
+            settings.orchestration.child_deployment.split("/", 1)[-1],
             "flows/capture.py:capture_one_vm",
-            "One VM's chain; started per VM by a trigger's flow run (MEMDUMP_FANOUT=deployments)",
+            "One VM's chain; started per VM by a trigger's flow run (MEMDUMP_ORCHESTRATION__FANOUT=deployments)",
         ),
         DeploymentSpec(
             "weekly",
@@ -70,13 +70,13 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
         DeploymentSpec(
             "verify-weekly",
             "flows/verify.py:verify_dumps",
-            "Re-read and check every dump of the last MEMDUMP_VERIFY_DAYS days, Sundays 04:00 UTC",
+            "Re-read and check every dump of the last MEMDUMP_VERIFY__DAYS days, Sundays 04:00 UTC",
             cron=VERIFY_CRON,
         ),
         DeploymentSpec(
             "retention-daily",
             "flows/retention.py:apply_retention",
-            "Delete dumps past MEMDUMP_RETENTION_DAYS / _KEEP_LAST (records stay)",
+            "Delete dumps past MEMDUMP_RETENTION__DAYS / __KEEP_LAST (records stay)",
             cron=RETENTION_CRON,
         ),
     ]

@@ -49,10 +49,10 @@ def _summary(results: list[dict[str, Any]]) -> str:
 
 @flow(name="verify-dumps", log_prints=False)
 def verify_dumps(days: float | None = None) -> State[Any]:
-    """Verify every dump recorded in the last ``days`` days (default: MEMDUMP_VERIFY_DAYS,
+    """Verify every dump recorded in the last ``days`` days (default: MEMDUMP_VERIFY__DAYS,
     read when the run starts, so the schedule follows the setting)."""
     if days is None:
-        days = Settings().verify_days
+        days = Settings().verify.days
     rows = list_recorded(days)
     # One at a time: each check reads a whole dump, and captures need the disk more.
     results = [verify_dump(row) for row in rows]

@@ -191,7 +191,7 @@ def _capture_once(
             banners=settings.analysis_banners,
             work_dir=settings.analysis_work_dir,
         )
-        if settings.analysis
+        if settings.analysis.enabled
         else None
     )
     pause_window = getattr(source, "pause_window", None)

@@ -39,10 +39,10 @@ def _app(tmp_path: Path, **settings: object) -> TestClient:
 def test_empty_token_is_a_settings_error(
     value: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    with pytest.raises(ValidationError, match="MEMDUMP_API_TOKEN is empty"):
+    with pytest.raises(ValidationError, match="MEMDUMP_API__TOKEN is empty"):
         Settings(data_dir=tmp_path, api_token=value)  # type: ignore[arg-type]
-    monkeypatch.setenv("MEMDUMP_API_TOKEN", value)
-    with pytest.raises(ValidationError, match="MEMDUMP_API_TOKEN is empty"):
+    monkeypatch.setenv("MEMDUMP_API__TOKEN", value)
+    with pytest.raises(ValidationError, match="MEMDUMP_API__TOKEN is empty"):
         Settings(data_dir=tmp_path)
 
 
@@ -52,10 +52,10 @@ def test_empty_token_is_a_settings_error(
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.168.1.5", "api.internal"])  # noqa: S104
 def test_non_loopback_bind_without_token_is_refused(tmp_path: Path, host: str) -> None:
     s = Settings(data_dir=tmp_path, api_host=host)
-    with pytest.raises(ConfigError, match="MEMDUMP_API_TOKEN") as err:
+    with pytest.raises(ConfigError, match="MEMDUMP_API__TOKEN") as err:
         s.check_api_exposure()
-    assert err.value.fields["setting"] == "MEMDUMP_API_TOKEN"
-    with pytest.raises(ConfigError, match="MEMDUMP_API_ALLOW_ANONYMOUS"):
+    assert err.value.fields["setting"] == "MEMDUMP_API__TOKEN"
+    with pytest.raises(ConfigError, match="MEMDUMP_API__ALLOW_ANONYMOUS"):
         create_app(s, store=SQLiteRecordStore(tmp_path / "r.db"), runs=FakeRuns())
     # The same settings with a token, or the explicit override, start.
     Settings(data_dir=tmp_path, api_host=host, api_token="t").check_api_exposure()  # type: ignore[arg-type]
@@ -79,7 +79,7 @@ def test_request_on_a_non_loopback_socket_without_token_is_refused(tmp_path: Pat
     c = _app(tmp_path, api_allowed_hosts=hosts)
     c.base_url = c.base_url.copy_with(host="10.0.0.5")
     r = c.get(f"{BASE}/stats")
-    assert r.status_code == 403 and "MEMDUMP_API_TOKEN" in r.json()["detail"]
+    assert r.status_code == 403 and "MEMDUMP_API__TOKEN" in r.json()["detail"]
     assert list(r.json()) == ["detail"]
     for extra in ({"api_allow_anonymous": True}, {"api_token": "t"}):
         c2 = _app(tmp_path, api_allowed_hosts=hosts, **extra)
@@ -146,12 +146,12 @@ def test_bound_host_and_configured_hosts(tmp_path: Path) -> None:
 
 
 def test_allowed_hosts_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MEMDUMP_API_ALLOWED_HOSTS", "memdump.example:443, Ops.example")
+    monkeypatch.setenv("MEMDUMP_API__ALLOWED_HOSTS", "memdump.example:443, Ops.example")
     assert Settings().allowed_api_hosts() == ("memdump.example:443", "ops.example")
-    monkeypatch.setenv("MEMDUMP_API_ALLOWED_HOSTS", '["a.example"]')
+    monkeypatch.setenv("MEMDUMP_API__ALLOWED_HOSTS", '["a.example"]')
     assert Settings().allowed_api_hosts() == ("a.example",)
-    monkeypatch.setenv("MEMDUMP_API_ALLOWED_HOSTS", " , ")
-    with pytest.raises(ValidationError, match="MEMDUMP_API_ALLOWED_HOSTS"):
+    monkeypatch.setenv("MEMDUMP_API__ALLOWED_HOSTS", " , ")
+    with pytest.raises(ValidationError, match="MEMDUMP_API__ALLOWED_HOSTS"):
         Settings()
 
 
@@ -212,7 +212,7 @@ def _wait_up(proc: subprocess.Popen[bytes], url: str) -> None:
 
 def test_real_uvicorn_refuses_to_start_on_all_interfaces_without_token(tmp_path: Path) -> None:
     port = _free_port()
-    proc = _uvicorn(tmp_path, "0.0.0.0", port, MEMDUMP_API_HOST="0.0.0.0")  # noqa: S104
+    proc = _uvicorn(tmp_path, "0.0.0.0", port, MEMDUMP_API__HOST="0.0.0.0")  # noqa: S104
     try:
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -220,7 +220,7 @@ def test_real_uvicorn_refuses_to_start_on_all_interfaces_without_token(tmp_path:
             proc.kill()
             proc.wait()
     assert proc.returncode != 0
-    assert b"MEMDUMP_API_TOKEN" in out and b"0.0.0.0" in out
+    assert b"MEMDUMP_API__TOKEN" in out and b"0.0.0.0" in out
     with pytest.raises(OSError):  # nothing listens
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
@@ -231,7 +231,7 @@ def test_real_uvicorn_bound_by_hand_answers_loopback_only(tmp_path: Path) -> Non
     and a rebinding Host header is refused even on loopback."""
     port = _free_port()
     outward = _outward_ip()
-    env = {"MEMDUMP_API_ALLOWED_HOSTS": f"localhost,127.0.0.1,{outward or 'none.invalid'}"}
+    env = {"MEMDUMP_API__ALLOWED_HOSTS": f"localhost,127.0.0.1,{outward or 'none.invalid'}"}
     proc = _uvicorn(tmp_path, "0.0.0.0", port, **env)  # noqa: S104
     try:
         _wait_up(proc, f"http://127.0.0.1:{port}/health")

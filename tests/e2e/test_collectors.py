@@ -6,7 +6,7 @@ prefect.yaml (`prefect --no-prompt deploy --all`), two workers as separate proce
 (`python -m deployments.worker`, flow runs at most 2 each), the API as a process of its
 own, and a second lab sshd. Two hypervisors: the lab's libvirt (vm-web-01, vm-db-01,
 through the lab sshd) and plain QEMU (two 1 GiB VMs, through the second sshd), at most
-1 capture per hypervisor and 3 in all. MEMDUMP_FANOUT=deployments: a trigger's flow
+1 capture per hypervisor and 3 in all. MEMDUMP_ORCHESTRATION__FANOUT=deployments: a trigger's flow
 run starts one flow run per VM, which any worker takes.
 """
 
@@ -243,12 +243,12 @@ def collectors(base: Path, postgres: str) -> Iterator[Collectors]:
             MEMDUMP_DATA_DIR=str(base / "data"),
             MEMDUMP_DUMP_DIR=str(base / "data" / "dumps"),
             MEMDUMP_INVENTORY_FILE=str(inventory),
-            MEMDUMP_FANOUT="deployments",
-            MEMDUMP_MAX_CAPTURES_PER_HYPERVISOR="1",
-            MEMDUMP_MAX_CONCURRENT_CAPTURES="3",
-            MEMDUMP_ANALYSIS="false",
-            MEMDUMP_TRIGGER_MIN_INTERVAL_SEC="0",
-            MEMDUMP_API_PORT=str(api_port),
+            MEMDUMP_ORCHESTRATION__FANOUT="deployments",
+            MEMDUMP_ORCHESTRATION__MAX_CAPTURES_PER_HYPERVISOR="1",
+            MEMDUMP_ORCHESTRATION__MAX_CONCURRENT_CAPTURES="3",
+            MEMDUMP_ANALYSIS__ENABLED="false",
+            MEMDUMP_API__TRIGGER_MIN_INTERVAL_SEC="0",
+            MEMDUMP_API__PORT=str(api_port),
         )
         prefect = str(Path(sys.executable).parent / "prefect")
         _run([prefect, "work-pool", "create", "memdump", "--type", "process"], env=env, cwd=REPO)

@@ -75,8 +75,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
             "MEMDUMP_DATA_DIR": str(base / "data"),
             "MEMDUMP_DUMP_DIR": str(base / "data" / "dumps"),
             "MEMDUMP_INVENTORY_FILE": lab_inventory(),
-            "MEMDUMP_ANALYSIS": "false",
-            "MEMDUMP_TRIGGER_MIN_INTERVAL_SEC": "0",
+            "MEMDUMP_ANALYSIS__ENABLED": "false",
+            "MEMDUMP_API__TRIGGER_MIN_INTERVAL_SEC": "0",
         }
         env = {**client_env, "PREFECT_API_AUTH_STRING": cred}
         for argv in (

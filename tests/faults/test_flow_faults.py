@@ -123,7 +123,7 @@ def test_hypervisor_with_sshd_stopped_fails_after_bounded_retries(
     assert dead != inv
     (tmp_path / "inventory.yaml").write_text(dead)
     monkeypatch.setenv("MEMDUMP_INVENTORY_FILE", str(tmp_path / "inventory.yaml"))
-    monkeypatch.setenv("MEMDUMP_CAPTURE_RETRIES", "2")
+    monkeypatch.setenv("MEMDUMP_ORCHESTRATION__CAPTURE_RETRIES", "2")
     calls: list[int] = []
     real_open = task_module.open_driver
 

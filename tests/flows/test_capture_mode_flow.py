@@ -23,8 +23,8 @@ def live_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.delenv("MEMDUMP_CAPTURE_MODE", raising=False)
     monkeypatch.setenv("MEMDUMP_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("MEMDUMP_DUMP_DIR", str(tmp_path / "dumps"))
-    monkeypatch.setenv("MEMDUMP_ANALYSIS", "false")
-    monkeypatch.setenv("MEMDUMP_CAPTURE_RETRY_DELAY_SEC", "0")
+    monkeypatch.setenv("MEMDUMP_ANALYSIS__ENABLED", "false")
+    monkeypatch.setenv("MEMDUMP_ORCHESTRATION__CAPTURE_RETRY_DELAY_SEC", "0")
     # The global mode stays paused: the hypervisor's entry asks for live.
     monkeypatch.setenv(
         "MEMDUMP_HYPERVISORS", '[{"name": "hv", "transport": "local", "capture_mode": "live"}]'

@@ -39,8 +39,8 @@ def lab_and_dead(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         "MEMDUMP_INVENTORY_FILE": str(inv),
         "MEMDUMP_DATA_DIR": str(tmp_path / "data"),
         "MEMDUMP_DUMP_DIR": str(tmp_path / "dumps"),
-        "MEMDUMP_ANALYSIS": "false",
-        "MEMDUMP_CAPTURE_RETRY_DELAY_SEC": "0",
+        "MEMDUMP_ANALYSIS__ENABLED": "false",
+        "MEMDUMP_ORCHESTRATION__CAPTURE_RETRY_DELAY_SEC": "0",
     }.items():
         monkeypatch.setenv(key, value)
     return tmp_path

@@ -53,7 +53,7 @@ def test_retention_flow(env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert state.is_completed() and state.name == "Completed"
     assert Path(old.dump_path).exists()
 
-    monkeypatch.setenv("MEMDUMP_RETENTION_DAYS", "7")
+    monkeypatch.setenv("MEMDUMP_RETENTION__DAYS", "7")
     monkeypatch.setenv("MEMDUMP_STORAGE_WARN_BYTES", "100")
     state = apply_retention(return_state=True)
     assert state.is_completed() and state.name == "StorageWarning", state

@@ -23,7 +23,7 @@ from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.hypervisors.libvirt import LibvirtDriver
 from memdump.manifest import manifest_path
 from memdump.pipeline import DumpSource, PipelineResult, write_dump
-from memdump.settings import Settings
+from memdump.settings import AnalysisSettings, Settings
 from tests.helpers.lab import (
     URI,
     assert_hypervisor_clean,
@@ -96,7 +96,7 @@ def test_capture_with_file_staging_says_so_in_its_manifest(
         "open_dump",
         functools.partial(driver.open_dump, staging="file", margin=settings.disk_space_margin),
     )
-    settings = settings.model_copy(update={"analysis": False, "staging": "file"})
+    settings = settings.model_copy(update={"analysis": AnalysisSettings(enabled=False), "staging": "file"})
     # Staging is about paused dumps: paused whatever the inventory's capture_mode.
     result = capture(driver, driver.resolve(VM), settings, mode="paused")
     cap = result.manifest["capture"]

@@ -313,7 +313,7 @@ def test_cli_mode_option(
 
     monkeypatch.chdir(tmp_path)  # no stray .env
     monkeypatch.setenv("MEMDUMP_DUMP_DIR", str(tmp_path / "dumps"))
-    monkeypatch.setenv("MEMDUMP_ANALYSIS", "false")
+    monkeypatch.setenv("MEMDUMP_ANALYSIS__ENABLED", "false")
     monkeypatch.setenv(
         "MEMDUMP_HYPERVISORS", '[{"name": "hv", "transport": "local", "capture_mode": "live"}]'
     )

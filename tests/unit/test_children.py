@@ -62,16 +62,16 @@ def test_busy_port_names_the_port_and_its_holder() -> None:
     try:
         assert [h.pid for h in port_holders(port)] == [holder.pid]
         with pytest.raises(PortInUseError) as err:
-            check_port_free("127.0.0.1", port, "Prefect server", "MEMDUMP_PREFECT_PORT")
+            check_port_free("127.0.0.1", port, "Prefect server", "MEMDUMP_ORCHESTRATION__PREFECT_PORT")
         msg = str(err.value)
         assert f"port {port}" in msg and f"pid {holder.pid}" in msg
-        assert "MEMDUMP_PREFECT_PORT" in msg and "time.sleep(600)" in msg
+        assert "MEMDUMP_ORCHESTRATION__PREFECT_PORT" in msg and "time.sleep(600)" in msg
         assert err.value.fields["holders"][0]["pid"] == holder.pid
     finally:
         holder.kill()
         holder.wait()
     assert port_free(port)
-    check_port_free("127.0.0.1", port, "Prefect server", "MEMDUMP_PREFECT_PORT")
+    check_port_free("127.0.0.1", port, "Prefect server", "MEMDUMP_ORCHESTRATION__PREFECT_PORT")
 
 
 def test_child_started_off_the_main_thread_is_refused() -> None:

@@ -16,17 +16,15 @@ from deployments.catalog import (
     prefect_yaml,
     runner_deployments,
 )
-from memdump.settings import Settings
+from memdump.settings import OrchestrationSettings, Settings, VerifySettings
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _defaults(**overrides: Any) -> Settings:
-    """Settings at their defaults for the names that shape deployments (the committed
-    prefect.yaml is generated from these), whatever the environment says."""
-    names = ("deployment", "child_deployment", "verify_days")
-    fields = {n: Settings.model_fields[n].default for n in names}
-    return Settings(**{**fields, **overrides})
+def _defaults(**orchestration: Any) -> Settings:
+    """Settings at their defaults for what shapes deployments (the committed prefect.yaml
+    is generated from these), whatever the environment says."""
+    return Settings(orchestration=OrchestrationSettings(**orchestration), verify=VerifySettings())
 
 
 def test_the_committed_prefect_yaml_is_what_the_table_generates() -> None:
@@ -57,8 +55,9 @@ def _runner_view(settings: Settings) -> dict[str, Any]:
 
 def test_memdump_serve_and_prefect_yaml_declare_the_same_deployments() -> None:
     # Non-default settings too: what a setting governs must not be baked into one side
-    # (prefect.yaml used to say `days: 7` where serve read MEMDUMP_VERIFY_DAYS).
-    for settings in (_defaults(), _defaults(verify_days=3.0, deployment="adhoc")):
+    # (prefect.yaml used to say `days: 7` where serve read MEMDUMP_VERIFY__DAYS).
+    adhoc = _defaults(deployment="adhoc").model_copy(update={"verify": VerifySettings(days=3)})
+    for settings in (_defaults(), adhoc):
         runner, project = _runner_view(settings), _yaml_view(settings)
         assert runner == project
         assert len(runner) == 5 and "weekly" in runner
