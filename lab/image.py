@@ -166,14 +166,11 @@ def write_halt_bios(path: Path) -> None:
     """64 KiB BIOS whose reset vector (0xFFFFFFF0 -> image offset 0xFFF0) is
     `cli; hlt; jmp $-3`: the vCPU parks forever without touching RAM, unlike
     SeaBIOS which would scribble over low memory and make dumps differ."""
+    from rom import write_rom  # lab/rom.py, next to this file
+
     rom = bytearray(b"\xff" * 0x10000)
     rom[0xFFF0:0xFFF4] = bytes.fromhex("faf4ebfd")
-    if path.exists() and path.read_bytes() == rom:
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(rom)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_rom(path, bytes(rom))
 
 
 def expected_layout(name: str, memory_bytes: int, seed: int, images: Path) -> dict:
