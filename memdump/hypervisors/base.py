@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Literal, Protocol
 
 from memdump.pipeline import DumpSource
+from memdump.settings import DISK_SPACE_MARGIN
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,11 @@ class Driver(Protocol):
     def snapshot(self, ref: VMRef) -> VMInfo: ...
 
     def open_dump(
-        self, ref: VMRef, *, staging: Literal["fifo", "file"] = "fifo", margin: float = 1.1
+        self,
+        ref: VMRef,
+        *,
+        staging: Literal["fifo", "file"] = "fifo",
+        margin: float = DISK_SPACE_MARGIN,
     ) -> DumpSource:
         """Start the dump; the returned source yields the raw ELF core bytes."""
         ...

@@ -43,11 +43,13 @@ from memdump.errors import (
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
-from memdump.hypervisors.fifo import PROLOGUE, TokenFifoDump, clean_stale, fifo_only
+from memdump.hypervisors.exitcodes import Exit
+from memdump.hypervisors.fifo import TokenFifoDump, clean_stale, fifo_only
 from memdump.hypervisors.qemu import QmpLive
+from memdump.hypervisors.scripts import load
 from memdump.identifiers import validate_id
 from memdump.pipeline import DumpSource
-from memdump.settings import HypervisorConfig
+from memdump.settings import DISK_SPACE_MARGIN, HypervisorConfig
 from memdump.transport.base import CommandResult, Transport
 
 Staging = Literal["fifo", "file"]
@@ -59,88 +61,12 @@ _VMID = re.compile(r"[1-9][0-9]{2,8}")
 # `qm list` prints names cut to 20 characters: a name that long may be longer.
 _LIST_NAME_WIDTH = 20
 
-# Every script: $1 = the qm command, $2 = vmid (checked here again: it reaches a command
-# line on the node).
-_HEAD = """export LC_ALL=C
-case $2 in
-  [1-9][0-9][0-9]|[1-9][0-9][0-9][0-9]*) ;;
-  *) echo "memdump: bad vmid" >&2; exit 97 ;;
-esac
-case $2 in *[!0-9]*) echo "memdump: bad vmid" >&2; exit 97 ;; esac
-"""
+# The scripts (sh/proxmox/): $1 = the qm command, $2 = vmid (checked again there by
+# sh/proxmox/common.sh: it reaches a command line on the node).
+_LIST = load("proxmox/list.sh")
+_INFO = load("proxmox/common.sh", "proxmox/info.sh")
+_DUMP = load("proxmox/common.sh", "proxmox/dump.sh")
 
-# $1 = qm. `qm list` as it prints it.
-_LIST = """export LC_ALL=C
-exec "$1" list
-"""
-
-# $1 = qm, $2 = vmid. Sections: the config exactly as qm printed it, the verbose status,
-# and, for a running VM, QEMU's version and memory from its monitor; then the host name.
-# Exit 96: qm has no such VM.
-_INFO = (
-    _HEAD
-    + """"$1" config "$2" >/dev/null 2>&1 || { "$1" config "$2" >&2; exit 96; }
-echo "==memdump-config=="
-"$1" config "$2" || exit 95
-echo "==memdump-status=="
-"$1" status "$2" --verbose || exit 95
-echo "==memdump-monitor=="
-printf 'info version\\ninfo memory_size_summary\\n' | "$1" monitor "$2" 2>&1
-echo "==memdump-pveversion=="
-if command -v pveversion >/dev/null 2>&1; then pveversion 2>/dev/null; fi
-echo "==memdump-host=="
-uname -n
-exit 0
-"""
-)
-
-# $1 = qm, $2 = vmid; stdin: the token (PROLOGUE; ABORT_FIFO checks it: never on a
-# command line). stdout: the memdump-dir line, then the dump. stderr: the monitor's
-# answer to the dump command, "memdump-dump-status <info dump's Status>" and the pause
-# window. Exit 89: the dump did not complete; 88: the monitor refused the command.
-_DUMP = (
-    _HEAD
-    + """umask 077
-"""
-    + PROLOGUE
-    + """mkfifo -m 600 "$d/mem" || exit 91
-cat "$d/mem" 8>&- &
-reader=$!
-echo "$reader" >"$d/reader"
-t0=$(date +%s.%N)
-printf 'dump-guest-memory -d %s\\n' "$d/mem" | "$1" monitor "$2" >"$d/reply" 2>&1 8>&-
-rc=$?
-if [ "$rc" -eq 0 ] && grep -qiE '(^|qm> )error' "$d/reply"; then rc=88; fi
-# Refused: QEMU may never open the FIFO (kill the reader; let its open() return).
-if [ "$rc" -ne 0 ]; then kill "$reader" 2>/dev/null; exec 9<>"$d/mem"; exec 9>&-; fi
-wait "$reader" 2>/dev/null  # (dash reports a reader it killed as "Terminated")
-rrc=$?
-reader=
-t1=$(date +%s.%N)
-st=
-if [ "$rc" -eq 0 ]; then
-  i=0
-  while :; do
-    st=$(printf 'info dump\\n' | "$1" monitor "$2" 2>&1 |
-      sed -n 's/^.*Status: *\\([a-z-]*\\).*$/\\1/p' | tail -n 1)
-    [ "$st" = active ] && [ "$i" -lt 100 ] || break
-    i=$((i + 1))
-    sleep 0.1 2>/dev/null || sleep 1
-  done
-fi
-sed -e 's/^\\(qm> \\)*//' -e '/^Entering QEMU Monitor/d' -e '/^ *$/d' "$d/reply" >&2
-echo "memdump-dump-status ${st:-unknown}" >&2
-echo "memdump-pause-window $t0 $t1" >&2
-[ "$rc" -eq 0 ] || exit "$rc"
-[ "$st" = completed ] || exit 89
-[ "$rrc" -eq 0 ] || exit 92
-exit 0
-"""
-)
-
-_EXIT_NO_VM = 96
-_EXIT_REFUSED = 88
-_EXIT_INCOMPLETE = 89
 _SECTION = re.compile(r"^==memdump-([a-z]+)==\n", re.M)
 _DUMP_STATUS = re.compile(r"^memdump-dump-status (\S*)$", re.M)
 _PROMPT = re.compile(r"^(qm> )+", re.M)
@@ -211,7 +137,7 @@ class ProxmoxDriver:
                 hypervisor=self.name,
             )
         res = self._run(_INFO, vmid)
-        if res.returncode == _EXIT_NO_VM:
+        if res.returncode == Exit.NO_VM:
             raise VMNotFoundError(
                 f"no VM {vmid!r} on hypervisor {self.name}", vm_id=vmid, hypervisor=self.name
             )
@@ -307,7 +233,7 @@ class ProxmoxDriver:
         ref: VMRef,
         *,
         staging: Staging = "fifo",
-        margin: float = 1.1,
+        margin: float = DISK_SPACE_MARGIN,
         mode: Literal["paused", "live"] = "paused",
         spill_dir: Path | None = None,
         buffer_bytes: int = 64 << 20,
@@ -351,9 +277,9 @@ class _HmpDump(TokenFifoDump):
         m = _DUMP_STATUS.search(stderr)
         status = m.group(1) if m else "unknown"
         rest = _DUMP_STATUS.sub("", stderr).strip()
-        if rc == _EXIT_INCOMPLETE:
+        if rc == Exit.DUMP_INCOMPLETE:
             why = f"QEMU's dump status is {status!r}, not 'completed'"
-        elif rc == _EXIT_REFUSED:
+        elif rc == Exit.MONITOR_REFUSED:
             why = "the monitor refused the dump"
         else:
             why = f"exit {rc}"

@@ -2,10 +2,10 @@
 
 Each VM is a QEMU process with a QMP unix socket ``<qmp_dir>/<name>.qmp`` on the
 hypervisor (e.g. ``-qmp unix:/run/memdump-qemu/vm-01.qmp,server=on,wait=off``). The
-driver runs fixed sh scripts through a Transport, like the libvirt driver; QMP itself is
-spoken by a small Python program, memdump/hypervisors/remote/qmp.py, which the scripts run
-with the hypervisor's ``python3`` (its text in a quoted here-document, values as
-arguments). Python, not socat, because a dump hands QEMU an open file descriptor over the
+driver runs fixed sh scripts (sh/qemu/) through a Transport, like the libvirt driver;
+QMP itself is spoken by a small Python program, memdump/hypervisors/remote/qmp.py, which
+the scripts run with the hypervisor's ``python3`` (its text in a quoted here-document,
+values as arguments). Python, not socat, because a dump hands QEMU an open file descriptor over the
 socket (SCM_RIGHTS), which socat cannot send. Replies are parsed here, not on the
 hypervisor.
 
@@ -54,35 +54,33 @@ from memdump.errors import (
     VMNotFoundError,
 )
 from memdump.hypervisors.base import VMInfo, VMRef
+from memdump.hypervisors.exitcodes import Exit
 from memdump.hypervisors.fifo import (
-    ENTER_FN,
-    PROLOGUE,
-    RUN_DIR,
     TokenFifoDump,
     clean_stale,
     fifo_only,
     token_stdin,
 )
 from memdump.hypervisors.migration import migration_fields
+from memdump.hypervisors.scripts import load
 from memdump.identifiers import validate_id
 from memdump.livecore import EM_X86_64, GuestLayout, LiveCoreSource, elf_machine_from_registers
 from memdump.pipeline import DumpSource
-from memdump.settings import QEMU_MAX_BANDWIDTH, HypervisorConfig, Settings
+from memdump.settings import DISK_SPACE_MARGIN, QEMU_MAX_BANDWIDTH, HypervisorConfig
 from memdump.transport.base import CommandResult, Transport
 
 Staging = Literal["fifo", "file"]
-_DEFAULT_MARGIN = float(Settings.model_fields["disk_space_margin"].default)
 DEFAULT_QMP_DIR = "/run/memdump-qemu"
 
-# The QMP client, run as `python3 -I -S - MODE ARG...` with this text on stdin: -I ignores
-# PYTHON* variables and the user's site directory, -S skips site-packages (root runs it).
+# The QMP client, run by the scripts as `python3 -I -S - MODE ARG...` with this text on
+# stdin (memdump_qmp, sh/qemu/common.sh).
 QMP_SOURCE = resources.files("memdump.hypervisors.remote").joinpath("qmp.py").read_text("utf-8")
 
 
 def _compact(text: str) -> str:
     """The client as the scripts carry it: without its module docstring and whole-line
     comments. A script is one argument of ``sh -c`` (at most 128 KiB on Linux,
-    MAX_ARG_STRLEN), and _LIVE holds the client three times."""
+    MAX_ARG_STRLEN)."""
     head, _, rest = text.partition('"""')
     body = rest.partition('"""')[2]
     return "".join(
@@ -91,23 +89,16 @@ def _compact(text: str) -> str:
 
 
 QMP_CLIENT = _compact(QMP_SOURCE)
-_EOF = "MEMDUMP_QMP_CLIENT"
+_EOF = "MEMDUMP_QMP_CLIENT"  # ends the here-document of memdump_qmp (sh/qemu/common.sh)
 if any(line.strip() == _EOF for line in QMP_CLIENT.splitlines()):  # pragma: no cover
     raise RuntimeError(f"{_EOF} ends the here-document: it must not be a line of qmp.py")
 
 
-def _py(args: str, redirections: str = "") -> str:
-    """Shell running the QMP client with ``args`` (shell words, only "$x" expansions)."""
-    return f"python3 -I -S - {args} {redirections}<<'{_EOF}'\n{QMP_CLIENT}{_EOF}\n"
+def _script(name: str) -> str:
+    """A qemu script (sh/qemu/NAME.sh) after lib.sh and sh/qemu/common.sh (the python3
+    check and memdump_qmp, which holds the QMP client once)."""
+    return load("qemu/common.sh", f"qemu/{name}.sh", QMP_CLIENT=QMP_CLIENT.removesuffix("\n"))
 
-
-# Shell: every script starts with these. Exit 95: no python3 (checked first, so the error
-# says what is missing rather than "not found" from deep inside).
-_COMMON = """export LC_ALL=C
-command -v python3 >/dev/null 2>&1 || {
-  echo "memdump-no-python3: the qemu driver needs python3 on the hypervisor" >&2; exit 95; }
-plain() { case $1 in ''|*[!A-Za-z0-9._/-]*|*..*) return 1 ;; esac; return 0; }
-"""
 
 _STATUS = '{"execute":"query-status","id":"memdump-1"}'
 _NAME = '{"execute":"query-name","id":"memdump-2"}'
@@ -115,245 +106,16 @@ _UUID = '{"execute":"query-uuid","id":"memdump-3"}'
 _MEM = '{"execute":"query-memory-size-summary","id":"memdump-4"}'
 _VERSION = '{"execute":"query-version","id":"memdump-5"}'
 
-# $1 = qmp_dir, $2 = QMP commands, $3 = allowed QEMU binaries. For every socket: the
-# client's "memdump-sock <path>" block (peer, replies, or an error). A socket that does not
-# answer within 5 s (a QEMU gone, or busy dumping) gets an error instead.
-_SCAN = (
-    _COMMON
-    + """plain "$1" || { echo "memdump: bad qmp_dir" >&2; exit 97; }
-[ -d "$1" ] || { printf 'memdump: no directory %s\\n' "$1" >&2; exit 98; }
-dir=$1 cmds=$2 bins=$3
-set --
-for s in "$dir"/*.qmp; do
-  [ -S "$s" ] || continue
-  plain "${s##*/}" || continue
-  set -- "$@" "$s"
-done
-[ $# -gt 0 ] || exit 0
-"""
-    + _py('query 5 "$cmds" "$bins" "$@"')
-    + "exit\n"  # the client's status: 95, a python3 it cannot run on
-)
+# The scripts: $1 = qmp_dir for those that name a VM (sh/qemu/ says what each takes).
+_SCAN = _script("scan")
+_INFO = _script("info")
+_DUMP = _script("dump")
+_PREFLIGHT = _script("preflight")
+_LIVE = _script("live")
+_REPAIR = _script("repair")
+# Without the client (it needs no python3): $1 = the live script's directory.
+_ABORT_LIVE = load("qemu/abort-live.sh")
 
-# $1 = qmp_dir, $2 = VM (socket) name, $3 = the QMP commands, $4 = allowed QEMU binaries.
-# The client's block for that socket, then the host name. Exit 96: no such socket.
-_INFO = (
-    _COMMON
-    + """plain "$1" && plain "$2" || { echo "memdump: bad qmp_dir or VM name" >&2; exit 97; }
-s=$1/$2.qmp
-[ -S "$s" ] || { printf 'memdump-no-vm %s\\n' "$2" >&2; exit 96; }
-"""
-    + _py('query 30 "$3" "$4" "$s"')
-    + """rc=$?
-[ "$rc" -eq 0 ] || exit "$rc"
-echo "memdump-host $(uname -n)"
-exit 0
-"""
-)
-
-# $1 = qmp_dir, $2 = VM name, $3 = allowed QEMU binaries; stdin: the token (PROLOGUE;
-# ABORT_FIFO checks it: never on a command line). The reader (cat) starts before QEMU
-# gets the FIFO's write end; the client opens it, passes it to QEMU (getfd) and closes its
-# own copy, so the reader's end of file is QEMU's close at the end of the dump. The FIFO
-# and "$d" are never chowned or opened up: QEMU needs no access to the path. A failed
-# client: the reader may still wait in open() for a writer, so it is killed.
-_DUMP = (
-    "umask 077\n"
-    + _COMMON
-    + """plain "$1" && plain "$2" || { echo "memdump: bad qmp_dir or VM name" >&2; exit 97; }
-s=$1/$2.qmp
-[ -S "$s" ] || { printf 'memdump-no-vm %s\\n' "$2" >&2; exit 96; }
-bins=$3
-"""
-    + PROLOGUE
-    + """plain "$d" || { echo "memdump: temp dir path not plain: $d" >&2; exit 90; }
-mkfifo -m 600 "$d/mem" || exit 91
-cat "$d/mem" 8>&- &
-reader=$!
-echo "$reader" >"$d/reader"
-t0=$(date +%s.%N)
-"""
-    + _py('dump "$s" "$d/mem" "$bins" "$reader"', '>"$d/reply" 2>"$d/err" 8>&- ')
-    + """rc=$?
-t1=$(date +%s.%N)
-if [ "$rc" -ne 0 ]; then kill "$reader" 2>/dev/null; fi
-wait "$reader"
-rrc=$?
-reader=
-cat "$d/err" "$d/reply" >&2
-echo "memdump-pause-window $t0 $t1" >&2
-[ "$rc" -eq 0 ] || exit "$rc"
-[ "$rrc" -eq 0 ] || exit 92
-exit 0
-"""
-)
-
-# Live capture (mode="live"): QEMU's migration capability background-snapshot.
-_UFFD_SYSCTL = "sysctl=${MEMDUMP_UFFD_SYSCTL:-/proc/sys/vm/unprivileged_userfaultfd}\n"
-
-# $1 = qmp_dir, $2 = VM name, $3 = allowed QEMU binaries. The client's preflight: peer,
-# QEMU's uid, the replies to its PREFLIGHT commands, the userfaultfd sysctl. Changes
-# nothing.
-_PREFLIGHT = (
-    _COMMON
-    + """plain "$1" && plain "$2" || { echo "memdump: bad qmp_dir or VM name" >&2; exit 97; }
-s=$1/$2.qmp
-[ -S "$s" ] || { printf 'memdump-no-vm %s\\n' "$2" >&2; exit 96; }
-"""
-    + _UFFD_SYSCTL
-    + _py('preflight "$s" "$3" "$sysctl"')
-    + "exit\n"
-)
-
-
-# The client's "memdump-live-bandwidth OLD NEW" line in file @F@ (printed before it set
-# NEW) -> $bw0 $bw1, empty if there is none: what a repair after a kill puts back.
-_BW_READ = r"""  bw=$(sed -n 's/^memdump-live-bandwidth \([0-9]\{1,20\} [0-9]\{1,20\}\)$/\1/p' @F@ |
-    head -n 1)
-  bw0=${bw%% *} bw1=${bw#* }
-"""
-
-
-def _py_bg(args: str, redirections: str) -> str:
-    """As _py, in the background (the script waits for it, so its traps can run)."""
-    return f"python3 -I -S - {args} {redirections}<<'{_EOF}' &\n{QMP_CLIENT}{_EOF}\n"
-
-
-# $1 = qmp_dir, $2 = VM name, $3 = allowed QEMU binaries, $4 = live_userfaultfd, $5 = a
-# cap on the snapshot (bytes/s, QEMU's max-bandwidth while it runs; "": none); stdin: the
-# token. As _DUMP,
-# with the client's ``live`` mode: the migration stream goes into the FIFO, cat sends it
-# on stdout. "$d/qmp" (the socket) and the client's output
-# "$d/reply" (its peer line: QEMU's pid) let clean_stale repair QEMU if this script is
-# killed outright. A signal to the script stops the client first (it cancels the
-# migration, turns the capability off and puts the sysctl back), then cleans up; a client
-# that died without doing so (killed) is repaired here.
-_LIVE = (
-    "umask 077\n"
-    + _COMMON
-    + """plain "$1" && plain "$2" || { echo "memdump: bad qmp_dir or VM name" >&2; exit 97; }
-s=$1/$2.qmp
-[ -S "$s" ] || { printf 'memdump-no-vm %s\\n' "$2" >&2; exit 96; }
-bins=$3 policy=$4 bw=$5
-run=${MEMDUMP_RUN_DIR:-@RUN_DIR@}
-"""
-    + _UFFD_SYSCTL
-    + PROLOGUE
-    + """plain "$d" || { echo "memdump: temp dir path not plain: $d" >&2; exit 90; }
-client=
-memdump_live_stop() {
-  trap "" HUP INT TERM PIPE
-  if [ -n "$client" ]; then kill "$client" 2>/dev/null; wait "$client"; client=; fi
-}
-trap 'memdump_live_stop; memdump_cleanup; exit 143' HUP INT TERM PIPE
-mkfifo -m 600 "$d/mem" || exit 91
-printf '%s\\n' "$s" >"$d/qmp" || exit 91
-cat "$d/mem" 8>&- &
-reader=$!
-echo "$reader" >"$d/reader"
-"""
-    + _py_bg(
-        'live "$s" "$d/mem" "$bins" "$reader" "$policy" "$run" "$sysctl" "$bw"',
-        '>"$d/reply" 2>"$d/err" 8>&- ',
-    )
-    + """client=$!
-echo "$client" >"$d/client"
-wait "$client"
-rc=$?
-client=
-if [ "$rc" -gt 128 ]; then
-  # The client was killed before it could put QEMU and the sysctl right: repaired
-  # here, its migration drained through the FIFO while the reader still holds it.
-  pid=$(sed -n 's/^memdump-peer \\([0-9][0-9]*\\) .*/\\1/p' "$d/reply" | head -n 1)
-"""
-    + _BW_READ.replace("@F@", '"$d/reply"')
-    + """  if [ -n "$pid" ]; then
-"""
-    + "    "
-    + _py('repair "$s" "$bins" "$pid" "$d/mem" "$bw0" "$bw1"', '>>"$d/reply" 2>&1 8>&- ')
-    + """  fi
-"""
-    + _py('uffd-restore "$run" "$sysctl"', '>>"$d/reply" 2>&1 8>&- ')
-    + """fi
-if [ "$rc" -ne 0 ]; then kill "$reader" 2>/dev/null; fi
-wait "$reader"
-rrc=$?
-reader=
-"""
-    + """cat "$d/err" "$d/reply" >&2
-[ "$rc" -eq 0 ] || exit "$rc"
-[ "$rrc" -eq 0 ] || exit 92
-exit 0
-"""
-).replace("@RUN_DIR@", RUN_DIR)
-
-# $1 = the live script's directory; stdin: its token. Kills its reader (QEMU's next
-# write fails, which fails the migration), then stops its client (SIGTERM: it cancels
-# the migration, turns the capability off, puts the sysctl back) and waits for it, up
-# to 10 s. Only processes whose command line names that directory's FIFO.
-_ABORT_LIVE = (
-    "export LC_ALL=C\n"
-    + ENTER_FN
-    + r"""memdump_enter_own "$1" || exit 0
-memdump_kill_reader "$1"
-c=
-[ -f client ] && [ ! -L client ] && IFS= read -r c <client
-case $c in
-  ''|*[!0-9]*) ;;
-  *) if tr '\0' ' ' <"/proc/$c/cmdline" 2>/dev/null | grep -qF -- "$1/mem"; then
-       kill "$c" 2>/dev/null
-       n=0
-       while [ -d "/proc/$c" ] && [ "$n" -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-     fi ;;
-esac
-if [ -p mem ] && [ ! -L mem ]; then exec 9<>mem; exec 9>&-; fi
-exit 0
-"""
-)
-
-# $1 = allowed QEMU binaries. Before the temp dirs are cleaned: for each live script's
-# directory in the run directory whose lock is free (the script is gone), the QMP client
-# repairs its QEMU (same pid, only if background-snapshot is still on: cancel, turn it
-# off), then any userfaultfd window left open is closed (its lock free).
-_REPAIR = (
-    "export LC_ALL=C\n"
-    + _COMMON
-    + ENTER_FN
-    + _UFFD_SYSCTL
-    + r"""command -v flock >/dev/null 2>&1 || exit 0
-run=${MEMDUMP_RUN_DIR:-@RUN_DIR@}
-[ -d "$run" ] && [ ! -L "$run" ] && [ -O "$run" ] || exit 0
-bins=$1
-for d in "$run"/memdump.??????????; do
-  got=$(
-    memdump_enter "$d" || exit 1
-    [ -f qmp ] && [ ! -L qmp ] && [ -f lock ] && [ ! -L lock ] || exit 1
-    flock -n lock true || exit 1
-    IFS= read -r sock <qmp || exit 1
-    pid=$(sed -n 's/^memdump-peer \([0-9][0-9]*\) .*/\1/p' reply 2>/dev/null | head -n 1)
-    bw=$(sed -n 's/^memdump-live-bandwidth \([0-9]\{1,20\} [0-9]\{1,20\}\)$/\1/p' reply \
-      2>/dev/null | head -n 1)
-    printf '%s %s %s\n' "$pid" "${bw:-- -}" "$sock"
-  ) || continue
-  pid=${got%% *} got=${got#* }
-  bw0=${got%% *} got=${got#* }
-  bw1=${got%% *} sock=${got#* }
-  case $bw0$bw1 in *[!0-9]*) bw0= bw1= ;; esac
-  case $pid in ''|*[!0-9]*) continue ;; esac
-  case $sock in /*) ;; *) continue ;; esac
-  plain "$sock" && [ -S "$sock" ] || continue
-"""
-    + "  "
-    + _py('repair "$sock" "$bins" "$pid" "$d/mem" "$bw0" "$bw1"')
-    + """done
-"""
-    + _py('uffd-restore "$run" "$sysctl"')
-    + "exit 0\n"
-).replace("@RUN_DIR@", RUN_DIR)
-
-_EXIT_NOT_QEMU = 74
-_EXIT_NO_PYTHON = 95
-_EXIT_NO_VM = 96
 _REPLY = re.compile(r"^memdump-qmp-reply (.*)$", re.M)
 _ERROR = re.compile(r"^memdump-error (\d+) (.*)$", re.M)
 _STATES = {"suspended": "pmsuspended"}
@@ -403,7 +165,7 @@ class _Sock:
 
     @property
     def is_qemu(self) -> bool:
-        return bool(self.peer) and not (self.error and self.error[0] == _EXIT_NOT_QEMU)
+        return bool(self.peer) and not (self.error and self.error[0] == Exit.NOT_QEMU)
 
 
 def _blocks(text: str) -> list[tuple[str, _Sock]]:
@@ -413,8 +175,9 @@ def _blocks(text: str) -> list[tuple[str, _Sock]]:
 
 
 def _no_python(hv: str, output: str = "", **fields: Any) -> HypervisorError:
-    """python3 is not there (exit 95 of _COMMON) or cannot run the client (its exit 95:
-    too old, a module missing; ``output`` holds its memdump-error line)."""
+    """python3 is not there (Exit.NO_PYTHON from sh/qemu/common.sh) or cannot run the
+    client (the client's Exit.NO_PYTHON: too old, a module missing; ``output`` holds its
+    memdump-error line)."""
     m = _ERROR.search(output)
     what = f"cannot run the QMP client ({m.group(2).strip()})" if m else "is missing"
     return HypervisorError(
@@ -439,11 +202,6 @@ def _not_qemu(hv: str, vm: str, why: str) -> HypervisorError:
 # The migration stream's header: QEMU_VM_FILE_MAGIC "QEVM", QEMU_VM_FILE_VERSION 3.
 _STREAM_HEAD = b"QEVM\x00\x00\x00\x03"
 _MIN_QEMU = (6, 0)  # background-snapshot
-# The live client's exit codes (remote/qmp.py).
-_EXIT_UNSUPPORTED = 77
-_EXIT_MIGRATION_FAILED = 78
-_EXIT_LEFT_PAUSED = 79
-_EXIT_STOPPED = 80
 
 
 @dataclass(frozen=True)
@@ -461,7 +219,7 @@ def judge_preflight(text: str, policy: str, hv: str, vm: str) -> LivePreflight:
     """The client's preflight output -> LivePreflight, or LiveCaptureUnsupportedError
     (``reason``: a short sentence) for a VM that cannot be captured live."""
     sock = _blocks("memdump-sock x\n" + text)[0][1]
-    if sock.error and sock.error[0] == _EXIT_NOT_QEMU:
+    if sock.error and sock.error[0] == Exit.NOT_QEMU:
         raise _not_qemu(hv, vm, sock.error[1])
     rep = sock.replies
 
@@ -556,14 +314,14 @@ class QmpLive:
         changes nothing). ``pid``: the VM's QEMU as its manager knows it; a socket served
         by another process is refused."""
         res = self._t.run(_PREFLIGHT, (self._dir, name, self._bins), timeout=60.0)
-        if res.returncode == _EXIT_NO_VM:
+        if res.returncode == Exit.NO_VM:
             raise VMNotFoundError(
                 f"no VM {ref.name!r} on hypervisor {self._hv} (no QMP socket {name}.qmp in "
                 f"{self._dir})",
                 vm_id=ref.vmid,
                 hypervisor=self._hv,
             )
-        if res.returncode == _EXIT_NO_PYTHON:
+        if res.returncode == Exit.NO_PYTHON:
             raise _no_python(self._hv, res.stdout.decode("utf-8", "replace"), vm_id=ref.vmid)
         pre = judge_preflight(
             res.stdout.decode("utf-8", "replace"), self._policy, self._hv, ref.vmid
@@ -660,7 +418,7 @@ class QemuDriver:
         """(socket name, what its QEMU answered) for every socket in qmp_dir served by an
         allowed QEMU; one that did not answer has no replies."""
         res = self._run(_SCAN, "\n".join((_STATUS, _NAME, _UUID)), self._bins, timeout=120.0)
-        if res.returncode == _EXIT_NO_PYTHON:
+        if res.returncode == Exit.NO_PYTHON:
             raise _no_python(self.name, res.stdout.decode("utf-8", "replace"))
         if res.returncode != 0:
             raise HypervisorError(
@@ -686,11 +444,11 @@ class QemuDriver:
         validate_id(vm_id)
         cmds = "\n".join((_STATUS, _NAME, _UUID, _MEM, _VERSION))
         res = self._run(_INFO, vm_id, cmds, self._bins)
-        if res.returncode == _EXIT_NO_VM:
+        if res.returncode == Exit.NO_VM:
             raise VMNotFoundError(
                 f"no VM {vm_id!r} on hypervisor {self.name}", vm_id=vm_id, hypervisor=self.name
             )
-        if res.returncode == _EXIT_NO_PYTHON:
+        if res.returncode == Exit.NO_PYTHON:
             raise _no_python(self.name, res.stdout.decode("utf-8", "replace"), vm_id=vm_id)
         text = res.stdout.decode("utf-8", "replace")
         blocks = _blocks(text)
@@ -699,7 +457,7 @@ class QemuDriver:
         for line in text.splitlines():
             if line.startswith("memdump-host "):
                 host = line.removeprefix("memdump-host ").strip()
-        if sock.error and sock.error[0] == _EXIT_NOT_QEMU:
+        if sock.error and sock.error[0] == Exit.NOT_QEMU:
             raise _not_qemu(self.name, vm_id, sock.error[1])
         if res.returncode != 0 or "memdump-1" not in sock.replies:
             err = sock.error[1] if sock.error else res.stderr_text
@@ -774,7 +532,7 @@ class QemuDriver:
         ref: VMRef,
         *,
         staging: Staging = "fifo",
-        margin: float = _DEFAULT_MARGIN,
+        margin: float = DISK_SPACE_MARGIN,
         mode: Literal["paused", "live"] = "paused",
         spill_dir: Path | None = None,
         buffer_bytes: int = 64 << 20,
@@ -801,7 +559,7 @@ class QemuDriver:
     ) -> tuple[_LiveDump, LivePreflight]:
         """The raw migration stream of a live capture (it starts with "QEVM", version 3),
         after the preflight; the first bytes are read here, so a capture the client
-        refused (exit 77) raises LiveCaptureUnsupportedError from here."""
+        refused (Exit.LIVE_UNSUPPORTED) raises LiveCaptureUnsupportedError from here."""
         validate_id(ref.name, what="VM name")
         return self._live.open_stream(ref, ref.name, max_bandwidth=max_bandwidth)
 
@@ -823,15 +581,15 @@ class _QmpDump(TokenFifoDump):
             return
         desc = _qmp_error(stderr)
         m = _ERROR.search(stderr)
-        if rc == _EXIT_NO_VM:
+        if rc == Exit.NO_VM:
             raise VMNotFoundError(
                 f"no VM {self._ref.name!r} on hypervisor {self._hv}",
                 vm_id=self._ref.vmid,
                 hypervisor=self._hv,
             )
-        if rc == _EXIT_NO_PYTHON:
+        if rc == Exit.NO_PYTHON:
             raise _no_python(self._hv, stderr, vm_id=self._ref.vmid)
-        if rc == _EXIT_NOT_QEMU:
+        if rc == Exit.NOT_QEMU:
             raise _not_qemu(self._hv, self._ref.vmid, m.group(2) if m else stderr[-500:])
         lines = [
             ln
@@ -958,24 +716,25 @@ class _LiveDump(TokenFifoDump):
         m = _ERROR.search(stderr)
         msg = m.group(2).strip() if m else ""
         fields: dict[str, Any] = {"hypervisor": self._hv, "vm_id": self._ref.vmid}
-        if rc == _EXIT_UNSUPPORTED:
+        if rc == Exit.LIVE_UNSUPPORTED:
             reason = msg or "refused by QEMU"
             raise LiveCaptureUnsupportedError(
                 f"{self._hv}: {self._ref.name} cannot be captured live: {reason}",
                 reason=reason,
                 **fields,
             )
-        if rc == _EXIT_NO_VM:
+        if rc == Exit.NO_VM:
             raise VMNotFoundError(f"no VM {self._ref.name!r} on hypervisor {self._hv}", **fields)
-        if rc == _EXIT_NO_PYTHON:
+        if rc == Exit.NO_PYTHON:
             raise _no_python(self._hv, stderr, vm_id=self._ref.vmid)
-        if rc == _EXIT_NOT_QEMU:
+        if rc == Exit.NOT_QEMU:
             raise _not_qemu(self._hv, self._ref.vmid, msg or stderr[-500:])
-        what = {
-            _EXIT_MIGRATION_FAILED: "the migration did not complete",
-            _EXIT_LEFT_PAUSED: "the guest was left paused by the migration and was resumed",
-            _EXIT_STOPPED: "stopped",
-        }.get(rc, "failed")
+        whats: dict[int, str] = {
+            Exit.MIGRATION_FAILED: "the migration did not complete",
+            Exit.LEFT_PAUSED: "the guest was left paused by the migration and was resumed",
+            Exit.STOPPED: "stopped",
+        }
+        what = whats.get(rc, "failed")
         stats = re.search(r"^memdump-live-stats (.*)$", stderr, re.M)
         detail = ""
         if stats:

@@ -16,8 +16,9 @@ import pytest
 
 from memdump.errors import HypervisorError
 from memdump.hypervisors import fifo
-from memdump.hypervisors.fifo import ABORT_FIFO, PROLOGUE, DirStream, clean_stale
+from memdump.hypervisors.fifo import ABORT_FIFO, DirStream, clean_stale
 from memdump.hypervisors.libvirt import _ABORT_FILE
+from memdump.hypervisors.scripts import LIB
 from memdump.transport.base import CommandResult
 from memdump.transport.local import LocalTransport
 from tests.helpers.hv_tempdirs import (
@@ -33,6 +34,8 @@ from tests.helpers.hv_tempdirs import (
 )
 
 OLD = time.time() - 3600
+# How every dump script starts (sh/lib.sh, then its memdump_start).
+PROLOGUE = LIB + 'memdump_start ""\n'
 LOCAL = LocalTransport()
 
 
@@ -329,4 +332,4 @@ def test_a_foreign_run_dir_is_not_cleaned(
 
 def test_run_dir_constant() -> None:
     assert fifo.RUN_DIR == "/run/memdump"
-    assert "/run/memdump" in fifo.PROLOGUE
+    assert "/run/memdump" in LIB

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from memdump.hypervisors.fifo import PROLOGUE, clean_stale
+from memdump.hypervisors.fifo import clean_stale
+from memdump.hypervisors.scripts import LIB
 from memdump.leftovers import clean_parts
 from memdump.pipeline import write_dump
 from memdump.transport.local import LocalTransport
@@ -154,7 +155,7 @@ def test_a_signal_as_the_script_ends_still_removes_its_dir(
     # Both shells run a trap left pending there before the EXIT trap's first command.
     if shutil.which(shell) is None:
         pytest.fail(f"{shell} is not installed (scripts/bootstrap installs it)")
-    script = PROLOGUE + ': >"$d/mem"\n'
+    script = LIB + 'memdump_start ""\n: >"$d/mem"\n'
     if end == "exit 0":
         script += "exit $(kill -TERM $$; echo 0)\n"
     else:

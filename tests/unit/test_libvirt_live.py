@@ -19,7 +19,9 @@ from memdump.errors import ConfigError, DumpFailedError, LiveCaptureUnsupportedE
 from memdump.hypervisors import fifo
 from memdump.hypervisors import libvirt as lv
 from memdump.hypervisors.base import VMRef
+from memdump.hypervisors.exitcodes import Exit
 from memdump.hypervisors.libvirt import LibvirtDriver
+from memdump.hypervisors.scripts import LIB
 from memdump.settings import HypervisorConfig
 from memdump.transport.base import CommandResult
 
@@ -362,7 +364,7 @@ def test_script_refusal_is_unsupported_at_open_with_qemus_words(tmp_path: Path) 
         'memdump-live-unsupported {"id":"libvirt-434","error":{"class":"GenericError",'
         '"desc":"Background-snapshot is not supported by host kernel"}}\n'
     )
-    stream = FakeStream(DIR_LINE, 80, err)
+    stream = FakeStream(DIR_LINE, Exit.LIVE_UNSUPPORTED, err)
     drv, _ = driver(stream)
     with pytest.raises(LiveCaptureUnsupportedError) as ei:
         drv.open_dump(REF, mode="live", spill_dir=tmp_path)
@@ -389,16 +391,16 @@ def test_unknown_layout_is_unsupported_before_the_guest_is_touched(tmp_path: Pat
 @pytest.mark.parametrize(
     ("rc", "words", "retryable"),
     [
-        (84, "did not complete (status failed)", True),
-        (85, "write-protected", False),
-        (86, "left the guest paused", False),
-        (92, "reader failed", True),
-        (81, "monitor command failed", False),
+        (Exit.MIGRATION_FAILED, "did not complete (status failed)", True),
+        (Exit.WRITE_PROTECTED, "write-protected", False),
+        (Exit.LEFT_PAUSED, "left the guest paused", False),
+        (Exit.READER_FAILED, "reader failed", True),
+        (Exit.MONITOR_FAILED, "monitor command failed", False),
     ],
 )
 def test_script_failures_after_the_stream(rc: int, words: str, retryable: bool) -> None:
     end = GOOD_END.replace('"completed"', '"failed"') + (
-        "memdump-live-resumed\n" if rc == 86 else ""
+        "memdump-live-resumed\n" if rc == Exit.LEFT_PAUSED else ""
     )
     stream = FakeStream(DIR_LINE + b"QEVM\x00\x00\x00\x03", rc, end)
     drv, _ = driver(stream)
@@ -457,7 +459,7 @@ def run_dir(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
 def test_uffd_window_opens_and_closes(run_dir: tuple[Path, Path, dict[str, str]]) -> None:
     run, sysctl, env = run_dir
     script = (
-        fifo.UFFD_WINDOW_FN
+        LIB
         + 'memdump_uffd_open "$1" || exit 1\n'
         + 'echo "in=$(cat "$memdump_uffd_sysctl") restore=$(cat "$1/userfaultfd.restore")"\n'
         + 'flock -n "$1/userfaultfd.lock" true && echo lock-free || echo lock-held\n'
@@ -480,7 +482,7 @@ def test_uffd_window_of_a_killed_script_is_restored(
     run_dir: tuple[Path, Path, dict[str, str]],
 ) -> None:
     run, sysctl, env = run_dir
-    script = fifo.UFFD_WINDOW_FN + 'memdump_uffd_open "$1" || exit 1\necho open\nexec sleep 60\n'
+    script = LIB + 'memdump_uffd_open "$1" || exit 1\necho open\nexec sleep 60\n'
     p = subprocess.Popen(
         ["sh", "-c", script, "sh", str(run)],
         stdout=subprocess.PIPE,
@@ -511,7 +513,7 @@ def test_next_window_takes_the_old_value_from_a_left_restore_file(
     run, sysctl, env = run_dir
     sysctl.write_text("1\n")
     (run / "userfaultfd.restore").write_text("0\n")
-    script = fifo.UFFD_WINDOW_FN + 'memdump_uffd_open "$1" && memdump_uffd_close\n'
+    script = LIB + 'memdump_uffd_open "$1" && memdump_uffd_close\n'
     assert sh(script, str(run), env=env).returncode == 0
     assert sysctl.read_text().strip() == "0"
 
@@ -524,7 +526,7 @@ def test_qemu_pid_is_checked_against_the_domain_name(tmp_path: Path) -> None:
         (tmp_path / "other.pid").write_text(f"{p.pid}")
         (tmp_path / "bad.pid").write_text("12; rm -rf /")
         env = {"MEMDUMP_LIBVIRT_PIDDIR": str(tmp_path)}
-        script = lv._PID_FN + 'memdump_qemu_pid "$1"'
+        script = LIB + 'memdump_qemu_pid "$1"'
         assert sh(script, DOM, env=env).stdout.strip() == str(p.pid)
         assert sh(script, "other", env=env).returncode != 0  # not that domain's QEMU
         assert sh(script, "bad", env=env).returncode != 0

@@ -55,16 +55,35 @@ Modes (output on stdout, one record per line; JSON is re-serialised on one line)
       capability off; and if its max-bandwidth is still the client's NEW, put OLD back.
 BINARIES: fnmatch patterns ("*" also matches "/"), one per line.
 
-Exit codes (dump): 0 done; 1 QEMU answered with an error; 70 usage; 71 no greeting; 72 not
-a QMP greeting; 73 the connection closed or timed out; 74 the socket is not served by an
-allowed QEMU; 75 cannot connect; 76 the FIFO has no reader; 95 Python too old or
-without a module it needs (query mode too). Live only: 77 a live capture cannot run on
-this VM, found before ``migrate`` (``memdump-unsupported REASON``; the guest untouched);
-78 the migration ended failed or cancelled; 79 the guest was left paused and was resumed
-(``cont``): a failure; 80 stopped by a signal (the migration cancelled).
+Exit codes: the EXIT_* constants below, memdump/hypervisors/exitcodes.py's table (a test
+checks that they agree): 0 done; EXIT_FAILED QEMU answered with an error; EXIT_NO_GREETING
+... EXIT_FIFO_NO_READER the socket, its peer or the FIFO; EXIT_NO_PYTHON Python too old or
+without a module it needs (any mode). Live only: EXIT_LIVE_UNSUPPORTED a live capture
+cannot run on this VM, found before ``migrate`` (``memdump-unsupported REASON``; the
+guest untouched); EXIT_MIGRATION_FAILED the migration ended failed or cancelled;
+EXIT_LEFT_PAUSED the guest was left paused and was resumed (``cont``): a failure;
+EXIT_STOPPED stopped (a signal, the stream's reader gone: the migration cancelled) or
+QEMU could not be put right after it; EXIT_NO_RUN_DIR the userfaultfd window cannot be
+used.
 """
 
 import sys
+
+# The exit codes (memdump/hypervisors/exitcodes.py; they must stay the same numbers).
+EXIT_FAILED = 1
+EXIT_NO_GREETING = 71
+EXIT_NOT_QMP = 72
+EXIT_QMP_LOST = 73
+EXIT_NOT_QEMU = 74
+EXIT_NO_CONNECT = 75
+EXIT_FIFO_NO_READER = 76
+EXIT_LIVE_UNSUPPORTED = 77
+EXIT_MIGRATION_FAILED = 78
+EXIT_LEFT_PAUSED = 79
+EXIT_STOPPED = 80
+EXIT_NO_RUN_DIR = 83
+EXIT_NO_PYTHON = 95
+EXIT_BAD_ARGUMENT = 97
 
 try:
     import array
@@ -81,7 +100,7 @@ try:
     import time
 except ImportError as exc:  # e.g. Debian's python3-minimal alone: no json
     sys.stdout.write("memdump-error 95 python3 on the hypervisor lacks %s\n" % exc.name)
-    sys.exit(95)
+    sys.exit(EXIT_NO_PYTHON)
 
 MAX_LINE = 1 << 20  # a QMP reply longer than this is not QEMU's: refused, not buffered
 FDNAME = "memdump"
@@ -109,19 +128,22 @@ def root_only(path: "str", st: "os.stat_result") -> "str":
 
 
 def check_qemu(pid: "int", patterns: "list[str]") -> "str":
-    """The executable of ``pid`` if it is an allowed QEMU binary; raises Fail(74) if not."""
+    """The executable of ``pid`` if it is an allowed QEMU binary; raises
+    Fail(EXIT_NOT_QEMU) if not."""
     if pid <= 0:
-        raise Fail(74, "the socket's peer has no pid")
+        raise Fail(EXIT_NOT_QEMU, "the socket's peer has no pid")
     link = "/proc/%d/exe" % pid
     try:
         exe = os.readlink(link)
         st = os.stat(link)  # the running file itself, even if replaced since (an upgrade)
     except OSError as exc:
-        raise Fail(74, "cannot read the executable of pid %d: %s" % (pid, exc.strerror)) from None
+        raise Fail(
+            EXIT_NOT_QEMU, "cannot read the executable of pid %d: %s" % (pid, exc.strerror)
+        ) from None
     path = exe[: -len(" (deleted)")] if exe.endswith(" (deleted)") else exe
     if not any(fnmatch.fnmatchcase(path, p) for p in patterns if p):
         raise Fail(
-            74,
+            EXIT_NOT_QEMU,
             "the socket is served by pid %d running %s, which is not a QEMU binary "
             "allowed by qemu_binaries" % (pid, exe),
         )
@@ -142,7 +164,10 @@ def check_qemu(pid: "int", patterns: "list[str]") -> "str":
             break
         d = os.path.dirname(d)
     if why:
-        raise Fail(74, "the socket is served by pid %d running %s, refused: %s" % (pid, exe, why))
+        raise Fail(
+            EXIT_NOT_QEMU,
+            "the socket is served by pid %d running %s, refused: %s" % (pid, exe, why),
+        )
     return exe
 
 
@@ -155,7 +180,9 @@ def peer_line(sock: "socket.socket", patterns: "list[str]") -> "list[str]":
         with open("/proc/%d/cmdline" % pid, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
     except OSError as exc:
-        raise Fail(74, "cannot read the command line of pid %d: %s" % (pid, exc.strerror)) from None
+        raise Fail(
+            EXIT_NOT_QEMU, "cannot read the command line of pid %d: %s" % (pid, exc.strerror)
+        ) from None
     return [str(pid), str(uid), str(gid), digest, exe]
 
 
@@ -172,26 +199,26 @@ class Qmp:
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
-                raise Fail(73, "no answer in time")
+                raise Fail(EXIT_QMP_LOST, "no answer in time")
             self.sock.settimeout(left)
         try:
             return self.sock.recv(65536)
         except socket.timeout:
-            raise Fail(73, "no answer in time") from None
+            raise Fail(EXIT_QMP_LOST, "no answer in time") from None
         except OSError as exc:
-            raise Fail(73, "connection lost: %s" % (exc.strerror or exc)) from None
+            raise Fail(EXIT_QMP_LOST, "connection lost: %s" % (exc.strerror or exc)) from None
 
     def line(self) -> "bytes":
         while b"\n" not in self.buf:
             if len(self.buf) > MAX_LINE:
-                raise Fail(73, "a QMP message longer than %d bytes" % MAX_LINE)
+                raise Fail(EXIT_QMP_LOST, "a QMP message longer than %d bytes" % MAX_LINE)
             data = self._recv()
             if not data:
-                raise Fail(73, "the connection closed before the reply")
+                raise Fail(EXIT_QMP_LOST, "the connection closed before the reply")
             self.buf += data
         line, _, self.buf = self.buf.partition(b"\n")
         if len(line) > MAX_LINE:
-            raise Fail(73, "a QMP message longer than %d bytes" % MAX_LINE)
+            raise Fail(EXIT_QMP_LOST, "a QMP message longer than %d bytes" % MAX_LINE)
         return line
 
     def doc(self) -> "object":
@@ -209,9 +236,9 @@ class Qmp:
                 data = data[sent:]
             self.sock.sendall(data)
         except socket.timeout:
-            raise Fail(73, "cannot send in time") from None
+            raise Fail(EXIT_QMP_LOST, "cannot send in time") from None
         except OSError as exc:
-            raise Fail(73, "connection lost: %s" % (exc.strerror or exc)) from None
+            raise Fail(EXIT_QMP_LOST, "connection lost: %s" % (exc.strerror or exc)) from None
 
     def reply(self, cid: "str", show: "bool" = True) -> "dict[str, object]":
         while True:
@@ -243,21 +270,21 @@ class Qmp:
     def greet_quiet(self) -> None:
         first = self.doc()
         if not isinstance(first, dict) or "QMP" not in first:
-            raise Fail(72, "not a QMP greeting")
+            raise Fail(EXIT_NOT_QMP, "not a QMP greeting")
         self.send({"execute": "qmp_capabilities", "id": "memdump-0"})
         if "return" not in self.reply("memdump-0", False):
-            raise Fail(72, "qmp_capabilities refused")
+            raise Fail(EXIT_NOT_QMP, "qmp_capabilities refused")
 
     def greet(self) -> None:
         try:
             first = self.doc()
         except Fail as exc:
-            raise Fail(71, "no QMP greeting: %s" % exc.message) from None
+            raise Fail(EXIT_NO_GREETING, "no QMP greeting: %s" % exc.message) from None
         if not isinstance(first, dict) or "QMP" not in first:
-            raise Fail(72, "not a QMP greeting")
+            raise Fail(EXIT_NOT_QMP, "not a QMP greeting")
         self.send({"execute": "qmp_capabilities", "id": "memdump-0"})
         if "return" not in self.reply("memdump-0"):
-            raise Fail(72, "qmp_capabilities refused")
+            raise Fail(EXIT_NOT_QMP, "qmp_capabilities refused")
 
 
 def connect(path: "str", timeout: "float") -> "socket.socket":
@@ -272,13 +299,15 @@ def connect(path: "str", timeout: "float") -> "socket.socket":
             return sock
         except socket.timeout:
             sock.close()
-            raise Fail(75, "cannot connect to %s: timed out" % path) from None
+            raise Fail(EXIT_NO_CONNECT, "cannot connect to %s: timed out" % path) from None
         except OSError as exc:
             sock.close()
             if exc.errno == errno.EAGAIN and time.monotonic() < deadline:
                 time.sleep(0.02)
                 continue
-            raise Fail(75, "cannot connect to %s: %s" % (path, exc.strerror or exc)) from None
+            raise Fail(
+                EXIT_NO_CONNECT, "cannot connect to %s: %s" % (path, exc.strerror or exc)
+            ) from None
 
 
 def query(timeout: "float", commands: "str", patterns: "list[str]", sockets: "list[str]") -> int:
@@ -315,12 +344,14 @@ def open_writer(fifo: "str", reader: "int", wait: "float" = 30.0) -> int:
             gone = not os.path.exists("/proc/%d" % reader)
             if exc.errno != errno.ENXIO or gone or time.monotonic() > deadline:
                 why = "its reader is gone" if gone else exc.strerror
-                raise Fail(76, "cannot open the FIFO for writing: %s" % why) from None
+                raise Fail(
+                    EXIT_FIFO_NO_READER, "cannot open the FIFO for writing: %s" % why
+                ) from None
             time.sleep(0.01)
     st = os.fstat(fd)
     if not stat.S_ISFIFO(st.st_mode) or st.st_uid != os.geteuid():
         os.close(fd)
-        raise Fail(76, "%s is not this script's FIFO" % fifo)
+        raise Fail(EXIT_FIFO_NO_READER, "%s is not this script's FIFO" % fifo)
     # QEMU writes with blocking semantics: the flag is shared with the descriptor it gets.
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     return fd
@@ -383,7 +414,7 @@ CAP = "background-snapshot"
 
 class Unsupported(Fail):
     def __init__(self, reason: "str") -> None:
-        Fail.__init__(self, 77, reason)
+        Fail.__init__(self, EXIT_LIVE_UNSUPPORTED, reason)
 
 
 class Stop(Exception):
@@ -417,7 +448,7 @@ def write_sysctl(path: "str", value: "str") -> None:
 
 def run_dir_fd(run_dir: "str") -> "str":
     """Why RUN_DIR cannot hold the window's lock and restore file ("" if it can): it must
-    be a real directory of ours (root), 0700, as the dump scripts' PROLOGUE makes it."""
+    be a real directory of ours (root), 0700, as the dump scripts' memdump_start makes it."""
     try:
         st = os.lstat(run_dir)
     except OSError as exc:
@@ -443,7 +474,7 @@ def restore_left(sysctl: "str", restore: "str") -> "str":
     finally:
         os.close(fd)
     if not value.isdigit():
-        raise Fail(80, "%s holds %r, not a sysctl value" % (restore, value))
+        raise Fail(EXIT_NO_RUN_DIR, "%s holds %r, not a sysctl value" % (restore, value))
     write_sysctl(sysctl, value)
     os.unlink(restore)
     return value
@@ -479,7 +510,9 @@ class Window:
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
                     os.close(fd)
-                    raise Fail(80, "cannot lock %s: %s" % (self.lock, exc.strerror)) from None
+                    raise Fail(
+                        EXIT_NO_RUN_DIR, "cannot lock %s: %s" % (self.lock, exc.strerror)
+                    ) from None
                 time.sleep(0.02)
         self.fd = fd
         restore_left(self.sysctl, self.restore)
@@ -566,7 +599,10 @@ class Session:
                 out("memdump-peer", *peer)
                 self.pid = int(peer[0])
             elif int(peer[0]) != self.pid:
-                raise Fail(74, "the socket is now served by pid %s, not %d" % (peer[0], self.pid))
+                raise Fail(
+                    EXIT_NOT_QEMU,
+                    "the socket is now served by pid %s, not %d" % (peer[0], self.pid),
+                )
             q = Qmp(sock, time.monotonic() + timeout)
             q.greet_quiet()
         except BaseException:
@@ -616,7 +652,7 @@ def qemu_uid(pid: "int") -> int:
                     return int(line.split()[2])
     except (OSError, ValueError, IndexError):
         pass
-    raise Fail(74, "cannot read the uid of pid %d" % pid)
+    raise Fail(EXIT_NOT_QEMU, "cannot read the uid of pid %d" % pid)
 
 
 def checks(s: "Session", policy: "str", sysctl: "str") -> "tuple[str, tuple[int, int]]":
@@ -707,7 +743,7 @@ def live(
                 spare = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
                 a, b = os.fstat(fd), os.fstat(spare)
                 if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-                    raise Fail(76, "%s changed under us" % fifo)
+                    raise Fail(EXIT_FIFO_NO_READER, "%s changed under us" % fifo)
                 got = s.ask("getfd", {"fdname": FDNAME}, fds=[fd])
             finally:
                 os.close(fd)  # QEMU has its copy: the reader's end of file is QEMU's close
@@ -764,7 +800,9 @@ def live(
                 bw = bandwidth_before(s, bandwidth)  # from here repair() puts it back
                 got = s.ask("migrate-set-parameters", {"max-bandwidth": bandwidth})
                 if "return" not in got:
-                    raise Fail(1, "QEMU refused max-bandwidth %d: %s" % (bandwidth, desc(got)))
+                    raise Fail(
+                        EXIT_FAILED, "QEMU refused max-bandwidth %d: %s" % (bandwidth, desc(got))
+                    )
             s.release()
             while st not in IDLE:
                 time.sleep(0.1)
@@ -772,17 +810,17 @@ def live(
                 st = str(final.get("status", "none"))
                 s.release()
                 if st not in IDLE and not alive(reader):
-                    out("memdump-error", "80", "the stream's reader is gone")
+                    out("memdump-error", str(EXIT_STOPPED), "the stream's reader is gone")
                     raise Stop()
             if not final:
                 final = ret(s.ask("query-migrate", show=False))
             out("memdump-live-stats", json.dumps(final))
             out("memdump-live-uffd", method, "%.6f" % window.length)
             if final.get("status") != "completed":
-                code = 78
+                code = EXIT_MIGRATION_FAILED
         except Stop:
-            code = 80
-            out("memdump-error", "80", "stopped by a signal")
+            code = EXIT_STOPPED
+            out("memdump-error", str(EXIT_STOPPED), "stopped by a signal")
     finally:
         # Every exit path: signals held off while QEMU and the sysctl are put right, and
         # ignored after (the client ends here anyway).
@@ -803,7 +841,7 @@ def bandwidth_before(s: "Session", bandwidth: "int") -> "tuple[int, int]":
     ignored; a parameter set while a migration runs applies to it."""
     old = ret(s.ask("query-migrate-parameters", show=False)).get("max-bandwidth")
     if not isinstance(old, int) or isinstance(old, bool) or old < 0:
-        raise Fail(1, "QEMU did not report its migration max-bandwidth")
+        raise Fail(EXIT_FAILED, "QEMU did not report its migration max-bandwidth")
     out("memdump-live-bandwidth", str(old), str(bandwidth))
     return (old, bandwidth)
 
@@ -879,7 +917,7 @@ def repair(
             if left in ("postmigrate", "paused", "finish-migrate"):
                 s.ask("cont")
                 errors.append("the guest was left %s by the migration and was resumed" % left)
-                code = 79 if code == 0 else code
+                code = EXIT_LEFT_PAUSED if code == 0 else code
         else:
             s.ask("closefd", {"fdname": FDNAME})  # harmless if QEMU has none by that name
     except Fail as exc:
@@ -889,9 +927,9 @@ def repair(
         if spare >= 0:
             os.close(spare)
     for problem in errors:
-        out("memdump-error", "80", " ".join(problem.split()))
+        out("memdump-error", str(EXIT_STOPPED), " ".join(problem.split()))
     if errors and code == 0:
-        code = 80
+        code = EXIT_STOPPED
     return code
 
 
@@ -1011,8 +1049,8 @@ def digits(v: "str") -> bool:
 
 def main(argv: "list[str]") -> int:
     if sys.version_info < (3, 6):
-        out("memdump-error", "95", "python3 on the hypervisor is older than 3.6")
-        return 95
+        out("memdump-error", str(EXIT_NO_PYTHON), "python3 on the hypervisor is older than 3.6")
+        return EXIT_NO_PYTHON
     try:
         if len(argv) >= 5 and argv[0] == "query":
             return query(float(argv[1]), argv[2], argv[3].split("\n"), argv[4:])
@@ -1025,8 +1063,12 @@ def main(argv: "list[str]") -> int:
             bandwidth = None  # type: int | None
             if len(a) == 9 and a[8] != "":
                 if not digits(a[8]) or not 0 < int(a[8]) < 1 << 64:
-                    out("memdump-error", "70", "BANDWIDTH must be 1 to 2**64-1 bytes/s")
-                    return 70
+                    out(
+                        "memdump-error",
+                        str(EXIT_BAD_ARGUMENT),
+                        "BANDWIDTH must be 1 to 2**64-1 bytes/s",
+                    )
+                    return EXIT_BAD_ARGUMENT
                 bandwidth = int(a[8])
             return live(a[1], a[2], a[3].split("\n"), int(a[4]), a[5], a[6], a[7], bandwidth)
         if len(argv) == 3 and argv[0] == "uffd-restore":
@@ -1039,8 +1081,9 @@ def main(argv: "list[str]") -> int:
     except Fail as exc:
         out("memdump-error", str(exc.code), " ".join(exc.message.split()))
         return exc.code
-    out("memdump-error", "70", "usage: query TIMEOUT COMMANDS BINARIES SOCKET... | dump ...")
-    return 70
+    usage = "usage: query TIMEOUT COMMANDS BINARIES SOCKET... | dump ..."
+    out("memdump-error", str(EXIT_BAD_ARGUMENT), usage)
+    return EXIT_BAD_ARGUMENT
 
 
 if __name__ == "__main__":

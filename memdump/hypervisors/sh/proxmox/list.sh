@@ -1,0 +1,2 @@
+# $1 = qm. `qm list` as it prints it.
+exec "$1" list
