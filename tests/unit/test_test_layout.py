@@ -73,19 +73,19 @@ def test_no_test_module_imports_another_test_module_or_conftest() -> None:
     assert layout_violations(TESTS) == []
 
 
-def test_no_plain_module_at_tests_top_level() -> None:
-    # Shared code at tests/ top level would be importable by anyone and found by no one.
-    top = {p.name for p in TESTS.glob("*.py")}
-    assert top <= {"__init__.py", "conftest.py"}
-    packages = {p.name for p in TESTS.iterdir() if (p / "__init__.py").is_file()}
-    assert {p for p in packages if p not in SUPPORT_PACKAGES} <= {
-        "api",
-        "e2e",
-        "faults",
-        "flows",
-        "integration",
-        "unit",
-    }
+def test_shared_code_is_only_in_the_support_packages() -> None:
+    # A plain module at tests/ top level or beside the tests of a directory would be
+    # importable by anyone and found by no one: outside tests/helpers (and the InfluxDB
+    # server) there are only tests, conftests and package markers.
+    allowed = {"__init__.py", "conftest.py"}
+    stray = [
+        str(p.relative_to(TESTS))
+        for p in sorted(TESTS.rglob("*.py"))
+        if p.relative_to(TESTS).parts[0] not in SUPPORT_PACKAGES
+        and p.name not in allowed
+        and not p.name.startswith("test_")
+    ]
+    assert stray == []
 
 
 def test_the_checker_sees_each_kind_of_forbidden_import(tmp_path: Path) -> None:
