@@ -399,14 +399,8 @@ class S3Store:
                 deleted=deleted,
                 ours=ours,
             )
-        return S3Object(
-            bucket=self.bucket,
-            key=key,
-            size=size,
-            etag=str(head.get("ETag", "")).strip('"'),
-            version_id=version_id,
-            checksum_sha256=(f"{composite}-{parts}" if checksum is not None else None),
-        )
+        composite_sha256 = f"{composite}-{parts}" if checksum is not None else None
+        return self._object(key, size, head, version_id, composite_sha256)
 
     def _same_bytes(self, key: str, size: int, gz_sha256: str) -> S3Object | None:
         """The object at ``key`` if it holds exactly the file's bytes (a retried offload
@@ -430,13 +424,19 @@ class S3Store:
         except MemdumpError as exc:
             log.warning("s3://%s/%s exists and could not be compared: %s", self.bucket, key, exc)
             return None
-        return S3Object(
-            bucket=self.bucket,
-            key=key,
-            size=size,
-            etag=str(head.get("ETag", "")).strip('"'),
-            version_id=version_id,
-        )
+        return self._object(key, size, head, version_id)
+
+    def _object(
+        self,
+        key: str,
+        size: int,
+        head: Mapping[str, Any],
+        version_id: str | None,
+        checksum_sha256: str | None = None,
+    ) -> S3Object:
+        """The verified object, from its ``head_object`` answer."""
+        etag = str(head.get("ETag", "")).strip('"')
+        return S3Object(self.bucket, key, size, etag, version_id, checksum_sha256)
 
     # -- other operations ----------------------------------------------------------------
 
