@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.limits import BodySizeLimit
-from api.routes import router
+from api.routes import document_limits, router
 from api.runs import LatestRunCache, PrefectRuns, Runs
 from api.verify_jobs import VerifyJobs
 from memdump import __version__
@@ -112,7 +112,7 @@ def create_app(
         # it resolved to. Checked first, for every path.
         if not host_allowed(request.headers.get("host", ""), allowed_hosts):
             return JSONResponse(
-                {"detail": "Invalid Host header (not in MEMDUMP_API_ALLOWED_HOSTS)"},
+                {"detail": "Invalid Host header (not in MEMDUMP_API__ALLOWED_HOSTS)"},
                 status_code=400,
             )
         if token is None and not anonymous_anywhere:
@@ -122,8 +122,8 @@ def create_app(
             if server and server[1] is not None and _remote_ip(str(server[0])):
                 return JSONResponse(
                     {
-                        "detail": "This API has no MEMDUMP_API_TOKEN and answers on loopback"
-                        " only (MEMDUMP_API_ALLOW_ANONYMOUS=true overrides)"
+                        "detail": "This API has no MEMDUMP_API__TOKEN and answers on loopback"
+                        " only (MEMDUMP_API__ALLOW_ANONYMOUS=true overrides)"
                     },
                     status_code=403,
                 )
@@ -169,6 +169,7 @@ def create_app(
             schemas = spec.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
+            document_limits(spec, settings.records_max_limit)
             app.openapi_schema = spec
         return app.openapi_schema
 

@@ -36,7 +36,7 @@ from memdump.escaping import csv_cell
 from memdump.identifiers import split_qualified, validate_id
 from memdump.records.base import RecordQuery
 from memdump.records.model import API_FIELDS, iso_utc
-from memdump.targets import ALL
+from memdump.runinfo import ALL
 from memdump.verify import verify
 
 # Larger offsets cannot be passed to the stores (SQLite integers are 64-bit).
@@ -56,14 +56,14 @@ def _answer_500(what: str) -> Iterator[None]:
 
 router = APIRouter(prefix="/api/memory-dumps", tags=["memory-dumps"])
 
-AUTH = "only when MEMDUMP_API_TOKEN is set: missing or wrong bearer token"
+AUTH = "only when MEMDUMP_API__TOKEN is set: missing or wrong bearer token"
 BAD_REQUEST: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody}}
 SERVER_ERROR: dict[int | str, dict[str, Any]] = {
     500: {"model": ErrorBody},
     401: {"model": ErrorBody, "description": AUTH},
 }
 TOO_LARGE: dict[int | str, dict[str, Any]] = {
-    413: {"model": ErrorBody, "description": "request body over MEMDUMP_API_MAX_BODY_BYTES"},
+    413: {"model": ErrorBody, "description": "request body over MEMDUMP_API__MAX_BODY_BYTES"},
 }
 TOO_MANY: dict[int | str, dict[str, Any]] = {
     429: {
@@ -165,8 +165,14 @@ _TIME_SCHEMA: dict[str, Any] = {"format": "date-time"}
 def records(
     store: StoreDep,
     settings: SettingsDep,
+    # No upper bound here: MEMDUMP_API__RECORDS_MAX_LIMIT is (checked below, a 400).
     limit: Annotated[
-        int, Query(ge=1, le=1000, description="Max records (1-1000; more is a 400)")
+        int,
+        Query(
+            ge=1,
+            description="Max records (1 to MEMDUMP_API__RECORDS_MAX_LIMIT, 1000 by default;"
+            " more is a 400)",
+        ),
     ] = 1000,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Records to skip")] = 0,
     since: Annotated[
@@ -209,6 +215,14 @@ def records(
             headers={"Content-Disposition": 'attachment; filename="memory-dumps.csv"'},
         )
     return {"records": rows, "count": len(rows), "limit": limit, "offset": offset}
+
+
+def document_limits(spec: dict[str, Any], max_limit: int) -> None:
+    """The OpenAPI schema states the records limit this app applies (its setting): the
+    route itself has no fixed bound."""
+    for param in spec["paths"][f"{router.prefix}/records"]["get"]["parameters"]:
+        if param["name"] == "limit":
+            param["schema"]["maximum"] = max_limit
 
 
 def _instant(name: str, value: str | None) -> datetime | None:
@@ -335,7 +349,7 @@ def _check_rate(view: TriggerView, interval: float) -> None:
 VERIFY_BUSY: dict[int | str, dict[str, Any]] = {
     429: {
         "model": ErrorBody,
-        "description": "MEMDUMP_VERIFY_MAX_CONCURRENT verifications are already running in"
+        "description": "MEMDUMP_VERIFY__MAX_CONCURRENT verifications are already running in"
         " this API process (Retry-After says when to try again)",
     },
 }
@@ -358,7 +372,7 @@ def _verify_busy(jobs: VerifyJobs) -> HTTPException:
         202: {
             "model": VerifyJobResponse,
             "description": 'A background verification ("wait": false, or a .gz larger than'
-            " MEMDUMP_VERIFY_BACKGROUND_BYTES): poll the Location",
+            " MEMDUMP_VERIFY__BACKGROUND_BYTES): poll the Location",
         },
         403: {
             "model": ErrorBody,
@@ -442,7 +456,7 @@ def verify_job(
     job = jobs.get(job_id)
     if job is None:
         # Jobs live in the API process that started them, and only the newest
-        # MEMDUMP_VERIFY_JOBS_KEPT finished ones are kept.
+        # MEMDUMP_VERIFY__JOBS_KEPT finished ones are kept.
         raise HTTPException(404, f"No verification job {job_id} (kept by this API process)")
     return _job_body(job)
 

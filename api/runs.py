@@ -15,41 +15,39 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
+from memdump.runinfo import (
+    ALL,
+    IN_PROGRESS,
+    PROGRESS_KEY,
+    TIMED_OUT,
+    Progress,
+    tagged_hypervisor,
+    tagged_step,
+    tagged_vm,
+    unlisted_id,
+)
+
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Artifact, FlowRun, TaskRun
 
 logger = logging.getLogger(__name__)
 
-# Names the capture flow and task use (flows/capture.py, tasks/capture.py). Kept here as
-# strings: reading a run must not import the flow (and with it the whole engine).
-CAPTURE_TASK = "capture-vm"
-OFFLOAD_TASK = "offload-dump"
-RECORD_TASK = "record-dump"
-# One per hypervisor of an "all" trigger, run name "list-vms-<hypervisor>": a failed one
-# is shown as a VM entry "<hypervisor>:all" with the reason.
-LIST_TASK = "list-vms"
-PROGRESS_KEY = "capture-progress-"
-TIMED_OUT = "TimedOut"
-ALL = "all"
 # Prefect's API answers at most this many rows per query (PREFECT_API_DEFAULT_LIMIT).
 PAGE = 200
 
-_IN_PROGRESS = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"}
-_BYTES = re.compile(r": (\d+) of (\d+) bytes streamed$")
-_FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 _PREFECT_PREFIX = re.compile(r"^Task run encountered an exception (?:[A-Za-z_][\w.]*: )?")
 
 
 @dataclass(frozen=True)
 class VMRun:
-    """One VM of a capture run: its ``capture-vm`` task run (and the offload and record
-    after it), and the progress artifact that task writes while the dump streams."""
+    """One VM of a capture run: its capture task run (and the offload and record after
+    it), and the progress artifact that task writes while the dump streams."""
 
-    vm_id: str | None  # None: a VM of an "all" trigger that has not started streaming
+    vm_id: str | None  # None: a capture task run without a VM tag (memdump.runinfo)
     state: str  # pending, running, retrying, completed, failed, timeout, error
     progress: float | None  # percent of the dump streamed, from the progress artifact
     error: str | None
-    bytes_done: int | None = None  # from the artifact's description ("N of M bytes ...")
+    bytes_done: int | None = None  # from the artifact's metadata (memdump.runinfo.Progress)
     bytes_total: int | None = None
 
     @property
@@ -247,7 +245,7 @@ class PrefectRuns:
             )
         )
         artifacts: list[Artifact] = []
-        if any(_task_name(t) == CAPTURE_TASK for t in task_runs):
+        if any(_step(t) == "capture" for t in task_runs):
             artifacts = _pages(
                 lambda offset: client.read_artifacts(
                     artifact_filter=ArtifactFilter(
@@ -321,14 +319,10 @@ def _pages(read: Any) -> list[Any]:
             return out
 
 
-def _task_name(tr: Any) -> str:
-    """The task's name from a task run's (``<task>-<3 chars>``) and task key
-    (``<function>-<hash>``); the run name alone could be templated."""
-    key = str(getattr(tr, "task_key", "") or "").rsplit("-", 1)[0].replace("_", "-")
-    for name in (CAPTURE_TASK, OFFLOAD_TASK, RECORD_TASK, LIST_TASK):
-        if key == name or str(tr.name).startswith(f"{name}-"):
-            return name
-    return key
+def _step(tr: Any) -> str | None:
+    """What a task run is (capture, offload, record, list), from the tag its task
+    declares (memdump.runinfo): a renamed task or run keeps its step."""
+    return tagged_step(tr.tags or ())
 
 
 def _upstream(tr: Any) -> set[str]:
@@ -356,15 +350,6 @@ def _message(tr: Any) -> str:
     return _PREFECT_PREFIX.sub("", str(msg)).strip()
 
 
-def _mentions(text: str, vm_id: str) -> bool:
-    return re.search(rf"(?<![\w.-]){re.escape(vm_id)}(?![\w.-])", text) is not None
-
-
-def _slug(value: str) -> str:
-    # tasks.limits.slug, not imported: the API does not load the task modules.
-    return re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-") or "x"
-
-
 def vm_detail(
     vm_ids: Sequence[str],
     run_final: bool,
@@ -373,18 +358,14 @@ def vm_detail(
 ) -> tuple[VMRun, ...]:
     """Per-VM state of one capture flow run, from its task runs and progress artifacts.
 
-    Which VM a ``capture-vm`` task run is for is not stored in Prefect (task runs keep no
-    parameter values), so it is found, in this order: the progress artifact the task
-    writes once it holds a capture slot (``capture-progress-<vm>``); a VM id named in its
-    failure message; else the requested ids left over, in the order the task runs were
-    created (those runs have all not started streaming, so which gets which does not
-    change what is shown). A VM of an ``"all"`` trigger that has not started streaming
-    has no id yet (``None``)."""
+    Which VM a capture task run is for is its ``vm:`` tag, set by the flow when it
+    creates the run (memdump.runinfo.vm_tags); its progress is the newest progress
+    artifact of that task run, the byte counts in the artifact's metadata."""
     runs = list(task_runs)
-    captures = sorted((t for t in runs if _task_name(t) == CAPTURE_TASK), key=_created)
+    captures = sorted((t for t in runs if _step(t) == "capture"), key=_created)
     by_upstream: dict[str, list[Any]] = {}
     for t in runs:
-        if _task_name(t) in (OFFLOAD_TASK, RECORD_TASK):
+        if _step(t) in ("offload", "record"):
             for up in _upstream(t):
                 by_upstream.setdefault(up, []).append(t)
     newest: dict[str, Any] = {}  # task run id -> its newest progress artifact
@@ -393,52 +374,20 @@ def vm_detail(
             newest.setdefault(str(a.task_run_id), a)
 
     wanted = [v for v in dict.fromkeys(vm_ids) if v != ALL]
-    unlisted = tuple(
-        v for t in runs if _task_name(t) == LIST_TASK and (v := _unlisted(t)) is not None
-    )
-    if not captures:
-        # Not started yet (or never will): the ids asked for, all in the same state.
-        pending = "error" if run_final else "pending"
-        return tuple(VMRun(v, pending, None, None) for v in wanted) + unlisted
-
-    left = list(wanted)
-    ids: dict[str, str | None] = {}
-    for t in captures:  # the artifact's key names the VM
-        art = newest.get(str(t.id))
-        if art is None:
-            continue
-        key = str(art.key)[len(PROGRESS_KEY) :]
-        hit = next((v for v in left if _slug(v) == key), None)
-        if hit is None:  # e.g. a VM of an "all" trigger: the description starts "<name> on"
-            name = str(art.description or "").split(" on ", 1)[0]
-            hit = name if name and _slug(name) == key else key
-        else:
-            left.remove(hit)
-        ids[str(t.id)] = hit
-    for t in captures:  # a failure before the artifact names its VM
-        if str(t.id) in ids or _kind(t)[0] in _IN_PROGRESS:
-            continue
-        msg = _message(t)
-        hit = next((v for v in left if repr(v) in msg), None)
-        hit = hit or next((v for v in left if _mentions(msg, v)), None)
-        if hit is not None:
-            left.remove(hit)
-            ids[str(t.id)] = hit
-    for t in captures:
-        if str(t.id) not in ids:
-            ids[str(t.id)] = left.pop(0) if left else None
-
+    unlisted = tuple(v for t in runs if _step(t) == "list" and (v := _unlisted(t)) is not None)
     out = []
     for t in captures:
         art = newest.get(str(t.id))
-        vm = _one(t, ids[str(t.id)], art, by_upstream, run_final)
-        m = _BYTES.search(str(getattr(art, "description", "") or ""))
-        if m is not None and vm.progress is not None:
-            vm = dataclasses.replace(vm, bytes_done=int(m[1]), bytes_total=int(m[2]))
+        vm = _one(t, tagged_vm(t.tags or ()), art, by_upstream, run_final)
+        done = Progress.from_metadata(getattr(art, "metadata_", None))
+        if done is not None and vm.progress is not None:
+            vm = dataclasses.replace(vm, bytes_done=done.done, bytes_total=done.total)
         out.append(vm)
-    # Mapped task runs appear one by one: a VM asked for whose run does not exist yet is
-    # still part of this run.
-    out += [VMRun(v, "error" if run_final else "pending", None, None) for v in left]
+    # Task runs are created one by one: a VM asked for whose run does not exist yet
+    # (or never will: the run ended first) is still part of this run.
+    started = {v.vm_id for v in out}
+    pending = "error" if run_final else "pending"
+    out += [VMRun(v, pending, None, None) for v in wanted if v not in started]
     out += unlisted
     order = {v: i for i, v in enumerate(wanted)}
     keyed = sorted(enumerate(out), key=lambda p: (order.get(p[1].vm_id or "", len(order)), p[0]))
@@ -446,11 +395,10 @@ def vm_detail(
 
 
 def _unlisted(t: Any) -> VMRun | None:
-    """A hypervisor whose VMs could not be listed (its list-vms task failed for good)."""
+    """A hypervisor whose VMs could not be listed (its list task failed for good)."""
     if _kind(t)[0] not in ("FAILED", "CRASHED"):
         return None
-    hypervisor = str(t.name).removeprefix(f"{LIST_TASK}-")
-    return VMRun(f"{hypervisor}:{ALL}", "failed", None, _message(t))
+    return VMRun(unlisted_id(tagged_hypervisor(t.tags or ()) or "?"), "failed", None, _message(t))
 
 
 def _created(obj: Any) -> datetime:
@@ -479,16 +427,16 @@ def _one(
         # judges a VM the same way: the first step that did not complete decides).
         step = t
         for task, failure in (
-            (OFFLOAD_TASK, "offload failed (local file kept)"),
-            (RECORD_TASK, "record not written"),
+            ("offload", "offload failed (local file kept)"),
+            ("record", "record not written"),
         ):
-            nxt = next((d for d in after.get(str(step.id), []) if _task_name(d) == task), None)
+            nxt = next((d for d in after.get(str(step.id), []) if _step(d) == task), None)
             if nxt is None:  # not created yet; a finished run has every step it will have
                 if run_final:
                     break
                 return VMRun(vm_id, "running", 100.0, None)
             nkind = _kind(nxt)[0]
-            if nkind in _IN_PROGRESS:
+            if nkind in IN_PROGRESS:
                 return _unfinished(vm_id, 100.0, run_final, name="running")
             if nkind != "COMPLETED":
                 return VMRun(vm_id, "failed", 100.0, f"{failure}: {_message(nxt)}")

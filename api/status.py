@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from api.models import Status
-
-IN_PROGRESS = {"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"}
-TIMED_OUT_NAME = "TimedOut"
+from memdump.runinfo import IN_PROGRESS, TIMED_OUT
 
 
 def map_state(state_type: str | None, state_name: str | None) -> Status:
@@ -16,6 +14,6 @@ def map_state(state_type: str | None, state_name: str | None) -> Status:
     if state_type == "COMPLETED":
         return "completed"
     if state_type == "FAILED":
-        return "timeout" if state_name == TIMED_OUT_NAME else "failed"
+        return "timeout" if state_name == TIMED_OUT else "failed"
     # CRASHED, CANCELLED and anything Prefect adds later: not a capture outcome.
     return "error"

@@ -2,46 +2,33 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, wait
 from prefect.states import Completed, Failed
 
-from memdump.errors import CollectorLostError, MemdumpError
+from memdump.errors import MemdumpError
 from memdump.escaping import md_text
-from memdump.hypervisors import open_driver
-from memdump.records import open_store
-from memdump.records.base import RecordQuery
 from memdump.records.model import DumpRecord
-from memdump.settings import Settings
-from memdump.targets import ALL, list_one
-from tasks.capture import TIMED_OUT, capture_vm, offload_dump, record_dump, retry_if_retryable
-from tasks.limits import ensure_limits
-
-
-@task(
-    name="list-vms",
-    # /status finds a hypervisor whose listing failed by this name (api/runs.py).
-    task_run_name="list-vms-{hypervisor}",
-    retry_condition_fn=retry_if_retryable,
+from memdump.runinfo import (
+    ALL,
+    CAPTURE_FLOW,
+    CAPTURE_ONE_FLOW,
+    HYPERVISOR_TAG,
+    SUMMARY_KEY,
+    TIMED_OUT,
+    unlisted_id,
+    vm_tags,
 )
-def list_vms(hypervisor: str) -> list[str]:
-    """The running VMs of one hypervisor: its part of "all". A failure fails this task
-    only; the flow fails that hypervisor's VMs with the reason and captures the rest."""
-    settings = Settings()
-    driver = open_driver(settings.hypervisor(hypervisor), settings.ssh)
-    try:
-        listing = list_one(driver)
-    finally:
-        driver.close()
-    if listing.error is not None:
-        raise listing.error
-    return [ref.vmid for ref in listing.vms]
+from memdump.settings import Settings
+from tasks.capture import capture_vm, offload_dump, record_dump
+from tasks.fanout import publish_result, run_capture_flow
+from tasks.limits import ensure_limits
+from tasks.listing import list_vms
 
 
 def list_targets(
@@ -59,8 +46,11 @@ def list_targets(
             retries=settings.capture_retries,
             retry_delay_seconds=settings.capture_retry_delay_sec,
         )
-        futures = lister.map(names)
-        futures.wait()
+        futures = []
+        for name in names:
+            with tags(f"{HYPERVISOR_TAG}{name}"):  # /status: which hypervisor's part of "all"
+                futures.append(lister.submit(name))
+        wait(futures)
         for name, fut in zip(names, futures, strict=True):
             result, vms, error = _outcome(fut)
             if result == "completed":
@@ -87,8 +77,6 @@ def _outcome(future: PrefectFuture[Any]) -> tuple[str, Any, str]:
 # (VM id, result, its record or None, error)
 Row = tuple[str, str, DumpRecord | None, str]
 
-_DUMP_PATH = re.compile(r"; dump_path=(\S+)$")
-
 
 def _flag(analysis: str) -> str:
     # A dump Volatility could not open is kept (it is still the memory) but never
@@ -113,16 +101,10 @@ def _summary(rows: Sequence[Row], unlisted: Sequence[tuple[str, str]] = ()) -> s
             lines.append(f"| {md_text(vm)} | {result} | | | | | | {md_text(error, 300)} |")
     for hv, error in unlisted:
         lines.append(
-            f"| {md_text(_unlisted_id(hv))} | failed | | | | | | "
+            f"| {md_text(unlisted_id(hv))} | failed | | | | | | "
             f"{md_text(f'cannot list the VMs of hypervisor {hv}: {error}', 300)} |"
         )
     return "\n".join(lines)
-
-
-def _unlisted_id(hypervisor: str) -> str:
-    """How a hypervisor whose VMs could not be listed appears among the VMs: its part of
-    "all" (the same id /status shows for it)."""
-    return f"{hypervisor}:{ALL}"
 
 
 def _chain_outcome(
@@ -147,7 +129,7 @@ def _final(rows: list[Row], source: str, unlisted: Sequence[tuple[str, str]] = (
     not_listed = f", {len(unlisted)} hypervisor(s) not listed" if unlisted else ""
     create_markdown_artifact(
         markdown=_summary(rows, unlisted),
-        key="capture-summary",
+        key=SUMMARY_KEY,
         description=f"{len(rows)} VM(s){not_listed}, trigger: {md_text(source)}",
     )
     bad = [(vm, r, e) for vm, r, _, e in rows if r != "completed"]
@@ -160,7 +142,7 @@ def _final(rows: list[Row], source: str, unlisted: Sequence[tuple[str, str]] = (
         detail = "; ".join(f"{vm}: {e}" for vm, _, e in bad)
         parts.append(f"{len(bad)} of {len(rows)} VM(s) failed" + (f": {detail}" if bad else ""))
     if unlisted:
-        detail = "; ".join(f"{_unlisted_id(hv)}: {e}" for hv, e in unlisted)
+        detail = "; ".join(f"{unlisted_id(hv)}: {e}" for hv, e in unlisted)
         parts.append(f"{len(unlisted)} hypervisor(s) could not list their VMs: {detail}")
     message = "; ".join(parts)
     if any(r == "timeout" for _, r, _ in bad):
@@ -178,7 +160,22 @@ def _chain_tasks(settings: Settings) -> tuple[Any, Any]:
     return capture, offload
 
 
-@flow(name="capture-vms", log_prints=True)
+def _submit_chains(
+    settings: Settings, targets: list[tuple[str, str | None]], source: str
+) -> list[tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]]:
+    """One capture -> offload -> record chain per VM, each task run tagged with its VM
+    (memdump.runinfo.vm_tags: /status reads which VM a run is for from there)."""
+    capture, offload = _chain_tasks(settings)
+    chains = []
+    for vm_id, hypervisor in targets:
+        with tags(*vm_tags(vm_id, hypervisor)):
+            cap = capture.submit(vm_id, hypervisor, source=source)
+            off = offload.submit(cap)
+            chains.append((cap, off, record_dump.submit(off)))
+    return chains
+
+
+@flow(name=CAPTURE_FLOW, log_prints=True)
 def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
     """Capture the memory of ``vm_ids`` ("all" = every running VM of the inventory)."""
     settings = Settings()
@@ -190,99 +187,41 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
     except MemdumpError as exc:
         return Failed(message=f"cannot list VMs: {exc}")
     if settings.fanout == "deployments":
-        return _fan_out(settings, targets, source, unlisted)
-    capture, offload = _chain_tasks(settings)
-    captured = capture.map(
-        [t[0] for t in targets], [t[1] for t in targets], source=unmapped(source)
-    )
-    offloaded = offload.map(captured)
-    recorded = record_dump.map(offloaded)
-    recorded.wait()
+        return _fan_out(targets, source, unlisted)
+    chains = _submit_chains(settings, targets, source)
+    wait([rec for _, _, rec in chains])
     rows = [
-        (vm_id, *_chain_outcome(cap, off, rec))
-        for (vm_id, _), cap, off, rec in zip(targets, captured, offloaded, recorded, strict=True)
+        (vm_id, *_chain_outcome(*chain)) for (vm_id, _), chain in zip(targets, chains, strict=True)
     ]
     return _final(rows, source, unlisted)
 
 
-@flow(name="capture-one-vm", log_prints=True)
+@flow(name=CAPTURE_ONE_FLOW, log_prints=True)
 def capture_one_vm(vm_id: str, hypervisor: str | None = None, source: str = "api") -> State[Any]:
-    """The chain of one VM as a flow run of its own: what a trigger's flow run starts
-    per VM with ``MEMDUMP_FANOUT=deployments``, so any worker of the pool can take it."""
+    """The chain of one VM as a flow run of its own: what a trigger's flow run starts per
+    VM with ``MEMDUMP_ORCHESTRATION__FANOUT=deployments``, so any worker of the pool can
+    take it."""
     settings = Settings()
-    capture, offload = _chain_tasks(settings)
-    cap = capture.submit(vm_id, hypervisor, source=source)
-    off = offload.submit(cap)
-    rec = record_dump.submit(off)
+    ((cap, off, rec),) = _submit_chains(settings, [(vm_id, hypervisor)], source)
     rec.wait()
     row = (vm_id, *_chain_outcome(cap, off, rec))
-    state = _final([row], source)
     if row[2] is not None:  # where the trigger's flow run finds the record
-        state.message = f"{state.message}; dump_path={row[2].dump_path}"
-    return state
-
-
-@task(
-    name="capture-vm-run",
-    task_run_name="capture-vm-{vm_id}",  # as the chain's capture task: /status reads it
-    retry_condition_fn=retry_if_retryable,
-    retries=1,
-)
-def run_capture_flow(vm_id: str, hypervisor: str | None, source: str) -> State[Any] | str:
-    """Start VM ``vm_id``'s flow run (any worker of the pool takes it) and wait for it.
-    A run that crashed (its worker or machine died) is tried once more, elsewhere."""
-    from prefect.deployments import run_deployment
-
-    settings = Settings()
-    child = run_deployment(
-        name=settings.child_deployment,
-        parameters={"vm_id": vm_id, "hypervisor": hypervisor, "source": source},
-        timeout=None,
-        as_subflow=True,
-        tags=["memdump"],
-    )
-    state = child.state  # type: ignore[union-attr]  # sync call: a FlowRun
-    name = child.name  # type: ignore[union-attr]
-    if state is not None and state.is_completed():
-        m = _DUMP_PATH.search(state.message or "")
-        return m.group(1) if m else ""
-    if state is not None and state.is_crashed():
-        raise CollectorLostError(
-            f"{vm_id}: flow run {name} crashed (its worker is gone): {state.message}",
-            vm_id=vm_id,
-            flow_run=name,
-        )
-    message = f"flow run {name}: {state.message if state else 'no state'}"
-    if state is not None and state.name == TIMED_OUT:
-        return Failed(name=TIMED_OUT, message=message)
-    return Failed(message=message)
+        publish_result(row[2])
+    return _final([row], source)
 
 
 def _fan_out(
-    settings: Settings,
     targets: list[tuple[str, str | None]],
     source: str,
     unlisted: Sequence[tuple[str, str]] = (),
 ) -> State[Any]:
-    runs = run_capture_flow.map(
-        [t[0] for t in targets], [t[1] for t in targets], source=unmapped(source)
-    )
-    runs.wait()
+    runs = []
+    for vm_id, hypervisor in targets:
+        with tags(*vm_tags(vm_id, hypervisor)):
+            runs.append(run_capture_flow.submit(vm_id, hypervisor, source))
+    wait(runs)
     rows: list[Row] = []
     for (vm_id, _), fut in zip(targets, runs, strict=True):
-        result, dump_path, error = _outcome(fut)
-        rows.append((vm_id, result, _stored(settings, dump_path), error))
+        result, record, error = _outcome(fut)
+        rows.append((vm_id, result, record if isinstance(record, DumpRecord) else None, error))
     return _final(rows, source, unlisted)
-
-
-def _stored(settings: Settings, dump_path: Any) -> DumpRecord | None:
-    """A VM's record, from the store: a flow run's return value stays with that run (its
-    result storage may be another collector's disk). None if the store cannot say (the
-    record may wait in that collector's outbox); the VM still counts as captured."""
-    if not dump_path or not isinstance(dump_path, str):
-        return None
-    try:
-        found = open_store(settings).list(1, 0, RecordQuery(dump_path=dump_path))
-    except MemdumpError:
-        return None
-    return DumpRecord.from_dict(found[0]) if found else None

@@ -13,8 +13,9 @@ from memdump.errors import (
 )
 from memdump.hypervisors import Driver, VMRef
 from memdump.identifiers import split_qualified
+from memdump.runinfo import ALL
 
-ALL = "all"
+__all__ = ["ALL", "Listing", "find", "list_all", "list_each", "list_one"]
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect import get_client, get_run_logger, task
+from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 from prefect.client.schemas.objects import State
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 from prefect.states import Failed
+from prefect.utilities.context import get_task_and_flow_run_ids
 
 from memdump.capture import capture
 from memdump.errors import CaptureTimeoutError
@@ -26,11 +27,25 @@ from memdump.hypervisors import open_driver
 from memdump.manifest import manifest_path
 from memdump.records import open_recorder
 from memdump.records.model import DumpRecord
-from memdump.settings import Settings
+from memdump.runinfo import (
+    CAPTURE_TASK,
+    OFFLOAD_TASK,
+    PROGRESS_KEY,
+    RECORD_TASK,
+    TIMED_OUT,
+    Progress,
+    slug,
+    step_tag,
+)
+from memdump.settings import OrchestrationSettings, Settings
 from memdump.targets import find
-from tasks.limits import GLOBAL_LIMIT, hypervisor_limit, slug
+from tasks.limits import GLOBAL_LIMIT, hypervisor_limit
 
-TIMED_OUT = "TimedOut"
+
+def _default(setting: str) -> Any:
+    """A setting's default, for a decorator (flows pass the configured value with
+    ``with_options``): written once, in memdump.settings."""
+    return OrchestrationSettings.model_fields[setting].default
 
 
 def retry_if_retryable(task: Any, task_run: Any, state: State[Any]) -> bool:
@@ -45,31 +60,51 @@ def retry_if_retryable(task: Any, task_run: Any, state: State[Any]) -> bool:
 
 
 class _Progress:
-    """Updates a progress artifact at most once a second (called from the stream loop)."""
+    """The capture's progress artifact: its percent is the data (the Prefect UI shows it),
+    its byte counts the metadata (/status reads them back as data, memdump.runinfo).
+    Updated at most once a second (called from the stream loop)."""
 
-    def __init__(self, artifact_id: Any, label: str) -> None:
-        self.artifact_id = artifact_id
+    def __init__(self, key: str, label: str) -> None:
         self.label = label
+        task_run_id, flow_run_id = get_task_and_flow_run_ids()
+        self.artifact_id = (
+            get_client(sync_client=True)
+            .create_artifact(
+                ArtifactCreate(
+                    type="progress",
+                    key=key,
+                    description=f"{label}: bytes streamed / dump size",
+                    data=0.0,
+                    task_run_id=task_run_id,
+                    flow_run_id=flow_run_id,
+                )
+            )
+            .id
+        )
         self.last = 0.0
 
     def __call__(self, done: int, total: int | None) -> None:
         now = time.monotonic()
         if total and (now - self.last >= 1.0 or done >= total):
             self.last = now
-            # The byte counts ride in the description (/status reads them back).
-            update_progress_artifact(
+            p = Progress(done, total)
+            get_client(sync_client=True).update_artifact(
                 self.artifact_id,
-                round(100.0 * done / total, 1),
-                description=f"{self.label}: {done} of {total} bytes streamed",
+                ArtifactUpdate(
+                    data=p.percent,
+                    description=f"{self.label}: {done} of {total} bytes streamed",
+                    metadata_=p.to_metadata(),
+                ),
             )
 
 
 @task(
-    name="capture-vm",
-    task_run_name="capture-vm-{vm_id}",  # the Prefect UI names each run by its VM
+    name=CAPTURE_TASK,
+    task_run_name=CAPTURE_TASK + "-{vm_id}",  # the Prefect UI names each run by its VM
+    tags=[step_tag("capture")],  # the flow adds the VM's tags (memdump.runinfo.vm_tags)
     retry_condition_fn=retry_if_retryable,
-    retries=2,
-    retry_delay_seconds=5,
+    retries=_default("capture_retries"),
+    retry_delay_seconds=_default("capture_retry_delay_sec"),
 )
 def capture_vm(
     vm_id: str, hypervisor: str | None = None, source: str = "api"
@@ -83,10 +118,8 @@ def capture_vm(
         driver, ref = find(drivers, vm_id)
         names = [GLOBAL_LIMIT, hypervisor_limit(ref.hypervisor)]
         with concurrency(names, occupy=1, strict=True, lease_duration=settings.slot_lease_sec):
-            artifact = create_progress_artifact(
-                0.0,
-                key=f"capture-progress-{slug(ref.vmid)}",
-                description=f"{ref.name} on {ref.hypervisor}: bytes streamed / dump size",
+            progress = _Progress(
+                f"{PROGRESS_KEY}{slug(ref.vmid)}", f"{ref.name} on {ref.hypervisor}"
             )
             logger.info("capturing %s on %s", ref.name, ref.hypervisor)
             try:
@@ -95,7 +128,7 @@ def capture_vm(
                     driver,
                     ref,
                     settings,
-                    progress=_Progress(artifact, f"{ref.name} on {ref.hypervisor}"),
+                    progress=progress,
                     trigger=trigger,
                 )
             except CaptureTimeoutError as exc:
@@ -121,7 +154,13 @@ def capture_vm(
             d.close()
 
 
-@task(name="offload-dump", retry_condition_fn=retry_if_retryable, retries=3, retry_delay_seconds=5)
+@task(
+    name=OFFLOAD_TASK,
+    tags=[step_tag("offload")],
+    retry_condition_fn=retry_if_retryable,
+    retries=_default("offload_retries"),
+    retry_delay_seconds=_default("capture_retry_delay_sec"),
+)
 def offload_dump(record: DumpRecord) -> DumpRecord:
     """Upload the finished .mem.gz to S3 (when configured) and verify it there. The local
     file is removed only after a verified upload and only if ``keep_local`` is off; then
@@ -150,7 +189,7 @@ def offload_dump(record: DumpRecord) -> DumpRecord:
     return dataclasses.replace(located, dump_path=obj.uri, local_path="", collector="")
 
 
-@task(name="record-dump")
+@task(name=RECORD_TASK, tags=[step_tag("record")])
 def record_dump(record: DumpRecord) -> DumpRecord:
     """Write the record; if the store cannot take it, it waits in the outbox (replayed by
     the runner and by later runs). The capture is complete either way."""

@@ -7,8 +7,6 @@ all-or-nothing).
 
 from __future__ import annotations
 
-import re
-
 from memdump.settings import Settings
 
 GLOBAL_LIMIT = "memdump-captures"
@@ -16,11 +14,6 @@ GLOBAL_LIMIT = "memdump-captures"
 
 def hypervisor_limit(name: str) -> str:
     return f"memdump-hv-{name}"
-
-
-def slug(value: str) -> str:
-    """An artifact key from an id: Prefect keys allow only [a-z0-9-]."""
-    return re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-") or "x"
 
 
 def ensure_limits(settings: Settings, *, reset_slots: bool = False) -> list[str]:

@@ -18,6 +18,7 @@ from prefect.client.schemas.objects import Artifact, FlowRun, State, TaskRun, Ta
 from api.main import create_app
 from api.runs import PrefectRuns, RunSummary, VMRun, vm_detail
 from memdump.records.sqlite import SQLiteRecordStore
+from memdump.runinfo import Progress, step_tag, vm_tags
 from memdump.settings import Settings
 from tests.helpers.api import FakeRuns
 from tests.helpers.contract_doc import contract_examples
@@ -172,16 +173,26 @@ def _state(factory: Any, at: datetime | None = None, **kw: Any) -> State[Any]:
     return st
 
 
+STEPS = {"capture-vm": "capture", "offload-dump": "offload", "record-dump": "record"}
+
+
 def task_run(
     task: str,
     state: State[Any] | None,
     *,
     n: int,
     upstream: UUID | None = None,
+    vm: str | None = None,
+    hypervisor: str | None = None,
 ) -> TaskRun:
+    """A task run as the capture flow creates it: its step and its VM as tags."""
     inputs: dict[str, list[Any]] = {}
     if upstream is not None:
         inputs["record"] = [TaskRunResult(id=upstream)]
+    step = STEPS.get(task)
+    tags = [step_tag(step)] if step else []
+    if vm is not None:
+        tags += vm_tags(vm, hypervisor)
     return TaskRun(
         id=uuid4(),
         name=f"{task}-{uuid4().hex[:3]}",
@@ -190,6 +201,7 @@ def task_run(
         dynamic_key=str(uuid4()),
         state=state,
         task_inputs=inputs,
+        tags=tags,
         created=T + timedelta(milliseconds=n),
     )
 
@@ -197,14 +209,15 @@ def task_run(
 def progress(
     tr: TaskRun, vm: str, value: float, *, n: int = 0, name: str = "", done: int | None = None
 ) -> Artifact:
-    # As tasks/capture.py writes it: the byte counts once streaming reports them.
-    what = "bytes streamed / dump size" if done is None else f"{done} of 4000 bytes streamed"
+    # As tasks/capture.py writes it: the byte counts (its metadata) once streaming
+    # reports them.
     return Artifact(
         id=uuid4(),
         key=f"capture-progress-{vm.lower()}",
         type="progress",
         data=value,
-        description=f"{name or vm} on lab: {what}",
+        description=f"{name or vm} on lab: bytes streamed / dump size",
+        metadata_=None if done is None else Progress(done, 4000).to_metadata(),
         flow_run_id=FLOW_RUN,
         task_run_id=tr.id,
         created=T + timedelta(seconds=1, milliseconds=n),
@@ -212,15 +225,20 @@ def progress(
 
 
 def chain(
-    capture: State[Any], offload: State[Any] | None, record: State[Any] | None, n: int
+    capture: State[Any],
+    offload: State[Any] | None,
+    record: State[Any] | None,
+    n: int,
+    vm: str | None = None,
+    hypervisor: str | None = None,
 ) -> tuple[TaskRun, list[TaskRun]]:
-    cap = task_run("capture-vm", capture, n=n)
+    cap = task_run("capture-vm", capture, n=n, vm=vm, hypervisor=hypervisor)
     out = [cap]
     if offload is not None:
-        off = task_run("offload-dump", offload, n=n + 100, upstream=cap.id)
+        off = task_run("offload-dump", offload, n=n + 100, upstream=cap.id, vm=vm)
         out.append(off)
         if record is not None:
-            out.append(task_run("record-dump", record, n=n + 200, upstream=off.id))
+            out.append(task_run("record-dump", record, n=n + 200, upstream=off.id, vm=vm))
     return cap, out
 
 
@@ -237,9 +255,9 @@ def test_before_the_task_runs_exist() -> None:
 def test_streaming_waiting_and_failed_are_told_apart() -> None:
     pending = states.Pending()
     listed = task_run("list-targets", states.Completed(), n=0)
-    # Created in this order; which VM each is for is not in Prefect.
-    c1, r1 = chain(states.Running(), pending, pending, n=1)  # waits for a capture slot
-    c2, r2 = chain(states.Running(), pending, pending, n=2)  # streams: has the artifact
+    # Created in this order; each names its VM in its tags.
+    c1, r1 = chain(states.Running(), pending, pending, n=1, vm="vm-web-01")  # waits for a slot
+    c2, r2 = chain(states.Running(), pending, pending, n=2, vm="vm-db-01")  # streams
     c3, r3 = chain(
         states.Failed(
             message="Task run encountered an exception VMNotFoundError: "
@@ -248,6 +266,7 @@ def test_streaming_waiting_and_failed_are_told_apart() -> None:
         states.Pending(name="NotReady"),
         states.Pending(name="NotReady"),
         n=3,
+        vm="nope-01",
     )
     arts = [
         progress(c2, "vm-db-01", 12.0, n=0, done=480),
@@ -265,15 +284,16 @@ def test_streaming_waiting_and_failed_are_told_apart() -> None:
 
 def test_a_vm_is_done_when_its_offload_and_record_are() -> None:
     ok = states.Completed()
-    cap_a, a = chain(ok, ok, ok, n=1)
-    cap_b, b = chain(ok, states.Running(), states.Pending(), n=2)
+    cap_a, a = chain(ok, ok, ok, n=1, vm="a")
+    cap_b, b = chain(ok, states.Running(), states.Pending(), n=2, vm="b")
     cap_c, c = chain(
         ok,
         states.Failed(message="Task run encountered an exception S3Error: denied"),
         states.Pending(name="NotReady"),
         n=3,
+        vm="c",
     )
-    cap_d, d = chain(ok, ok, states.Failed(message="disk I/O error"), n=4)
+    cap_d, d = chain(ok, ok, states.Failed(message="disk I/O error"), n=4, vm="d")
     caps = {"a": cap_a, "b": cap_b, "c": cap_c, "d": cap_d}
     arts = [progress(cap, vm, 100.0) for vm, cap in caps.items()]
     got = vm_detail(["a", "b", "c", "d"], False, [*a, *b, *c, *d], arts)
@@ -287,12 +307,12 @@ def test_a_vm_is_done_when_its_offload_and_record_are() -> None:
 
 def test_timeout_retry_and_crash() -> None:
     cap_t, t = chain(
-        states.Failed(name="TimedOut", message="vm-a: past the deadline"), None, None, n=1
+        states.Failed(name="TimedOut", message="vm-a: past the deadline"), None, None, 1, "vm-a"
     )
     # Retrying: the artifact is from the attempt before, so no progress is claimed yet.
     retry_at = T + timedelta(seconds=5)
-    cap_r, r = chain(_state(states.Retrying, retry_at), None, None, n=2)
-    cap_w, w = chain(states.AwaitingRetry(), None, None, n=3)
+    cap_r, r = chain(_state(states.Retrying, retry_at), None, None, n=2, vm="vm-b")
+    cap_w, w = chain(states.AwaitingRetry(), None, None, n=3, vm="vm-c")
     arts = [
         progress(cap_t, "vm-a", 60.0),
         progress(cap_r, "vm-b", 80.0),
@@ -307,22 +327,23 @@ def test_timeout_retry_and_crash() -> None:
     # The flow run ended (crashed, cancelled) while VMs were still going: not "running".
     got = vm_detail(["vm-b", "vm-c"], True, [*r, *w], arts)
     assert [(v.vm_id, v.state) for v in got] == [("vm-b", "error"), ("vm-c", "error")]
-    crashed, cr = chain(states.Crashed(message="process killed"), None, None, n=4)
+    crashed, cr = chain(states.Crashed(message="process killed"), None, None, n=4, vm="x")
     assert vm_detail(["x"], True, cr, []) == (VMRun("x", "error", None, "process killed"),)
 
 
-def test_all_trigger_names_vms_from_their_artifacts() -> None:
-    c1, r1 = chain(states.Running(), None, None, n=1)
-    c2, r2 = chain(states.Running(), None, None, n=2)
-    c3, r3 = chain(states.Pending(), None, None, n=3)
+def test_all_trigger_names_vms_from_their_tags() -> None:
+    # A VM of "all" is named by its tags from the start (before, only once its progress
+    # artifact existed: a VM waiting for a capture slot had no id yet).
+    c1, r1 = chain(states.Running(), None, None, n=1, vm="DB_X", hypervisor="lab")
+    c2, r2 = chain(states.Running(), None, None, n=2, vm="vm-web-01", hypervisor="lab")
+    c3, r3 = chain(states.Pending(), None, None, n=3, vm="vm-app-01", hypervisor="lab")
     arts = [progress(c2, "vm-web-01", 10.0), progress(c1, "db-x", 99.0, name="DB_X")]
     got = vm_detail(["all"], False, [*r1, *r2, *r3], arts)
-    # Named ones by their artifact (the description's name when it slugs to the key),
-    # in creation order, then the not-yet-named one.
+    # In creation order.
     assert got == (
         VMRun("DB_X", "running", 99.0, None),
         VMRun("vm-web-01", "running", 10.0, None),
-        VMRun(None, "pending", None, None),
+        VMRun("vm-app-01", "pending", None, None),
     )
 
 
@@ -340,7 +361,7 @@ def test_every_entry_has_a_known_state() -> None:
         states.Cancelled,
         states.Cancelling,
     ]
-    trs = [task_run("capture-vm", f(), n=i) for i, f in enumerate(factories)]
+    trs = [task_run("capture-vm", f(), n=i, vm=f"v{i}") for i, f in enumerate(factories)]
     for final in (False, True):
         got = vm_detail([f"v{i}" for i in range(len(trs))], final, trs, [])
         assert len(got) == len(trs)
@@ -399,7 +420,7 @@ def test_latest_costs_two_extra_queries_and_none_once_finished(
 ) -> None:
     import prefect
 
-    cap, r = chain(states.Running(), states.Pending(), states.Pending(), n=1)
+    cap, r = chain(states.Running(), states.Pending(), states.Pending(), n=1, vm="vm-a")
     fake = FakePrefect(_flow_run(states.Running(), ["vm-a"]), r, [progress(cap, "vm-a", 50.0)])
     monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
     runs = PrefectRuns("capture-vms", "on-demand")
@@ -436,7 +457,7 @@ def test_latest_before_any_capture_task_skips_the_artifact_query(
 def test_many_task_runs_are_paged(monkeypatch: pytest.MonkeyPatch) -> None:
     import prefect
 
-    trs = [task_run("capture-vm", states.Pending(), n=i) for i in range(250)]
+    trs = [task_run("capture-vm", states.Pending(), n=i, vm=f"vm-{i}") for i in range(250)]
     fake = FakePrefect(_flow_run(states.Running(), ["all"]), trs, [])
     monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
     got = PrefectRuns("capture-vms", "on-demand").latest()
@@ -450,6 +471,7 @@ def test_error_text_is_without_prefect_boilerplate() -> None:
         None,
         None,
         n=1,
+        vm="vm-a",
     )
     (vm,) = vm_detail(["vm-a"], True, r, [])
     assert vm.error == "host key mismatch" and not re.search("encountered", vm.error)
@@ -457,7 +479,7 @@ def test_error_text_is_without_prefect_boilerplate() -> None:
 
 def test_a_vm_whose_task_run_does_not_exist_yet_is_listed() -> None:
     # Mapped task runs are created one by one: a poll can see the first before the second.
-    cap, runs = chain(states.Running(), states.Pending(), states.Pending(), n=1)
+    cap, runs = chain(states.Running(), states.Pending(), states.Pending(), n=1, vm="vm-web-01")
     got = vm_detail(["vm-web-01", "vm-db-01"], False, runs, [])
     assert got == (
         VMRun("vm-web-01", "pending", None, None),

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
+from memdump.capture import Capture
+from memdump.errors import VMNotFoundError
+from memdump.hypervisors import VMRef
+from memdump.records.model import DumpRecord
 from tests.helpers.prefect_events import reset_events_worker
 
 
@@ -20,3 +27,71 @@ def harness() -> Iterator[None]:
         reset_events_worker()  # events go to this harness, not to a server of before
         yield
     mp.undo()
+
+
+class FakeDriver:
+    name = "fakehv"
+
+    def close(self) -> None:
+        pass
+
+
+def _record(vmid: str, tmp: Path) -> DumpRecord:
+    return DumpRecord(
+        datetime.now(UTC),
+        vmid,
+        vmid,
+        "a" * 64,
+        0.5,
+        100,
+        1,
+        2,
+        3,
+        str(tmp / f"{vmid}.mem.gz"),
+        "b" * 64,
+        4096,
+        "fakehv",
+    )
+
+
+@pytest.fixture
+def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    """Replaces find/capture in the task module; behaviour per VM id via ``plan``."""
+    monkeypatch.setenv("MEMDUMP_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MEMDUMP_HYPERVISORS", '[{"name": "fakehv", "transport": "local"}]')
+    monkeypatch.setenv("MEMDUMP_ORCHESTRATION__CAPTURE_RETRY_DELAY_SEC", "0")
+    calls: dict[str, int] = {}
+    plan: dict[str, list[Exception | None]] = {}
+    sizes: dict[str, int] = {}  # the dump size a VM's progress reports (else 100)
+    triggers: list[Any] = []
+
+    def find(drivers: list[Any], vm_id: str) -> tuple[Any, VMRef]:
+        if vm_id.startswith("unknown"):
+            raise VMNotFoundError(f"no VM {vm_id!r}", vm_id=vm_id)
+        return FakeDriver(), VMRef("fakehv", vm_id, vm_id)
+
+    def capture(
+        driver: Any, ref: VMRef, settings: Any, progress: Any = None, trigger: Any = None
+    ) -> Capture:
+        calls[ref.vmid] = calls.get(ref.vmid, 0) + 1
+        triggers.append(trigger)
+        steps = plan.get(ref.vmid, [])
+        err = steps.pop(0) if steps else None
+        if err is not None:
+            raise err
+        if progress:
+            total = sizes.get(ref.vmid, 100)
+            progress(total // 2, total)
+            progress(total, total)
+        return Capture(_record(ref.vmid, tmp_path), None, None, {})  # type: ignore[arg-type]
+
+    monkeypatch.setattr("tasks.capture.find", find)
+    monkeypatch.setattr("tasks.capture.capture", capture)
+    monkeypatch.setattr("tasks.capture.open_driver", lambda hv, ssh: FakeDriver())
+    return {
+        "calls": calls,
+        "plan": plan,
+        "sizes": sizes,
+        "db": tmp_path / "records.db",
+        "triggers": triggers,
+    }

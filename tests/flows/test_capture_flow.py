@@ -3,22 +3,18 @@ the engine is replaced by fakes here; the lab-backed runs are in tests/e2e."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prefect.states import Completed, Failed
 
-from memdump.capture import Capture
 from memdump.errors import (
     CaptureTimeoutError,
     HostKeyError,
     StreamInterruptedError,
     VMNotFoundError,
 )
-from memdump.hypervisors import VMRef
-from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from tasks.capture import retry_if_retryable
 
@@ -35,66 +31,6 @@ from tasks.capture import retry_if_retryable
 def test_retry_only_retryable(exc: Exception, retry: bool) -> None:
     assert retry_if_retryable(None, None, Failed(data=exc)) is retry
     assert retry_if_retryable(None, None, Completed()) is False
-
-
-class FakeDriver:
-    name = "fakehv"
-
-    def close(self) -> None:
-        pass
-
-
-def _record(vmid: str, tmp: Path) -> DumpRecord:
-    return DumpRecord(
-        datetime.now(UTC),
-        vmid,
-        vmid,
-        "a" * 64,
-        0.5,
-        100,
-        1,
-        2,
-        3,
-        str(tmp / f"{vmid}.mem.gz"),
-        "b" * 64,
-        4096,
-        "fakehv",
-    )
-
-
-@pytest.fixture
-def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
-    """Replaces find/capture in the task module; behaviour per VM id via ``plan``."""
-    monkeypatch.setenv("MEMDUMP_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("MEMDUMP_HYPERVISORS", '[{"name": "fakehv", "transport": "local"}]')
-    monkeypatch.setenv("MEMDUMP_CAPTURE_RETRY_DELAY_SEC", "0")
-    calls: dict[str, int] = {}
-    plan: dict[str, list[Exception | None]] = {}
-    triggers: list[Any] = []
-
-    def find(drivers: list[Any], vm_id: str) -> tuple[Any, VMRef]:
-        if vm_id.startswith("unknown"):
-            raise VMNotFoundError(f"no VM {vm_id!r}", vm_id=vm_id)
-        return FakeDriver(), VMRef("fakehv", vm_id, vm_id)
-
-    def capture(
-        driver: Any, ref: VMRef, settings: Any, progress: Any = None, trigger: Any = None
-    ) -> Capture:
-        calls[ref.vmid] = calls.get(ref.vmid, 0) + 1
-        triggers.append(trigger)
-        steps = plan.get(ref.vmid, [])
-        err = steps.pop(0) if steps else None
-        if err is not None:
-            raise err
-        if progress:
-            progress(50, 100)
-            progress(100, 100)
-        return Capture(_record(ref.vmid, tmp_path), None, None, {})  # type: ignore[arg-type]
-
-    monkeypatch.setattr("tasks.capture.find", find)
-    monkeypatch.setattr("tasks.capture.capture", capture)
-    monkeypatch.setattr("tasks.capture.open_driver", lambda hv, ssh: FakeDriver())
-    return {"calls": calls, "plan": plan, "db": tmp_path / "records.db", "triggers": triggers}
 
 
 def test_flow_retries_retryable_errors_and_records(fake_engine: dict[str, Any]) -> None:

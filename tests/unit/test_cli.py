@@ -83,8 +83,8 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if k.startswith("MEMDUMP_"):
             monkeypatch.delenv(k)
     monkeypatch.chdir(tmp_path)  # no stray .env
-    monkeypatch.setenv("MEMDUMP_API_HOST", "127.0.0.1")
-    monkeypatch.setenv("MEMDUMP_API_PORT", "8123")
+    monkeypatch.setenv("MEMDUMP_API__HOST", "127.0.0.1")
+    monkeypatch.setenv("MEMDUMP_API__PORT", "8123")
 
 
 @pytest.fixture
@@ -99,8 +99,8 @@ def seen(
     token = None
     import os
 
-    if os.environ.get("MEMDUMP_API_TOKEN"):
-        token = os.environ["MEMDUMP_API_TOKEN"]
+    if os.environ.get("MEMDUMP_API__TOKEN"):
+        token = os.environ["MEMDUMP_API__TOKEN"]
     settings = Settings(
         data_dir=tmp_path,
         status_cache_sec=0,
@@ -169,14 +169,14 @@ def test_bearer_token_from_the_environment(
     request: pytest.FixtureRequest,
 ) -> None:
     # The app requires the token (set before it is built); the CLI sends it from the
-    # same setting, MEMDUMP_API_TOKEN.
-    monkeypatch.setenv("MEMDUMP_API_TOKEN", "s3cret")
+    # same setting, MEMDUMP_API__TOKEN.
+    monkeypatch.setenv("MEMDUMP_API__TOKEN", "s3cret")
     sent = request.getfixturevalue("seen")
     code, out, _ = main(capsys, "status", "--json")
     assert code == 0 and json.loads(out)["status"] == "idle"
     assert sent[0]["headers"]["authorization"] == "Bearer s3cret"
     # A wrong token: the API's 401 detail, exit 1.
-    monkeypatch.setenv("MEMDUMP_API_TOKEN", "wrong")
+    monkeypatch.setenv("MEMDUMP_API__TOKEN", "wrong")
     code, out, err = main(capsys, "status")
     assert code == 1 and out == ""
     assert "Not authenticated: a valid bearer token is required (HTTP 401)" in err
@@ -417,7 +417,7 @@ def test_records_json_and_empty(
 @pytest.mark.parametrize(
     ("argv", "detail"),
     [
-        (["records", "--limit", "5000"], "less than or equal to 1000"),
+        (["records", "--limit", "5000"], "limit must be at most 1000"),
         (["records", "--since", "yesterday"], "since: not an ISO 8601 date or time"),
         (["records", "--vmid", "../x"], "vmid"),
     ],
@@ -474,7 +474,7 @@ def test_connection_refused(
     env: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
 ) -> None:
     port = _free_port()
-    monkeypatch.setenv("MEMDUMP_API_PORT", str(port))
+    monkeypatch.setenv("MEMDUMP_API__PORT", str(port))
     code, out, err = main(capsys, *argv)
     assert code == 1 and out == ""
     assert f"is `memdump serve` running at http://127.0.0.1:{port}?" in err

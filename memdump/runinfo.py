@@ -1,0 +1,111 @@
+"""What a capture run tells whoever watches it: the names and the typed data that the
+orchestration writes and the API reads back, written once here so both sides follow a
+rename together.
+
+A capture run's task runs carry their VM and their step as tags (``vm:<id>``,
+``hypervisor:<name>``, ``step:<step>``), set when the run is created; the capture's
+progress is a Prefect progress artifact whose percent is its data (for the UI) and whose
+byte counts are its metadata (:class:`Progress`). Nothing is parsed back out of a state
+message, a run name or an artifact description.
+
+Plain strings and dataclasses only: the engine imports neither Prefect nor FastAPI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+# A trigger's id for "every running VM of the inventory".
+ALL = "all"
+
+# Flow and task names (the Prefect UI shows them; /status does not depend on them).
+CAPTURE_FLOW = "capture-vms"
+CAPTURE_ONE_FLOW = "capture-one-vm"
+CAPTURE_TASK = "capture-vm"
+CAPTURE_RUN_TASK = "capture-vm-run"  # fan-out: one VM's chain as a flow run of its own
+OFFLOAD_TASK = "offload-dump"
+RECORD_TASK = "record-dump"
+LIST_TASK = "list-vms"
+LIST_RECORDED_TASK = "list-recorded-dumps"
+VERIFY_TASK = "verify-dump"
+
+# Prefect state names with a meaning of their own.
+TIMED_OUT = "TimedOut"  # a VM's capture exceeded its deadline (contract status "timeout")
+STORAGE_WARNING = "StorageWarning"  # retention completed; storage above its threshold
+
+# Prefect state types of a run that has not finished.
+IN_PROGRESS = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"})
+
+# Artifact keys.
+PROGRESS_KEY = "capture-progress-"  # + slug(vmid): one progress artifact per capture
+SUMMARY_KEY = "capture-summary"
+RESULT_KEY = "capture-result"  # a fan-out child run's result (its record), read as data
+
+# Tags: what a task run is and which VM it is for.
+Step = Literal["capture", "offload", "record", "list"]
+STEP_TAG = "step:"
+VM_TAG = "vm:"
+HYPERVISOR_TAG = "hypervisor:"
+
+
+def slug(value: str) -> str:
+    """An artifact key from an id: Prefect keys allow only [a-z0-9-]."""
+    return re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-") or "x"
+
+
+def step_tag(step: Step) -> str:
+    return f"{STEP_TAG}{step}"
+
+
+def vm_tags(vm_id: str, hypervisor: str | None = None) -> list[str]:
+    """The tags of a VM's capture task run: the id as asked for (or as listed for "all")
+    and, when known before the capture resolves it, its hypervisor."""
+    return [f"{VM_TAG}{vm_id}", *([f"{HYPERVISOR_TAG}{hypervisor}"] if hypervisor else [])]
+
+
+def _tagged(tags: Iterable[str], prefix: str) -> str | None:
+    return next((t.removeprefix(prefix) for t in tags if t.startswith(prefix)), None)
+
+
+def tagged_step(tags: Iterable[str]) -> str | None:
+    return _tagged(tags, STEP_TAG)
+
+
+def tagged_vm(tags: Iterable[str]) -> str | None:
+    return _tagged(tags, VM_TAG)
+
+
+def tagged_hypervisor(tags: Iterable[str]) -> str | None:
+    return _tagged(tags, HYPERVISOR_TAG)
+
+
+def unlisted_id(hypervisor: str) -> str:
+    """How a hypervisor whose VMs could not be listed appears among the VMs: its part of
+    "all" (the run's state, its summary and /status name it so)."""
+    return f"{hypervisor}:{ALL}"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A capture's progress: bytes of the dump streamed so far, of the dump's size."""
+
+    done: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return round(100.0 * self.done / self.total, 1) if self.total else 0.0
+
+    def to_metadata(self) -> dict[str, str]:
+        # Prefect artifact metadata holds strings only.
+        return {"bytes_done": str(self.done), "bytes_total": str(self.total)}
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str] | None) -> Progress | None:
+        try:
+            return cls(int((meta or {})["bytes_done"]), int((meta or {})["bytes_total"]))
+        except (KeyError, TypeError, ValueError):
+            return None
