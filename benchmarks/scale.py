@@ -5,7 +5,8 @@
 Brings the lab to ``--vms`` running VMs (the two default ones plus ``vm-scale-NN``,
 added with ``lab/up --vm`` and removed afterwards), then for each concurrency N in
 ``--concurrency`` (default 1,2,3) starts ``memdump serve`` with
-MEMDUMP_ORCHESTRATION__MAX_CONCURRENT_CAPTURES=N and MEMDUMP_ORCHESTRATION__MAX_CAPTURES_PER_HYPERVISOR=N, triggers
+MEMDUMP_ORCHESTRATION__MAX_CONCURRENT_CAPTURES=N and
+MEMDUMP_ORCHESTRATION__MAX_CAPTURES_PER_HYPERVISOR=N, triggers
 "all", and measures the run's wall time (trigger to completed) and the sum of the
 captures' own durations (from their records). The scaling ratio is the sum of the single
 captures (the N=1 run's) over the run's wall time: 1.0 means no gain over one capture at

@@ -58,7 +58,8 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
         DeploymentSpec(
             settings.orchestration.child_deployment.split("/", 1)[-1],
             "flows/capture.py:capture_one_vm",
-            "One VM's chain; started per VM by a trigger's flow run (MEMDUMP_ORCHESTRATION__FANOUT=deployments)",
+            "One VM's chain; started per VM by a trigger's flow run "
+            "(MEMDUMP_ORCHESTRATION__FANOUT=deployments)",
         ),
         DeploymentSpec(
             "weekly",

@@ -147,9 +147,12 @@ def serve(settings: Settings) -> int:
     # after a minute of start-up.
     if own_server:
         check_port_free(
-            "127.0.0.1", settings.prefect_port, "Prefect server", "MEMDUMP_PREFECT_PORT"
+            "127.0.0.1",
+            settings.prefect_port,
+            "Prefect server",
+            "MEMDUMP_ORCHESTRATION__PREFECT_PORT",
         )
-    check_port_free(settings.api_host, settings.api_port, "API", "MEMDUMP_API_PORT")
+    check_port_free(settings.api_host, settings.api_port, "API", "MEMDUMP_API__PORT")
     become_subreaper()
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stop = False

@@ -21,7 +21,7 @@ class ApiError(Exception):
 
 
 def api_base(settings: Settings, given: str | None) -> str:
-    """``--api``, else ``http://MEMDUMP_API_HOST:MEMDUMP_API_PORT`` (a wildcard bind
+    """``--api``, else ``http://MEMDUMP_API__HOST:MEMDUMP_API__PORT`` (a wildcard bind
     address means this host)."""
     if given:
         return given.rstrip("/")
@@ -121,8 +121,8 @@ def options() -> argparse.ArgumentParser:
     common.add_argument(
         "--api",
         metavar="URL",
-        help="base URL of the service (default: http://MEMDUMP_API_HOST:MEMDUMP_API_PORT);"
-        " the token is MEMDUMP_API_TOKEN",
+        help="base URL of the service (default: http://MEMDUMP_API__HOST:MEMDUMP_API__PORT);"
+        " the token is MEMDUMP_API__TOKEN",
     )
     common.add_argument(
         "--timeout", type=positive, default=30.0, help="seconds per HTTP request (default 30)"

@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--min-age",
         type=float,
         default=None,
-        help="seconds (default MEMDUMP_CLEANUP_MIN_AGE_SEC); younger leftovers are kept",
+        help="seconds (default MEMDUMP_ORCHESTRATION__CLEANUP_MIN_AGE_SEC); "
+        "younger leftovers are kept",
     )
     p.set_defaults(handler=cmd_clean)
     p = sub.add_parser("verify", help="re-read recorded dumps and check hashes and manifests")

@@ -18,6 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memdump.settings import LEGACY_NAMES, env_name
+
+
+def _env_var(name: str) -> str:
+    """The environment variable of a setting given by its (flat) name."""
+    if name in LEGACY_NAMES:
+        return env_name(*LEGACY_NAMES[name])
+    return f"MEMDUMP_{name.upper()}"
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -67,12 +77,13 @@ def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack
         MEMDUMP_DATA_DIR=str(data),
         MEMDUMP_DUMP_DIR=str(data / "dumps"),
         MEMDUMP_INVENTORY_FILE=inventory,
-        MEMDUMP_API_PORT=str(api_port),
-        MEMDUMP_PREFECT_PORT=str(prefect_port),
+        MEMDUMP_API__PORT=str(api_port),
+        MEMDUMP_ORCHESTRATION__PREFECT_PORT=str(prefect_port),
     )
     # Tests and benchmarks trigger back to back; the rate limit has its own tests.
-    env["MEMDUMP_TRIGGER_MIN_INTERVAL_SEC"] = "0"
-    env.update({f"MEMDUMP_{k.upper()}": v for k, v in settings.items()})
+    env["MEMDUMP_API__TRIGGER_MIN_INTERVAL_SEC"] = "0"
+    # Grouped settings by their variables (MEMDUMP_API__PORT), not the old flat names.
+    env.update({_env_var(k): v for k, v in settings.items()})
     data.mkdir(parents=True, exist_ok=True)
     logfile = data / "serve.log"
     with open(logfile, "wb") as log:

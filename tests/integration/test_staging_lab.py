@@ -96,7 +96,8 @@ def test_capture_with_file_staging_says_so_in_its_manifest(
         "open_dump",
         functools.partial(driver.open_dump, staging="file", margin=settings.disk_space_margin),
     )
-    settings = settings.model_copy(update={"analysis": AnalysisSettings(enabled=False), "staging": "file"})
+    no_analysis = AnalysisSettings(enabled=False)
+    settings = settings.model_copy(update={"analysis": no_analysis, "staging": "file"})
     # Staging is about paused dumps: paused whatever the inventory's capture_mode.
     result = capture(driver, driver.resolve(VM), settings, mode="paused")
     cap = result.manifest["capture"]

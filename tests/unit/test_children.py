@@ -62,7 +62,8 @@ def test_busy_port_names_the_port_and_its_holder() -> None:
     try:
         assert [h.pid for h in port_holders(port)] == [holder.pid]
         with pytest.raises(PortInUseError) as err:
-            check_port_free("127.0.0.1", port, "Prefect server", "MEMDUMP_ORCHESTRATION__PREFECT_PORT")
+            var = "MEMDUMP_ORCHESTRATION__PREFECT_PORT"
+            check_port_free("127.0.0.1", port, "Prefect server", var)
         msg = str(err.value)
         assert f"port {port}" in msg and f"pid {holder.pid}" in msg
         assert "MEMDUMP_ORCHESTRATION__PREFECT_PORT" in msg and "time.sleep(600)" in msg
