@@ -211,6 +211,9 @@ class TokenFifoDump:
     ``finish``."""
 
     dump_format = ""
+    # Run with the script's directory ($1) and token (stdin) on abort.
+    abort_script = ABORT_FIFO
+    abort_timeout = 15.0
 
     def __init__(
         self,
@@ -260,6 +263,8 @@ class TokenFifoDump:
         if d is None:
             return  # the script never made its directory (or was never read): nothing to stop
         try:
-            self._t.run(ABORT_FIFO, (d,), timeout=15.0, stdin=token_stdin(self._token))
+            self._t.run(
+                self.abort_script, (d,), timeout=self.abort_timeout, stdin=token_stdin(self._token)
+            )
         except MemdumpError:
             pass  # best effort: closing the stream already broke the FIFO

@@ -59,7 +59,6 @@ from memdump.hypervisors.fifo import (
     TokenFifoDump,
     clean_stale,
     fifo_only,
-    token_stdin,
 )
 from memdump.hypervisors.migration import migration_fields
 from memdump.hypervisors.scripts import load
@@ -615,6 +614,10 @@ class _LiveDump(TokenFifoDump):
     RESUME)."""
 
     dump_format = "QEMU migration stream (background-snapshot)"
+    # The abort also stops the client (it cancels the migration and puts QEMU right);
+    # best effort: the closed stream fails the migration, clean_stale repairs the rest.
+    abort_script = _ABORT_LIVE
+    abort_timeout = 20.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -750,16 +753,3 @@ class _LiveDump(TokenFifoDump):
             stderr=stderr[-2000:],
             **fields,
         )
-
-    def abort(self) -> None:
-        if self._aborted:
-            return
-        self._aborted = True
-        self._s.abort()
-        d = self._s.dir
-        if d is None:
-            return
-        try:
-            self._t.run(_ABORT_LIVE, (d,), timeout=20.0, stdin=token_stdin(self._token))
-        except MemdumpError:
-            pass  # best effort: the closed stream fails the migration; clean_stale repairs
