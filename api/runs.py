@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from memdump.runinfo import (
     ALL,
-    IN_PROGRESS,
     PROGRESS_KEY,
     TIMED_OUT,
     Progress,
@@ -40,8 +39,8 @@ _PREFECT_PREFIX = re.compile(r"^Task run encountered an exception (?:[A-Za-z_][\
 
 @dataclass(frozen=True)
 class VMRun:
-    """One VM of a capture run: its capture task run (and the offload and record after
-    it), and the progress artifact that task writes while the dump streams."""
+    """One VM of a capture run: its capture task run (the VM's whole chain: capture,
+    offload, record), and the progress artifact it writes while the dump streams."""
 
     vm_id: str | None  # None: a capture task run without a VM tag (memdump.runinfo)
     state: str  # pending, running, retrying, completed, failed, timeout, error
@@ -325,18 +324,6 @@ def _step(tr: Any) -> str | None:
     return tagged_step(tr.tags or ())
 
 
-def _upstream(tr: Any) -> set[str]:
-    """Ids of the task runs whose results ``tr`` takes (offload <- capture <- record)."""
-    ids: set[str] = set()
-    for name, inputs in (tr.task_inputs or {}).items():
-        if name.startswith("__") or name == "wait_for":
-            continue
-        for i in inputs:
-            if getattr(i, "input_type", None) == "task_run":
-                ids.add(str(i.id))
-    return ids
-
-
 def _kind(tr: Any) -> tuple[str, str]:
     """A task run's state type and name (PENDING before it has a state)."""
     state = tr.state
@@ -363,11 +350,6 @@ def vm_detail(
     artifact of that task run, the byte counts in the artifact's metadata."""
     runs = list(task_runs)
     captures = sorted((t for t in runs if _step(t) == "capture"), key=_created)
-    by_upstream: dict[str, list[Any]] = {}
-    for t in runs:
-        if _step(t) in ("offload", "record"):
-            for up in _upstream(t):
-                by_upstream.setdefault(up, []).append(t)
     newest: dict[str, Any] = {}  # task run id -> its newest progress artifact
     for a in sorted(artifacts, key=_created, reverse=True):
         if a.task_run_id is not None and str(a.key or "").startswith(PROGRESS_KEY):
@@ -378,7 +360,7 @@ def vm_detail(
     out = []
     for t in captures:
         art = newest.get(str(t.id))
-        vm = _one(t, tagged_vm(t.tags or ()), art, by_upstream, run_final)
+        vm = _one(t, tagged_vm(t.tags or ()), art, run_final)
         done = Progress.from_metadata(getattr(art, "metadata_", None))
         if done is not None and vm.progress is not None:
             vm = dataclasses.replace(vm, bytes_done=done.done, bytes_total=done.total)
@@ -417,30 +399,10 @@ def _progress(t: Any, art: Any) -> float | None:
         return None
 
 
-def _one(
-    t: Any, vm_id: str | None, art: Any, after: dict[str, list[Any]], run_final: bool
-) -> VMRun:
+def _one(t: Any, vm_id: str | None, art: Any, run_final: bool) -> VMRun:
     kind, name = _kind(t)
     progress = _progress(t, art)
-    if kind == "COMPLETED":
-        # The capture is done; the VM is done when its offload and record are (the flow
-        # judges a VM the same way: the first step that did not complete decides).
-        step = t
-        for task, failure in (
-            ("offload", "offload failed (local file kept)"),
-            ("record", "record not written"),
-        ):
-            nxt = next((d for d in after.get(str(step.id), []) if _step(d) == task), None)
-            if nxt is None:  # not created yet; a finished run has every step it will have
-                if run_final:
-                    break
-                return VMRun(vm_id, "running", 100.0, None)
-            nkind = _kind(nxt)[0]
-            if nkind in IN_PROGRESS:
-                return _unfinished(vm_id, 100.0, run_final, name="running")
-            if nkind != "COMPLETED":
-                return VMRun(vm_id, "failed", 100.0, f"{failure}: {_message(nxt)}")
-            step = nxt
+    if kind == "COMPLETED":  # the whole chain: captured, offloaded, recorded
         return VMRun(vm_id, "completed", 100.0, None)
     if kind == "FAILED":
         state = "timeout" if name == TIMED_OUT else "failed"

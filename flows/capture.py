@@ -25,7 +25,7 @@ from memdump.runinfo import (
     vm_tags,
 )
 from memdump.settings import Settings
-from tasks.capture import capture_vm, offload_dump, record_dump
+from tasks.capture import capture_vm
 from tasks.fanout import publish_result, run_capture_flow
 from tasks.limits import ensure_limits
 from tasks.listing import list_vms
@@ -107,22 +107,6 @@ def _summary(rows: Sequence[Row], unlisted: Sequence[tuple[str, str]] = ()) -> s
     return "\n".join(lines)
 
 
-def _chain_outcome(
-    cap: PrefectFuture[Any], off: PrefectFuture[Any], rec: PrefectFuture[Any]
-) -> tuple[str, DumpRecord | None, str]:
-    # The first step that did not complete decides: the capture, then the offload (its
-    # S3 error, the local file kept), then the record.
-    result, record, error = _outcome(cap)
-    if result != "completed":
-        return result, record, error
-    result, record, error = _outcome(off)
-    if result != "completed":
-        return result, record, f"offload failed (local file kept): {error}"
-    if not rec.state.is_completed():
-        return "failed", None, f"record not written: {rec.state.message}"
-    return "completed", rec.result(), ""
-
-
 def _final(rows: list[Row], source: str, unlisted: Sequence[tuple[str, str]] = ()) -> State[Any]:
     """The run's state: failed if any VM failed or any hypervisor could not be listed
     (the VMs of the others are captured all the same)."""
@@ -150,29 +134,19 @@ def _final(rows: list[Row], source: str, unlisted: Sequence[tuple[str, str]] = (
     return Failed(message=message)
 
 
-def _chain_tasks(settings: Settings) -> tuple[Any, Any]:
+def _submit(
+    settings: Settings, targets: list[tuple[str, str | None]], source: str
+) -> list[PrefectFuture[Any]]:
+    """One capture task run per VM (its whole chain, memdump.chain), each tagged with its
+    VM (memdump.runinfo.vm_tags: /status reads which VM a run is for from there)."""
     capture = capture_vm.with_options(
         retries=settings.capture_retries, retry_delay_seconds=settings.capture_retry_delay_sec
     )
-    offload = offload_dump.with_options(
-        retries=settings.offload_retries, retry_delay_seconds=settings.capture_retry_delay_sec
-    )
-    return capture, offload
-
-
-def _submit_chains(
-    settings: Settings, targets: list[tuple[str, str | None]], source: str
-) -> list[tuple[PrefectFuture[Any], PrefectFuture[Any], PrefectFuture[Any]]]:
-    """One capture -> offload -> record chain per VM, each task run tagged with its VM
-    (memdump.runinfo.vm_tags: /status reads which VM a run is for from there)."""
-    capture, offload = _chain_tasks(settings)
-    chains = []
+    futures = []
     for vm_id, hypervisor in targets:
         with tags(*vm_tags(vm_id, hypervisor)):
-            cap = capture.submit(vm_id, hypervisor, source=source)
-            off = offload.submit(cap)
-            chains.append((cap, off, record_dump.submit(off)))
-    return chains
+            futures.append(capture.submit(vm_id, hypervisor, source=source))
+    return futures
 
 
 @flow(name=CAPTURE_FLOW, log_prints=True)
@@ -188,11 +162,9 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
         return Failed(message=f"cannot list VMs: {exc}")
     if settings.fanout == "deployments":
         return _fan_out(targets, source, unlisted)
-    chains = _submit_chains(settings, targets, source)
-    wait([rec for _, _, rec in chains])
-    rows = [
-        (vm_id, *_chain_outcome(*chain)) for (vm_id, _), chain in zip(targets, chains, strict=True)
-    ]
+    futures = _submit(settings, targets, source)
+    wait(futures)
+    rows = [(vm_id, *_outcome(f)) for (vm_id, _), f in zip(targets, futures, strict=True)]
     return _final(rows, source, unlisted)
 
 
@@ -201,10 +173,9 @@ def capture_one_vm(vm_id: str, hypervisor: str | None = None, source: str = "api
     """The chain of one VM as a flow run of its own: what a trigger's flow run starts per
     VM with ``MEMDUMP_ORCHESTRATION__FANOUT=deployments``, so any worker of the pool can
     take it."""
-    settings = Settings()
-    ((cap, off, rec),) = _submit_chains(settings, [(vm_id, hypervisor)], source)
-    rec.wait()
-    row = (vm_id, *_chain_outcome(cap, off, rec))
+    (future,) = _submit(Settings(), [(vm_id, hypervisor)], source)
+    future.wait()
+    row = (vm_id, *_outcome(future))
     if row[2] is not None:  # where the trigger's flow run finds the record
         publish_result(row[2])
     return _final([row], source)

@@ -3,38 +3,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
 from memdump.escaping import md_text
-from memdump.records import open_store
-from memdump.records.base import RecordQuery
 from memdump.settings import Settings
-from memdump.verify import verify
-
-PAGE = 1000
-
-
-@task(name="list-recorded-dumps")
-def list_recorded(days: float) -> list[dict[str, Any]]:
-    """Every record of the last ``days`` days, newest first (paged through the store)."""
-    store = open_store(Settings())
-    since = datetime.now(UTC) - timedelta(days=days)
-    rows: list[dict[str, Any]] = []
-    while page := store.list(PAGE, len(rows), RecordQuery(since=since)):
-        rows.extend(page)
-    return rows
-
-
-@task(name="verify-dump", tags=["memdump-verify"])
-def verify_dump(row: dict[str, Any]) -> dict[str, Any]:
-    """Re-read one dump and compare both hashes and its manifest with the record."""
-    return verify(row, Settings()).to_dict()
+from tasks.verify import list_recorded, verify_dump
 
 
 def _summary(results: list[dict[str, Any]]) -> str:

@@ -216,3 +216,17 @@ class CollectorLostError(MemdumpError):
     went away): another collector may take the VM."""
 
     retryable = True
+
+
+# -- the capture chain (memdump.chain) ----------------------------------------------------
+
+
+class OffloadFailedError(StorageError):
+    """A finished capture could not be offloaded, after its retries: the local file is
+    kept and no record claims an object. Never retried as a whole (the capture is done);
+    ``cause`` names the S3 error."""
+
+
+class RecordNotWrittenError(RecordStoreError):
+    """Neither the record store nor the outbox took a capture's record (the outbox is a
+    local file: its disk failed)."""

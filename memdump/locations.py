@@ -29,6 +29,7 @@ from memdump.identifiers import validate_id
 from memdump.settings import S3Settings
 
 SUFFIX = ".mem.gz"
+S3_SCHEME = "s3://"
 _ID = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 # hypervisor_vmid_20261129T015216.123456Z_3f9a1c.mem.gz (ids are plain identifiers)
 NEW_NAME = re.compile(rf"{_ID}_{_ID}_\d{{8}}T\d{{6}}\.\d{{6}}Z_[0-9a-f]{{6,32}}\.mem\.gz")
@@ -88,7 +89,7 @@ def confine_s3(uri: str, s3: S3Settings | None) -> str:
         raise LocationError(
             f"refused {uri!r}: S3 is not configured (MEMDUMP_S3__BUCKET)", location=uri[:300]
         )
-    head = f"s3://{s3.bucket}/"
+    head = f"{S3_SCHEME}{s3.bucket}/"
     if not uri.startswith(head):
         raise LocationError(
             f"refused {uri!r}: not in the configured bucket {s3.bucket}", location=uri[:300]
@@ -109,14 +110,37 @@ Kind = Literal["local", "s3"]
 
 @dataclass(frozen=True)
 class Location:
-    """One copy of a dump. ``collector``: who holds a local copy ("" for records older
-    than this field: unknown). ``deleted_at``: retention removed this copy."""
+    """One copy of a dump: a local file or an S3 object, the one type capture, offload,
+    verify and retention pass around. ``collector``: who holds a local copy ("" for
+    records older than this field: unknown). ``deleted_at``: retention removed this copy.
+    A location from a record is data: :meth:`path` and :meth:`key` confine it before
+    anything is read or deleted."""
 
     kind: Kind
     where: str
     collector: str = ""
     version_id: str = ""
     deleted_at: str = ""
+
+    @classmethod
+    def of(cls, where: str, *, collector: str = "", version_id: str = "") -> Location:
+        """A dump path as records hold it: an ``s3://`` URI, else a local path (the one
+        place the two are told apart)."""
+        kind: Kind = "s3" if where.startswith(S3_SCHEME) else "local"
+        return cls(kind, where, collector, version_id)
+
+    def path(self, dump_dir: Path) -> Path:
+        """The confined local file (LocationError if not local or out of bounds)."""
+        if self.kind != "local":
+            raise LocationError(f"{self.where!r} is not a local path", location=self.where[:300])
+        return confine_local(self.where, dump_dir)
+
+    def key(self, s3: S3Settings | None) -> str:
+        """The confined S3 key (LocationError if not S3, S3 is not configured, or out of
+        bounds)."""
+        if self.kind != "s3":
+            raise LocationError(f"{self.where!r} is not an S3 URI", location=self.where[:300])
+        return confine_s3(self.where, s3)
 
 
 def record_locations(row: Mapping[str, Any]) -> list[Location]:
@@ -144,7 +168,5 @@ def record_locations(row: Mapping[str, Any]) -> list[Location]:
             )
         )
     if not out:
-        where = str(row.get("dump_path") or "")
-        kind: Kind = "s3" if where.startswith("s3://") else "local"
-        out.append(Location(kind, where))
+        out.append(Location.of(str(row.get("dump_path") or "")))
     return out

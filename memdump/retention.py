@@ -25,15 +25,14 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from memdump.errors import ConfigError, LocationError, MemdumpError
 from memdump.escaping import md_text
-from memdump.locations import Location, confine_local, confine_s3, record_locations
-from memdump.manifest import manifest_key, manifest_path
+from memdump.locations import record_locations
 from memdump.records.base import RecordStore
 from memdump.settings import RETENTION_DAYS_ABOVE, RETENTION_KEEP_LAST_MIN, Settings
+from memdump.stored import StoredDump, open_stored
 
 log = logging.getLogger("memdump.retention")
 PAGE = 1000
@@ -109,63 +108,29 @@ class Report:
         return self.stored_bytes > self.warn_bytes
 
 
-@dataclass(frozen=True)
-class _Target:
-    """One copy to delete, confined: the local file or the S3 key (+ version)."""
-
-    location: Location
-    path: Path | None = None
-    key: str | None = None
-
-
-def _plan(row: Mapping[str, Any], settings: Settings) -> tuple[list[_Target], dict[str, str], bool]:
+def _plan(
+    row: Mapping[str, Any], settings: Settings
+) -> tuple[list[StoredDump], dict[str, str], bool]:
     """(copies to delete here, copies left for another collector with why, True if some
     copy is still pending elsewhere). Raises LocationError if any copy is out of bounds:
     then nothing of this record is touched."""
-    targets: list[_Target] = []
+    targets: list[StoredDump] = []
     left: dict[str, str] = {}
     for loc in record_locations(row):
         if loc.deleted_at:
             continue
+        stored = open_stored(loc, settings)
         if loc.kind == "s3":
-            targets.append(_Target(loc, key=confine_s3(loc.where, settings.s3)))
-            continue
-        path = confine_local(loc.where, settings.dump_dir)
-        if loc.collector and loc.collector != settings.collector_id:
+            targets.append(stored)
+        elif loc.collector and loc.collector != settings.collector_id:
             left[loc.where] = f"a local copy on collector {loc.collector}: left for it"
-        elif not loc.collector and not path.exists():
+        elif not loc.collector and not stored.exists():
             # A record from before collectors were recorded: a file missing here may be
             # on another collector, so it is not taken as gone.
             left[loc.where] = "no collector recorded and not found here: left"
         else:
-            targets.append(_Target(loc, path=path))
+            targets.append(stored)
     return targets, left, bool(left)
-
-
-def _delete(target: _Target, row: Mapping[str, Any], settings: Settings) -> int:
-    """Delete one copy and its manifest; the dump bytes freed (0 if it was gone)."""
-    size = int(row.get("gzip_size_bytes") or 0)
-    if target.key is not None:
-        from memdump.storage import S3Store
-
-        if settings.s3 is None:  # confine_s3 has refused it already; for the type checker
-            raise LocationError(f"{target.location.where}: S3 is not configured")
-        store = S3Store(settings.s3)
-        existed = store.exists(target.key)
-        # The version this capture wrote (versioned bucket), else the key itself.
-        store.delete(target.key, version_id=target.location.version_id or None)
-        mkey = manifest_key(target.key)
-        # On a versioned bucket the manifest's version goes too, not just behind a delete
-        # marker: it was written with If-None-Match, so the version there is this dump's.
-        mversion = store.current_version(mkey) if target.location.version_id else None
-        store.delete(mkey, version_id=mversion)
-        return size if existed else 0
-    if target.path is None:
-        raise LocationError(f"{target.location.where}: no confined path")
-    existed = target.path.exists()
-    target.path.unlink(missing_ok=True)
-    manifest_path(target.path).unlink(missing_ok=True)
-    return size if existed else 0
 
 
 def apply(
@@ -211,7 +176,8 @@ def _apply_one(
         return
     for t in targets:
         try:
-            report.freed_bytes += _delete(t, row, settings)
+            if t.delete():
+                report.freed_bytes += int(row.get("gzip_size_bytes") or 0)
             store.mark_location_deleted(dict(row), t.location.kind, now)
         except Exception as exc:  # one copy's trouble must not stop the others
             report.errors[t.location.where] = f"{type(exc).__name__}: {exc}"

@@ -24,10 +24,8 @@ ALL = "all"
 # Flow and task names (the Prefect UI shows them; /status does not depend on them).
 CAPTURE_FLOW = "capture-vms"
 CAPTURE_ONE_FLOW = "capture-one-vm"
-CAPTURE_TASK = "capture-vm"
+CAPTURE_TASK = "capture-vm"  # one VM's whole chain: capture, offload, record
 CAPTURE_RUN_TASK = "capture-vm-run"  # fan-out: one VM's chain as a flow run of its own
-OFFLOAD_TASK = "offload-dump"
-RECORD_TASK = "record-dump"
 LIST_TASK = "list-vms"
 LIST_RECORDED_TASK = "list-recorded-dumps"
 VERIFY_TASK = "verify-dump"
@@ -45,7 +43,7 @@ SUMMARY_KEY = "capture-summary"
 RESULT_KEY = "capture-result"  # a fan-out child run's result (its record), read as data
 
 # Tags: what a task run is and which VM it is for.
-Step = Literal["capture", "offload", "record", "list"]
+Step = Literal["capture", "list"]
 STEP_TAG = "step:"
 VM_TAG = "vm:"
 HYPERVISOR_TAG = "hypervisor:"

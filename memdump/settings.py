@@ -34,6 +34,7 @@ from pydantic_settings import (
 
 from memdump.errors import ConfigError, InvalidIdentifierError
 from memdump.identifiers import validate_id
+from memdump.runinfo import CAPTURE_FLOW, CAPTURE_ONE_FLOW
 
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
@@ -330,7 +331,7 @@ class OrchestrationSettings(BaseModel):
     # A worker starting removes .part files and hypervisor temp dirs older than this whose
     # owner is gone (memdump.leftovers); younger ones may belong to a starting capture.
     cleanup_min_age_sec: float = Field(default=60.0, ge=0)
-    flow_name: str = "capture-vms"
+    flow_name: str = CAPTURE_FLOW
     deployment: str = "on-demand"
     # A slot is leased from the Prefect server and renewed while its capture runs; a
     # collector that dies holding one frees it when the lease runs out (the server's
@@ -344,7 +345,7 @@ class OrchestrationSettings(BaseModel):
     # Workers (deployments.worker) run flow runs with heartbeats this often; a run missing
     # three is marked Crashed (tasks/automations.py). Prefect's minimum is 30 s.
     heartbeat_sec: int = Field(default=30, ge=30)
-    child_deployment: str = "capture-one-vm/one-vm"
+    child_deployment: str = f"{CAPTURE_ONE_FLOW}/one-vm"
     # Prefect server that `memdump serve` starts when PREFECT_API_URL is not set
     prefect_port: int = Field(default=4200, ge=1, le=65535)
     # Records kept in the outbox while the store was down are replayed this often.

@@ -12,21 +12,22 @@ import hashlib
 import json
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from isal import isal_zlib
 
-from memdump.errors import ConfigError, ObjectNotFoundError
-from memdump.locations import confine_local, confine_s3
-from memdump.manifest import manifest_key, manifest_path
+from memdump.errors import ObjectNotFoundError
+from memdump.locations import Location
+from memdump.records.base import RecordQuery, RecordStore
 from memdump.settings import Settings
+from memdump.stored import open_stored
 
 Status = Literal["verified", "mismatch", "missing"]
-_CHUNK = 4 << 20
 _INFLATE_STEP = 1 << 20  # most raw bytes one decompress call may return
+PAGE = 1000  # records per store query
 MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few KiB; more than this is not one
 _ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # stub says instance
 
@@ -47,16 +48,6 @@ class Verification:
             "checks": self.checks,
             "seconds": round(self.seconds, 3),
         }
-
-
-def _capped(chunks: Iterable[bytes]) -> bytes:
-    """The first MANIFEST_MAX_BYTES + 1 bytes of a stream (one more says "too large")."""
-    buf = bytearray()
-    for chunk in chunks:
-        buf += chunk[: MANIFEST_MAX_BYTES + 1 - len(buf)]
-        if len(buf) > MANIFEST_MAX_BYTES:
-            break
-    return bytes(buf)
 
 
 def _hash_stream(chunks: Iterable[bytes]) -> tuple[str, str | None, int, int, str]:
@@ -97,64 +88,32 @@ def _hash_stream(chunks: Iterable[bytes]) -> tuple[str, str | None, int, int, st
     return gz.hexdigest(), None if error else raw.hexdigest(), gz_n, raw_n, error
 
 
-def _local_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            yield chunk
-
-
 def _check(checks: dict[str, Any], name: str, expected: Any, actual: Any) -> bool:
     ok = bool(expected == actual)
     checks[name] = {"expected": expected, "actual": actual, "ok": ok}
     return ok
 
 
+def recorded_since(store: RecordStore, days: float) -> list[dict[str, Any]]:
+    """Every record of the last ``days`` days, newest first (paged through the store)."""
+    query = RecordQuery(since=datetime.now(UTC) - timedelta(days=days))
+    rows: list[dict[str, Any]] = []
+    while page := store.list(PAGE, len(rows), query):
+        rows.extend(page)
+    return rows
+
+
 def verify(record: Mapping[str, Any], settings: Settings) -> Verification:
-    """Verify the artifact of one record (an API row: contract fields + extras)."""
+    """Verify the artifact of one record (an API row: contract fields + extras). Its
+    location is confined first (LocationError): a record is data, never a licence to
+    read, and no size or hash of any other file or object leaks out."""
     t0 = time.monotonic()
     where = str(record["dump_path"])
-    if where.startswith("s3://"):
-        if settings.s3 is None:
-            raise ConfigError(f"{where}: S3 is not configured (MEMDUMP_S3__BUCKET)")
-        from memdump.storage import S3Store
-
-        store = S3Store(settings.s3)
-        # Confined to the bucket and prefix: a record is data, never a licence to read.
-        key = confine_s3(where, settings.s3)
-
-        def dump_chunks() -> Iterable[bytes]:
-            return store.open_stream(key, chunk_size=_CHUNK)
-
-        def manifest_bytes() -> bytes | None:
-            try:
-                return _capped(store.open_stream(manifest_key(key)))
-            except ObjectNotFoundError:
-                return None
-
-        def exists() -> bool:
-            return store.exists(key)
-
-    else:
-        # Confined to the dump directory: no size or hash of any other file leaks out.
-        path = confine_local(where, settings.dump_dir)
-
-        def dump_chunks() -> Iterable[bytes]:
-            return _local_chunks(path)
-
-        def manifest_bytes() -> bytes | None:
-            try:
-                with manifest_path(path).open("rb") as f:
-                    return f.read(MANIFEST_MAX_BYTES + 1)
-            except FileNotFoundError:
-                return None
-
-        def exists() -> bool:
-            return path.is_file()
-
-    if not exists():
+    stored = open_stored(Location.of(where), settings)
+    if not stored.exists():
         return Verification("missing", where, "the stored dump is gone", {}, time.monotonic() - t0)
     try:
-        gz_sha, raw_sha, gz_n, raw_n, gz_error = _hash_stream(dump_chunks())
+        gz_sha, raw_sha, gz_n, raw_n, gz_error = _hash_stream(stored.chunks())
     except (FileNotFoundError, ObjectNotFoundError):
         gone = "the stored dump vanished while it was read"
         return Verification("missing", where, gone, {}, time.monotonic() - t0)
@@ -175,7 +134,7 @@ def verify(record: Mapping[str, Any], settings: Settings) -> Verification:
 
     expected_manifest = record.get("manifest_sha256") or ""
     if expected_manifest:
-        data = manifest_bytes()
+        data = stored.manifest(MANIFEST_MAX_BYTES + 1)
         if data is None:
             checks["manifest"] = {"ok": False, "detail": "missing"}
             problems.append("the manifest is missing")

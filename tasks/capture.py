@@ -1,4 +1,5 @@
-"""Thin Prefect tasks over memdump's engine: capture, offload, record.
+"""The capture task: one VM's whole chain (memdump.chain), with what only Prefect adds:
+retries, the concurrency slot, the progress artifact, logs.
 
 Retries happen only for errors whose ``retryable`` flag is set (a dropped connection,
 a short dump), never for a wrong host key or an unknown VM. Prefect's own timeout
@@ -8,9 +9,10 @@ deadline inside the stream loop and this task turns it into Prefect's TimedOut s
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from prefect import get_client, get_run_logger, task
@@ -21,24 +23,12 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.utilities.context import get_task_and_flow_run_ids
 
-from memdump.capture import capture
+from memdump.chain import resolved, run_chain
 from memdump.errors import CaptureTimeoutError
-from memdump.hypervisors import open_driver
-from memdump.manifest import manifest_path
-from memdump.records import open_recorder
+from memdump.hypervisors import VMRef
 from memdump.records.model import DumpRecord
-from memdump.runinfo import (
-    CAPTURE_TASK,
-    OFFLOAD_TASK,
-    PROGRESS_KEY,
-    RECORD_TASK,
-    TIMED_OUT,
-    Progress,
-    slug,
-    step_tag,
-)
+from memdump.runinfo import CAPTURE_TASK, PROGRESS_KEY, TIMED_OUT, Progress, slug, step_tag
 from memdump.settings import OrchestrationSettings, Settings
-from memdump.targets import find
 from tasks.limits import GLOBAL_LIMIT, hypervisor_limit
 
 
@@ -98,6 +88,19 @@ class _Progress:
             )
 
 
+@contextmanager
+def _slot(settings: Settings, ref: VMRef) -> Iterator[None]:
+    """A slot of the global and the hypervisor's capture limit, held for the capture
+    only (Prefect acquires several limits all-or-nothing)."""
+    names = [GLOBAL_LIMIT, hypervisor_limit(ref.hypervisor)]
+    with concurrency(names, occupy=1, strict=True, lease_duration=settings.slot_lease_sec):
+        yield
+
+
+def _progress(ref: VMRef) -> _Progress:
+    return _Progress(f"{PROGRESS_KEY}{slug(ref.vmid)}", f"{ref.name} on {ref.hypervisor}")
+
+
 @task(
     name=CAPTURE_TASK,
     task_run_name=CAPTURE_TASK + "-{vm_id}",  # the Prefect UI names each run by its VM
@@ -109,97 +112,46 @@ class _Progress:
 def capture_vm(
     vm_id: str, hypervisor: str | None = None, source: str = "api"
 ) -> DumpRecord | State[Any]:
-    """snapshot -> dump -> stream of one VM into a verified .mem.gz (+ its manifest)."""
+    """The chain of one VM (memdump.chain): capture -> offload -> record. Only a
+    retryable capture error is retried; an offload or record failure fails the VM with
+    its dump kept."""
     settings = Settings()
     logger = get_run_logger()
-    hvs = [settings.hypervisor(hypervisor)] if hypervisor else settings.inventory
-    drivers = [open_driver(hv, settings.ssh) for hv in hvs]
+    trigger = {"source": source, "flow_run_id": str(flow_run.id or "")}
     try:
-        driver, ref = find(drivers, vm_id)
-        names = [GLOBAL_LIMIT, hypervisor_limit(ref.hypervisor)]
-        with concurrency(names, occupy=1, strict=True, lease_duration=settings.slot_lease_sec):
-            progress = _Progress(
-                f"{PROGRESS_KEY}{slug(ref.vmid)}", f"{ref.name} on {ref.hypervisor}"
+        with resolved(settings, vm_id, hypervisor) as (driver, ref):
+            done = run_chain(
+                driver,
+                ref,
+                settings,
+                trigger=trigger,
+                slot=partial(_slot, settings),
+                progress=_progress,
             )
-            logger.info("capturing %s on %s", ref.name, ref.hypervisor)
-            try:
-                trigger = {"source": source, "flow_run_id": str(flow_run.id or "")}
-                result = capture(
-                    driver,
-                    ref,
-                    settings,
-                    progress=progress,
-                    trigger=trigger,
-                )
-            except CaptureTimeoutError as exc:
-                return Failed(name=TIMED_OUT, message=f"{ref.vmid}: {exc}")
-        rec = result.record
-        if result.fallback_reason:  # never silently: also in the manifest and the record
-            logger.warning(
-                "live capture of %s not possible (%s): captured it paused",
-                rec.vmid,
-                result.fallback_reason,
-            )
-        logger.info(
-            "captured %s: %d bytes raw, %d gz, sha256 %s in %.3fs",
+    except CaptureTimeoutError as exc:
+        return Failed(name=TIMED_OUT, message=f"{vm_id}: {exc}")
+    rec = done.capture.record
+    if done.capture.fallback_reason:  # never silently: also in the manifest and the record
+        logger.warning(
+            "live capture of %s not possible (%s): captured it paused",
             rec.vmid,
-            rec.raw_size_bytes,
-            rec.gzip_size_bytes,
-            rec.sha256,
-            rec.duration_sec,
+            done.capture.fallback_reason,
         )
-        return rec
-    finally:
-        for d in drivers:
-            d.close()
-
-
-@task(
-    name=OFFLOAD_TASK,
-    tags=[step_tag("offload")],
-    retry_condition_fn=retry_if_retryable,
-    retries=_default("offload_retries"),
-    retry_delay_seconds=_default("capture_retry_delay_sec"),
-)
-def offload_dump(record: DumpRecord) -> DumpRecord:
-    """Upload the finished .mem.gz to S3 (when configured) and verify it there. The local
-    file is removed only after a verified upload and only if ``keep_local`` is off; then
-    the record's dump_path is the s3:// URI. A failed upload keeps the local file and
-    fails the VM, so no record ever claims an object that does not exist. The record
-    carries every location: the S3 URI and VersionId, and the local copy (cleared when
-    it is removed here)."""
-    s3 = Settings().s3
-    if s3 is None:
-        return record
-    from memdump.storage import S3Store
-
-    store = S3Store(s3)
-    dump = Path(record.dump_path)
-    obj = store.upload(dump, gz_sha256=record.gz_sha256, size=record.gzip_size_bytes)
-    # The manifest goes beside the object (same key, .manifest.json), verified the same way.
-    mpath = manifest_path(dump)
-    if record.manifest_sha256:
-        store.upload(mpath, gz_sha256=record.manifest_sha256, size=mpath.stat().st_size)
-    get_run_logger().info("offloaded %s to %s (%d bytes)", record.vmid, obj.uri, obj.size)
-    located = dataclasses.replace(record, s3_uri=obj.uri, s3_version_id=obj.version_id or "")
-    if s3.keep_local:
-        return located
-    dump.unlink()
-    mpath.unlink(missing_ok=True)
-    return dataclasses.replace(located, dump_path=obj.uri, local_path="", collector="")
-
-
-@task(name=RECORD_TASK, tags=[step_tag("record")])
-def record_dump(record: DumpRecord) -> DumpRecord:
-    """Write the record; if the store cannot take it, it waits in the outbox (replayed by
-    the runner and by later runs). The capture is complete either way."""
-    recorder = open_recorder(Settings())
-    if not recorder.record(record):
-        state = recorder.outbox.state()
-        get_run_logger().warning(
+    logger.info(
+        "captured %s: %d bytes raw, %d gz, sha256 %s in %.3fs",
+        rec.vmid,
+        rec.raw_size_bytes,
+        rec.gzip_size_bytes,
+        rec.sha256,
+        rec.duration_sec,
+    )
+    if done.offloaded is not None:
+        logger.info("offloaded %s to %s", rec.vmid, done.offloaded.where)
+    if done.outbox is not None:
+        logger.warning(
             "record store unavailable (%s): record of %s kept in the outbox (depth %d)",
-            state.last_error,
-            record.vmid,
-            state.depth,
+            done.outbox.last_error,
+            rec.vmid,
+            done.outbox.depth,
         )
-    return record
+    return done.record

@@ -1,4 +1,6 @@
-"""``memdump capture VM...``: capture VMs now, into MEMDUMP_DUMP_DIR (no server needed)."""
+"""``memdump capture VM...``: capture VMs now, into MEMDUMP_DUMP_DIR (no server needed):
+the same chain as a trigger's (memdump.chain: file, manifest, S3 offload when
+configured, record through the outbox)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import argparse
 import json
 import sys
 
-from memdump.capture import capture
+from memdump.chain import run_chain
 from memdump.cli.inventory import open_drivers
 from memdump.errors import MemdumpError
 from memdump.escaping import plain_text
@@ -38,17 +40,24 @@ def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
             report_failure(vm_id, exc)
     for driver, ref in dict.fromkeys(targets):
         try:
-            result = capture(driver, ref, settings, trigger={"source": "cli"}, mode=args.mode)
+            # The whole chain, as a trigger's: file, manifest, offload, record (outbox).
+            done = run_chain(driver, ref, settings, trigger={"source": "cli"}, mode=args.mode)
         except MemdumpError as exc:
             report_failure(ref.vmid, exc)
             continue
-        if result.fallback_reason:  # also in the record's live_fallback_reason
-            why = plain_text(result.fallback_reason)
+        if done.capture.fallback_reason:  # also in the record's live_fallback_reason
+            why = plain_text(done.capture.fallback_reason)
             print(
                 f"memdump: {plain_text(ref.vmid)}: captured paused, not live: {why}",
                 file=sys.stderr,
             )
-        print(json.dumps(result.record.full_dict()), flush=True)
+        if done.outbox is not None:  # the capture is complete; its record waits
+            print(
+                f"memdump: {plain_text(ref.vmid)}: record store unavailable, record kept in"
+                f" the outbox (depth {done.outbox.depth})",
+                file=sys.stderr,
+            )
+        print(json.dumps(done.record.full_dict()), flush=True)
     for d in drivers:
         d.close()
     return 1 if failed else 0

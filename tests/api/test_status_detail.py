@@ -8,12 +8,12 @@ import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import pytest
 from fastapi.testclient import TestClient
 from prefect import states
-from prefect.client.schemas.objects import Artifact, FlowRun, State, TaskRun, TaskRunResult
+from prefect.client.schemas.objects import Artifact, FlowRun, State, TaskRun
 
 from api.main import create_app
 from api.runs import PrefectRuns, RunSummary, VMRun, vm_detail
@@ -173,7 +173,7 @@ def _state(factory: Any, at: datetime | None = None, **kw: Any) -> State[Any]:
     return st
 
 
-STEPS = {"capture-vm": "capture", "offload-dump": "offload", "record-dump": "record"}
+STEPS = {"capture-vm": "capture", "list-vms": "list"}
 
 
 def task_run(
@@ -181,14 +181,10 @@ def task_run(
     state: State[Any] | None,
     *,
     n: int,
-    upstream: UUID | None = None,
     vm: str | None = None,
     hypervisor: str | None = None,
 ) -> TaskRun:
     """A task run as the capture flow creates it: its step and its VM as tags."""
-    inputs: dict[str, list[Any]] = {}
-    if upstream is not None:
-        inputs["record"] = [TaskRunResult(id=upstream)]
     step = STEPS.get(task)
     tags = [step_tag(step)] if step else []
     if vm is not None:
@@ -200,7 +196,7 @@ def task_run(
         task_key=f"{task.replace('-', '_')}-3242fc41",
         dynamic_key=str(uuid4()),
         state=state,
-        task_inputs=inputs,
+        task_inputs={},
         tags=tags,
         created=T + timedelta(milliseconds=n),
     )
@@ -225,21 +221,11 @@ def progress(
 
 
 def chain(
-    capture: State[Any],
-    offload: State[Any] | None,
-    record: State[Any] | None,
-    n: int,
-    vm: str | None = None,
-    hypervisor: str | None = None,
+    capture: State[Any], n: int, vm: str | None = None, hypervisor: str | None = None
 ) -> tuple[TaskRun, list[TaskRun]]:
+    """A VM's capture task run: its whole chain (capture, offload, record)."""
     cap = task_run("capture-vm", capture, n=n, vm=vm, hypervisor=hypervisor)
-    out = [cap]
-    if offload is not None:
-        off = task_run("offload-dump", offload, n=n + 100, upstream=cap.id, vm=vm)
-        out.append(off)
-        if record is not None:
-            out.append(task_run("record-dump", record, n=n + 200, upstream=off.id, vm=vm))
-    return cap, out
+    return cap, [cap]
 
 
 def test_before_the_task_runs_exist() -> None:
@@ -253,18 +239,15 @@ def test_before_the_task_runs_exist() -> None:
 
 
 def test_streaming_waiting_and_failed_are_told_apart() -> None:
-    pending = states.Pending()
     listed = task_run("list-targets", states.Completed(), n=0)
     # Created in this order; each names its VM in its tags.
-    c1, r1 = chain(states.Running(), pending, pending, n=1, vm="vm-web-01")  # waits for a slot
-    c2, r2 = chain(states.Running(), pending, pending, n=2, vm="vm-db-01")  # streams
+    c1, r1 = chain(states.Running(), n=1, vm="vm-web-01")  # waits for a capture slot
+    c2, r2 = chain(states.Running(), n=2, vm="vm-db-01")  # streams: has the artifact
     c3, r3 = chain(
         states.Failed(
             message="Task run encountered an exception VMNotFoundError: "
             "no VM 'nope-01' on any hypervisor"
         ),
-        states.Pending(name="NotReady"),
-        states.Pending(name="NotReady"),
         n=3,
         vm="nope-01",
     )
@@ -282,18 +265,28 @@ def test_streaming_waiting_and_failed_are_told_apart() -> None:
     )
 
 
-def test_a_vm_is_done_when_its_offload_and_record_are() -> None:
-    ok = states.Completed()
-    cap_a, a = chain(ok, ok, ok, n=1, vm="a")
-    cap_b, b = chain(ok, states.Running(), states.Pending(), n=2, vm="b")
+def test_a_vm_is_done_when_its_whole_chain_is() -> None:
+    # One task run per VM runs capture, offload and record (memdump.chain): streamed to
+    # 100 % and still running is the offload or the record; a failure after the capture
+    # says which step failed.
+    cap_a, a = chain(states.Completed(), n=1, vm="a")
+    cap_b, b = chain(states.Running(), n=2, vm="b")
     cap_c, c = chain(
-        ok,
-        states.Failed(message="Task run encountered an exception S3Error: denied"),
-        states.Pending(name="NotReady"),
+        states.Failed(
+            message="Task run encountered an exception OffloadFailedError: "
+            "offload failed (local file kept): denied"
+        ),
         n=3,
         vm="c",
     )
-    cap_d, d = chain(ok, ok, states.Failed(message="disk I/O error"), n=4, vm="d")
+    cap_d, d = chain(
+        states.Failed(
+            message="Task run encountered an exception RecordNotWrittenError: "
+            "record not written: disk I/O error"
+        ),
+        n=4,
+        vm="d",
+    )
     caps = {"a": cap_a, "b": cap_b, "c": cap_c, "d": cap_d}
     arts = [progress(cap, vm, 100.0) for vm, cap in caps.items()]
     got = vm_detail(["a", "b", "c", "d"], False, [*a, *b, *c, *d], arts)
@@ -307,12 +300,12 @@ def test_a_vm_is_done_when_its_offload_and_record_are() -> None:
 
 def test_timeout_retry_and_crash() -> None:
     cap_t, t = chain(
-        states.Failed(name="TimedOut", message="vm-a: past the deadline"), None, None, 1, "vm-a"
+        states.Failed(name="TimedOut", message="vm-a: past the deadline"), n=1, vm="vm-a"
     )
     # Retrying: the artifact is from the attempt before, so no progress is claimed yet.
     retry_at = T + timedelta(seconds=5)
-    cap_r, r = chain(_state(states.Retrying, retry_at), None, None, n=2, vm="vm-b")
-    cap_w, w = chain(states.AwaitingRetry(), None, None, n=3, vm="vm-c")
+    cap_r, r = chain(_state(states.Retrying, retry_at), n=2, vm="vm-b")
+    cap_w, w = chain(states.AwaitingRetry(), n=3, vm="vm-c")
     arts = [
         progress(cap_t, "vm-a", 60.0),
         progress(cap_r, "vm-b", 80.0),
@@ -327,16 +320,16 @@ def test_timeout_retry_and_crash() -> None:
     # The flow run ended (crashed, cancelled) while VMs were still going: not "running".
     got = vm_detail(["vm-b", "vm-c"], True, [*r, *w], arts)
     assert [(v.vm_id, v.state) for v in got] == [("vm-b", "error"), ("vm-c", "error")]
-    crashed, cr = chain(states.Crashed(message="process killed"), None, None, n=4, vm="x")
+    crashed, cr = chain(states.Crashed(message="process killed"), n=4, vm="x")
     assert vm_detail(["x"], True, cr, []) == (VMRun("x", "error", None, "process killed"),)
 
 
 def test_all_trigger_names_vms_from_their_tags() -> None:
     # A VM of "all" is named by its tags from the start (before, only once its progress
     # artifact existed: a VM waiting for a capture slot had no id yet).
-    c1, r1 = chain(states.Running(), None, None, n=1, vm="DB_X", hypervisor="lab")
-    c2, r2 = chain(states.Running(), None, None, n=2, vm="vm-web-01", hypervisor="lab")
-    c3, r3 = chain(states.Pending(), None, None, n=3, vm="vm-app-01", hypervisor="lab")
+    c1, r1 = chain(states.Running(), n=1, vm="DB_X", hypervisor="lab")
+    c2, r2 = chain(states.Running(), n=2, vm="vm-web-01", hypervisor="lab")
+    c3, r3 = chain(states.Pending(), n=3, vm="vm-app-01", hypervisor="lab")
     arts = [progress(c2, "vm-web-01", 10.0), progress(c1, "db-x", 99.0, name="DB_X")]
     got = vm_detail(["all"], False, [*r1, *r2, *r3], arts)
     # In creation order.
@@ -420,7 +413,7 @@ def test_latest_costs_two_extra_queries_and_none_once_finished(
 ) -> None:
     import prefect
 
-    cap, r = chain(states.Running(), states.Pending(), states.Pending(), n=1, vm="vm-a")
+    cap, r = chain(states.Running(), n=1, vm="vm-a")
     fake = FakePrefect(_flow_run(states.Running(), ["vm-a"]), r, [progress(cap, "vm-a", 50.0)])
     monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
     runs = PrefectRuns("capture-vms", "on-demand")
@@ -468,8 +461,6 @@ def test_many_task_runs_are_paged(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_error_text_is_without_prefect_boilerplate() -> None:
     cap, r = chain(
         states.Failed(message="Task run encountered an exception SSHError: host key mismatch"),
-        None,
-        None,
         n=1,
         vm="vm-a",
     )
@@ -479,7 +470,7 @@ def test_error_text_is_without_prefect_boilerplate() -> None:
 
 def test_a_vm_whose_task_run_does_not_exist_yet_is_listed() -> None:
     # Mapped task runs are created one by one: a poll can see the first before the second.
-    cap, runs = chain(states.Running(), states.Pending(), states.Pending(), n=1, vm="vm-web-01")
+    cap, runs = chain(states.Running(), n=1, vm="vm-web-01")
     got = vm_detail(["vm-web-01", "vm-db-01"], False, runs, [])
     assert got == (
         VMRun("vm-web-01", "pending", None, None),

@@ -65,14 +65,19 @@ def _records(stack: Stack, vm: str) -> list[dict[str, Any]]:
 def test_ssh_session_killed_mid_stream_is_retried(
     flow_on_stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.capture as task_module
+    import memdump.chain as task_module
     from flows.capture import capture_vms
 
     vm, real_capture = "vm-db-01", task_module.capture
     attempts: list[int] = []
 
     def capture_with_a_cut(
-        driver: Any, ref: Any, settings: Any, progress: Any = None, trigger: Any = None
+        driver: Any,
+        ref: Any,
+        settings: Any,
+        progress: Any = None,
+        trigger: Any = None,
+        mode: Any = None,
     ) -> Any:
         attempts.append(1)
 
@@ -82,7 +87,7 @@ def test_ssh_session_killed_mid_stream_is_retried(
             if progress:
                 progress(done, total)
 
-        return real_capture(driver, ref, settings, progress=hook, trigger=trigger)
+        return real_capture(driver, ref, settings, progress=hook, trigger=trigger, mode=mode)
 
     killed: list[tuple[int, bool]] = []
     monkeypatch.setattr(task_module, "capture", capture_with_a_cut)
@@ -112,7 +117,7 @@ def test_ssh_session_killed_mid_stream_is_retried(
 def test_hypervisor_with_sshd_stopped_fails_after_bounded_retries(
     flow_on_stack: Stack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import tasks.capture as task_module
+    import memdump.chain as task_module
     from flows.capture import capture_vms
     from tests.helpers.stack import free_port
 

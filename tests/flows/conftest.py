@@ -56,7 +56,8 @@ def _record(vmid: str, tmp: Path) -> DumpRecord:
 
 @pytest.fixture
 def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
-    """Replaces find/capture in the task module; behaviour per VM id via ``plan``."""
+    """Replaces find/capture in the engine's chain (memdump.chain); behaviour per VM id via
+    ``plan``."""
     monkeypatch.setenv("MEMDUMP_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("MEMDUMP_HYPERVISORS", '[{"name": "fakehv", "transport": "local"}]')
     monkeypatch.setenv("MEMDUMP_ORCHESTRATION__CAPTURE_RETRY_DELAY_SEC", "0")
@@ -71,7 +72,12 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
         return FakeDriver(), VMRef("fakehv", vm_id, vm_id)
 
     def capture(
-        driver: Any, ref: VMRef, settings: Any, progress: Any = None, trigger: Any = None
+        driver: Any,
+        ref: VMRef,
+        settings: Any,
+        progress: Any = None,
+        trigger: Any = None,
+        mode: Any = None,
     ) -> Capture:
         calls[ref.vmid] = calls.get(ref.vmid, 0) + 1
         triggers.append(trigger)
@@ -85,9 +91,9 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
             progress(total, total)
         return Capture(_record(ref.vmid, tmp_path), None, None, {})  # type: ignore[arg-type]
 
-    monkeypatch.setattr("tasks.capture.find", find)
-    monkeypatch.setattr("tasks.capture.capture", capture)
-    monkeypatch.setattr("tasks.capture.open_driver", lambda hv, ssh: FakeDriver())
+    monkeypatch.setattr("memdump.chain.find", find)
+    monkeypatch.setattr("memdump.chain.capture", capture)
+    monkeypatch.setattr("memdump.chain.open_driver", lambda hv, ssh: FakeDriver())
     return {
         "calls": calls,
         "plan": plan,

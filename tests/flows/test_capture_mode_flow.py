@@ -34,8 +34,8 @@ def live_inventory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     def find(_drivers: list[Any], vm_id: str) -> tuple[Any, VMRef]:
         return drivers[vm_id], VMRef("hv", vm_id, vm_id)
 
-    monkeypatch.setattr("tasks.capture.open_driver", lambda hv, ssh: LiveDriver())
-    monkeypatch.setattr("tasks.capture.find", find)
+    monkeypatch.setattr("memdump.chain.open_driver", lambda hv, ssh: LiveDriver())
+    monkeypatch.setattr("memdump.chain.find", find)
     return tmp_path
 
 

@@ -1,22 +1,20 @@
-"""offload_dump records every location of a dump (issue 11, item 3): the S3 URI and
-VersionId beside the local copy, and with keep_local off the local copy is cleared (a
-real moto server, the task run under Prefect's test harness)."""
+"""The chain's offload records every location of a dump (issue 11, item 3): the S3 URI
+and VersionId beside the local copy, and with keep_local off the local copy is cleared
+(a real moto server; memdump.chain.offload, which the capture task runs)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import boto3
 import pytest
 
 from memdump.manifest import manifest_path
 from tests.helpers.dumps import stored
-from tests.helpers.moto import running_moto
+from tests.helpers.moto import new_bucket, running_moto
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +31,11 @@ def test_offload_records_every_location(
     keep_local: bool,
     versioned: bool,
 ) -> None:
-    from tasks.capture import offload_dump
+    from memdump.chain import offload
+    from memdump.locations import Location
+    from memdump.settings import Settings
 
-    bucket = f"loc-{uuid.uuid4().hex[:12]}"
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto_url,
-        region_name="us-east-1",
-        aws_access_key_id="t",
-        aws_secret_access_key="t",
-    )
-    client.create_bucket(Bucket=bucket)
+    client, bucket = new_bucket(moto_url, "loc")
     if versioned:
         client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     for k, v in {
@@ -63,10 +55,11 @@ def test_offload_records_every_location(
         manifest_sha256=hashlib.sha256(mpath.read_bytes()).hexdigest(),
     )
 
-    out = offload_dump(rec)
+    out, where = offload(rec, Settings())
 
     uri = f"s3://{bucket}/memdump/{path.name}"
     assert out.s3_uri == uri
+    assert where == Location("s3", uri, version_id=out.s3_version_id)
     head = client.head_object(Bucket=bucket, Key=f"memdump/{path.name}")
     if versioned:
         assert out.s3_version_id and out.s3_version_id == head["VersionId"]

@@ -15,8 +15,6 @@ from memdump.runinfo import (
     CAPTURE_RUN_TASK,
     CAPTURE_TASK,
     LIST_TASK,
-    OFFLOAD_TASK,
-    RECORD_TASK,
     step_tag,
 )
 
@@ -48,7 +46,7 @@ def test_status_detail_is_read_from_tags_and_metadata(fake_engine: dict[str, Any
         task_runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
         )
-        assert len(task_runs) == 12  # capture, offload, record per VM
+        assert len(task_runs) == 4  # one per VM: its whole chain
         for i, tr in enumerate(task_runs):
             client.set_task_run_name(tr.id, f"renamed-{i}")
         arts = client.read_artifacts(
@@ -73,15 +71,13 @@ def test_tasks_declare_their_step_and_the_api_names_none() -> None:
     """/status finds each step by the tag its task declares, so renaming a task (or its
     runs) cannot silently break it; the API holds no task or flow name of its own."""
     from flows.capture import capture_one_vm, capture_vms
-    from tasks.capture import capture_vm, offload_dump, record_dump
+    from tasks.capture import capture_vm
     from tasks.fanout import run_capture_flow
     from tasks.listing import list_vms
 
     for task, name, step in (
         (capture_vm, CAPTURE_TASK, "capture"),
         (run_capture_flow, CAPTURE_RUN_TASK, "capture"),
-        (offload_dump, OFFLOAD_TASK, "offload"),
-        (record_dump, RECORD_TASK, "record"),
         (list_vms, LIST_TASK, "list"),
     ):
         assert task.name == name
@@ -89,7 +85,7 @@ def test_tasks_declare_their_step_and_the_api_names_none() -> None:
         assert step_tag(step) in task.with_options(name="renamed").tags  # type: ignore[arg-type]
     assert (capture_vms.name, capture_one_vm.name) == (CAPTURE_FLOW, CAPTURE_ONE_FLOW)
     api = Path(__file__).parents[2] / "api"
-    names = (CAPTURE_TASK, OFFLOAD_TASK, RECORD_TASK, LIST_TASK, "TimedOut", "capture-progress")
+    names = (CAPTURE_TASK, LIST_TASK, "TimedOut", "capture-progress", "capture-vms")
     for module in api.glob("*.py"):
         text = module.read_text()
         assert not [n for n in names if f'"{n}' in text], module

@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 START_TIMEOUT_SEC = 15.0
 
@@ -96,3 +97,21 @@ def running_moto() -> Iterator[str]:
     endpoint URL and stop that process at exit."""
     with running_moto_process() as (url, _):
         yield url
+
+
+def new_bucket(endpoint_url: str, prefix: str) -> tuple[Any, str]:
+    """A boto3 S3 client for the moto server and a new bucket of a unique name there."""
+    import uuid
+
+    import boto3
+
+    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="t",
+        aws_secret_access_key="t",
+    )
+    client.create_bucket(Bucket=bucket)
+    return client, bucket

@@ -180,6 +180,7 @@ def test_all_lists_every_running_vm(settings: Settings) -> None:
 def test_cli_capture(settings: Settings, lab_dir: Path, tmp_path: Path) -> None:
     env = dict(
         os.environ,
+        MEMDUMP_DATA_DIR=str(tmp_path / "data"),
         MEMDUMP_DUMP_DIR=str(tmp_path / "cli"),
         MEMDUMP_INVENTORY_FILE=str(lab_dir / "inventory.yaml"),
     )
@@ -193,5 +194,11 @@ def test_cli_capture(settings: Settings, lab_dir: Path, tmp_path: Path) -> None:
     assert proc.returncode == 1  # one VM failed
     rec = json.loads(proc.stdout.strip())
     assert rec["dom"] == "vm-db-01" and Path(rec["dump_path"]).is_file()
+    assert manifest_path(Path(rec["dump_path"])).is_file()
+    # Recorded like a trigger's capture (issue 13 item 2): the record store has it.
+    from memdump.records.sqlite import SQLiteRecordStore
+
+    (stored,) = SQLiteRecordStore(tmp_path / "data" / "records.db").list(10, 0)
+    assert stored["dump_path"] == rec["dump_path"] and stored["sha256"] == rec["sha256"]
     err = json.loads(proc.stderr.strip())
     assert err["error"] == "VMNotFoundError" and err["vm_id"] == "nope-01"

@@ -1,0 +1,169 @@
+"""The whole chain of one VM: capture (snapshot, dump, stream, analysis, manifest) ->
+offload to S3 (when configured) -> record (the store, else the outbox).
+
+One function, :func:`run_chain`, that the Prefect task, ``memdump capture`` and tests
+call alike (each finds the VM its own way; :func:`resolved` finds one id), so a capture
+from the CLI leaves exactly what a trigger leaves (file, manifest, record, object). The
+caller adds only what is its own: a concurrency slot held around the capture
+(``slot``), a progress sink (``progress``), retries of a retryable capture error.
+Nothing here retries a capture: once the dump exists, a later failure (offload, record)
+is never retryable as a whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from memdump.capture import Capture, Mode, capture
+from memdump.errors import MemdumpError, OffloadFailedError, RecordNotWrittenError
+from memdump.hypervisors import Driver, VMRef, open_driver
+from memdump.locations import Location
+from memdump.manifest import manifest_path
+from memdump.pipeline import ProgressFn
+from memdump.records import open_recorder
+from memdump.records.model import DumpRecord
+from memdump.records.outbox import OutboxState
+from memdump.settings import Settings
+from memdump.targets import find
+
+log = logging.getLogger("memdump.chain")
+
+Slot = Callable[[VMRef], AbstractContextManager[object]]
+ProgressFor = Callable[[VMRef], ProgressFn | None]
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    capture: Capture
+    record: DumpRecord  # as recorded: every location after the offload
+    offloaded: Location | None  # the S3 object, when S3 is configured
+    recorded: bool  # False: the record waits in the outbox (replayed later)
+    outbox: OutboxState | None = None  # its outbox when it waits there
+
+
+@contextmanager
+def resolved(
+    settings: Settings, vm_id: str, hypervisor: str | None = None
+) -> Iterator[tuple[Driver, VMRef]]:
+    """VM ``vm_id`` (a plain or ``hypervisor:id`` id; ``hypervisor``: look only there) on
+    the inventory, with its driver; the drivers opened to find it close at the end."""
+    hvs = [settings.hypervisor(hypervisor)] if hypervisor else settings.inventory
+    drivers = [open_driver(hv, settings.ssh) for hv in hvs]
+    try:
+        yield find(drivers, vm_id)
+    finally:
+        for d in drivers:
+            d.close()
+
+
+def run_chain(
+    driver: Driver,
+    ref: VMRef,
+    settings: Settings,
+    *,
+    trigger: Mapping[str, str] | None = None,
+    mode: Mode | None = None,
+    slot: Slot | None = None,
+    progress: ProgressFor | None = None,
+) -> ChainResult:
+    """Capture VM ``ref`` through ``driver``, then offload and record it. Raises the
+    capture's errors as they are (the caller may retry a retryable one: nothing is
+    kept), OffloadFailedError (the local file kept, no record) or RecordNotWrittenError
+    (not even the outbox took it)."""
+    with slot(ref) if slot is not None else nullcontext():
+        log.info("capturing %s on %s", ref.name, ref.hypervisor)
+        captured = capture(
+            driver,
+            ref,
+            settings,
+            progress=progress(ref) if progress is not None else None,
+            trigger=trigger,
+            mode=mode,
+        )
+    record, obj = offload(captured.record, settings)
+    recorded, outbox = record_dump(record, settings)
+    return ChainResult(captured, record, obj, recorded, outbox)
+
+
+def offload(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, Location | None]:
+    """Upload the finished .mem.gz and its manifest to S3 (when configured) and verify
+    them there, retrying a retryable S3 error ``offload_retries`` times. The local file
+    is removed only after a verified upload and only if ``keep_local`` is off; then the
+    record's dump_path is the s3:// URI. The record carries every location: the S3 URI
+    and VersionId, and the local copy (cleared when it is removed here). A failed
+    upload keeps the local file: OffloadFailedError, so no record ever claims an object
+    that does not exist."""
+    if settings.s3 is None:
+        return record, None
+    attempts = settings.offload_retries + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return _offload_once(record, settings)
+        except Exception as exc:
+            retryable = isinstance(exc, MemdumpError) and exc.retryable
+            if not retryable or attempt == attempts:
+                raise OffloadFailedError(
+                    f"offload failed (local file kept): {exc}",
+                    vm_id=record.vmid,
+                    path=record.dump_path,
+                    cause=type(exc).__name__,
+                ) from exc
+            log.warning(
+                "offload of %s failed (attempt %d of %d), retrying: %s",
+                record.vmid,
+                attempt,
+                attempts,
+                exc,
+            )
+            time.sleep(settings.capture_retry_delay_sec)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+def _offload_once(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, Location]:
+    from memdump.storage import S3Store
+
+    s3 = settings.s3
+    assert s3 is not None  # noqa: S101 - offload() returned before otherwise
+    store = S3Store(s3)
+    dump = Path(record.dump_path)
+    obj = store.upload(dump, gz_sha256=record.gz_sha256, size=record.gzip_size_bytes)
+    # The manifest goes beside the object (same key, .manifest.json), verified the same way.
+    mpath = manifest_path(dump)
+    if record.manifest_sha256:
+        store.upload(mpath, gz_sha256=record.manifest_sha256, size=mpath.stat().st_size)
+    where = Location("s3", obj.uri, version_id=obj.version_id or "")
+    log.info("offloaded %s to %s (%d bytes)", record.vmid, obj.uri, obj.size)
+    located = dataclasses.replace(record, s3_uri=where.where, s3_version_id=where.version_id)
+    if s3.keep_local:
+        return located, where
+    dump.unlink()
+    mpath.unlink(missing_ok=True)
+    return dataclasses.replace(located, dump_path=where.where, local_path="", collector=""), where
+
+
+def record_dump(record: DumpRecord, settings: Settings) -> tuple[bool, OutboxState | None]:
+    """Write the record; if the store cannot take it, it waits in the outbox (replayed by
+    the runner and by later runs): (True, None) if stored,
+    (False, the outbox's state) if queued. The capture is complete either way."""
+    recorder = open_recorder(settings)
+    try:
+        if recorder.record(record):
+            return True, None
+    except Exception as exc:
+        raise RecordNotWrittenError(
+            f"record not written: {exc}", vm_id=record.vmid, path=record.dump_path
+        ) from exc
+    state = recorder.outbox.state()
+    log.warning(
+        "record store unavailable (%s): record of %s kept in the outbox (depth %d)",
+        state.last_error,
+        record.vmid,
+        state.depth,
+    )
+    return False, state

@@ -1,0 +1,114 @@
+"""A stored copy of a dump, wherever it lives (memdump.locations.Location: a local file
+or an S3 object), confined before it is opened: reading it (verify) and deleting it with
+its manifest (retention) are written once here, not once per caller and kind."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from memdump.errors import ObjectNotFoundError
+from memdump.locations import Location
+from memdump.manifest import manifest_key, manifest_path
+from memdump.settings import Settings
+
+if TYPE_CHECKING:
+    from memdump.storage import S3Store
+
+CHUNK = 4 << 20
+
+
+class StoredDump(Protocol):
+    @property
+    def location(self) -> Location: ...
+
+    def exists(self) -> bool: ...
+
+    def chunks(self) -> Iterable[bytes]:
+        """The stored (.gz) bytes; FileNotFoundError or ObjectNotFoundError if gone."""
+        ...
+
+    def manifest(self, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of its manifest (None if there is none)."""
+        ...
+
+    def delete(self) -> bool:
+        """Delete this copy and its manifest; whether the dump was there."""
+        ...
+
+
+def open_stored(location: Location, settings: Settings) -> StoredDump:
+    """``location`` confined to the dump directory or the S3 prefix (LocationError
+    otherwise, before anything is touched)."""
+    if location.kind == "s3":
+        key = location.key(settings.s3)
+        from memdump.storage import S3Store
+
+        assert settings.s3 is not None  # noqa: S101 - key() refused it otherwise
+        return S3Dump(location, S3Store(settings.s3), key)
+    return LocalDump(location, location.path(settings.dump_dir))
+
+
+@dataclass(frozen=True)
+class LocalDump:
+    location: Location
+    path: Path
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def chunks(self) -> Iterator[bytes]:
+        with open(self.path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+
+    def manifest(self, limit: int) -> bytes | None:
+        try:
+            with manifest_path(self.path).open("rb") as f:
+                return f.read(limit)
+        except FileNotFoundError:
+            return None
+
+    def delete(self) -> bool:
+        existed = self.path.exists()
+        self.path.unlink(missing_ok=True)
+        manifest_path(self.path).unlink(missing_ok=True)
+        return existed
+
+
+@dataclass(frozen=True)
+class S3Dump:
+    location: Location
+    store: S3Store
+    key: str
+
+    def exists(self) -> bool:
+        return self.store.exists(self.key)
+
+    def chunks(self) -> Iterable[bytes]:
+        return self.store.open_stream(self.key, chunk_size=CHUNK)
+
+    def manifest(self, limit: int) -> bytes | None:
+        buf = bytearray()
+        try:
+            for chunk in self.store.open_stream(manifest_key(self.key)):
+                buf += chunk[: limit - len(buf)]
+                if len(buf) >= limit:
+                    break
+        except ObjectNotFoundError:
+            return None
+        return bytes(buf)
+
+    def delete(self) -> bool:
+        existed = self.store.exists(self.key)
+        # The version this capture wrote (versioned bucket), else the key itself.
+        version = self.location.version_id or None
+        self.store.delete(self.key, version_id=version)
+        mkey = manifest_key(self.key)
+        # On a versioned bucket the manifest's version goes too, not just behind a delete
+        # marker: it was written with If-None-Match, so the version there is this dump's.
+        mversion = self.store.current_version(mkey) if version else None
+        self.store.delete(mkey, version_id=mversion)
+        return existed
