@@ -561,6 +561,8 @@ def run_memdump(
     env = {
         **os.environ,
         "MEMDUMP_DUMP_DIR": str(dump_dir),
+        # memdump capture records its dumps (as a trigger does): into the bench's own store.
+        "MEMDUMP_DATA_DIR": str(work / "data"),
         "MEMDUMP_BENCH_HWM_FILE": str(hwm_path),
         "MEMDUMP_STAGING": "file" if method == "memdump-file" else "fifo",
     }
