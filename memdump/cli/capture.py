@@ -13,8 +13,9 @@ from memdump.cli.inventory import open_drivers
 from memdump.errors import MemdumpError
 from memdump.escaping import plain_text
 from memdump.hypervisors import Driver, VMRef
+from memdump.runinfo import ALL, unlisted_id
 from memdump.settings import Settings
-from memdump.targets import ALL, find, list_each
+from memdump.targets import find, list_each
 
 
 def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
             if vm_id == ALL:  # each hypervisor on its own: one failing fails its VMs only
                 for d, listing in zip(drivers, list_each(drivers), strict=True):
                     if listing.error is not None:
-                        report_failure(f"{listing.hypervisor}:{ALL}", listing.error)
+                        report_failure(unlisted_id(listing.hypervisor), listing.error)
                     targets.extend((d, ref) for ref in listing.vms)
             else:
                 targets.append(find(drivers, vm_id))
