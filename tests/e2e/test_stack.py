@@ -98,7 +98,9 @@ def test_deployments_and_limits_exist(stack: Stack) -> None:
         assert [s.schedule.cron for s in weekly.schedules] == ["0 2 * * 1"]  # type: ignore[union-attr]
         client.read_deployment_by_name("capture-vms/on-demand")
         verify = client.read_deployment_by_name("verify-dumps/verify-weekly")
-        assert verify.parameters == {"days": 7.0}
+        # No days: the flow reads MEMDUMP_VERIFY__DAYS when it runs (deployments/catalog.py).
+        assert verify.parameters == {}
+        assert all(s.schedule.timezone == "UTC" for s in [*weekly.schedules, *verify.schedules])  # type: ignore[union-attr]
         assert [s.schedule.cron for s in verify.schedules] == ["0 4 * * 0"]  # type: ignore[union-attr]
         keep = client.read_deployment_by_name("apply-retention/retention-daily")
         assert [s.schedule.cron for s in keep.schedules] == ["30 3 * * *"]  # type: ignore[union-attr]
