@@ -98,13 +98,15 @@ def create_app(
     app.state.settings = settings
     app.state.store = store or open_store(settings)
     app.state.outbox = Outbox(settings.outbox_db)
-    app.state.runs = runs or PrefectRuns(settings.flow_name, settings.deployment)
-    app.state.latest_run = LatestRunCache(app.state.runs, settings.status_cache_sec)
+    app.state.runs = runs or PrefectRuns(
+        settings.orchestration.flow_name, settings.orchestration.deployment
+    )
+    app.state.latest_run = LatestRunCache(app.state.runs, settings.api.status_cache_sec)
 
-    app.state.verify_jobs = VerifyJobs(settings.verify_max_concurrent, settings.verify_jobs_kept)
-    token = settings.api_token.get_secret_value().encode() if settings.api_token else None
+    app.state.verify_jobs = VerifyJobs(settings.verify.max_concurrent, settings.verify.jobs_kept)
+    token = settings.api.token.get_secret_value().encode() if settings.api.token else None
     allowed_hosts = settings.allowed_api_hosts()
-    anonymous_anywhere = settings.api_allow_anonymous
+    anonymous_anywhere = settings.api.allow_anonymous
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
@@ -169,13 +171,13 @@ def create_app(
             schemas = spec.get("components", {}).get("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
-            document_limits(spec, settings.records_max_limit)
+            document_limits(spec, settings.api.records_max_limit)
             app.openapi_schema = spec
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     # Outermost: an oversized body is refused before anything reads it.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api.max_body_bytes)
     return app
 
 

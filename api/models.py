@@ -201,7 +201,7 @@ class VerifyRequest(BaseModel):
                 description="true: answer with the result (200) however long it takes;"
                 " false: start a background job and answer 202 at once; omitted: a"
                 " background job only when the .gz is larger than"
-                " MEMDUMP_VERIFY_BACKGROUND_BYTES"
+                " MEMDUMP_VERIFY__BACKGROUND_BYTES"
             ),
         ]
         | SkipJsonSchema[None]

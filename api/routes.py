@@ -93,10 +93,10 @@ def trigger(
 ) -> TriggerResponse:
     if not body.vm_ids:
         raise HTTPException(400, "No VM IDs specified")
-    if len(body.vm_ids) > settings.trigger_max_vms:
+    if len(body.vm_ids) > settings.api.trigger_max_vms:
         raise HTTPException(
             400,
-            f"Too many VM IDs: {len(body.vm_ids)} (at most {settings.trigger_max_vms}"
+            f"Too many VM IDs: {len(body.vm_ids)} (at most {settings.api.trigger_max_vms}"
             ' per trigger; "all" captures every VM of the inventory)',
         )
     vm_ids = list(dict.fromkeys(body.vm_ids))  # a VM asked for twice is dumped once
@@ -106,7 +106,7 @@ def trigger(
                 split_qualified(vm_id)
             except MemdumpError as exc:
                 raise HTTPException(400, str(exc)) from None
-    interval = settings.trigger_min_interval_sec
+    interval = settings.api.trigger_min_interval_sec
     if interval <= 0:  # limit off
         _schedule(runs, vm_ids, latest, None)
     else:
@@ -195,8 +195,8 @@ def records(
     dom: Annotated[str | None, Query(max_length=128, json_schema_extra=_ID_SCHEMA)] = None,
     format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
 ) -> Any:
-    if limit > settings.records_max_limit:
-        raise HTTPException(400, f"limit must be at most {settings.records_max_limit}")
+    if limit > settings.api.records_max_limit:
+        raise HTTPException(400, f"limit must be at most {settings.api.records_max_limit}")
     for name, value in (("vmid", vmid), ("dom", dom)):
         if value is not None:
             try:
@@ -412,7 +412,7 @@ def verify_dump(
     row = rows[0]
     size = row.get("gzip_size_bytes")
     background = body.wait is False or (
-        body.wait is None and isinstance(size, int) and size > settings.verify_background_bytes
+        body.wait is None and isinstance(size, int) and size > settings.verify.background_bytes
     )
     if background:
         try:

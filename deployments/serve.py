@@ -35,7 +35,7 @@ def replay_outbox(settings: Settings) -> None:
                 log.warning("outbox: %d record(s) still waiting: %s", left, recorder.last_error)
         except Exception:  # keep the runner alive; the next round retries
             log.exception("outbox replay failed")
-        time.sleep(settings.outbox_replay_sec)
+        time.sleep(settings.orchestration.outbox_replay_sec)
 
 
 def exit_with_parent(parent: int) -> None:
@@ -74,11 +74,15 @@ def main() -> None:
         ).start()
     settings = Settings()
     # What a worker killed mid-dump left (a .part, a FIFO on the hypervisor) goes first.
-    clean_leftovers(settings, settings.cleanup_min_age_sec)
+    clean_leftovers(settings, settings.orchestration.cleanup_min_age_sec)
     ensure_limits(settings, reset_slots=args.reset_slots)
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
     try:
-        serve(*runner_deployments(settings), query_seconds=settings.runner_poll_sec, limit=None)
+        serve(
+            *runner_deployments(settings),
+            query_seconds=settings.orchestration.runner_poll_sec,
+            limit=None,
+        )
     finally:
         # Flow runs Prefect could not cancel on the way out (it reads each run from the
         # server first: with the server gone too, as when `memdump serve` is SIGKILLed

@@ -120,13 +120,13 @@ def prefect_env(settings: Settings) -> tuple[dict[str, str], bool]:
     env = dict(os.environ)
     env.setdefault("DO_NOT_TRACK", "1")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(settings.runner_poll_sec))
+    env.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", str(settings.orchestration.runner_poll_sec))
     if env.get("PREFECT_API_URL"):
         return env, False
     home = private_dir(settings.data_dir / "prefect").resolve()
     env["PREFECT_HOME"] = str(home)
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home}/prefect.db"
-    env["PREFECT_API_URL"] = f"http://127.0.0.1:{settings.prefect_port}/api"
+    env["PREFECT_API_URL"] = f"http://127.0.0.1:{settings.orchestration.prefect_port}/api"
     # Even on loopback the server needs a credential: any local user reaching the port
     # could edit a deployment (its pull steps run commands) or start retention. One
     # given by the operator wins; else ours, kept under the data dir.
@@ -148,11 +148,11 @@ def serve(settings: Settings) -> int:
     if own_server:
         check_port_free(
             "127.0.0.1",
-            settings.prefect_port,
+            settings.orchestration.prefect_port,
             "Prefect server",
             "MEMDUMP_ORCHESTRATION__PREFECT_PORT",
         )
-    check_port_free(settings.api_host, settings.api_port, "API", "MEMDUMP_API__PORT")
+    check_port_free(settings.api.host, settings.api.port, "API", "MEMDUMP_API__PORT")
     become_subreaper()
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stop = False
@@ -185,7 +185,7 @@ def serve(settings: Settings) -> int:
                     "--host",
                     "127.0.0.1",
                     "--port",
-                    str(settings.prefect_port),
+                    str(settings.orchestration.prefect_port),
                 ],
             )
             _wait_url(env["PREFECT_API_URL"] + "/health", server, "Prefect server", 120)
@@ -198,8 +198,9 @@ def serve(settings: Settings) -> int:
         # The API starts once this runner polls the deployment it triggers: the deployment
         # exists (a trigger never fails) and the runner's start-up clean-up of what a killed
         # capture left is done (a deployment kept from an earlier run would not say that).
+        orch = settings.orchestration
         deployment_url = (
-            f"{env['PREFECT_API_URL']}/deployments/name/{settings.flow_name}/{settings.deployment}"
+            f"{env['PREFECT_API_URL']}/deployments/name/{orch.flow_name}/{orch.deployment}"
         )
         _wait_url(
             deployment_url,
@@ -217,19 +218,19 @@ def serve(settings: Settings) -> int:
                 "uvicorn",
                 "api.main:app",
                 "--host",
-                settings.api_host,
+                settings.api.host,
                 "--port",
-                str(settings.api_port),
+                str(settings.api.port),
             ],
             # A paused guest is someone's downtime: on a shared machine its dump gets the
             # CPU before the API's readers do.
-            nice=settings.api_nice,
+            nice=settings.api.nice,
         )
         ui = env["PREFECT_API_URL"][:-4]
         if own_server:
             ui += f" (user:password in {Path(env['PREFECT_HOME']) / AUTH_FILE})"
         print(
-            f"memdump serve: API on http://{settings.api_host}:{settings.api_port}"
+            f"memdump serve: API on http://{settings.api.host}:{settings.api.port}"
             f"/api/memory-dumps, Prefect UI at {ui}",
             flush=True,
         )

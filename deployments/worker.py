@@ -36,11 +36,11 @@ def main() -> int:
     args = parser.parse_args()
     private_umask()  # records, outbox, dumps: 0600 in 0700 dirs (flow runs inherit it)
     settings = Settings()
-    clean_leftovers(settings, settings.cleanup_min_age_sec)
+    clean_leftovers(settings, settings.orchestration.cleanup_min_age_sec)
     ensure_limits(settings)
-    ensure_crash_automation(settings.heartbeat_sec)
+    ensure_crash_automation(settings.orchestration.heartbeat_sec)
     # Inherited by the flow runs this worker starts: their heartbeats feed the automation.
-    os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.heartbeat_sec)
+    os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.orchestration.heartbeat_sec)
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
     prefect = shutil.which("prefect", path=os.path.dirname(sys.executable)) or "prefect"
     argv = [prefect, "worker", "start", "--pool", args.pool, "--type", "process"]

@@ -43,8 +43,8 @@ def list_targets(
     if ALL in vm_ids:
         names = [hv.name for hv in settings.inventory]
         lister = list_vms.with_options(
-            retries=settings.capture_retries,
-            retry_delay_seconds=settings.capture_retry_delay_sec,
+            retries=settings.orchestration.capture_retries,
+            retry_delay_seconds=settings.orchestration.capture_retry_delay_sec,
         )
         futures = []
         for name in names:
@@ -140,7 +140,8 @@ def _submit(
     """One capture task run per VM (its whole chain, memdump.chain), each tagged with its
     VM (memdump.runinfo.vm_tags: /status reads which VM a run is for from there)."""
     capture = capture_vm.with_options(
-        retries=settings.capture_retries, retry_delay_seconds=settings.capture_retry_delay_sec
+        retries=settings.orchestration.capture_retries,
+        retry_delay_seconds=settings.orchestration.capture_retry_delay_sec,
     )
     futures = []
     for vm_id, hypervisor in targets:
@@ -160,7 +161,7 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
         targets, unlisted = list_targets(settings, vm_ids)
     except MemdumpError as exc:
         return Failed(message=f"cannot list VMs: {exc}")
-    if settings.fanout == "deployments":
+    if settings.orchestration.fanout == "deployments":
         return _fan_out(targets, source, unlisted)
     futures = _submit(settings, targets, source)
     wait(futures)

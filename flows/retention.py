@@ -20,7 +20,7 @@ from memdump.settings import Settings
 def apply_retention(
     days: float | None = None, keep_last: int | None = None, dry_run: bool = False
 ) -> State[Any]:
-    """Parameters override MEMDUMP_RETENTION_DAYS / MEMDUMP_RETENTION_KEEP_LAST and are
+    """Parameters override MEMDUMP_RETENTION__DAYS / MEMDUMP_RETENTION__KEEP_LAST and are
     held to the same bounds (days above 0, keep_last at least 1: anyone who may start a
     flow run must not be able to delete every dump). ``dry_run``: the artifact lists what
     would be deleted; nothing is."""

@@ -187,9 +187,9 @@ def _capture_once(
     analysis = (
         analyze(
             result.path,
-            samples=settings.analysis_samples,
-            banners=settings.analysis_banners,
-            work_dir=settings.analysis_work_dir,
+            samples=settings.analysis.samples,
+            banners=settings.analysis.banners,
+            work_dir=settings.analysis.work_dir,
         )
         if settings.analysis.enabled
         else None

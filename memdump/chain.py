@@ -101,7 +101,7 @@ def offload(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, Locatio
     that does not exist."""
     if settings.s3 is None:
         return record, None
-    attempts = settings.offload_retries + 1
+    attempts = settings.orchestration.offload_retries + 1
     for attempt in range(1, attempts + 1):
         try:
             return _offload_once(record, settings)
@@ -121,7 +121,7 @@ def offload(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, Locatio
                 attempts,
                 exc,
             )
-            time.sleep(settings.capture_retry_delay_sec)
+            time.sleep(settings.orchestration.capture_retry_delay_sec)
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 

@@ -98,7 +98,7 @@ def clean_leftovers(settings: Settings, min_age_sec: float = 60.0) -> Cleanup:
     An unreachable hypervisor is reported, not raised: a worker must still start.
     """
     out = Cleanup(local=clean_parts(settings.dump_dir, min_age_sec))
-    for work_dir in {settings.dump_dir, settings.analysis_work_dir or settings.dump_dir}:
+    for work_dir in {settings.dump_dir, settings.analysis.work_dir or settings.dump_dir}:
         out.local += clean_analysis_dirs(work_dir, min_age_sec)
     for part in out.local:
         log.warning("removed %s, left by a capture that never finished", part)

@@ -146,8 +146,8 @@ def apply(
     ``dry_run``: plan and report the same, delete and mark nothing."""
     now = now or datetime.now(UTC)
     check_bounds(days, keep_last)
-    days = settings.retention_days if days is None else days
-    keep_last = settings.retention_keep_last if keep_last is None else keep_last
+    days = settings.retention.days if days is None else days
+    keep_last = settings.retention.keep_last if keep_last is None else keep_last
     check_bounds(days, keep_last)
     report = Report(warn_bytes=settings.storage_warn_bytes, dry_run=dry_run)
     if days is not None or keep_last is not None:

@@ -93,7 +93,9 @@ def _slot(settings: Settings, ref: VMRef) -> Iterator[None]:
     """A slot of the global and the hypervisor's capture limit, held for the capture
     only (Prefect acquires several limits all-or-nothing)."""
     names = [GLOBAL_LIMIT, hypervisor_limit(ref.hypervisor)]
-    with concurrency(names, occupy=1, strict=True, lease_duration=settings.slot_lease_sec):
+    with concurrency(
+        names, occupy=1, strict=True, lease_duration=settings.orchestration.slot_lease_sec
+    ):
         yield
 
 

@@ -77,7 +77,7 @@ def run_capture_flow(
 
     settings = Settings()
     child = run_deployment(
-        name=settings.child_deployment,
+        name=settings.orchestration.child_deployment,
         parameters={"vm_id": vm_id, "hypervisor": hypervisor, "source": source},
         timeout=None,
         as_subflow=True,

@@ -23,9 +23,9 @@ def ensure_limits(settings: Settings, *, reset_slots: bool = False) -> list[str]
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
-    wanted = {GLOBAL_LIMIT: settings.max_concurrent_captures}
+    wanted = {GLOBAL_LIMIT: settings.orchestration.max_concurrent_captures}
     for hv in settings.inventory:
-        wanted[hypervisor_limit(hv.name)] = settings.max_captures_per_hypervisor
+        wanted[hypervisor_limit(hv.name)] = settings.orchestration.max_captures_per_hypervisor
     from prefect.exceptions import ObjectAlreadyExists
 
     with get_client(sync_client=True) as client:

@@ -26,11 +26,11 @@ def api_base(settings: Settings, given: str | None) -> str:
     if given:
         return given.rstrip("/")
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(  # noqa: S104
-        settings.api_host, settings.api_host
+        settings.api.host, settings.api.host
     )
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
-    return f"http://{host}:{settings.api_port}"
+    return f"http://{host}:{settings.api.port}"
 
 
 def _http(base_url: str, headers: dict[str, str], timeout: float) -> httpx.Client:
@@ -90,7 +90,7 @@ def api_command(command: ApiCommand) -> Callable[[Settings, argparse.Namespace],
     ApiError is printed, exit 1."""
 
     def handler(settings: Settings, args: argparse.Namespace) -> int:
-        token = settings.api_token.get_secret_value() if settings.api_token else None
+        token = settings.api.token.get_secret_value() if settings.api.token else None
         try:
             api = Api(api_base(settings, args.api), token, args.timeout)
             try:

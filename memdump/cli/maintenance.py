@@ -13,7 +13,7 @@ from memdump.settings import Settings
 def cmd_clean(settings: Settings, args: argparse.Namespace) -> int:
     from memdump.leftovers import clean_leftovers
 
-    min_age = settings.cleanup_min_age_sec if args.min_age is None else args.min_age
+    min_age = settings.orchestration.cleanup_min_age_sec if args.min_age is None else args.min_age
     out = clean_leftovers(settings, min_age)
     for path in out.local:
         print(f"removed\tlocal\t{path}")

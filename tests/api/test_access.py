@@ -42,7 +42,7 @@ def app(tmp_path: Path, runs: FakeRuns, **settings: object) -> TestClient:
 def test_token_required_everywhere_but_health(
     tmp_path: Path, method: str, path: str, auth: str | None
 ) -> None:
-    c = app(tmp_path, FakeRuns(), api_token="secret")
+    c = app(tmp_path, FakeRuns(), api={"token": "secret"})
     headers = {"authorization": auth} if auth else {}
     r = c.request(method, path, json={"vm_ids": ["101"]}, headers=headers)
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -52,7 +52,7 @@ def test_token_required_everywhere_but_health(
 
 def test_right_token_passes(tmp_path: Path) -> None:
     runs = FakeRuns()
-    c = app(tmp_path, runs, api_token="secret")
+    c = app(tmp_path, runs, api={"token": "secret"})
     r = c.post(
         f"{BASE}/trigger", json={"vm_ids": ["101"]}, headers={"authorization": "Bearer secret"}
     )
@@ -92,7 +92,7 @@ def test_trigger_after_the_interval_is_accepted(tmp_path: Path) -> None:
     assert app(tmp_path, runs).post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
     runs2 = FakeRuns()
     runs2.run = _last("COMPLETED", 1)
-    c = app(tmp_path, runs2, trigger_min_interval_sec=0)  # limit off
+    c = app(tmp_path, runs2, api={"trigger_min_interval_sec": 0})  # limit off
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
 
 

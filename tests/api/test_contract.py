@@ -52,7 +52,9 @@ def client(tmp_path: Path) -> tuple[TestClient, FakeRuns, SQLiteRecordStore]:
     runs, store = FakeRuns(), SQLiteRecordStore(tmp_path / "r.db")
     return (
         TestClient(
-            create_app(Settings(data_dir=tmp_path, status_cache_sec=0), store=store, runs=runs),
+            create_app(
+                Settings(data_dir=tmp_path, api={"status_cache_sec": 0}), store=store, runs=runs
+            ),
             base_url="http://localhost",
         ),
         runs,

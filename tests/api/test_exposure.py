@@ -40,7 +40,7 @@ def test_empty_token_is_a_settings_error(
     value: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     with pytest.raises(ValidationError, match="MEMDUMP_API__TOKEN is empty"):
-        Settings(data_dir=tmp_path, api_token=value)  # type: ignore[arg-type]
+        Settings(data_dir=tmp_path, api={"token": value})  # type: ignore[arg-type]
     monkeypatch.setenv("MEMDUMP_API__TOKEN", value)
     with pytest.raises(ValidationError, match="MEMDUMP_API__TOKEN is empty"):
         Settings(data_dir=tmp_path)
@@ -51,38 +51,38 @@ def test_empty_token_is_a_settings_error(
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.168.1.5", "api.internal"])  # noqa: S104
 def test_non_loopback_bind_without_token_is_refused(tmp_path: Path, host: str) -> None:
-    s = Settings(data_dir=tmp_path, api_host=host)
+    s = Settings(data_dir=tmp_path, api={"host": host})
     with pytest.raises(ConfigError, match="MEMDUMP_API__TOKEN") as err:
         s.check_api_exposure()
     assert err.value.fields["setting"] == "MEMDUMP_API__TOKEN"
     with pytest.raises(ConfigError, match="MEMDUMP_API__ALLOW_ANONYMOUS"):
         create_app(s, store=SQLiteRecordStore(tmp_path / "r.db"), runs=FakeRuns())
     # The same settings with a token, or the explicit override, start.
-    Settings(data_dir=tmp_path, api_host=host, api_token="t").check_api_exposure()  # type: ignore[arg-type]
-    Settings(data_dir=tmp_path, api_host=host, api_allow_anonymous=True).check_api_exposure()
+    Settings(data_dir=tmp_path, api={"host": host, "token": "t"}).check_api_exposure()  # type: ignore[arg-type]
+    Settings(data_dir=tmp_path, api={"host": host, "allow_anonymous": True}).check_api_exposure()
 
 
 @pytest.mark.parametrize(
     "host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "::ffff:127.0.0.1"]
 )
 def test_loopback_bind_without_token_is_fine(tmp_path: Path, host: str) -> None:
-    Settings(data_dir=tmp_path, api_host=host).check_api_exposure()
+    Settings(data_dir=tmp_path, api={"host": host}).check_api_exposure()
     # memdump serve may check the address it is about to give uvicorn.
     with pytest.raises(ConfigError):
-        Settings(data_dir=tmp_path, api_host=host).check_api_exposure("0.0.0.0")  # noqa: S104
+        Settings(data_dir=tmp_path, api={"host": host}).check_api_exposure("0.0.0.0")  # noqa: S104
 
 
 def test_request_on_a_non_loopback_socket_without_token_is_refused(tmp_path: Path) -> None:
     # `uvicorn api.main:app --host 0.0.0.0` by hand: the settings say 127.0.0.1, the
     # connection's local address (ASGI "server") says otherwise.
     hosts = ["10.0.0.5"]
-    c = _app(tmp_path, api_allowed_hosts=hosts)
+    c = _app(tmp_path, api={"allowed_hosts": hosts})
     c.base_url = c.base_url.copy_with(host="10.0.0.5")
     r = c.get(f"{BASE}/stats")
     assert r.status_code == 403 and "MEMDUMP_API__TOKEN" in r.json()["detail"]
     assert list(r.json()) == ["detail"]
-    for extra in ({"api_allow_anonymous": True}, {"api_token": "t"}):
-        c2 = _app(tmp_path, api_allowed_hosts=hosts, **extra)
+    for extra in ({"allow_anonymous": True}, {"token": "t"}):
+        c2 = _app(tmp_path, api={"allowed_hosts": hosts, **extra})
         c2.base_url = c2.base_url.copy_with(host="10.0.0.5")
         r2 = c2.get(f"{BASE}/stats", headers={"authorization": "Bearer t"})
         assert r2.status_code == 200, r2.text
@@ -91,7 +91,7 @@ def test_request_on_a_non_loopback_socket_without_token_is_refused(tmp_path: Pat
 @pytest.mark.parametrize(("server", "code"), [("::ffff:127.0.0.1", 200), ("::ffff:10.0.0.5", 403)])
 def test_dual_stack_socket_addresses(tmp_path: Path, server: str, code: int) -> None:
     # uvicorn --host :: shows an IPv4 client's local address as an IPv4-mapped one.
-    c = _app(tmp_path, api_allowed_hosts=["*"])
+    c = _app(tmp_path, api={"allowed_hosts": ["*"]})
     c.base_url = c.base_url.copy_with(host=f"[{server}]")
     assert c.get(f"{BASE}/stats").status_code == code
 
@@ -113,7 +113,7 @@ def test_foreign_host_header_is_400(tmp_path: Path, host: str, path: str) -> Non
 
 def test_foreign_host_is_refused_before_the_token_and_the_trigger(tmp_path: Path) -> None:
     runs = FakeRuns()
-    s = Settings(data_dir=tmp_path, api_token="t")  # type: ignore[arg-type]
+    s = Settings(data_dir=tmp_path, api={"token": "t"})  # type: ignore[arg-type]
     c = TestClient(create_app(s, store=SQLiteRecordStore(tmp_path / "r.db"), runs=runs))
     r = c.post(
         f"{BASE}/trigger",
@@ -131,17 +131,17 @@ def test_default_hosts_pass(tmp_path: Path, host: str) -> None:
 
 
 def test_bound_host_and_configured_hosts(tmp_path: Path) -> None:
-    c = _app(tmp_path, api_host="10.1.2.3", api_token="t")
+    c = _app(tmp_path, api={"host": "10.1.2.3", "token": "t"})
     auth = {"authorization": "Bearer t"}
     assert c.get(f"{BASE}/stats", headers={**auth, "host": "10.1.2.3:8000"}).status_code == 200
     assert c.get(f"{BASE}/stats", headers={**auth, "host": "10.1.2.4:8000"}).status_code == 400
-    c = _app(tmp_path, api_allowed_hosts=["memdump.example:443", "ops.example"])
+    c = _app(tmp_path, api={"allowed_hosts": ["memdump.example:443", "ops.example"]})
     ok = ("memdump.example:443", "ops.example", "ops.example:8443")
     for host in ok:
         assert c.get(f"{BASE}/stats", headers={"host": host}).status_code == 200, host
     for host in ("memdump.example", "memdump.example:80", "localhost"):
         assert c.get(f"{BASE}/stats", headers={"host": host}).status_code == 400, host
-    c = _app(tmp_path, api_allowed_hosts=["*"])
+    c = _app(tmp_path, api={"allowed_hosts": ["*"]})
     assert c.get(f"{BASE}/stats", headers={"host": "anything.example"}).status_code == 200
 
 

@@ -39,7 +39,7 @@ def _client(tmp_path: Path, max_limit: int) -> TestClient:
                 "hv",
             )
         )
-    settings = Settings(data_dir=tmp_path, records_max_limit=max_limit)  # type: ignore[call-arg]
+    settings = Settings(data_dir=tmp_path, api={"records_max_limit": max_limit})  # type: ignore[call-arg]
     return TestClient(
         create_app(settings, store=store, runs=FakeRuns()), base_url="http://localhost"
     )

@@ -53,7 +53,7 @@ def store(tmp_path: Path) -> SQLiteRecordStore:
 @pytest.fixture
 def client(tmp_path: Path, runs: FakeRuns, store: SQLiteRecordStore) -> TestClient:
     return localhost_client(
-        create_app(Settings(data_dir=tmp_path, status_cache_sec=0), store=store, runs=runs)
+        create_app(Settings(data_dir=tmp_path, api={"status_cache_sec": 0}), store=store, runs=runs)
     )
 
 
@@ -383,7 +383,9 @@ def test_status_is_asked_of_prefect_once_per_ttl_and_fresh_after_a_trigger(
 
     c = localhost_client(
         create_app(
-            Settings(data_dir=tmp_path, status_cache_sec=3600, trigger_min_interval_sec=0),
+            Settings(
+                data_dir=tmp_path, api={"status_cache_sec": 3600, "trigger_min_interval_sec": 0}
+            ),
             store=store,
             runs=runs,
         )

@@ -20,7 +20,7 @@ _tmp = Path(tempfile.mkdtemp(prefix="memdump-schemathesis-"))
 atexit.register(shutil.rmtree, _tmp, True)
 app = create_app(
     # schemathesis's ASGI client sends "Host: testserver".
-    Settings(data_dir=_tmp, trigger_min_interval_sec=0, api_allowed_hosts=["testserver"]),
+    Settings(data_dir=_tmp, api={"trigger_min_interval_sec": 0, "allowed_hosts": ["testserver"]}),
     store=SQLiteRecordStore(_tmp / "r.db"),
     runs=FakeRuns(),
 )

@@ -37,7 +37,7 @@ def runs() -> FakeRuns:
 @pytest.fixture
 def client(tmp_path: Path, runs: FakeRuns) -> TestClient:
     store = SQLiteRecordStore(tmp_path / "r.db")
-    settings = Settings(data_dir=tmp_path, status_cache_sec=0)
+    settings = Settings(data_dir=tmp_path, api={"status_cache_sec": 0})
     return TestClient(create_app(settings, store=store, runs=runs), base_url="http://localhost")
 
 

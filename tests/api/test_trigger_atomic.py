@@ -61,7 +61,11 @@ def _runs(flow: str) -> list[Any]:
 def _replica(tmp_path: Path, flow: str, i: int) -> TestClient:
     d = tmp_path / f"replica{i}"
     d.mkdir()
-    s = Settings(data_dir=d, flow_name=flow, deployment="on-demand", trigger_min_interval_sec=60)
+    s = Settings(
+        data_dir=d,
+        orchestration={"flow_name": flow, "deployment": "on-demand"},
+        api={"trigger_min_interval_sec": 60},
+    )
     return TestClient(
         create_app(s, store=SQLiteRecordStore(d / "r.db")), base_url="http://localhost"
     )

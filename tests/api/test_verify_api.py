@@ -86,7 +86,7 @@ def _in_thread(c: TestClient, out: list[Any], **body: Any) -> threading.Thread:
 
 
 def test_past_the_bound_a_verification_gets_429(tmp_path: Path, gated: GatedVerify) -> None:
-    c = _client(tmp_path, verify_max_concurrent=2)
+    c = _client(tmp_path, verify={"max_concurrent": 2})
     first: list[Any] = []
     threads = [_in_thread(c, first), _in_thread(c, first)]
     for _ in threads:  # both hold a slot, inside verify
@@ -104,7 +104,7 @@ def test_past_the_bound_a_verification_gets_429(tmp_path: Path, gated: GatedVeri
 
 
 def test_slot_is_given_back_after_an_error(tmp_path: Path, gated: GatedVerify) -> None:
-    c = _client(tmp_path, verify_max_concurrent=1)
+    c = _client(tmp_path, verify={"max_concurrent": 1})
     gated.gate.set()
     gated.fail = OSError("disk on fire")
     r = _post(c)
@@ -145,15 +145,15 @@ def test_large_dump_goes_to_the_background_unless_told_to_wait(
     tmp_path: Path, gated: GatedVerify
 ) -> None:
     gated.gate.set()
-    c = _client(tmp_path, verify_background_bytes=GZ_SIZE - 1)
+    c = _client(tmp_path, verify={"background_bytes": GZ_SIZE - 1})
     assert _post(c).status_code == 202
     assert _post(c, wait=True).status_code == 200
-    c = _client(tmp_path, verify_background_bytes=GZ_SIZE)
+    c = _client(tmp_path, verify={"background_bytes": GZ_SIZE})
     assert _post(c).status_code == 200
 
 
 def test_background_jobs_count_against_the_bound(tmp_path: Path, gated: GatedVerify) -> None:
-    c = _client(tmp_path, verify_max_concurrent=1)
+    c = _client(tmp_path, verify={"max_concurrent": 1})
     r = _post(c, wait=False)
     assert r.status_code == 202
     assert gated.entered.acquire(timeout=30)
@@ -182,7 +182,7 @@ def test_unknown_job_is_404(tmp_path: Path, job_id: str) -> None:
 
 def test_only_the_newest_finished_jobs_are_kept(tmp_path: Path, gated: GatedVerify) -> None:
     gated.gate.set()
-    c = _client(tmp_path, verify_jobs_kept=2)
+    c = _client(tmp_path, verify={"jobs_kept": 2})
     locations = []
     for _ in range(4):
         r = _post(c, wait=False)

@@ -23,7 +23,7 @@ def memdump(stack: Stack, *argv: str, timeout: float = 300) -> subprocess.Comple
     r = subprocess.run(
         [sys.executable, "-m", "memdump.cli", *argv],
         cwd=REPO,
-        env=stack.env,  # MEMDUMP_API_PORT etc.: the CLI finds the service from settings
+        env=stack.env,  # MEMDUMP_API__PORT etc.: the CLI finds the service from settings
         capture_output=True,
         timeout=timeout,
     )

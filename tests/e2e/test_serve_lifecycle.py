@@ -172,8 +172,8 @@ def _serve_env(data: Path, prefect_port: int, api_port: int) -> dict[str, str]:
         MEMDUMP_DATA_DIR=str(data),
         MEMDUMP_DUMP_DIR=str(data / "dumps"),
         MEMDUMP_INVENTORY_FILE=lab_inventory(),
-        MEMDUMP_API_PORT=str(api_port),
-        MEMDUMP_PREFECT_PORT=str(prefect_port),
+        MEMDUMP_API__PORT=str(api_port),
+        MEMDUMP_ORCHESTRATION__PREFECT_PORT=str(prefect_port),
     )
     return env
 

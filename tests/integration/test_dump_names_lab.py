@@ -56,7 +56,9 @@ def test_same_vmid_on_two_hypervisors_same_instant(
     client.create_bucket(Bucket=bucket)
     s3 = S3Settings(endpoint_url=moto_url, bucket=bucket, access_key_id="t", secret_access_key="t")
     hvs = [lab_hv.model_copy(update={"name": n}) for n in ("pve-a", "pve-b")]
-    settings = Settings(hypervisors=hvs, dump_dir=tmp_path / "dumps", analysis=False, s3=s3)
+    settings = Settings(
+        hypervisors=hvs, dump_dir=tmp_path / "dumps", analysis={"enabled": False}, s3=s3
+    )
     store = S3Store(s3)
     done = []
     for hv in hvs:

@@ -419,7 +419,9 @@ def test_capture_live_or_paused_with_the_reason(
     (its fields in the manifest and the record); without, a paused one whose manifest and
     record say why."""
     settings = Settings(
-        inventory_file=lab_dir / "inventory-qemu.yaml", dump_dir=tmp_path / "d", analysis=False
+        inventory_file=lab_dir / "inventory-qemu.yaml",
+        dump_dir=tmp_path / "d",
+        analysis={"enabled": False},
     )
     hv = settings.hypervisor(HV).model_copy(update={"live_userfaultfd": policy})
     d = open_driver(hv, settings.ssh)

@@ -41,7 +41,9 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def settings(tmp_path: Path, **kw: Any) -> Settings:
-    return Settings(dump_dir=tmp_path / "dumps", analysis=False, collector_id="c1", **kw)
+    return Settings(
+        dump_dir=tmp_path / "dumps", analysis={"enabled": False}, collector_id="c1", **kw
+    )
 
 
 def hv(mode: str | None) -> HypervisorConfig:

@@ -103,12 +103,14 @@ def seen(
         token = os.environ["MEMDUMP_API__TOKEN"]
     settings = Settings(
         data_dir=tmp_path,
-        status_cache_sec=0,
-        trigger_min_interval_sec=0,
-        api_token=token,  # type: ignore[arg-type]
+        api={
+            "status_cache_sec": 0,
+            "trigger_min_interval_sec": 0,
+            "token": token,
+            "allowed_hosts": ["127.0.0.1", "10.0.0.5"],
+            "allow_anonymous": True,
+        },  # type: ignore[arg-type]
         # The in-process app also stands for a remote API (--api http://10.0.0.5:9000).
-        api_allowed_hosts=["127.0.0.1", "10.0.0.5"],
-        api_allow_anonymous=True,
     )
     app = create_app(settings, store=store, runs=runs)
     sent: list[dict[str, Any]] = []
@@ -145,9 +147,9 @@ def main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
     ],
 )
 def test_api_base_from_settings(host: str, url: str) -> None:
-    assert client.api_base(Settings(api_host=host, api_port=8123), None) == url
+    assert client.api_base(Settings(api={"host": host, "port": 8123}), None) == url
     given = "https://memdump.example/"
-    assert client.api_base(Settings(api_host=host), given) == "https://memdump.example"
+    assert client.api_base(Settings(api={"host": host}), given) == "https://memdump.example"
 
 
 def test_base_url_from_settings_and_api_flag(
@@ -577,7 +579,7 @@ def test_existing_subcommands_are_unchanged(
     assert [c[0] for c in called] == ["cmd_vms", "cmd_capture", "cmd_clean", "cmd_verify"]
     assert called[1][1]["vm_ids"] == ["vm-web-01", "all"]
     # Without --min-age, clean keeps leftovers younger than the setting.
-    assert called[2][1]["min_age"] == Settings().cleanup_min_age_sec
+    assert called[2][1]["min_age"] == Settings().orchestration.cleanup_min_age_sec
     assert called[3][1]["since_days"] == 2.0
     with pytest.raises(SystemExit) as exc:
         cli.main(["verify"])

@@ -106,7 +106,7 @@ def test_driver_never_runs_a_hostile_id(driver: str, vm_id: str) -> None:
 def client(tmp_path_factory: pytest.TempPathFactory) -> tuple[TestClient, FakeRuns]:
     tmp = tmp_path_factory.mktemp("fuzz")
     runs = FakeRuns()
-    s = Settings(data_dir=tmp, trigger_min_interval_sec=0)
+    s = Settings(data_dir=tmp, api={"trigger_min_interval_sec": 0})
     return TestClient(
         create_app(s, store=SQLiteRecordStore(tmp / "r.db"), runs=runs),
         base_url="http://localhost",  # an allowed Host header

@@ -173,7 +173,7 @@ def test_version_1_manifest_still_verifies_and_reads_as_paused(tmp_path: Path) -
 
 def test_version_2_live_manifest_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MEMDUMP_INVENTORY_FILE", raising=False)
-    s = Settings(dump_dir=tmp_path / "dumps", analysis=False, capture_mode="live")
+    s = Settings(dump_dir=tmp_path / "dumps", analysis={"enabled": False}, capture_mode="live")
     cap = capture(LiveDriver(), REF, s)  # type: ignore[arg-type]
     assert cap.manifest["manifest_version"] == 2 and cap.manifest["capture"]["live"]
     v = verify(cap.record.api_dict(), s)

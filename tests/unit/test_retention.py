@@ -85,9 +85,9 @@ def test_bounds_refused_in_settings_and_at_apply(tmp_path: Path, days: Any, keep
     assert Path(rec.dump_path).exists() and store.list(1, 0)[0]["deleted_at"] == ""
     if isinstance(days, bool) or isinstance(keep_last, bool):
         return  # pydantic reads a bool as 1 in settings: the settings' own bounds hold
-    env = {"retention_days": days, "retention_keep_last": keep_last}
+    given = {"days": days, "keep_last": keep_last}
     with pytest.raises(ValidationError):
-        Settings(**{k: v for k, v in env.items() if v is not None})
+        Settings(retention={k: v for k, v in given.items() if v is not None})
 
 
 def _setup(tmp_path: Path, **over: Any) -> tuple[Settings, SQLiteRecordStore]:

@@ -19,7 +19,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     for k in list(os.environ):
         if k.startswith("PREFECT_"):
             monkeypatch.delenv(k)
-    return Settings(data_dir=tmp_path / "data", prefect_port=4311)
+    return Settings(data_dir=tmp_path / "data", orchestration={"prefect_port": 4311})
 
 
 def test_own_server_gets_a_private_credential_made_once(settings: Settings) -> None:

@@ -76,7 +76,7 @@ def test_old_names_as_keyword_arguments_and_in_a_dotenv_file(
         assert Settings(analysis=False).analysis.enabled is False
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("MEMDUMP_CAPTURE_RETRIES=7\nMEMDUMP_RETENTION_DAYS=9\n")
-    with pytest.warns(LegacySettingWarning, match="MEMDUMP_RETENTION__DAYS"):
+    with pytest.warns(LegacySettingWarning, match="RETENTION__DAYS|ORCHESTRATION__CAPTURE_RETRIES"):
         s = Settings()
     assert s.orchestration.capture_retries == 7 and s.retention.days == 9
 
