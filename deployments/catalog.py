@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 from prefect.schedules import Cron
 
+from memdump.runinfo import ALL
 from memdump.settings import Settings
 
 POOL = "memdump"  # the process work pool production's workers serve
@@ -66,7 +67,7 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
             "flows/capture.py:capture_vms",
             "Every VM of the inventory, Mondays 02:00 UTC",
             cron=WEEKLY_CRON,
-            parameters={"vm_ids": ["all"], "source": "schedule"},
+            parameters={"vm_ids": [ALL], "source": "schedule"},
         ),
         DeploymentSpec(
             "verify-weekly",
