@@ -118,6 +118,7 @@ class DirStream:
         self._read = False
         self._eof = False
         self.dir: str | None = None
+        self.aborted = False
 
     def read_dir(self) -> str | None:
         if self._read:
@@ -171,8 +172,14 @@ class DirStream:
     def finish(self, timeout: float) -> CommandResult:
         return self._s.finish(timeout)
 
-    def abort(self) -> None:
+    def abort(self) -> bool:
+        """Close the stream. True the first time only: what an abort does on the
+        hypervisor besides (stopping the dump in the script's directory) is done once."""
+        if self.aborted:
+            return False
+        self.aborted = True
         self._s.abort()
+        return True
 
 
 def start_dump(
@@ -228,7 +235,6 @@ class TokenFifoDump:
         self._hv = hypervisor
         self._ref = ref
         self._token = token
-        self._aborted = False
         self.pause_window: tuple[datetime, datetime] | None = None
         self.staging: Literal["fifo", "file"] = "fifo"
 
@@ -255,10 +261,8 @@ class TokenFifoDump:
         return res.returncode, stderr
 
     def abort(self) -> None:
-        if self._aborted:
-            return
-        self._aborted = True
-        self._s.abort()
+        if not self._s.abort():
+            return  # aborted already
         d = self._s.dir
         if d is None:
             return  # the script never made its directory (or was never read): nothing to stop

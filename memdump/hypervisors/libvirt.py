@@ -303,7 +303,6 @@ class _VirshDump:
         self._hv = hv
         self._ref = ref
         self._stop = stop
-        self._aborted = False
         self._finished = False
         self._margin = margin
         # Staged: the first byte comes only after QEMU has written the whole file.
@@ -320,7 +319,7 @@ class _VirshDump:
             try:
                 n = self._s.readinto(view)
             except StreamStalledError:
-                if self._aborted or time.monotonic() - self._opened > _STAGE_WAIT_SEC:
+                if self._s.aborted or time.monotonic() - self._opened > _STAGE_WAIT_SEC:
                     raise
                 continue
             self._flowing = True
@@ -370,10 +369,8 @@ class _VirshDump:
             )
 
     def abort(self) -> None:
-        if self._aborted:
-            return
-        self._aborted = True
-        self._s.abort()
+        if not self._s.abort():
+            return  # aborted already
         if self.staging == "file" and self._finished:
             return  # the script has exited: no dump of ours is left to stop
         self._stop(self._ref)
@@ -658,7 +655,6 @@ class _LiveStream:
         self._pending = b""
         self._ended = False
         self._error: BaseException | None = None
-        self._aborted = False
         self.pause_window: tuple[datetime, datetime] | None = None
         self.live: dict[str, Any] = {}
         self.staging: Staging = "fifo"
@@ -749,10 +745,8 @@ class _LiveStream:
         self._end()
 
     def abort(self) -> None:
-        if self._aborted:
-            return
-        self._aborted = True
-        self._s.abort()
+        if not self._s.abort():
+            return  # aborted already
         d = self._s.dir
         if d is None or self._ended or self._pre.stop != "cancel":
             return  # before 8.1 closing the stream is the whole abort: the reader drains
