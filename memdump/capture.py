@@ -178,6 +178,8 @@ def _capture_once(
         dump_dir,
         filename,
         level=settings.compression_level,
+        chunk_size=settings.chunk_size,
+        threads=settings.compression_workers,
         progress=progress,
         deadline=deadline,
     )
@@ -207,7 +209,10 @@ def _capture_once(
         pause_window=pause_window,
         dump_format=dump_format,
         staging=getattr(source, "staging", "fifo"),
-        compression=f"gzip (ISA-L level {settings.compression_level})",
+        compression=(
+            f"gzip (ISA-L level {settings.compression_level}), "
+            f"{settings.chunk_size}-byte chunks, one member each"
+        ),
         trigger=trigger,
         analysis=analysis.to_dict() if analysis else None,
         driver=getattr(driver, "kind", type(driver).__name__),

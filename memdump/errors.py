@@ -145,6 +145,15 @@ class InvalidDumpError(CaptureError):
     """The stream is not a well-formed ELF core."""
 
 
+class ChunkedDumpError(InvalidDumpError):
+    """A chunked .mem.gz's trailer or index is malformed or does not match its own digests."""
+
+
+class CorruptChunkError(ChunkedDumpError):
+    """One chunk of a chunked .mem.gz does not match its index entry (``number``,
+    ``raw_offset``, ``raw_size``; ``reason``: crc, size, sha256 or member)."""
+
+
 class MigrationStreamError(CaptureError):
     """A live capture's migration stream cannot be turned into the guest's memory image
     (malformed, an unknown section, a page outside the layout, a page sent twice)."""

@@ -31,7 +31,7 @@ from memdump.hypervisors.base import VMInfo
 from memdump.pipeline import PipelineResult
 from memdump.records.model import iso_utc
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: output.chunks (the chunked .mem.gz)
 SUFFIX = ".manifest.json"
 
 
@@ -209,6 +209,9 @@ def build(
             "gz_sha256": result.gz_sha256,
             "gz_bytes": result.gz_bytes,
             "compression": compression,
+            # The chunked .mem.gz's index (memdump.chunkedgz): what `verify` checks the
+            # file's own trailer and index against.
+            "chunks": result.chunks.summary(),
         },
         "analysis": dict(analysis) if analysis is not None else {"status": "skipped"},
     }

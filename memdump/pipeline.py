@@ -1,12 +1,13 @@
-"""Byte stream -> SHA-256 of the raw bytes + gzip -> ``<name>.part`` -> fsync -> final name.
+"""Byte stream -> SHA-256 of the raw bytes + chunked gzip -> ``<name>.part`` -> fsync -> final name.
 
-The read loop and the hash+compress work run in two threads so that they overlap:
-hashlib, ISA-L and pipe reads release the GIL on large buffers. Bytes are read into a
-fixed pool of buffers that go round between the two threads (no allocation, no page
-faults per chunk; measured ~8% faster than fresh buffers and separate hash and gzip
-threads), so memory stays flat whatever the dump size and a slow disk pushes back on
-the SSH stream. Nothing is left under the final name unless every byte the dump's own
-headers declare arrived, the producer reported success and the file is on disk.
+The read loop and the hash+compress work overlap: the reader fills a fixed pool of buffers
+(no allocation, no page faults per chunk) that go round between it and the digester
+thread, so memory stays flat whatever the dump size and a slow disk pushes back on the SSH
+stream. The digester hashes the whole image in order and hands each buffer's chunks to
+``threads`` compression workers (ISA-L and hashlib release the GIL), then writes their
+gzip members in order (memdump.chunkedgz: one member per chunk, then the index and the
+trailer). Nothing is left under the final name unless every byte the dump's own headers
+declare arrived, the producer reported success and the file is on disk.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from isal import isal_zlib
-
+from memdump.chunkedgz import DEFAULT_CHUNK_SIZE, Index, IndexBuilder, Member, data_member
 from memdump.elfcore import parse_core
 from memdump.errors import (
     CaptureTimeoutError,
@@ -67,6 +69,7 @@ class PipelineResult:
     raw_sha256: str
     gz_bytes: int
     gz_sha256: str
+    chunks: Index
 
 
 def elf_size(head: bytes) -> int | None:
@@ -75,35 +78,69 @@ def elf_size(head: bytes) -> int | None:
 
 
 class _Digester(threading.Thread):
-    """Hashes and compresses filled buffers, then hands them back to the pool. After an
-    error it keeps recycling buffers so the reader never blocks; the error is re-raised
-    in the reader's thread."""
+    """Hashes filled buffers in order, has their chunks compressed by the workers, writes
+    the members in order, then hands the buffers back to the pool. After an error it keeps
+    recycling buffers so the reader never blocks; the error is re-raised in the reader's
+    thread."""
 
-    def __init__(self, raw_sha: Any, sink: _GzipFileSink) -> None:
+    def __init__(self, raw_sha: Any, sink: _ChunkedFileSink) -> None:
         super().__init__(name="memdump-digest", daemon=True)
         self.work: queue.Queue[Any] = queue.Queue()
         self.free: queue.Queue[bytearray] = queue.Queue()
+        # Whole chunks per buffer, so that chunk boundaries fall on buffer boundaries (the
+        # reader fills every buffer but the last).
+        size = max(_BUFFER_SIZE, sink.chunk_size)
         for _ in range(_BUFFERS):
-            self.free.put(bytearray(_BUFFER_SIZE))
+            self.free.put(bytearray(size))
         self.raw_sha = raw_sha
         self.sink = sink
         self.error: BaseException | None = None
+        # Buffers whose chunks are being compressed. Fewer than _BUFFERS, or the reader
+        # (waiting for a free buffer) and this thread (waiting for work) would wait forever.
+        self._pending: deque[tuple[bytearray, list[Future[Member]]]] = deque()
+        self._max_pending = min(_BUFFERS - 2, sink.threads + 1)
 
     def run(self) -> None:
         while True:
             item = self.work.get()
             if item is _STOP:
+                self._drain(0)
                 return
             buf, n = item
             if self.error is None:
                 try:
                     view = memoryview(buf)[:n]
                     self.raw_sha.update(view)
-                    self.sink.write_raw(view)
-                    view.release()
+                    self._pending.append((buf, self.sink.submit(view)))
                 except BaseException as exc:  # re-raised by the reader
                     self.error = exc
-            self.free.put(buf)
+                    self.free.put(buf)
+            else:
+                self.free.put(buf)
+            self._drain(self._max_pending)
+
+    def _drain(self, keep: int) -> None:
+        """Write finished buffers' members in order; wait while more than ``keep`` pend."""
+        while self._pending and (
+            len(self._pending) > keep or all(f.done() for f in self._pending[0][1])
+        ):
+            buf, futures = self._pending.popleft()
+            try:
+                if self.error is None:
+                    for future in futures:
+                        self.sink.write_member(future.result())
+            except BaseException as exc:  # re-raised by the reader
+                self.error = exc
+            finally:
+                for future in futures:
+                    future.cancel()
+                # A cancelled or failed future no longer reads the buffer; a running one
+                # is waited for, since its worker still reads it.
+                for future in futures:
+                    if not future.cancelled():
+                        with contextlib.suppress(BaseException):
+                            future.result()
+                self.free.put(buf)
 
     def finish(self) -> None:
         self.work.put(_STOP)
@@ -112,18 +149,40 @@ class _Digester(threading.Thread):
             raise self.error
 
 
-class _GzipFileSink:
-    def __init__(self, fd: int, level: int) -> None:
+class _ChunkedFileSink:
+    """Compresses chunks into gzip members on ``threads`` workers and writes the members,
+    then the index and trailer, to ``fd``; hashes and counts what it writes."""
+
+    def __init__(self, fd: int, level: int, chunk_size: int, threads: int) -> None:
         self.fd = fd
-        self.comp = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)  # 31: gzip wrapper
+        self.level = level
+        self.chunk_size = chunk_size
+        self.threads = max(1, threads)
+        self.index = IndexBuilder(chunk_size)
+        self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="memdump-gzip")
+        self._submitted = 0
         self.sha = hashlib.sha256()
         self.size = 0
 
-    def write_raw(self, chunk: memoryview) -> None:
-        self._out(self.comp.compress(chunk))
+    def submit(self, view: memoryview) -> list[Future[Member]]:
+        futures = []
+        for off in range(0, len(view), self.chunk_size):
+            chunk = view[off : off + self.chunk_size]
+            futures.append(self._pool.submit(data_member, self._submitted, chunk, self.level))
+            self._submitted += 1
+        return futures
 
-    def flush(self) -> None:
-        self._out(self.comp.flush())
+    def write_member(self, member: Member) -> None:
+        self.index.add(member)
+        self._out(member.data)
+
+    def finish(self) -> Index:
+        tail, index = self.index.finish()
+        self._out(tail)
+        return index
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _out(self, data: bytes) -> None:
         if not data:
@@ -142,14 +201,17 @@ def write_dump(
     filename: str,
     *,
     level: int = 1,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    threads: int = 1,
     expected_size: Callable[[bytes], int | None] = elf_size,
     progress: ProgressFn | None = None,
     deadline: float | None = None,
 ) -> PipelineResult:
     """Stream ``source`` into ``dest_dir/filename`` (gzip), returning sizes and hashes.
 
-    ``expected_size`` reads the total length from the first bytes (ELF headers by
-    default). ``deadline`` is a ``time.monotonic()`` value; past it the capture is
+    ``chunk_size`` and ``threads`` (compression workers) shape the chunked .mem.gz
+    (memdump.chunkedgz). ``expected_size`` reads the total length from the first bytes
+    (ELF headers by default). ``deadline`` is a ``time.monotonic()`` value; past it the capture is
     aborted with CaptureTimeoutError.
     """
     final = dest_dir / filename
@@ -170,7 +232,7 @@ def write_dump(
         source.abort()
         raise _storage_error(exc, part) from exc
 
-    sink = _GzipFileSink(fd, level)
+    sink = _ChunkedFileSink(fd, level, chunk_size, threads)
     raw_sha = hashlib.sha256()
     digester = _Digester(raw_sha, sink)
     digester.start()
@@ -179,11 +241,13 @@ def write_dump(
     try:
         total = _pump(source, digester, expected_size, progress, watchdog)
         digester.finish()
-        sink.flush()
+        index = sink.finish()
         os.fsync(fd)
         _commit(part, final)
         committed = True
-        return PipelineResult(final, total, raw_sha.hexdigest(), sink.size, sink.sha.hexdigest())
+        return PipelineResult(
+            final, total, raw_sha.hexdigest(), sink.size, sink.sha.hexdigest(), index
+        )
     except BaseException as exc:
         source.abort()
         if digester.is_alive():
@@ -194,6 +258,7 @@ def write_dump(
         raise
     finally:
         watchdog.cancel()
+        sink.close()
         if not committed:
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()

@@ -32,6 +32,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from memdump.chunkedgz import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from memdump.errors import ConfigError, InvalidIdentifierError
 from memdump.identifiers import validate_id
 from memdump.runinfo import CAPTURE_FLOW, CAPTURE_ONE_FLOW
@@ -454,6 +455,11 @@ class Settings(BaseSettings):
     hypervisors: list[HypervisorConfig] = Field(default_factory=list)
     # ISA-L levels 0-3; level 1 is within a few percent of gzip -1 at several times its speed.
     compression_level: int = Field(default=1, ge=0, le=3)
+    # The chunked .mem.gz (memdump.chunkedgz): raw bytes per gzip member (a power of two),
+    # and how many threads compress members (default: the machine's cores minus one, for
+    # the reader).
+    chunk_size: int = Field(default=DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
+    compress_threads: int | None = Field(default=None, ge=1, le=256)
     capture_timeout_sec: float = Field(default=300.0, gt=0)
     ssh: SSHTuning = Field(default_factory=SSHTuning)
 
@@ -504,6 +510,13 @@ class Settings(BaseSettings):
     @classmethod
     def _collector_id(cls, v: str) -> str:
         return _valid_id(v, "collector id")
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk_size(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("chunk_size must be a power of two (e.g. 1048576)")
+        return v
 
     @classmethod
     def settings_customise_sources(
@@ -582,6 +595,13 @@ class Settings(BaseSettings):
                 " when a proxy in front authenticates",
                 setting="MEMDUMP_API__TOKEN",
             )
+
+    @property
+    def compression_workers(self) -> int:
+        """compress_threads, or the machine's cores minus one (the reader's), at least 1."""
+        if self.compress_threads is not None:
+            return self.compress_threads
+        return max(1, (os.cpu_count() or 1) - 1)
 
     @property
     def records_db(self) -> Path:

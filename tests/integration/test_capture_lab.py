@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from memdump import chunkedgz
 from memdump.capture import capture
 from memdump.elfcore import parse_core
 from memdump.errors import DumpFailedError, VMNotFoundError
@@ -65,6 +66,13 @@ def test_dump_is_byte_exact_with_markers(
     assert rec.gzip_size_bytes == os.path.getsize(rec.dump_path) < len(expected)
 
     assert_markers(raw, lab_dir, VM)
+    # Every chunk's hash in the file's index is that of virsh's own dump at that offset.
+    with open(rec.dump_path, "rb") as f:
+        index = chunkedgz.read_index(f)
+    assert index is not None and len(index.chunks) == -(-len(expected) // index.chunk_size)
+    for chunk in index.chunks:
+        piece = expected[chunk.raw_offset : chunk.raw_offset + chunk.raw_size]
+        assert chunk.sha256 == hashlib.sha256(piece).digest()
     vm_layout = layout(lab_dir, VM)
 
     # contract record fields and file hygiene
@@ -93,7 +101,7 @@ def check_manifest(mpath: Path, rec: DumpRecord, lab_dir: Path) -> dict[str, Any
     assert set(m) == {
         "manifest_version", "memdump_version", "vm", "hypervisor", "capture", "output", "analysis"
     }  # fmt: skip
-    assert m["manifest_version"] == 2 and m["memdump_version"]
+    assert m["manifest_version"] == 3 and m["memdump_version"]
     vm = rec.dom
     xml = subprocess.run(
         ["virsh", "-c", URI, "dumpxml", vm], capture_output=True, check=True
@@ -135,8 +143,14 @@ def check_manifest(mpath: Path, rec: DumpRecord, lab_dir: Path) -> dict[str, Any
         "raw_bytes": rec.raw_size_bytes,
         "gz_sha256": rec.gz_sha256,
         "gz_bytes": rec.gzip_size_bytes,
-        "compression": "gzip (ISA-L level 1)",
+        "compression": "gzip (ISA-L level 1), 1048576-byte chunks, one member each",
+        "chunks": m["output"]["chunks"],
     }
+    # The chunked .mem.gz (issue 14): the file's own index is the manifest's.
+    with open(rec.dump_path, "rb") as f:
+        index = chunkedgz.read_index(f)
+    assert index is not None and m["output"]["chunks"] == index.summary()
+    assert index.raw_size == rec.raw_size_bytes
     assert m["analysis"]["status"] == rec.analysis
     return dict(m)
 

@@ -132,7 +132,7 @@ def test_live_capture_end_to_end(
         rec.manifest_sha256
     )
     c = m["capture"]
-    assert m["manifest_version"] == 2
+    assert m["manifest_version"] == 3
     assert (c["mode_requested"], c["mode"], c["fallback_reason"]) == ("live", "live", None)
     assert c["format"].startswith("ELF64 core") and c["pause_ms"] == rec.pause_ms
     live = c["live"]

@@ -123,7 +123,7 @@ def test_live_capture_gets_the_live_call_and_records_it(tmp_path: Path) -> None:
     assert (rec.capture_mode, rec.live_fallback_reason, rec.pause_ms) == ("live", "", 7.0)
     m = read_manifest(rec.dump_path)
     c = m["capture"]
-    assert m["manifest_version"] == 2
+    assert m["manifest_version"] == 3
     assert (c["mode_requested"], c["mode"], c["fallback_reason"]) == ("live", "live", None)
     assert c["pause_ms"] == 7.0
     assert c["format"] == f"ELF64 core: {engine.LIVE_FORMAT}"

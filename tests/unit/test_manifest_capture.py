@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from memdump import manifest
+from memdump import chunkedgz, manifest
 from memdump.capture import capture
 from memdump.hypervisors.base import VMInfo, VMRef
 from memdump.pipeline import PipelineResult
@@ -28,7 +28,10 @@ INFO = VMInfo(VMRef("lab", "vm-1", "vm-1"), "uuid", "1", "running", 1 << 20, "ho
 
 
 def result(tmp_path: Path) -> PipelineResult:
-    return PipelineResult(tmp_path / "x.mem.gz", 10, "a" * 64, 5, "b" * 64)
+    builder = chunkedgz.IndexBuilder(chunkedgz.DEFAULT_CHUNK_SIZE)
+    builder.add(chunkedgz.data_member(0, bytes(10), 1))
+    _, index = builder.finish()
+    return PipelineResult(tmp_path / "x.mem.gz", 10, "a" * 64, 5, "b" * 64, index)
 
 
 def build(tmp_path: Path, **kw: Any) -> dict[str, Any]:
@@ -175,6 +178,6 @@ def test_version_2_live_manifest_verifies(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.delenv("MEMDUMP_INVENTORY_FILE", raising=False)
     s = Settings(dump_dir=tmp_path / "dumps", analysis={"enabled": False}, capture_mode="live")
     cap = capture(LiveDriver(), REF, s)  # type: ignore[arg-type]
-    assert cap.manifest["manifest_version"] == 2 and cap.manifest["capture"]["live"]
+    assert cap.manifest["manifest_version"] == 3 and cap.manifest["capture"]["live"]
     v = verify(cap.record.api_dict(), s)
     assert v.status == "verified", v.detail

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from memdump import chunkedgz
 from memdump.errors import (
     CaptureTimeoutError,
     DumpFailedError,
@@ -165,3 +166,45 @@ def test_deadline_interrupts_a_blocked_read(tmp_path: Path, core: bytes) -> None
         write_dump(src, tmp_path, "x.mem.gz", deadline=time.monotonic() + 0.3)
     assert time.monotonic() - t0 < 5
     assert src.aborted and _only_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("chunk_size", [64 << 10, 1 << 20, 8 << 20])
+def test_the_dump_is_chunked_and_indexed_whatever_the_workers(
+    tmp_path: Path, core: bytes, threads: int, chunk_size: int
+) -> None:
+    # Members are written in raw order however the workers finish; chunk sizes below,
+    # equal to and above the reader's 4 MiB buffers.
+    src = FakeSource(core, chunk=70_001)
+    res = write_dump(src, tmp_path, "c.mem.gz", chunk_size=chunk_size, threads=threads)
+    blob = res.path.read_bytes()
+    assert gzip.decompress(blob) == core
+    with res.path.open("rb") as f:
+        index = chunkedgz.read_index(f)
+        assert index is not None and index == res.chunks
+        assert index.raw_size == len(core) and index.chunk_size == chunk_size
+        assert len(index.chunks) == -(-len(core) // chunk_size)
+        for chunk in index.chunks:
+            want = core[chunk.raw_offset : chunk.raw_offset + chunk_size]
+            assert chunkedgz.read_chunk(f, chunk) == want
+    assert res.gz_bytes == len(blob)
+
+
+def test_a_worker_error_fails_the_dump_and_leaves_nothing(
+    tmp_path: Path, core: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = chunkedgz.data_member
+
+    def failing(number: int, raw: bytes | memoryview, level: int) -> chunkedgz.Member:
+        calls["n"] += 1
+        if number == 2:
+            raise MemoryError("worker out of memory")
+        return real(number, raw, level)
+
+    monkeypatch.setattr("memdump.pipeline.data_member", failing)
+    src = FakeSource(core, chunk=50_000)
+    with pytest.raises(MemoryError):
+        write_dump(src, tmp_path, "w.mem.gz", chunk_size=64 << 10, threads=2)
+    assert src.aborted and _only_files(tmp_path) == []
+    assert calls["n"] >= 3

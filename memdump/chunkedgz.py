@@ -1,0 +1,415 @@
+"""The chunked .mem.gz (``memdump-chunked-gzip/1``): one valid gzip file that can be read
+at any offset, verified chunk by chunk and compared with another dump from its index alone.
+
+The file is a series of gzip members (RFC 1952; ``gunzip`` concatenates their output):
+
+1. one *data member* per chunk of ``chunk_size`` raw bytes (the last one shorter), in order.
+   Its header carries a gzip extra subfield ``MD`` (chunk number, member size, raw size), in
+   the spirit of BGZF, so a reader can walk the members without inflating them;
+2. *index members*: empty members (no output) whose extra subfield ``MI`` holds the next
+   slice of the index, one 56-byte entry per chunk (raw offset and size, the member's offset
+   and size in the file, the SHA-256 of the chunk's raw bytes);
+3. the *trailer*: an empty member of exactly ``TRAILER_SIZE`` bytes, last in the file, whose
+   subfield ``MT`` gives the chunk size and count, the raw size, where the index starts and
+   how long it is, the SHA-256 of the index bytes and the Merkle root over the chunk hashes.
+
+Everything lives in the one file, so it survives any copy (S3 included) without a sidecar,
+and ``gzip_size_bytes``/``sha256`` keep their meaning: the file's size, and the SHA-256 of
+the raw image it inflates to. A file without a trailer is an older single-stream dump.
+
+The Merkle root is RFC 6962's Merkle Tree Hash with the chunks' SHA-256 digests as leaves
+(README, "The chunked .mem.gz"), so an examiner can recompute it in a few lines of Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from isal import isal_zlib
+
+from memdump.errors import ChunkedDumpError, CorruptChunkError
+
+FORMAT = "memdump-chunked-gzip/1"
+VERSION = 1
+DEFAULT_CHUNK_SIZE = 1 << 20
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 64 << 20
+
+ENTRY = struct.Struct("<QIQI32s")  # raw offset, raw size, member offset, member size, sha256
+# Data member header: magic, CM=deflate, FLG=FEXTRA, MTIME 0, XFL 0, OS 255 (unknown),
+# XLEN 16, subfield "MD" of 12 bytes: chunk number, member size, raw size.
+_DATA_HEAD = struct.Struct("<4sIBBH2sHIII")
+DATA_HEADER_SIZE = _DATA_HEAD.size  # 28
+_TAIL = struct.Struct("<II")  # CRC32, ISIZE
+_EMPTY_DEFLATE = b"\x03\x00"  # one final fixed-Huffman block with no data
+_EXTRA_HEAD = struct.Struct("<4sIBBH2sH")  # up to the subfield's LEN
+_INDEX_SLICE = 65520  # XLEN is 16 bits: 4 bytes of subfield header + this
+_TRAILER_BODY = struct.Struct("<4sB3xIIQQQ32s32s")
+TRAILER_SIZE = _EXTRA_HEAD.size + _TRAILER_BODY.size + len(_EMPTY_DEFLATE) + _TAIL.size  # 130
+_GZ_MAGIC = b"\x1f\x8b\x08\x04"
+_OS_UNKNOWN = 255
+
+
+@dataclass(frozen=True)
+class Chunk:
+    number: int
+    raw_offset: int
+    raw_size: int
+    gz_offset: int
+    gz_size: int
+    sha256: bytes
+
+
+@dataclass(frozen=True)
+class Index:
+    chunk_size: int
+    raw_size: int
+    chunks: tuple[Chunk, ...]
+    index_sha256: str  # hex, of the index bytes (the entries, as stored)
+    merkle_root: str  # hex
+
+    def covering(self, start: int, end: int) -> range:
+        """Numbers of the chunks holding raw bytes ``[start, end)`` (clipped to the image)."""
+        start = max(0, start)
+        end = min(end, self.raw_size)
+        if end <= start:
+            return range(0)
+        return range(start // self.chunk_size, (end - 1) // self.chunk_size + 1)
+
+    def summary(self) -> dict[str, object]:
+        """The manifest's ``chunks`` section."""
+        return {
+            "format": FORMAT,
+            "chunk_size": self.chunk_size,
+            "chunk_count": len(self.chunks),
+            "index_sha256": self.index_sha256,
+            "merkle_root": self.merkle_root,
+        }
+
+
+def merkle_root(digests: Sequence[bytes]) -> bytes:
+    """RFC 6962 Merkle Tree Hash with ``digests`` as the leaves' data."""
+    if not digests:
+        return hashlib.sha256(b"").digest()
+    level = [hashlib.sha256(b"\x00" + d).digest() for d in digests]
+    # Bottom-up pairing, an odd node carried up unchanged: the same tree as RFC 6962's
+    # recursive split at the largest power of two below n, without recursion.
+    while len(level) > 1:
+        nxt = [
+            hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest()
+            for i in range(0, len(level) - 1, 2)
+        ]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+@dataclass(frozen=True)
+class Member:
+    data: bytes  # the whole gzip member
+    raw_size: int
+    sha256: bytes  # of the raw bytes
+
+
+def data_member(number: int, raw: bytes | memoryview, level: int) -> Member:
+    """One chunk's gzip member. Safe to call from several threads at once: ISA-L and
+    hashlib release the GIL on large buffers."""
+    digest = hashlib.sha256(raw).digest()
+    body = isal_zlib.compress(raw, level, -15)
+    size = DATA_HEADER_SIZE + len(body) + _TAIL.size
+    head = _DATA_HEAD.pack(_GZ_MAGIC, 0, 0, _OS_UNKNOWN, 16, b"MD", 12, number, size, len(raw))
+    tail = _TAIL.pack(isal_zlib.crc32(raw) & 0xFFFFFFFF, len(raw) & 0xFFFFFFFF)
+    return Member(b"".join((head, body, tail)), len(raw), digest)
+
+
+def _empty_member(subfield: bytes, payload: bytes) -> bytes:
+    head = _EXTRA_HEAD.pack(_GZ_MAGIC, 0, 0, _OS_UNKNOWN, 4 + len(payload), subfield, len(payload))
+    return b"".join((head, payload, _EMPTY_DEFLATE, _TAIL.pack(0, 0)))
+
+
+class IndexBuilder:
+    """Collects the entries of the data members as they are written, in order, and gives
+    the bytes that end the file (index members and trailer) and the Index they describe."""
+
+    def __init__(self, chunk_size: int) -> None:
+        if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
+            raise ValueError(f"chunk size {chunk_size} is not a power of two in range")
+        self.chunk_size = chunk_size
+        self._chunks: list[Chunk] = []
+        self._raw = 0
+        self._gz = 0
+
+    def add(self, member: Member) -> None:
+        number = len(self._chunks)
+        self._chunks.append(
+            Chunk(number, self._raw, member.raw_size, self._gz, len(member.data), member.sha256)
+        )
+        self._raw += member.raw_size
+        self._gz += len(member.data)
+
+    def finish(self) -> tuple[bytes, Index]:
+        """The index members and trailer (to append after the last data member)."""
+        entries = b"".join(
+            ENTRY.pack(c.raw_offset, c.raw_size, c.gz_offset, c.gz_size, c.sha256)
+            for c in self._chunks
+        )
+        index_sha = hashlib.sha256(entries).digest()
+        root = merkle_root([c.sha256 for c in self._chunks])
+        members = [
+            _empty_member(b"MI", entries[i : i + _INDEX_SLICE])
+            for i in range(0, len(entries), _INDEX_SLICE)
+        ]
+        trailer = _empty_member(
+            b"MT",
+            _TRAILER_BODY.pack(
+                b"MDGZ",
+                VERSION,
+                self.chunk_size,
+                len(self._chunks),
+                self._raw,
+                self._gz,
+                len(entries),
+                index_sha,
+                root,
+            ),
+        )
+        index = Index(self.chunk_size, self._raw, tuple(self._chunks), index_sha.hex(), root.hex())
+        return b"".join(members) + trailer, index
+
+
+def compress_bytes(raw: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE, level: int = 1) -> bytes:
+    """A whole chunked .mem.gz in memory (tests, small tools; captures stream)."""
+    builder = IndexBuilder(chunk_size)
+    out = []
+    for number, off in enumerate(range(0, len(raw), chunk_size)):
+        member = data_member(number, raw[off : off + chunk_size], level)
+        builder.add(member)
+        out.append(member.data)
+    tail, _ = builder.finish()
+    out.append(tail)
+    return b"".join(out)
+
+
+def _pread(f: BinaryIO, offset: int, size: int) -> bytes:
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = -1
+    if fd >= 0:
+        parts = []
+        while size > 0:
+            data = os.pread(fd, size, offset)
+            if not data:
+                break
+            parts.append(data)
+            offset += len(data)
+            size -= len(data)
+        return b"".join(parts)
+    f.seek(offset)
+    return f.read(size)
+
+
+def _file_size(f: BinaryIO) -> int:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        return f.seek(0, os.SEEK_END)
+
+
+def parse_trailer(tail: bytes) -> tuple[int, int, int, int, int, bytes, bytes] | None:
+    """The trailer's fields (chunk size, chunk count, raw size, index offset, index size,
+    index SHA-256, Merkle root) from the file's last TRAILER_SIZE bytes; None when they are
+    not a memdump trailer (an older single-stream dump)."""
+    if len(tail) != TRAILER_SIZE:
+        return None
+    magic, _mtime, _xfl, _os, xlen, sub, sublen = _EXTRA_HEAD.unpack_from(tail)
+    body_at = _EXTRA_HEAD.size
+    if (
+        magic != _GZ_MAGIC
+        or sub != b"MT"
+        or xlen != 4 + _TRAILER_BODY.size
+        or sublen != _TRAILER_BODY.size
+        or tail[body_at : body_at + 4] != b"MDGZ"
+    ):
+        return None
+    fields = _TRAILER_BODY.unpack_from(tail, body_at)
+    if tail[body_at + _TRAILER_BODY.size :] != _EMPTY_DEFLATE + _TAIL.pack(0, 0):
+        raise ChunkedDumpError("chunked .mem.gz: trailer member is malformed", part="trailer")
+    if fields[1] != VERSION:
+        raise ChunkedDumpError(
+            f"chunked .mem.gz version {fields[1]} is not supported", version=fields[1]
+        )
+    _m, _v, chunk_size, count, raw_size, index_offset, index_size, index_sha, root = fields
+    return chunk_size, count, raw_size, index_offset, index_size, index_sha, root
+
+
+def read_index(f: BinaryIO) -> Index | None:
+    """The index of a chunked .mem.gz, checked against the trailer's digests and for a
+    gap-free tiling of the raw image and the file; None for an older single-stream dump."""
+    size = _file_size(f)
+    if size < TRAILER_SIZE:
+        return None
+    parsed = parse_trailer(_pread(f, size - TRAILER_SIZE, TRAILER_SIZE))
+    if parsed is None:
+        return None
+    chunk_size, count, raw_size, index_offset, index_size, index_sha, root = parsed
+    if index_offset > size - TRAILER_SIZE or index_size != count * ENTRY.size:
+        raise ChunkedDumpError(
+            "chunked .mem.gz: the trailer's index position does not fit the file",
+            index_offset=index_offset,
+            index_size=index_size,
+        )
+    entries = _read_index_members(_pread(f, index_offset, size - TRAILER_SIZE - index_offset))
+    return index_from_entries(entries, chunk_size, count, raw_size, index_offset, index_sha, root)
+
+
+def _read_index_members(blob: bytes) -> bytes:
+    parts = []
+    at = 0
+    end_of_member = len(_EMPTY_DEFLATE) + _TAIL.size
+    while at < len(blob):
+        if len(blob) - at < _EXTRA_HEAD.size + end_of_member:
+            raise ChunkedDumpError("chunked .mem.gz: index member truncated", part="index")
+        magic, _t, _x, _o, xlen, sub, sublen = _EXTRA_HEAD.unpack_from(blob, at)
+        if magic != _GZ_MAGIC or sub != b"MI" or xlen != sublen + 4:
+            raise ChunkedDumpError("chunked .mem.gz: index member malformed", part="index")
+        start = at + _EXTRA_HEAD.size
+        parts.append(blob[start : start + sublen])
+        at = start + sublen
+        if blob[at : at + end_of_member] != _EMPTY_DEFLATE + _TAIL.pack(0, 0):
+            raise ChunkedDumpError("chunked .mem.gz: index member malformed", part="index")
+        at += end_of_member
+    return b"".join(parts)
+
+
+def index_from_entries(
+    entries: bytes,
+    chunk_size: int,
+    count: int,
+    raw_size: int,
+    index_offset: int,
+    index_sha: bytes,
+    root: bytes,
+) -> Index:
+    """Check index bytes against the trailer's fields and turn them into an Index (also
+    used where the bytes came by ranged reads, e.g. from S3)."""
+    if hashlib.sha256(entries).digest() != index_sha:
+        raise ChunkedDumpError(
+            "chunked .mem.gz: the index does not match its SHA-256 in the trailer", part="index"
+        )
+    if len(entries) != count * ENTRY.size or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ChunkedDumpError("chunked .mem.gz: index size or chunk size is wrong", part="index")
+    chunks = []
+    raw_at = gz_at = 0
+    for number, (raw_off, raw_len, gz_off, gz_len, digest) in enumerate(ENTRY.iter_unpack(entries)):
+        want_len = min(chunk_size, raw_size - raw_at)
+        if (
+            raw_off != raw_at
+            or raw_len != want_len
+            or gz_off != gz_at
+            or gz_len <= DATA_HEADER_SIZE
+        ):
+            raise ChunkedDumpError(
+                f"chunked .mem.gz: index entry {number} does not follow the one before",
+                part="index",
+                number=number,
+            )
+        chunks.append(Chunk(number, raw_off, raw_len, gz_off, gz_len, digest))
+        raw_at += raw_len
+        gz_at += gz_len
+    if raw_at != raw_size or gz_at != index_offset:
+        raise ChunkedDumpError("chunked .mem.gz: the index does not cover the image", part="index")
+    if merkle_root([c.sha256 for c in chunks]) != root:
+        raise ChunkedDumpError(
+            "chunked .mem.gz: the chunk hashes do not give the trailer's Merkle root",
+            part="index",
+        )
+    return Index(chunk_size, raw_size, tuple(chunks), index_sha.hex(), root.hex())
+
+
+def inflate_member(chunk: Chunk, member: bytes, *, check: bool = True) -> bytes:
+    """The raw bytes of ``chunk`` from its member's bytes. Every header field is checked;
+    with ``check`` also the CRC32 and the SHA-256 (the index's)."""
+
+    def bad(reason: str) -> CorruptChunkError:
+        return CorruptChunkError(
+            f"chunk {chunk.number} (raw bytes {chunk.raw_offset:#x}-"
+            f"{chunk.raw_offset + chunk.raw_size:#x}) is corrupt: {reason}",
+            number=chunk.number,
+            raw_offset=chunk.raw_offset,
+            raw_size=chunk.raw_size,
+            reason=reason,
+        )
+
+    if len(member) != chunk.gz_size:
+        raise bad("member truncated")
+    magic, _t, _x, _o, xlen, sub, sublen, number, msize, rsize = _DATA_HEAD.unpack_from(member)
+    if (
+        magic != _GZ_MAGIC
+        or (xlen, sub, sublen) != (16, b"MD", 12)
+        or (number, msize, rsize) != (chunk.number, chunk.gz_size, chunk.raw_size)
+    ):
+        raise bad("member header does not match the index")
+    crc, isize = _TAIL.unpack_from(member, len(member) - _TAIL.size)
+    try:
+        raw = isal_zlib.decompress(memoryview(member)[DATA_HEADER_SIZE : -_TAIL.size], -15)
+    except Exception as exc:  # isal_zlib.error (untyped), or a too-short member
+        raise bad(f"deflate data: {exc}") from exc
+    if len(raw) != chunk.raw_size or isize != chunk.raw_size & 0xFFFFFFFF:
+        raise bad("size")
+    if check:
+        if isal_zlib.crc32(raw) & 0xFFFFFFFF != crc:
+            raise bad("crc")
+        if hashlib.sha256(raw).digest() != chunk.sha256:
+            raise bad("sha256")
+    return raw
+
+
+def read_chunk(f: BinaryIO, chunk: Chunk, *, check: bool = True) -> bytes:
+    return inflate_member(chunk, _pread(f, chunk.gz_offset, chunk.gz_size), check=check)
+
+
+class ChunkReader:
+    """Random access to the raw image: only the chunks a read touches are inflated, and the
+    last ``cache_chunks`` of them are kept. Thread-safe."""
+
+    def __init__(
+        self, f: BinaryIO, index: Index, cache_chunks: int = 8, check: bool = False
+    ) -> None:
+        self._f = f
+        self.index = index
+        self._check = check
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cache_chunks = max(1, cache_chunks)
+        self._lock = threading.Lock()
+
+    def chunk(self, number: int) -> bytes:
+        with self._lock:
+            data = self._cache.get(number)
+            if data is not None:
+                self._cache.move_to_end(number)
+                return data
+        data = read_chunk(self._f, self.index.chunks[number], check=self._check)
+        with self._lock:
+            self._cache[number] = data
+            while len(self._cache) > self._cache_chunks:
+                self._cache.popitem(last=False)
+        return data
+
+    def read(self, offset: int, length: int) -> bytes:
+        parts = []
+        for number in self.index.covering(offset, offset + length):
+            chunk = self.index.chunks[number]
+            data = self.chunk(number)
+            lo = max(offset, chunk.raw_offset) - chunk.raw_offset
+            hi = min(offset + length, chunk.raw_offset + chunk.raw_size) - chunk.raw_offset
+            parts.append(data[lo:hi])
+        return b"".join(parts)
