@@ -2,11 +2,18 @@
 
 A capture is verified byte for byte on the way in (SHA-256, length from the ELF
 headers); this asks the other question an analyst cares about: will the forensic tool
-read it? The dump is decompressed to a private, sparse temporary file (Volatility needs
-random access), Volatility's own stacking machinery recognises it (it must stack its ELF
-layer), and sampled guest-physical pages read through that layer are compared with the
-bytes memdump's own ELF parser (memdump.elfcore) locates in the file. Two independent
-readings of the same headers that agree are the evidence.
+read it? Volatility's own stacking machinery must recognise the image (it must stack its
+ELF layer), and sampled guest-physical pages read through that layer are compared with
+the bytes memdump's own ELF parser (memdump.elfcore) locates in the image. Two
+independent readings of the same headers that agree are the evidence.
+
+A chunked ``.mem.gz`` (memdump.chunkedgz) is read in place: Volatility's ELF layer
+stacks on memdump's chunked layer (memdump.chunklayer), memdump's side reads through its
+own ChunkReader, and every chunk is checked against the index (CRC32, SHA-256) as it is
+inflated; those neither side touched are checked on a few threads at the end, so a
+damaged member fails the check as a damaged gzip stream does. An older single-stream
+dump is decompressed to a private, sparse temporary file first (Volatility needs random
+access, and its own gzip path would inflate from the start for every backward seek).
 
 Volatility is used as a library, which brings process-wide state (module constants, a
 urllib opener, loggers): memdump.volatility holds everything memdump uses of it and sets
@@ -23,7 +30,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,8 +40,9 @@ from typing import Any, Literal, cast
 from isal import igzip, igzip_threaded, isal_zlib
 
 from memdump import volatility
+from memdump.chunkedgz import ChunkReader, Index, read_chunk, read_index
 from memdump.elfcore import PT_LOAD, CoreLayout, parse_core
-from memdump.errors import InvalidDumpError
+from memdump.errors import ChunkedDumpError, CorruptChunkError, InvalidDumpError
 
 log = logging.getLogger("memdump.analysis")
 
@@ -163,6 +172,13 @@ def _check(
 ) -> str:
     if not dump.is_file():
         raise _CheckError(f"dump not found: {dump}")
+    with open(dump, "rb") as f:
+        try:
+            index = read_index(f)
+        except ChunkedDumpError as exc:
+            raise _Failed(f"not a valid chunked gzip file: {exc}") from exc
+    if index is not None:
+        return _check_chunked(vol, dump, index, samples, banners, expect, progress)
     # Absolute: Volatility opens it through a file:// URI.
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=work_dir or dump.parent)).absolute()
     lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -175,32 +191,14 @@ def _check(
         ctx = vol.contexts.Context()
         with progress.timed("stack"):
             elf_name = _stack(vol, ctx, core, layout, progress)
-        elf = ctx.layers[elf_name]
-        failures: list[str] = []
-        with progress.timed("pages"):
-            failures += _cross_check(vol, elf, core, layout, samples, expect, progress)
-        banner_error: Exception | None = None
-        if banners:
-            # Even when the pages disagree, the banners tell a human what the image is.
-            with progress.timed("banners"):
-                try:
-                    progress.banners = volatility.banners(vol, ctx, elf_name)
-                except Exception as exc:  # a plugin bug must not hide a failed check
-                    banner_error = exc
-        if failures:
-            more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
-            raise _Failed(failures[0] + more)
-        if banner_error is not None:
-            log.error("banners plugin crashed on %s", dump, exc_info=banner_error)
-            raise _CheckError(
-                f"banners plugin crashed: {type(banner_error).__name__}: {banner_error}"
+        with open(core, "rb", buffering=0) as copy:
+
+            def ours(offset: int, length: int) -> bytes:
+                return os.pread(copy.fileno(), length, offset)
+
+            return _examine(
+                vol, ctx, dump, elf_name, ours, layout, samples, banners, expect, progress
             )
-        times = ", ".join(f"{k} {v:.2f}s" for k, v in progress.timings.items())
-        return (
-            f"{progress.summary}; {progress.physical_bytes} bytes of guest memory; "
-            f"{progress.pages_checked} sampled pages and {len(expect)} expected values "
-            f"match memdump's reading; {len(progress.banners)} banner(s) ({times})"
-        )
     finally:
         if ctx is not None:
             volatility.destroy_layers(ctx)
@@ -210,6 +208,151 @@ def _check(
             log.warning("could not remove analysis temp dir %s: %s", tmp, exc)
         finally:
             os.close(lock)
+
+
+def _examine(
+    vol: SimpleNamespace,
+    ctx: Any,
+    dump: Path,
+    elf_name: str,
+    ours: Callable[[int, int], bytes],
+    layout: CoreLayout,
+    samples: int,
+    banners: bool,
+    expect: Mapping[int, bytes],
+    progress: _Progress,
+    after: Callable[[], None] | None = None,
+) -> str:
+    """The checks through the stacked ELF layer; ``ours`` reads the image at a file offset
+    memdump's way; ``after`` runs once Volatility is done with it (the chunked path checks
+    the chunks nobody read)."""
+    elf = ctx.layers[elf_name]
+    failures: list[str] = []
+    with progress.timed("pages"):
+        failures += _cross_check(vol, elf, ours, layout, samples, expect, progress)
+    banner_error: Exception | None = None
+    if banners:
+        # Even when the pages disagree, the banners tell a human what the image is.
+        with progress.timed("banners"):
+            try:
+                progress.banners = volatility.banners(vol, ctx, elf_name)
+            except ChunkedDumpError:
+                raise  # the dump is damaged: the plugin is not to blame
+            except Exception as exc:  # a plugin bug must not hide a failed check
+                banner_error = exc
+    if after is not None:
+        after()
+    if failures:
+        more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise _Failed(failures[0] + more)
+    if banner_error is not None:
+        log.error("banners plugin crashed on %s", dump, exc_info=banner_error)
+        raise _CheckError(f"banners plugin crashed: {type(banner_error).__name__}: {banner_error}")
+    times = ", ".join(f"{k} {v:.2f}s" for k, v in progress.timings.items())
+    return (
+        f"{progress.summary}; {progress.physical_bytes} bytes of guest memory; "
+        f"{progress.pages_checked} sampled pages and {len(expect)} expected values "
+        f"match memdump's reading; {len(progress.banners)} banner(s) ({times})"
+    )
+
+
+# -- a chunked .mem.gz, in place ---------------------------------------------------------
+
+
+def _check_chunked(
+    vol: SimpleNamespace,
+    dump: Path,
+    index: Index,
+    samples: int,
+    banners: bool,
+    expect: Mapping[int, bytes],
+    progress: _Progress,
+) -> str:
+    ctx = vol.contexts.Context()
+    layout: CoreLayout | None = None
+    try:
+        with open(dump, "rb") as f:
+            # memdump's own reading: its own file handle and cache, every chunk checked.
+            mine = ChunkReader(f, index, cache_chunks=2, check=True)
+            with progress.timed("index"):
+                layout = _layout_of(mine, index)
+            with progress.timed("stack"):
+                elf_name, base = _stack_chunked(vol, ctx, dump.absolute(), layout, progress)
+            layer = ctx.layers[base]
+
+            def rest() -> None:
+                with progress.timed("chunks"):
+                    _check_chunks(f, index, layer.inflated)
+
+            return _examine(
+                vol,
+                ctx,
+                dump,
+                elf_name,
+                mine.read,
+                layout,
+                samples,
+                banners,
+                expect,
+                progress,
+                rest,
+            )
+    except CorruptChunkError as exc:
+        start = int(exc.fields["raw_offset"])
+        where = _guest_ranges(layout, start, start + int(exc.fields["raw_size"]))
+        raise _Failed(f"not a valid chunked gzip file: {exc}{where}") from exc
+    except ChunkedDumpError as exc:
+        raise _Failed(f"not a valid chunked gzip file: {exc}") from exc
+    finally:
+        volatility.destroy_layers(ctx)
+
+
+def _layout_of(reader: ChunkReader, index: Index) -> CoreLayout:
+    """memdump's reading of the ELF headers at the start of the image, and the image's
+    size against theirs."""
+    want = 64 << 10  # QEMU's headers and notes take a few KiB: usually one chunk
+    while True:
+        head = reader.read(0, min(want, index.raw_size, _MAX_HEAD))
+        layout = _parse_head(head)
+        if layout is not None:
+            break
+        if len(head) >= index.raw_size:
+            layout = _parse_last(head)
+            break
+        want *= 4
+    if index.raw_size != layout.file_size:
+        what = "cut short" if index.raw_size < layout.file_size else "followed by extra data"
+        raise _Failed(
+            f"core is {what}: {index.raw_size} bytes in the chunked image, its ELF headers "
+            f"declare {layout.file_size}"
+        )
+    return layout
+
+
+def _check_chunks(f: Any, index: Index, done: set[int]) -> None:
+    """Check the chunks Volatility did not inflate (verified) against the index, on a few
+    threads (ISA-L and hashlib release the GIL); the first bad one by number raises."""
+    todo = [c for c in index.chunks if c.number not in done]
+    if not todo:
+        return
+    threads = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(threads, thread_name_prefix="memdump-analysis") as pool:
+        # map yields in order and re-raises the first failure by position.
+        for _ in pool.map(lambda c: len(read_chunk(f, c, check=True)), todo):
+            pass
+
+
+def _guest_ranges(layout: CoreLayout | None, start: int, end: int) -> str:
+    """The guest-physical ranges file bytes [start, end) hold, for a message."""
+    if layout is None:
+        return ""
+    parts = []
+    for s in layout.segments:
+        lo, hi = max(start, s.offset), min(end, s.offset + s.filesz)
+        if s.type == PT_LOAD and lo < hi:
+            a = s.paddr + lo - s.offset
+            parts.append(f"0x{a:x}-0x{a + hi - lo:x}")
+    return f"; guest-physical {', '.join(parts)}" if parts else "; outside guest memory"
 
 
 # -- decompression ---------------------------------------------------------------------
@@ -311,7 +454,24 @@ def _stack(
     vol: SimpleNamespace, ctx: Any, core: Path, layout: CoreLayout, progress: _Progress
 ) -> str:
     """Let Volatility recognise the file in ``ctx``; returns the ELF layer's name."""
-    names = volatility.stack_file(vol, ctx, core)
+    return _elf_of(vol, ctx, volatility.stack_file(vol, ctx, core), layout, progress)
+
+
+def _stack_chunked(
+    vol: SimpleNamespace, ctx: Any, dump: Path, layout: CoreLayout, progress: _Progress
+) -> tuple[str, str]:
+    """The same over memdump's chunked layer (checking every chunk it inflates): the
+    names of the ELF layer and of the chunked layer under it."""
+    try:
+        names = volatility.stack_chunked(vol, ctx, dump, verify=True)
+    except vol.exceptions.LayerException as exc:  # the index was read once already
+        raise _Failed(f"Volatility 3 cannot open the chunked image: {exc}") from exc
+    return _elf_of(vol, ctx, names, layout, progress), names[-1]
+
+
+def _elf_of(
+    vol: SimpleNamespace, ctx: Any, names: list[str], layout: CoreLayout, progress: _Progress
+) -> str:
     progress.summary = " over ".join(type(ctx.layers[n]).__name__ for n in names)
     if len(names) < 2:
         why = volatility.why_not_elf(vol, ctx, names[-1])
@@ -328,7 +488,7 @@ def _stack(
 def _cross_check(
     vol: SimpleNamespace,
     elf: Any,
-    core: Path,
+    ours: Callable[[int, int], bytes],
     layout: CoreLayout,
     samples: int,
     expect: Mapping[int, bytes],
@@ -345,22 +505,21 @@ def _cross_check(
             f"Volatility 3 maps {progress.physical_bytes} bytes of guest memory, "
             f"the ELF headers declare {layout.memory_bytes}"
         )
-    with open(core, "rb", buffering=0) as f:
-        for paddr, length in _sample_pages(layout, samples):
-            progress.pages_checked += 1
-            # Sampled from the PT_LOADs themselves, so memdump always has an offset.
-            offset = cast(int, layout.offset_of(paddr))
-            ours = os.pread(f.fileno(), length, offset)
-            try:
-                theirs = elf.read(paddr, length)
-            except vol.exceptions.InvalidAddressException as exc:
-                failures.append(f"Volatility 3 cannot read guest-physical 0x{paddr:x}: {exc}")
-                continue
-            if theirs != ours:
-                failures.append(
-                    f"guest-physical page 0x{paddr:x}: Volatility 3 reads different bytes "
-                    f"than the core holds at file offset 0x{offset:x}"
-                )
+    for paddr, length in _sample_pages(layout, samples):
+        progress.pages_checked += 1
+        # Sampled from the PT_LOADs themselves, so memdump always has an offset.
+        offset = cast(int, layout.offset_of(paddr))
+        mine = ours(offset, length)
+        try:
+            theirs = elf.read(paddr, length)
+        except vol.exceptions.InvalidAddressException as exc:
+            failures.append(f"Volatility 3 cannot read guest-physical 0x{paddr:x}: {exc}")
+            continue
+        if theirs != mine:
+            failures.append(
+                f"guest-physical page 0x{paddr:x}: Volatility 3 reads different bytes "
+                f"than the core holds at file offset 0x{offset:x}"
+            )
     for paddr, want in sorted(expect.items()):
         try:
             got = elf.read(paddr, len(want))

@@ -9,6 +9,10 @@ the stackers' ``stack_order``, ``schemas.cached_validation_filepath``, a subclas
 ``RegExScanner`` and of the ``Banners`` plugin): pyproject.toml pins volatility3 to the
 tested minor release, and tests/unit/test_volatility_api.py checks that each of these
 exists with the signature used here, so an upgrade fails in that test, not at a capture.
+
+memdump.chunklayer (the layer that reads a chunked ``.mem.gz`` in place, and its stacker)
+is Volatility code too: it is imported here, by ``load()``, and by ``memdump vol``, never
+at import time of anything else; ``stack_chunked`` opens a dump through it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -67,6 +72,8 @@ def load() -> SimpleNamespace:
         from volatility3.framework.renderers import format_hints
         from volatility3.plugins import banners
 
+        from memdump import chunklayer
+
         framework.require_interface_version(*INTERFACE)
         # Stackers register themselves on import; LayerStacker.__call__ would do this.
         framework.import_files(volatility3.framework.layers, True)
@@ -89,6 +96,7 @@ def load() -> SimpleNamespace:
             stacker=stacker,
             physical=physical,
             elf=elf,
+            chunklayer=chunklayer,
             construct_plugin=construct_plugin,
             banners_plugin=_fast_banners_class(
                 banners.Banners, scanners.RegExScanner, format_hints.Hex
@@ -128,6 +136,23 @@ def stack_file(vol: SimpleNamespace, ctx: Any, path: Path) -> list[str]:
     base = "memdump_file"
     ctx.config[vol.interfaces.configuration.path_join(base, "location")] = path.as_uri()
     ctx.add_layer(vol.physical.FileLayer(ctx, base, base))
+    return _stack_formats(vol, ctx, base)
+
+
+def stack_chunked(vol: SimpleNamespace, ctx: Any, path: Path, *, verify: bool) -> list[str]:
+    """Open the chunked ``.mem.gz`` ``path`` as memdump's chunked layer (``verify``: check
+    every chunk it inflates against the index) and stack the file-format layers on it,
+    as ``stack_file`` does on a raw image. Raises Volatility's LayerException when the
+    file is not a chunked dump or its index is damaged."""
+    base = "memdump_chunked"
+    config = vol.interfaces.configuration.path_join
+    ctx.config[config(base, "location")] = path.as_uri()
+    ctx.config[config(base, "verify")] = verify
+    ctx.add_layer(vol.chunklayer.ChunkedGzipLayer(ctx, base, base))
+    return _stack_formats(vol, ctx, base)
+
+
+def _stack_formats(vol: SimpleNamespace, ctx: Any, base: str) -> list[str]:
     # File-format stackers only (ELF, LiME, QEMU, crash dump, ...): the OS stackers
     # (LinuxIntelStacker & co.) hunt for page tables and need kernel symbols, which is
     # analysis proper, not "does the image open".
@@ -141,6 +166,33 @@ def stack_file(vol: SimpleNamespace, ctx: Any, path: Path) -> list[str]:
     )
     names: list[str] = vol.stacker.LayerStacker.stack_layer(ctx, base, stackers)
     return names
+
+
+def run_cli(argv: list[str]) -> int:
+    """Volatility 3's command line (``vol``) with ``argv``, memdump's chunked layer and
+    its stacker loaded (they register as subclasses on import), so ``-f`` on a chunked
+    ``.mem.gz`` stacks Volatility's layers on it; the exit status.
+
+    Not ``load()``: that configures Volatility for memdump's own check (quiet logging,
+    no symbol cache file); an analyst's ``vol`` keeps its usual behaviour (``-v``, cache).
+    """
+    from volatility3 import cli
+
+    import memdump.chunklayer  # noqa: F401  (registers ChunkedGzipStacker)
+
+    saved = sys.argv
+    sys.argv = ["memdump vol", *argv]  # Volatility's parser reads sys.argv itself
+    try:
+        cli.main()
+    except SystemExit as exc:
+        code = exc.code
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)  # what SystemExit would have printed
+        return 1
+    finally:
+        sys.argv = saved
+    return 0
 
 
 def destroy_layers(ctx: Any) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, distribution
 from typing import TYPE_CHECKING, TypeAlias
 
-from memdump.cli import capture, inventory, maintenance, queries, trigger
+from memdump.cli import capture, inventory, maintenance, queries, trigger, vol
 from memdump.errors import MemdumpError
 from memdump.fsperm import private_umask
 from memdump.settings import Settings
@@ -31,6 +31,7 @@ ENGINE: tuple[Register, ...] = (
     maintenance.register,
     trigger.register,
     queries.register,
+    vol.register,
 )
 
 

@@ -110,3 +110,50 @@ def test_the_banners_plugin_memdump_subclasses(vol: Any) -> None:
     assert hasattr(scanner, "regex") and isinstance(scanner.chunk_size, int)
     assert params(scanners.RegExScanner.__call__) == ["data", "data_offset"]
     assert issubclass(format_hints.Hex, int)
+
+
+def test_what_the_chunked_layer_builds_on(vol: Any, tmp_path: Path) -> None:
+    """memdump.chunklayer (issue 14 item 3): a DataLayerInterface whose abstract members it
+    implements, a StackerLayerInterface called as stack(context, layer_name, callback),
+    FileLayer's location and cached size (the stacker fills _maximum_address, which
+    FileLayer otherwise computes by seeking to the end: for a .gz, inflating it all), the
+    class path ConstructionMagic rebuilds layers from, and `vol`'s entry point."""
+    from volatility3 import cli
+    from volatility3.framework.configuration import requirements
+
+    data = vol.interfaces.layers.DataLayerInterface
+    assert data.__abstractmethods__ <= {
+        "maximum_address",
+        "minimum_address",
+        "is_valid",
+        "read",
+        "write",
+    }
+    assert not getattr(vol.chunklayer.ChunkedGzipLayer, "__abstractmethods__", set())
+    assert params(data.__init__)[:4] == ["context", "config_path", "name", "metadata"]
+    assert params(vol.interfaces.automagic.StackerLayerInterface.stack) == [
+        "context",
+        "layer_name",
+        "progress_callback",
+    ]
+    stacker = vol.interfaces.automagic.StackerLayerInterface
+    assert isinstance(inspect.getattr_static(stacker, "stack"), classmethod)
+    # Runs before the file-format stackers (stack_layer tries them in stack_order).
+    assert vol.chunklayer.ChunkedGzipStacker.stack_order < vol.elf.Elf64Stacker.stack_order
+    core = tmp_path / "f.bin"
+    core.write_bytes(b"x" * 100)
+    ctx = vol.contexts.Context()
+    ctx.config["f.location"] = core.as_uri()
+    layer = vol.physical.FileLayer(ctx, "f", "f")
+    try:
+        assert layer.location == core.as_uri()
+        assert layer._maximum_address is None
+        layer._maximum_address = 41
+        assert layer.maximum_address == 41
+    finally:
+        layer.destroy()
+    ctx.layers.free_layer_name("x")
+    assert {"StringRequirement", "BooleanRequirement"} <= set(vars(requirements))
+    built = vol.chunklayer.ChunkedGzipLayer.get_requirements()
+    assert {r.name for r in built} == {"location", "verify"}
+    assert callable(cli.main) and params(cli.main) == []

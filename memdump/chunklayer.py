@@ -1,0 +1,254 @@
+"""A Volatility 3 layer that reads a chunked ``.mem.gz`` (memdump.chunkedgz) in place.
+
+Volatility opens ``*.gz`` through Python's gzip module: every read decompresses from the
+start of the stream (or from the last position, forwards), so analysts gunzip a copy
+first. A chunked dump needs neither: its index says which gzip member holds any offset of
+the raw image, and only that member is inflated (``ChunkReader``, which keeps the last few
+chunks). Reads spanning several chunks (a plugin's 16 MiB scan windows) inflate them on
+a few threads at once: ISA-L and hashlib release the GIL.
+
+``ChunkedGzipLayer`` is a data layer over the raw ELF image, so Volatility's ELF layer
+(and, above it, the OS layers) stack on it as they do on the uncompressed file.
+``ChunkedGzipStacker`` makes ``-f dump.mem.gz`` use it: Volatility first opens the file
+as a FileLayer (through gzip), this stacker runs before the file-format ones
+(``stack_order``) and puts the chunked layer on top when the file has a memdump
+trailer; an older single-stream dump is left to Volatility's own gzip path.
+
+This module is Volatility code (it imports volatility3 at import time): only
+memdump.volatility imports it, from ``load()``, and the ``memdump vol`` command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from volatility3.framework import constants, exceptions, interfaces
+from volatility3.framework.configuration import requirements
+from volatility3.framework.layers import physical
+
+from memdump.chunkedgz import ChunkReader, Index, read_index
+from memdump.errors import ChunkedDumpError
+
+log = logging.getLogger("memdump.chunklayer")
+
+# Enough for a plugin that walks page tables and structures across a few regions; a 16
+# MiB scan window is inflated in parallel and not kept (see read()).
+CACHE_CHUNKS = 16
+# Threads inflating one multi-chunk read; the reader is the analyst's process, not a
+# collector, so "the cores there are" (capped: more is memory, not speed, at 2 per core).
+_MAX_THREADS = 8
+
+
+def local_path(location: str) -> Path | None:
+    """The local file behind a Volatility location (a ``file:`` URI or a plain path);
+    None for anything remote (Volatility would download it: not ours to read in place)."""
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            return None
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "":
+        return Path(location)
+    return None
+
+
+def open_index(path: Path) -> Index | None:
+    """The chunk index of ``path``; None for an older single-stream ``.mem.gz`` (or any
+    file without a memdump trailer). A trailer whose index is damaged raises
+    ChunkedDumpError."""
+    with open(path, "rb") as f:
+        return read_index(f)
+
+
+class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[misc]
+    """The raw image inside a chunked ``.mem.gz``, read chunk by chunk through its index.
+
+    Config: ``location`` (a ``file:`` URI or path), ``verify`` (optional, default off:
+    also check each chunk's CRC32 and SHA-256 against the index when inflating it; the
+    header fields and sizes are always checked). A chunk that fails raises
+    CorruptChunkError (memdump.errors) out of ``read``, naming the chunk and its raw
+    range: a damaged dump is never read as zeros, even with ``pad``.
+    """
+
+    def __init__(
+        self,
+        context: interfaces.context.ContextInterface,
+        config_path: str,
+        name: str,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(context=context, config_path=config_path, name=name, metadata=metadata)
+        self._location: str = self.config["location"]
+        self._verify = bool(self.config.get("verify", False))
+        path = local_path(self._location)
+        if path is None:
+            raise exceptions.LayerException(name, f"not a local file: {self._location}")
+        self._path = path
+        self._lock = threading.Lock()
+        self._file: BinaryIO | None = None
+        self._reader: ChunkReader | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self.inflated: set[int] = set()  # chunk numbers read so far (checked, with verify)
+        # Open now, so a missing file or a damaged index fails the layer's construction
+        # (and the stacker), as FileLayer does for a missing file.
+        self._index = self._open().index
+
+    def _open(self) -> ChunkReader:
+        with self._lock:
+            if self._reader is None:
+                f = open(self._path, "rb")  # noqa: SIM115 (closed by destroy())
+                try:
+                    index = read_index(f)
+                except ChunkedDumpError as exc:
+                    f.close()
+                    raise exceptions.LayerException(self.name, str(exc)) from exc
+                except BaseException:
+                    f.close()
+                    raise
+                if index is None:
+                    f.close()
+                    raise exceptions.LayerException(
+                        self.name, f"not a chunked .mem.gz (no memdump trailer): {self._path}"
+                    )
+                self._file = f
+                self._reader = ChunkReader(f, index, cache_chunks=CACHE_CHUNKS, check=self._verify)
+            return self._reader
+
+    @property
+    def index(self) -> Index:
+        return self._index
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    @property
+    def maximum_address(self) -> int:
+        return self._index.raw_size - 1
+
+    @property
+    def minimum_address(self) -> int:
+        return 0
+
+    def is_valid(self, offset: int, length: int = 1) -> bool:
+        if length <= 0:
+            raise ValueError("Length must be positive")
+        return 0 <= offset and offset + length <= self._index.raw_size
+
+    def read(self, offset: int, length: int, pad: bool = False) -> bytes:
+        if length <= 0:
+            return b""
+        size = self._index.raw_size
+        if not self.is_valid(offset, length):
+            if not pad:
+                bad = offset if not 0 <= offset < size else size
+                raise exceptions.InvalidAddressException(
+                    self.name, bad, "Offset outside of the chunked image's boundaries"
+                )
+            # Only the part outside the image is padding.
+            lo, hi = max(offset, 0), min(offset + length, size)
+            if lo >= hi:
+                return bytes(length)
+            return bytes(lo - offset) + self._read(lo, hi - lo) + bytes(offset + length - hi)
+        return self._read(offset, length)
+
+    def _read(self, offset: int, length: int) -> bytes:
+        reader = self._reader or self._open()
+        numbers = self._index.covering(offset, offset + length)
+        if len(numbers) <= 2:
+            data = reader.read(offset, length)
+        else:
+            # A scan window: inflate its chunks side by side, then cut the range out.
+            chunks = list(self._threads().map(reader.chunk, numbers))
+            first = self._index.chunks[numbers[0]].raw_offset
+            data = b"".join(chunks)[offset - first : offset - first + length]
+        self.inflated.update(numbers)
+        return data
+
+    def _threads(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                n = max(1, min(_MAX_THREADS, os.cpu_count() or 1))
+                self._pool = ThreadPoolExecutor(n, thread_name_prefix="memdump-chunklayer")
+            return self._pool
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise exceptions.LayerException(self.name, "a chunked .mem.gz is evidence: read only")
+
+    def destroy(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+            self._reader = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Volatility pickles layers for multiprocessing; the file, the threads and the
+        # lock are reopened/recreated in the other process.
+        state = dict(self.__dict__)
+        state.update(_file=None, _reader=None, _pool=None, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:
+        return [
+            requirements.StringRequirement(name="location", optional=False),
+            requirements.BooleanRequirement(
+                name="verify",
+                description="Check each chunk's CRC32 and SHA-256 when inflating it",
+                default=False,
+                optional=True,
+            ),
+        ]
+
+
+class ChunkedGzipStacker(interfaces.automagic.StackerLayerInterface):  # type: ignore[misc]
+    """Puts ChunkedGzipLayer over a FileLayer whose file is a chunked ``.mem.gz``."""
+
+    # Before the file-format stackers (ELF, LiME, ... at 10 and above): they would
+    # otherwise stack on the FileLayer, i.e. on Volatility's gzip stream.
+    stack_order = 5
+
+    @classmethod
+    def stack(
+        cls,
+        context: interfaces.context.ContextInterface,
+        layer_name: str,
+        progress_callback: constants.ProgressCallback = None,
+    ) -> interfaces.layers.DataLayerInterface | None:
+        base = context.layers[layer_name]
+        if type(base) is not physical.FileLayer:
+            return None
+        path = local_path(base.location)
+        if path is None or not path.is_file():
+            return None
+        try:
+            index = open_index(path)
+        except ChunkedDumpError as exc:
+            # Still one valid gzip file: Volatility's own (slow) path can read it.
+            log.warning("%s: %s; reading it as a single gzip stream", path, exc)
+            return None
+        if index is None:
+            return None
+        # LayerStacker logs the FileLayer's size after stacking; for a .gz FileLayer that
+        # means seeking to the end of the gzip stream, i.e. inflating the whole dump.
+        # The index knows the answer (the size of what the stream inflates to).
+        if getattr(base, "_maximum_address", 0) is None:
+            base._maximum_address = index.raw_size - 1
+        name = context.layers.free_layer_name("ChunkedGzipLayer")
+        context.config[interfaces.configuration.path_join(name, "location")] = base.location
+        return ChunkedGzipLayer(context, name, name)
