@@ -85,6 +85,17 @@ class Record(BaseModel):
         description="The guest's measured pause, ms (live: QEMU's downtime; paused: the"
         " hypervisor script's window around the dump); null where unknown",
     )
+    # What changed since the previous capture of the same VM (issue 14), from the two
+    # dumps' chunk indexes; null/empty in records older than these fields.
+    chunks_changed: int | None = Field(
+        None,
+        description="Chunks that differ from the previous capture of the same VM (same"
+        " hypervisor and vmid); null when not compared (chunks_changed_reason says why)",
+    )
+    chunks_compared_with: str = Field("", description="That previous capture's dump_path")
+    chunks_changed_reason: str = Field(
+        "", description="Why chunks_changed is null (no previous capture, older format...)"
+    )
 
 
 class RecordsResponse(BaseModel):

@@ -12,6 +12,7 @@ manifest (``capture.fallback_reason``) and the record (``live_fallback_reason``)
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -20,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from memdump import manifest
@@ -38,6 +40,8 @@ from memdump.records.model import DumpRecord
 from memdump.settings import HypervisorConfig, Settings
 
 Mode = Literal["paused", "live"]
+# The finished dump -> the manifest's "changes" section (memdump.changes, via the chain).
+ChangesFn = Callable[[Path], Mapping[str, Any]]
 log = logging.getLogger("memdump.capture")
 LIVE_FORMAT = "memdump.livecore, from a QEMU background-snapshot migration stream"
 
@@ -93,12 +97,16 @@ def capture(
     trigger: Mapping[str, str] | None = None,
     mode: Mode | None = None,
     hv: HypervisorConfig | None = None,
+    changes: ChangesFn | None = None,
 ) -> Capture:
     """``trigger``: what started the capture (``source``: api, schedule, cli; and the
     orchestrator's run id), recorded in the manifest. ``mode``: "paused" or "live",
     overriding the configured one (capture_mode); ``hv``: the driver's inventory entry
-    (else found by ``ref.hypervisor``)."""
+    (else found by ``ref.hypervisor``). ``changes``: given the finished dump, the
+    manifest's ``changes`` section (the capture chain's comparison with the previous
+    capture, memdump.changes), written with the rest of the manifest."""
     requested: Mode = mode or capture_mode(settings, ref.hypervisor, hv)
+    once = functools.partial(_capture_once, changes=changes)
     info = driver.snapshot(ref)
     if not info.running:
         raise VMNotRunningError(
@@ -119,9 +127,7 @@ def capture(
             reason = short
         else:
             try:
-                return _capture_once(
-                    driver, ref, settings, info, "live", deadline, progress, trigger
-                )
+                return once(driver, ref, settings, info, "live", deadline, progress, trigger)
             except MemdumpError as exc:
                 refused = _unsupported(exc)
                 if refused is None:
@@ -133,7 +139,7 @@ def capture(
             ref.hypervisor,
             reason,
         )
-    return _capture_once(
+    return once(
         driver, ref, settings, info, "paused", deadline, progress, trigger, requested, reason
     )
 
@@ -149,6 +155,8 @@ def _capture_once(
     trigger: Mapping[str, str] | None,
     requested: Mode | None = None,
     fallback_reason: str = "",
+    *,
+    changes: ChangesFn | None = None,
 ) -> Capture:
     started = datetime.now(UTC)
     t0 = time.monotonic()
@@ -221,6 +229,8 @@ def _capture_once(
         fallback_reason=fallback_reason or None,
         live=live,
     )
+    if changes is not None:
+        doc["changes"] = dict(changes(result.path))
     try:
         _, manifest_sha = manifest.write(result.path, doc)
     except MemdumpError:

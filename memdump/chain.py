@@ -1,6 +1,11 @@
 """The whole chain of one VM: capture (snapshot, dump, stream, analysis, manifest) ->
 offload to S3 (when configured) -> record (the store, else the outbox).
 
+Before the manifest is written, the new dump's chunk index is compared with that of the
+previous capture of the same VM found in the record store (memdump.changes): how many
+chunks differ goes into the manifest (``changes``) and the record (``chunks_changed``,
+``chunks_compared_with``, ``chunks_changed_reason``), or why they could not be compared.
+
 One function, :func:`run_chain`, that the Prefect task, ``memdump capture`` and tests
 call alike (each finds the VM its own way; :func:`resolved` finds one id), so a capture
 from the CLI leaves exactly what a trigger leaves (file, manifest, record, object). The
@@ -19,8 +24,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from memdump.capture import Capture, Mode, capture
+from memdump.changes import since_previous
 from memdump.errors import MemdumpError, OffloadFailedError, RecordNotWrittenError
 from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.locations import Location
@@ -85,10 +92,28 @@ def run_chain(
             progress=progress(ref) if progress is not None else None,
             trigger=trigger,
             mode=mode,
+            changes=lambda dump: since_previous(
+                settings, ref.hypervisor, ref.vmid, dump
+            ).manifest_section(),
         )
-    record, obj = offload(captured.record, settings)
+    record, obj = offload(with_changes(captured.record, captured.manifest), settings)
     recorded, outbox = record_dump(record, settings)
     return ChainResult(captured, record, obj, recorded, outbox)
+
+
+def with_changes(record: DumpRecord, doc: Mapping[str, Any]) -> DumpRecord:
+    """The record with what its manifest says changed since the previous capture of the
+    VM (its ``changes`` section, from memdump.changes): the same numbers in both."""
+    changes = doc.get("changes")
+    if not isinstance(changes, Mapping):
+        return record
+    previous = changes.get("previous") or {}
+    return dataclasses.replace(
+        record,
+        chunks_changed=changes.get("chunks_changed"),
+        chunks_compared_with=str(previous.get("dump_path") or ""),
+        chunks_changed_reason=str(changes.get("reason") or ""),
+    )
 
 
 def offload(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, Location | None]:

@@ -4,10 +4,12 @@ its manifest (retention) are written once here, not once per caller and kind."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import io
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 from memdump.errors import ObjectNotFoundError
 from memdump.locations import Location
@@ -32,6 +34,19 @@ class StoredDump(Protocol):
 
     def manifest(self, limit: int) -> bytes | None:
         """At most ``limit`` bytes of its manifest (None if there is none)."""
+        ...
+
+    def size(self) -> int:
+        """The stored (.gz) size in bytes."""
+        ...
+
+    def read_range(self, start: int, length: int) -> bytes:
+        """``length`` stored bytes from ``start`` (fewer at the end); safe from several
+        threads at once (a chunked dump's members are read in parallel)."""
+        ...
+
+    def open(self) -> BinaryIO:
+        """A seekable, read-only file of the stored bytes (S3: ranged GETs)."""
         ...
 
     def delete(self) -> bool:
@@ -71,6 +86,16 @@ class LocalDump:
         except FileNotFoundError:
             return None
 
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def read_range(self, start: int, length: int) -> bytes:
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), length, start)
+
+    def open(self) -> BinaryIO:
+        return open(self.path, "rb")
+
     def delete(self) -> bool:
         existed = self.path.exists()
         self.path.unlink(missing_ok=True)
@@ -101,6 +126,15 @@ class S3Dump:
             return None
         return bytes(buf)
 
+    def size(self) -> int:
+        return self.store.size(self.key)
+
+    def read_range(self, start: int, length: int) -> bytes:
+        return self.store.read_range(self.key, start, length)
+
+    def open(self) -> BinaryIO:
+        return cast(BinaryIO, RangedFile(self.size(), self.read_range))
+
     def delete(self) -> bool:
         existed = self.store.exists(self.key)
         # The version this capture wrote (versioned bucket), else the key itself.
@@ -112,3 +146,39 @@ class S3Dump:
         mversion = self.store.current_version(mkey) if version else None
         self.store.delete(mkey, version_id=mversion)
         return existed
+
+
+class RangedFile(io.RawIOBase):
+    """A read-only, seekable file over ranged reads (an S3 object): each read is one
+    request for exactly the bytes asked for, so reading a chunked dump's trailer and index
+    costs a few small GETs, not a download."""
+
+    def __init__(self, size: int, read_range: Callable[[int, int], bytes]) -> None:
+        self._size = size
+        self._read_range = read_range
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        data = self._read_range(self._pos, want)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

@@ -16,6 +16,7 @@ from memdump.errors import RecordStoreError
 from memdump.records.base import RecordQuery, Stats
 from memdump.records.model import (
     API_FIELDS,
+    INTEGER_LATER_FIELDS,
     LATER_FIELDS,
     NUMERIC_LATER_FIELDS,
     DumpRecord,
@@ -32,8 +33,9 @@ _STR_FIELDS = (
     "hypervisor",
     *(f for f in LATER_FIELDS if f not in NUMERIC_LATER_FIELDS),
 )
-# Float fields written only when known (InfluxDB has no null: a missing field reads as it).
-_FLOAT_FIELDS = NUMERIC_LATER_FIELDS
+# Numeric fields written only when known (InfluxDB has no null: a missing field reads as it).
+_FLOAT_FIELDS = tuple(f for f in NUMERIC_LATER_FIELDS if f not in INTEGER_LATER_FIELDS)
+_LATER_INT_FIELDS = INTEGER_LATER_FIELDS
 # Fields a table written before they existed may lack (InfluxDB adds a column on the
 # first write that carries it): such a table is read without them (as "").
 _LATER_FIELDS = LATER_FIELDS
@@ -132,6 +134,9 @@ class InfluxDB3RecordStore:
         for name in _FLOAT_FIELDS:
             if (value := getattr(r, name)) is not None:
                 point = point.field(name, float(value))
+        for name in _LATER_INT_FIELDS:
+            if (value := getattr(r, name)) is not None:
+                point = point.field(name, int(value))
         # Same series + same time = the same row: a replayed write is not a duplicate.
         self._write(point.time(_ns(r.timestamp), WritePrecision.NS))
         return True
@@ -176,7 +181,7 @@ class InfluxDB3RecordStore:
         for row in rows:
             d = {k: row.get(k) for k in API_FIELDS}
             for k in _LATER_FIELDS:
-                if k not in _FLOAT_FIELDS:
+                if k not in NUMERIC_LATER_FIELDS:
                     d[k] = d[k] or ""
             d["timestamp"] = _iso_from_ns(int(row["time_ns"]))
             out.append(d)

@@ -45,11 +45,16 @@ EXTRA_FIELDS = (
     "capture_mode",
     "live_fallback_reason",
     "pause_ms",
+    "chunks_changed",
+    "chunks_compared_with",
+    "chunks_changed_reason",
 )
+# Then what changed since the previous capture of the same VM (memdump.changes).
 # Extras added after the first release: stores add their columns to an older table and
 # read rows without them as "" (the numeric ones in NUMERIC_LATER_FIELDS as None).
 LATER_FIELDS = EXTRA_FIELDS[EXTRA_FIELDS.index("manifest_sha256") :]
-NUMERIC_LATER_FIELDS = ("pause_ms",)
+NUMERIC_LATER_FIELDS = ("pause_ms", "chunks_changed")
+INTEGER_LATER_FIELDS = ("chunks_changed",)  # of NUMERIC_LATER_FIELDS, the whole numbers
 API_FIELDS = CONTRACT_FIELDS + EXTRA_FIELDS
 
 
@@ -86,6 +91,11 @@ class DumpRecord:
     capture_mode: str = ""  # "paused" or "live": the mode used; "" in older records
     live_fallback_reason: str = ""  # why a live capture fell back to paused; "" if it did not
     pause_ms: float | None = None  # the guest's measured pause; None where unknown
+    # Chunks that differ from the previous capture of the same VM (memdump.changes), from
+    # the two chunk indexes; None when not compared, chunks_changed_reason saying why.
+    chunks_changed: int | None = None
+    chunks_compared_with: str = ""  # that previous capture's dump_path
+    chunks_changed_reason: str = ""
 
     def contract_dict(self) -> dict[str, Any]:
         d = asdict(self)

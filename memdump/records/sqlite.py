@@ -14,6 +14,7 @@ from memdump.fsperm import private_dir, private_file
 from memdump.records.base import RecordQuery, Stats
 from memdump.records.model import (
     API_FIELDS,
+    INTEGER_LATER_FIELDS,
     LATER_FIELDS,
     NUMERIC_LATER_FIELDS,
     DumpRecord,
@@ -47,6 +48,9 @@ CREATE TABLE IF NOT EXISTS mem_dumps (
     capture_mode TEXT NOT NULL DEFAULT '',
     live_fallback_reason TEXT NOT NULL DEFAULT '',
     pause_ms REAL,                     -- NULL: unknown (records older than the field)
+    chunks_changed INTEGER,            -- NULL: not compared (chunks_changed_reason says why)
+    chunks_compared_with TEXT NOT NULL DEFAULT '',
+    chunks_changed_reason TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (vmid, time_us, sha256)
 );
 CREATE INDEX IF NOT EXISTS mem_dumps_time ON mem_dumps (time_us DESC);
@@ -54,7 +58,11 @@ CREATE INDEX IF NOT EXISTS mem_dumps_path ON mem_dumps (dump_path);
 """
 # Columns added after the first release, with their definitions (added on open).
 _ADDED = {
-    name: "REAL" if name in NUMERIC_LATER_FIELDS else "TEXT NOT NULL DEFAULT ''"
+    name: "INTEGER"
+    if name in INTEGER_LATER_FIELDS
+    else "REAL"
+    if name in NUMERIC_LATER_FIELDS
+    else "TEXT NOT NULL DEFAULT ''"
     for name in LATER_FIELDS
 }
 # Per-location deletion marks retention may set (memdump.locations).

@@ -453,6 +453,12 @@ class S3Store:
             return False
         return True
 
+    def size(self, key: str) -> int:
+        """The object's size in bytes (ObjectNotFoundError if there is none)."""
+        with self._mapped("head_object", key):
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+        return int(head["ContentLength"])
+
     def current_version(self, key: str) -> str | None:
         """The VersionId of the object at ``key`` now (None: no object, or no versioning)."""
         try:

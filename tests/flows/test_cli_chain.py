@@ -30,6 +30,10 @@ VARYING = {
     "s3_version_id",
     "manifest_sha256",
     "pause_ms",
+    # the first capture has no previous one to compare with; the second has the first
+    "chunks_changed",
+    "chunks_compared_with",
+    "chunks_changed_reason",
 }
 
 
@@ -106,7 +110,14 @@ def test_cli_capture_records_and_offloads_like_a_trigger(
         assert row["dump_path"].startswith(f"s3://{one_vm['bucket']}/")
         assert row["local_path"] == row["collector"] == ""
     assert cli_row["dump_path"] != trigger_row["dump_path"]
+    # The second capture is compared with the first, whose index is read from S3 (the
+    # local copy is gone) by ranged GETs: the same image, no chunk changed.
+    assert (trigger_row["chunks_changed"], cli_row["chunks_changed"]) == (None, 0)
+    assert "no previous capture" in trigger_row["chunks_changed_reason"]
+    assert cli_row["chunks_compared_with"] == trigger_row["dump_path"]
     cli_doc, trigger_doc = _manifest(one_vm, cli_row), _manifest(one_vm, trigger_row)
+    assert cli_doc.pop("changes")["previous"]["dump_path"] == trigger_row["dump_path"]
+    assert trigger_doc.pop("changes")["previous"] is None
     # What started each: the CLI, or the API through this flow run.
     assert cli_doc["capture"].pop("trigger") == {"source": "cli"}
     started_by = trigger_doc["capture"].pop("trigger")

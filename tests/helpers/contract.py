@@ -32,5 +32,9 @@ EXTRA_RECORD_FIELDS = [
     "capture_mode",
     "live_fallback_reason",
     "pause_ms",
+    # what changed since the previous capture of the VM (issue 14, item 5)
+    "chunks_changed",
+    "chunks_compared_with",
+    "chunks_changed_reason",
 ]
 API_RECORD_FIELDS = RECORD_FIELDS + EXTRA_RECORD_FIELDS
