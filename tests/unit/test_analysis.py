@@ -7,7 +7,6 @@ import fcntl
 import os
 import stat
 import struct
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from isal import isal_zlib
 from memdump import analysis, volatility
 from memdump.analysis import PAGE, Analysis, analyze
 from memdump.elfcore import parse_core
+from tests.helpers.audit import audited, written
 from tests.helpers.elfgen import PHDR, make_core, mixed_bytes
 
 # memdump.analysis installs this filter process-wide on first use, but pytest restores the
@@ -384,39 +384,15 @@ def test_offline_while_running_only(good: Path, seen: dict[str, Any]) -> None:
     assert constants.OFFLINE is False  # its urllib opener would refuse everyone's http
 
 
-_audit: list[tuple[str, tuple[Any, ...]]] | None = None
-
-
-def _hook(event: str, args: tuple[Any, ...]) -> None:
-    if _audit is not None and (
-        event in ("open", "os.mkdir") or event.startswith(("socket.", "urllib."))
-    ):
-        _audit.append((event, args))
-
-
 def test_no_network_and_no_writes_outside_the_temp_dir(good: Path) -> None:
-    global _audit
     analyze(good, samples=1, banners=False)  # first use in this process done
-    sys.addaudithook(_hook)  # cannot be removed; inert while _audit is None
-    _audit = []
-    try:
+    with audited() as events:
         a = analyze(good, expect={MARKER_PADDR: MARKER})
-    finally:
-        events, _audit = _audit, None
     assert a.status == "passed", a.detail
     assert not [e for e in events if e[0].startswith("socket.")]
     urls = [str(e[1][0]) for e in events if e[0] == "urllib.Request"]
     assert urls and all(u.startswith("file:") for u in urls)
-    writes = []
-    for event, args in events:
-        path, mode, flags = (args + (None, None))[:3]
-        writing = event == "os.mkdir" or (
-            any(c in str(mode) for c in "wax+")
-            if isinstance(mode, str)
-            else isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
-        )
-        if writing and path != os.devnull and good.parent not in Path(str(path)).parents:
-            writes.append((event, path))
+    writes = [(e, path) for e, path in written(events) if good.parent not in Path(path).parents]
     assert writes == []
     # The hook does see writes: our own temporary copy.
     assert any(str(args[0]).endswith("core.elf") for event, args in events if event == "open")
