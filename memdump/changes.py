@@ -120,26 +120,26 @@ def read_layout(f: BinaryIO, index: Index) -> CoreLayout:
 def guest_ranges(layout: CoreLayout, start: int, end: int) -> list[tuple[int, int]]:
     """The guest-physical ranges [start, end) the raw bytes [start, end) of the image hold
     (through its PT_LOADs), in address order; empty for headers and notes."""
-    out = []
-    for s in layout.segments:
-        if s.type != PT_LOAD or not s.filesz:
-            continue
-        lo, hi = max(start, s.offset), min(end, s.offset + s.filesz)
-        if lo < hi:
-            out.append((s.paddr + lo - s.offset, s.paddr + hi - s.offset))
-    return sorted(out)
+    return _through_loads(layout, start, end, to_guest=True)
 
 
 def raw_ranges(layout: CoreLayout, start: int, end: int) -> list[tuple[int, int]]:
     """The inverse: the raw image ranges holding guest-physical [start, end), in file
     order; parts of the range in no PT_LOAD are not in the dump and are left out."""
+    return _through_loads(layout, start, end, to_guest=False)
+
+
+def _through_loads(
+    layout: CoreLayout, start: int, end: int, *, to_guest: bool
+) -> list[tuple[int, int]]:
     out = []
     for s in layout.segments:
         if s.type != PT_LOAD or not s.filesz:
             continue
-        lo, hi = max(start, s.paddr), min(end, s.paddr + s.filesz)
+        src, dst = (s.offset, s.paddr) if to_guest else (s.paddr, s.offset)
+        lo, hi = max(start, src), min(end, src + s.filesz)
         if lo < hi:
-            out.append((s.offset + lo - s.paddr, s.offset + hi - s.paddr))
+            out.append((dst + lo - src, dst + hi - src))
     return sorted(out)
 
 

@@ -1,7 +1,9 @@
 """The capture-mode extras of a record (issue 12, item 4): capture_mode,
 live_fallback_reason and pause_ms round-trip through both record stores (SQLite and
 InfluxDB 3 through the real client and the project's test server), and tables from before
-these fields are read with them empty (pause_ms: None)."""
+these fields are read with them empty (pause_ms: None). Likewise the change extras (issue
+14, item 5): chunks_changed (a whole number, 0 included, or null), chunks_compared_with
+and chunks_changed_reason."""
 
 from __future__ import annotations
 
@@ -118,3 +120,42 @@ def test_influx_table_from_before_capture_modes(influx: InfluxDB3TestServer) -> 
     rows = {r["vmid"]: r for r in s.list(10, 0)}
     assert tuple(rows["new"][k] for k in MODE_FIELDS) == ("live", "", 9.5)
     assert tuple(rows["1"][k] for k in MODE_FIELDS) == ("", "", None)
+
+
+CHANGE_FIELDS = ("chunks_changed", "chunks_compared_with", "chunks_changed_reason")
+NO_PREVIOUS = "no previous capture of this VM in the record store"
+
+
+def test_change_extras_round_trip(store: RecordStore) -> None:
+    store.add(rec(1, "changed", chunks_changed=37, chunks_compared_with="/d/a.mem.gz"))
+    store.add(rec(2, "same", chunks_changed=0, chunks_compared_with="/d/b.mem.gz"))
+    store.add(rec(3, "first", chunks_changed_reason=NO_PREVIOUS))
+    rows = {r["vmid"]: r for r in store.list(10, 0)}
+    assert all(list(r) == API_RECORD_FIELDS for r in rows.values())
+    got = {vm: tuple(r[k] for k in CHANGE_FIELDS) for vm, r in rows.items()}
+    assert got == {
+        "changed": (37, "/d/a.mem.gz", ""),
+        "same": (0, "/d/b.mem.gz", ""),
+        "first": (None, "", NO_PREVIOUS),
+    }
+    # A whole number stays one (not 37.0) in the rows the API and CSV show.
+    assert type(rows["changed"]["chunks_changed"]) is int
+
+
+def test_sqlite_store_from_before_the_change_extras_is_upgraded(tmp_path: Path) -> None:
+    db = tmp_path / "v5.db"
+    SQLiteRecordStore(db)
+    with sqlite3.connect(db) as c:  # issue 12's table: without the change columns
+        for name in CHANGE_FIELDS:
+            c.execute(f"ALTER TABLE mem_dumps DROP COLUMN {name}")
+        c.execute(
+            "INSERT INTO mem_dumps (time_us, dom, vmid, sha256, duration_sec, gzip_size_bytes,"
+            " ctime, mtime, atime, dump_path, gz_sha256, raw_size_bytes, hypervisor) VALUES"
+            " (1, 'vm-1', '1', 'a', 1.0, 2, 3, 4, 5, '/d/1.mem.gz', 'b', 6, 'lab')"
+        )
+    c.close()
+    s = SQLiteRecordStore(db)
+    s.add(rec(1, "new", chunks_changed=5, chunks_compared_with="/d/x.mem.gz"))
+    new, old = s.list(10, 0)
+    assert tuple(new[k] for k in CHANGE_FIELDS) == (5, "/d/x.mem.gz", "")
+    assert tuple(old[k] for k in CHANGE_FIELDS) == (None, "", "")
