@@ -49,6 +49,7 @@ from memdump.stored import StoredDump, open_stored
 Status = Literal["verified", "mismatch", "missing"]
 _INFLATE_STEP = 1 << 20  # most raw bytes one decompress call may return
 PAGE = 1000  # records per store query
+_MAX_HEAD = 64 << 20  # ELF headers past this are refused by memdump.elfcore anyway
 MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few KiB; more than this is not one
 _ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # stub says instance
 
@@ -184,8 +185,12 @@ def _verify_whole(
         problems.append(gz_error)
     if not _check(checks, "sha256", record.get("sha256"), raw_sha):
         problems.append("the raw image differs from the record (sha256)")
-    if record.get("raw_size_bytes") and not _check(
-        checks, "raw_size_bytes", record.get("raw_size_bytes"), raw_n
+    # Where inflating stopped at a bad chunk or a broken stream, the count is partial:
+    # the reason is reported already, a size "mismatch" would only restate it.
+    if (
+        (raw_sha is not None or index is None)
+        and record.get("raw_size_bytes")
+        and not _check(checks, "raw_size_bytes", record.get("raw_size_bytes"), raw_n)
     ):
         problems.append(f"raw size {raw_n} != recorded {record.get('raw_size_bytes')}")
 
@@ -335,12 +340,13 @@ def _hash_chunked(
     raw_n = 0
     raw_ok = True
     bad: list[CorruptChunkError] = []
-    head = bytearray()
+    head = bytearray()  # the first chunks' raw bytes, until the ELF headers parse
+    head_done = False
     layout: CoreLayout | None = None
     pending: deque[tuple[Chunk, Future[bytes]]] = deque()
 
     def settle() -> None:
-        nonlocal raw_n, raw_ok, layout
+        nonlocal raw_n, raw_ok, layout, head_done
         chunk, fut = pending.popleft()
         try:
             data = fut.result()
@@ -351,9 +357,9 @@ def _hash_chunked(
         if raw_ok:
             raw.update(data)
             raw_n += len(data)
-            if layout is None and chunk.number == len(head) // index.chunk_size:
+            if not head_done and chunk.number == len(head) // index.chunk_size:
                 head.extend(data)
-                layout = _layout_or_none(bytes(head))
+                layout, head_done = _parse_head(bytes(head))
 
     seen = 0
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="memdump-verify") as pool:
@@ -385,11 +391,18 @@ def _hash_chunked(
     return gz.sha.hexdigest(), whole, gz.n, raw_n, error, report
 
 
-def _layout_or_none(head: bytes) -> CoreLayout | None:
+def _parse_head(head: bytes) -> tuple[CoreLayout | None, bool]:
+    """(the ELF layout or None, whether to stop collecting): stop once it parses, once it
+    cannot (not an ELF core: no mapping), or at the most headers a core can have."""
     try:
-        return parse_core(head)
+        layout = parse_core(head)
     except InvalidDumpError:
-        return None
+        return None, True
+    return layout, layout is not None or len(head) >= _MAX_HEAD
+
+
+def _layout_or_none(head: bytes) -> CoreLayout | None:
+    return _parse_head(head)[0]
 
 
 def _layout_from(stored: StoredDump, index: Index, first_bad: int) -> CoreLayout | None:
