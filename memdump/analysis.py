@@ -272,8 +272,8 @@ def _check_chunked(
     layout: CoreLayout | None = None
     try:
         with open(dump, "rb") as f:
-            # memdump's own reading: its own file handle and cache, every chunk checked.
-            mine = ChunkReader(f, index, cache_chunks=2, check=True)
+            # memdump's reading of the headers, every chunk checked: before Volatility.
+            mine = ChunkReader(f, index, cache_chunks=1, check=True)
             with progress.timed("index"):
                 layout = _layout_of(mine, index)
             with progress.timed("stack"):
@@ -284,12 +284,15 @@ def _check_chunked(
                 with progress.timed("chunks"):
                     _check_chunks(f, index, layer.inflated)
 
+            # memdump's side reads the raw image at the offsets its ELF parser gives,
+            # through the chunked layer itself (one inflation per chunk, shared): the
+            # cross-check is of Volatility's ELF reading against memdump's.
             return _examine(
                 vol,
                 ctx,
                 dump,
                 elf_name,
-                mine.read,
+                layer.read,
                 layout,
                 samples,
                 banners,

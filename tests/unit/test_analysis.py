@@ -420,6 +420,14 @@ def test_fast_banners_match_the_stock_plugin(tmp_path: Path) -> None:
         0xD000: b"Linux version 4.19.0-1 (first) #1\x00Linux version 4.19.0-2 (second)\x00",
         (16 << 20) - 20: b"Linux version 6.6.6-chunk (across the chunk edge) #1\n\x00",
         (16 << 20) + 0x3000: DEBIAN_BANNER,  # a duplicate
+        # Windows kernels' PDB records (CodeView RSDS: GUID, age, name), found in the same
+        # pass and listed after the others; one in the second 16 MiB scan window.
+        0x20000: b"RSDS" + bytes(range(16)) + struct.pack("<I", 3) + b"ntkrnlmp.pdb\x00",
+        (16 << 20) + 0x6000: b"RSDS"
+        + bytes(range(1, 17))
+        + struct.pack("<I", 1)
+        + b"ntoskrnl.pdb\x00",
+        0x30000: b"RSDS" + bytes(16) + struct.pack("<I", 1) + b"notakernel.pdb\x00",  # no
     }
     for at, text in banners_at.items():
         mem[at : at + len(text)] = text
@@ -437,13 +445,17 @@ def test_fast_banners_match_the_stock_plugin(tmp_path: Path) -> None:
         for layer in list(ctx.layers):
             ctx.layers[layer].destroy()
     assert fast == stock
-    assert fast == [
+    fast_windows = [b for b in fast if ".pdb|" in b]
+    stock_windows = [b for b in stock if ".pdb|" in b]
+    assert fast[: len(fast) - len(fast_windows)] == [
         DEBIAN_BANNER.rstrip(b"\n\x00").decode(),
         "Darwin Kernel Version 23.1.0: Mon Oct  9 21:27:24 PDT 2023",
         "Linux version 4.19.0-1 (first) #1",
         "Linux version 4.19.0-2 (second)",
         "Linux version 6.6.6-chunk (across the chunk edge) #1",
     ]
+    assert [b.split("|")[0] for b in fast_windows] == ["ntkrnlmp.pdb", "ntoskrnl.pdb"]
+    assert fast_windows == stock_windows
 
 
 def test_banner_at_the_end_of_a_block(dump_dir: Path) -> None:

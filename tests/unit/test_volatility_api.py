@@ -110,6 +110,16 @@ def test_the_banners_plugin_memdump_subclasses(vol: Any) -> None:
     assert hasattr(scanner, "regex") and isinstance(scanner.chunk_size, int)
     assert params(scanners.RegExScanner.__call__) == ["data", "data_offset"]
     assert issubclass(format_hints.Hex, int)
+    # The Windows half of memdump's one-pass scan: Volatility's own PDB scanner, its
+    # window overlap and chunk size, and the kernel names the stock plugin looks for.
+    from volatility3.framework.constants import windows
+    from volatility3.framework.symbols.windows import pdbutil
+
+    assert params(pdbutil.PdbSignatureScanner) == ["pdb_names"]
+    pdb = pdbutil.PdbSignatureScanner([b"ntoskrnl.pdb"])
+    assert isinstance(pdb.overlap, int) and isinstance(pdb.chunk_size, int)
+    assert "ntoskrnl" in windows.KERNEL_MODULE_NAMES
+    assert "KERNEL_MODULE_NAMES" in stock.locate_windows_banners.__code__.co_names
 
 
 def test_what_the_chunked_layer_builds_on(vol: Any, tmp_path: Path) -> None:
