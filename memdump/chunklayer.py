@@ -25,7 +25,7 @@ import os
 import threading
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -38,9 +38,10 @@ from memdump.errors import ChunkedDumpError
 
 log = logging.getLogger("memdump.chunklayer")
 
-# Enough for a plugin that walks page tables and structures across a few regions; a 16
-# MiB scan window is inflated in parallel and not kept (see read()).
-CACHE_CHUNKS = 16
+# Inflated chunks kept, in bytes (so in chunks: 48 of 1 MiB, at least 4): a plugin
+# walking structures comes back to the same pages, and a scan holds its window and the
+# next one, read ahead (see _read).
+CACHE_BYTES = 48 << 20
 # Threads inflating one multi-chunk read; the reader is the analyst's process, not a
 # collector, so "the cores there are" (capped: more is memory, not speed, at 2 per core).
 _MAX_THREADS = 8
@@ -95,6 +96,8 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
         self._file: BinaryIO | None = None
         self._reader: ChunkReader | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._ahead: dict[int, Future[bytes]] = {}  # chunks being read ahead
+        self._cache_chunks = 4
         self.inflated: set[int] = set()  # chunk numbers read so far (checked, with verify)
         # Open now, so a missing file or a damaged index fails the layer's construction
         # (and the stacker), as FileLayer does for a missing file.
@@ -118,7 +121,10 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
                         self.name, f"not a chunked .mem.gz (no memdump trailer): {self._path}"
                     )
                 self._file = f
-                self._reader = ChunkReader(f, index, cache_chunks=CACHE_CHUNKS, check=self._verify)
+                self._cache_chunks = max(4, CACHE_BYTES // index.chunk_size)
+                self._reader = ChunkReader(
+                    f, index, cache_chunks=self._cache_chunks, check=self._verify
+                )
             return self._reader
 
     @property
@@ -166,11 +172,34 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
             data = reader.read(offset, length)
         else:
             # A scan window: inflate its chunks side by side, then cut the range out.
-            chunks = list(self._threads().map(reader.chunk, numbers))
+            chunks = [f.result() for f in self._inflate(reader, numbers)]
             first = self._index.chunks[numbers[0]].raw_offset
             data = b"".join(chunks)[offset - first : offset - first + length]
         self.inflated.update(numbers)
         return data
+
+    def _inflate(self, reader: ChunkReader, numbers: range) -> list[Future[bytes]]:
+        """Futures of ``numbers``' bytes, and the same count of chunks after them read
+        ahead (as far as the cache holds both): a scan reads its windows in order, so the
+        next window inflates on the other cores while Volatility scans this one. A
+        chunk read ahead but never asked for raises nothing (its error stays in its
+        future)."""
+        pool = self._threads()
+        room = max(0, self._cache_chunks - len(numbers))
+        after = range(
+            numbers[-1] + 1, min(numbers[-1] + 1 + min(len(numbers), room), len(self._index.chunks))
+        )
+        with self._lock:
+            wanted = [
+                self._ahead.pop(n) if n in self._ahead else pool.submit(reader.chunk, n)
+                for n in numbers
+            ]
+            kept = {n: self._ahead[n] for n in after if n in self._ahead}
+            for n in after:
+                if n not in kept:
+                    kept[n] = pool.submit(reader.chunk, n)
+            self._ahead = kept
+        return wanted
 
     def _threads(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -185,8 +214,9 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
     def destroy(self) -> None:
         with self._lock:
             if self._pool is not None:
-                self._pool.shutdown(wait=True)
+                self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
+            self._ahead = {}
             if self._file is not None:
                 self._file.close()
                 self._file = None
@@ -196,7 +226,7 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
         # Volatility pickles layers for multiprocessing; the file, the threads and the
         # lock are reopened/recreated in the other process.
         state = dict(self.__dict__)
-        state.update(_file=None, _reader=None, _pool=None, _lock=None)
+        state.update(_file=None, _reader=None, _pool=None, _lock=None, _ahead={})
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -212,3 +212,35 @@ def test_memdump_vol_passes_everything_through(tmp_path: Path) -> None:
     done = run_memdump_vol(tmp_path, "-h", forbid_gzip=False)
     assert done.returncode == 0
     assert "--single-location" in done.stdout  # Volatility's own help
+
+
+def test_a_scan_reads_ahead_without_raising_for_what_it_was_not_asked(
+    vol: Any, ctx: Any, dump: Path, raw: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan window's read inflates the next window's chunks ahead, once each; a
+    damaged chunk among those raises only when a read asks for it."""
+    import memdump.chunkedgz
+
+    bad = chunk_at(dump, 13 * SMALL_CHUNK)
+    flip_in_member(dump, bad)
+    inflated: list[int] = []
+    real = memdump.chunkedgz.read_chunk
+
+    def spy(f: Any, chunk: Any, *, check: bool = True) -> bytes:
+        inflated.append(chunk.number)
+        return real(f, chunk, check=check)
+
+    monkeypatch.setattr(memdump.chunkedgz, "read_chunk", spy)
+    layer = chunked_layer(vol, ctx, dump, verify=True)
+    window = 4 * SMALL_CHUNK
+    assert layer.read(8 * SMALL_CHUNK, window) == raw[8 * SMALL_CHUNK : 12 * SMALL_CHUNK]
+    assert layer.inflated == {8, 9, 10, 11}
+    for ahead in list(layer._ahead.values()):
+        ahead.exception()  # wait; chunk 13's error stays in its future
+    assert sorted(inflated) == list(range(8, 16))  # 12-15 read ahead
+    assert layer.read(12 * SMALL_CHUNK, 100) == raw[12 * SMALL_CHUNK : 12 * SMALL_CHUNK + 100]
+    assert sorted(inflated) == list(range(8, 16))  # from the cache
+    with pytest.raises(CorruptChunkError):
+        layer.read(12 * SMALL_CHUNK, window)
+    at = 17 * SMALL_CHUNK
+    assert layer.read(at, window) == raw[at : at + window]
