@@ -97,7 +97,7 @@ class _Digester(threading.Thread):
         self.error: BaseException | None = None
         # Buffers whose chunks are being compressed. Fewer than _BUFFERS, or the reader
         # (waiting for a free buffer) and this thread (waiting for work) would wait forever.
-        self._pending: deque[tuple[bytearray, list[Future[Member]]]] = deque()
+        self._pending: deque[tuple[bytearray, list[Future[list[Member]]]]] = deque()
         self._max_pending = min(_BUFFERS - 2, sink.threads + 1)
 
     def run(self) -> None:
@@ -128,7 +128,8 @@ class _Digester(threading.Thread):
             try:
                 if self.error is None:
                     for future in futures:
-                        self.sink.write_member(future.result())
+                        for member in future.result():
+                            self.sink.write_member(member)
             except BaseException as exc:  # re-raised by the reader
                 self.error = exc
             finally:
@@ -164,12 +165,19 @@ class _ChunkedFileSink:
         self.sha = hashlib.sha256()
         self.size = 0
 
-    def submit(self, view: memoryview) -> list[Future[Member]]:
+    def submit(self, view: memoryview) -> list[Future[list[Member]]]:
+        """The buffer's chunks, in at most ``threads`` jobs of consecutive chunks: one job
+        per chunk would cost a hand-off per 64 KiB with small chunks."""
+        size = self.chunk_size
+        count = -(-len(view) // size)
+        per_job = -(-count // min(self.threads, count))
         futures = []
-        for off in range(0, len(view), self.chunk_size):
-            chunk = view[off : off + self.chunk_size]
-            futures.append(self._pool.submit(data_member, self._submitted, chunk, self.level))
-            self._submitted += 1
+        for first in range(0, count, per_job):
+            part = view[first * size : (first + per_job) * size]
+            futures.append(
+                self._pool.submit(_members, self._submitted + first, part, size, self.level)
+            )
+        self._submitted += count
         return futures
 
     def write_member(self, member: Member) -> None:
@@ -193,6 +201,13 @@ class _ChunkedFileSink:
         while view:
             n = os.write(self.fd, view)
             view = view[n:]
+
+
+def _members(first: int, view: memoryview, size: int, level: int) -> list[Member]:
+    return [
+        data_member(first + i, view[off : off + size], level)
+        for i, off in enumerate(range(0, len(view), size))
+    ]
 
 
 def write_dump(
