@@ -12,6 +12,10 @@ null), ``pause_ms`` (the guest's measured pause) and ``live`` (null unless the m
 was live: the acquisition hash of the migration stream and what QEMU reported, see
 live_section). Version 1 manifests stay valid as written: they are read as paused
 captures (``capture_summary``), and verification reads only ``output`` in both.
+
+Captures through the chain (memdump.chain) also carry ``changes``: how many chunks differ
+from the previous capture of the same VM, or why that is not known (memdump.changes,
+``Changes.manifest_section``), added by memdump.capture before the manifest is written.
 """
 
 from __future__ import annotations
