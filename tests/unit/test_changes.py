@@ -236,3 +236,22 @@ def test_a_single_stream_new_dump_is_not_counted(settings: Settings) -> None:
     c = since_previous(settings, "hv", "vm1", new.path)
     assert (c.chunks_changed, c.chunk_count) == (None, None)
     assert "not a chunked" in c.reason
+
+
+def test_an_index_is_read_with_two_ranged_reads(settings: Settings) -> None:
+    """What an S3 dump costs (memdump.stored.RangedFile over ranged GETs): the trailer and
+    the index members, nothing of the data members."""
+    from memdump.stored import RangedFile
+
+    made = write_dump(settings.dump_dir, core(guest_ram(1)))
+    blob = made.path.read_bytes()
+    reads: list[tuple[int, int]] = []
+
+    def read_range(start: int, length: int) -> bytes:
+        reads.append((start, length))
+        return blob[start : start + length]
+
+    index = chunkedgz.read_index(RangedFile(len(blob), read_range))  # type: ignore[arg-type]
+    assert index is not None and len(index.chunks) == -(-len(made.raw) // CHUNK)
+    index_at = index.chunks[-1].gz_offset + index.chunks[-1].gz_size
+    assert reads == [(len(blob) - 130, 130), (index_at, len(blob) - 130 - index_at)]
