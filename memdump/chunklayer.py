@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from isal import isal_zlib
 from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import physical
 
-from memdump.chunkedgz import ChunkReader, Index, read_index
-from memdump.errors import ChunkedDumpError
+from memdump.chunkedgz import DATA_HEADER_SIZE, Chunk, ChunkReader, Index, read_index
+from memdump.errors import ChunkedDumpError, CorruptChunkError
 
 log = logging.getLogger("memdump.chunklayer")
 
@@ -68,6 +71,47 @@ def open_index(path: Path) -> Index | None:
         return read_index(f)
 
 
+# A data member's header as the format defines it (memdump.chunkedgz, README): magic
+# with FLG.FEXTRA, MTIME, XFL, OS (not compared), XLEN, subfield "MD", its length, chunk
+# number, member size, raw size. Unpacked: magic, XLEN, "MD", 12, number, sizes.
+_MEMBER_HEAD = struct.Struct("<4s4x2xH2sHIII")  # DATA_HEADER_SIZE bytes (tested)
+
+
+def _corrupt(chunk: Chunk, reason: str) -> CorruptChunkError:
+    return CorruptChunkError(
+        f"chunk {chunk.number} (raw bytes {chunk.raw_offset:#x}-"
+        f"{chunk.raw_offset + chunk.raw_size:#x}) is corrupt: {reason}",
+        number=chunk.number,
+        raw_offset=chunk.raw_offset,
+        raw_size=chunk.raw_size,
+        reason=reason,
+    )
+
+
+class _Prefix:
+    """A chunk inflated as far as reads have needed, and the inflater to go on."""
+
+    def __init__(self, chunk: Chunk, body: bytes) -> None:
+        self.chunk = chunk
+        self.data = bytearray()
+        self._inflater: Any = isal_zlib.decompressobj(-15)
+        self._pending = body
+
+    def extend(self, end: int) -> None:
+        try:
+            while len(self.data) < end and self._inflater is not None:
+                got = self._inflater.decompress(self._pending, end - len(self.data))
+                self.data += got
+                self._pending = self._inflater.unconsumed_tail
+                # Input all taken is not the end: the inflater may hold more output.
+                if self._inflater.eof or (not got and not self._pending):
+                    self._inflater = None
+        except Exception as exc:  # isal_zlib.error (untyped)
+            raise _corrupt(self.chunk, f"deflate data: {exc}") from exc
+        if self._inflater is None and len(self.data) != self.chunk.raw_size:
+            raise _corrupt(self.chunk, "size")
+
+
 class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[misc]
     """The raw image inside a chunked ``.mem.gz``, read chunk by chunk through its index.
 
@@ -98,6 +142,8 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: dict[int, Future[bytes]] = {}  # chunks being read ahead
         self._cache_chunks = 4
+        self._prefix_lock = threading.Lock()
+        self._prefixes: OrderedDict[int, _Prefix] = OrderedDict()
         self.inflated: set[int] = set()  # chunk numbers read so far (checked, with verify)
         # Open now, so a missing file or a damaged index fails the layer's construction
         # (and the stacker), as FileLayer does for a missing file.
@@ -168,7 +214,9 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
     def _read(self, offset: int, length: int) -> bytes:
         reader = self._reader or self._open()
         numbers = self._index.covering(offset, offset + length)
-        if len(numbers) <= 2:
+        if len(numbers) == 1 and not self._verify:
+            data = self._from_prefix(numbers[0], offset, length)
+        elif len(numbers) <= 2:
             data = reader.read(offset, length)
         else:
             # A scan window: inflate its chunks side by side, then cut the range out.
@@ -177,6 +225,46 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
             data = b"".join(chunks)[offset - first : offset - first + length]
         self.inflated.update(numbers)
         return data
+
+    def _from_prefix(self, number: int, offset: int, length: int) -> bytes:
+        """Bytes of one chunk, inflating it only as far as they go: deflate cannot start
+        mid-member, but it can stop, and a random page is on average half way in (half
+        the inflating). The inflater is kept with what it produced, so a later read
+        further into the chunk goes on from there. Without ``verify`` only: the CRC32 and
+        SHA-256 need the whole chunk (the size is checked once it is complete)."""
+        chunk = self._index.chunks[number]
+        lo = offset - chunk.raw_offset
+        hi = lo + length
+        with self._prefix_lock:
+            part = self._prefixes.get(number)
+            if part is None:
+                part = self._start_prefix(chunk)
+                self._prefixes[number] = part
+                while len(self._prefixes) > self._cache_chunks:
+                    self._prefixes.popitem(last=False)
+            else:
+                self._prefixes.move_to_end(number)
+            if len(part.data) < hi:
+                part.extend(hi)
+            return bytes(part.data[lo:hi])
+
+    def _start_prefix(self, chunk: Chunk) -> _Prefix:
+        f = self._file
+        if f is None:
+            raise exceptions.LayerException(self.name, "layer destroyed")
+        member = os.pread(f.fileno(), chunk.gz_size, chunk.gz_offset)
+        head = _MEMBER_HEAD.unpack_from(member) if len(member) >= _MEMBER_HEAD.size else None
+        if len(member) != chunk.gz_size or head != (
+            b"\x1f\x8b\x08\x04",
+            16,
+            b"MD",
+            12,
+            chunk.number,
+            chunk.gz_size,
+            chunk.raw_size,
+        ):
+            raise _corrupt(chunk, "member header does not match the index")
+        return _Prefix(chunk, member[DATA_HEADER_SIZE:-8])  # header .. CRC32, ISIZE
 
     def _inflate(self, reader: ChunkReader, numbers: range) -> list[Future[bytes]]:
         """Futures of ``numbers``' bytes, and the same count of chunks after them read
@@ -217,6 +305,7 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
             self._ahead = {}
+            self._prefixes = OrderedDict()
             if self._file is not None:
                 self._file.close()
                 self._file = None
@@ -227,11 +316,13 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
         # lock are reopened/recreated in the other process.
         state = dict(self.__dict__)
         state.update(_file=None, _reader=None, _pool=None, _lock=None, _ahead={})
+        state.update(_prefix_lock=None, _prefixes=OrderedDict())
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._prefix_lock = threading.Lock()
 
     @classmethod
     def get_requirements(cls) -> list[interfaces.configuration.RequirementInterface]:

@@ -244,3 +244,39 @@ def test_a_scan_reads_ahead_without_raising_for_what_it_was_not_asked(
         layer.read(12 * SMALL_CHUNK, window)
     at = 17 * SMALL_CHUNK
     assert layer.read(at, window) == raw[at : at + window]
+
+
+def test_a_page_inflates_its_chunk_only_as_far_as_it_goes(
+    vol: Any, ctx: Any, dump: Path, raw: bytes
+) -> None:
+    from memdump.chunkedgz import DATA_HEADER_SIZE
+    from memdump.chunklayer import _MEMBER_HEAD
+
+    assert _MEMBER_HEAD.size == DATA_HEADER_SIZE
+    layer = chunked_layer(vol, ctx, dump)  # analysts' default: no verify
+    base = 20 * SMALL_CHUNK
+    assert layer.read(base + 100, 50) == raw[base + 100 : base + 150]
+    done = len(layer._prefixes[20].data)
+    assert 150 <= done < SMALL_CHUNK  # a prefix, not the chunk
+    assert layer.read(base + 30000, 4096) == raw[base + 30000 : base + 34096]  # goes on
+    assert layer.read(base + 10, 10) == raw[base + 10 : base + 20]  # from what it has
+    assert layer.read(base + SMALL_CHUNK - 8, 8) == raw[base + SMALL_CHUNK - 8 : base + SMALL_CHUNK]
+    assert len(layer._prefixes[20].data) == SMALL_CHUNK
+
+
+@pytest.mark.parametrize("where", ["header", "deflate"])
+def test_a_damaged_member_raises_without_verify(vol: Any, ctx: Any, dump: Path, where: str) -> None:
+    from memdump.chunkedgz import DATA_HEADER_SIZE
+
+    bad = chunk_at(dump, 6 * SMALL_CHUNK)
+    blob = bytearray(dump.read_bytes())
+    if where == "header":
+        blob[bad.gz_offset + 16] ^= 0x01  # the chunk number in the MD subfield
+    else:
+        blob[bad.gz_offset + DATA_HEADER_SIZE] = 0x07  # BFINAL, BTYPE 11: reserved
+    dump.write_bytes(bytes(blob))
+    layer = chunked_layer(vol, ctx, dump)
+    with pytest.raises(CorruptChunkError) as exc:
+        layer.read(6 * SMALL_CHUNK + 10, 10)
+    assert exc.value.fields["number"] == bad.number
+    assert ("header" if where == "header" else "deflate") in str(exc.value)
