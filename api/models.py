@@ -223,7 +223,11 @@ class VerifyResponse(BaseModel):
     status: Literal["verified", "mismatch", "missing"]
     dump_path: str
     detail: str = Field(description="What matched, or what differs")
-    checks: dict[str, Any] = Field(description="Each comparison: expected, actual, ok")
+    checks: dict[str, Any] = Field(
+        description="Each comparison: expected, actual, ok; for a chunked .mem.gz also"
+        " chunks (chunk_count, checked, bad, and first_bad: number, raw_range,"
+        " guest_ranges, reason)"
+    )
     seconds: float
 
 
