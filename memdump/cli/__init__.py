@@ -2,7 +2,7 @@
 
 - ``app``: the parser and dispatch (commands register themselves; commands of the layers
   above the engine, such as ``serve``, come from the ``memdump.commands`` entry-point group)
-- ``inventory`` (vms), ``capture``, ``maintenance`` (clean, verify): the engine, no server
+- ``inventory`` (vms), ``capture``, ``maintenance`` (clean, verify, diff): the engine, no server
 - ``trigger``, ``queries`` (status, records, stats): a running service over its REST API,
   through ``client`` (the one HTTP client) and ``render`` (the one renderer)
 """
