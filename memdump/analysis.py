@@ -120,6 +120,8 @@ def analyze(
 
     Never raises for a bad dump: "failed" says what is wrong with it, "error" that the
     check could not run (missing file, no room for the temporary copy, ...).
+    ``work_dir``: where a single-stream dump's temporary copy goes (default: beside the
+    dump); a chunked dump is read in place and nothing is written.
     """
     if samples < 0:
         raise ValueError("samples must be >= 0")
