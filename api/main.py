@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.docs import add_docs
 from api.limits import BodySizeLimit
 from api.routes import document_limits, router
 from api.runs import LatestRunCache, PrefectRuns, Runs
@@ -94,7 +95,11 @@ def create_app(
         title="memdump",
         version=__version__,
         description="Forensic memory dumps of running VMs. Contract: memory-dumps-api.md.",
+        # FastAPI's own pages load their assets from a CDN: ours are local (api.docs).
+        docs_url=None,
+        redoc_url=None,
     )
+    add_docs(app)
     app.state.settings = settings
     app.state.store = store or open_store(settings)
     app.state.outbox = Outbox(settings.outbox_db)
