@@ -5,6 +5,7 @@
 - ``inventory`` (vms), ``capture``, ``maintenance`` (clean, verify, diff): the engine, no server
 - ``trigger``, ``queries`` (status, records, stats): a running service over its REST API,
   through ``client`` (the one HTTP client) and ``render`` (the one renderer)
+- ``vol``: Volatility 3's own command line with memdump's chunked layer loaded
 """
 
 from memdump.cli.app import main
