@@ -29,15 +29,15 @@ import urllib.request
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 from isal import isal_zlib
 from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import physical
 
-from memdump.chunkedgz import DATA_HEADER_SIZE, Chunk, ChunkReader, Index, read_index
-from memdump.errors import ChunkedDumpError, CorruptChunkError
+from memdump.chunkedgz import DATA_HEADER_SIZE, Chunk, ChunkReader, Index, read_chunk, read_index
+from memdump.errors import ChunkedDumpError
 
 log = logging.getLogger("memdump.chunklayer")
 
@@ -77,15 +77,8 @@ def open_index(path: Path) -> Index | None:
 _MEMBER_HEAD = struct.Struct("<4s4x2xH2sHIII")  # DATA_HEADER_SIZE bytes (tested)
 
 
-def _corrupt(chunk: Chunk, reason: str) -> CorruptChunkError:
-    return CorruptChunkError(
-        f"chunk {chunk.number} (raw bytes {chunk.raw_offset:#x}-"
-        f"{chunk.raw_offset + chunk.raw_size:#x}) is corrupt: {reason}",
-        number=chunk.number,
-        raw_offset=chunk.raw_offset,
-        raw_size=chunk.raw_size,
-        reason=reason,
-    )
+class _Damaged(Exception):
+    """A partly inflated chunk is not what its index entry says (see _damaged)."""
 
 
 class _Prefix:
@@ -107,9 +100,9 @@ class _Prefix:
                 if self._inflater.eof or (not got and not self._pending):
                     self._inflater = None
         except Exception as exc:  # isal_zlib.error (untyped)
-            raise _corrupt(self.chunk, f"deflate data: {exc}") from exc
+            raise _Damaged from exc
         if self._inflater is None and len(self.data) != self.chunk.raw_size:
-            raise _corrupt(self.chunk, "size")
+            raise _Damaged
 
 
 class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[misc]
@@ -244,8 +237,12 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
                     self._prefixes.popitem(last=False)
             else:
                 self._prefixes.move_to_end(number)
-            if len(part.data) < hi:
-                part.extend(hi)
+            try:
+                if len(part.data) < hi:
+                    part.extend(hi)
+            except _Damaged:
+                del self._prefixes[number]
+                self._damaged(chunk)
             return bytes(part.data[lo:hi])
 
     def _start_prefix(self, chunk: Chunk) -> _Prefix:
@@ -263,8 +260,16 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
             chunk.gz_size,
             chunk.raw_size,
         ):
-            raise _corrupt(chunk, "member header does not match the index")
+            self._damaged(chunk)
         return _Prefix(chunk, member[DATA_HEADER_SIZE:-8])  # header .. CRC32, ISIZE
+
+    def _damaged(self, chunk: Chunk) -> NoReturn:
+        """Raise memdump.chunkedgz's own CorruptChunkError for ``chunk`` (naming it, its
+        raw range and why), by reading it whole the checked way."""
+        with open(self._path, "rb") as f:
+            read_chunk(f, chunk, check=True)
+        # Unreachable unless the two readings disagree: still never return bad bytes.
+        raise exceptions.LayerException(self.name, f"chunk {chunk.number} cannot be read")
 
     def _inflate(self, reader: ChunkReader, numbers: range) -> list[Future[bytes]]:
         """Futures of ``numbers``' bytes, and the same count of chunks after them read
