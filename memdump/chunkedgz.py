@@ -360,10 +360,15 @@ def inflate_member(chunk: Chunk, member: bytes, *, check: bool = True) -> bytes:
         raise bad("member header does not match the index")
     crc, isize = _TAIL.unpack_from(member, len(member) - _TAIL.size)
     try:
-        raw = isal_zlib.decompress(memoryview(member)[DATA_HEADER_SIZE : -_TAIL.size], -15)
+        # Never more than the chunk's size plus one byte: a hostile member must not
+        # inflate to gigabytes (several are inflated at once when verifying).
+        inflater = isal_zlib.decompressobj(-15)
+        body = memoryview(member)[DATA_HEADER_SIZE : -_TAIL.size]
+        raw = inflater.decompress(body, chunk.raw_size + 1)
+        complete = inflater.eof and not inflater.unconsumed_tail
     except Exception as exc:  # isal_zlib.error (untyped), or a too-short member
         raise bad(f"deflate data: {exc}") from exc
-    if len(raw) != chunk.raw_size or isize != chunk.raw_size & 0xFFFFFFFF:
+    if len(raw) != chunk.raw_size or isize != chunk.raw_size & 0xFFFFFFFF or not complete:
         raise bad("size")
     if check:
         if isal_zlib.crc32(raw) & 0xFFFFFFFF != crc:

@@ -10,6 +10,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -241,3 +242,29 @@ def test_the_readme_recipe_recomputes_the_merkle_root() -> None:
     for n in range(0, 18):
         d = [hashlib.sha256(bytes([i])).digest() for i in range(n)]
         assert mth(d) == chunkedgz.merkle_root(d)
+
+
+def test_a_member_that_inflates_past_its_chunk_is_stopped_at_the_chunk_size() -> None:
+    # A hostile member: 64 MiB of zeros deflate to ~64 KiB; its index entry says 64 KiB raw.
+    bomb = chunkedgz.data_member(0, bytes(64 << 20), 1)
+    chunk = chunkedgz.Chunk(0, 0, C, 0, len(bomb.data), bomb.sha256)
+    bad = bytearray(bomb.data)
+    bad[24:28] = C.to_bytes(4, "little")  # the MD subfield's raw size, as the index says
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptChunkError) as err:
+            chunkedgz.inflate_member(chunk, bytes(bad), check=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.fields["reason"] == "size"
+    assert peak < 8 << 20  # not the 64 MiB the member would inflate to
+
+
+def test_a_member_whose_deflate_data_ends_early_is_corrupt() -> None:
+    member = chunkedgz.data_member(0, _raw(C), 1)
+    chunk = chunkedgz.Chunk(0, 0, C, 0, len(member.data), member.sha256)
+    cut = member.data[: chunkedgz.DATA_HEADER_SIZE + 100] + member.data[-8:]
+    with pytest.raises(CorruptChunkError):
+        chunkedgz.inflate_member(chunkedgz.Chunk(0, 0, C, 0, len(cut), member.sha256), cut)
+    assert chunkedgz.inflate_member(chunk, member.data) == _raw(C)
