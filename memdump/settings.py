@@ -315,6 +315,9 @@ class VerifySettings(BaseModel):
     max_concurrent: int = Field(default=2, ge=1)
     background_bytes: int = Field(default=1024 * MiB, ge=0)
     jobs_kept: int = Field(default=100, ge=1)  # finished jobs kept for polling
+    # Chunks of a chunked .mem.gz inflated and checked at once per verification (None:
+    # every core; the API's background verifications may want fewer).
+    threads: int | None = Field(default=None, ge=1, le=256)
 
 
 class OrchestrationSettings(BaseModel):

@@ -125,9 +125,11 @@ def recorded_since(store: RecordStore, days: float) -> list[dict[str, Any]]:
     return rows
 
 
-def verify_threads() -> int:
-    """Chunks checked at once: every core (the hashing of the whole image in order runs
-    beside them and mostly waits on them)."""
+def verify_threads(settings: Settings | None = None) -> int:
+    """Chunks checked at once: MEMDUMP_VERIFY__THREADS, else every core (the hashing of
+    the whole image in order runs beside them and mostly waits on them)."""
+    if settings is not None and settings.verify.threads is not None:
+        return settings.verify.threads
     return max(1, os.cpu_count() or 1)
 
 
@@ -144,11 +146,11 @@ def verify(
 
     ``guest_range`` ([start, end), guest-physical): check only the chunks holding it
     (a chunked dump only: InvalidDumpError for a single-stream one, or a range in no
-    PT_LOAD). ``threads``: chunks checked at once (default verify_threads())."""
+    PT_LOAD). ``threads``: chunks checked at once (default verify_threads(settings))."""
     t0 = time.monotonic()
     where = str(record["dump_path"])
     stored = open_stored(Location.of(where), settings)
-    workers = threads or verify_threads()
+    workers = threads or verify_threads(settings)
     if not stored.exists():
         return Verification("missing", where, "the stored dump is gone", {}, time.monotonic() - t0)
     try:

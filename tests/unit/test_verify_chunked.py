@@ -261,3 +261,13 @@ def _base_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("MEMDUMP_")}
+
+
+def test_verify_threads_come_from_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from memdump.verify import verify_threads
+
+    monkeypatch.setenv("MEMDUMP_VERIFY__THREADS", "3")
+    assert verify_threads(Settings()) == 3
+    monkeypatch.delenv("MEMDUMP_VERIFY__THREADS")
+    monkeypatch.setattr("memdump.verify.os.cpu_count", lambda: 6)
+    assert verify_threads(Settings()) == 6 and verify_threads() == 6
