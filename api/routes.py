@@ -28,7 +28,7 @@ from api.models import (
     VerifyRequest,
     VerifyResponse,
 )
-from api.runs import LatestRunCache, Runs, TriggerBusy, TriggerView
+from api.runs import LatestRunCache, Runs, TriggerBusy, Triggered, TriggerView
 from api.status import map_state
 from api.verify_jobs import VerifyBusy, VerifyJob, VerifyJobs
 from memdump.errors import LocationError, MemdumpError
@@ -108,7 +108,7 @@ def trigger(
                 raise HTTPException(400, str(exc)) from None
     interval = settings.api.trigger_min_interval_sec
     if interval <= 0:  # limit off
-        _schedule(runs, vm_ids, latest, None)
+        run = _schedule(runs, vm_ids, latest, None)
     else:
         # Check and create under one lock held across API replicas (a Prefect
         # concurrency slot), with the Prefect server's clock: N concurrent triggers make
@@ -116,7 +116,7 @@ def trigger(
         try:
             with runs.exclusive() as view:
                 _check_rate(view, interval)
-                _schedule(runs, vm_ids, latest, view.now)
+                run = _schedule(runs, vm_ids, latest, view.now)
         except TriggerBusy:
             raise HTTPException(
                 429,
@@ -130,14 +130,18 @@ def trigger(
     return TriggerResponse(
         message=f"Memory dump scheduled for {len(vm_ids)} VM(s)",
         vm_ids=vm_ids,
-        timestamp=iso_utc(datetime.now(UTC)),
+        # The run's own due time, as Prefect stored it: /status shows this same value.
+        timestamp=iso_utc(run.triggered_at),
     )
 
 
-def _schedule(runs: Runs, vm_ids: list[str], latest: LatestRunCache, at: datetime | None) -> None:
+def _schedule(
+    runs: Runs, vm_ids: list[str], latest: LatestRunCache, at: datetime | None
+) -> Triggered:
     try:
-        runs.trigger(vm_ids, "api") if at is None else runs.trigger(vm_ids, "api", at)
+        run = runs.trigger(vm_ids, "api") if at is None else runs.trigger(vm_ids, "api", at)
         latest.invalidate()
+        return run
     except Exception as exc:
         reason = str(exc) if str(exc) not in ("", "None") else type(exc).__name__
         raise HTTPException(500, f"Error scheduling memory dump: {reason}") from exc

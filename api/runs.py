@@ -66,6 +66,16 @@ class RunSummary:
     vms: tuple[VMRun, ...] = ()
 
 
+@dataclass(frozen=True)
+class Triggered:
+    """A run a trigger created: its id, and when it is due as Prefect stored it (its
+    expected start time), the one timestamp of that trigger: POST /trigger answers it and
+    /status reads the same field back (RunSummary.triggered_at)."""
+
+    id: str
+    triggered_at: datetime
+
+
 class TriggerBusy(Exception):
     """Another trigger (in this or another API replica) holds the trigger lock."""
 
@@ -79,9 +89,9 @@ class TriggerView:
 
 
 class Runs(Protocol):
-    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> str:
-        """Create a flow run (returns at once) and return its id; ``at``: its start
-        time (the server's clock, from TriggerView.now), else now."""
+    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> Triggered:
+        """Create a flow run (returns at once) and return it; ``at``: its start time
+        (the server's clock, from TriggerView.now), else now."""
         ...
 
     def latest(self) -> RunSummary | None:
@@ -115,7 +125,7 @@ class PrefectRuns:
         self._final: tuple[str, tuple[VMRun, ...]] | None = None
         self._busy_since: float | None = None  # first of an unbroken row of TriggerBusy
 
-    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> str:
+    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> Triggered:
         from prefect.deployments import run_deployment
 
         run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync call: not a coroutine
@@ -126,7 +136,8 @@ class PrefectRuns:
             # Unset, Prefect's client would stamp the run with this machine's clock.
             scheduled_time=at,
         )
-        return str(run.id)
+        # The run as the server stored it: the same field /status reads (_latest).
+        return Triggered(str(run.id), due_time(run))
 
     @contextmanager
     def exclusive(self) -> Iterator[TriggerView]:
@@ -215,7 +226,7 @@ class PrefectRuns:
             state_type=state.type.value if state else "SCHEDULED",
             state_name=(state.name or "") if state else "Scheduled",
             vm_ids=vm_ids,
-            triggered_at=_stdlib(run.expected_start_time or run.created),
+            triggered_at=due_time(run),
             duration=duration,
             message=state.message if state else None,
             vms=vms,
@@ -421,6 +432,12 @@ def _unfinished(vm_id: str | None, progress: float | None, run_final: bool, *, n
     if run_final:  # the run ended (crashed, cancelled) while this VM was still going
         return VMRun(vm_id, "error", progress, "did not finish: the run ended first")
     return VMRun(vm_id, name, progress, None)
+
+
+def due_time(run: Any) -> datetime:
+    """When a flow run is due (the trigger time for API calls, the schedule's for
+    scheduled runs): one function for POST /trigger's answer and /status."""
+    return _stdlib(run.expected_start_time or run.created)
 
 
 def _stdlib(ts: datetime | None) -> datetime:

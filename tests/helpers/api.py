@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from api.runs import RunSummary, TriggerBusy, TriggerView
+from api.runs import RunSummary, TriggerBusy, Triggered, TriggerView
 
 BASE_URL = "http://localhost"
 
@@ -34,11 +34,11 @@ class FakeRuns:
         self.now: datetime | None = None  # the "server" clock; None: datetime.now
         self._lock = threading.Lock()
 
-    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> str:
+    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> Triggered:
         if self.fail:
             raise ConnectionError("Prefect is down")
         self.triggered.append((vm_ids, source))
-        return "run-1"
+        return Triggered("run-1", at or datetime.now(UTC))
 
     def latest(self) -> RunSummary | None:
         return self.run

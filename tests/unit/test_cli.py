@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 import memdump.cli as cli
 from api.main import create_app
-from api.runs import RunSummary, VMRun
+from api.runs import RunSummary, Triggered, VMRun
 from memdump.cli import capture, client, inventory, maintenance, render
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
@@ -38,9 +38,9 @@ class ScriptedRuns:
         self.calls = 0
         self.triggered: list[list[str]] = []
 
-    def trigger(self, vm_ids: list[str], source: str) -> str:
+    def trigger(self, vm_ids: list[str], source: str) -> Triggered:
         self.triggered.append(vm_ids)
-        return "run-1"
+        return Triggered("run-1", T0)
 
     def latest(self) -> RunSummary | None:
         value = self.script[min(self.calls, len(self.script) - 1)]
