@@ -123,7 +123,8 @@ class VMStatus(BaseModel):
     vm_id: str | None = Field(
         description='The VM id as requested (or as found, for "all"); null for a VM of an'
         ' "all" trigger that has not started streaming yet; "<hypervisor>:all" for a'
-        " hypervisor whose VMs could not be listed (state failed, error says why)",
+        " hypervisor whose VMs could not be listed (state failed, error says why) or that"
+        " runs no VM (state completed, note says so)",
         examples=["vm-web-01"],
     )
     state: VMState = Field(
@@ -146,6 +147,11 @@ class VMStatus(BaseModel):
         description="The dump's size as its ELF headers declare it; null before streaming"
     )
     error: str | None = Field(description="Why the VM failed; null unless it did")
+    note: str | None = Field(
+        description='What an entry that is not a capture says: for "<hypervisor>:all" with'
+        ' state completed, that the hypervisor was listed and runs no VM ("no running VM'
+        ' on hypervisor ..."); null otherwise',
+    )
 
 
 class StatusResponse(BaseModel):

@@ -293,6 +293,7 @@ def status(latest: LatestRunDep) -> dict[str, Any]:
                 "bytes_done": v.bytes_done,
                 "bytes_total": v.bytes_total,
                 "error": v.error,
+                "note": v.note,
             }
             for v in run.vms
         ],

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from memdump.runinfo import (
     ALL,
+    NO_RUNNING_VM,
     PROGRESS_KEY,
     TIMED_OUT,
     Progress,
@@ -48,6 +49,9 @@ class VMRun:
     error: str | None
     bytes_done: int | None = None  # from the artifact's metadata (memdump.runinfo.Progress)
     bytes_total: int | None = None
+    # What an entry that is not a VM's capture says: a hypervisor of "all" that was
+    # listed and runs no VM ("<hypervisor>:all", state completed).
+    note: str | None = None
 
     @property
     def final(self) -> bool:
@@ -388,10 +392,16 @@ def vm_detail(
 
 
 def _unlisted(t: Any) -> VMRun | None:
-    """A hypervisor whose VMs could not be listed (its list task failed for good)."""
-    if _kind(t)[0] not in ("FAILED", "CRASHED"):
+    """A hypervisor whose VMs could not be listed (its list task failed for good), or
+    that was listed and runs no VM (its list task completed as NO_RUNNING_VM)."""
+    kind, name = _kind(t)
+    hypervisor = tagged_hypervisor(t.tags or ()) or "?"
+    if kind == "COMPLETED" and name == NO_RUNNING_VM:
+        note = f"no running VM on hypervisor {hypervisor}: nothing to capture there"
+        return VMRun(unlisted_id(hypervisor), "completed", None, None, note=note)
+    if kind not in ("FAILED", "CRASHED"):
         return None
-    return VMRun(unlisted_id(tagged_hypervisor(t.tags or ()) or "?"), "failed", None, _message(t))
+    return VMRun(unlisted_id(hypervisor), "failed", None, _message(t))
 
 
 def _created(obj: Any) -> datetime:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -15,10 +16,12 @@ from prefect import serve
 
 from deployments.catalog import runner_deployments
 from memdump.children import end_adopted
+from memdump.errors import ConfigError
 from memdump.fsperm import private_umask
 from memdump.leftovers import clean_leftovers
 from memdump.records import open_recorder
 from memdump.settings import Settings
+from memdump.targets import require_hypervisors
 from tasks.limits import ensure_limits
 
 ORPHAN_GRACE_SEC = 10.0  # SIGTERM -> SIGKILL for flow runs left at exit
@@ -73,6 +76,10 @@ def main() -> None:
             target=exit_with_parent, args=(os.getppid(),), name="parent", daemon=True
         ).start()
     settings = Settings()
+    try:
+        require_hypervisors(settings, "the runner refuses to start without one")
+    except ConfigError as exc:
+        sys.exit(f"deployments.serve: {exc}")
     # What a worker killed mid-dump left (a .part, a FIFO on the hypervisor) goes first.
     clean_leftovers(settings, settings.orchestration.cleanup_min_age_sec)
     ensure_limits(settings, reset_slots=args.reset_slots)

@@ -43,6 +43,7 @@ from memdump.children import (
 from memdump.errors import ConfigError
 from memdump.fsperm import private_dir, private_umask
 from memdump.settings import Settings
+from memdump.targets import require_hypervisors
 
 # Seconds each child gets after SIGTERM before SIGKILL, in stop order. The runner's is
 # the long one: on SIGTERM Prefect's runner cancels its in-flight flow runs one after the
@@ -142,6 +143,8 @@ def prefect_env(settings: Settings) -> tuple[dict[str, str], bool]:
 def serve(settings: Settings) -> int:
     private_umask()
     settings.check_api_exposure()  # before anything starts: no token off loopback
+    # Before anything starts: an empty inventory would make every capture an empty one.
+    require_hypervisors(settings, "memdump serve refuses to start without one")
     env, own_server = prefect_env(settings)
     # A busy port is named with its holder now, not as "prefect server exited with 1"
     # after a minute of start-up.

@@ -21,9 +21,11 @@ from types import FrameType
 from deployments.catalog import POOL
 from deployments.serve import replay_outbox
 from memdump.children import popen_dying_with_parent
+from memdump.errors import ConfigError
 from memdump.fsperm import private_umask
 from memdump.leftovers import clean_leftovers
 from memdump.settings import Settings
+from memdump.targets import require_hypervisors
 from tasks.automations import ensure_crash_automation
 from tasks.limits import ensure_limits
 
@@ -36,6 +38,11 @@ def main() -> int:
     args = parser.parse_args()
     private_umask()  # records, outbox, dumps: 0600 in 0700 dirs (flow runs inherit it)
     settings = Settings()
+    try:
+        require_hypervisors(settings, "the worker refuses to start without one")
+    except ConfigError as exc:
+        print(f"deployments.worker: {exc}", file=sys.stderr)
+        return 2
     clean_leftovers(settings, settings.orchestration.cleanup_min_age_sec)
     ensure_limits(settings)
     ensure_crash_automation(settings.orchestration.heartbeat_sec)

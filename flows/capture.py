@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import flow, get_run_logger, tags
@@ -25,22 +26,33 @@ from memdump.runinfo import (
     vm_tags,
 )
 from memdump.settings import Settings
+from memdump.targets import require_hypervisors
 from tasks.capture import capture_vm
 from tasks.fanout import publish_result, run_capture_flow
 from tasks.limits import ensure_limits
 from tasks.listing import list_vms
 
 
-def list_targets(
-    settings: Settings, vm_ids: list[str]
-) -> tuple[list[tuple[str, str | None]], list[tuple[str, str]]]:
-    """(vm id, hypervisor or None) per VM to capture, and (hypervisor, reason) per
-    hypervisor whose VMs could not be listed. "all" is every running VM of every
-    hypervisor, each listed on its own. Plain ids are resolved by the capture task, so an
-    unknown id fails only its own VM."""
+@dataclass(frozen=True)
+class Targets:
+    """What a trigger's ids come to: (vm id, hypervisor or None) per VM to capture,
+    (hypervisor, reason) per hypervisor of "all" whose VMs could not be listed, and the
+    hypervisors of "all" that were listed and run no VM."""
+
+    vms: list[tuple[str, str | None]]
+    unlisted: list[tuple[str, str]] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+
+
+def list_targets(settings: Settings, vm_ids: list[str]) -> Targets:
+    """ "all" is every running VM of every hypervisor, each listed on its own (an inventory
+    without a hypervisor is a ConfigError, not an empty capture). Plain ids are resolved
+    by the capture task, so an unknown id fails only its own VM."""
     listed: list[tuple[str, str | None]] = []
     unlisted: list[tuple[str, str]] = []
+    empty: list[str] = []
     if ALL in vm_ids:
+        require_hypervisors(settings, f'"{ALL}" has nothing to capture')
         names = [hv.name for hv in settings.inventory]
         lister = list_vms.with_options(
             retries=settings.orchestration.capture_retries,
@@ -55,12 +67,14 @@ def list_targets(
             result, vms, error = _outcome(fut)
             if result == "completed":
                 listed.extend((vm, name) for vm in vms)
+                if not vms:
+                    empty.append(name)
             else:
                 unlisted.append((name, error or "cannot list its VMs"))
     targets: list[tuple[str, str | None]] = []
     for vm_id in dict.fromkeys(vm_ids):
         targets.extend(listed if vm_id == ALL else [(vm_id, None)])
-    return list(dict.fromkeys(targets)), unlisted
+    return Targets(list(dict.fromkeys(targets)), unlisted, empty)
 
 
 def _outcome(future: PrefectFuture[Any]) -> tuple[str, Any, str]:
@@ -84,10 +98,19 @@ def _flag(analysis: str) -> str:
     return analysis if analysis in ("passed", "skipped", "") else f"**{md_text(analysis.upper())}**"
 
 
-def _summary(rows: Sequence[Row], unlisted: Sequence[tuple[str, str]] = ()) -> str:
+def _no_running_vm(empty: Sequence[str]) -> str:
+    return f"no running VM on hypervisor(s) {', '.join(empty)}"
+
+
+def _summary(
+    rows: Sequence[Row], unlisted: Sequence[tuple[str, str]] = (), empty: Sequence[str] = ()
+) -> str:
     # Every value from a request, a hypervisor or an error is escaped (md_text): a VM
     # name or a stderr line is shown as text, never as markup or a new table cell.
-    lines = [
+    lines = []
+    if empty and not rows and not unlisted:  # above the table, where an operator looks
+        lines += [f"**Nothing captured**: {md_text(_no_running_vm(empty))}.", ""]
+    lines += [
         "| VM | result | size (raw) | .gz | sha256 | seconds | analysis | error |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -104,23 +127,39 @@ def _summary(rows: Sequence[Row], unlisted: Sequence[tuple[str, str]] = ()) -> s
             f"| {md_text(unlisted_id(hv))} | failed | | | | | | "
             f"{md_text(f'cannot list the VMs of hypervisor {hv}: {error}', 300)} |"
         )
+    for hv in empty:
+        lines.append(
+            f"| {md_text(unlisted_id(hv))} | no running VM | | | | | | "
+            f"{md_text(f'no running VM on hypervisor {hv}: nothing to capture there', 300)} |"
+        )
     return "\n".join(lines)
 
 
-def _final(rows: list[Row], source: str, unlisted: Sequence[tuple[str, str]] = ()) -> State[Any]:
+def _final(
+    rows: list[Row],
+    source: str,
+    unlisted: Sequence[tuple[str, str]] = (),
+    empty: Sequence[str] = (),
+) -> State[Any]:
     """The run's state: failed if any VM failed or any hypervisor could not be listed
-    (the VMs of the others are captured all the same)."""
+    (the VMs of the others are captured all the same). Hypervisors of "all" with no
+    running VM are named in the message (and the summary) whatever the state: a
+    completed run that captured nothing says so."""
     not_listed = f", {len(unlisted)} hypervisor(s) not listed" if unlisted else ""
+    no_vm = f", {len(empty)} hypervisor(s) with no running VM" if empty else ""
     create_markdown_artifact(
-        markdown=_summary(rows, unlisted),
+        markdown=_summary(rows, unlisted, empty),
         key=SUMMARY_KEY,
-        description=f"{len(rows)} VM(s){not_listed}, trigger: {md_text(source)}",
+        description=f"{len(rows)} VM(s){not_listed}{no_vm}, trigger: {md_text(source)}",
     )
     bad = [(vm, r, e) for vm, r, _, e in rows if r != "completed"]
+    also = f"; {_no_running_vm(empty)}" if empty else ""
     if not rows and not unlisted:
+        if empty:
+            return Completed(message=f"nothing captured: {_no_running_vm(empty)}")
         return Completed(message="no VMs to capture")
     if not bad and not unlisted:
-        return Completed(message=f"{len(rows)} VM(s) captured")
+        return Completed(message=f"{len(rows)} VM(s) captured{also}")
     parts = []
     if bad or not unlisted:
         detail = "; ".join(f"{vm}: {e}" for vm, _, e in bad)
@@ -128,7 +167,7 @@ def _final(rows: list[Row], source: str, unlisted: Sequence[tuple[str, str]] = (
     if unlisted:
         detail = "; ".join(f"{unlisted_id(hv)}: {e}" for hv, e in unlisted)
         parts.append(f"{len(unlisted)} hypervisor(s) could not list their VMs: {detail}")
-    message = "; ".join(parts)
+    message = "; ".join(parts) + also
     if any(r == "timeout" for _, r, _ in bad):
         return Failed(name=TIMED_OUT, message=message)
     return Failed(message=message)
@@ -158,15 +197,15 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
     logger.info("trigger from %s for %s", source, vm_ids)
     ensure_limits(settings)
     try:
-        targets, unlisted = list_targets(settings, vm_ids)
+        found = list_targets(settings, vm_ids)
     except MemdumpError as exc:
         return Failed(message=f"cannot list VMs: {exc}")
     if settings.orchestration.fanout == "deployments":
-        return _fan_out(targets, source, unlisted)
-    futures = _submit(settings, targets, source)
+        return _fan_out(found, source)
+    futures = _submit(settings, found.vms, source)
     wait(futures)
-    rows = [(vm_id, *_outcome(f)) for (vm_id, _), f in zip(targets, futures, strict=True)]
-    return _final(rows, source, unlisted)
+    rows = [(vm_id, *_outcome(f)) for (vm_id, _), f in zip(found.vms, futures, strict=True)]
+    return _final(rows, source, found.unlisted, found.empty)
 
 
 @flow(name=CAPTURE_ONE_FLOW, log_prints=True)
@@ -182,18 +221,14 @@ def capture_one_vm(vm_id: str, hypervisor: str | None = None, source: str = "api
     return _final([row], source)
 
 
-def _fan_out(
-    targets: list[tuple[str, str | None]],
-    source: str,
-    unlisted: Sequence[tuple[str, str]] = (),
-) -> State[Any]:
+def _fan_out(found: Targets, source: str) -> State[Any]:
     runs = []
-    for vm_id, hypervisor in targets:
+    for vm_id, hypervisor in found.vms:
         with tags(*vm_tags(vm_id, hypervisor)):
             runs.append(run_capture_flow.submit(vm_id, hypervisor, source))
     wait(runs)
     rows: list[Row] = []
-    for (vm_id, _), fut in zip(targets, runs, strict=True):
+    for (vm_id, _), fut in zip(found.vms, runs, strict=True):
         result, record, error = _outcome(fut)
         rows.append((vm_id, result, record if isinstance(record, DumpRecord) else None, error))
-    return _final(rows, source, unlisted)
+    return _final(rows, source, found.unlisted, found.empty)

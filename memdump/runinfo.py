@@ -33,6 +33,9 @@ VERIFY_TASK = "verify-dump"
 # Prefect state names with a meaning of their own.
 TIMED_OUT = "TimedOut"  # a VM's capture exceeded its deadline (contract status "timeout")
 STORAGE_WARNING = "StorageWarning"  # retention completed; storage above its threshold
+# A hypervisor's part of "all" listed fine and found no running VM (its list task run's
+# Completed state is named so): the run, its summary and /status say so.
+NO_RUNNING_VM = "NoRunningVM"
 
 # Prefect state types of a run that has not finished.
 IN_PROGRESS = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING"})

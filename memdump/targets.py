@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from memdump.errors import (
     AmbiguousVMError,
+    ConfigError,
     HypervisorError,
     MemdumpError,
     VMNotFoundError,
@@ -14,8 +15,36 @@ from memdump.errors import (
 from memdump.hypervisors import Driver, VMRef
 from memdump.identifiers import split_qualified
 from memdump.runinfo import ALL
+from memdump.settings import Settings
 
-__all__ = ["ALL", "Listing", "find", "list_all", "list_each", "list_one"]
+__all__ = [
+    "ALL",
+    "Listing",
+    "find",
+    "list_all",
+    "list_each",
+    "list_one",
+    "require_hypervisors",
+]
+
+
+def require_hypervisors(settings: Settings, refusal: str) -> None:
+    """ConfigError naming the settings when the inventory has no hypervisor (an
+    inventory that cannot be read raises its own). Without one, every capture of "all"
+    (the weekly schedule's) would complete having captured nothing; ``refusal`` says
+    what is refused instead (e.g. "memdump serve refuses to start")."""
+    if settings.inventory:
+        return
+    if settings.inventory_file is not None:
+        where = f"MEMDUMP_INVENTORY_FILE={settings.inventory_file} lists none"
+    else:
+        where = "neither MEMDUMP_INVENTORY_FILE nor MEMDUMP_HYPERVISORS is set"
+    raise ConfigError(
+        f"no hypervisor in the inventory ({where}): {refusal}. Set MEMDUMP_INVENTORY_FILE"
+        " to a YAML file with a 'hypervisors' list (`lab/up` writes one; `. .lab/env`"
+        " sets it), or MEMDUMP_HYPERVISORS to that list as JSON",
+        setting="MEMDUMP_INVENTORY_FILE",
+    )
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from tests.helpers.contract_doc import contract_examples
 
 BASE = "/api/memory-dumps"
 T = datetime(2025, 11, 11, 10, 30, 45, 123456, tzinfo=UTC)
-VM_KEYS = ["vm_id", "state", "progress", "bytes_done", "bytes_total", "error"]
+VM_KEYS = ["vm_id", "state", "progress", "bytes_done", "bytes_total", "error", "note"]
 VM_STATES = {"pending", "running", "retrying", "completed", "failed", "timeout", "error"}
 
 
@@ -77,6 +77,7 @@ def test_vms_shape_in_progress(client: TestClient, runs: FakeRuns) -> None:
             "bytes_done": 114 << 20,
             "bytes_total": 268 << 20,
             "error": None,
+            "note": None,
         },
         {
             "vm_id": "102",
@@ -85,6 +86,7 @@ def test_vms_shape_in_progress(client: TestClient, runs: FakeRuns) -> None:
             "bytes_done": None,
             "bytes_total": None,
             "error": None,
+            "note": None,
         },
     ]
     for vm in body.pop("vms"):
@@ -117,6 +119,7 @@ def test_vms_shape_finished(client: TestClient, runs: FakeRuns) -> None:
             "bytes_done": None,
             "bytes_total": None,
             "error": None,
+            "note": None,
         },
         {
             "vm_id": "nope",
@@ -125,6 +128,7 @@ def test_vms_shape_finished(client: TestClient, runs: FakeRuns) -> None:
             "bytes_done": None,
             "bytes_total": None,
             "error": body["vms"][1]["error"],
+            "note": None,
         },
     ]
     assert "nope" in body["vms"][1]["error"]
@@ -142,6 +146,7 @@ def test_unidentified_vm_of_an_all_trigger(client: TestClient, runs: FakeRuns) -
             "bytes_done": None,
             "bytes_total": None,
             "error": None,
+            "note": None,
         }
     ]
 

@@ -16,7 +16,7 @@ from typing import Any
 from tests.helpers.stack import REPO, Stack, free_port
 
 BASE = "/api/memory-dumps"
-VM_KEYS = ["vm_id", "state", "progress", "bytes_done", "bytes_total", "error"]
+VM_KEYS = ["vm_id", "state", "progress", "bytes_done", "bytes_total", "error", "note"]
 
 
 def memdump(stack: Stack, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -69,7 +69,7 @@ def test_status_shows_each_vm_of_a_run(stack: Stack) -> None:
     size = {r["vmid"]: r["raw_size_bytes"] for r in recs["records"]}
     assert final["vms"] == [
         {"vm_id": vm, "state": "completed", "progress": 100.0, "bytes_done": size[vm],
-         "bytes_total": size[vm], "error": None}
+         "bytes_total": size[vm], "error": None, "note": None}
         for vm in ("vm-web-01", "vm-db-01")
     ]  # fmt: skip
 
