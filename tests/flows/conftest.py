@@ -78,6 +78,7 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
         progress: Any = None,
         trigger: Any = None,
         mode: Any = None,
+        changes: Any = None,
     ) -> Capture:
         calls[ref.vmid] = calls.get(ref.vmid, 0) + 1
         triggers.append(trigger)
