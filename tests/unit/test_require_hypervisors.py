@@ -21,6 +21,14 @@ from tests.helpers.stack import REPO, free_port
 HV = {"name": "hv1", "transport": "local"}
 
 
+@pytest.fixture(autouse=True)
+def no_inventory_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings() reads the environment: the lab's inventory (scripts/test sources
+    .lab/env) must not count here."""
+    monkeypatch.delenv("MEMDUMP_INVENTORY_FILE", raising=False)
+    monkeypatch.delenv("MEMDUMP_HYPERVISORS", raising=False)
+
+
 def test_no_inventory_at_all_names_both_settings(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         require_hypervisors(Settings(data_dir=tmp_path), "X refuses to start")
