@@ -30,7 +30,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from isal import isal_zlib
 
@@ -38,7 +38,7 @@ from memdump.errors import ChunkedDumpError, CorruptChunkError
 
 FORMAT = "memdump-chunked-gzip/1"
 VERSION = 1
-DEFAULT_CHUNK_SIZE = 1 << 20
+DEFAULT_CHUNK_SIZE = 64 << 10  # measured: benchmarks/pipeline.py, random_read.py (README)
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 64 << 20
 
@@ -57,8 +57,9 @@ _GZ_MAGIC = b"\x1f\x8b\x08\x04"
 _OS_UNKNOWN = 255
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
+    # A tuple, not a dataclass: an index holds 16,384 of them per GiB of image (64 KiB
+    # chunks) and is read at every open; a frozen dataclass took 4x as long to build.
     number: int
     raw_offset: int
     raw_size: int
@@ -124,10 +125,34 @@ def data_member(number: int, raw: bytes | memoryview, level: int) -> Member:
     hashlib release the GIL on large buffers."""
     digest = hashlib.sha256(raw).digest()
     body = isal_zlib.compress(raw, level, -15)
+    if len(body) >= len(raw):
+        # Random-looking bytes do not compress: Huffman-coded literals take ~4x as long to
+        # inflate as stored blocks (every random read, check and verify of this chunk
+        # pays that), and stored blocks are not larger.
+        stored = _stored_deflate(raw)
+        if len(stored) <= len(body):
+            body = stored
     size = DATA_HEADER_SIZE + len(body) + _TAIL.size
     head = _DATA_HEAD.pack(_GZ_MAGIC, 0, 0, _OS_UNKNOWN, 16, b"MD", 12, number, size, len(raw))
     tail = _TAIL.pack(isal_zlib.crc32(raw) & 0xFFFFFFFF, len(raw) & 0xFFFFFFFF)
     return Member(b"".join((head, body, tail)), len(raw), digest)
+
+
+_STORED_MAX = 0xFFFF
+
+
+def _stored_deflate(raw: bytes | memoryview) -> bytes:
+    """``raw`` as raw deflate stored blocks (RFC 1951 3.2.4): per block of up to 65,535
+    bytes one header byte (BFINAL, BTYPE 00), LEN, NLEN, then the bytes as they are."""
+    view = memoryview(raw)
+    parts: list[bytes | memoryview] = []
+    starts = range(0, max(len(view), 1), _STORED_MAX)
+    for at in starts:
+        piece = view[at : at + _STORED_MAX]
+        final = 1 if at + _STORED_MAX >= len(view) else 0
+        parts.append(struct.pack("<BHH", final, len(piece), len(piece) ^ 0xFFFF))
+        parts.append(piece)
+    return b"".join(parts)
 
 
 def _empty_member(subfield: bytes, payload: bytes) -> bytes:

@@ -5,7 +5,6 @@ kept and no record claims an object that does not exist."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import boto3  # type: ignore[import-untyped]
 import pytest
+from isal import igzip
 
 from memdump.manifest import manifest_key
 from memdump.records.influxdb3 import InfluxDB3RecordStore
@@ -100,7 +100,7 @@ def test_offload_then_outage(
     )
     body = b"".join(store.open_stream(key))
     assert len(body) == rec["gzip_size_bytes"]
-    assert hashlib.sha256(gzip.decompress(body)).hexdigest() == rec["sha256"]
+    assert hashlib.sha256(igzip.decompress(body)).hexdigest() == rec["sha256"]
     # The manifest sits beside the object, and the record holds its hash.
     mkey = manifest_key(key)
     assert mkey == key.removesuffix(".mem.gz") + ".manifest.json"
@@ -123,7 +123,7 @@ def test_offload_then_outage(
     assert "vm-web-01" in status["error"] and "offload failed" in status["error"]
     kept = list(dumps.glob("lab_vm-web-01_*.mem.gz"))
     assert len(kept) == 1 and not list(dumps.glob("*.part"))
-    raw = gzip.decompress(Path(kept[0]).read_bytes())
+    raw = igzip.decompress(Path(kept[0]).read_bytes())
     assert raw[:4] == b"\x7fELF"
     _, recs = s3stack.call("GET", f"{BASE}/records")
     assert [r["vmid"] for r in recs["records"]] == ["vm-db-01"]  # no record for it

@@ -3,13 +3,13 @@ stats, through the real HTTP API of ``memdump serve``."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from isal import igzip
 
 from tests.helpers.lab import assert_hypervisor_clean, virsh
 from tests.helpers.stack import Stack
@@ -41,7 +41,7 @@ def test_trigger_completes_and_records(stack: Stack) -> None:
     by_vm = {r["vmid"]: r for r in new}
     assert set(by_vm) == {"vm-web-01", "vm-db-01"}
     for rec in by_vm.values():
-        raw = gzip.decompress(Path(rec["dump_path"]).read_bytes())
+        raw = igzip.decompress(Path(rec["dump_path"]).read_bytes())
         assert hashlib.sha256(raw).hexdigest() == rec["sha256"]
         assert rec["gzip_size_bytes"] == Path(rec["dump_path"]).stat().st_size
 

@@ -3,7 +3,6 @@ lab QEMU VM of its own, QMP status and dumps, the checks both drivers must pass.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from isal import igzip
 
 from memdump.capture import Capture, capture
 from memdump.errors import (
@@ -92,7 +92,7 @@ def paused_capture_is_byte_exact(
         qmp(sock, "cont")
     assert status(sock) == "running"
     rec = result.record
-    raw = gzip.decompress(Path(rec.dump_path).read_bytes())
+    raw = igzip.decompress(Path(rec.dump_path).read_bytes())
     expected = local.read_bytes()
     assert hashlib.sha256(raw).hexdigest() == hashlib.sha256(expected).hexdigest() == rec.sha256
     assert raw == expected

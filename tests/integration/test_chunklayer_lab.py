@@ -129,6 +129,8 @@ def test_linux_banner_through_the_layer(
     m = json.loads(manifest_path(dump).read_text())["analysis"]
     assert "over ChunkedGzipLayer" in m["detail"], m
     assert linux_vm["banner"] in m["banners"], m
+    # Found in the stream as it was captured, confirmed through the layer (issue 14, item 6).
+    assert "(confirmed from the stream scan)" in m["detail"], m
 
     # An analyst's `memdump vol -f DUMP banners.Banners`, never through Python's gzip.
     code = (

@@ -5,7 +5,6 @@ the guest running."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from isal import igzip
 
 from memdump.capture import capture
 from memdump.errors import ConfigError, VMNotFoundError
@@ -134,7 +134,7 @@ def test_running_vm_dump_has_the_markers(
     before = remote_temp_dirs()
     result = capture(pdriver, pdriver.resolve(VM), psettings)
     assert result.info.state == "running"
-    assert_markers(gzip.decompress(Path(result.record.dump_path).read_bytes()), lab_dir, VM)
+    assert_markers(igzip.decompress(Path(result.record.dump_path).read_bytes()), lab_dir, VM)
     wait_clean(pve_vm, before)
 
 

@@ -7,12 +7,12 @@ behind; a socket served by another QEMU than the VM's is refused; for 256 MiB, 1
 
 from __future__ import annotations
 
-import gzip
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from isal import igzip
 
 from memdump.errors import HypervisorError
 from memdump.hypervisors import open_driver
@@ -113,7 +113,7 @@ def test_live_capture_of_a_running_proxmox_guest(
     assert "userfaultfd_window_ms" not in live
     assert live["migration_status"] == "completed"
     assert isinstance(live["downtime_ms"], int)
-    assert_markers(gzip.decompress(result.path.read_bytes()), lab_dir, VM)
+    assert_markers(igzip.decompress(result.path.read_bytes()), lab_dir, VM)
     assert_clean(pve_sock, before, sysctl)
 
 

@@ -5,7 +5,6 @@ errors, and aborts that leave the guest running."""
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from isal import igzip
 
 from memdump.capture import capture
 from memdump.errors import (
@@ -139,7 +139,7 @@ def test_running_vm_dump_matches_layout_over_local_transport(
     before = remote_temp_dirs()
     d = open_driver(qhv.model_copy(update={"transport": "local"}), qsettings.ssh)
     result = capture(d, d.resolve(VM), qsettings)
-    raw = gzip.decompress(Path(result.record.dump_path).read_bytes())
+    raw = igzip.decompress(Path(result.record.dump_path).read_bytes())
     assert_markers(raw, lab_dir, VM)
     assert result.info.state == "running"
     wait_clean(qemu_vm, before)

@@ -8,7 +8,6 @@ guest; abort, deadline and a script killed outright leave the guest as clean."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from isal import igzip
 
 from memdump.capture import capture
 from memdump.errors import CaptureTimeoutError, LiveCaptureUnsupportedError
@@ -216,7 +216,7 @@ def test_live_capture_is_the_paused_dump_of_a_quiescent_guest(
     assert live["mode"] == "live" and live["userfaultfd"] == "sysctl-window"
     assert live["stream_bytes"] > 0 and len(live["stream_sha256"]) == 64
     assert src.dump_format == "elf"  # type: ignore[attr-defined]
-    core = gzip.decompress(result.path.read_bytes())
+    core = igzip.decompress(result.path.read_bytes())
     assert_markers(core, lab_dir, VM)
     ref = tmp_path / "paused.elf"
     fd = os.open(ref, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -402,7 +402,7 @@ def test_live_capture_under_tcg(lab_dir: Path, sysctl_before: str, tmp_path: Pat
             seen = poller.stop()
         assert seen and set(seen) == {"running"}
         assert src.live["migration_status"] == "completed"  # type: ignore[attr-defined]
-        assert_markers(gzip.decompress(result.path.read_bytes()), lab_dir, vm)
+        assert_markers(igzip.decompress(result.path.read_bytes()), lab_dir, vm)
         assert_clean(sock, before, sysctl_before)
     finally:
         d.close()
@@ -441,5 +441,5 @@ def test_capture_live_or_paused_with_the_reason(
         assert cap["mode"] == "paused" and c.record.capture_mode == "paused"
         assert "live_userfaultfd" in cap["fallback_reason"]
         assert c.record.live_fallback_reason == cap["fallback_reason"]
-    assert_markers(gzip.decompress(Path(c.record.dump_path).read_bytes()), lab_dir, VM)
+    assert_markers(igzip.decompress(Path(c.record.dump_path).read_bytes()), lab_dir, VM)
     assert_clean(vm_sock, before, sysctl_before)

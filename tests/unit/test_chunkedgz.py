@@ -268,3 +268,18 @@ def test_a_member_whose_deflate_data_ends_early_is_corrupt() -> None:
     with pytest.raises(CorruptChunkError):
         chunkedgz.inflate_member(chunkedgz.Chunk(0, 0, C, 0, len(cut), member.sha256), cut)
     assert chunkedgz.inflate_member(chunk, member.data) == _raw(C)
+
+
+@pytest.mark.parametrize("size", [4096, 65535, 65536, C, 3 * C + 17])
+def test_incompressible_chunks_are_stored_blocks(size: int) -> None:
+    raw = hashlib.shake_256(size.to_bytes(4, "little")).digest(size)
+    member = chunkedgz.data_member(0, raw, 1)
+    body = member.data[chunkedgz.DATA_HEADER_SIZE : -8]
+    assert body[0] & 0b110 == 0  # BTYPE 00: stored
+    assert len(body) == size + 5 * -(-size // 65535)
+    chunk = chunkedgz.Chunk(0, 0, size, 0, len(member.data), member.sha256)
+    assert chunkedgz.inflate_member(chunk, member.data) == raw
+    assert gzip.decompress(member.data) == raw
+    # Compressible chunks stay compressed.
+    text = chunkedgz.data_member(0, b"memdump " * (size // 8 + 1), 1)
+    assert text.data[chunkedgz.DATA_HEADER_SIZE] & 0b110 != 0

@@ -1,5 +1,4 @@
 import errno
-import gzip
 import hashlib
 import os
 import stat
@@ -7,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from isal import igzip
 
 from memdump import chunkedgz
 from memdump.errors import (
@@ -37,7 +37,7 @@ def test_roundtrip_hashes_mode_and_progress(tmp_path: Path, core: bytes) -> None
         FakeSource(core), tmp_path / "d", "101_1.mem.gz", progress=lambda d, t: seen.append((d, t))
     )
     assert res.path == tmp_path / "d" / "101_1.mem.gz"
-    raw = gzip.decompress(res.path.read_bytes())
+    raw = igzip.decompress(res.path.read_bytes())
     assert raw == core
     assert res.raw_bytes == len(core)
     assert res.raw_sha256 == hashlib.sha256(core).hexdigest()
@@ -178,7 +178,7 @@ def test_the_dump_is_chunked_and_indexed_whatever_the_workers(
     src = FakeSource(core, chunk=70_001)
     res = write_dump(src, tmp_path, "c.mem.gz", chunk_size=chunk_size, threads=threads)
     blob = res.path.read_bytes()
-    assert gzip.decompress(blob) == core
+    assert igzip.decompress(blob) == core
     with res.path.open("rb") as f:
         index = chunkedgz.read_index(f)
         assert index is not None and index == res.chunks

@@ -7,7 +7,6 @@ userfaultfd window (lock, restore file) on a stand-in sysctl file."""
 from __future__ import annotations
 
 import fcntl
-import gzip
 import importlib.util
 import json
 import os
@@ -23,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from isal import igzip
 
 from memdump.elfcore import parse_core
 from memdump.errors import (
@@ -258,7 +258,7 @@ def test_open_dump_live_gives_the_elf_core_and_live_fields(tmp_path: Path) -> No
         )
     ]
     result = write_dump(src, tmp_path, "d.mem.gz")
-    core = gzip.decompress(result.path.read_bytes())
+    core = igzip.decompress(result.path.read_bytes())
     lay = parse_core(core)
     assert lay is not None and lay.file_size == len(core)
     assert core[18] == 3  # e_machine EM_386: the first vCPU is not in long mode

@@ -10,9 +10,9 @@ from pydantic import ValidationError
 from memdump.settings import Settings
 
 
-def test_defaults_are_one_mebibyte_and_cores_minus_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_defaults_are_64_kib_and_cores_minus_one(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings()
-    assert s.chunk_size == 1 << 20
+    assert s.chunk_size == 64 << 10
     assert s.compression_workers == max(1, (os.cpu_count() or 1) - 1)
     monkeypatch.setattr("memdump.settings.os.cpu_count", lambda: 1)
     assert Settings().compression_workers == 1
