@@ -40,6 +40,7 @@ from typing import Any, Literal, cast
 from isal import igzip, igzip_threaded, isal_zlib
 
 from memdump import volatility
+from memdump.bannerscan import BannerScan
 from memdump.chunkedgz import ChunkReader, Index, read_chunk, read_index
 from memdump.elfcore import PT_LOAD, CoreLayout, parse_core
 from memdump.errors import ChunkedDumpError, CorruptChunkError, InvalidDumpError
@@ -115,6 +116,8 @@ def analyze(
     banners: bool = True,
     work_dir: Path | None = None,
     expect: Mapping[int, bytes] | None = None,
+    stream_scan: BannerScan | None = None,
+    hashed_as_written: bool = False,
 ) -> Analysis:
     """Check that ``dump`` (a ``.mem.gz``) is an image Volatility 3 can analyse.
 
@@ -122,6 +125,14 @@ def analyze(
     check could not run (missing file, no room for the temporary copy, ...).
     ``work_dir``: where a single-stream dump's temporary copy goes (default: beside the
     dump); a chunked dump is read in place and nothing is written.
+
+    For a chunked dump the capture pipeline just wrote, the check reads no more than it
+    needs. ``stream_scan``: the pipeline's scan of the bytes as they passed
+    (memdump.bannerscan); the banners are its candidates confirmed through the layer (the
+    whole-layer scan only when the stream scan gave up). ``hashed_as_written``: the
+    pipeline hashed each chunk from the stream as it wrote it (the index holds those
+    hashes), so the chunks the check did not read are not read back (``verify`` reads the
+    whole file later).
     """
     if samples < 0:
         raise ValueError("samples must be >= 0")
@@ -135,7 +146,17 @@ def analyze(
     version = str(vol.constants.PACKAGE_VERSION)
     try:
         with volatility.offline(vol):
-            detail = _check(vol, dump, samples, banners, work_dir, expect or {}, progress)
+            detail = _check(
+                vol,
+                dump,
+                samples,
+                banners,
+                work_dir,
+                expect or {},
+                progress,
+                stream_scan,
+                hashed_as_written,
+            )
     except _Failed as exc:
         status, detail = "failed", str(exc)
     except (_CheckError, OSError) as exc:
@@ -171,6 +192,8 @@ def _check(
     work_dir: Path | None,
     expect: Mapping[int, bytes],
     progress: _Progress,
+    stream_scan: BannerScan | None = None,
+    hashed_as_written: bool = False,
 ) -> str:
     if not dump.is_file():
         raise _CheckError(f"dump not found: {dump}")
@@ -180,7 +203,9 @@ def _check(
         except ChunkedDumpError as exc:
             raise _Failed(f"not a valid chunked gzip file: {exc}") from exc
     if index is not None:
-        return _check_chunked(vol, dump, index, samples, banners, expect, progress)
+        return _check_chunked(
+            vol, dump, index, samples, banners, expect, progress, stream_scan, hashed_as_written
+        )
     # Absolute: Volatility opens it through a file:// URI.
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=work_dir or dump.parent)).absolute()
     lock = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -224,6 +249,7 @@ def _examine(
     expect: Mapping[int, bytes],
     progress: _Progress,
     after: Callable[[], None] | None = None,
+    candidates: tuple[list[int], list[int]] | None = None,
 ) -> str:
     """The checks through the stacked ELF layer; ``ours`` reads the image at a file offset
     memdump's way; ``after`` runs once Volatility is done with it (the chunked path checks
@@ -237,7 +263,11 @@ def _examine(
         # Even when the pages disagree, the banners tell a human what the image is.
         with progress.timed("banners"):
             try:
-                progress.banners = volatility.banners(vol, ctx, elf_name)
+                if candidates is not None:
+                    unix, windows = candidates
+                    progress.banners = volatility.banners_at(vol, ctx, elf_name, unix, windows)
+                else:
+                    progress.banners = volatility.banners(vol, ctx, elf_name)
             except ChunkedDumpError:
                 raise  # the dump is damaged: the plugin is not to blame
             except Exception as exc:  # a plugin bug must not hide a failed check
@@ -254,7 +284,8 @@ def _examine(
     return (
         f"{progress.summary}; {progress.physical_bytes} bytes of guest memory; "
         f"{progress.pages_checked} sampled pages and {len(expect)} expected values "
-        f"match memdump's reading; {len(progress.banners)} banner(s) ({times})"
+        f"match memdump's reading; {len(progress.banners)} banner(s)"
+        f"{' (confirmed from the stream scan)' if candidates is not None else ''} ({times})"
     )
 
 
@@ -269,6 +300,8 @@ def _check_chunked(
     banners: bool,
     expect: Mapping[int, bytes],
     progress: _Progress,
+    stream_scan: BannerScan | None = None,
+    hashed_as_written: bool = False,
 ) -> str:
     ctx = vol.contexts.Context()
     layout: CoreLayout | None = None
@@ -286,6 +319,13 @@ def _check_chunked(
                 with progress.timed("chunks"):
                     _check_chunks(f, index, layer.inflated)
 
+            candidates = None
+            if stream_scan is not None and not stream_scan.overflow:
+                candidates = (
+                    _physical(layout, stream_scan.unix),
+                    _physical(layout, stream_scan.windows),
+                )
+
             # memdump's side reads the raw image at the offsets its ELF parser gives,
             # through the chunked layer itself (one inflation per chunk, shared): the
             # cross-check is of Volatility's ELF reading against memdump's.
@@ -300,7 +340,8 @@ def _check_chunked(
                 banners,
                 expect,
                 progress,
-                rest,
+                None if hashed_as_written else rest,
+                candidates,
             )
     except CorruptChunkError as exc:
         start = int(exc.fields["raw_offset"])
@@ -310,6 +351,19 @@ def _check_chunked(
         raise _Failed(f"not a valid chunked gzip file: {exc}") from exc
     finally:
         volatility.destroy_layers(ctx)
+
+
+def _physical(layout: CoreLayout, offsets: list[int]) -> list[int]:
+    """Raw image offsets as guest-physical addresses through the PT_LOADs (offsets in no
+    PT_LOAD, the headers and notes, are no guest memory: the plugin's scan never sees
+    them either)."""
+    out = []
+    for offset in offsets:
+        for seg in layout.segments:
+            if seg.type == PT_LOAD and seg.offset <= offset < seg.offset + seg.filesz:
+                out.append(seg.paddr + offset - seg.offset)
+                break
+    return out
 
 
 def _layout_of(reader: ChunkReader, index: Index) -> CoreLayout:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from memdump import manifest
 from memdump.analysis import analyze
+from memdump.bannerscan import BannerScan
 from memdump.errors import (
     InsufficientSpaceError,
     LiveCaptureUnsupportedError,
@@ -181,6 +182,9 @@ def _capture_once(
         )
     else:
         source = driver.open_dump(ref, staging=settings.staging, margin=settings.disk_space_margin)
+    # The check's banners are looked for in the stream as it passes (memdump.bannerscan).
+    check_banners = settings.analysis.enabled and settings.analysis.banners
+    scan = BannerScan() if check_banners else None
     result = write_dump(
         source,
         dump_dir,
@@ -188,6 +192,7 @@ def _capture_once(
         level=settings.compression_level,
         chunk_size=settings.chunk_size,
         threads=settings.compression_workers,
+        scan=scan,
         progress=progress,
         deadline=deadline,
     )
@@ -200,6 +205,8 @@ def _capture_once(
             samples=settings.analysis.samples,
             banners=settings.analysis.banners,
             work_dir=settings.analysis.work_dir,
+            stream_scan=scan,
+            hashed_as_written=True,
         )
         if settings.analysis.enabled
         else None

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from memdump.bannerscan import BannerScan
 from memdump.chunkedgz import DEFAULT_CHUNK_SIZE, Index, IndexBuilder, Member, data_member
 from memdump.elfcore import parse_core
 from memdump.errors import (
@@ -83,8 +84,12 @@ class _Digester(threading.Thread):
     recycling buffers so the reader never blocks; the error is re-raised in the reader's
     thread."""
 
-    def __init__(self, raw_sha: Any, sink: _ChunkedFileSink) -> None:
+    def __init__(
+        self, raw_sha: Any, sink: _ChunkedFileSink, scan: BannerScan | None = None
+    ) -> None:
         super().__init__(name="memdump-digest", daemon=True)
+        self.scan = scan
+        self._offset = 0
         self.work: queue.Queue[Any] = queue.Queue()
         self.free: queue.Queue[bytearray] = queue.Queue()
         # Whole chunks per buffer, so that chunk boundaries fall on buffer boundaries (the
@@ -110,8 +115,11 @@ class _Digester(threading.Thread):
             if self.error is None:
                 try:
                     view = memoryview(buf)[:n]
-                    self.raw_sha.update(view)
                     self._pending.append((buf, self.sink.submit(view)))
+                    self.raw_sha.update(view)
+                    if self.scan is not None:
+                        self.scan.feed(buf, n, self._offset)
+                    self._offset += n
                 except BaseException as exc:  # re-raised by the reader
                     self.error = exc
                     self.free.put(buf)
@@ -128,8 +136,7 @@ class _Digester(threading.Thread):
             try:
                 if self.error is None:
                     for future in futures:
-                        for member in future.result():
-                            self.sink.write_member(member)
+                        self.sink.write_members(future.result())
             except BaseException as exc:  # re-raised by the reader
                 self.error = exc
             finally:
@@ -180,9 +187,12 @@ class _ChunkedFileSink:
         self._submitted += count
         return futures
 
-    def write_member(self, member: Member) -> None:
-        self.index.add(member)
-        self._out(member.data)
+    def write_members(self, members: list[Member]) -> None:
+        for member in members:
+            self.index.add(member)
+            self.sha.update(member.data)
+        # One write per job, not per member: 64 KiB members would cost a syscall each.
+        self._out(b"".join(m.data for m in members), hashed=True)
 
     def finish(self) -> Index:
         tail, index = self.index.finish()
@@ -192,10 +202,11 @@ class _ChunkedFileSink:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _out(self, data: bytes) -> None:
+    def _out(self, data: bytes, hashed: bool = False) -> None:
         if not data:
             return
-        self.sha.update(data)
+        if not hashed:
+            self.sha.update(data)
         self.size += len(data)
         view = memoryview(data)
         while view:
@@ -218,6 +229,7 @@ def write_dump(
     level: int = 1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     threads: int = 1,
+    scan: BannerScan | None = None,
     expected_size: Callable[[bytes], int | None] = elf_size,
     progress: ProgressFn | None = None,
     deadline: float | None = None,
@@ -226,8 +238,9 @@ def write_dump(
 
     ``chunk_size`` and ``threads`` (compression workers) shape the chunked .mem.gz
     (memdump.chunkedgz). ``expected_size`` reads the total length from the first bytes
-    (ELF headers by default). ``deadline`` is a ``time.monotonic()`` value; past it the capture is
-    aborted with CaptureTimeoutError.
+    (ELF headers by default). ``scan`` sees every raw byte in order (kernel banner
+    candidates for the post-capture check). ``deadline`` is a ``time.monotonic()``
+    value; past it the capture is aborted with CaptureTimeoutError.
     """
     final = dest_dir / filename
     part = dest_dir / (filename + ".part")
@@ -249,7 +262,7 @@ def write_dump(
 
     sink = _ChunkedFileSink(fd, level, chunk_size, threads)
     raw_sha = hashlib.sha256()
-    digester = _Digester(raw_sha, sink)
+    digester = _Digester(raw_sha, sink, scan)
     digester.start()
     committed = False
     watchdog = _Watchdog(source, deadline)

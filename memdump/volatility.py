@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 import warnings
@@ -39,6 +40,8 @@ _BANNER_CHARS = frozenset(
     b" #()+,;/-.0123456789:@ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~"
 )
 _MAX_BANNERS = 32
+# RSDS, GUID and age, the longest kernel module name with ".pdb", NUL.
+_PDB_SIGNATURE_MAX = 4 + 20 + 64 + 1
 
 _VOL_LOCK = threading.Lock()
 _VOL: SimpleNamespace | None = None
@@ -108,6 +111,9 @@ def load() -> SimpleNamespace:
                 format_hints.Hex,
             ),
             stock_banners_plugin=banners.Banners,
+            pdb_scanner=pdbutil.PdbSignatureScanner,
+            pdb_names=[f"{n}.pdb".encode() for n in windows_constants.KERNEL_MODULE_NAMES],
+            kernel_module_names=list(windows_constants.KERNEL_MODULE_NAMES),
         )
         return _VOL
 
@@ -236,6 +242,42 @@ def banners(vol: SimpleNamespace, ctx: Any, layer_name: str, stock: bool = False
 
     found: list[str] = []
     plugin.run().populate(visit, found)
+    return found
+
+
+def banners_at(
+    vol: SimpleNamespace, ctx: Any, layer_name: str, unix: list[int], windows: list[int]
+) -> list[str]:
+    """What ``banners`` lists, from candidate guest-physical offsets instead of a scan of
+    the whole layer (memdump.bannerscan found them in the stream): each is confirmed at its
+    address through the layer with the plugin's own rules (the version regex, the banner
+    read up to its NUL and its characters; Volatility's PdbSignatureScanner on the
+    signature's bytes), and listed in the plugin's order: Linux/macOS by address, then
+    Windows by address."""
+    layer = ctx.layers[layer_name]
+    regex = re.compile(_BANNER_PATTERN)
+    found: list[str] = []
+
+    def add(text: str) -> None:
+        text = text.strip()
+        if text and text not in found and len(found) < _MAX_BANNERS:
+            found.append(text)
+
+    for offset in sorted(set(unix)):
+        data = layer.read(offset, 0xFFF, pad=True)
+        if not regex.match(data):
+            continue
+        end = data.find(b"\x00")
+        if end > 0:
+            text = data[:end].strip()
+            if all(c in _BANNER_CHARS for c in text):
+                add(text.decode("latin-1"))
+    scanner = vol.pdb_scanner(vol.pdb_names)
+    for offset in sorted(set(windows)):
+        data = layer.read(offset, _PDB_SIGNATURE_MAX, pad=True)
+        for guid, age, pdb_name, at in scanner(data, offset):
+            if at == offset:
+                add(f"{pdb_name.decode('latin-1')}|{guid}|{age}")
     return found
 
 
