@@ -12,11 +12,13 @@ manifest (``capture.fallback_reason``) and the record (``live_fallback_reason``)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from memdump import manifest
+from memdump import manifest, volatility
 from memdump.analysis import analyze
 from memdump.bannerscan import BannerScan
 from memdump.errors import (
@@ -108,6 +110,12 @@ def capture(
     capture, memdump.changes), written with the rest of the manifest."""
     requested: Mode = mode or capture_mode(settings, ref.hypervisor, hv)
     once = functools.partial(_capture_once, changes=changes)
+    if settings.analysis.enabled:
+        # Volatility's import (~0.3 s, mostly Python) overlaps the dump instead of
+        # following it: the check right after the capture then only stacks and reads.
+        threading.Thread(
+            target=_preload_volatility, name="memdump-vol-preload", daemon=True
+        ).start()
     info = driver.snapshot(ref)
     if not info.running:
         raise VMNotRunningError(
@@ -143,6 +151,12 @@ def capture(
     return once(
         driver, ref, settings, info, "paused", deadline, progress, trigger, requested, reason
     )
+
+
+def _preload_volatility() -> None:
+    # Errors are the check's to report (memdump.analysis calls load() again).
+    with contextlib.suppress(Exception):
+        volatility.load()
 
 
 def _capture_once(
