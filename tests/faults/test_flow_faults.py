@@ -78,6 +78,7 @@ def test_ssh_session_killed_mid_stream_is_retried(
         progress: Any = None,
         trigger: Any = None,
         mode: Any = None,
+        changes: Any = None,
     ) -> Any:
         attempts.append(1)
 
@@ -87,7 +88,9 @@ def test_ssh_session_killed_mid_stream_is_retried(
             if progress:
                 progress(done, total)
 
-        return real_capture(driver, ref, settings, progress=hook, trigger=trigger, mode=mode)
+        return real_capture(
+            driver, ref, settings, progress=hook, trigger=trigger, mode=mode, changes=changes
+        )
 
     killed: list[tuple[int, bool]] = []
     monkeypatch.setattr(task_module, "capture", capture_with_a_cut)
