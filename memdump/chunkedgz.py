@@ -28,9 +28,9 @@ import os
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, overload
 
 from isal import isal_zlib
 
@@ -68,11 +68,57 @@ class Chunk(NamedTuple):
     sha256: bytes
 
 
+class PackedChunks(Sequence[Chunk]):
+    """The index's entries as stored (56 bytes each), read as Chunk tuples on access: a
+    capture's index grows with the image (16,384 entries per GiB at 64 KiB chunks), and
+    objects would cost 3x the bytes (the pipeline's peak memory grew with the dump)."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, entries: bytes) -> None:
+        self._entries = entries
+
+    def __len__(self) -> int:
+        return len(self._entries) // ENTRY.size
+
+    @overload
+    def __getitem__(self, i: int) -> Chunk: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Chunk]: ...
+    def __getitem__(self, i: int | slice) -> Chunk | Sequence[Chunk]:
+        if isinstance(i, slice):
+            return [self[n] for n in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("chunk number out of range")
+        return Chunk(i, *ENTRY.unpack_from(self._entries, i * ENTRY.size))
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for n, fields in enumerate(ENTRY.iter_unpack(self._entries)):
+            yield Chunk(n, *fields)
+
+    def digests(self) -> list[bytes]:
+        return [fields[4] for fields in ENTRY.iter_unpack(self._entries)]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PackedChunks):
+            return self._entries == other._entries
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._entries)
+
+    def __repr__(self) -> str:
+        return f"PackedChunks({len(self)} chunks)"
+
+
 @dataclass(frozen=True)
 class Index:
     chunk_size: int
     raw_size: int
-    chunks: tuple[Chunk, ...]
+    chunks: PackedChunks
     index_sha256: str  # hex, of the index bytes (the entries, as stored)
     merkle_root: str  # hex
 
@@ -95,22 +141,37 @@ class Index:
         }
 
 
-def merkle_root(digests: Sequence[bytes]) -> bytes:
+class MerkleTree:
+    """RFC 6962's Merkle Tree Hash built leaf by leaf in O(log n) memory: a stack of the
+    perfect subtrees so far (sizes strictly decreasing), merged as equal sizes meet; the
+    root folds the stack from the right, which is the RFC's split at the largest power of
+    two below n."""
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, bytes]] = []
+
+    def add(self, digest: bytes) -> None:
+        size, node = 1, hashlib.sha256(b"\x00" + digest).digest()
+        while self._stack and self._stack[-1][0] == size:
+            _, left = self._stack.pop()
+            size, node = size * 2, hashlib.sha256(b"\x01" + left + node).digest()
+        self._stack.append((size, node))
+
+    def root(self) -> bytes:
+        if not self._stack:
+            return hashlib.sha256(b"").digest()
+        node = self._stack[-1][1]
+        for _, left in reversed(self._stack[:-1]):
+            node = hashlib.sha256(b"\x01" + left + node).digest()
+        return node
+
+
+def merkle_root(digests: Iterable[bytes]) -> bytes:
     """RFC 6962 Merkle Tree Hash with ``digests`` as the leaves' data."""
-    if not digests:
-        return hashlib.sha256(b"").digest()
-    level = [hashlib.sha256(b"\x00" + d).digest() for d in digests]
-    # Bottom-up pairing, an odd node carried up unchanged: the same tree as RFC 6962's
-    # recursive split at the largest power of two below n, without recursion.
-    while len(level) > 1:
-        nxt = [
-            hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest()
-            for i in range(0, len(level) - 1, 2)
-        ]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0]
+    tree = MerkleTree()
+    for d in digests:
+        tree.add(d)
+    return tree.root()
 
 
 @dataclass(frozen=True)
@@ -168,26 +229,26 @@ class IndexBuilder:
         if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk size {chunk_size} is not a power of two in range")
         self.chunk_size = chunk_size
-        self._chunks: list[Chunk] = []
+        self._entries = bytearray()  # packed as stored: 56 bytes per chunk
+        self._tree = MerkleTree()
         self._raw = 0
         self._gz = 0
 
     def add(self, member: Member) -> None:
-        number = len(self._chunks)
-        self._chunks.append(
-            Chunk(number, self._raw, member.raw_size, self._gz, len(member.data), member.sha256)
+        self._entries += ENTRY.pack(
+            self._raw, member.raw_size, self._gz, len(member.data), member.sha256
         )
+        self._tree.add(member.sha256)
         self._raw += member.raw_size
         self._gz += len(member.data)
 
     def finish(self) -> tuple[bytes, Index]:
         """The index members and trailer (to append after the last data member)."""
-        entries = b"".join(
-            ENTRY.pack(c.raw_offset, c.raw_size, c.gz_offset, c.gz_size, c.sha256)
-            for c in self._chunks
-        )
+        entries = bytes(self._entries)
+        self._entries = bytearray()
         index_sha = hashlib.sha256(entries).digest()
-        root = merkle_root([c.sha256 for c in self._chunks])
+        chunks = PackedChunks(entries)
+        root = self._tree.root()
         members = [
             _empty_member(b"MI", entries[i : i + _INDEX_SLICE])
             for i in range(0, len(entries), _INDEX_SLICE)
@@ -198,7 +259,7 @@ class IndexBuilder:
                 b"MDGZ",
                 VERSION,
                 self.chunk_size,
-                len(self._chunks),
+                len(chunks),
                 self._raw,
                 self._gz,
                 len(entries),
@@ -206,7 +267,7 @@ class IndexBuilder:
                 root,
             ),
         )
-        index = Index(self.chunk_size, self._raw, tuple(self._chunks), index_sha.hex(), root.hex())
+        index = Index(self.chunk_size, self._raw, chunks, index_sha.hex(), root.hex())
         return b"".join(members) + trailer, index
 
 
@@ -332,32 +393,28 @@ def index_from_entries(
         )
     if len(entries) != count * ENTRY.size or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ChunkedDumpError("chunked .mem.gz: index size or chunk size is wrong", part="index")
-    chunks = []
     raw_at = gz_at = 0
-    for number, (raw_off, raw_len, gz_off, gz_len, digest) in enumerate(ENTRY.iter_unpack(entries)):
+    for number, (raw_off, raw_len, gz_off, gz_len, _digest) in enumerate(
+        ENTRY.iter_unpack(entries)
+    ):
         want_len = min(chunk_size, raw_size - raw_at)
-        if (
-            raw_off != raw_at
-            or raw_len != want_len
-            or gz_off != gz_at
-            or gz_len <= DATA_HEADER_SIZE
-        ):
+        if (raw_off, raw_len, gz_off) != (raw_at, want_len, gz_at) or gz_len <= DATA_HEADER_SIZE:
             raise ChunkedDumpError(
                 f"chunked .mem.gz: index entry {number} does not follow the one before",
                 part="index",
                 number=number,
             )
-        chunks.append(Chunk(number, raw_off, raw_len, gz_off, gz_len, digest))
         raw_at += raw_len
         gz_at += gz_len
     if raw_at != raw_size or gz_at != index_offset:
         raise ChunkedDumpError("chunked .mem.gz: the index does not cover the image", part="index")
-    if merkle_root([c.sha256 for c in chunks]) != root:
+    chunks = PackedChunks(bytes(entries))
+    if merkle_root(fields[4] for fields in ENTRY.iter_unpack(entries)) != root:
         raise ChunkedDumpError(
             "chunked .mem.gz: the chunk hashes do not give the trailer's Merkle root",
             part="index",
         )
-    return Index(chunk_size, raw_size, tuple(chunks), index_sha.hex(), root.hex())
+    return Index(chunk_size, raw_size, chunks, index_sha.hex(), root.hex())
 
 
 def inflate_member(chunk: Chunk, member: bytes, *, check: bool = True) -> bytes:

@@ -283,3 +283,24 @@ def test_incompressible_chunks_are_stored_blocks(size: int) -> None:
     # Compressible chunks stay compressed.
     text = chunkedgz.data_member(0, b"memdump " * (size // 8 + 1), 1)
     assert text.data[chunkedgz.DATA_HEADER_SIZE] & 0b110 != 0
+
+
+def test_the_index_of_a_4_gib_capture_stays_compact_while_it_is_built() -> None:
+    # 65,536 entries (4 GiB at 64 KiB): kept as the 56 bytes each one is stored as, and
+    # the Merkle tree as its O(log n) stack; objects per chunk took 3x that and more.
+    builder = chunkedgz.IndexBuilder(C)
+    tracemalloc.start()
+    try:
+        for n in range(65_536):
+            digest = hashlib.sha256(n.to_bytes(4, "little")).digest()
+            builder.add(chunkedgz.Member(b"m" * 40, C, digest))
+        held, _ = tracemalloc.get_traced_memory()
+        _, index = builder.finish()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(index.chunks) == 65_536 and index.chunks[-1].raw_offset == 65_535 * C
+    assert held < 65_536 * 56 * 1.5  # ~3.5 MiB
+    assert peak < 65_536 * 56 * 4.5  # entries, their copy and the index members at the end
+    digests = [hashlib.sha256(n.to_bytes(4, "little")).digest() for n in range(65_536)]
+    assert index.merkle_root == _rfc6962(digests).hex()
