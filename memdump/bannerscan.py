@@ -16,6 +16,14 @@ through the last bytes of the previous one. Past ``MAX_CANDIDATES`` of either ki
 scan gives up (``overflow``) and the check scans the layer as the plugin does: a
 candidate list is a shortcut, never a reason to miss a banner.
 
+The scan runs on the digest thread, which every raw byte passes through: Python's
+``bytes.find`` and ``re`` hold the GIL (about 1.4 s of CPU per GiB here, three passes), and
+on a 2-core collector that time came straight out of the capture (the converter of a live
+capture and the pipeline's other threads wait for the GIL). So, where the C library has it,
+the search is libc's ``memmem`` through ctypes, which releases the GIL and is 2-3x faster
+(about 0.6 s per GiB for the three needles); only its hits are looked at in Python.
+Without it (or for small buffers) the same search runs with ``bytes.find``.
+
 This module is plain bytes work: no Volatility. The PDB names are Volatility's
 ``constants.windows.KERNEL_MODULE_NAMES`` (tests/unit/test_volatility_api.py checks they
 still are).
@@ -23,7 +31,10 @@ still are).
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import re
+from collections.abc import Iterator
 
 UNIX_PREFIXES = (b"Linux version ", b"Darwin Kernel Version ")
 KERNEL_PDB_NAMES = (b"ntkrnlmp", b"ntkrnlpa", b"ntkrpamp", b"ntoskrnl")
@@ -33,8 +44,49 @@ _PDB = re.compile(
     b"RSDS.{20}(?:" + b"|".join(re.escape(n + b".pdb") for n in KERNEL_PDB_NAMES) + b")\x00",
     re.DOTALL,
 )
+_PDB_MAGIC = b"RSDS"
 _CARRY = 64  # longer than any match above
 MAX_CANDIDATES = 4096
+# Below this a ctypes call costs more than it saves.
+_NATIVE_MIN = 4096
+
+
+def _libc_memmem() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    """libc's memmem, called without the GIL (ctypes.CDLL releases it), or None."""
+    try:
+        fn = ctypes.CDLL(None).memmem  # the process's own symbols: libc is among them
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    return fn
+
+
+_memmem = _libc_memmem()
+
+
+def starts(buf: bytearray | bytes, n: int, needle: bytes) -> Iterator[int]:
+    """Offsets in ``buf[:n]`` where ``needle`` starts (overlapping ones too), in order."""
+    if _memmem is not None and n >= _NATIVE_MIN and isinstance(buf, bytearray):
+        # A view of the bytearray's own memory (no copy); it pins the buffer until the
+        # generator ends.
+        arr = (ctypes.c_char * n).from_buffer(buf)
+        try:
+            base = ctypes.addressof(arr)
+            pos = 0
+            while pos <= n - len(needle):
+                hit = _memmem(base + pos, n - pos, needle, len(needle))
+                if not hit:
+                    return
+                yield hit - base
+                pos = hit - base + 1
+        finally:
+            del arr
+        return
+    at = buf.find(needle, 0, n)
+    while at >= 0:
+        yield at
+        at = buf.find(needle, at + 1, n)
 
 
 class BannerScan:
@@ -69,16 +121,20 @@ class BannerScan:
             for m in _PDB.finditer(joined, 0, len(joined)):
                 if m.start() < len(carry) < m.end():
                     self._add(self.windows, start + m.start())
-        found: list[int] = []
-        for prefix in UNIX_PREFIXES:
-            at = buf.find(prefix, 0, n)
-            while at >= 0:
-                found.append(base + at)
-                at = buf.find(prefix, at + 1, n)
-        for offset in sorted(found):
-            self._add(self.unix, offset)
-        for m in _PDB.finditer(buf, 0, n):
-            self._add(self.windows, base + m.start())
+        # One more than fits: reaching it sets ``overflow``.
+        room = MAX_CANDIDATES + 1 - len(self.unix)
+        found = [
+            at for prefix in UNIX_PREFIXES for at in itertools.islice(starts(buf, n, prefix), room)
+        ]
+        for at in sorted(found):
+            self._add(self.unix, base + at)
+        # Every RSDS, then the pattern at it (two matches cannot overlap: a kernel name
+        # and ".pdb" never sit inside another match's GUID and age).
+        for at in starts(buf, n, _PDB_MAGIC):
+            if self.overflow:
+                break
+            if _PDB.match(buf, at, n) is not None:
+                self._add(self.windows, base + at)
         # The last bytes seen, across buffers however small they are.
         self._carry = (carry + bytes(buf[max(0, n - _CARRY) : n]))[-_CARRY:]
 

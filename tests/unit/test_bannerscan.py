@@ -3,6 +3,7 @@ check that confirms them instead of scanning the whole image (issue 14, item 6).
 
 from __future__ import annotations
 
+import random
 import struct
 from pathlib import Path
 
@@ -121,3 +122,29 @@ def test_an_overflowing_stream_scan_falls_back_to_the_full_scan(tmp_path: Path) 
     scan.overflow = True
     scan.unix.clear()
     assert analyze(res.path, stream_scan=scan).banners == analyze(res.path).banners
+
+
+def test_the_native_search_is_used_here_and_finds_what_bytes_find_finds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # libc's memmem runs without the GIL: a silent fallback to bytes.find would give the
+    # CPU of every capture back to the scan.
+    assert bannerscan._memmem is not None
+    rnd = random.Random(14)
+    data = bytearray(rnd.randbytes(3 << 20))
+    for at in sorted(rnd.sample(range(len(data) - 64), 40)):
+        data[at : at + len(PDB)] = rnd.choice(
+            (PDB, b"Linux version 6.1", b"Darwin Kernel Version 2", b"RSDS", b"Linux versio")
+        )
+    native = _feed(bytes(data), 1 << 20)
+    monkeypatch.setattr(bannerscan, "_memmem", None)
+    python = _feed(bytes(data), 1 << 20)
+    assert native.unix == python.unix and native.windows == python.windows
+    assert len(native.unix) >= 5 and len(native.windows) >= 3
+
+
+def test_a_buffer_full_of_rsds_without_a_kernel_name_still_finds_the_one_that_is() -> None:
+    data = bytearray(b"RSDS" * ((1 << 20) // 4))
+    data[-len(PDB) - 8 : -8] = PDB
+    scan = _feed(bytes(data), 1 << 20)
+    assert scan.windows == [len(data) - len(PDB) - 8] and not scan.overflow
