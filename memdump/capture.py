@@ -109,13 +109,33 @@ def capture(
     manifest's ``changes`` section (the capture chain's comparison with the previous
     capture, memdump.changes), written with the rest of the manifest."""
     requested: Mode = mode or capture_mode(settings, ref.hypervisor, hv)
-    once = functools.partial(_capture_once, changes=changes)
     if settings.analysis.enabled:
         # Volatility's import (~0.3 s, mostly Python) overlaps the dump instead of
         # following it: the check right after the capture then only stacks and reads.
         threading.Thread(
             target=_preload_volatility, name="memdump-vol-preload", daemon=True
         ).start()
+    # A live capture's preflight (read-only) runs while the snapshot is taken: one remote
+    # command fewer on the way to the snapshot instant (about 0.35 s on the lab).
+    preflight = _Preflight.start(driver, ref) if requested == "live" else None
+    try:
+        return _capture(driver, ref, settings, requested, preflight, progress, trigger, changes)
+    finally:
+        if preflight is not None:
+            preflight.wait()  # never left running on a transport the caller closes
+
+
+def _capture(
+    driver: Driver,
+    ref: VMRef,
+    settings: Settings,
+    requested: Mode,
+    preflight: _Preflight | None,
+    progress: ProgressFn | None,
+    trigger: Mapping[str, str] | None,
+    changes: ChangesFn | None,
+) -> Capture:
+    once = functools.partial(_capture_once, changes=changes, preflight=preflight)
     info = driver.snapshot(ref)
     if not info.running:
         raise VMNotRunningError(
@@ -153,6 +173,48 @@ def capture(
     )
 
 
+class _Preflight:
+    """A driver's ``live_preflight(ref)`` on a thread of its own; ``result()`` gives what
+    it returned or raises what it raised. Only for drivers whose ``open_dump`` takes the
+    result (``preflight=``): the others make their own."""
+
+    def __init__(self, driver: Driver, ref: VMRef) -> None:
+        self._fn: Callable[[VMRef], Any] = getattr(driver, "live_preflight")  # noqa: B009
+        self._ref = ref
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="memdump-preflight", daemon=True)
+
+    @classmethod
+    def start(cls, driver: Driver, ref: VMRef) -> _Preflight | None:
+        if not has_live_mode(driver) or not callable(getattr(driver, "live_preflight", None)):
+            return None
+        try:
+            params = inspect.signature(driver.open_dump).parameters
+        except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+            return None
+        if "preflight" not in params:
+            return None
+        pre = cls(driver, ref)
+        pre._thread.start()
+        return pre
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn(self._ref)
+        except BaseException as exc:  # handed to the capture's thread by result()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def _preload_volatility() -> None:
     # Errors are the check's to report (memdump.analysis calls load() again).
     with contextlib.suppress(Exception):
@@ -172,6 +234,7 @@ def _capture_once(
     fallback_reason: str = "",
     *,
     changes: ChangesFn | None = None,
+    preflight: _Preflight | None = None,
 ) -> Capture:
     started = datetime.now(UTC)
     t0 = time.monotonic()
@@ -185,8 +248,12 @@ def _capture_once(
         # file in the (0700) dump directory.
         # Any signature: has_live_mode() checked that this driver takes the mode.
         open_live: Callable[..., DumpSource] = driver.open_dump
+        # The preflight's refusal (LiveCaptureUnsupportedError) is raised here, as the
+        # driver's open_dump would raise it.
+        extra = {} if preflight is None else {"preflight": preflight.result()}
         source = open_live(
             ref,
+            **extra,
             staging=settings.staging,
             margin=settings.disk_space_margin,
             mode="live",

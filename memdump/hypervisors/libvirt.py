@@ -46,6 +46,7 @@ Staging = Literal["fifo", "file"]
 # The scripts (sh/libvirt/): $1 = the libvirt URI, then each script's own arguments.
 _LIST = load("libvirt/list.sh")
 _INFO = load("libvirt/info.sh")
+_NAME = load("libvirt/name.sh")
 _DUMP = load("libvirt/dump.sh")
 _DUMP_FILE = load("libvirt/dump-file.sh")
 _ABORT = load("libvirt/abort.sh")
@@ -102,8 +103,16 @@ class LibvirtDriver:
         return [VMRef(self.name, n, n) for n in names]
 
     def _info(self, vm_id: str) -> tuple[dict[str, str], dict[str, str], str]:
+        text = self._dominfo(_INFO, vm_id)
+        info_part, _, rest = text.partition("--memdump-versions--")
+        lines = rest.strip().splitlines()
+        host = lines[-1].strip() if lines else ""
+        return _fields(info_part), _fields("\n".join(lines[:-1])), host
+
+    def _dominfo(self, script: str, vm_id: str) -> str:
+        """The output of ``script`` (info.sh or name.sh: both start with virsh dominfo)."""
         validate_id(vm_id)
-        res = self._run(_INFO, vm_id)
+        res = self._run(script, vm_id)
         if res.returncode != 0:
             err = res.stderr_text
             if "failed to get domain" in err or "Domain not found" in err:
@@ -118,15 +127,10 @@ class LibvirtDriver:
                 hypervisor=self.name,
                 retryable=True,
             )
-        text = res.stdout.decode("utf-8", "replace")
-        info_part, _, rest = text.partition("--memdump-versions--")
-        lines = rest.strip().splitlines()
-        host = lines[-1].strip() if lines else ""
-        return _fields(info_part), _fields("\n".join(lines[:-1])), host
+        return res.stdout.decode("utf-8", "replace")
 
     def resolve(self, vm_id: str) -> VMRef:
-        info, _, _ = self._info(vm_id)
-        name = info.get("Name", "")
+        name = _fields(self._dominfo(_NAME, vm_id)).get("Name", "")
         return VMRef(self.name, validate_id(name, what="domain name"), name)
 
     def snapshot(self, ref: VMRef) -> VMInfo:
@@ -160,6 +164,7 @@ class LibvirtDriver:
         spill_dir: Path | None = None,
         buffer_bytes: int = 64 << 20,
         max_bandwidth: int | None = None,
+        preflight: LivePreflight | None = None,
     ) -> DumpSource:
         """``staging`` (Settings.staging): "fifo" streams QEMU's output as it is written
         (the guest is paused for the whole transfer); "file" has QEMU write a temp file in
@@ -169,14 +174,15 @@ class LibvirtDriver:
         into the ELF core on the collector (memdump.livecore, early pages buffered up to
         ``buffer_bytes``, then spilled into ``spill_dir``), capped at ``max_bandwidth``
         bytes/s if set (QEMU's max-bandwidth while it runs, the VM's own value put back
-        after it); staging does not apply.
+        after it); staging does not apply. ``preflight``: this domain's live_preflight,
+        if the caller already has it (memdump.capture runs it beside the snapshot).
         LiveCaptureUnsupportedError (before the guest was touched) if it cannot be."""
         validate_id(ref.name, what="domain name")
         if mode == "live":
             from memdump.livecore import GuestLayout, LayoutError, LiveCoreSource
             from memdump.livecore import elf_machine_from_registers as machine_of
 
-            pre = self.live_preflight(ref)
+            pre = preflight if preflight is not None else self.live_preflight(ref)
             try:
                 layout = GuestLayout.from_mtree(pre.mtree)
                 machine = machine_of(pre.registers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -97,6 +98,9 @@ class SSHTransport:
         self._host: str = hv.host
         self._tuning = tuning
         self._client: paramiko.SSHClient | None = None
+        # Two threads may run commands at once (a live capture's preflight beside the
+        # snapshot): one connection between them, made once.
+        self._connect_lock = threading.Lock()
         self.description = f"ssh://{hv.user}@{hv.host}:{hv.port}"
 
     # -- connection ----------------------------------------------------------------------
@@ -116,6 +120,10 @@ class SSHTransport:
         return t
 
     def _connected(self) -> paramiko.SSHClient:
+        with self._connect_lock:
+            return self._connect()
+
+    def _connect(self) -> paramiko.SSHClient:
         if self._client is not None:
             t = self._client.get_transport()
             if t is not None and t.is_active():
