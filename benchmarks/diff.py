@@ -4,18 +4,22 @@ Two synthetic chunked ``.mem.gz`` files of a ``--size-gib`` guest, written with 
 own writer (memdump.chunkedgz: real data members, the real index and trailer), laid out as
 QEMU lays out a guest of that size (an ELF core: PT_NOTE, then PT_LOADs for RAM below
 3 GiB and above 4 GiB). The second differs from the first in ``--changed`` chunks spread
-over the image (and the ELF notes, as two captures' CPU state does). Memory is mostly zero
-pages, which makes the files small and quick to write: diff never inflates memory chunks,
-so what it costs depends on the number of chunks (index entries), not their contents.
+over the image (and the ELF notes, as two captures' CPU state does). Memory is zero pages
+but for the chunk's number in its first 8 bytes: every chunk's SHA-256 is distinct (as in a
+real guest, so nothing is gained from equal digests), yet the files are small and quick to
+write. diff never inflates memory chunks, so what it costs depends on the number of chunks
+(index entries), not their contents.
 
 Timed, ``--repeat`` times each (best and median): ``memdump diff A B`` as an operator runs
 it (a new process: interpreter start and imports included), and memdump.changes.diff in
 process (two index reads with their SHA-256 and Merkle checks, one header chunk inflated,
 the comparison and the PT_LOAD mapping). Every run's ranges are checked against the
-changes made. Run::
+changes made. ``--dumps DIR`` keeps the two dumps in DIR (written there if missing or made
+with other parameters) so that runs of two checkouts compare the same files. Run::
 
-    .venv/bin/python benchmarks/diff.py                      # 4 GiB, 1 MiB chunks
+    .venv/bin/python benchmarks/diff.py                      # 4 GiB, 64 KiB chunks
     .venv/bin/python benchmarks/diff.py --size-gib 16 --json out.json
+    .venv/bin/python benchmarks/diff.py --dumps /tmp/diffbench   # then delete /tmp/diffbench
 """
 
 from __future__ import annotations
@@ -71,9 +75,10 @@ def layout(size: int) -> tuple[bytes, list[tuple[int, int, int]]]:
 
 def write(path: Path, head: bytes, raw_size: int, chunk: int, changed: set[int], seed: int) -> None:
     """The dump: chunk 0 holds the headers and notes (``seed`` in the notes), the chunks in
-    ``changed`` hold ``seed``-dependent bytes, every other chunk is zero pages."""
+    ``changed`` hold ``seed``-dependent bytes, every other chunk is zero pages after its
+    number (8 bytes)."""
     builder = IndexBuilder(chunk)
-    zero = bytes(chunk)
+    zero = bytes(chunk - 8)
     rnd = random.Random(seed)
     with open(path, "wb") as f:
         for number in range(-(-raw_size // chunk)):
@@ -83,7 +88,7 @@ def write(path: Path, head: bytes, raw_size: int, chunk: int, changed: set[int],
             elif number in changed:
                 data = rnd.randbytes(size)
             else:
-                data = zero[:size]
+                data = (number.to_bytes(8, "little") + zero)[:size]
             member = data_member(number, data, 1)
             builder.add(member)
             f.write(member.data)
@@ -107,6 +112,7 @@ def main() -> int:
     ap.add_argument("--changed", type=int, default=200, help="memory chunks that differ")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--work", type=Path, help="where the two dumps go (default: a temp dir)")
+    ap.add_argument("--dumps", type=Path, help="keep the two dumps here and reuse them")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -116,10 +122,19 @@ def main() -> int:
     chunks = -(-raw_size // args.chunk_size)
     changed = set(random.Random(1).sample(range(1, chunks), min(args.changed, chunks - 1)))
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        a, b = Path(tmp) / "a.mem.gz", Path(tmp) / "b.mem.gz"
+        where = args.dumps or Path(tmp)
+        a, b = where / "a.mem.gz", where / "b.mem.gz"
+        made = where / "made.json"  # the parameters the kept dumps were written with
+        params = {"raw_size": raw_size, "chunk_size": args.chunk_size, "changed": sorted(changed)}
         t0 = time.perf_counter()
-        write(a, head, raw_size, args.chunk_size, set(), 1)
-        write(b, head, raw_size, args.chunk_size, changed, 2)
+        if (
+            not (a.is_file() and b.is_file() and made.is_file())
+            or json.loads(made.read_text()) != params
+        ):
+            where.mkdir(parents=True, exist_ok=True)
+            write(a, head, raw_size, args.chunk_size, set(), 1)
+            write(b, head, raw_size, args.chunk_size, changed, 2)
+            made.write_text(json.dumps(params))
         built = time.perf_counter() - t0
 
         def in_process() -> Any:

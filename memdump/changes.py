@@ -15,6 +15,11 @@ many chunks differ from the previous capture of the same VM, recorded in the man
 the record). Whatever cannot be compared (no previous capture, an older single-stream
 dump, another chunk size or raw size, a copy that cannot be read) is said as such, with
 the reason: a count is never guessed.
+
+The second index of a comparison is read ``like`` the first (memdump.chunkedgz.read_index):
+its Merkle root is checked re-hashing only the runs of chunks that differ. ``memdump diff``
+of two local files imports nothing of the settings, record stores or S3: they are imported
+in the functions that need them (benchmarks/diff.py times it).
 """
 
 from __future__ import annotations
@@ -23,15 +28,16 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from memdump.chunkedgz import ChunkReader, Index, read_index
+from memdump.chunkedgz import SUBTREE, ChunkReader, Index, read_index
 from memdump.elfcore import PT_LOAD, CoreLayout, parse_core
 from memdump.errors import InvalidDumpError, MemdumpError
-from memdump.locations import Location, record_locations
-from memdump.records.base import RecordQuery, RecordStore
-from memdump.settings import Settings
-from memdump.stored import StoredDump, open_stored
+
+if TYPE_CHECKING:
+    from memdump.records.base import RecordStore
+    from memdump.settings import Settings
+    from memdump.stored import StoredDump
 
 log = logging.getLogger("memdump.changes")
 
@@ -96,11 +102,12 @@ class Diff:
 # -- indexes and layouts ---------------------------------------------------------------------
 
 
-def load_index(stored: StoredDump) -> Index | None:
+def load_index(stored: StoredDump, *, like: Index | None = None) -> Index | None:
     """The checked index of a stored dump (None: an older single-stream .mem.gz). Local:
-    two reads at the end of the file; S3: a HEAD and two ranged GETs."""
+    two reads at the end of the file; S3: a HEAD and two ranged GETs. ``like``: an index
+    of the same VM read before (its unchanged runs of chunks are not hashed again)."""
     with stored.open() as f:
-        return read_index(f)
+        return read_index(f, like=like)
 
 
 def read_layout(f: BinaryIO, index: Index) -> CoreLayout:
@@ -164,8 +171,16 @@ def incomparable(a: Index, b: Index) -> str:
 
 
 def changed_chunks(a: Index, b: Index) -> list[int]:
-    """Numbers of the chunks whose SHA-256 differs (indexes already found comparable)."""
-    return [x.number for x, y in zip(a.chunks, b.chunks, strict=True) if x.sha256 != y.sha256]
+    """Numbers of the chunks whose SHA-256 differs (indexes already found comparable),
+    compared a run of SUBTREE digests at a time: an unchanged run is one compare."""
+    out: list[int] = []
+    runs = zip(a.chunks.digest_runs(), b.chunks.digest_runs(), strict=True)
+    for at, (x, y) in enumerate(runs):
+        if x != y:
+            out.extend(
+                at * SUBTREE + n for n, (dx, dy) in enumerate(zip(x, y, strict=True)) if dx != dy
+            )
+    return out
 
 
 # -- memdump diff ----------------------------------------------------------------------------
@@ -174,9 +189,9 @@ def changed_chunks(a: Index, b: Index) -> list[int]:
 def diff(a: StoredDump, b: StoredDump) -> Diff:
     """What differs in ``b`` from ``a``. InvalidDumpError if either is not a chunked dump,
     their chunk layouts or ELF memory layouts differ, or an index is damaged."""
-    indexes = []
+    indexes: list[Index] = []
     for which, stored in (("A", a), ("B", b)):
-        index = load_index(stored)
+        index = load_index(stored, like=indexes[0] if indexes else None)
         if index is None:
             raise InvalidDumpError(
                 f"dump {which} ({stored.location.where}) is a single-stream .mem.gz without a"
@@ -224,6 +239,8 @@ def diff(a: StoredDump, b: StoredDump) -> Diff:
 def previous_record(store: RecordStore, hypervisor: str, vmid: str) -> dict[str, Any] | None:
     """The newest record of VM ``vmid`` on ``hypervisor`` (the same vmid on another
     hypervisor is another VM)."""
+    from memdump.records.base import RecordQuery
+
     query = RecordQuery(vmid=vmid)
     for page in range(MAX_PAGES):
         rows = store.list(PAGE, page * PAGE, query)
@@ -235,9 +252,15 @@ def previous_record(store: RecordStore, hypervisor: str, vmid: str) -> dict[str,
     return None
 
 
-def _previous_index(row: Mapping[str, Any], settings: Settings) -> tuple[Index | None, str]:
+def _previous_index(
+    row: Mapping[str, Any], settings: Settings, like: Index | None = None
+) -> tuple[Index | None, str]:
     """The index of a readable copy of a recorded dump: (index, "") or (None, why not).
-    Every location is confined first (memdump.stored): a record is data."""
+    Every location is confined first (memdump.stored): a record is data. ``like`` as for
+    load_index."""
+    from memdump.locations import record_locations
+    from memdump.stored import open_stored
+
     if row.get("deleted_at"):
         return None, f"the previous capture's dump was deleted by retention ({row['deleted_at']})"
     problems = []
@@ -252,7 +275,7 @@ def _previous_index(row: Mapping[str, Any], settings: Settings) -> tuple[Index |
             if not stored.exists():
                 problems.append(f"{loc.where} is gone")
                 continue
-            index = load_index(stored)
+            index = load_index(stored, like=like)
         except MemdumpError as exc:
             problems.append(f"{loc.where}: {exc}")
             continue
@@ -271,7 +294,7 @@ def compare_with(new: Index | None, row: Mapping[str, Any] | None, settings: Set
     if row is None:
         return Changes(None, count, reason="no previous capture of this VM in the record store")
     where, ts = str(row.get("dump_path") or ""), str(row.get("timestamp") or "")
-    old, why = _previous_index(row, settings)
+    old, why = _previous_index(row, settings, like=new)
     if old is None:
         return Changes(None, count, where, ts, why)
     if why := incomparable(old, new):
@@ -315,4 +338,7 @@ def since_previous(settings: Settings, hypervisor: str, vmid: str, dump: Path) -
 
 def stored_for(where: str, settings: Settings) -> StoredDump:
     """``where`` (a dump_path: local path in the dump directory or s3:// URI), confined."""
+    from memdump.locations import Location
+    from memdump.stored import open_stored
+
     return open_stored(Location.of(where), settings)

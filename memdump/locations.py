@@ -22,11 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from memdump.errors import LocationError
 from memdump.identifiers import validate_id
-from memdump.settings import S3Settings
+
+if TYPE_CHECKING:  # types only: `memdump diff` of two files reads no settings (pydantic)
+    from memdump.settings import S3Settings
 
 SUFFIX = ".mem.gz"
 S3_SCHEME = "s3://"

@@ -27,13 +27,15 @@ import os
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from memdump import __version__
 from memdump.errors import StorageError
-from memdump.hypervisors.base import VMInfo
-from memdump.pipeline import PipelineResult
 from memdump.records.model import iso_utc
+
+if TYPE_CHECKING:  # types only: memdump.stored (`memdump diff`) needs no capture stack
+    from memdump.hypervisors.base import VMInfo
+    from memdump.pipeline import PipelineResult
 
 MANIFEST_VERSION = 3  # 3: output.chunks (the chunked .mem.gz)
 SUFFIX = ".manifest.json"

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 from memdump.errors import ObjectNotFoundError
 from memdump.locations import Location
 from memdump.manifest import manifest_key, manifest_path
-from memdump.settings import Settings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: `memdump diff` of two files reads no settings (pydantic)
+    from memdump.settings import Settings
     from memdump.storage import S3Store
 
 CHUNK = 4 << 20

@@ -5,40 +5,57 @@ stats."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, distribution
 from typing import TYPE_CHECKING, TypeAlias
 
-from memdump.cli import capture, inventory, maintenance, queries, trigger, vol
 from memdump.errors import MemdumpError
 from memdump.fsperm import private_umask
-from memdump.settings import Settings
 
 if TYPE_CHECKING:
     Subcommands: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 # Each command module adds its subparsers, each with ``handler`` (settings, args) -> exit
 # status and, where the arguments need a check argparse cannot express, ``check`` (args)
-# -> an error message or None.
+# -> an error message or None. A command that needs the settings only for some of its
+# arguments (diff: for s3:// URIs) has ``run`` (args) -> exit status instead of
+# ``handler`` and builds them itself.
 Register: TypeAlias = "Callable[[Subcommands], None]"
 # Commands of the layers above the engine (``memdump serve`` supervises the API and the
 # Prefect runner) are found by this entry-point group of memdump's own distribution
 # (pyproject.toml), so the engine never names them.
 PLUGIN_GROUP = "memdump.commands"
-ENGINE: tuple[Register, ...] = (
-    inventory.register,
-    capture.register,
-    maintenance.register,
-    trigger.register,
-    queries.register,
-    vol.register,
-)
+# The engine's command modules (memdump.cli.<name>, in the order of the help) and the
+# commands each registers: `memdump diff A B` imports and registers only its own module,
+# and neither the plugins nor the settings, so it starts without the capture chain, SSH,
+# pydantic or Volatility (benchmarks/diff.py).
+ENGINE = ("inventory", "capture", "maintenance", "trigger", "queries", "vol")
+COMMANDS = {
+    "vms": "inventory",
+    "capture": "capture",
+    "clean": "maintenance",
+    "verify": "maintenance",
+    "diff": "maintenance",
+    "trigger": "trigger",
+    "status": "queries",
+    "records": "queries",
+    "stats": "queries",
+    "vol": "vol",
+}
+
+
+def engine(module: str) -> Register:
+    """The ``register`` of the engine's command module ``module`` (one of ENGINE)."""
+    register: Register = importlib.import_module(f"memdump.cli.{module}").register
+    return register
 
 
 def plugins() -> list[Register]:
     """The ``register`` of each command memdump's distribution declares in PLUGIN_GROUP.
     Only its own metadata is read: scanning every installed distribution's costs the
     CLI's start-up 10-25 ms for nothing."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
     try:
         found = distribution("memdump").entry_points.select(group=PLUGIN_GROUP)
     except PackageNotFoundError:  # the engine alone, not installed: no such commands
@@ -46,10 +63,16 @@ def plugins() -> list[Register]:
     return [ep.load() for ep in sorted(found, key=lambda e: e.name)]
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command; for ``command``, one of the engine's (COMMANDS), only its module's
+    (they parse its arguments the same)."""
     p = argparse.ArgumentParser(prog="memdump", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for register in (*plugins(), *ENGINE):
+    if command in COMMANDS:
+        registers = [engine(COMMANDS[command])]
+    else:
+        registers = [*plugins(), *map(engine, ENGINE)]
+    for register in registers:
         register(sub)
     return p
 
@@ -58,12 +81,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Records, dumps, manifests, Prefect's database: for the operator only, whatever
     # umask the shell or the supervisor gave us (the children inherit it).
     private_umask()
-    p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = parser(argv[0] if argv else None)
     args = p.parse_args(argv)
     check: Callable[[argparse.Namespace], str | None] | None = getattr(args, "check", None)
     if check is not None and (problem := check(args)):
         p.error(problem)
+    run: Callable[[argparse.Namespace], int] | None = getattr(args, "run", None)
     try:
+        if run is not None:
+            return int(run(args))
+        from memdump.settings import Settings
+
         return int(args.handler(Settings(), args))
     except MemdumpError as exc:
         print(f"memdump: {exc}", file=sys.stderr)

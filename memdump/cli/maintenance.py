@@ -5,15 +5,17 @@ chunked dump), and what changed between two chunked dumps (no server needed)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from memdump.errors import StorageError
-from memdump.settings import Settings
 
 if TYPE_CHECKING:
+    from memdump.settings import Settings
     from memdump.stored import StoredDump
 
 
@@ -91,10 +93,17 @@ def parse_range(text: str) -> tuple[int, int]:
     return start, end
 
 
-def cmd_diff(settings: Settings, args: argparse.Namespace) -> int:
+def cmd_diff(args: argparse.Namespace) -> int:
     """The guest-physical ranges that differ between two chunked dumps, from their
-    indexes: 0 if none differ, 1 if some do (as diff(1)); errors exit 2."""
+    indexes: 0 if none differ, 1 if some do (as diff(1)); errors exit 2. The settings
+    are read only for an s3:// dump (two local files need none)."""
     from memdump.changes import diff
+
+    @functools.cache
+    def settings() -> Settings:
+        from memdump.settings import Settings
+
+        return Settings()
 
     result = diff(_dump_arg(args.dump_a, settings), _dump_arg(args.dump_b, settings))
     if args.json:
@@ -115,14 +124,15 @@ def cmd_diff(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if result.changed else 0
 
 
-def _dump_arg(where: str, settings: Settings) -> StoredDump:
+def _dump_arg(where: str, settings: Callable[[], Settings]) -> StoredDump:
     """A dump named on the command line: an s3:// URI (confined to the configured bucket
-    and prefix), or a local file the operator names (any path: it is only read)."""
+    and prefix), or a local file the operator names (any path: it is only read).
+    ``settings`` is called for an s3:// URI only."""
     from memdump.locations import Location
     from memdump.stored import LocalDump, open_stored
 
     if where.startswith("s3://"):
-        return open_stored(Location.of(where), settings)
+        return open_stored(Location.of(where), settings())
     path = Path(where)
     if not path.is_file():
         raise StorageError(f"no such dump file: {where}", path=where)
@@ -158,4 +168,4 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("dump_a", help="a .mem.gz file, or an s3:// URI in the configured bucket")
     p.add_argument("dump_b", help="the dump to compare with it (same VM, same layout)")
     p.add_argument("--json", action="store_true", help="one JSON document instead of lines")
-    p.set_defaults(handler=cmd_diff)
+    p.set_defaults(run=cmd_diff)

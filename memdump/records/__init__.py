@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from memdump.records.base import RecordStore, Stats
 from memdump.records.model import DumpRecord
 from memdump.records.outbox import DurableRecorder, Outbox
-from memdump.settings import Settings
+
+if TYPE_CHECKING:  # types only: memdump.manifest (`memdump diff`) reads no settings
+    from memdump.settings import Settings
 
 
 def open_store(settings: Settings) -> RecordStore:

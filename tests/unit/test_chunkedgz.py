@@ -17,6 +17,7 @@ import pytest
 
 from memdump import chunkedgz
 from memdump.errors import ChunkedDumpError, CorruptChunkError
+from tests.helpers.merkle import rfc6962 as _rfc6962
 
 C = chunkedgz.MIN_CHUNK_SIZE  # 64 KiB: the smallest chunk keeps these files small
 
@@ -27,19 +28,6 @@ def _raw(size: int, seed: int = 1) -> bytes:
     rnd = hashlib.shake_256(seed.to_bytes(8, "little")).digest(size // 2)
     out[: len(rnd)] = rnd
     return bytes(out)
-
-
-def _rfc6962(leaves: list[bytes]) -> bytes:
-    """RFC 6962 section 2.1, written recursively as the RFC states it."""
-    n = len(leaves)
-    if n == 0:
-        return hashlib.sha256(b"").digest()
-    if n == 1:
-        return hashlib.sha256(b"\x00" + leaves[0]).digest()
-    k = 1
-    while k * 2 < n:
-        k *= 2
-    return hashlib.sha256(b"\x01" + _rfc6962(leaves[:k]) + _rfc6962(leaves[k:])).digest()
 
 
 @pytest.mark.parametrize("size", [1, C - 1, C, C + 1, 3 * C, 5 * C + 4097])
