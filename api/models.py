@@ -226,7 +226,13 @@ class VerifyRequest(BaseModel):
 
 
 class VerifyResponse(BaseModel):
-    status: Literal["verified", "mismatch", "missing"]
+    status: Literal[
+        "verified", "mismatch", "missing", "unsigned", "bad-signature", "untrusted-key"
+    ] = Field(
+        description="verified: the hashes agree and a trusted key signed the manifest;"
+        " mismatch; missing; else the hashes agree but the signature does not vouch"
+        " for them: unsigned (an older dump), bad-signature, untrusted-key"
+    )
     dump_path: str
     detail: str = Field(description="What matched, or what differs")
     checks: dict[str, Any] = Field(
@@ -235,6 +241,12 @@ class VerifyResponse(BaseModel):
         " guest_ranges, reason)"
     )
     seconds: float
+    signature: dict[str, Any] | None = Field(
+        default=None,
+        description="The manifest's signature (beyond the contract): status (valid,"
+        " unsigned, bad-signature, untrusted-key, not-checked), detail, key_fingerprint,"
+        " signed_at, role",
+    )
 
 
 class VerifyJobResponse(BaseModel):

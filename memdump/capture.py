@@ -320,7 +320,7 @@ def _capture_once(
     if changes is not None:
         doc["changes"] = dict(changes(result.path))
     try:
-        _, manifest_sha = manifest.write(result.path, doc)
+        _, manifest_sha = manifest.write(result.path, doc, settings=settings)  # signed
     except MemdumpError:
         # A dump without its manifest is not evidence we can stand behind: nothing kept.
         result.path.unlink(missing_ok=True)

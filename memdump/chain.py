@@ -18,6 +18,7 @@ is never retryable as a whole.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -37,6 +38,7 @@ from memdump.records import open_recorder
 from memdump.records.model import DumpRecord
 from memdump.records.outbox import OutboxState
 from memdump.settings import Settings
+from memdump.signing import collector_signer, sig_path
 from memdump.targets import find
 
 log = logging.getLogger("memdump.chain")
@@ -83,6 +85,9 @@ def run_chain(
     capture's errors as they are (the caller may retry a retryable one: nothing is
     kept), OffloadFailedError (the local file kept, no record) or RecordNotWrittenError
     (not even the outbox took it)."""
+    # The signing key is loaded (made, on first use) before the guest is touched: a key
+    # that cannot be read fails here, not after the dump, which would then be lost.
+    collector_signer(settings)
     with slot(ref) if slot is not None else nullcontext():
         log.info("capturing %s on %s", ref.name, ref.hypervisor)
         captured = capture(
@@ -162,6 +167,11 @@ def _offload_once(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, L
     mpath = manifest_path(dump)
     if record.manifest_sha256:
         store.upload(mpath, gz_sha256=record.manifest_sha256, size=mpath.stat().st_size)
+    # Its signature (memdump.signing) travels with it: <manifest key>.sig.
+    spath = sig_path(mpath)
+    if spath.is_file():
+        sig = spath.read_bytes()
+        store.upload(spath, gz_sha256=hashlib.sha256(sig).hexdigest(), size=len(sig))
     where = Location("s3", obj.uri, version_id=obj.version_id or "")
     log.info("offloaded %s to %s (%d bytes)", record.vmid, obj.uri, obj.size)
     located = dataclasses.replace(record, s3_uri=where.where, s3_version_id=where.version_id)
@@ -169,6 +179,7 @@ def _offload_once(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, L
         return located, where
     dump.unlink()
     mpath.unlink(missing_ok=True)
+    spath.unlink(missing_ok=True)
     return dataclasses.replace(located, dump_path=where.where, local_path="", collector=""), where
 
 

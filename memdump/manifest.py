@@ -36,6 +36,7 @@ from memdump.records.model import iso_utc
 if TYPE_CHECKING:  # types only: memdump.stored (`memdump diff`) needs no capture stack
     from memdump.hypervisors.base import VMInfo
     from memdump.pipeline import PipelineResult
+    from memdump.settings import Settings
 
 MANIFEST_VERSION = 3  # 3: output.chunks (the chunked .mem.gz)
 SUFFIX = ".manifest.json"
@@ -228,9 +229,20 @@ def encode(manifest: Mapping[str, Any]) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def write(dump: Path, manifest: Mapping[str, Any]) -> tuple[Path, str]:
+def write(
+    dump: Path, manifest: Mapping[str, Any], *, settings: Settings | None = None
+) -> tuple[Path, str]:
     """Write the manifest beside ``dump`` (0600, never over an existing one, on disk
-    before returning); returns its path and SHA-256."""
+    before returning); returns its path and SHA-256. With ``settings``, it is signed by
+    the collector's key (memdump.signing): the envelope beside it (``.sig``, 0600, never
+    over an existing one). The key is loaded before anything is written, and a manifest
+    whose signature could not be written is removed (StorageError): no half-signed
+    evidence."""
+    signer = None
+    if settings is not None:
+        from memdump import signing
+
+        signer = signing.collector_signer(settings)
     data = encode(manifest)
     path = manifest_path(dump)
     try:
@@ -257,4 +269,16 @@ def write(dump: Path, manifest: Mapping[str, Any]) -> tuple[Path, str]:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return path, hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
+    if signer is not None:
+        from memdump import signing
+
+        # What was written, as a reader parses it back: the bytes a verifier canonicalises.
+        doc = json.loads(data)
+        env = signing.envelope(doc, signer, file=path.name, manifest_sha256=digest)
+        try:
+            signing.write_signature(path, env)
+        except StorageError:
+            path.unlink(missing_ok=True)
+            raise
+    return path, digest

@@ -471,6 +471,13 @@ class Settings(BaseSettings):
     # Who holds the local copies this process writes (recorded with each dump): retention
     # deletes a local copy only on the collector that holds it. Default: the host name.
     collector_id: str = Field(default_factory=socket.gethostname)
+    # The collector's Ed25519 key that signs each manifest (memdump.signing): this file
+    # (it must exist), or <data_dir>/keys/collector.key, generated on first use.
+    signing_key_file: Path | None = None
+    signing_key_passphrase: SecretStr | None = None  # the PEM's passphrase, if encrypted
+    # Keys whose signatures `verify` accepts: a file of fingerprints or public keys. Unset:
+    # none, not even this collector's own (trust is the examiner's choice, listed).
+    trusted_keys: Path | None = None
     # Warn (flow state, artifact, log) when the dumps still stored exceed this (1 TB).
     storage_warn_bytes: int = Field(default=10**12, ge=0)
 

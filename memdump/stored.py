@@ -20,6 +20,11 @@ if TYPE_CHECKING:  # types only: `memdump diff` of two files reads no settings (
     from memdump.storage import S3Store
 
 CHUNK = 4 << 20
+SIG_SUFFIX = ".sig"  # the manifest's signature beside it (memdump.signing.SIG_SUFFIX)
+
+
+def _sig_name(dump: Path) -> str:
+    return manifest_path(dump).name + SIG_SUFFIX
 
 
 class StoredDump(Protocol):
@@ -34,6 +39,11 @@ class StoredDump(Protocol):
 
     def manifest(self, limit: int) -> bytes | None:
         """At most ``limit`` bytes of its manifest (None if there is none)."""
+        ...
+
+    def signature(self, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of its manifest's signature (memdump.signing; None if
+        there is none)."""
         ...
 
     def size(self) -> int:
@@ -86,6 +96,13 @@ class LocalDump:
         except FileNotFoundError:
             return None
 
+    def signature(self, limit: int) -> bytes | None:
+        try:
+            with (manifest_path(self.path).parent / _sig_name(self.path)).open("rb") as f:
+                return f.read(limit)
+        except FileNotFoundError:
+            return None
+
     def size(self) -> int:
         return self.path.stat().st_size
 
@@ -100,6 +117,7 @@ class LocalDump:
         existed = self.path.exists()
         self.path.unlink(missing_ok=True)
         manifest_path(self.path).unlink(missing_ok=True)
+        (self.path.parent / _sig_name(self.path)).unlink(missing_ok=True)
         return existed
 
 
@@ -116,9 +134,15 @@ class S3Dump:
         return self.store.open_stream(self.key, chunk_size=CHUNK)
 
     def manifest(self, limit: int) -> bytes | None:
+        return self._small(manifest_key(self.key), limit)
+
+    def signature(self, limit: int) -> bytes | None:
+        return self._small(manifest_key(self.key) + SIG_SUFFIX, limit)
+
+    def _small(self, key: str, limit: int) -> bytes | None:
         buf = bytearray()
         try:
-            for chunk in self.store.open_stream(manifest_key(self.key)):
+            for chunk in self.store.open_stream(key):
                 buf += chunk[: limit - len(buf)]
                 if len(buf) >= limit:
                     break
@@ -145,6 +169,9 @@ class S3Dump:
         # marker: it was written with If-None-Match, so the version there is this dump's.
         mversion = self.store.current_version(mkey) if version else None
         self.store.delete(mkey, version_id=mversion)
+        skey = mkey + SIG_SUFFIX
+        sversion = self.store.current_version(skey) if version else None
+        self.store.delete(skey, version_id=sversion)
         return existed
 
 

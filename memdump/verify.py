@@ -2,8 +2,14 @@
 
 Both hashes are recomputed in one pass (the .gz bytes as stored, and the raw image they
 decompress to) and compared with the record and with the dump's manifest, whose own
-SHA-256 is in the record. ``verified``: every check passed; ``mismatch``: the artifact
-exists but something differs (detail says what); ``missing``: the artifact is gone.
+SHA-256 is in the record. ``verified``: every check passed and the manifest is signed by
+a trusted key (memdump.signing, MEMDUMP_TRUSTED_KEYS); ``mismatch``: the artifact exists
+but something differs (detail says what); ``missing``: the artifact is gone. When the
+hashes agree but the signature does not vouch for them: ``unsigned`` (no signature: an
+older dump, or one whose signature was removed), ``bad-signature`` (it does not match the
+manifest, or the envelope is damaged), ``untrusted-key`` (valid, by a key not listed).
+A mismatch outranks the signature's status; ``signature`` (to_dict) says what the
+signature check found in every case.
 
 A chunked .mem.gz (memdump.chunkedgz) is checked chunk by chunk as well: its index
 against the trailer (SHA-256 and the Merkle root recomputed from the chunk digests) and
@@ -44,9 +50,11 @@ from memdump.errors import (
 from memdump.locations import Location
 from memdump.records.base import RecordQuery, RecordStore
 from memdump.settings import Settings
+from memdump.signing import SIG_MAX_BYTES, SignatureCheck, trusted_keys
+from memdump.signing import check as check_signature
 from memdump.stored import StoredDump, open_stored
 
-Status = Literal["verified", "mismatch", "missing"]
+Status = Literal["verified", "mismatch", "missing", "unsigned", "bad-signature", "untrusted-key"]
 _INFLATE_STEP = 1 << 20  # most raw bytes one decompress call may return
 PAGE = 1000  # records per store query
 _MAX_HEAD = 64 << 20  # ELF headers past this are refused by memdump.elfcore anyway
@@ -61,6 +69,9 @@ class Verification:
     detail: str
     checks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # The manifest's signature (memdump.signing.SignatureCheck.to_dict): status (valid,
+    # unsigned, bad-signature, untrusted-key, not-checked), detail, key_fingerprint.
+    signature: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +80,7 @@ class Verification:
             "detail": self.detail,
             "checks": self.checks,
             "seconds": round(self.seconds, 3),
+            "signature": self.signature,
         }
 
 
@@ -151,19 +163,61 @@ def verify(
     where = str(record["dump_path"])
     stored = open_stored(Location.of(where), settings)
     workers = threads or verify_threads(settings)
+    trusted = trusted_keys(settings)  # ConfigError before anything is read
     if not stored.exists():
         return Verification("missing", where, "the stored dump is gone", {}, time.monotonic() - t0)
     try:
         if guest_range is not None:
-            return _verify_range(record, stored, guest_range, workers, t0)
-        return _verify_whole(record, stored, workers, t0)
+            return _verify_range(record, stored, guest_range, workers, t0, trusted)
+        return _verify_whole(record, stored, workers, t0, trusted)
     except (FileNotFoundError, ObjectNotFoundError):
         gone = "the stored dump vanished while it was read"
         return Verification("missing", where, gone, {}, time.monotonic() - t0)
 
 
+def _signature(
+    record: Mapping[str, Any], stored: StoredDump, data: bytes | None, trusted: frozenset[str]
+) -> SignatureCheck:
+    """The manifest's signature, checked on the manifest's bytes as stored (whether or not
+    they match the record: an edited manifest is named as such)."""
+    if not record.get("manifest_sha256"):
+        return SignatureCheck("unsigned", "no manifest recorded (older record)")
+    if data is None or len(data) > MANIFEST_MAX_BYTES:
+        return SignatureCheck("not-checked", "no readable manifest to check it against")
+    return check_signature(data, stored.signature(SIG_MAX_BYTES + 1), trusted)
+
+
+def _outcome(
+    where: str,
+    problems: list[str],
+    sig: SignatureCheck,
+    success: str,
+    checks: dict[str, Any],
+    t0: float,
+) -> Verification:
+    """``mismatch`` if any check failed; else ``verified`` when a trusted key vouches for
+    the manifest, or the signature's status."""
+    seconds = time.monotonic() - t0
+    if problems:
+        if sig.status not in ("valid", "not-checked"):
+            problems = [*problems, f"signature: {sig.detail}"]
+        status: Status = "mismatch"
+        detail = "; ".join(problems)
+    elif sig.status == "valid":
+        status, detail = "verified", f"{success}; {sig.detail}"
+    else:
+        assert sig.status != "not-checked"  # noqa: S101 - only with a problem reported
+        status = sig.status
+        detail = f"{success}, but {sig.detail}"
+    return Verification(status, where, detail, checks, seconds, sig.to_dict())
+
+
 def _verify_whole(
-    record: Mapping[str, Any], stored: StoredDump, threads: int, t0: float
+    record: Mapping[str, Any],
+    stored: StoredDump,
+    threads: int,
+    t0: float,
+    trusted: frozenset[str] = frozenset(),
 ) -> Verification:
     where = stored.location.where
     checks: dict[str, Any] = {}
@@ -196,7 +250,8 @@ def _verify_whole(
     ):
         problems.append(f"raw size {raw_n} != recorded {record.get('raw_size_bytes')}")
 
-    doc = _check_manifest(record, stored, checks, problems)
+    doc, data = _check_manifest(record, stored, checks, problems)
+    sig = _signature(record, stored, data, trusted)
     if doc is not None:
         out = doc.get("output") if isinstance(doc.get("output"), Mapping) else None
         if out is None:
@@ -208,18 +263,11 @@ def _verify_whole(
                 problems.append("the .gz differs from the manifest")
         _check_anchor(record, doc, index, index_error, checks, problems)
 
-    seconds = time.monotonic() - t0
-    if problems:
-        return Verification("mismatch", where, "; ".join(problems), checks, seconds)
     chunked = f", {len(index.chunks)} chunks" if index is not None else ""
-    return Verification(
-        "verified",
-        where,
-        f"{gz_n} bytes stored, {raw_n} raw{chunked}: hashes match the record"
-        + (" and the manifest" if record.get("manifest_sha256") else ""),
-        checks,
-        seconds,
+    success = f"{gz_n} bytes stored, {raw_n} raw{chunked}: hashes match the record" + (
+        " and the manifest" if record.get("manifest_sha256") else ""
     )
+    return _outcome(where, problems, sig, success, checks, t0)
 
 
 def _index(stored: StoredDump) -> tuple[Index | None, str]:
@@ -234,35 +282,35 @@ def _index(stored: StoredDump) -> tuple[Index | None, str]:
 
 def _check_manifest(
     record: Mapping[str, Any], stored: StoredDump, checks: dict[str, Any], problems: list[str]
-) -> dict[str, Any] | None:
-    """The manifest, once its SHA-256 matches the record's (else None, and why in
-    ``problems``)."""
+) -> tuple[dict[str, Any] | None, bytes | None]:
+    """(the manifest once its SHA-256 matches the record's, else None and why in
+    ``problems``; its bytes as read, for the signature check)."""
     expected = record.get("manifest_sha256") or ""
     if not expected:
         checks["manifest"] = {"ok": None, "detail": "no manifest recorded (older record)"}
-        return None
+        return None, None
     data = stored.manifest(MANIFEST_MAX_BYTES + 1)
     if data is None:
         checks["manifest"] = {"ok": False, "detail": "missing"}
         problems.append("the manifest is missing")
-        return None
+        return None, None
     if len(data) > MANIFEST_MAX_BYTES:
         # Read no further than a manifest can be: a hostile or broken one is a
         # mismatch, not an allocation the size of whatever was put there.
         checks["manifest"] = {"ok": False, "detail": "larger than a manifest can be"}
         problems.append(f"the manifest is larger than {MANIFEST_MAX_BYTES} bytes")
-        return None
+        return None, data
     if not _check(checks, "manifest_sha256", expected, hashlib.sha256(data).hexdigest()):
         problems.append("the manifest differs from the record (manifest_sha256)")
-        return None
+        return None, data
     try:
         doc = json.loads(data)
     except ValueError:
         doc = None
     if not isinstance(doc, dict):
         problems.append("the manifest is not readable JSON with an output section")
-        return None
-    return doc
+        return None, data
+    return doc, data
 
 
 def _check_anchor(
@@ -469,6 +517,7 @@ def _verify_range(
     guest_range: tuple[int, int],
     threads: int,
     t0: float,
+    trusted: frozenset[str] = frozenset(),
 ) -> Verification:
     where = stored.location.where
     start, end = guest_range
@@ -487,7 +536,8 @@ def _verify_range(
             " --range",
             location=where[:300],
         )
-    doc = _check_manifest(record, stored, checks, problems)
+    doc, data = _check_manifest(record, stored, checks, problems)
+    sig = _signature(record, stored, data, trusted)
     anchored = doc is not None and _check_anchor(record, doc, index, "", checks, problems)
     if not anchored and not problems:
         problems.append("the chunk index cannot be checked against the record (no manifest chunks)")
@@ -498,7 +548,7 @@ def _verify_range(
         headers = {"ok": False, "bad": 1, "first_bad": _bad_chunk(exc, None)}
         checks["chunks"] = headers
         problems.append(_bad_chunk_text(headers))
-        return Verification("mismatch", where, "; ".join(problems), checks, time.monotonic() - t0)
+        return _outcome(where, problems, sig, "", checks, t0)
     raws = raw_ranges(layout, start, end)
     if not raws:
         raise InvalidDumpError(
@@ -547,15 +597,9 @@ def _verify_range(
         )
         problems.append(_bad_chunk_text(report))
     checks["chunks"] = report
-    seconds = time.monotonic() - t0
-    if problems:
-        return Verification("mismatch", where, "; ".join(problems), checks, seconds)
-    return Verification(
-        "verified",
-        where,
+    success = (
         f"guest-physical {start:#x}-{end:#x}: {len(numbers)} of {len(index.chunks)} chunks"
         f" match the index, whose SHA-256 and Merkle root {index.merkle_root[:16]}... match"
-        " the manifest (the rest of the dump was not read)",
-        checks,
-        seconds,
+        " the manifest (the rest of the dump was not read)"
     )
+    return _outcome(where, problems, sig, success, checks, t0)

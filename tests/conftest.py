@@ -13,6 +13,7 @@ import pytest
 
 from memdump.settings import Settings
 from tests.helpers.prefect_events import reset_events_worker
+from tests.helpers.signing import trusting
 from tests.helpers.stack import Stack, lab_inventory, running_stack
 
 __all__ = ["Stack"]
@@ -29,7 +30,9 @@ def lab_dir() -> Path:
 
 @pytest.fixture
 def settings(lab_dir: Path, tmp_path: Path) -> Settings:
-    return Settings(inventory_file=lab_dir / "inventory.yaml", dump_dir=tmp_path / "dumps")
+    # Signed by a key of its own and trusting it, as scripts/run sets up the lab (issue 15).
+    s = Settings(inventory_file=lab_dir / "inventory.yaml", dump_dir=tmp_path / "dumps")
+    return trusting(s, tmp_path)
 
 
 @pytest.fixture(scope="session")

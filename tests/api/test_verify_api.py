@@ -138,7 +138,15 @@ def test_background_job_when_asked(tmp_path: Path, gated: GatedVerify) -> None:
     # The result is exactly what a waiting request gets.
     inline = _post(c, wait=True)
     assert inline.status_code == 200 and done["result"] == inline.json()
-    assert list(inline.json()) == ["status", "dump_path", "detail", "checks", "seconds"]
+    # Issue 15: the manifest's signature status comes last, beyond the first version.
+    assert list(inline.json()) == [
+        "status",
+        "dump_path",
+        "detail",
+        "checks",
+        "seconds",
+        "signature",
+    ]
 
 
 def test_large_dump_goes_to_the_background_unless_told_to_wait(

@@ -13,14 +13,15 @@ from memdump.chunkedgz import read_index
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 from tests.helpers.api import FakeRuns
+from tests.helpers.signing import trusting
 from tests.helpers.verify_dumps import CHUNK, HIGH, core, file_offset, flip, guest_ram, write_dump
 
 BASE = "/api/memory-dumps"
 
 
 def test_verify_names_the_first_bad_chunk(tmp_path: Path) -> None:
-    s = Settings(data_dir=tmp_path / "data", dump_dir=tmp_path / "dumps")
-    made = write_dump(s.dump_dir, core(guest_ram(1)))
+    s = trusting(Settings(data_dir=tmp_path / "data", dump_dir=tmp_path / "dumps"), tmp_path)
+    made = write_dump(s.dump_dir, core(guest_ram(1)), settings=s)
     store = SQLiteRecordStore(s.records_db)
     store.add(made.record)
     c = TestClient(create_app(s, store=store, runs=FakeRuns()), base_url="http://localhost")
@@ -37,7 +38,9 @@ def test_verify_names_the_first_bad_chunk(tmp_path: Path) -> None:
     r = c.post(f"{BASE}/verify", json={"dump_path": str(made.path), "wait": True})
     body = r.json()
     assert r.status_code == 200 and body["status"] == "mismatch", r.text
-    assert set(body) == {"status", "dump_path", "detail", "checks", "seconds"}
+    # Issue 15 adds the manifest's signature status beside the rest.
+    assert set(body) == {"status", "dump_path", "detail", "checks", "seconds", "signature"}
+    assert body["signature"]["status"] == "valid", body
     first = body["checks"]["chunks"]["first_bad"]
     assert first["number"] == bad.number
     assert first["raw_range"] == [hex(bad.raw_offset), hex(bad.raw_offset + bad.raw_size)]

@@ -13,10 +13,13 @@ import pytest
 from memdump.manifest import encode, manifest_path
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
+from memdump.settings import Settings
+from memdump.signing import Signer, collector_signer, envelope, write_signature
 from tests.helpers.elfgen import make_core, mixed_bytes
+from tests.helpers.signing import trusting
 
 
-def _dump(d: Path, i: int, when: datetime) -> DumpRecord:
+def _dump(d: Path, i: int, when: datetime, signer: Signer) -> DumpRecord:
     raw = make_core([(0, mixed_bytes(256 * 1024, i))])
     gz = gzip.compress(raw, 1)
     path = d / f"vm-{i}_{i}.mem.gz"
@@ -24,6 +27,8 @@ def _dump(d: Path, i: int, when: datetime) -> DumpRecord:
     doc = {"output": {"raw_sha256": hashlib.sha256(raw).hexdigest(),
                       "gz_sha256": hashlib.sha256(gz).hexdigest()}}  # fmt: skip
     manifest_path(path).write_bytes(encode(doc))
+    # Signed by a trusted key (issue 15): only then is a dump `verified`.
+    write_signature(manifest_path(path), envelope(doc, signer, file=manifest_path(path).name))
     return DumpRecord(
         when, f"vm-{i}", f"vm-{i}", hashlib.sha256(raw).hexdigest(), 1.0, len(gz), 1, 2, 3,
         str(path), hashlib.sha256(gz).hexdigest(), len(raw), "lab",
@@ -36,10 +41,13 @@ def test_verify_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("MEMDUMP_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("MEMDUMP_DUMP_DIR", str(tmp_path))  # verify reads only in here
+    keys = trusting(Settings(data_dir=tmp_path), tmp_path)
+    monkeypatch.setenv("MEMDUMP_TRUSTED_KEYS", str(keys.trusted_keys))
+    signer = collector_signer(keys)
     store = SQLiteRecordStore(tmp_path / "records.db")
     now = datetime.now(UTC)
-    recs = [_dump(tmp_path, i, now - timedelta(hours=i)) for i in range(4)]
-    old = _dump(tmp_path, 9, now - timedelta(days=30))  # outside the window: not read
+    recs = [_dump(tmp_path, i, now - timedelta(hours=i), signer) for i in range(4)]
+    old = _dump(tmp_path, 9, now - timedelta(days=30), signer)  # outside the window: not read
     for r in [*recs, old]:
         store.add(r)
 

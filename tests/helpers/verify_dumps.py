@@ -17,6 +17,7 @@ from memdump import manifest
 from memdump.chunkedgz import compress_bytes, read_index
 from memdump.elfcore import PT_LOAD, parse_core
 from memdump.records.model import DumpRecord
+from memdump.settings import Settings
 from tests.helpers.elfgen import make_core
 
 KiB = 1 << 10
@@ -88,8 +89,10 @@ def write_dump(
     chunked: bool = True,
     chunk_size: int = CHUNK,
     with_chunks_section: bool = True,
+    settings: Settings | None = None,
 ) -> Made:
-    """``raw`` written as a dump named the way memdump names one, with its manifest."""
+    """``raw`` written as a dump named the way memdump names one, with its manifest
+    (signed by the collector key of ``settings``, when given: memdump.signing)."""
     when = when or datetime.now(UTC)
     dump_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     name = f"{hypervisor}_{vmid}_{when:%Y%m%dT%H%M%S.%fZ}_{secrets.token_hex(3)}.mem.gz"
@@ -110,7 +113,7 @@ def write_dump(
             index = read_index(f)
         assert index is not None
         doc["output"]["chunks"] = index.summary()  # where memdump.manifest puts it
-    _, msha = manifest.write(path, doc)
+    _, msha = manifest.write(path, doc, settings=settings)
     record = DumpRecord(
         when, vmid, vmid, raw_sha, 1.0, len(gz), 1, 1, 1, str(path), gz_sha, len(raw),
         hypervisor, manifest_sha256=msha, local_path=str(path),

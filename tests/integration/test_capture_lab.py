@@ -84,7 +84,7 @@ def test_dump_is_byte_exact_with_markers(
     assert stat.S_IMODE(os.stat(rec.dump_path).st_mode) == 0o600
     mpath = manifest_path(Path(rec.dump_path))
     assert sorted(p.name for p in settings.dump_dir.iterdir()) == sorted(
-        [Path(rec.dump_path).name, mpath.name]
+        [Path(rec.dump_path).name, mpath.name, mpath.name + ".sig"]  # signed (issue 15)
     )
     check_manifest(mpath, rec, lab_dir)
     assert info.memory_bytes == vm_layout["memory_bytes"]

@@ -176,5 +176,6 @@ def test_without_the_userfaultfd_window_falls_back_to_paused(
     assert (c["mode_requested"], c["mode"], c["live"]) == ("live", "paused", None)
     assert c["fallback_reason"] == rec.live_fallback_reason
     assert verify(rec.api_dict(), settings).status == "verified"
-    assert sorted(p.suffix for p in settings.dump_dir.iterdir()) == [".gz", ".json"]
+    # The dump, its manifest and the manifest's signature (issue 15).
+    assert sorted(p.suffix for p in settings.dump_dir.iterdir()) == [".gz", ".json", ".sig"]
     assert_guest_clean(vm, sysctl_before)

@@ -94,6 +94,7 @@ def test_api_and_cli(
         **os.environ,
         "MEMDUMP_DATA_DIR": str(settings.data_dir),
         "MEMDUMP_DUMP_DIR": str(settings.dump_dir),
+        "MEMDUMP_TRUSTED_KEYS": str(settings.trusted_keys),  # the lab's key (issue 15)
     }
     cli = [sys.executable, "-m", "memdump.cli", "verify"]
     out = subprocess.run(

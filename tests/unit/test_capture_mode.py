@@ -42,7 +42,11 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def settings(tmp_path: Path, **kw: Any) -> Settings:
     return Settings(
-        dump_dir=tmp_path / "dumps", analysis={"enabled": False}, collector_id="c1", **kw
+        data_dir=tmp_path / "data",  # its signing key too, not the repository's .data
+        dump_dir=tmp_path / "dumps",
+        analysis={"enabled": False},
+        collector_id="c1",
+        **kw,
     )
 
 
@@ -166,7 +170,7 @@ def test_refused_at_open_falls_back_to_paused_with_the_reason(
     assert c["format"] == "ELF64 core: fake"
     (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert USERFAULTFD_REASON in warning.getMessage() and "paused" in warning.getMessage()
-    assert files(s) == [".gz", ".json"]  # one dump, one manifest
+    assert files(s) == [".gz", ".json", ".sig"]  # one dump, its manifest and signature
 
     # The reason reaches the record store.
     store = SQLiteRecordStore(tmp_path / "records.db")
@@ -192,7 +196,7 @@ def test_refused_by_the_hypervisor_script_falls_back(tmp_path: Path, refuse: Any
     assert read_manifest(cap.record.dump_path)["capture"]["fallback_reason"] == (
         "background-snapshot is off"
     )
-    assert files(s) == [".gz", ".json"]
+    assert files(s) == [".gz", ".json", ".sig"]
 
 
 def test_driver_without_live_mode_falls_back(tmp_path: Path) -> None:

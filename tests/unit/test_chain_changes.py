@@ -16,15 +16,17 @@ from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 from memdump.verify import verify
 from tests.helpers.capture_modes import REF, LiveDriver
+from tests.helpers.signing import trusting
 
 
 def _settings(tmp_path: Path) -> Settings:
-    return Settings(
+    s = Settings(
         data_dir=tmp_path / "data",
         dump_dir=tmp_path / "dumps",
         analysis={"enabled": False},
         chunk_size=64 << 10,
     )
+    return trusting(s, tmp_path)  # signed by a trusted key: `verified` (issue 15)
 
 
 def _changes(record_path: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from memdump.records.model import DumpRecord
 from memdump.settings import Settings
 from memdump.verify import verify
 from tests.helpers.capture_modes import REF, LiveDriver
+from tests.helpers.signing import trusting
 
 T0 = datetime(2026, 11, 29, 4, 0, tzinfo=UTC)
 INFO = VMInfo(VMRef("lab", "vm-1", "vm-1"), "uuid", "1", "running", 1 << 20, "host")
@@ -164,8 +165,10 @@ def stored_v1(dump_dir: Path) -> DumpRecord:
 def test_version_1_manifest_still_verifies_and_reads_as_paused(tmp_path: Path) -> None:
     rec = stored_v1(tmp_path / "dumps")
     v = verify(rec.api_dict(), Settings(dump_dir=tmp_path / "dumps"))
-    assert v.status == "verified", v.detail
-    assert v.checks["manifest_sha256"]["ok"]
+    # Issue 15: an older, unsigned manifest is `unsigned`, every hash still matching.
+    assert v.status == "unsigned", v.detail
+    assert v.signature is not None and v.signature["status"] == "unsigned"
+    assert v.checks["manifest_sha256"]["ok"] and v.checks["sha256"]["ok"]
     doc = json.loads(manifest.manifest_path(Path(rec.dump_path)).read_bytes())
     assert manifest.capture_summary(doc) == {
         "mode_requested": "paused",
@@ -177,6 +180,7 @@ def test_version_1_manifest_still_verifies_and_reads_as_paused(tmp_path: Path) -
 def test_version_2_live_manifest_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MEMDUMP_INVENTORY_FILE", raising=False)
     s = Settings(dump_dir=tmp_path / "dumps", analysis={"enabled": False}, capture_mode="live")
+    s = trusting(s, tmp_path)  # signed by a trusted key: `verified` (issue 15)
     cap = capture(LiveDriver(), REF, s)  # type: ignore[arg-type]
     assert cap.manifest["manifest_version"] == 3 and cap.manifest["capture"]["live"]
     v = verify(cap.record.api_dict(), s)

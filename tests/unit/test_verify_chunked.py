@@ -19,6 +19,7 @@ from memdump.errors import InvalidDumpError
 from memdump.manifest import manifest_path
 from memdump.settings import Settings
 from memdump.verify import verify
+from tests.helpers.signing import trusting
 from tests.helpers.verify_dumps import (
     CHUNK,
     HIGH,
@@ -36,12 +37,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(dump_dir=tmp_path / "dumps", data_dir=tmp_path / "data")
+    # Manifests signed by a trusted key (issue 15): `verified` needs one.
+    return trusting(Settings(dump_dir=tmp_path / "dumps", data_dir=tmp_path / "data"), tmp_path)
 
 
 @pytest.fixture
 def made(settings: Settings) -> Made:
-    return write_dump(settings.dump_dir, core(guest_ram(1)))
+    return write_dump(settings.dump_dir, core(guest_ram(1)), settings=settings)
 
 
 def _member_of(made: Made, paddr: int) -> chunkedgz.Chunk:
@@ -176,7 +178,9 @@ def _counting_reader(seen: list[int]):  # type: ignore[no-untyped-def]
 
 
 def test_range_needs_the_index_vouched_for_by_the_manifest(settings: Settings) -> None:
-    made = write_dump(settings.dump_dir, core(guest_ram(2)), with_chunks_section=False)
+    made = write_dump(
+        settings.dump_dir, core(guest_ram(2)), with_chunks_section=False, settings=settings
+    )
     v = verify(made.row, settings, guest_range=(HIGH, HIGH + 1))
     assert v.status == "mismatch" and "cannot be checked against the record" in v.detail
 
@@ -186,13 +190,13 @@ def test_range_outside_guest_memory_and_old_dumps_are_refused(
 ) -> None:
     with pytest.raises(InvalidDumpError, match="in no PT_LOAD"):
         verify(made.row, settings, guest_range=(0x90000, 0xA0000))  # the hole below HIGH
-    old = write_dump(settings.dump_dir, core(guest_ram(3)), chunked=False)
+    old = write_dump(settings.dump_dir, core(guest_ram(3)), chunked=False, settings=settings)
     with pytest.raises(InvalidDumpError, match="single-stream"):
         verify(old.row, settings, guest_range=(HIGH, HIGH + 1))
 
 
 def test_an_old_single_stream_dump_verifies_as_before(settings: Settings) -> None:
-    old = write_dump(settings.dump_dir, core(guest_ram(4)), chunked=False)
+    old = write_dump(settings.dump_dir, core(guest_ram(4)), chunked=False, settings=settings)
     v = verify(old.row, settings)
     assert v.status == "verified" and "chunks" not in v.checks, v
     flip(old.path, old.path.stat().st_size // 2)
@@ -238,7 +242,11 @@ def test_cli_verify_range(made: Made, settings: Settings) -> None:
     SQLiteRecordStore(settings.records_db).add(rec)
     bad = _member_of(made, HIGH + 0x70000)
     flip(made.path, bad.gz_offset + bad.gz_size // 2)
-    env = {"MEMDUMP_DATA_DIR": str(settings.data_dir), "MEMDUMP_DUMP_DIR": str(settings.dump_dir)}
+    env = {
+        "MEMDUMP_DATA_DIR": str(settings.data_dir),
+        "MEMDUMP_DUMP_DIR": str(settings.dump_dir),
+        "MEMDUMP_TRUSTED_KEYS": str(settings.trusted_keys),
+    }
     cli = [sys.executable, "-m", "memdump.cli", "verify", str(made.path)]
 
     def run(*extra: str) -> subprocess.CompletedProcess[str]:
