@@ -83,14 +83,16 @@ def vm_table(vms: list[dict[str, Any]], title: str | None = None) -> Table:
     table.add_column("VM")
     table.add_column("state")
     table.add_column("progress", justify="right")
-    table.add_column("error", overflow="fold")
+    # The error of a VM that failed, else the note of an entry that captured nothing
+    # ("<hypervisor>:all": no running VM there): /status's `error` and `note`.
+    table.add_column("error / note", overflow="fold")
     for i, vm in enumerate(vms):
         progress = vm.get("progress")
         table.add_row(
             cell(vm.get("vm_id") or f"(VM {i + 1}, not started)"),
             state(vm["state"]),
             "" if progress is None else f"{progress:.1f}%",
-            cell(vm.get("error")),
+            cell(vm.get("error") or vm.get("note")),
         )
     return table
 

@@ -215,6 +215,27 @@ def test_status_table_and_json(
     assert [v["vm_id"] for v in body["vms"]] == ["vm-web-01", "nope-01"]
 
 
+def test_status_table_shows_the_note_of_a_hypervisor_with_nothing_to_capture(
+    seen: list[dict[str, Any]], runs: ScriptedRuns, capsys: pytest.CaptureFixture[str]
+) -> None:
+    note = "no running VM on hypervisor lab2 [idle]"
+    runs.script = [
+        run(
+            "COMPLETED",
+            "Completed",
+            [
+                VMRun("vm-web-01", "completed", 100.0, None),
+                VMRun("lab2:all", "completed", None, None, note=note),
+            ],
+        )
+    ]
+    code, out, _ = main(capsys, "status")
+    assert code == 0
+    assert note in out  # as it is: not read as rich markup
+    code, out, _ = main(capsys, "status", "--json")
+    assert json.loads(out)["vms"][1]["note"] == note
+
+
 def test_status_idle(seen: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = main(capsys, "status")
     assert code == 0 and "idle" in out and "VM" not in out
