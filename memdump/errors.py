@@ -239,3 +239,11 @@ class OffloadFailedError(StorageError):
 class RecordNotWrittenError(RecordStoreError):
     """Neither the record store nor the outbox took a capture's record (the outbox is a
     local file: its disk failed)."""
+
+
+# -- custody (memdump.signing, memdump.countersign) ----------------------------------------
+
+
+class CountersignRefusedError(MemdumpError):
+    """``memdump countersign`` would not vouch for a dump: it does not verify, or it is
+    signed already (``status``: what verify said)."""

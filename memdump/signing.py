@@ -267,6 +267,12 @@ def trusted_keys(settings: Settings) -> frozenset[str]:
 # -- the envelope ----------------------------------------------------------------------------
 
 
+def countersign_message(doc: Any, attests: Mapping[str, Any]) -> bytes:
+    """What a countersignature signs: the manifest and the attestation together, so its
+    statement and time cannot be stripped to pass it off as a signature made at capture."""
+    return canonical({"countersignature": dict(attests), "manifest": doc})
+
+
 def envelope(
     doc: Mapping[str, Any],
     signer: Signer,
@@ -274,11 +280,14 @@ def envelope(
     file: str,
     role: str = "collector",
     manifest_sha256: str = "",
-    statement: str = "",
+    attests: Mapping[str, Any] | None = None,
     at: datetime | None = None,
 ) -> dict[str, Any]:
-    """The detached signature of manifest ``doc`` (written as ``file``)."""
+    """The detached signature of manifest ``doc`` (written as ``file``). With
+    ``attests`` (an operator's countersignature, memdump.countersign), the signature is
+    over countersign_message and the envelope carries ``attests`` as signed."""
     at = at or datetime.now(UTC)
+    message = canonical(doc) if attests is None else countersign_message(doc, attests)
     env: dict[str, Any] = {
         "type": ENVELOPE_TYPE,
         "version": 1,
@@ -286,15 +295,15 @@ def envelope(
         "signed": {"file": file, "canonicalization": CANONICAL},
         "key_fingerprint": signer.fingerprint,
         "public_key": base64.b64encode(signer.public_raw).decode(),
-        "signature": base64.b64encode(signer.sign(canonical(doc))).decode(),
+        "signature": base64.b64encode(signer.sign(message)).decode(),
         "signed_at": at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "signer": {"role": role, "collector_id": signer.collector_id},
         # The SHA-256 of the manifest file's bytes (the record's manifest_sha256): a hint
         # for a reader, not signed (the signature is over the canonical JSON).
         "manifest_sha256": manifest_sha256,
     }
-    if statement:
-        env["signer"]["statement"] = statement
+    if attests is not None:
+        env["attests"] = dict(attests)
     return env
 
 
@@ -366,8 +375,15 @@ def check(manifest: bytes, sig: bytes | None, trusted: frozenset[str]) -> Signat
         doc = json.loads(manifest)
     except ValueError:
         return SignatureCheck("bad-signature", "the manifest is not JSON", fp, info)
+    attests = env.get("attests")
+    if attests is not None and not isinstance(attests, dict):
+        return SignatureCheck("bad-signature", "the envelope's attestation is not an object")
+    if attests is not None:
+        info["role"] = "countersign"
+        info["attests"] = attests
+    message = canonical(doc) if attests is None else countersign_message(doc, attests)
     try:
-        Ed25519PublicKey.from_public_bytes(public).verify(signature, canonical(doc))
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
     except InvalidSignature:
         return SignatureCheck(
             "bad-signature",
@@ -382,4 +398,13 @@ def check(manifest: bytes, sig: bytes | None, trusted: frozenset[str]) -> Signat
             else "is not trusted (MEMDUMP_TRUSTED_KEYS unset)"
         )
         return SignatureCheck("untrusted-key", f"signed by key {fp} which {why}", fp, info)
+    if attests is not None:
+        when = attests.get("attested_at")
+        return SignatureCheck(
+            "valid",
+            f"countersigned by trusted key {fp[:16]}... at {when}: it attests to the state"
+            " verified then, not to the capture",
+            fp,
+            info,
+        )
     return SignatureCheck("valid", f"signed by trusted key {fp[:16]}...", fp, info)

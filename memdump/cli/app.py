@@ -42,6 +42,7 @@ COMMANDS = {
     "stats": "queries",
     "vol": "vol",
     "keys": "keys",
+    "countersign": "keys",
 }
 
 

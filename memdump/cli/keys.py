@@ -1,6 +1,8 @@
 """``memdump keys show``: this collector's signing key (memdump.signing): its public key
 and fingerprint, and whether MEMDUMP_TRUSTED_KEYS lists it. The key is made on first use
-(in the data dir) unless MEMDUMP_SIGNING_KEY_FILE names one."""
+(in the data dir) unless MEMDUMP_SIGNING_KEY_FILE names one. ``memdump countersign``: an
+operator's signature on a recorded dump from before signing (memdump.countersign), which
+attests to its present state only."""
 
 from __future__ import annotations
 
@@ -53,6 +55,35 @@ def cmd_keys_show(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_countersign(settings: Settings, args: argparse.Namespace) -> int:
+    """One JSON line per dump; exit 1 unless every one was countersigned."""
+    import dataclasses
+    import sys
+
+    from memdump.countersign import countersign
+    from memdump.errors import CountersignRefusedError
+    from memdump.records import open_store
+    from memdump.records.base import RecordQuery
+
+    store = open_store(settings)
+    bad = 0
+    for path in args.dump_paths:
+        found = store.list(1, 0, RecordQuery(dump_path=path))
+        if not found:
+            print(json.dumps({"dump_path": path, "countersigned": False, "detail": "no record"}))
+            bad += 1
+            continue
+        try:
+            done = countersign(found[0], settings)
+        except CountersignRefusedError as exc:
+            print(json.dumps({"dump_path": path, "countersigned": False, "detail": str(exc)}))
+            bad += 1
+            continue
+        print(json.dumps({"countersigned": True, **dataclasses.asdict(done)}), flush=True)
+    sys.stdout.flush()
+    return 1 if bad else 0
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("keys", help="the collector's signing key (memdump keys show)")
     ksub = p.add_subparsers(dest="keys_command", required=True)
@@ -66,3 +97,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="print only a line for a MEMDUMP_TRUSTED_KEYS file (fingerprint, label, key)",
     )
     show.set_defaults(handler=cmd_keys_show)
+    p = sub.add_parser(
+        "countersign",
+        help="sign recorded dumps from before signing with this collector's key: it attests"
+        " to their present state only (each is verified first; a signed one is refused)",
+    )
+    p.add_argument("dump_paths", nargs="+", help="dump_path of a record (local or s3://)")
+    p.set_defaults(handler=cmd_countersign)

@@ -20,6 +20,15 @@ def trusting(settings: Settings, where: Path) -> Settings:
     return settings.model_copy(update={"signing_key_file": signer.path, "trusted_keys": trusted})
 
 
+def trust_local_key(data_dir: Path) -> Path:
+    """The key a collector with ``data_dir`` makes on first use, made now and listed in
+    ``<data_dir>/trusted_keys`` (returned): what scripts/run does for the lab."""
+    signer = collector_signer(Settings(data_dir=data_dir, signing_key_file=None))
+    trusted = data_dir / "trusted_keys"
+    trusted.write_text(f"{signer.fingerprint} local-collector\n")
+    return trusted
+
+
 def other_signer(where: Path) -> Signer:
     """A key that no trusted-keys file lists (an intruder's)."""
     return collector_signer(Settings(data_dir=where / "intruder"))

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from memdump.settings import LEGACY_NAMES, env_name
+from tests.helpers.signing import trust_local_key
 
 
 def _env_var(name: str) -> str:
@@ -85,6 +86,9 @@ def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack
     # Grouped settings by their variables (MEMDUMP_API__PORT), not the old flat names.
     env.update({_env_var(k): v for k, v in settings.items()})
     data.mkdir(parents=True, exist_ok=True)
+    # The stack's own collector key listed as trusted, as scripts/run does (issue 15).
+    if "MEMDUMP_TRUSTED_KEYS" not in env:
+        env["MEMDUMP_TRUSTED_KEYS"] = str(trust_local_key(data))
     logfile = data / "serve.log"
     with open(logfile, "wb") as log:
         proc = subprocess.Popen(

@@ -3,7 +3,7 @@ signed by the collector's key and verifies as ``verified``; its signature checks
 python's cryptography and with the openssl command alone (the README's walk-through,
 without memdump); offloaded to the moto S3 server, the signature travels with the
 manifest, verify of the object checks it (a swapped or removed signature object is
-named), and retention's delete takes it with the dump."""
+named, an operator countersigns it in place), and retention's delete takes it with the dump."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ import pytest
 from pydantic import SecretStr
 
 from memdump.chain import run_chain
+from memdump.countersign import countersign
+from memdump.errors import CountersignRefusedError
 from memdump.hypervisors import Driver
 from memdump.locations import Location
 from memdump.manifest import manifest_key, manifest_path
@@ -121,7 +123,8 @@ def test_offloaded_to_s3_the_signature_travels_and_is_checked(
     uri = done.record.dump_path
     key = uri.removeprefix(f"s3://{bucket}/")
     skey = manifest_key(key) + ".sig"
-    assert list(s.dump_dir.iterdir()) == []  # the local copies, signature too, are gone
+    # The local copies, signature too, are gone.
+    assert [p for p in s.dump_dir.iterdir() if p.name.endswith((".gz", ".json", ".sig"))] == []
     stored_sig = client.get_object(Bucket=bucket, Key=skey)["Body"].read()
     row = _row(s, uri)
     v = verify(row, s)
@@ -134,10 +137,18 @@ def test_offloaded_to_s3_the_signature_travels_and_is_checked(
     assert verify(row, s).status == "untrusted-key"
     client.delete_object(Bucket=bucket, Key=skey)
     assert verify(row, s).status == "unsigned"
+    # An operator's countersignature goes where the signature was (If-None-Match).
+    signed = countersign(row, s)
+    assert signed.signature == f"s3://{bucket}/{skey}"
+    v = verify(row, s)
+    assert v.status == "verified" and v.signature is not None, v
+    assert v.signature["role"] == "countersign"
+    with pytest.raises(CountersignRefusedError):
+        countersign(row, s)
 
     # Retention's delete (memdump.stored) takes the signature with the dump and manifest.
     client.put_object(Bucket=bucket, Key=skey, Body=stored_sig)
     assert verify(row, s).status == "verified"
     assert open_stored(Location.of(uri), s).delete()
-    listed = client.list_objects_v2(Bucket=bucket).get("Contents", [])
-    assert [o["Key"] for o in listed] == []
+    listed = {o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert not listed & {key, manifest_key(key), skey}, listed
