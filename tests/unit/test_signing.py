@@ -337,3 +337,16 @@ def test_a_hash_mismatch_outranks_a_valid_signature(signed: tuple[Made, Settings
     v = verify(made.row, s)
     assert v.status == "mismatch" and v.signature is not None
     assert v.signature["status"] == "valid"
+
+
+def test_deleting_a_local_copy_takes_its_signature(signed: tuple[Made, Settings]) -> None:
+    """Retention deletes a copy through memdump.stored: the .sig goes with the manifest."""
+    from memdump.locations import Location
+    from memdump.stored import open_stored
+
+    made, s = signed
+    sig = signing.sig_path(manifest_path(made.path))
+    assert sig.is_file()
+    assert open_stored(Location.of(str(made.path)), s).delete()
+    assert not made.path.exists() and not manifest_path(made.path).exists()
+    assert not sig.exists()
