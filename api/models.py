@@ -247,6 +247,13 @@ class VerifyResponse(BaseModel):
         " unsigned, bad-signature, untrusted-key, not-checked), detail, key_fingerprint,"
         " signed_at, role",
     )
+    timestamp: dict[str, Any] | None = Field(
+        default=None,
+        description="The manifest's RFC 3161 timestamp token (beyond the contract): status"
+        " (valid, missing, pending, bad-token, untrusted-tsa), detail, gen_time (the TSA's"
+        " time: the manifest existed then; later than the capture when fetched later);"
+        " null without a manifest",
+    )
 
 
 class VerifyJobResponse(BaseModel):

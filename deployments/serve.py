@@ -15,6 +15,7 @@ import time
 from prefect import serve
 
 from deployments.catalog import runner_deployments
+from memdump import timestamping
 from memdump.children import end_adopted
 from memdump.errors import ConfigError
 from memdump.fsperm import private_umask
@@ -38,6 +39,13 @@ def replay_outbox(settings: Settings) -> None:
                 log.warning("outbox: %d record(s) still waiting: %s", left, recorder.last_error)
         except Exception:  # keep the runner alive; the next round retries
             log.exception("outbox replay failed")
+        try:
+            # RFC 3161 tokens the TSA did not give at capture time (memdump.timestamping).
+            stamps = timestamping.flush(settings)
+            if stamps.left:
+                log.warning("timestamps: %d still pending: %s", stamps.left, stamps.last_error)
+        except Exception:
+            log.exception("pending timestamps: flush failed")
         time.sleep(settings.orchestration.outbox_replay_sec)
 
 

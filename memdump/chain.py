@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memdump import timestamping
 from memdump.capture import Capture, Mode, capture
 from memdump.changes import since_previous
 from memdump.errors import MemdumpError, OffloadFailedError, RecordNotWrittenError
 from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.locations import Location
-from memdump.manifest import manifest_path
+from memdump.manifest import manifest_key, manifest_path
 from memdump.pipeline import ProgressFn
 from memdump.records import open_recorder
 from memdump.records.model import DumpRecord
@@ -40,6 +41,7 @@ from memdump.records.outbox import OutboxState
 from memdump.settings import Settings
 from memdump.signing import collector_signer, sig_path
 from memdump.targets import find
+from memdump.timestamping import tsr_path
 
 log = logging.getLogger("memdump.chain")
 
@@ -54,6 +56,9 @@ class ChainResult:
     offloaded: Location | None  # the S3 object, when S3 is configured
     recorded: bool  # False: the record waits in the outbox (replayed later)
     outbox: OutboxState | None = None  # its outbox when it waits there
+    # The manifest's trusted timestamp (memdump.timestamping): granted, or pending in the
+    # queue; None when MEMDUMP_TSA_URL is unset.
+    timestamp: timestamping.Stamp | None = None
 
 
 @contextmanager
@@ -101,9 +106,38 @@ def run_chain(
                 settings, ref.hypervisor, ref.vmid, dump
             ).manifest_section(),
         )
+    stamped = _stamp(settings, captured.record)
     record, obj = offload(with_changes(captured.record, captured.manifest), settings)
+    if stamped is not None:
+        _stamped(settings, stamped, record, obj)
     recorded, outbox = record_dump(record, settings)
-    return ChainResult(captured, record, obj, recorded, outbox)
+    return ChainResult(captured, record, obj, recorded, outbox, stamped)
+
+
+def _stamp(settings: Settings, record: DumpRecord) -> timestamping.Stamp | None:
+    """The manifest's trusted timestamp (MEMDUMP_TSA_URL, memdump.timestamping): its token
+    beside it before the offload takes it along, or the request queued. Never fails the
+    capture."""
+    if settings.tsa_url is None or not record.manifest_sha256:
+        return None
+    mpath = manifest_path(Path(record.dump_path))
+    return timestamping.stamp(settings, mpath, record.manifest_sha256)
+
+
+def _stamped(
+    settings: Settings, stamped: timestamping.Stamp, record: DumpRecord, obj: Location | None
+) -> None:
+    """A pending token goes where the manifest went (the S3 object); a granted one
+    means the TSA is up: the tokens still pending are fetched now."""
+    try:
+        queue = timestamping.TimestampQueue(timestamping.queue_path(settings))
+        if stamped.status == "pending" and obj is not None:
+            key = manifest_key(obj.key(settings.s3))
+            queue.located(record.manifest_sha256, s3_key=key, local_kept=bool(record.local_path))
+        elif stamped.status == "granted":
+            timestamping.flush(settings)
+    except Exception as exc:  # noqa: BLE001 - the capture is complete: a warning only
+        log.warning("pending timestamps: %s", exc)
 
 
 def with_changes(record: DumpRecord, doc: Mapping[str, Any]) -> DumpRecord:
@@ -172,6 +206,11 @@ def _offload_once(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, L
     if spath.is_file():
         sig = spath.read_bytes()
         store.upload(spath, gz_sha256=hashlib.sha256(sig).hexdigest(), size=len(sig))
+    # And its trusted timestamp's token (memdump.timestamping): <manifest key>.tsr.
+    tpath = tsr_path(mpath)
+    if tpath.is_file():
+        tsr = tpath.read_bytes()
+        store.upload(tpath, gz_sha256=hashlib.sha256(tsr).hexdigest(), size=len(tsr))
     where = Location("s3", obj.uri, version_id=obj.version_id or "")
     log.info("offloaded %s to %s (%d bytes)", record.vmid, obj.uri, obj.size)
     located = dataclasses.replace(record, s3_uri=where.where, s3_version_id=where.version_id)
@@ -180,6 +219,7 @@ def _offload_once(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, L
     dump.unlink()
     mpath.unlink(missing_ok=True)
     spath.unlink(missing_ok=True)
+    tpath.unlink(missing_ok=True)
     return dataclasses.replace(located, dump_path=where.where, local_path="", collector=""), where
 
 

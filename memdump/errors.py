@@ -247,3 +247,11 @@ class RecordNotWrittenError(RecordStoreError):
 class CountersignRefusedError(MemdumpError):
     """``memdump countersign`` would not vouch for a dump: it does not verify, or it is
     signed already (``status``: what verify said)."""
+
+
+class TimestampError(MemdumpError):
+    """A timestamp authority (RFC 3161, memdump.timestamping) gave no usable token: it
+    could not be reached, refused, or answered something that does not check out. Never
+    fails a capture: the request waits in the pending-timestamps queue."""
+
+    retryable = True

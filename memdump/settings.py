@@ -478,6 +478,14 @@ class Settings(BaseSettings):
     # Keys whose signatures `verify` accepts: a file of fingerprints or public keys. Unset:
     # none, not even this collector's own (trust is the examiner's choice, listed).
     trusted_keys: Path | None = None
+    # Trusted timestamps (RFC 3161, memdump.timestamping): the TSA each manifest's SHA-256
+    # goes to (http or https: the token is signed; unset, no timestamps), the CA its
+    # tokens must chain to for `verify` to call them valid, the Authorization header's
+    # value it wants (https only), and how long one request may take.
+    tsa_url: str | None = None
+    tsa_ca_file: Path | None = None
+    tsa_authorization: SecretStr | None = None
+    tsa_timeout_sec: float = Field(default=10.0, gt=0)
     # Warn (flow state, artifact, log) when the dumps still stored exceed this (1 TB).
     storage_warn_bytes: int = Field(default=10**12, ge=0)
 
@@ -527,6 +535,16 @@ class Settings(BaseSettings):
         if v & (v - 1):
             raise ValueError("chunk_size must be a power of two (e.g. 1048576)")
         return v
+
+    @model_validator(mode="after")
+    def _tsa(self) -> Settings:
+        url = self.tsa_url
+        if url is not None and not re.match(r"https?://[^/\s]+", url):
+            raise ValueError("tsa_url must be an http:// or https:// URL")
+        if self.tsa_authorization is not None and not (url or "").startswith("https://"):
+            # A TSA's secret would cross the network in clear.
+            raise ValueError("tsa_authorization is sent only to an https:// tsa_url")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # types only: `memdump diff` of two files reads no settings (
 
 CHUNK = 4 << 20
 SIG_SUFFIX = ".sig"  # the manifest's signature beside it (memdump.signing.SIG_SUFFIX)
+TSR_SUFFIX = ".tsr"  # its RFC 3161 timestamp token (memdump.timestamping.TSR_SUFFIX)
 
 
 def _sig_name(dump: Path) -> str:
@@ -44,6 +45,11 @@ class StoredDump(Protocol):
     def signature(self, limit: int) -> bytes | None:
         """At most ``limit`` bytes of its manifest's signature (memdump.signing; None if
         there is none)."""
+        ...
+
+    def timestamp(self, limit: int) -> bytes | None:
+        """At most ``limit`` bytes of its manifest's timestamp token (memdump.timestamping;
+        None if there is none)."""
         ...
 
     def size(self) -> int:
@@ -103,6 +109,14 @@ class LocalDump:
         except FileNotFoundError:
             return None
 
+    def timestamp(self, limit: int) -> bytes | None:
+        mpath = manifest_path(self.path)
+        try:
+            with mpath.with_name(mpath.name + TSR_SUFFIX).open("rb") as f:
+                return f.read(limit)
+        except FileNotFoundError:
+            return None
+
     def size(self) -> int:
         return self.path.stat().st_size
 
@@ -118,6 +132,8 @@ class LocalDump:
         self.path.unlink(missing_ok=True)
         manifest_path(self.path).unlink(missing_ok=True)
         (self.path.parent / _sig_name(self.path)).unlink(missing_ok=True)
+        mpath = manifest_path(self.path)
+        mpath.with_name(mpath.name + TSR_SUFFIX).unlink(missing_ok=True)
         return existed
 
 
@@ -138,6 +154,9 @@ class S3Dump:
 
     def signature(self, limit: int) -> bytes | None:
         return self._small(manifest_key(self.key) + SIG_SUFFIX, limit)
+
+    def timestamp(self, limit: int) -> bytes | None:
+        return self._small(manifest_key(self.key) + TSR_SUFFIX, limit)
 
     def _small(self, key: str, limit: int) -> bytes | None:
         buf = bytearray()
@@ -172,6 +191,9 @@ class S3Dump:
         skey = mkey + SIG_SUFFIX
         sversion = self.store.current_version(skey) if version else None
         self.store.delete(skey, version_id=sversion)
+        tkey = mkey + TSR_SUFFIX
+        tversion = self.store.current_version(tkey) if version else None
+        self.store.delete(tkey, version_id=tversion)
         return existed
 
 

@@ -53,6 +53,8 @@ from memdump.settings import Settings
 from memdump.signing import SIG_MAX_BYTES, SignatureCheck, trusted_keys
 from memdump.signing import check as check_signature
 from memdump.stored import StoredDump, open_stored
+from memdump.timestamping import TSR_MAX_BYTES, TimestampCheck, is_pending
+from memdump.timestamping import check as check_timestamp
 
 Status = Literal["verified", "mismatch", "missing", "unsigned", "bad-signature", "untrusted-key"]
 _INFLATE_STEP = 1 << 20  # most raw bytes one decompress call may return
@@ -72,6 +74,9 @@ class Verification:
     # The manifest's signature (memdump.signing.SignatureCheck.to_dict): status (valid,
     # unsigned, bad-signature, untrusted-key, not-checked), detail, key_fingerprint.
     signature: dict[str, Any] | None = None
+    # The manifest's RFC 3161 token (memdump.timestamping.TimestampCheck.to_dict): status
+    # (valid, missing, pending, bad-token, untrusted-tsa), detail, gen_time.
+    timestamp: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +86,7 @@ class Verification:
             "checks": self.checks,
             "seconds": round(self.seconds, 3),
             "signature": self.signature,
+            "timestamp": self.timestamp,
         }
 
 
@@ -168,8 +174,8 @@ def verify(
         return Verification("missing", where, "the stored dump is gone", {}, time.monotonic() - t0)
     try:
         if guest_range is not None:
-            return _verify_range(record, stored, guest_range, workers, t0, trusted)
-        return _verify_whole(record, stored, workers, t0, trusted)
+            return _verify_range(record, stored, guest_range, workers, t0, trusted, settings)
+        return _verify_whole(record, stored, workers, t0, trusted, settings)
     except (FileNotFoundError, ObjectNotFoundError):
         gone = "the stored dump vanished while it was read"
         return Verification("missing", where, gone, {}, time.monotonic() - t0)
@@ -187,6 +193,19 @@ def _signature(
     return check_signature(data, stored.signature(SIG_MAX_BYTES + 1), trusted)
 
 
+def _timestamp(
+    record: Mapping[str, Any], stored: StoredDump, data: bytes | None, settings: Settings | None
+) -> TimestampCheck | None:
+    """The manifest's RFC 3161 token (memdump.timestamping), checked on the manifest's
+    bytes as stored; None where there is no manifest to check it against."""
+    sha = str(record.get("manifest_sha256") or "")
+    if settings is None or not sha or data is None or len(data) > MANIFEST_MAX_BYTES:
+        return None
+    tsr = stored.timestamp(TSR_MAX_BYTES + 1)
+    pending = tsr is None and is_pending(settings, sha)
+    return check_timestamp(data, tsr, settings.tsa_ca_file, pending=pending)
+
+
 def _outcome(
     where: str,
     problems: list[str],
@@ -194,13 +213,20 @@ def _outcome(
     success: str,
     checks: dict[str, Any],
     t0: float,
+    ts: TimestampCheck | None = None,
 ) -> Verification:
     """``mismatch`` if any check failed; else ``verified`` when a trusted key vouches for
-    the manifest, or the signature's status."""
+    the manifest, or the signature's status. A timestamp token that does not check out
+    counts as a bad signature (a forged or altered token), one by a TSA the examiner
+    does not trust (MEMDUMP_TSA_CA_FILE) as an untrusted key; a missing or pending one
+    changes nothing (timestamps are optional, and a pending one comes later)."""
     seconds = time.monotonic() - t0
+    ts_bad = ts is not None and ts.status in ("bad-token", "untrusted-tsa")
     if problems:
         if sig.status not in ("valid", "not-checked"):
             problems = [*problems, f"signature: {sig.detail}"]
+        if ts is not None and ts_bad:
+            problems = [*problems, f"timestamp: {ts.detail}"]
         status: Status = "mismatch"
         detail = "; ".join(problems)
     elif sig.status == "valid":
@@ -209,7 +235,14 @@ def _outcome(
         assert sig.status != "not-checked"  # noqa: S101 - only with a problem reported
         status = sig.status
         detail = f"{success}, but {sig.detail}"
-    return Verification(status, where, detail, checks, seconds, sig.to_dict())
+    if not problems and ts is not None:
+        if ts.status == "bad-token":
+            status = "bad-signature"
+        elif ts.status == "untrusted-tsa" and status == "verified":
+            status = "untrusted-key"
+        detail = f"{detail}; timestamp {ts.status}: {ts.detail}"
+    tsd = ts.to_dict() if ts is not None else None
+    return Verification(status, where, detail, checks, seconds, sig.to_dict(), tsd)
 
 
 def _verify_whole(
@@ -218,6 +251,7 @@ def _verify_whole(
     threads: int,
     t0: float,
     trusted: frozenset[str] = frozenset(),
+    settings: Settings | None = None,
 ) -> Verification:
     where = stored.location.where
     checks: dict[str, Any] = {}
@@ -252,6 +286,7 @@ def _verify_whole(
 
     doc, data = _check_manifest(record, stored, checks, problems)
     sig = _signature(record, stored, data, trusted)
+    ts = _timestamp(record, stored, data, settings)
     if doc is not None:
         out = doc.get("output") if isinstance(doc.get("output"), Mapping) else None
         if out is None:
@@ -267,7 +302,7 @@ def _verify_whole(
     success = f"{gz_n} bytes stored, {raw_n} raw{chunked}: hashes match the record" + (
         " and the manifest" if record.get("manifest_sha256") else ""
     )
-    return _outcome(where, problems, sig, success, checks, t0)
+    return _outcome(where, problems, sig, success, checks, t0, ts)
 
 
 def _index(stored: StoredDump) -> tuple[Index | None, str]:
@@ -518,6 +553,7 @@ def _verify_range(
     threads: int,
     t0: float,
     trusted: frozenset[str] = frozenset(),
+    settings: Settings | None = None,
 ) -> Verification:
     where = stored.location.where
     start, end = guest_range
@@ -538,6 +574,7 @@ def _verify_range(
         )
     doc, data = _check_manifest(record, stored, checks, problems)
     sig = _signature(record, stored, data, trusted)
+    ts = _timestamp(record, stored, data, settings)
     anchored = doc is not None and _check_anchor(record, doc, index, "", checks, problems)
     if not anchored and not problems:
         problems.append("the chunk index cannot be checked against the record (no manifest chunks)")
@@ -548,7 +585,7 @@ def _verify_range(
         headers = {"ok": False, "bad": 1, "first_bad": _bad_chunk(exc, None)}
         checks["chunks"] = headers
         problems.append(_bad_chunk_text(headers))
-        return _outcome(where, problems, sig, "", checks, t0)
+        return _outcome(where, problems, sig, "", checks, t0, ts)
     raws = raw_ranges(layout, start, end)
     if not raws:
         raise InvalidDumpError(
@@ -602,4 +639,4 @@ def _verify_range(
         f" match the index, whose SHA-256 and Merkle root {index.merkle_root[:16]}... match"
         " the manifest (the rest of the dump was not read)"
     )
-    return _outcome(where, problems, sig, success, checks, t0)
+    return _outcome(where, problems, sig, success, checks, t0, ts)

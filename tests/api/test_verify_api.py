@@ -138,7 +138,8 @@ def test_background_job_when_asked(tmp_path: Path, gated: GatedVerify) -> None:
     # The result is exactly what a waiting request gets.
     inline = _post(c, wait=True)
     assert inline.status_code == 200 and done["result"] == inline.json()
-    # Issue 15: the manifest's signature status comes last, beyond the first version.
+    # Issue 15: the manifest's signature status and then its RFC 3161 timestamp's come
+    # last, beyond the first version.
     assert list(inline.json()) == [
         "status",
         "dump_path",
@@ -146,6 +147,7 @@ def test_background_job_when_asked(tmp_path: Path, gated: GatedVerify) -> None:
         "checks",
         "seconds",
         "signature",
+        "timestamp",
     ]
 
 

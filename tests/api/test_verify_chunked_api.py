@@ -38,9 +38,11 @@ def test_verify_names_the_first_bad_chunk(tmp_path: Path) -> None:
     r = c.post(f"{BASE}/verify", json={"dump_path": str(made.path), "wait": True})
     body = r.json()
     assert r.status_code == 200 and body["status"] == "mismatch", r.text
-    # Issue 15 adds the manifest's signature status beside the rest.
-    assert set(body) == {"status", "dump_path", "detail", "checks", "seconds", "signature"}
+    # Issue 15 adds the manifest's signature status and its timestamp's beside the rest.
+    keys = {"status", "dump_path", "detail", "checks", "seconds", "signature", "timestamp"}
+    assert set(body) == keys
     assert body["signature"]["status"] == "valid", body
+    assert body["timestamp"]["status"] == "missing", body  # no MEMDUMP_TSA_URL here
     first = body["checks"]["chunks"]["first_bad"]
     assert first["number"] == bad.number
     assert first["raw_range"] == [hex(bad.raw_offset), hex(bad.raw_offset + bad.raw_size)]
