@@ -156,4 +156,9 @@ def capture_vm(
             rec.vmid,
             done.outbox.depth,
         )
+    if done.timestamp is not None and done.timestamp.status != "granted":
+        # The capture is complete; its RFC 3161 token is fetched later (memdump.timestamping).
+        logger.warning(
+            "trusted timestamp of %s %s: %s", rec.vmid, done.timestamp.status, done.timestamp.detail
+        )
     return done.record

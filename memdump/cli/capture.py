@@ -58,6 +58,13 @@ def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
                 f" the outbox (depth {done.outbox.depth})",
                 file=sys.stderr,
             )
+        if done.timestamp is not None and done.timestamp.status != "granted":
+            # Complete all the same: the token comes later (memdump timestamps flush).
+            print(
+                f"memdump: {plain_text(ref.vmid)}: trusted timestamp {done.timestamp.status}:"
+                f" {plain_text(done.timestamp.detail)}",
+                file=sys.stderr,
+            )
         print(json.dumps(done.record.full_dict()), flush=True)
     for d in drivers:
         d.close()
