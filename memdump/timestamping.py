@@ -623,6 +623,10 @@ def _store_token(settings: Settings, item: Pending, data: bytes) -> None:
 
         store = S3Store(settings.s3)
         key = tsr_key(item.s3_key)
+        if store.exists(key):
+            # Another flush (the runner's loop, the CLI) stored one first: never replaced,
+            # and this request is done too.
+            return
         with tempfile.TemporaryDirectory(prefix="memdump-tsr-", dir=settings.data_dir) as d:
             tmp = Path(d) / "token.tsr"
             tmp.write_bytes(data)

@@ -29,17 +29,7 @@ PLUGIN_GROUP = "memdump.commands"
 # commands each registers: `memdump diff A B` imports and registers only its own module,
 # and neither the plugins nor the settings, so it starts without the capture chain, SSH,
 # pydantic or Volatility (benchmarks/diff.py).
-ENGINE = (
-    "inventory",
-    "capture",
-    "maintenance",
-    "trigger",
-    "queries",
-    "vol",
-    "keys",
-    "custody",
-    "timestamps",
-)
+ENGINE = ("inventory", "capture", "maintenance", "trigger", "queries", "vol", "keys", "timestamps")
 COMMANDS = {
     "vms": "inventory",
     "capture": "capture",
@@ -54,7 +44,6 @@ COMMANDS = {
     "keys": "keys",
     "timestamps": "timestamps",
     "countersign": "keys",
-    "custody": "custody",
 }
 
 

@@ -148,7 +148,6 @@ def test_background_job_when_asked(tmp_path: Path, gated: GatedVerify) -> None:
         "seconds",
         "signature",
         "timestamp",
-        "custody",
     ]
 
 

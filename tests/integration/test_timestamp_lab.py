@@ -168,6 +168,14 @@ def test_offloaded_the_token_travels_beside_the_manifest(
     assert resp.tst is not None and resp.tst.hashed == hashlib.sha256(mdata).digest()
     lv = verify(_row(s, late.record.dump_path), s)
     assert lv.timestamp is not None and lv.timestamp["status"] == "valid"
+    # A second flush of the same request (the runner's loop and the CLI at once) finds
+    # the token there: done, never replaced.
+    queue = ts.TimestampQueue(ts.queue_path(s))
+    queue.put(item.manifest_sha256, Path(""), "again")
+    queue.located(item.manifest_sha256, s3_key=manifest_key(lkey), local_kept=False)
+    assert ts.flush(s).left == 0
+    again = client.get_object(Bucket=bucket, Key=manifest_key(lkey) + ".tsr")["Body"].read()
+    assert again == late_tsr
 
     # Retention's delete of the dump takes its token too.
     open_stored(Location.of(done.record.dump_path), s).delete()

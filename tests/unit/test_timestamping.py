@@ -248,6 +248,14 @@ def test_a_tsa_down_queues_the_request_and_a_flush_fetches_it_later(
     assert ts.check(mpath.read_bytes(), ts.tsr_path(mpath).read_bytes(), tsa.ca).status == "valid"
 
 
+def test_a_flush_never_replaces_a_token_already_there(settings: Settings, tmp_path: Path) -> None:
+    mpath, sha = _manifest(settings, tmp_path)
+    ts.stamp(settings.model_copy(update={"tsa_url": closed_url()}), mpath, sha)
+    ts.write_token(mpath, b"the first one")  # another flush was faster
+    assert ts.flush(settings).left == 0  # done: the request is answered
+    assert ts.tsr_path(mpath).read_bytes() == b"the first one"
+
+
 def test_settings_keep_a_tsa_secret_off_plain_http() -> None:
     with pytest.raises(ValidationError):
         Settings(tsa_url="http://tsa.example/", tsa_authorization=SecretStr("Basic eDp5"))
