@@ -254,6 +254,12 @@ class VerifyResponse(BaseModel):
         " time: the manifest existed then; later than the capture when fetched later);"
         " null without a manifest",
     )
+    custody: dict[str, Any] | None = Field(
+        default=None,
+        description="The dump's custody log (beyond the contract; it does not change"
+        " status): status (intact, broken, missing, error), entries, head, problems"
+        " (index, kind, detail), copies",
+    )
 
 
 class VerifyJobResponse(BaseModel):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memdump import timestamping
+from memdump import custody, timestamping
 from memdump.capture import Capture, Mode, capture
 from memdump.changes import since_previous
 from memdump.errors import MemdumpError, OffloadFailedError, RecordNotWrittenError
@@ -106,8 +106,22 @@ def run_chain(
                 settings, ref.hypervisor, ref.vmid, dump
             ).manifest_section(),
         )
+    _custody_captured(settings, captured, trigger)
     stamped = _stamp(settings, captured.record)
     record, obj = offload(with_changes(captured.record, captured.manifest), settings)
+    if obj is not None:
+        # The log's entries so far go beside the object too (memdump.custody).
+        custody.record_event(
+            settings,
+            custody.targets(
+                settings,
+                local_dump=Path(captured.record.dump_path),
+                s3_key=obj.key(settings.s3),
+                manifest_sha256=record.manifest_sha256,
+            ),
+            "offloaded",
+            {"uri": obj.where, "version_id": obj.version_id, "local_kept": bool(record.local_path)},
+        )
     if stamped is not None:
         _stamped(settings, stamped, record, obj)
     recorded, outbox = record_dump(record, settings)
@@ -138,6 +152,51 @@ def _stamped(
             timestamping.flush(settings)
     except Exception as exc:  # noqa: BLE001 - the capture is complete: a warning only
         log.warning("pending timestamps: %s", exc)
+
+
+def _custody_captured(
+    settings: Settings, captured: Capture, trigger: Mapping[str, str] | None
+) -> None:
+    """The log's first entries (memdump.custody): captured, then analysed. A failed
+    append waits in the custody outbox; the capture goes on."""
+    rec = captured.record
+    t = custody.targets(
+        settings,
+        local_dump=Path(rec.dump_path),
+        s3_key=None,
+        manifest_sha256=rec.manifest_sha256,
+    )
+    trig = dict(trigger or {})
+    custody.record_event(
+        settings,
+        t,
+        "captured",
+        {
+            "source": trig.get("source", ""),
+            "run_id": trig.get("flow_run_id", ""),
+            "trigger": trig,
+            "collector_id": settings.collector_id,
+            "hypervisor": rec.hypervisor,
+            "vmid": rec.vmid,
+            "dom": rec.dom,
+            "dump": Path(rec.dump_path).name,
+            "sha256": rec.sha256,
+            "gz_sha256": rec.gz_sha256,
+            "manifest_sha256": rec.manifest_sha256,
+            "mode": captured.mode,
+        },
+    )
+    analysis = captured.manifest.get("analysis")
+    check = analysis if isinstance(analysis, Mapping) else {}
+    custody.record_event(
+        settings,
+        t,
+        "analysed",
+        {
+            "status": rec.analysis or str(check.get("status") or ""),
+            "detail": str(check.get("detail") or "")[:500],
+        },
+    )
 
 
 def with_changes(record: DumpRecord, doc: Mapping[str, Any]) -> DumpRecord:

@@ -102,6 +102,7 @@ class Report:
     left: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
     would_delete: list[str] = field(default_factory=list)  # dry run: the copies it would delete
+    reason: str = ""  # the rule applied (the custody log's ``deleted`` entries say it)
 
     @property
     def over_threshold(self) -> bool:
@@ -150,6 +151,7 @@ def apply(
     keep_last = settings.retention.keep_last if keep_last is None else keep_last
     check_bounds(days, keep_last)
     report = Report(warn_bytes=settings.storage_warn_bytes, dry_run=dry_run)
+    report.reason = f"retention: older than {days} days or beyond the newest {keep_last} of its VM"
     if days is not None or keep_last is not None:
         rows: list[dict[str, Any]] = []
         while page := store.list(PAGE, len(rows)):
@@ -178,6 +180,7 @@ def _apply_one(
         try:
             if t.delete():
                 report.freed_bytes += int(row.get("gzip_size_bytes") or 0)
+            _custody_deleted(row, settings, t, now, report)
             store.mark_location_deleted(dict(row), t.location.kind, now)
         except Exception as exc:  # one copy's trouble must not stop the others
             report.errors[t.location.where] = f"{type(exc).__name__}: {exc}"
@@ -191,6 +194,34 @@ def _apply_one(
         report.errors[where] = f"{type(exc).__name__}: {exc}"
         return
     report.deleted.append(where)
+
+
+def _custody_deleted(
+    row: Mapping[str, Any], settings: Settings, copy: StoredDump, now: datetime, report: Report
+) -> None:
+    """A ``deleted`` entry in the dump's custody log (memdump.custody), which retention
+    never deletes: the evidence of the deletion outlives the last copy, as the record
+    does. A failed append waits in the custody outbox; the deletion stands."""
+    from memdump import custody
+
+    try:
+        t = custody.targets_of(settings, row)
+    except Exception as exc:
+        log.error("retention: no custody log for %s: %s", copy.location.where, exc)
+        return
+    custody.record_event(
+        settings,
+        t,
+        "deleted",
+        {
+            "copy": copy.location.kind,
+            "where": copy.location.where,
+            "version_id": copy.location.version_id,
+            "why": report.reason,
+            "dump_timestamp": str(row.get("timestamp") or ""),
+            "deleted_at": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        },
+    )
 
 
 def md(text: str) -> str:

@@ -77,6 +77,10 @@ class Verification:
     # The manifest's RFC 3161 token (memdump.timestamping.TimestampCheck.to_dict): status
     # (valid, missing, pending, bad-token, untrusted-tsa), detail, gen_time.
     timestamp: dict[str, Any] | None = None
+    # The dump's custody log (memdump.custody.check_copies): status (intact, broken,
+    # missing, error), entries, head, problems (index, kind, detail), copies. Information:
+    # it does not change ``status``.
+    custody: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +91,7 @@ class Verification:
             "seconds": round(self.seconds, 3),
             "signature": self.signature,
             "timestamp": self.timestamp,
+            "custody": self.custody,
         }
 
 
@@ -157,6 +162,7 @@ def verify(
     *,
     guest_range: tuple[int, int] | None = None,
     threads: int | None = None,
+    by: str = "collector",
 ) -> Verification:
     """Verify the artifact of one record (an API row: contract fields + extras). Its
     location is confined first (LocationError): a record is data, never a licence to
@@ -164,21 +170,51 @@ def verify(
 
     ``guest_range`` ([start, end), guest-physical): check only the chunks holding it
     (a chunked dump only: InvalidDumpError for a single-stream one, or a range in no
-    PT_LOAD). ``threads``: chunks checked at once (default verify_threads(settings))."""
+    PT_LOAD). ``threads``: chunks checked at once (default verify_threads(settings)).
+    ``by``: who asks (collector, api, flow): the custody log's ``verified`` entry says so."""
     t0 = time.monotonic()
     where = str(record["dump_path"])
     stored = open_stored(Location.of(where), settings)
     workers = threads or verify_threads(settings)
     trusted = trusted_keys(settings)  # ConfigError before anything is read
     if not stored.exists():
-        return Verification("missing", where, "the stored dump is gone", {}, time.monotonic() - t0)
+        v = Verification("missing", where, "the stored dump is gone", {}, time.monotonic() - t0)
+        return _custody(record, settings, v, by, guest_range)
     try:
         if guest_range is not None:
-            return _verify_range(record, stored, guest_range, workers, t0, trusted, settings)
-        return _verify_whole(record, stored, workers, t0, trusted, settings)
+            v = _verify_range(record, stored, guest_range, workers, t0, trusted, settings)
+        else:
+            v = _verify_whole(record, stored, workers, t0, trusted, settings)
     except (FileNotFoundError, ObjectNotFoundError):
         gone = "the stored dump vanished while it was read"
-        return Verification("missing", where, gone, {}, time.monotonic() - t0)
+        v = Verification("missing", where, gone, {}, time.monotonic() - t0)
+    return _custody(record, settings, v, by, guest_range)
+
+
+def _custody(
+    record: Mapping[str, Any],
+    settings: Settings,
+    v: Verification,
+    by: str,
+    guest_range: tuple[int, int] | None,
+) -> Verification:
+    """The dump's custody log (memdump.custody) checked into ``custody`` (it does not
+    change the status), then a ``verified`` entry appended (never fails)."""
+    from memdump import custody
+
+    try:
+        t = custody.targets_of(settings, record)
+        found = custody.check_targets(t, settings, record)
+        found.pop("entries_list", None)
+        v.custody = found
+    except Exception as exc:  # the log's trouble is reported, never fails verify
+        v.custody = {"status": "error", "detail": str(exc)[:300]}
+        return v
+    details: dict[str, Any] = {"status": v.status, "by": by, "detail": v.detail[:300]}
+    if guest_range is not None:
+        details["range"] = [hex(guest_range[0]), hex(guest_range[1])]
+    custody.record_event(settings, t, "verified", details)
+    return v
 
 
 def _signature(

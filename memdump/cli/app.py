@@ -29,7 +29,17 @@ PLUGIN_GROUP = "memdump.commands"
 # commands each registers: `memdump diff A B` imports and registers only its own module,
 # and neither the plugins nor the settings, so it starts without the capture chain, SSH,
 # pydantic or Volatility (benchmarks/diff.py).
-ENGINE = ("inventory", "capture", "maintenance", "trigger", "queries", "vol", "keys", "timestamps")
+ENGINE = (
+    "inventory",
+    "capture",
+    "maintenance",
+    "trigger",
+    "queries",
+    "vol",
+    "keys",
+    "custody",
+    "timestamps",
+)
 COMMANDS = {
     "vms": "inventory",
     "capture": "capture",
@@ -44,6 +54,7 @@ COMMANDS = {
     "keys": "keys",
     "timestamps": "timestamps",
     "countersign": "keys",
+    "custody": "custody",
 }
 
 

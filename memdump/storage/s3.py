@@ -512,6 +512,34 @@ class S3Store:
             with contextlib.suppress(Exception):
                 body.close()
 
+    def put_new(self, key: str, data: bytes) -> None:
+        """A small object (a custody log entry, memdump.custody) at ``key`` in one PUT,
+        only if the key holds none (``If-None-Match: *``: ObjectExistsError otherwise,
+        nothing overwritten), checked by S3 against its SHA-256."""
+        digest = hashlib.sha256(data).digest()
+        with self._mapped("put_object", key):
+            self._client.put_object(
+                Bucket=self.bucket,
+                Key=key,
+                Body=data,
+                IfNoneMatch="*",
+                ChecksumSHA256=_b64(digest),
+                **self._sse_args(),
+            )
+
+    def list_keys(self, prefix: str, limit: int = 100_000) -> list[str]:
+        """The keys under ``prefix`` (current objects), in S3's order (UTF-8 binary)."""
+        keys: list[str] = []
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while len(keys) < limit:
+            with self._mapped("list_objects_v2", prefix):
+                page = self._client.list_objects_v2(**args)
+            keys += [str(o["Key"]) for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                break
+            args["ContinuationToken"] = page["NextContinuationToken"]
+        return keys[:limit]
+
     def read_range(self, key: str, start: int, length: int) -> bytes:
         """``length`` bytes of the object from ``start`` (fewer at its end)."""
         if length <= 0:

@@ -148,6 +148,7 @@ def test_background_job_when_asked(tmp_path: Path, gated: GatedVerify) -> None:
         "seconds",
         "signature",
         "timestamp",
+        "custody",
     ]
 
 
