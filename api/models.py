@@ -96,6 +96,13 @@ class Record(BaseModel):
     chunks_changed_reason: str = Field(
         "", description="Why chunks_changed is null (no previous capture, older format...)"
     )
+    # S3 Object Lock on the S3 copy (issue 15); empty without one.
+    s3_lock_mode: str = Field(
+        "", description="S3 Object Lock of the S3 copy: GOVERNANCE or COMPLIANCE; empty if none"
+    )
+    s3_lock_until: str = Field(
+        "", description="Until when the S3 copy cannot be deleted (ISO 8601 UTC); empty if none"
+    )
 
 
 class RecordsResponse(BaseModel):
@@ -259,6 +266,12 @@ class VerifyResponse(BaseModel):
         description="The dump's custody log (beyond the contract; it does not change"
         " status): status (intact, broken, missing, error), entries, head, problems"
         " (index, kind, detail), copies",
+    )
+    object_lock: dict[str, Any] | None = Field(
+        default=None,
+        description="The S3 copy's Object Lock (beyond the contract; it does not change"
+        " status): status (locked, expired, none, not-checked, error), mode, retain_until,"
+        " legal_hold, and recorded (what the offload put there, from the record)",
     )
 
 

@@ -250,6 +250,7 @@ def offload(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, Locatio
 
 def _offload_once(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, Location]:
     from memdump.storage import S3Store
+    from memdump.storage.s3 import iso_z
 
     s3 = settings.s3
     assert s3 is not None  # noqa: S101 - offload() returned before otherwise
@@ -272,7 +273,14 @@ def _offload_once(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, L
         store.upload(tpath, gz_sha256=hashlib.sha256(tsr).hexdigest(), size=len(tsr))
     where = Location("s3", obj.uri, version_id=obj.version_id or "")
     log.info("offloaded %s to %s (%d bytes)", record.vmid, obj.uri, obj.size)
-    located = dataclasses.replace(record, s3_uri=where.where, s3_version_id=where.version_id)
+    located = dataclasses.replace(
+        record,
+        s3_uri=where.where,
+        s3_version_id=where.version_id,
+        # The Object Lock the upload verified on the object (MEMDUMP_S3__OBJECT_LOCK_MODE).
+        s3_lock_mode=obj.lock_mode or "",
+        s3_lock_until=iso_z(obj.lock_retain_until) if obj.lock_retain_until else "",
+    )
     if s3.keep_local:
         return located, where
     dump.unlink()

@@ -209,6 +209,18 @@ class ObjectExistsError(ObjectStoreError):
     someone else's evidence, so nothing is overwritten or deleted. Never retried."""
 
 
+class ObjectLockUnavailableError(ObjectStoreError):
+    """The settings ask for S3 Object Lock (``mode``) but the bucket cannot give it
+    (Object Lock not enabled on it): found before anything is uploaded, so no object is
+    ever stored unlocked when a lock was asked for. Never retried (the bucket's set-up)."""
+
+
+class ObjectLockedError(ObjectStoreError):
+    """The object is under S3 Object Lock (``mode``, ``retain_until`` ISO 8601 UTC, or a
+    legal hold): it cannot be deleted before then, by memdump or anyone. Retention keeps
+    it and tries again on a later run. Not retried now (the lock outlasts any retry)."""
+
+
 class LocationError(MemdumpError):
     """A record's dump location is outside the dump directory or the S3 prefix, or not a
     dump file name: it is refused (nothing read or deleted there). Never retried."""

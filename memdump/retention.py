@@ -16,6 +16,13 @@ pointing elsewhere is refused, reported as an error, and nothing of it is delete
 The bounds on ``days`` and ``keep_last`` are the settings' (memdump.settings), checked
 here again for values that come from elsewhere (the flow's parameters): ``keep_last=0``
 or ``days<=0`` would delete every dump. A dry run plans the same and deletes nothing.
+
+An S3 copy under Object Lock (memdump's own MEMDUMP_S3__OBJECT_LOCK_MODE, a bucket's
+default retention or a legal hold: S3 is asked, not the record) is not deleted before its
+retain-until date: the run says until when (``locked``), keeps the record's S3 location
+unmarked, and a later run deletes it once the lock has expired. That is not an error (the
+lock outliving retention's period is a choice); a delete S3 still refuses for a lock is
+reported the same way.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from memdump.errors import ConfigError, LocationError, MemdumpError
+from memdump.errors import ConfigError, LocationError, MemdumpError, ObjectLockedError
 from memdump.escaping import md_text
 from memdump.locations import record_locations
 from memdump.records.base import RecordStore
@@ -102,6 +109,8 @@ class Report:
     left: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
     would_delete: list[str] = field(default_factory=list)  # dry run: the copies it would delete
+    # S3 copies kept because S3 Object Lock forbids their deletion yet: location -> until when
+    locked: dict[str, str] = field(default_factory=dict)
     reason: str = ""  # the rule applied (the custody log's ``deleted`` entries say it)
 
     @property
@@ -173,20 +182,31 @@ def _apply_one(
         log.warning("retention: refused %s: %s", where, exc)
         return
     report.left.update(left)
-    if report.dry_run:
-        report.would_delete += [t.location.where for t in targets]
-        return
     for t in targets:
         try:
+            # S3 Object Lock: never try to delete what S3 must refuse (memdump never asks
+            # to bypass a governance lock); the record keeps this location, unmarked.
+            held = t.lock()
+            if held is not None and held.holds_at(now):
+                _locked(report, t.location.where, held.mode, held.until_text())
+                pending = True
+                continue
+            if report.dry_run:
+                report.would_delete.append(t.location.where)
+                continue
             if t.delete():
                 report.freed_bytes += int(row.get("gzip_size_bytes") or 0)
             _custody_deleted(row, settings, t, now, report)
             store.mark_location_deleted(dict(row), t.location.kind, now)
+        except ObjectLockedError as exc:  # S3 refused for a lock after all (a legal hold...)
+            until = exc.fields.get("retain_until")
+            _locked(report, t.location.where, exc.fields.get("mode"), until)
+            pending = True
         except Exception as exc:  # one copy's trouble must not stop the others
             report.errors[t.location.where] = f"{type(exc).__name__}: {exc}"
             log.warning("retention: could not delete %s: %s", t.location.where, exc)
             pending = True
-    if pending:
+    if pending or report.dry_run:
         return
     try:
         store.mark_deleted(dict(row), now)
@@ -224,6 +244,12 @@ def _custody_deleted(
     )
 
 
+def _locked(report: Report, where: str, mode: object, until: object) -> None:
+    what = f"under S3 Object Lock ({mode or 'legal hold'}) until {until or '?'}"
+    report.locked[where] = what
+    log.info("retention: kept %s: %s; a later run deletes it", where, what)
+
+
 def md(text: str) -> str:
     """``text`` (from records or errors) as literal markdown: the one escape every
     artifact uses (memdump.escaping.md_text)."""
@@ -249,5 +275,6 @@ def describe(report: Report) -> str:
     lines += [f"- would delete {md(p)}" for p in report.would_delete]
     lines += [f"- deleted {md(p)}" for p in report.deleted]
     lines += [f"- left {md(p)}: {md(why)}" for p, why in report.left.items()]
+    lines += [f"- **kept** {md(p)}: {md(why)}" for p, why in report.locked.items()]
     lines += [f"- **not deleted** {md(p)}: {md(e)}" for p, e in report.errors.items()]
     return "\n".join(lines)

@@ -228,6 +228,10 @@ class S3Settings(BaseModel):
     read_timeout_sec: float = Field(default=60.0, gt=0)
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     keep_local: bool = True
+    # S3 Object Lock on every object an offload writes (memdump.storage.s3): the bucket
+    # must have it enabled, else the offload fails before uploading. "none": no lock.
+    object_lock_mode: Literal["none", "governance", "compliance"] = "none"
+    object_lock_days: int | None = Field(default=None, ge=1, le=36500)
 
     @model_validator(mode="after")
     def _consistent(self) -> S3Settings:
@@ -235,6 +239,9 @@ class S3Settings(BaseModel):
             raise ValueError("access_key_id and secret_access_key go together (or neither)")
         if self.kms_key_id is not None and self.sse != "aws:kms":
             raise ValueError("kms_key_id needs sse='aws:kms'")
+        # A lock without a period (or a period without a lock) is a mistake, not a default.
+        if (self.object_lock_mode == "none") != (self.object_lock_days is None):
+            raise ValueError("object_lock_mode and object_lock_days go together (or neither)")
         return self
 
 

@@ -8,6 +8,7 @@ import io
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
@@ -17,9 +18,10 @@ from memdump.manifest import manifest_key, manifest_path
 
 if TYPE_CHECKING:  # types only: `memdump diff` of two files reads no settings (pydantic)
     from memdump.settings import Settings
-    from memdump.storage import S3Store
+    from memdump.storage import ObjectLock, S3Store
 
 CHUNK = 4 << 20
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SIG_SUFFIX = ".sig"  # the manifest's signature beside it (memdump.signing.SIG_SUFFIX)
 TSR_SUFFIX = ".tsr"  # its RFC 3161 timestamp token (memdump.timestamping.TSR_SUFFIX)
 
@@ -67,6 +69,12 @@ class StoredDump(Protocol):
 
     def delete(self) -> bool:
         """Delete this copy and its manifest; whether the dump was there."""
+        ...
+
+    def lock(self) -> ObjectLock | None:
+        """The S3 Object Lock that outlasts the others on this copy's objects (the dump
+        and each sidecar deleted with it), as the store reports it now; None if none
+        (a local copy has none)."""
         ...
 
 
@@ -136,6 +144,9 @@ class LocalDump:
         mpath.with_name(mpath.name + TSR_SUFFIX).unlink(missing_ok=True)
         return existed
 
+    def lock(self) -> ObjectLock | None:
+        return None
+
 
 @dataclass(frozen=True)
 class S3Dump:
@@ -195,6 +206,21 @@ class S3Dump:
         tversion = self.store.current_version(tkey) if version else None
         self.store.delete(tkey, version_id=tversion)
         return existed
+
+    def lock(self) -> ObjectLock | None:
+        # The dump's recorded version, and the sidecars as they are now: retention deletes
+        # none of them while any is locked (a dump without its manifest proves little).
+        mkey = manifest_key(self.key)
+        locks = [
+            self.store.object_lock(self.key, version_id=self.location.version_id or None),
+            self.store.object_lock(mkey),
+            self.store.object_lock(mkey + SIG_SUFFIX),
+        ]
+        held = [lk for lk in locks if lk is not None]
+        if not held:
+            return None
+        # A legal hold has no end; else the latest date.
+        return max(held, key=lambda lk: (lk.legal_hold, lk.retain_until or _EPOCH))
 
 
 class RangedFile(io.RawIOBase):

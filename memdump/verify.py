@@ -45,6 +45,7 @@ from memdump.errors import (
     ChunkedDumpError,
     CorruptChunkError,
     InvalidDumpError,
+    MemdumpError,
     ObjectNotFoundError,
 )
 from memdump.locations import Location
@@ -81,6 +82,10 @@ class Verification:
     # missing, error), entries, head, problems (index, kind, detail), copies. Information:
     # it does not change ``status``.
     custody: dict[str, Any] | None = None
+    # The S3 copy's Object Lock (memdump.storage.s3) as S3 reports it now (status locked,
+    # expired, none, not-checked or error; mode, retain_until, legal_hold) beside what the
+    # record says the offload put there (recorded). Information: it does not change status.
+    object_lock: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,6 +97,7 @@ class Verification:
             "signature": self.signature,
             "timestamp": self.timestamp,
             "custody": self.custody,
+            "object_lock": self.object_lock,
         }
 
 
@@ -188,7 +194,34 @@ def verify(
     except (FileNotFoundError, ObjectNotFoundError):
         gone = "the stored dump vanished while it was read"
         v = Verification("missing", where, gone, {}, time.monotonic() - t0)
+    v.object_lock = _object_lock(record, stored)
     return _custody(record, settings, v, by, guest_range)
+
+
+def _object_lock(record: Mapping[str, Any], stored: StoredDump) -> dict[str, Any] | None:
+    """The verified copy's S3 Object Lock now, beside the record's; None if neither has
+    one to speak of (a local copy of a dump offloaded without a lock)."""
+    recorded = {
+        "mode": str(record.get("s3_lock_mode") or ""),
+        "retain_until": str(record.get("s3_lock_until") or ""),
+    }
+    if stored.location.kind != "s3":
+        # The S3 copy is not the one read here (dump_path is the local copy).
+        return {"status": "not-checked", "recorded": recorded} if recorded["mode"] else None
+    try:
+        lock = stored.lock()
+    except MemdumpError as exc:
+        return {"status": "error", "detail": str(exc)[:300], "recorded": recorded}
+    if lock is None:
+        return {"status": "none", "recorded": recorded}
+    until = lock.retain_until
+    return {
+        "status": "locked" if lock.holds_at(datetime.now(UTC)) else "expired",
+        "mode": lock.mode,
+        "retain_until": until.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if until else "",
+        "legal_hold": lock.legal_hold,
+        "recorded": recorded,
+    }
 
 
 def _custody(

@@ -48,8 +48,11 @@ EXTRA_FIELDS = (
     "chunks_changed",
     "chunks_compared_with",
     "chunks_changed_reason",
+    "s3_lock_mode",
+    "s3_lock_until",
 )
-# Then what changed since the previous capture of the same VM (memdump.changes).
+# Then what changed since the previous capture of the same VM (memdump.changes), then the
+# S3 Object Lock the offload put on the S3 copy (memdump.storage.s3): its mode and date.
 # Extras added after the first release: stores add their columns to an older table and
 # read rows without them as "" (the numeric ones in NUMERIC_LATER_FIELDS as None).
 LATER_FIELDS = EXTRA_FIELDS[EXTRA_FIELDS.index("manifest_sha256") :]
@@ -96,6 +99,10 @@ class DumpRecord:
     chunks_changed: int | None = None
     chunks_compared_with: str = ""  # that previous capture's dump_path
     chunks_changed_reason: str = ""
+    # S3 Object Lock on the S3 copy as the offload verified it: "GOVERNANCE"/"COMPLIANCE"
+    # and its retain-until date (ISO 8601 UTC); "" without a lock.
+    s3_lock_mode: str = ""
+    s3_lock_until: str = ""
 
     def contract_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS mem_dumps (
     chunks_changed INTEGER,            -- NULL: not compared (chunks_changed_reason says why)
     chunks_compared_with TEXT NOT NULL DEFAULT '',
     chunks_changed_reason TEXT NOT NULL DEFAULT '',
+    s3_lock_mode TEXT NOT NULL DEFAULT '',
+    s3_lock_until TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (vmid, time_us, sha256)
 );
 CREATE INDEX IF NOT EXISTS mem_dumps_time ON mem_dumps (time_us DESC);

@@ -8,7 +8,7 @@ from memdump.errors import (
     OffloadIntegrityError,
 )
 from memdump.settings import S3Settings
-from memdump.storage.s3 import S3Object, S3Store
+from memdump.storage.s3 import ObjectLock, S3Object, S3Store
 from memdump.storage.s3_errors import map_s3_error
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ObjectStoreError",
     "ObjectStoreUnavailableError",
     "OffloadIntegrityError",
+    "ObjectLock",
     "S3Object",
     "S3Settings",
     "S3Store",

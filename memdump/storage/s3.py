@@ -15,6 +15,13 @@ verification is deleted only if it is the one this upload created: by its Versio
 a versioned bucket, else only while its ETag is still the one the completion returned
 (``If-Match``). The VersionId is returned (and recorded) where the bucket has one.
 
+With ``object_lock_mode`` set (governance or compliance), every object an upload writes
+(the dump and each sidecar the offload sends beside it) is put under S3 Object Lock until
+one retain-until date per store (now + ``object_lock_days``): the bucket's Object Lock is
+checked once, before the first byte goes up, and an object that comes back without the
+lock asked for fails verification: nothing is ever stored unlocked when a lock was asked
+for. memdump never sends ``x-amz-bypass-governance-retention``.
+
 botocore is confined to this module and its error map beside it
 (:mod:`memdump.storage.s3_errors`): every exception it or boto3 raises is mapped once, by
 :func:`~memdump.storage.s3_errors.map_s3_error`, to memdump's error tree.
@@ -32,6 +39,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +49,10 @@ from botocore.config import Config  # type: ignore[import-untyped]
 from memdump.errors import (
     MemdumpError,
     ObjectExistsError,
+    ObjectLockedError,
+    ObjectLockUnavailableError,
     ObjectNotFoundError,
+    ObjectStoreAccessError,
     ObjectStoreError,
     OffloadIntegrityError,
     StorageError,
@@ -60,6 +71,47 @@ ProgressFn = Callable[[int, int | None], None]
 
 
 @dataclass(frozen=True)
+class ObjectLock:
+    """An object's S3 Object Lock as S3 reports it: ``mode`` GOVERNANCE or COMPLIANCE
+    ("" if only a legal hold), its retain-until date, and whether a legal hold is on."""
+
+    mode: str
+    retain_until: datetime | None
+    legal_hold: bool = False
+
+    def holds_at(self, now: datetime) -> bool:
+        """Whether the object cannot be deleted at ``now`` (a legal hold has no end)."""
+        return self.legal_hold or (self.retain_until is not None and self.retain_until > now)
+
+    def until_text(self) -> str:
+        """Until when, for reports: the ISO 8601 UTC date, or the legal hold."""
+        if self.legal_hold:
+            return "a legal hold is removed"
+        return iso_z(self.retain_until) if self.retain_until else "?"
+
+
+def iso_z(ts: datetime) -> str:
+    """``ts`` as ISO 8601 UTC with a Z, whole seconds (S3's retain-until precision)."""
+    return ts.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _lock_of(head: Mapping[str, Any]) -> ObjectLock | None:
+    """The Object Lock a ``head_object`` answer shows (None: none)."""
+    mode = str(head.get("ObjectLockMode") or "")
+    until = head.get("ObjectLockRetainUntilDate")
+    hold = str(head.get("ObjectLockLegalHoldStatus") or "") == "ON"
+    if isinstance(until, str):
+        until = datetime.fromisoformat(until.replace("Z", "+00:00"))
+    if not isinstance(until, datetime):
+        until = None
+    elif until.tzinfo is None:
+        until = until.replace(tzinfo=UTC)
+    if not mode and until is None and not hold:
+        return None
+    return ObjectLock(mode, until, hold)
+
+
+@dataclass(frozen=True)
 class S3Object:
     """An object in the store, as verified after upload."""
 
@@ -70,6 +122,9 @@ class S3Object:
     version_id: str | None = None
     # S3's composite checksum of the parts, "<base64>-<parts>" (None if the store has none)
     checksum_sha256: str | None = None
+    # S3 Object Lock on it (MEMDUMP_S3__OBJECT_LOCK_MODE): GOVERNANCE/COMPLIANCE and until when
+    lock_mode: str | None = None
+    lock_retain_until: datetime | None = None
     uri: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +167,9 @@ class S3Store:
         self.settings = settings
         self.bucket = settings.bucket
         self._client: Any = client if client is not None else self._make_client(settings)
+        # One retain-until date for every object this store uploads (an offload's dump and
+        # its sidecars alike), fixed once the bucket's Object Lock has been checked.
+        self._lock_until: datetime | None = None
 
     @staticmethod
     def _make_client(s: S3Settings) -> Any:
@@ -157,6 +215,56 @@ class S3Store:
         if s.sse == "aws:kms" and s.kms_key_id:
             args["SSEKMSKeyId"] = s.kms_key_id
         return args
+
+    @property
+    def lock_mode(self) -> str | None:
+        """The Object Lock mode uploads ask for (S3's spelling), None when off."""
+        mode = self.settings.object_lock_mode
+        return None if mode == "none" else mode.upper()
+
+    def _lock_args(self) -> dict[str, Any]:
+        """PutObject's Object Lock arguments for the next upload ({} when off). The first
+        call checks that the bucket can lock at all (ObjectLockUnavailableError otherwise,
+        before anything is uploaded) and fixes the retain-until date."""
+        mode = self.lock_mode
+        if mode is None:
+            return {}
+        if self._lock_until is None:
+            self.check_object_lock()
+            days = self.settings.object_lock_days or 0
+            self._lock_until = datetime.now(UTC).replace(microsecond=0) + timedelta(days=days)
+        return {"ObjectLockMode": mode, "ObjectLockRetainUntilDate": self._lock_until}
+
+    def check_object_lock(self) -> None:
+        """Raise ObjectLockUnavailableError unless Object Lock is enabled on the bucket
+        (GetObjectLockConfiguration): a lock asked for must never silently be missing."""
+        with self._mapped("get_object_lock_configuration", None):
+            conf = self._client.get_object_lock_configuration(Bucket=self.bucket)
+        enabled = (conf.get("ObjectLockConfiguration") or {}).get("ObjectLockEnabled")
+        if enabled != "Enabled":
+            raise ObjectLockUnavailableError(
+                f"S3 bucket {self.bucket} does not have Object Lock enabled "
+                f"(ObjectLockEnabled={enabled!r}), but MEMDUMP_S3__OBJECT_LOCK_MODE="
+                f"{self.settings.object_lock_mode} asks for it: nothing was uploaded",
+                op="get_object_lock_configuration",
+                bucket=self.bucket,
+                mode=self.lock_mode,
+            )
+
+    def _lock_problem(self, head: Mapping[str, Any]) -> str | None:
+        """Why the object's lock is not the one asked for (None: it is, or none asked)."""
+        if self.lock_mode is None or self._lock_until is None:
+            return None
+        got = _lock_of(head)
+        if (
+            got is None
+            or got.mode != self.lock_mode
+            or got.retain_until is None
+            or got.retain_until < self._lock_until
+        ):
+            shown = f"{got.mode or 'none'} until {got.until_text()}" if got else "none"
+            return f"object lock {shown} != {self.lock_mode} until {iso_z(self._lock_until)}"
+        return None
 
     def _part_size_for(self, size: int) -> int:
         """The configured part size, raised (to whole MiB) if the file needs more parts
@@ -212,6 +320,7 @@ class S3Store:
                     **where,
                 )
             meta = {**(metadata or {}), SHA256_METADATA: gz_sha256}
+            lock = self._lock_args()  # before the upload starts: a bucket that cannot lock fails
             with self._mapped("create_multipart_upload", key):
                 created = self._client.create_multipart_upload(
                     Bucket=self.bucket,
@@ -220,6 +329,7 @@ class S3Store:
                     Metadata=meta,
                     ContentType="application/gzip",
                     **self._sse_args(),
+                    **lock,
                 )
             upload_id = str(created["UploadId"])
             try:
@@ -353,6 +463,8 @@ class S3Store:
             args["VersionId"] = version_id
         with self._mapped("head_object", key):
             head = self._client.head_object(**args)
+        if version_id and self._lock_problem(head):
+            head = self._lock_version(key, version_id, args, head)
         problems: list[str] = []
         length = head.get("ContentLength")
         if length != size:
@@ -367,6 +479,9 @@ class S3Store:
             problems.append(
                 f"encryption {head.get('ServerSideEncryption')!r} != {self.settings.sse!r}"
             )
+        lock_problem = self._lock_problem(head)
+        if lock_problem:
+            problems.append(lock_problem)
         etag = str(head.get("ETag", ""))
         # Ours: the version this upload created, or (no versioning) still its ETag.
         ours = bool(version_id) or (
@@ -402,6 +517,28 @@ class S3Store:
         composite_sha256 = f"{composite}-{parts}" if checksum is not None else None
         return self._object(key, size, head, version_id, composite_sha256)
 
+    def _lock_version(
+        self, key: str, version_id: str, args: Mapping[str, Any], head: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """Put the lock asked for on the version this upload created when the store did
+        not take it from CreateMultipartUpload (moto ignores the lock headers there; AWS
+        applies them), by PutObjectRetention on that version; the object's answer after.
+        If that fails, the object stays unlocked and fails verification (then deleted)."""
+        assert self._lock_until is not None  # noqa: S101 - _lock_problem said a lock is asked
+        try:
+            with self._mapped("put_object_retention", key):
+                self._client.put_object_retention(
+                    Bucket=self.bucket,
+                    Key=key,
+                    VersionId=version_id,
+                    Retention={"Mode": self.lock_mode, "RetainUntilDate": self._lock_until},
+                )
+            with self._mapped("head_object", key):
+                return dict(self._client.head_object(**args))
+        except MemdumpError as exc:
+            log.warning("could not lock s3://%s/%s (%s): %s", self.bucket, key, version_id, exc)
+            return head
+
     def _same_bytes(self, key: str, size: int, gz_sha256: str) -> S3Object | None:
         """The object at ``key`` if it holds exactly the file's bytes (a retried offload
         whose first completion's answer was lost): then the upload is done. Anything else
@@ -412,6 +549,8 @@ class S3Store:
             if head.get("ContentLength") != size:
                 return None
             if (head.get("Metadata") or {}).get(SHA256_METADATA) != gz_sha256:
+                return None
+            if self._lock_problem(head):  # not under the lock asked for: not this upload's
                 return None
             version = head.get("VersionId")
             version_id = str(version) if version and version != "null" else None
@@ -436,7 +575,17 @@ class S3Store:
     ) -> S3Object:
         """The verified object, from its ``head_object`` answer."""
         etag = str(head.get("ETag", "")).strip('"')
-        return S3Object(self.bucket, key, size, etag, version_id, checksum_sha256)
+        lock = _lock_of(head)
+        return S3Object(
+            self.bucket,
+            key,
+            size,
+            etag,
+            version_id,
+            checksum_sha256,
+            lock.mode or None if lock else None,
+            lock.retain_until if lock else None,
+        )
 
     # -- other operations ----------------------------------------------------------------
 
@@ -469,19 +618,57 @@ class S3Store:
         version = head.get("VersionId")
         return str(version) if version and version != "null" else None
 
+    def object_lock(self, key: str, *, version_id: str | None = None) -> ObjectLock | None:
+        """The S3 Object Lock on the object (that version of it) now, from S3 itself (the
+        bucket's default retention included); None if it has none or is not there."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if version_id:
+            args["VersionId"] = version_id
+        try:
+            with self._mapped("head_object", key):
+                head = self._client.head_object(**args)
+        except ObjectNotFoundError:
+            return None
+        return _lock_of(head)
+
     def delete(
         self, key: str, *, version_id: str | None = None, if_match: str | None = None
     ) -> None:
         """Delete the object (the given version of it, on a versioned bucket; or only
         while its ETag is ``if_match``). On a versioned bucket without ``version_id`` this
-        only adds a delete marker: the data stays (Object Lock may forbid even that)."""
+        only adds a delete marker: the data stays. A version under Object Lock is refused
+        by S3: ObjectLockedError (with ``mode`` and ``retain_until``); memdump never asks
+        to bypass a governance lock."""
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if version_id:
             args["VersionId"] = version_id
         if if_match:
             args["IfMatch"] = if_match
-        with self._mapped("delete_object", key):
-            self._client.delete_object(**args)
+        try:
+            with self._mapped("delete_object", key):
+                self._client.delete_object(**args)
+        except (ObjectStoreAccessError, ObjectLockedError) as exc:
+            # AWS says "object lock" in its AccessDenied, moto only "Access Denied": either
+            # way ask the object, so a lock is reported as one, with its mode and date.
+            if not version_id:
+                raise
+            try:
+                lock = self.object_lock(key, version_id=version_id)
+            except MemdumpError:
+                raise exc from None
+            if lock is None or not lock.holds_at(datetime.now(UTC)):
+                raise
+            raise ObjectLockedError(
+                f"S3 delete_object s3://{self.bucket}/{key}: under Object Lock "
+                f"({lock.mode or 'legal hold'}) until {lock.until_text()}",
+                op="delete_object",
+                bucket=self.bucket,
+                key=key,
+                version_id=version_id,
+                mode=lock.mode,
+                retain_until=iso_z(lock.retain_until) if lock.retain_until else None,
+                legal_hold=lock.legal_hold,
+            ) from exc
 
     def open_stream(
         self,
@@ -525,6 +712,7 @@ class S3Store:
                 IfNoneMatch="*",
                 ChecksumSHA256=_b64(digest),
                 **self._sse_args(),
+                **self._lock_args(),  # under the dump's Object Lock too (none when off)
             )
 
     def list_keys(self, prefix: str, limit: int = 100_000) -> list[str]:

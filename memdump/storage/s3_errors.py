@@ -16,6 +16,8 @@ import botocore.exceptions as bx  # type: ignore[import-untyped]
 from memdump.errors import (
     MemdumpError,
     ObjectExistsError,
+    ObjectLockedError,
+    ObjectLockUnavailableError,
     ObjectNotFoundError,
     ObjectStoreAccessError,
     ObjectStoreError,
@@ -72,6 +74,14 @@ _INTEGRITY_CODES = frozenset(
         "InvalidPartOrder",
     }
 )
+
+# Object Lock (memdump.storage.s3): the bucket has no Object Lock (GetObjectLockConfiguration
+# answers this 404; a write with lock headers there is an InvalidRequest naming the missing
+# configuration), or an object under a lock refused a delete (AWS says so in its AccessDenied;
+# moto's says only "Access Denied": S3Store.delete asks the object then).
+_LOCK_MISSING_CODES = frozenset({"ObjectLockConfigurationNotFoundError"})
+_LOCK_MISSING_TEXT = ("objectlockconfiguration", "object lock configuration")
+_LOCKED_TEXT = "object lock"
 
 _TRANSIENT_BOTOCORE: tuple[type[BaseException], ...] = (
     bx.EndpointConnectionError,
@@ -162,6 +172,17 @@ def map_s3_error(
             )
         if code in _INTEGRITY_CODES:
             return OffloadIntegrityError(msg, **fields)
+        text = str(exc).lower()
+        if code in _LOCK_MISSING_CODES or (
+            code == "InvalidRequest" and any(t in text for t in _LOCK_MISSING_TEXT)
+        ):
+            return ObjectLockUnavailableError(
+                f"S3 {op} {where}: the bucket has no Object Lock configuration ({code}): "
+                "enable Object Lock on the bucket or set MEMDUMP_S3__OBJECT_LOCK_MODE=none",
+                **fields,
+            )
+        if code == "AccessDenied" and op == "delete_object" and _LOCKED_TEXT in text:
+            return ObjectLockedError(msg, **fields)
         if code in _ACCESS_CODES:
             return ObjectStoreAccessError(msg, **fields)
         if code in _NOT_FOUND_CODES:

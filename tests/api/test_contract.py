@@ -104,6 +104,8 @@ def test_records_and_stats_shapes(client: tuple[TestClient, FakeRuns, Any]) -> N
             None,  # chunks_changed: not compared
             "",
             "",
+            "",  # s3_lock_mode: no S3 Object Lock
+            "",  # s3_lock_until
         ]
     assert got == want
     stats = c.get(f"{BASE}/stats").json()

@@ -149,6 +149,7 @@ def test_background_job_when_asked(tmp_path: Path, gated: GatedVerify) -> None:
         "signature",
         "timestamp",
         "custody",
+        "object_lock",  # the S3 copy's Object Lock (issue 15, item 5)
     ]
 
 

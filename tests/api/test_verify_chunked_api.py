@@ -41,6 +41,7 @@ def test_verify_names_the_first_bad_chunk(tmp_path: Path) -> None:
     # Issue 15 adds the manifest's signature status and its timestamp's beside the rest.
     keys = {"status", "dump_path", "detail", "checks", "seconds", "signature", "timestamp"}
     keys.add("custody")  # the custody log's check (issue 15, item 3)
+    keys.add("object_lock")  # the S3 copy's Object Lock (issue 15, item 5)
     assert set(body) == keys
     assert body["signature"]["status"] == "valid", body
     assert body["timestamp"]["status"] == "missing", body  # no MEMDUMP_TSA_URL here

@@ -36,5 +36,8 @@ EXTRA_RECORD_FIELDS = [
     "chunks_changed",
     "chunks_compared_with",
     "chunks_changed_reason",
+    # the S3 Object Lock on the S3 copy (issue 15, item 5)
+    "s3_lock_mode",
+    "s3_lock_until",
 ]
 API_RECORD_FIELDS = RECORD_FIELDS + EXTRA_RECORD_FIELDS
