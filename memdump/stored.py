@@ -215,6 +215,7 @@ class S3Dump:
             self.store.object_lock(self.key, version_id=self.location.version_id or None),
             self.store.object_lock(mkey),
             self.store.object_lock(mkey + SIG_SUFFIX),
+            self.store.object_lock(mkey + TSR_SUFFIX),
         ]
         held = [lk for lk in locks if lk is not None]
         if not held:

@@ -710,6 +710,9 @@ class S3Store:
                 Key=key,
                 Body=data,
                 IfNoneMatch="*",
+                # The algorithm named too: S3 takes a PUT with Object Lock only with it
+                # (x-amz-sdk-checksum-algorithm) or a Content-MD5.
+                ChecksumAlgorithm="SHA256",
                 ChecksumSHA256=_b64(digest),
                 **self._sse_args(),
                 **self._lock_args(),  # under the dump's Object Lock too (none when off)

@@ -28,6 +28,7 @@ from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import S3Settings, Settings
 from memdump.signing import sig_path
 from memdump.storage.s3 import S3Store
+from memdump.timestamping import tsr_path
 from tests.helpers.dumps import stored
 from tests.helpers.moto_clock import advance, moto_with_clock
 
@@ -85,11 +86,13 @@ def _sha(data: bytes) -> str:
 
 def _captured(tmp_path: Path, when: datetime) -> DumpRecord:
     """A finished capture on disk as the chain leaves it before the offload: the dump,
-    its manifest and the manifest's signature (the sidecars that travel with it)."""
+    its manifest, the manifest's signature and timestamp token (the sidecars that travel
+    with it)."""
     rec = stored(tmp_path / "dumps", "100", when, 1000, collector=COLLECTOR)
     path = Path(rec.dump_path)
     mpath = manifest_path(path)
     sig_path(mpath).write_bytes(b'{"signature": "test"}')
+    tsr_path(mpath).write_bytes(b"a timestamp token")
     return dataclasses.replace(
         rec, gz_sha256=_sha(path.read_bytes()), manifest_sha256=_sha(mpath.read_bytes())
     )
@@ -97,7 +100,7 @@ def _captured(tmp_path: Path, when: datetime) -> DumpRecord:
 
 def _keys(rec: DumpRecord, bucket: str) -> list[str]:
     key = rec.s3_uri.removeprefix(f"s3://{bucket}/")
-    return [key, manifest_key(key), manifest_key(key) + ".sig"]
+    return [key, manifest_key(key), manifest_key(key) + ".sig", manifest_key(key) + ".tsr"]
 
 
 def _versions(client: Any, bucket: str, rec: DumpRecord | None = None) -> list[dict[str, Any]]:
@@ -125,7 +128,7 @@ def test_offload_locks_the_dump_and_every_sidecar_and_records_it(
     until = datetime.fromisoformat(rec.s3_lock_until.replace("Z", "+00:00"))
     assert rec.s3_lock_mode == mode.upper()
     assert before + timedelta(days=2) <= until <= after + timedelta(days=2)
-    for key in _keys(rec, bucket):  # the dump, its manifest, the manifest's signature
+    for key in _keys(rec, bucket):  # the dump, its manifest, its signature and token
         head = client.head_object(Bucket=bucket, Key=key)
         assert head["ObjectLockMode"] == mode.upper(), key
         assert head["ObjectLockRetainUntilDate"] == until, key
@@ -191,7 +194,7 @@ def test_a_locked_object_survives_retention_and_goes_once_the_lock_expired(
     records = SQLiteRecordStore(tmp_path / "r.db")
     records.add(rec)
     versions = _versions(client, bucket, rec)
-    assert len(versions) == 3
+    assert len(versions) == 4
 
     report = retention.apply(settings, records, days=1)
     # Kept, and the run says until when; that is no error (the run does not fail).
@@ -215,6 +218,13 @@ def test_a_locked_object_survives_retention_and_goes_once_the_lock_expired(
     assert _versions(client, bucket, rec) == []
     row = records.list(1, 0)[0]
     assert row["s3_deleted_at"] and row["deleted_at"]
+    # What stays for good (the custody log's entries: retention never deletes them) was
+    # written under the lock too.
+    left = _versions(client, bucket)
+    assert left and all(".custody/" in v["Key"] for v in left), left
+    for v in left:
+        head = client.head_object(Bucket=bucket, Key=v["Key"], VersionId=v["VersionId"])
+        assert head.get("ObjectLockMode") == "COMPLIANCE", v["Key"]
 
 
 def test_a_delete_s3_refuses_for_a_lock_is_reported_as_kept(
@@ -241,7 +251,7 @@ def test_a_delete_s3_refuses_for_a_lock_is_reported_as_kept(
     report = retention.apply(settings, records, skewed, days=1)
     assert report.errors == {} and list(report.locked) == [rec.s3_uri], report
     assert rec.s3_lock_until in report.locked[rec.s3_uri]
-    assert len(_versions(client, bucket, rec)) == 3
+    assert len(_versions(client, bucket, rec)) == 4
     assert records.list(1, 0)[0]["s3_deleted_at"] == ""
 
 
@@ -253,16 +263,16 @@ def test_a_legal_hold_set_by_an_operator_keeps_the_object(
     bucket = _bucket(client, lock=True)
     settings = _settings(tmp_path, endpoint, bucket)
     rec = _offloaded(tmp_path, settings)
-    key = _keys(rec, bucket)[0]
+    # On one sidecar only (the timestamp token): the dump and the rest stay with it.
     client.put_object_legal_hold(
-        Bucket=bucket, Key=key, VersionId=rec.s3_version_id, LegalHold={"Status": "ON"}
+        Bucket=bucket, Key=_keys(rec, bucket)[3], LegalHold={"Status": "ON"}
     )
     records = SQLiteRecordStore(tmp_path / "r.db")
     records.add(rec)
     report = retention.apply(settings, records, days=1)
     assert report.errors == {} and list(report.locked) == [rec.s3_uri], report
     assert "legal hold" in report.locked[rec.s3_uri]
-    assert len(_versions(client, bucket, rec)) == 3  # nothing deleted, sidecars included
+    assert len(_versions(client, bucket, rec)) == 4  # nothing deleted, sidecars included
     # The dry run says the same and deletes nothing.
     dry = retention.apply(settings, records, days=1, dry_run=True)
     assert list(dry.locked) == [rec.s3_uri] and dry.would_delete == []
