@@ -79,7 +79,16 @@ TYPE = "memdump-custody"
 SUFFIX = ".custody.jsonl"
 S3_DIR = ".custody/"
 NO_MANIFEST = "0" * 64  # entry 0's prev for a dump without a manifest
-EVENTS = ("captured", "analysed", "offloaded", "verified", "copied", "deleted")
+EVENTS = (
+    "captured",
+    "analysed",
+    # The manifest's RFC 3161 token asked for, pending, or stored (memdump.timestamping).
+    "timestamped",
+    "offloaded",
+    "verified",
+    "copied",
+    "deleted",
+)
 MAX_LINE = 64 << 10  # an entry is a few hundred bytes
 MAX_ENTRIES = 100_000
 MAX_LOG_BYTES = 64 << 20  # a log of thousands of entries is a few MiB

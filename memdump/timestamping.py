@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -574,6 +575,50 @@ def is_pending(settings: Settings, manifest_sha256: str) -> bool:
 # -- the capture's stamp, and the later fetch -------------------------------------------------
 
 
+def _tsa_name(url: str) -> str:
+    """The TSA's URL without any user:password@ in it (for the custody log)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _custody(
+    settings: Settings,
+    manifest_sha256: str,
+    details: dict[str, Any],
+    *,
+    manifest: Path | None = None,
+    manifest_key: str = "",
+) -> None:
+    """A ``timestamped`` entry in the dump's custody log (memdump.custody), where its
+    manifest is: when the token was asked for, pending, or stored (its genTime). Never
+    raises (the custody log keeps what it cannot append in its own outbox)."""
+    from memdump import custody
+    from memdump.manifest import SUFFIX
+
+    def dump_of(name: str) -> str:
+        return name.removesuffix(SUFFIX) + ".mem.gz"
+
+    try:
+        local = manifest.with_name(dump_of(manifest.name)) if manifest else None
+        key = dump_of(manifest_key) if manifest_key else None
+        t = custody.targets(settings, local_dump=local, s3_key=key, manifest_sha256=manifest_sha256)
+        custody.record_event(settings, t, "timestamped", details)
+    except Exception as exc:  # noqa: BLE001 - the token is stored: a log line only
+        log.error("custody log: timestamped entry not written: %s", exc)
+
+
+def _token_details(data: bytes, got: TimestampCheck, settings: Settings) -> dict[str, Any]:
+    return {
+        "status": "granted",
+        "gen_time": got.gen_time,
+        "serial": got.info.get("serial"),
+        "tsa": _tsa_name(settings.tsa_url or ""),
+        "token_sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
 @dataclass(frozen=True)
 class Stamp:
     status: Literal["granted", "pending", "failed", "off"]
@@ -598,7 +643,10 @@ def stamp(settings: Settings, manifest: Path, manifest_sha256: str) -> Stamp:
             log.error("timestamp of %s NOT queued: %s (TSA: %s)", manifest.name, qexc, exc)
             return Stamp("failed", f"{exc}; not queued: {qexc}")
         log.warning("timestamp of %s pending (%s): the queue fetches it later", manifest.name, exc)
+        details = {"status": "pending", "tsa": _tsa_name(settings.tsa_url), "reason": str(exc)}
+        _custody(settings, manifest_sha256, details, manifest=manifest)
         return Stamp("pending", str(exc))
+    _custody(settings, manifest_sha256, _token_details(data, got, settings), manifest=manifest)
     return Stamp("granted", got.detail, got.gen_time)
 
 
@@ -649,6 +697,14 @@ def flush(settings: Settings) -> FlushResult:
             queue.failed(item.seq, str(exc))
             return FlushResult(i, len(items) - i, str(exc))
         queue.done(item.seq)
+        # When it came: the custody log says so, beside the manifest wherever it is.
+        details = _token_details(data, got, settings)
+        details["late"] = True
+        details["queued_at"] = _iso(datetime.fromtimestamp(item.queued_at, UTC))
+        manifest = Path(item.manifest_path) if item.manifest_path else None
+        _custody(
+            settings, item.manifest_sha256, details, manifest=manifest, manifest_key=item.s3_key
+        )
         log.info(
             "timestamp of %s fetched (genTime %s)", item.manifest_path or item.s3_key, got.gen_time
         )

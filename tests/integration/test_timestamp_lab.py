@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from memdump import custody
 from memdump import timestamping as ts
 from memdump.chain import run_chain
 from memdump.cli.app import main
@@ -27,6 +28,7 @@ from memdump.locations import Location
 from memdump.manifest import manifest_key, manifest_path
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import S3Settings, Settings
+from memdump.signing import trusted_keys
 from memdump.stored import open_stored
 from memdump.verify import verify
 from tests.helpers.moto import new_bucket, running_moto
@@ -168,6 +170,17 @@ def test_offloaded_the_token_travels_beside_the_manifest(
     assert resp.tst is not None and resp.tst.hashed == hashlib.sha256(mdata).digest()
     lv = verify(_row(s, late.record.dump_path), s)
     assert lv.timestamp is not None and lv.timestamp["status"] == "valid"
+    # The custody log beside the object says when the token came, and still checks out.
+    mprefix = custody.log_prefix(lkey)
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=mprefix).get("Contents", [])
+    keys = sorted((o["Key"] for o in listed), key=lambda k: int(k.rsplit("/", 1)[-1].split(".")[0]))
+    lines = [client.get_object(Bucket=bucket, Key=k)["Body"].read().rstrip(b"\n") for k in keys]
+    events = [json.loads(line) for line in lines]
+    stamps = [e["details"] for e in events if e["event"] == "timestamped"]
+    assert [d["status"] for d in stamps] == ["pending", "granted"]
+    assert stamps[-1]["late"] is True
+    chain = custody.check_chain(lines, trusted_keys(s), late.record.manifest_sha256)
+    assert chain.ok, chain
     # A second flush of the same request (the runner's loop and the CLI at once) finds
     # the token there: done, never replaced.
     queue = ts.TimestampQueue(ts.queue_path(s))

@@ -9,6 +9,7 @@ signature, an untrusted TSA an untrusted key; missing and pending change nothing
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import stat
 import subprocess
@@ -246,6 +247,51 @@ def test_a_tsa_down_queues_the_request_and_a_flush_fetches_it_later(
     assert not ts.is_pending(settings, sha)
     assert stat.S_IMODE(ts.tsr_path(mpath).stat().st_mode) == 0o600
     assert ts.check(mpath.read_bytes(), ts.tsr_path(mpath).read_bytes(), tsa.ca).status == "valid"
+
+
+def _custody_events(settings: Settings, mpath: Path) -> list[dict[str, object]]:
+    """The ``timestamped`` entries of the dump's custody log, checked as a chain."""
+    from memdump import custody
+
+    dump = mpath.with_name(mpath.name.removesuffix(".manifest.json") + ".mem.gz")
+    lines = custody.LocalLog(custody.log_path(dump)).read()
+    entries = [json.loads(line) for line in lines]
+    for i, e in enumerate(entries):
+        assert e["index"] == i
+        assert e["prev"] == (custody.entry_hash(lines[i - 1]) if i else e["prev"])
+    return [e["details"] for e in entries if e["event"] == "timestamped"]
+
+
+def test_the_custody_log_says_when_the_token_came(
+    settings: Settings, tmp_path: Path, tsa: LocalTSA
+) -> None:
+    mpath, sha = _manifest(settings, tmp_path)
+    down = settings.model_copy(update={"tsa_url": closed_url()})
+    ts.stamp(down, mpath, sha)
+    (pending,) = _custody_events(settings, mpath)
+    assert pending["status"] == "pending" and "unreachable" in str(pending["reason"])
+    ts.flush(settings)
+    token = ts.tsr_path(mpath).read_bytes()
+    _, late = _custody_events(settings, mpath)
+    assert late["status"] == "granted" and late["late"] is True
+    assert late["token_sha256"] == hashlib.sha256(token).hexdigest()
+    resp = ts.parse_response(token)
+    assert resp.tst is not None
+    assert late["gen_time"] == resp.tst.gen_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Asked for at capture, given later (genTime in whole seconds here).
+    assert str(late["queued_at"])[:19] <= str(late["gen_time"])[:19]
+
+
+def test_the_custody_log_names_the_tsa_without_its_credentials(
+    settings: Settings, tmp_path: Path
+) -> None:
+    assert ts._tsa_name("https://user:pw@tsa.example:8443/tsr?x=1") == (
+        "https://tsa.example:8443/tsr"
+    )
+    mpath, sha = _manifest(settings, tmp_path)
+    ts.stamp(settings, mpath, sha)
+    (granted,) = _custody_events(settings, mpath)
+    assert granted["status"] == "granted" and granted["tsa"] == settings.tsa_url
 
 
 def test_a_flush_never_replaces_a_token_already_there(settings: Settings, tmp_path: Path) -> None:
