@@ -251,16 +251,19 @@ class S3Store:
                 mode=self.lock_mode,
             )
 
-    def _lock_problem(self, head: Mapping[str, Any]) -> str | None:
-        """Why the object's lock is not the one asked for (None: it is, or none asked)."""
+    def _lock_problem(self, head: Mapping[str, Any], *, earlier_ok: bool = False) -> str | None:
+        """Why the object's lock is not the one asked for (None: it is, or none asked).
+        ``earlier_ok``: a date before this store's will do while it still holds (the
+        object an earlier attempt of the same offload locked, seconds before)."""
         if self.lock_mode is None or self._lock_until is None:
             return None
         got = _lock_of(head)
+        floor = datetime.now(UTC) if earlier_ok else self._lock_until
         if (
             got is None
             or got.mode != self.lock_mode
             or got.retain_until is None
-            or got.retain_until < self._lock_until
+            or got.retain_until < floor
         ):
             shown = f"{got.mode or 'none'} until {got.until_text()}" if got else "none"
             return f"object lock {shown} != {self.lock_mode} until {iso_z(self._lock_until)}"
@@ -550,7 +553,8 @@ class S3Store:
                 return None
             if (head.get("Metadata") or {}).get(SHA256_METADATA) != gz_sha256:
                 return None
-            if self._lock_problem(head):  # not under the lock asked for: not this upload's
+            # Not under the lock asked for: not an earlier attempt of this offload.
+            if self._lock_problem(head, earlier_ok=True):
                 return None
             version = head.get("VersionId")
             version_id = str(version) if version and version != "null" else None

@@ -32,7 +32,7 @@ from memdump.timestamping import tsr_path
 from tests.helpers.dumps import stored
 from tests.helpers.moto_clock import advance, moto_with_clock
 
-CREDS = {"access_key_id": "testing", "secret_access_key": "testing"}
+CREDS: dict[str, Any] = {"access_key_id": "testing", "secret_access_key": "testing"}
 COLLECTOR = "col-1"
 
 
@@ -78,6 +78,11 @@ def _settings(tmp_path: Path, url: str, bucket: str, **s3: Any) -> Settings:
         **s3,
     )
     return Settings(data_dir=tmp_path, dump_dir=tmp_path / "dumps", s3=conf, collector_id=COLLECTOR)
+
+
+def _s3(settings: Settings) -> S3Settings:
+    assert settings.s3 is not None
+    return settings.s3
 
 
 def _sha(data: bytes) -> str:
@@ -239,7 +244,7 @@ def test_a_delete_s3_refuses_for_a_lock_is_reported_as_kept(
     )
     rec = _offloaded(tmp_path, settings)
     key = _keys(rec, bucket)[0]
-    store = S3Store(settings.s3)  # type: ignore[arg-type]
+    store = S3Store(_s3(settings))
     with pytest.raises(ObjectLockedError) as err:
         store.delete(key, version_id=rec.s3_version_id)
     assert err.value.fields["retain_until"] == rec.s3_lock_until
@@ -305,3 +310,27 @@ def test_verify_shows_the_lock_s3_reports_beside_the_recorded_one(
         "legal_hold": False,
         "recorded": recorded,
     }
+
+
+def test_a_retried_upload_takes_the_object_an_earlier_attempt_locked(
+    endpoint: str, client: Any, tmp_path: Path
+) -> None:
+    """The first completion's answer lost, the retry (a new store, a later retain-until
+    date) finds the same bytes under the same lock mode: done, with the object's own
+    date; an object there without the lock is not taken for ours."""
+    bucket = _bucket(client, lock=True)
+    first = _settings(tmp_path, endpoint, bucket, object_lock_mode="compliance", object_lock_days=1)
+    later = _settings(tmp_path, endpoint, bucket, object_lock_mode="compliance", object_lock_days=2)
+    rec = _captured(tmp_path, datetime.now(UTC))
+    path = Path(rec.dump_path)
+    obj = S3Store(_s3(first)).upload(path, gz_sha256=rec.gz_sha256, size=1000)
+    again = S3Store(_s3(later)).upload(path, gz_sha256=rec.gz_sha256, size=1000)
+    assert (again.key, again.version_id) == (obj.key, obj.version_id)
+    assert again.lock_mode == "COMPLIANCE" and again.lock_retain_until == obj.lock_retain_until
+    # The same bytes at a key without a lock (written some other way) are not ours.
+    from memdump.errors import ObjectExistsError
+
+    key = S3Store(_s3(first)).key_for(manifest_path(path))
+    client.put_object(Bucket=bucket, Key=key, Body=manifest_path(path).read_bytes())
+    with pytest.raises(ObjectExistsError):
+        S3Store(_s3(first)).upload(manifest_path(path), gz_sha256=rec.manifest_sha256, size=2)
