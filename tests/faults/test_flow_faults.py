@@ -104,10 +104,11 @@ def test_ssh_session_killed_mid_stream_is_retried(
     assert killed[0][1], "the lab captures live: the session cut was not a live capture's"
     assert state.is_completed(), state
     new_files = set(dumps.glob("*")) - before_files
-    # One dump and its manifest: no .part, no second (truncated) dump.
-    # (the name's time has a "." too: <hv>_<vmid>_<...>.123456Z_<random>.mem.gz)
+    # One dump, its manifest, the manifest's signature and the custody log: no .part, no
+    # second (truncated) dump. (The name's time has a "." too:
+    # <hv>_<vmid>_<...>.123456Z_<random>.mem.gz; the signature's last two are json.sig.)
     suffixes = sorted(".".join(p.name.rsplit(".", 2)[1:]) for p in new_files)
-    assert suffixes == ["manifest.json", "mem.gz"]
+    assert suffixes == ["custody.jsonl", "json.sig", "manifest.json", "mem.gz"]
     (path,) = [p for p in new_files if p.name.endswith(".mem.gz")]
     recs = _records(flow_on_stack, vm)
     assert len(recs) == len(before_recs) + 1
