@@ -103,6 +103,12 @@ class Record(BaseModel):
     s3_lock_until: str = Field(
         "", description="Until when the S3 copy cannot be deleted (ISO 8601 UTC); empty if none"
     )
+    record_signature: str = Field(
+        "",
+        description="The collector's Ed25519 signature of this record (issue 15): a compact"
+        " JSON envelope (algorithm, fields, key_fingerprint, public_key, signature,"
+        " signed_at); empty in older records",
+    )
 
 
 class RecordsResponse(BaseModel):
@@ -252,7 +258,8 @@ class VerifyResponse(BaseModel):
         default=None,
         description="The manifest's signature (beyond the contract): status (valid,"
         " unsigned, bad-signature, untrusted-key, not-checked), detail, key_fingerprint,"
-        " signed_at, role",
+        " signed_at, role; and record: the record's signature (status valid, unsigned,"
+        " bad-signature, untrusted-key; detail, key_fingerprint, signed_at)",
     )
     timestamp: dict[str, Any] | None = Field(
         default=None,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memdump import custody, timestamping
+from memdump import custody, recordsig, timestamping
 from memdump.capture import Capture, Mode, capture
 from memdump.changes import since_previous
 from memdump.errors import MemdumpError, OffloadFailedError, RecordNotWrittenError
@@ -124,6 +124,8 @@ def run_chain(
         )
     if stamped is not None:
         _stamped(settings, stamped, record, obj)
+    # Signed now that every signed field is final (memdump.recordsig).
+    record = recordsig.sign(record, collector_signer(settings))
     recorded, outbox = record_dump(record, settings)
     return ChainResult(captured, record, obj, recorded, outbox, stamped)
 

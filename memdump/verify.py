@@ -9,7 +9,9 @@ hashes agree but the signature does not vouch for them: ``unsigned`` (no signatu
 older dump, or one whose signature was removed), ``bad-signature`` (it does not match the
 manifest, or the envelope is damaged), ``untrusted-key`` (valid, by a key not listed).
 A mismatch outranks the signature's status; ``signature`` (to_dict) says what the
-signature check found in every case.
+signature check found in every case, and in ``signature.record`` what the check of the
+record's own signature (memdump.recordsig) found: a bad one is ``bad-signature``, one by
+an untrusted key ``untrusted-key``; a record without one (older) changes no status.
 
 A chunked .mem.gz (memdump.chunkedgz) is checked chunk by chunk as well: its index
 against the trailer (SHA-256 and the Merkle root recomputed from the chunk digests) and
@@ -50,6 +52,7 @@ from memdump.errors import (
 )
 from memdump.locations import Location
 from memdump.records.base import RecordQuery, RecordStore
+from memdump.recordsig import check as recordsig_check
 from memdump.settings import Settings
 from memdump.signing import SIG_MAX_BYTES, SignatureCheck, trusted_keys
 from memdump.signing import check as check_signature
@@ -195,7 +198,29 @@ def verify(
         gone = "the stored dump vanished while it was read"
         v = Verification("missing", where, gone, {}, time.monotonic() - t0)
     v.object_lock = _object_lock(record, stored)
+    _record_signature(record, v, trusted)
     return _custody(record, settings, v, by, guest_range)
+
+
+def _record_signature(record: Mapping[str, Any], v: Verification, trusted: frozenset[str]) -> None:
+    """The record's own signature (memdump.recordsig), in ``signature.record``. A bad one
+    turns ``verified``/``unsigned``/``untrusted-key`` into ``bad-signature``, an untrusted
+    one ``verified`` into ``untrusted-key``; a mismatch or a missing dump outranks it (its
+    reason is added to the detail). A record without one (older than record signing, or
+    written by a caller other than the chain) is reported ``unsigned`` there without
+    changing ``status``: the manifest's signature still decides, as before."""
+    rec = recordsig_check(record, trusted)
+    v.signature = {**(v.signature or {}), "record": rec.to_dict()}
+    if rec.status in ("valid", "unsigned"):
+        return
+    if v.status in ("mismatch", "missing"):
+        v.detail = f"{v.detail}; record signature: {rec.detail}"
+    elif rec.status == "bad-signature":
+        v.status = "bad-signature"
+        v.detail = f"{v.detail}; but {rec.detail}"
+    elif v.status == "verified":
+        v.status = "untrusted-key"
+        v.detail = f"{v.detail}; but {rec.detail}"
 
 
 def _object_lock(record: Mapping[str, Any], stored: StoredDump) -> dict[str, Any] | None:

@@ -50,9 +50,11 @@ EXTRA_FIELDS = (
     "chunks_changed_reason",
     "s3_lock_mode",
     "s3_lock_until",
+    "record_signature",
 )
 # Then what changed since the previous capture of the same VM (memdump.changes), then the
 # S3 Object Lock the offload put on the S3 copy (memdump.storage.s3): its mode and date.
+# Then the collector's signature of the record (memdump.recordsig: which fields, why).
 # Extras added after the first release: stores add their columns to an older table and
 # read rows without them as "" (the numeric ones in NUMERIC_LATER_FIELDS as None).
 LATER_FIELDS = EXTRA_FIELDS[EXTRA_FIELDS.index("manifest_sha256") :]
@@ -103,6 +105,9 @@ class DumpRecord:
     # and its retain-until date (ISO 8601 UTC); "" without a lock.
     s3_lock_mode: str = ""
     s3_lock_until: str = ""
+    # The collector's Ed25519 signature of the record's final fields (memdump.recordsig),
+    # a compact JSON envelope; "" in records older than it.
+    record_signature: str = ""
 
     def contract_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS mem_dumps (
     chunks_changed_reason TEXT NOT NULL DEFAULT '',
     s3_lock_mode TEXT NOT NULL DEFAULT '',
     s3_lock_until TEXT NOT NULL DEFAULT '',
+    record_signature TEXT NOT NULL DEFAULT '',  -- memdump.recordsig; '' in older records
     PRIMARY KEY (vmid, time_us, sha256)
 );
 CREATE INDEX IF NOT EXISTS mem_dumps_time ON mem_dumps (time_us DESC);

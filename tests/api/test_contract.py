@@ -106,6 +106,7 @@ def test_records_and_stats_shapes(client: tuple[TestClient, FakeRuns, Any]) -> N
             "",
             "",  # s3_lock_mode: no S3 Object Lock
             "",  # s3_lock_until
+            "",  # record_signature: a record written without the chain is unsigned
         ]
     assert got == want
     stats = c.get(f"{BASE}/stats").json()

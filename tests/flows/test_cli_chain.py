@@ -34,6 +34,8 @@ VARYING = {
     "chunks_changed",
     "chunks_compared_with",
     "chunks_changed_reason",
+    # signed over the fields above (memdump.recordsig): the same for neither
+    "record_signature",
 }
 
 

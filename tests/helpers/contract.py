@@ -39,5 +39,7 @@ EXTRA_RECORD_FIELDS = [
     # the S3 Object Lock on the S3 copy (issue 15, item 5)
     "s3_lock_mode",
     "s3_lock_until",
+    # the collector's signature of the record (issue 15, item 2)
+    "record_signature",
 ]
 API_RECORD_FIELDS = RECORD_FIELDS + EXTRA_RECORD_FIELDS

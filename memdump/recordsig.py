@@ -1,0 +1,150 @@
+"""The record's signature (issue 15, item 2): the collector signs the record it writes.
+
+What is signed: the canonical JSON (memdump.signing.canonical) of the object holding the
+fields in SIGNED_FIELDS, each normalised to its type (below) so that every store gives
+back the same bytes: the contract's fields and the extras that bind the record to its
+dump, its manifest and where they are (hashes, sizes, VM, hypervisor, collector, capture
+mode, analysis, changes, the S3 object, its VersionId and Object Lock). They are signed
+when the chain records the dump (memdump.chain.run_chain), after the offload: every one
+of them is final then. Left out, because retention writes them later into the record
+already written (memdump.retention, the stores' mark_*): ``deleted_at``,
+``local_deleted_at`` and ``s3_deleted_at`` (the custody log signs those events), and
+``record_signature`` itself. The set is fixed (version ``FIELDS_VERSION``): a field added
+to records later is not signed until a new version lists it, so older signatures keep
+verifying.
+
+Normalised: integers (sizes, times, chunks_changed) as JSON integers, durations as JSON
+numbers with a fraction (Python's float repr), None as null, everything else as a string.
+
+Kept in the record's extra field ``record_signature``: a compact JSON envelope (no
+whitespace) ``{"algorithm":"Ed25519","fields":"memdump-record-v1","key_fingerprint":...,
+"public_key":<base64 raw 32 bytes>,"signature":<base64 64 bytes>,"signed_at":...}``.
+As for the manifest's envelope, only ``signature`` is cryptographic; the fingerprint is
+recomputed from ``public_key`` and checked against MEMDUMP_TRUSTED_KEYS.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from memdump.records.model import CONTRACT_FIELDS, DumpRecord
+from memdump.signing import ALGORITHM, SignatureCheck, Signer, canonical, fingerprint
+
+FIELDS_VERSION = "memdump-record-v1"
+# The contract's fields (fixed by the contract), then the extras, listed here and not
+# taken from EXTRA_FIELDS: a later extra must not change what v1 signatures cover.
+SIGNED_FIELDS = CONTRACT_FIELDS + (
+    "hypervisor",
+    "raw_size_bytes",
+    "gz_sha256",
+    "manifest_sha256",
+    "analysis",
+    "collector",
+    "local_path",
+    "s3_uri",
+    "s3_version_id",
+    "capture_mode",
+    "live_fallback_reason",
+    "pause_ms",
+    "chunks_changed",
+    "chunks_compared_with",
+    "chunks_changed_reason",
+    "s3_lock_mode",
+    "s3_lock_until",
+)
+# Written after the record by retention (the record's signature is made before).
+UNSIGNED_FIELDS = ("deleted_at", "local_deleted_at", "s3_deleted_at", "record_signature")
+_INT = frozenset({"gzip_size_bytes", "ctime", "mtime", "atime", "raw_size_bytes", "chunks_changed"})
+_FLOAT = frozenset({"duration_sec", "pause_ms"})
+ENVELOPE_MAX = 2048  # an envelope is ~300 characters
+
+
+def _value(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _INT:
+        return int(value)
+    if name in _FLOAT:
+        return float(value)
+    return str(value)
+
+
+def message(row: Mapping[str, Any]) -> bytes:
+    """The bytes signed for a record (an API row, or DumpRecord.api_dict()): a field it
+    lacks counts as "" (a store that never had the column)."""
+    return canonical(
+        {"fields": FIELDS_VERSION, "record": {k: _value(k, row.get(k, "")) for k in SIGNED_FIELDS}}
+    )
+
+
+def sign(record: DumpRecord, signer: Signer, at: datetime | None = None) -> DumpRecord:
+    """``record`` with its ``record_signature`` by ``signer``."""
+    at = at or datetime.now(UTC)
+    env = {
+        "algorithm": ALGORITHM,
+        "fields": FIELDS_VERSION,
+        "key_fingerprint": signer.fingerprint,
+        "public_key": base64.b64encode(signer.public_raw).decode(),
+        "signature": base64.b64encode(signer.sign(message(record.api_dict()))).decode(),
+        "signed_at": at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    return dataclasses.replace(record, record_signature=canonical(env).decode())
+
+
+def check(row: Mapping[str, Any], trusted: frozenset[str]) -> SignatureCheck:
+    """The record's signature: valid by a trusted key, or why not (statuses as for the
+    manifest's: unsigned, bad-signature, untrusted-key)."""
+    raw = str(row.get("record_signature") or "")
+    if not raw:
+        return SignatureCheck("unsigned", "the record has no signature (older record)")
+    if len(raw) > ENVELOPE_MAX:
+        return SignatureCheck("bad-signature", "the record's signature is larger than an envelope")
+    try:
+        env = json.loads(raw)
+    except ValueError:
+        env = None
+    if not isinstance(env, dict) or env.get("algorithm") != ALGORITHM:
+        return SignatureCheck("bad-signature", "the record's signature is not an Ed25519 envelope")
+    if env.get("fields") != FIELDS_VERSION:
+        return SignatureCheck(
+            "bad-signature", f"unknown record field set {str(env.get('fields'))[:40]!r}"
+        )
+    try:
+        public = base64.b64decode(str(env.get("public_key")), validate=True)
+        signature = base64.b64decode(str(env.get("signature")), validate=True)
+    except (binascii.Error, ValueError):
+        return SignatureCheck("bad-signature", "the record's key or signature is not base64")
+    if len(public) != 32:
+        return SignatureCheck("bad-signature", "the record's public key is not 32 bytes")
+    fp = fingerprint(public)
+    info = {"signed_at": env.get("signed_at")}
+    if env.get("key_fingerprint") != fp:
+        return SignatureCheck(
+            "bad-signature", "the record's fingerprint is not its public key's", fp, info
+        )
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message(row))
+    except InvalidSignature:
+        return SignatureCheck(
+            "bad-signature",
+            f"the record's signature by key {fp[:16]}... does not match it (edited in the store?)",
+            fp,
+            info,
+        )
+    if fp not in trusted:
+        why = (
+            "is not in MEMDUMP_TRUSTED_KEYS"
+            if trusted
+            else "is not trusted (MEMDUMP_TRUSTED_KEYS unset)"
+        )
+        return SignatureCheck("untrusted-key", f"record signed by key {fp} which {why}", fp, info)
+    return SignatureCheck("valid", f"record signed by trusted key {fp[:16]}...", fp, info)
