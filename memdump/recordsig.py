@@ -26,7 +26,6 @@ recomputed from ``public_key`` and checked against MEMDUMP_TRUSTED_KEYS.
 from __future__ import annotations
 
 import base64
-import binascii
 import dataclasses
 import json
 from collections.abc import Mapping
@@ -37,7 +36,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from memdump.records.model import CONTRACT_FIELDS, DumpRecord
-from memdump.signing import ALGORITHM, SignatureCheck, Signer, canonical, fingerprint
+from memdump.signing import (
+    ALGORITHM,
+    SignatureCheck,
+    Signer,
+    canonical,
+    open_envelope,
+    untrusted_reason,
+)
 
 FIELDS_VERSION = "memdump-record-v1"
 # The contract's fields (fixed by the contract), then the extras, listed here and not
@@ -118,19 +124,11 @@ def check(row: Mapping[str, Any], trusted: frozenset[str]) -> SignatureCheck:
         return SignatureCheck(
             "bad-signature", f"unknown record field set {str(env.get('fields'))[:40]!r}"
         )
-    try:
-        public = base64.b64decode(str(env.get("public_key")), validate=True)
-        signature = base64.b64decode(str(env.get("signature")), validate=True)
-    except (binascii.Error, ValueError):
-        return SignatureCheck("bad-signature", "the record's key or signature is not base64")
-    if len(public) != 32:
-        return SignatureCheck("bad-signature", "the record's public key is not 32 bytes")
-    fp = fingerprint(public)
     info = {"signed_at": env.get("signed_at")}
-    if env.get("key_fingerprint") != fp:
-        return SignatureCheck(
-            "bad-signature", "the record's fingerprint is not its public key's", fp, info
-        )
+    opened = open_envelope(env, "the record", info)
+    if isinstance(opened, SignatureCheck):
+        return opened
+    public, signature, fp = opened
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(signature, message(row))
     except InvalidSignature:
@@ -141,10 +139,6 @@ def check(row: Mapping[str, Any], trusted: frozenset[str]) -> SignatureCheck:
             info,
         )
     if fp not in trusted:
-        why = (
-            "is not in MEMDUMP_TRUSTED_KEYS"
-            if trusted
-            else "is not trusted (MEMDUMP_TRUSTED_KEYS unset)"
-        )
+        why = untrusted_reason(trusted)
         return SignatureCheck("untrusted-key", f"record signed by key {fp} which {why}", fp, info)
     return SignatureCheck("valid", f"record signed by trusted key {fp[:16]}...", fp, info)

@@ -342,6 +342,35 @@ class SignatureCheck:
         }
 
 
+def open_envelope(
+    env: Mapping[str, Any], what: str, info: dict[str, Any]
+) -> tuple[bytes, bytes, str] | SignatureCheck:
+    """(public key, signature, fingerprint) of an envelope's ``public_key``,
+    ``signature`` and ``key_fingerprint`` (also the record's, memdump.recordsig), or the
+    bad-signature that says why not (``what``: whose, in the detail)."""
+    try:
+        public = base64.b64decode(str(env.get("public_key")), validate=True)
+        signature = base64.b64decode(str(env.get("signature")), validate=True)
+    except (binascii.Error, ValueError):
+        return SignatureCheck("bad-signature", f"{what}'s key or signature is not base64")
+    if len(public) != 32:
+        return SignatureCheck("bad-signature", f"{what}'s public key is not 32 bytes")
+    fp = fingerprint(public)
+    if env.get("key_fingerprint") != fp:
+        return SignatureCheck(
+            "bad-signature", f"{what}'s fingerprint is not its public key's", fp, info
+        )
+    return public, signature, fp
+
+
+def untrusted_reason(trusted: frozenset[str]) -> str:
+    return (
+        "is not in MEMDUMP_TRUSTED_KEYS"
+        if trusted
+        else "is not trusted (MEMDUMP_TRUSTED_KEYS unset)"
+    )
+
+
 def check(manifest: bytes, sig: bytes | None, trusted: frozenset[str]) -> SignatureCheck:
     """The signature ``sig`` (an envelope's bytes, None if there is none) of the manifest
     bytes ``manifest``: valid by a trusted key, or why not."""
@@ -357,20 +386,12 @@ def check(manifest: bytes, sig: bytes | None, trusted: frozenset[str]) -> Signat
         return SignatureCheck("bad-signature", "the signature file is not a memdump envelope")
     if env.get("algorithm") != ALGORITHM:
         return SignatureCheck("bad-signature", f"unknown algorithm {str(env.get('algorithm'))!r}")
-    try:
-        public = base64.b64decode(str(env.get("public_key")), validate=True)
-        signature = base64.b64decode(str(env.get("signature")), validate=True)
-    except (binascii.Error, ValueError):
-        return SignatureCheck("bad-signature", "the envelope's key or signature is not base64")
-    if len(public) != 32:
-        return SignatureCheck("bad-signature", "the envelope's public key is not 32 bytes")
-    fp = fingerprint(public)
     signer: dict[str, Any] = env["signer"] if isinstance(env.get("signer"), dict) else {}
     info = {"signed_at": env.get("signed_at"), "role": signer.get("role")}
-    if env.get("key_fingerprint") != fp:
-        return SignatureCheck(
-            "bad-signature", "the envelope's fingerprint is not its public key's", fp, info
-        )
+    opened = open_envelope(env, "the envelope", info)
+    if isinstance(opened, SignatureCheck):
+        return opened
+    public, signature, fp = opened
     try:
         doc = json.loads(manifest)
     except ValueError:
@@ -392,11 +413,7 @@ def check(manifest: bytes, sig: bytes | None, trusted: frozenset[str]) -> Signat
             info,
         )
     if fp not in trusted:
-        why = (
-            "is not in MEMDUMP_TRUSTED_KEYS"
-            if trusted
-            else "is not trusted (MEMDUMP_TRUSTED_KEYS unset)"
-        )
+        why = untrusted_reason(trusted)
         return SignatureCheck("untrusted-key", f"signed by key {fp} which {why}", fp, info)
     if attests is not None:
         when = attests.get("attested_at")
