@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from memdump.settings import Settings
+from tests.helpers.moto import running_moto
 from tests.helpers.prefect_events import reset_events_worker
 from tests.helpers.signing import trusting
 from tests.helpers.stack import Stack, lab_inventory, running_stack
@@ -33,6 +34,13 @@ def settings(lab_dir: Path, tmp_path: Path) -> Settings:
     # Signed by a key of its own and trusting it, as scripts/run sets up the lab (issue 15).
     s = Settings(inventory_file=lab_dir / "inventory.yaml", dump_dir=tmp_path / "dumps")
     return trusting(s, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    """A moto S3 server (tests/helpers/moto.py) for the module's tests."""
+    with running_moto() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

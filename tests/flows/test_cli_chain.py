@@ -7,7 +7,6 @@ same small ELF core for both)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from memdump.hypervisors import VMRef
 from memdump.records.sqlite import SQLiteRecordStore
 from tests.helpers.capture_modes import REF, LiveDriver
-from tests.helpers.moto import new_bucket, running_moto
+from tests.helpers.moto import new_bucket
 
 # What differs between two captures of the same VM: when, where, and what started it.
 VARYING = {
@@ -37,12 +36,6 @@ VARYING = {
     # signed over the fields above (memdump.recordsig): the same for neither
     "record_signature",
 }
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with running_moto() as url:
-        yield url
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,13 +13,7 @@ import pytest
 
 from memdump.manifest import manifest_path
 from tests.helpers.dumps import stored
-from tests.helpers.moto import new_bucket, running_moto
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with running_moto() as url:
-        yield url
+from tests.helpers.moto import new_bucket
 
 
 @pytest.mark.parametrize(("keep_local", "versioned"), [(True, True), (False, False)])

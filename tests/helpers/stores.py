@@ -39,3 +39,10 @@ class FlakyStore:
 
     def close(self) -> None:
         pass
+
+
+def record_row(settings: Any, dump_path: str) -> dict[str, Any]:
+    """The one row of ``settings``' SQLite record store whose dump_path is ``dump_path``."""
+    rows = SQLiteRecordStore(settings.records_db).list(100, 0)
+    (row,) = [r for r in rows if r["dump_path"] == dump_path]
+    return row

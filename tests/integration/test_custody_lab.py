@@ -12,7 +12,6 @@ import base64
 import hashlib
 import json
 import stat
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ from memdump.retention import apply
 from memdump.settings import S3Settings, Settings
 from memdump.signing import canonical
 from memdump.verify import verify
-from tests.helpers.moto import new_bucket, running_moto
+from tests.helpers.moto import new_bucket
+from tests.helpers.stores import record_row
 
 VM = "vm-web-01"
 
@@ -38,18 +38,6 @@ VM = "vm-web-01"
 @pytest.fixture
 def settings(settings: Settings, tmp_path: Path) -> Settings:
     return settings.model_copy(update={"data_dir": tmp_path / "data", "collector_id": "lab-col"})
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with running_moto() as url:
-        yield url
-
-
-def _row(settings: Settings, dump_path: str) -> dict[str, Any]:
-    rows = SQLiteRecordStore(settings.records_db).list(100, 0)
-    (row,) = [r for r in rows if r["dump_path"] == dump_path]
-    return row
 
 
 def _custody(settings: Settings, dump: str, capsys: Any) -> tuple[int, dict[str, Any]]:
@@ -92,7 +80,7 @@ def test_a_lab_capture_is_logged_verified_and_deleted_and_the_log_stays(
     assert cap["sha256"] == done.record.sha256 and docs[0]["by"]["collector_id"] == "lab-col"
     assert docs[1]["details"]["status"] == done.record.analysis != ""
 
-    row = _row(settings, str(dump))
+    row = record_row(settings, str(dump))
     v = verify(row, settings, by="flow")
     assert v.custody is not None and v.custody["status"] == "intact", v.custody
     docs = [json.loads(x) for x in custody.LocalLog(path).read()]
@@ -153,7 +141,7 @@ def test_offloaded_the_log_is_beside_the_object_one_object_per_entry(
     local = custody.LocalLog(custody.log_path(Path(done.capture.record.dump_path))).read()
     assert len(local) == 3
 
-    row = _row(s, uri)
+    row = record_row(s, uri)
     v = verify(row, s, by="api")
     assert v.custody is not None and v.custody["status"] == "intact", v.custody
     assert len(entries()) == 4

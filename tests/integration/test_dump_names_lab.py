@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from memdump.hypervisors import open_driver
 from memdump.manifest import manifest_key, manifest_path
 from memdump.settings import HypervisorConfig, S3Settings, Settings
 from memdump.storage import S3Store
-from tests.helpers.moto import running_moto
 
 VM = "vm-db-01"
 FROZEN = datetime(2026, 11, 29, 1, 52, 16, 123456, tzinfo=UTC)
@@ -33,12 +31,6 @@ class _Frozen(datetime):
     @classmethod
     def now(cls, tz: object = None) -> _Frozen:  # type: ignore[override]
         return cls.fromtimestamp(FROZEN.timestamp(), UTC)
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with running_moto() as url:
-        yield url
 
 
 def test_same_vmid_on_two_hypervisors_same_instant(

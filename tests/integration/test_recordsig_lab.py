@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from memdump.chain import run_chain
 from memdump.hypervisors import Driver
-from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 from memdump.verify import verify
+from tests.helpers.stores import record_row
 
 VM = "vm-web-01"
 
@@ -30,18 +29,12 @@ def settings(settings: Settings, tmp_path: Path) -> Settings:
     )
 
 
-def _row(settings: Settings, dump_path: str) -> dict[str, Any]:
-    rows = SQLiteRecordStore(settings.records_db).list(100, 0)
-    (row,) = [r for r in rows if r["dump_path"] == dump_path]
-    return row
-
-
 def test_a_lab_capture_signs_its_record_and_an_edit_in_the_store_is_caught(
     driver: Driver, settings: Settings
 ) -> None:
     done = run_chain(driver, driver.resolve(VM), settings, mode="paused")
     assert done.recorded and done.record.record_signature
-    row = _row(settings, done.record.dump_path)
+    row = record_row(settings, done.record.dump_path)
     assert row["record_signature"] == done.record.record_signature
     v = verify(row, settings)
     assert v.status == "verified", v
@@ -52,7 +45,7 @@ def test_a_lab_capture_signs_its_record_and_an_edit_in_the_store_is_caught(
             "UPDATE mem_dumps SET dom = ? WHERE dump_path = ?", ("vm-db-01", row["dump_path"])
         )
     db.close()
-    v = verify(_row(settings, done.record.dump_path), settings)
+    v = verify(record_row(settings, done.record.dump_path), settings)
     assert v.status == "bad-signature", v
     assert v.signature is not None and v.signature["record"]["status"] == "bad-signature"
     assert v.signature["status"] == "valid"  # the manifest's: untouched
@@ -63,4 +56,4 @@ def test_a_lab_capture_signs_its_record_and_an_edit_in_the_store_is_caught(
             (row["dom"], row["dump_path"]),
         )
     db.close()
-    assert verify(_row(settings, done.record.dump_path), settings).status == "bad-signature"
+    assert verify(record_row(settings, done.record.dump_path), settings).status == "bad-signature"

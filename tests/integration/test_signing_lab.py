@@ -12,9 +12,7 @@ import hashlib
 import json
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -25,13 +23,13 @@ from memdump.errors import CountersignRefusedError
 from memdump.hypervisors import Driver
 from memdump.locations import Location
 from memdump.manifest import manifest_key, manifest_path
-from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import S3Settings, Settings
 from memdump.signing import encode_envelope, envelope
 from memdump.stored import open_stored
 from memdump.verify import verify
-from tests.helpers.moto import new_bucket, running_moto
+from tests.helpers.moto import new_bucket
 from tests.helpers.signing import other_signer
+from tests.helpers.stores import record_row
 
 VM = "vm-web-01"
 # DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): the raw key follows.
@@ -48,18 +46,6 @@ def settings(settings: Settings, tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with running_moto() as url:
-        yield url
-
-
-def _row(settings: Settings, dump_path: str) -> dict[str, Any]:
-    rows = SQLiteRecordStore(settings.records_db).list(100, 0)
-    (row,) = [r for r in rows if r["dump_path"] == dump_path]
-    return row
-
-
 def _canonical(manifest: bytes) -> bytes:
     """The examiner's canonical JSON, with the standard library only."""
     doc = json.loads(manifest)
@@ -74,7 +60,7 @@ def test_a_lab_capture_is_signed_and_verified_and_checks_out_without_memdump(
     mpath = manifest_path(dump)
     sig = mpath.with_name(mpath.name + ".sig")
     assert stat.S_IMODE(sig.stat().st_mode) == 0o600
-    v = verify(_row(settings, str(dump)), settings)
+    v = verify(record_row(settings, str(dump)), settings)
     assert v.status == "verified", v
     assert v.signature is not None and v.signature["status"] == "valid"
 
@@ -126,7 +112,7 @@ def test_offloaded_to_s3_the_signature_travels_and_is_checked(
     # The local copies, signature too, are gone.
     assert [p for p in s.dump_dir.iterdir() if p.name.endswith((".gz", ".json", ".sig"))] == []
     stored_sig = client.get_object(Bucket=bucket, Key=skey)["Body"].read()
-    row = _row(s, uri)
+    row = record_row(s, uri)
     v = verify(row, s)
     assert v.status == "verified", v
 

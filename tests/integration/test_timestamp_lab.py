@@ -14,7 +14,6 @@ import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -26,12 +25,12 @@ from memdump.cli.app import main
 from memdump.hypervisors import Driver
 from memdump.locations import Location
 from memdump.manifest import manifest_key, manifest_path
-from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import S3Settings, Settings
 from memdump.signing import trusted_keys
 from memdump.stored import open_stored
 from memdump.verify import verify
-from tests.helpers.moto import new_bucket, running_moto
+from tests.helpers.moto import new_bucket
+from tests.helpers.stores import record_row
 from tests.helpers.tsa import LocalTSA, closed_url, local_tsa
 
 VM = "vm-web-01"
@@ -55,18 +54,6 @@ def settings(settings: Settings, tmp_path: Path, tsa: LocalTSA) -> Settings:
     )
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with running_moto() as url:
-        yield url
-
-
-def _row(settings: Settings, dump_path: str) -> dict[str, Any]:
-    rows = SQLiteRecordStore(settings.records_db).list(100, 0)
-    (row,) = [r for r in rows if r["dump_path"] == dump_path]
-    return row
-
-
 def test_a_lab_capture_gets_a_token_openssl_accepts(
     driver: Driver, settings: Settings, tsa: LocalTSA
 ) -> None:
@@ -87,7 +74,7 @@ def test_a_lab_capture_gets_a_token_openssl_accepts(
         check=False,
     )
     assert out.returncode == 0 and "Verification: OK" in out.stdout, out
-    v = verify(_row(settings, done.record.dump_path), settings)
+    v = verify(record_row(settings, done.record.dump_path), settings)
     assert v.status == "verified", v
     assert v.timestamp is not None and v.timestamp["status"] == "valid"
 
@@ -118,7 +105,7 @@ def test_a_tsa_down_never_fails_a_capture_and_the_token_comes_later(
     assert "trusted timestamp pending" in err, err
     mpath = manifest_path(Path(record["dump_path"]))
     assert mpath.is_file() and not ts.tsr_path(mpath).exists()
-    row = _row(settings, record["dump_path"])
+    row = record_row(settings, record["dump_path"])
     v = verify(row, settings)
     assert v.status == "verified" and v.timestamp is not None
     assert v.timestamp["status"] == "pending"
@@ -151,7 +138,7 @@ def test_offloaded_the_token_travels_beside_the_manifest(
     assert [p for p in s.dump_dir.iterdir() if p.name.endswith(".tsr")] == []
     body = client.get_object(Bucket=bucket, Key=tkey)["Body"].read()
     assert ts.parse_response(body).tst is not None
-    row = _row(s, done.record.dump_path)
+    row = record_row(s, done.record.dump_path)
     v = verify(row, s)
     assert v.status == "verified" and v.timestamp is not None
     assert v.timestamp["status"] == "valid"
@@ -168,7 +155,7 @@ def test_offloaded_the_token_travels_beside_the_manifest(
     mdata = client.get_object(Bucket=bucket, Key=manifest_key(lkey))["Body"].read()
     resp = ts.parse_response(late_tsr)
     assert resp.tst is not None and resp.tst.hashed == hashlib.sha256(mdata).digest()
-    lv = verify(_row(s, late.record.dump_path), s)
+    lv = verify(record_row(s, late.record.dump_path), s)
     assert lv.timestamp is not None and lv.timestamp["status"] == "valid"
     # The custody log beside the object says when the token came, and still checks out.
     mprefix = custody.log_prefix(lkey)

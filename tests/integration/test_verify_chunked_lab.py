@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,12 @@ from memdump.chunkedgz import Chunk, read_index
 from memdump.elfcore import CoreLayout, parse_core
 from memdump.hypervisors import Driver
 from memdump.manifest import manifest_path
-from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import S3Settings, Settings
 from memdump.storage.s3 import S3Store
 from memdump.verify import verify
 from tests.helpers.lab import layout
-from tests.helpers.moto import new_bucket, running_moto
+from tests.helpers.moto import new_bucket
+from tests.helpers.stores import record_row
 from tests.helpers.writer_guest import writer_domain
 
 VM = "vm-web-01"  # 256 MiB, the halt BIOS: its memory does not change
@@ -46,18 +45,6 @@ def settings(settings: Settings, tmp_path: Path) -> Settings:
             "analysis": settings.analysis.model_copy(update={"enabled": False}),
         }
     )
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    with running_moto() as url:
-        yield url
-
-
-def _row(settings: Settings, dump_path: str) -> dict[str, Any]:
-    (row,) = [r for r in SQLiteRecordStore(settings.records_db).list(100, 0)
-              if r["dump_path"] == dump_path]  # fmt: skip
-    return row
 
 
 def _elf(head: bytes) -> CoreLayout:
@@ -99,7 +86,7 @@ def test_a_flipped_byte_in_a_local_capture(
 ) -> None:
     done = run_chain(driver, driver.resolve(VM), settings, mode="paused")
     dump = Path(done.record.dump_path)
-    row = _row(settings, str(dump))
+    row = record_row(settings, str(dump))
     v = verify(row, settings)
     assert v.status == "verified", v
     with open(dump, "rb") as f:
@@ -148,7 +135,7 @@ def test_a_flipped_byte_in_a_capture_offloaded_to_s3(
     uri = done.record.dump_path
     assert uri.startswith(f"s3://{bucket}/")
     key = uri.removeprefix(f"s3://{bucket}/")
-    row = _row(s, uri)
+    row = record_row(s, uri)
     assert verify(row, s).status == "verified"
 
     data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -185,7 +172,7 @@ def test_two_captures_of_a_halted_guest_change_no_chunk(driver: Driver, settings
     first, second = _capture_twice(driver, settings, VM)
     assert first.chunks_changed is None and "no previous capture" in first.chunks_changed_reason
     assert (second.chunks_changed, second.chunks_compared_with) == (0, first.dump_path)
-    row = _row(settings, second.dump_path)
+    row = record_row(settings, second.dump_path)
     assert (row["chunks_changed"], row["chunks_changed_reason"]) == (0, "")
     doc = json.loads(manifest_path(Path(second.dump_path)).read_text())
     assert doc["changes"]["chunks_changed"] == 0
@@ -203,4 +190,4 @@ def test_two_captures_of_a_writer_guest_change_most_chunks(
     count = doc["changes"]["chunk_count"]
     # The writer rewrites every page from 1 MiB to the end of RAM on every pass.
     assert second.chunks_changed is not None and count * 0.9 < second.chunks_changed <= count
-    assert _row(settings, second.dump_path)["chunks_changed"] == second.chunks_changed
+    assert record_row(settings, second.dump_path)["chunks_changed"] == second.chunks_changed
