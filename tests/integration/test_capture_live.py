@@ -176,6 +176,8 @@ def test_without_the_userfaultfd_window_falls_back_to_paused(
     assert (c["mode_requested"], c["mode"], c["live"]) == ("live", "paused", None)
     assert c["fallback_reason"] == rec.live_fallback_reason
     assert verify(rec.api_dict(), settings).status == "verified"
-    # The dump, its manifest and the manifest's signature (issue 15).
-    assert sorted(p.suffix for p in settings.dump_dir.iterdir()) == [".gz", ".json", ".sig"]
+    # The dump, its manifest, the manifest's signature and the custody log that verify's
+    # "verified" entry started (issue 15; capture() alone, without the chain, logs nothing).
+    suffixes = sorted(p.suffix for p in settings.dump_dir.iterdir())
+    assert suffixes == [".gz", ".json", ".jsonl", ".sig"]
     assert_guest_clean(vm, sysctl_before)
