@@ -33,15 +33,14 @@ from memdump.changes import since_previous
 from memdump.errors import MemdumpError, OffloadFailedError, RecordNotWrittenError
 from memdump.hypervisors import Driver, VMRef, open_driver
 from memdump.locations import Location
-from memdump.manifest import manifest_key, manifest_path
+from memdump.manifest import SIDECAR_SUFFIXES, manifest_key, manifest_path
 from memdump.pipeline import ProgressFn
 from memdump.records import open_recorder
 from memdump.records.model import DumpRecord
 from memdump.records.outbox import OutboxState
 from memdump.settings import Settings
-from memdump.signing import collector_signer, sig_path
+from memdump.signing import collector_signer
 from memdump.targets import find
-from memdump.timestamping import tsr_path
 
 log = logging.getLogger("memdump.chain")
 
@@ -263,16 +262,13 @@ def _offload_once(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, L
     mpath = manifest_path(dump)
     if record.manifest_sha256:
         store.upload(mpath, gz_sha256=record.manifest_sha256, size=mpath.stat().st_size)
-    # Its signature (memdump.signing) travels with it: <manifest key>.sig.
-    spath = sig_path(mpath)
-    if spath.is_file():
-        sig = spath.read_bytes()
-        store.upload(spath, gz_sha256=hashlib.sha256(sig).hexdigest(), size=len(sig))
-    # And its trusted timestamp's token (memdump.timestamping): <manifest key>.tsr.
-    tpath = tsr_path(mpath)
-    if tpath.is_file():
-        tsr = tpath.read_bytes()
-        store.upload(tpath, gz_sha256=hashlib.sha256(tsr).hexdigest(), size=len(tsr))
+    # Its sidecars travel with it: the signature (<manifest key>.sig, memdump.signing) and
+    # the trusted timestamp's token (.tsr, memdump.timestamping).
+    sidecars = [mpath.with_name(mpath.name + suffix) for suffix in SIDECAR_SUFFIXES]
+    for side in sidecars:
+        if side.is_file():
+            data = side.read_bytes()
+            store.upload(side, gz_sha256=hashlib.sha256(data).hexdigest(), size=len(data))
     where = Location("s3", obj.uri, version_id=obj.version_id or "")
     log.info("offloaded %s to %s (%d bytes)", record.vmid, obj.uri, obj.size)
     located = dataclasses.replace(
@@ -287,8 +283,8 @@ def _offload_once(record: DumpRecord, settings: Settings) -> tuple[DumpRecord, L
         return located, where
     dump.unlink()
     mpath.unlink(missing_ok=True)
-    spath.unlink(missing_ok=True)
-    tpath.unlink(missing_ok=True)
+    for side in sidecars:
+        side.unlink(missing_ok=True)
     return dataclasses.replace(located, dump_path=where.where, local_path="", collector=""), where
 
 

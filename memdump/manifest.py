@@ -40,6 +40,12 @@ if TYPE_CHECKING:  # types only: memdump.stored (`memdump diff`) needs no captur
 
 MANIFEST_VERSION = 3  # 3: output.chunks (the chunked .mem.gz)
 SUFFIX = ".manifest.json"
+# Files beside the manifest (<manifest>.sig, <manifest>.tsr) that travel with it to S3 and
+# go with the dump: named here once for the writers (memdump.signing, memdump.timestamping)
+# and for what moves, reads, locks and deletes them (memdump.chain, memdump.stored).
+SIG_SUFFIX = ".sig"  # its signature (memdump.signing)
+TSR_SUFFIX = ".tsr"  # its RFC 3161 timestamp token (memdump.timestamping)
+SIDECAR_SUFFIXES = (SIG_SUFFIX, TSR_SUFFIX)
 
 
 def manifest_path(dump: Path) -> Path:

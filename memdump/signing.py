@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from memdump.errors import ConfigError, StorageError
+from memdump.manifest import SIG_SUFFIX
 
 if TYPE_CHECKING:
     from memdump.settings import Settings
@@ -57,7 +58,6 @@ if TYPE_CHECKING:
 ALGORITHM = "Ed25519"
 ENVELOPE_TYPE = "memdump-signature"
 CANONICAL = "json: sorted keys, separators ',' ':', UTF-8, no ASCII escapes"
-SIG_SUFFIX = ".sig"
 SIG_MAX_BYTES = 64 << 10  # an envelope is a few hundred bytes
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, cast
 
 from memdump.errors import ObjectNotFoundError
 from memdump.locations import Location
-from memdump.manifest import manifest_key, manifest_path
+from memdump.manifest import SIDECAR_SUFFIXES, SIG_SUFFIX, TSR_SUFFIX, manifest_key, manifest_path
 
 if TYPE_CHECKING:  # types only: `memdump diff` of two files reads no settings (pydantic)
     from memdump.settings import Settings
@@ -22,8 +22,6 @@ if TYPE_CHECKING:  # types only: `memdump diff` of two files reads no settings (
 
 CHUNK = 4 << 20
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-SIG_SUFFIX = ".sig"  # the manifest's signature beside it (memdump.signing.SIG_SUFFIX)
-TSR_SUFFIX = ".tsr"  # its RFC 3161 timestamp token (memdump.timestamping.TSR_SUFFIX)
 
 
 def _sig_name(dump: Path) -> str:
@@ -139,9 +137,9 @@ class LocalDump:
         existed = self.path.exists()
         self.path.unlink(missing_ok=True)
         manifest_path(self.path).unlink(missing_ok=True)
-        (self.path.parent / _sig_name(self.path)).unlink(missing_ok=True)
         mpath = manifest_path(self.path)
-        mpath.with_name(mpath.name + TSR_SUFFIX).unlink(missing_ok=True)
+        for suffix in SIDECAR_SUFFIXES:
+            mpath.with_name(mpath.name + suffix).unlink(missing_ok=True)
         return existed
 
     def lock(self) -> ObjectLock | None:
@@ -199,12 +197,9 @@ class S3Dump:
         # marker: it was written with If-None-Match, so the version there is this dump's.
         mversion = self.store.current_version(mkey) if version else None
         self.store.delete(mkey, version_id=mversion)
-        skey = mkey + SIG_SUFFIX
-        sversion = self.store.current_version(skey) if version else None
-        self.store.delete(skey, version_id=sversion)
-        tkey = mkey + TSR_SUFFIX
-        tversion = self.store.current_version(tkey) if version else None
-        self.store.delete(tkey, version_id=tversion)
+        for key in (mkey + suffix for suffix in SIDECAR_SUFFIXES):
+            sversion = self.store.current_version(key) if version else None
+            self.store.delete(key, version_id=sversion)
         return existed
 
     def lock(self) -> ObjectLock | None:
@@ -214,8 +209,7 @@ class S3Dump:
         locks = [
             self.store.object_lock(self.key, version_id=self.location.version_id or None),
             self.store.object_lock(mkey),
-            self.store.object_lock(mkey + SIG_SUFFIX),
-            self.store.object_lock(mkey + TSR_SUFFIX),
+            *(self.store.object_lock(mkey + suffix) for suffix in SIDECAR_SUFFIXES),
         ]
         held = [lk for lk in locks if lk is not None]
         if not held:

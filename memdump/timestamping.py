@@ -48,13 +48,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from memdump.errors import StorageError, TimestampError
 from memdump.fsperm import private_dir, private_file
+from memdump.manifest import TSR_SUFFIX
 
 if TYPE_CHECKING:
     from memdump.settings import Settings
 
 log = logging.getLogger("memdump.timestamping")
 
-TSR_SUFFIX = ".tsr"
 TSR_MAX_BYTES = 64 << 10  # a response with its TSA's certificate is a few KiB
 CONTENT_TYPE_QUERY = "application/timestamp-query"
 CONTENT_TYPE_REPLY = "application/timestamp-reply"
