@@ -3,7 +3,10 @@ fault test kills exactly the process it means to (never by name across the machi
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 from pathlib import Path
 
 
@@ -45,6 +48,42 @@ def descendants(root: int) -> list[int]:
             out.append(k)
             todo.append(k)
     return out
+
+
+def _state(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2]
+
+
+def freeze(root: int) -> list[int]:
+    """SIGSTOP ``root`` and all its descendants, also those forked while this runs: once
+    it returns, the whole tree does nothing more (no request, no fork) until a SIGCONT or
+    SIGKILL (signal_all). Returns the stopped pids."""
+    stopped: list[int] = []
+    while True:
+        new = [p for p in [root, *descendants(root)] if p not in stopped]
+        if not new:
+            return stopped
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        # Stopped for real (state T; gone or a zombie is as good) before the tree is
+        # listed again: a fork under way when the signal came shows in that listing.
+        deadline = time.monotonic() + 10
+        while any(_state(p) not in (None, "T", "t", "Z", "X") for p in stopped):
+            assert time.monotonic() < deadline, "a process did not stop on SIGSTOP"
+            time.sleep(0.01)
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    """``sig`` to each of ``pids``; one that has ended meanwhile is skipped."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def ancestor_below(pid: int, top: int) -> int | None:
