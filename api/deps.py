@@ -1,4 +1,5 @@
-"""FastAPI dependencies: one Settings, one record store, one Runs backend per app."""
+"""FastAPI dependencies: one Settings, one record reader (read-only: the API never writes
+records), one Runs backend per app."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from fastapi import Depends, Request
 
 from api.runs import LatestRunCache, Runs
 from api.verify_jobs import VerifyJobs
-from memdump.records.base import RecordStore
-from memdump.records.outbox import Outbox
+from memdump.records.base import RecordReader
+from memdump.records.outbox import OutboxReader
 from memdump.settings import Settings
 
 
@@ -18,13 +19,13 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_store(request: Request) -> RecordStore:
-    store: RecordStore = request.app.state.store
+def get_store(request: Request) -> RecordReader:
+    store: RecordReader = request.app.state.store
     return store
 
 
-def get_outbox(request: Request) -> Outbox:
-    outbox: Outbox = request.app.state.outbox
+def get_outbox(request: Request) -> OutboxReader:
+    outbox: OutboxReader = request.app.state.outbox
     return outbox
 
 
@@ -44,8 +45,8 @@ def get_verify_jobs(request: Request) -> VerifyJobs:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[RecordStore, Depends(get_store)]
+StoreDep = Annotated[RecordReader, Depends(get_store)]
 RunsDep = Annotated[Runs, Depends(get_runs)]
-OutboxDep = Annotated[Outbox, Depends(get_outbox)]
+OutboxDep = Annotated[OutboxReader, Depends(get_outbox)]
 LatestRunDep = Annotated[LatestRunCache, Depends(get_latest_run)]
 VerifyJobsDep = Annotated[VerifyJobs, Depends(get_verify_jobs)]

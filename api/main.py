@@ -18,11 +18,12 @@ from api.runs import LatestRunCache, PrefectRuns, Runs
 from api.verify_jobs import VerifyJobs
 from memdump import __version__
 from memdump.fsperm import private_umask
-from memdump.records import Outbox, open_store
-from memdump.records.base import RecordStore
+from memdump.records import open_reader
+from memdump.records.base import RecordReader
+from memdump.records.outbox import OutboxReader
 from memdump.settings import Settings
 
-# uvicorn imports this module first: the records and outbox it opens are 0600.
+# uvicorn imports this module first: whatever it writes (verify's custody entries) is 0600.
 private_umask()
 
 
@@ -84,7 +85,7 @@ def _describe(errors: list[Any]) -> str:
 def create_app(
     settings: Settings | None = None,
     *,
-    store: RecordStore | None = None,
+    store: RecordReader | None = None,
     runs: Runs | None = None,
 ) -> FastAPI:
     settings = settings or Settings()
@@ -101,8 +102,9 @@ def create_app(
     )
     add_docs(app)
     app.state.settings = settings
-    app.state.store = store or open_store(settings)
-    app.state.outbox = Outbox(settings.outbox_db)
+    # Read-only (least privilege): records are written by the collectors, never the API.
+    app.state.store = store or open_reader(settings)
+    app.state.outbox = OutboxReader(settings.outbox_db)
     app.state.runs = runs or PrefectRuns(
         settings.orchestration.flow_name, settings.orchestration.deployment
     )

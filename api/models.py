@@ -109,6 +109,13 @@ class Record(BaseModel):
         " JSON envelope (algorithm, fields, key_fingerprint, public_key, signature,"
         " signed_at); empty in older records",
     )
+    signature_status: Literal["valid", "unsigned", "bad-signature", "untrusted-key"] = Field(
+        "unsigned",
+        description="That signature checked by this API against MEMDUMP_TRUSTED_KEYS when"
+        " the records were read: valid (by a trusted key), unsigned (older record),"
+        " bad-signature (the record was edited, or the envelope is damaged), untrusted-key."
+        " The record alone: /verify checks it against the dump and its manifest",
+    )
 
 
 class RecordsResponse(BaseModel):

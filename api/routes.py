@@ -31,12 +31,14 @@ from api.models import (
 from api.runs import LatestRunCache, Runs, TriggerBusy, Triggered, TriggerView
 from api.status import map_state
 from api.verify_jobs import VerifyBusy, VerifyJob, VerifyJobs
+from memdump import recordsig
 from memdump.errors import LocationError, MemdumpError
 from memdump.escaping import csv_cell
 from memdump.identifiers import split_qualified, validate_id
 from memdump.records.base import RecordQuery
 from memdump.records.model import API_FIELDS, iso_utc
 from memdump.runinfo import ALL
+from memdump.signing import trusted_keys
 from memdump.verify import verify
 
 # Larger offsets cannot be passed to the stores (SQLite integers are 64-bit).
@@ -212,6 +214,7 @@ def records(
     )
     with _answer_500("Error fetching records"):
         rows = store.list(limit, offset, query)
+        rows = recordsig.with_status(rows, trusted_keys(settings))
     if format == "csv":
         return StreamingResponse(
             csv_lines(rows),
@@ -244,8 +247,9 @@ def csv_lines(rows: list[dict[str, Any]]) -> Iterator[str]:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\r\n")
     # Cells are escaped against formula injection (VM names come from hypervisors).
-    header: list[object] = list(API_FIELDS)
-    cells = ([csv_cell(r.get(k, "")) for k in API_FIELDS] for r in rows)
+    columns = (*API_FIELDS, recordsig.STATUS_FIELD)
+    header: list[object] = list(columns)
+    cells = ([csv_cell(r.get(k, "")) for k in columns] for r in rows)
     for row in [header, *cells]:
         writer.writerow(row)
         yield buf.getvalue()
@@ -423,7 +427,7 @@ def verify_dump(
         try:
             job = jobs.start(
                 str(row["dump_path"]),
-                lambda: verify(row, settings).to_dict(),
+                lambda: verify(row, settings, by="api").to_dict(),
                 lambda exc: f"Error verifying dump: {exc}",
             )
         except VerifyBusy:
@@ -436,7 +440,7 @@ def verify_dump(
     try:
         with jobs.slot(), _answer_500("Error verifying dump"):
             try:
-                return verify(row, settings).to_dict()
+                return verify(row, settings, by="api").to_dict()
             except LocationError as exc:
                 # A record is data, not a licence to read: its location is outside the
                 # dump directory or S3 prefix, so nothing of it is read or described.

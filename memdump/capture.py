@@ -101,13 +101,16 @@ def capture(
     mode: Mode | None = None,
     hv: HypervisorConfig | None = None,
     changes: ChangesFn | None = None,
+    record_signature: Mapping[str, str] | None = None,
 ) -> Capture:
     """``trigger``: what started the capture (``source``: api, schedule, cli; and the
     orchestrator's run id), recorded in the manifest. ``mode``: "paused" or "live",
     overriding the configured one (capture_mode); ``hv``: the driver's inventory entry
     (else found by ``ref.hypervisor``). ``changes``: given the finished dump, the
     manifest's ``changes`` section (the capture chain's comparison with the previous
-    capture, memdump.changes), written with the rest of the manifest."""
+    capture, memdump.changes), written with the rest of the manifest.
+    ``record_signature``: the manifest's statement that the record will be signed, and by
+    which key (memdump.recordsig.declaration; the chain's, which signs every record)."""
     requested: Mode = mode or capture_mode(settings, ref.hypervisor, hv)
     if settings.analysis.enabled:
         # Volatility's import (~0.3 s, mostly Python) overlaps the dump instead of
@@ -119,7 +122,10 @@ def capture(
     # command fewer on the way to the snapshot instant (about 0.35 s on the lab).
     preflight = _Preflight.start(driver, ref) if requested == "live" else None
     try:
-        return _capture(driver, ref, settings, requested, preflight, progress, trigger, changes)
+        once = functools.partial(
+            _capture_once, changes=changes, preflight=preflight, record_signature=record_signature
+        )
+        return _capture(driver, ref, settings, requested, preflight, progress, trigger, once)
     finally:
         if preflight is not None:
             preflight.wait()  # never left running on a transport the caller closes
@@ -133,9 +139,8 @@ def _capture(
     preflight: _Preflight | None,
     progress: ProgressFn | None,
     trigger: Mapping[str, str] | None,
-    changes: ChangesFn | None,
+    once: Callable[..., Capture],
 ) -> Capture:
-    once = functools.partial(_capture_once, changes=changes, preflight=preflight)
     info = driver.snapshot(ref)
     if not info.running:
         raise VMNotRunningError(
@@ -235,6 +240,7 @@ def _capture_once(
     *,
     changes: ChangesFn | None = None,
     preflight: _Preflight | None = None,
+    record_signature: Mapping[str, str] | None = None,
 ) -> Capture:
     started = datetime.now(UTC)
     t0 = time.monotonic()
@@ -319,6 +325,10 @@ def _capture_once(
     )
     if changes is not None:
         doc["changes"] = dict(changes(result.path))
+    if record_signature is not None:
+        # Signed with the manifest: a record stripped of its signature in the store is
+        # then caught by verify, not taken for an older, unsigned one.
+        doc["record_signature"] = dict(record_signature)
     try:
         _, manifest_sha = manifest.write(result.path, doc, settings=settings)  # signed
     except MemdumpError:

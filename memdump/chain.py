@@ -91,7 +91,7 @@ def run_chain(
     (not even the outbox took it)."""
     # The signing key is loaded (made, on first use) before the guest is touched: a key
     # that cannot be read fails here, not after the dump, which would then be lost.
-    collector_signer(settings)
+    signer = collector_signer(settings)
     with slot(ref) if slot is not None else nullcontext():
         log.info("capturing %s on %s", ref.name, ref.hypervisor)
         captured = capture(
@@ -104,6 +104,7 @@ def run_chain(
             changes=lambda dump: since_previous(
                 settings, ref.hypervisor, ref.vmid, dump
             ).manifest_section(),
+            record_signature=recordsig.declaration(signer),
         )
     _custody_captured(settings, captured, trigger)
     stamped = _stamp(settings, captured.record)
@@ -124,7 +125,7 @@ def run_chain(
     if stamped is not None:
         _stamped(settings, stamped, record, obj)
     # Signed now that every signed field is final (memdump.recordsig).
-    record = recordsig.sign(record, collector_signer(settings))
+    record = recordsig.sign(record, signer)
     recorded, outbox = record_dump(record, settings)
     return ChainResult(captured, record, obj, recorded, outbox, stamped)
 

@@ -44,7 +44,7 @@ def countersign(record: Mapping[str, Any], settings: Settings) -> Countersigned:
     unless it verifies as ``unsigned``)."""
     signer = collector_signer(settings)
     where = str(record["dump_path"])
-    v = verify(record, settings)
+    v = verify(record, settings, by="countersign")
     if v.status != "unsigned":
         why = {
             "verified": "it is signed by a trusted key already",

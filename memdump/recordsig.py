@@ -72,6 +72,8 @@ UNSIGNED_FIELDS = ("deleted_at", "local_deleted_at", "s3_deleted_at", "record_si
 _INT = frozenset({"gzip_size_bytes", "ctime", "mtime", "atime", "raw_size_bytes", "chunks_changed"})
 _FLOAT = frozenset({"duration_sec", "pause_ms"})
 ENVELOPE_MAX = 2048  # an envelope is ~300 characters
+# The field the API adds to each record it lists: check(row).status (not stored).
+STATUS_FIELD = "signature_status"
 
 
 def _value(name: str, value: Any) -> Any:
@@ -92,6 +94,14 @@ def message(row: Mapping[str, Any]) -> bytes:
     )
 
 
+def declaration(signer: Signer) -> dict[str, str]:
+    """What the manifest says of its record's signature (its ``record_signature``
+    section, written and signed before the record exists): the field set and the key that
+    will sign it. verify then takes a record without a signature, or signed by another
+    key, for one whose signature was removed or replaced in the store."""
+    return {"fields": FIELDS_VERSION, "key_fingerprint": signer.fingerprint}
+
+
 def sign(record: DumpRecord, signer: Signer, at: datetime | None = None) -> DumpRecord:
     """``record`` with its ``record_signature`` by ``signer``."""
     at = at or datetime.now(UTC)
@@ -106,9 +116,40 @@ def sign(record: DumpRecord, signer: Signer, at: datetime | None = None) -> Dump
     return dataclasses.replace(record, record_signature=canonical(env).decode())
 
 
-def check(row: Mapping[str, Any], trusted: frozenset[str]) -> SignatureCheck:
+def with_status(rows: list[dict[str, Any]], trusted: frozenset[str]) -> list[dict[str, Any]]:
+    """``rows`` (API rows), each with its signature's status in STATUS_FIELD."""
+    for row in rows:
+        row[STATUS_FIELD] = check(row, trusted).status
+    return rows
+
+
+def check(row: Mapping[str, Any], trusted: frozenset[str], declared: Any = None) -> SignatureCheck:
     """The record's signature: valid by a trusted key, or why not (statuses as for the
-    manifest's: unsigned, bad-signature, untrusted-key)."""
+    manifest's: unsigned, bad-signature, untrusted-key). ``declared``: the manifest's
+    ``record_signature`` section (declaration()), when the manifest was checked against
+    the record: a record it says is signed must be, and by that key."""
+    found = _check(row, trusted)
+    if not isinstance(declared, Mapping):
+        return found
+    want = str(declared.get("key_fingerprint") or "")
+    if found.status == "unsigned":
+        return SignatureCheck(
+            "bad-signature",
+            f"the manifest says the record is signed by key {want[:16]}..., but the record"
+            " has no signature (removed in the store?)",
+        )
+    if found.key_fingerprint and found.key_fingerprint != want:
+        return SignatureCheck(
+            "bad-signature",
+            f"the record is signed by key {found.key_fingerprint[:16]}..., but its manifest"
+            f" names key {want[:16]}... as its signer (re-signed in the store?)",
+            found.key_fingerprint,
+            found.info,
+        )
+    return found
+
+
+def _check(row: Mapping[str, Any], trusted: frozenset[str]) -> SignatureCheck:
     raw = str(row.get("record_signature") or "")
     if not raw:
         return SignatureCheck("unsigned", "the record has no signature (older record)")

@@ -253,7 +253,11 @@ class InfluxDB3Settings(BaseModel):
 
     url: str = Field(description="e.g. http://127.0.0.1:8181")
     database: str = "memdump"
-    token: SecretStr | None = None
+    token: SecretStr | None = None  # the collectors': writes records
+    # The API's (least privilege): a token that may only read the database (InfluxDB 3
+    # Enterprise: `influxdb3 create token --permission "db:memdump:read"`). Unset, the API
+    # reads with ``token``.
+    read_token: SecretStr | None = None
     timeout_sec: float = Field(default=5.0, gt=0)
 
 

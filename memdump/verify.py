@@ -61,6 +61,8 @@ from memdump.timestamping import TSR_MAX_BYTES, TimestampCheck, is_pending
 from memdump.timestamping import check as check_timestamp
 
 Status = Literal["verified", "mismatch", "missing", "unsigned", "bad-signature", "untrusted-key"]
+# Who asked for a verification: the custody log's ``verified`` entry says so.
+Verifier = Literal["cli", "api", "flow", "countersign"]
 _INFLATE_STEP = 1 << 20  # most raw bytes one decompress call may return
 PAGE = 1000  # records per store query
 _MAX_HEAD = 64 << 20  # ELF headers past this are refused by memdump.elfcore anyway
@@ -89,6 +91,9 @@ class Verification:
     # expired, none, not-checked or error; mode, retain_until, legal_hold) beside what the
     # record says the offload put there (recorded). Information: it does not change status.
     object_lock: dict[str, Any] | None = None
+    # The manifest, once its SHA-256 matched the record's (not reported: the record's
+    # signature check reads what it says of the record, its ``record_signature``).
+    manifest: dict[str, Any] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -171,7 +176,7 @@ def verify(
     *,
     guest_range: tuple[int, int] | None = None,
     threads: int | None = None,
-    by: str = "collector",
+    by: Verifier = "cli",
 ) -> Verification:
     """Verify the artifact of one record (an API row: contract fields + extras). Its
     location is confined first (LocationError): a record is data, never a licence to
@@ -180,7 +185,7 @@ def verify(
     ``guest_range`` ([start, end), guest-physical): check only the chunks holding it
     (a chunked dump only: InvalidDumpError for a single-stream one, or a range in no
     PT_LOAD). ``threads``: chunks checked at once (default verify_threads(settings)).
-    ``by``: who asks (collector, api, flow): the custody log's ``verified`` entry says so."""
+    ``by``: who asks (Verifier): the custody log's ``verified`` entry says so."""
     t0 = time.monotonic()
     where = str(record["dump_path"])
     stored = open_stored(Location.of(where), settings)
@@ -208,8 +213,12 @@ def _record_signature(record: Mapping[str, Any], v: Verification, trusted: froze
     one ``verified`` into ``untrusted-key``; a mismatch or a missing dump outranks it (its
     reason is added to the detail). A record without one (older than record signing, or
     written by a caller other than the chain) is reported ``unsigned`` there without
-    changing ``status``: the manifest's signature still decides, as before."""
-    rec = recordsig_check(record, trusted)
+    changing ``status``: the manifest's signature still decides, as before; but where the
+    manifest says its record is signed (recordsig.declaration), a record without a
+    signature, or signed by another key, is ``bad-signature``: it was removed or replaced
+    in the store."""
+    declared = v.manifest.get("record_signature") if v.manifest is not None else None
+    rec = recordsig_check(record, trusted, declared)
     v.signature = {**(v.signature or {}), "record": rec.to_dict()}
     if rec.status in ("valid", "unsigned"):
         return
@@ -253,7 +262,7 @@ def _custody(
     record: Mapping[str, Any],
     settings: Settings,
     v: Verification,
-    by: str,
+    by: Verifier,
     guest_range: tuple[int, int] | None,
 ) -> Verification:
     """The dump's custody log (memdump.custody) checked into ``custody`` (it does not
@@ -396,7 +405,9 @@ def _verify_whole(
     success = f"{gz_n} bytes stored, {raw_n} raw{chunked}: hashes match the record" + (
         " and the manifest" if record.get("manifest_sha256") else ""
     )
-    return _outcome(where, problems, sig, success, checks, t0, ts)
+    v = _outcome(where, problems, sig, success, checks, t0, ts)
+    v.manifest = doc
+    return v
 
 
 def _index(stored: StoredDump) -> tuple[Index | None, str]:
@@ -679,7 +690,9 @@ def _verify_range(
         headers = {"ok": False, "bad": 1, "first_bad": _bad_chunk(exc, None)}
         checks["chunks"] = headers
         problems.append(_bad_chunk_text(headers))
-        return _outcome(where, problems, sig, "", checks, t0, ts)
+        v = _outcome(where, problems, sig, "", checks, t0, ts)
+        v.manifest = doc
+        return v
     raws = raw_ranges(layout, start, end)
     if not raws:
         raise InvalidDumpError(
@@ -733,4 +746,6 @@ def _verify_range(
         f" match the index, whose SHA-256 and Merkle root {index.merkle_root[:16]}... match"
         " the manifest (the rest of the dump was not read)"
     )
-    return _outcome(where, problems, sig, success, checks, t0, ts)
+    v = _outcome(where, problems, sig, success, checks, t0, ts)
+    v.manifest = doc
+    return v

@@ -21,4 +21,4 @@ def list_recorded(days: float) -> list[dict[str, Any]]:
 @task(name=VERIFY_TASK, tags=["memdump-verify"])
 def verify_dump(row: dict[str, Any]) -> dict[str, Any]:
     """Re-read one dump and compare both hashes and its manifest with the record."""
-    return verify(row, Settings()).to_dict()
+    return verify(row, Settings(), by="flow").to_dict()

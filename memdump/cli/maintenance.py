@@ -60,7 +60,7 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
             offset += len(page)
     bad = sum(1 for r in rows if not r)
     for row in (r for r in rows if r):
-        v = verify(row, settings, guest_range=guest_range)
+        v = verify(row, settings, guest_range=guest_range, by="cli")
         bad += v.status != "verified"
         print(json.dumps(v.to_dict()), flush=True)
     return 1 if bad else 0

@@ -39,16 +39,29 @@ class Stats:
         }
 
 
-class RecordStore(Protocol):
-    def add(self, record: DumpRecord) -> bool:
-        """Write one record; True if new, False if it was already there (the key is
-        vmid + timestamp + sha256, so a replayed write is never a duplicate)."""
-        ...
+class RecordReader(Protocol):
+    """What the API needs of a store: reads only (memdump.records.open_reader gives one
+    opened with read-only credentials, so the API cannot write even by mistake)."""
 
     def list(
         self, limit: int, offset: int, query: RecordQuery | None = None
     ) -> list[dict[str, Any]]:
         """API dicts (contract fields, then EXTRA_FIELDS), newest first."""
+        ...
+
+    def stats(self) -> Stats:
+        """``total_size_bytes`` counts dumps still stored (not deleted by retention)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class RecordStore(RecordReader, Protocol):
+    """The collectors' store: reads, and the writes of the chain and of retention."""
+
+    def add(self, record: DumpRecord) -> bool:
+        """Write one record; True if new, False if it was already there (the key is
+        vmid + timestamp + sha256, so a replayed write is never a duplicate)."""
         ...
 
     def mark_deleted(self, record: dict[str, Any], when: datetime) -> None:
@@ -59,9 +72,3 @@ class RecordStore(Protocol):
         """Retention deleted one copy of this record's dump (``kind``: "local" or "s3",
         memdump.locations); the record's deleted_at waits until every copy is gone."""
         ...
-
-    def stats(self) -> Stats:
-        """``total_size_bytes`` counts dumps still stored (not deleted by retention)."""
-        ...
-
-    def close(self) -> None: ...

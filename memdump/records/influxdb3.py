@@ -12,6 +12,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import SecretStr
+
 from memdump.errors import RecordStoreError
 from memdump.records.base import RecordQuery, Stats
 from memdump.records.model import (
@@ -89,7 +91,9 @@ def _where(q: RecordQuery) -> tuple[str, dict[str, Any]]:
 
 
 class InfluxDB3RecordStore:
-    def __init__(self, cfg: InfluxDB3Settings) -> None:
+    def __init__(self, cfg: InfluxDB3Settings, *, token: SecretStr | None = None) -> None:
+        """``token``: the credential to use instead of ``cfg.token`` (open_reader's
+        read-only one)."""
         from influxdb_client_3 import (
             InfluxDBClient3,
             WriteOptions,
@@ -104,7 +108,7 @@ class InfluxDB3RecordStore:
         self._client = InfluxDBClient3(
             host=cfg.url,
             database=cfg.database,
-            token=cfg.token.get_secret_value() if cfg.token else "",
+            token=secret.get_secret_value() if (secret := token or cfg.token) else "",
             write_client_options=write_client_options(
                 write_options=WriteOptions(write_type=WriteType.synchronous, max_retries=0)
             ),

@@ -85,9 +85,35 @@ class Outbox:
 
     def state(self) -> OutboxState:
         with self._db() as db:
-            depth, oldest = db.execute("SELECT COUNT(*), MIN(queued_at) FROM outbox").fetchone()
-            row = db.execute("SELECT last_error FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
-        return OutboxState(depth, oldest, row[0] if row else None)
+            return _state(db)
+
+
+class OutboxReader:
+    """The outbox's state, read-only (the API's /outbox and /status): the records waiting
+    there are evidence, and the API has no business removing them. Nothing is created:
+    no file yet means nothing waits."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def state(self) -> OutboxState:
+        from memdump.records.sqlite import read_only
+
+        if not self._path.exists():
+            return OutboxState(0, None, None)
+        try:
+            with read_only(self._path, 30) as db:
+                return _state(db)
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # made, its schema not yet written
+                return OutboxState(0, None, None)
+            raise
+
+
+def _state(db: sqlite3.Connection) -> OutboxState:
+    depth, oldest = db.execute("SELECT COUNT(*), MIN(queued_at) FROM outbox").fetchone()
+    row = db.execute("SELECT last_error FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
+    return OutboxState(depth, oldest, row[0] if row else None)
 
 
 class DurableRecorder:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from memdump.errors import RecordStoreError
 from memdump.fsperm import private_dir, private_file
@@ -70,7 +71,10 @@ _ADDED = {
 }
 # Per-location deletion marks retention may set (memdump.locations).
 _LOCATION_MARKS = {"local": "local_deleted_at", "s3": "s3_deleted_at"}
-_COLUMNS = ", ".join(("time_us",) + API_FIELDS[1:])
+_NAMES = ("time_us",) + API_FIELDS[1:]
+_COLUMNS = ", ".join(_NAMES)
+# What a column an older store lacks reads as (its DEFAULT in _SCHEMA).
+_DEFAULTS = {name: "NULL" if name in NUMERIC_LATER_FIELDS else "''" for name in LATER_FIELDS}
 
 
 def _us(ts: datetime) -> int:
@@ -100,7 +104,124 @@ def _where(q: RecordQuery) -> tuple[str, list[Any]]:
     return (" WHERE " + " AND ".join(parts) if parts else ""), params
 
 
-class SQLiteRecordStore:
+@contextmanager
+def read_only(path: Path, timeout: float) -> Iterator[sqlite3.Connection]:
+    """A connection that cannot write (``mode=ro`` and ``query_only``) and creates no
+    file; sqlite3.OperationalError when there is none to open."""
+    db = sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=timeout)
+    try:
+        db.execute("PRAGMA query_only = ON")
+        yield db
+    finally:
+        db.close()
+
+
+class _Reads:
+    """The queries, over whatever connection the subclass opens (``_conn``)."""
+
+    def _conn(self) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def _missing(self) -> frozenset[str]:
+        """Columns the table lacks (read as their defaults)."""
+        return frozenset()
+
+    def _value(self, name: str) -> str:
+        """The column, or the default it would hold where the table lacks it."""
+        return _DEFAULTS[name] if name in self._missing() else name
+
+    def _column(self, name: str) -> str:
+        value = self._value(name)
+        return name if value == name else f"{value} AS {name}"
+
+    def list(
+        self, limit: int, offset: int, query: RecordQuery | None = None
+    ) -> list[dict[str, Any]]:
+        where, params = _where(query or RecordQuery())
+        try:
+            with self._conn() as db:
+                rows = db.execute(
+                    f"SELECT {', '.join(map(self._column, _NAMES))} FROM mem_dumps{where}"  # noqa: S608
+                    " ORDER BY time_us DESC, vmid LIMIT ? OFFSET ?",
+                    (*params, limit, offset),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot read records: {exc}", retryable=True) from exc
+        out = []
+        for row in rows:
+            d = dict(zip(API_FIELDS, row, strict=True))
+            d["timestamp"] = _iso_from_us(row[0])
+            out.append(d)
+        return out
+
+    def stats(self) -> Stats:
+        try:
+            deleted = self._value("deleted_at")
+            with self._conn() as db:
+                n, vms, size, avg, last = db.execute(
+                    "SELECT COUNT(*), COUNT(DISTINCT vmid),"  # noqa: S608 - fixed fragments
+                    f" COALESCE(SUM(CASE WHEN {deleted} = '' THEN gzip_size_bytes END), 0),"
+                    " COALESCE(AVG(duration_sec), 0), MAX(time_us) FROM mem_dumps"
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise RecordStoreError(f"cannot read stats: {exc}", retryable=True) from exc
+        return Stats(n, vms, size, round(avg, 3), None if last is None else _iso_from_us(last))
+
+
+class SQLiteRecordReader(_Reads):
+    """The store read-only, for the API (memdump.records.open_reader): SQLite's
+    ``mode=ro`` and ``query_only``, so no statement through it can write; it creates
+    nothing (no file, no schema: until a collector made the store, there are no records)
+    and changes no schema (columns an older store lacks read as their defaults)."""
+
+    def __init__(self, path: Path, *, timeout: float = 10.0) -> None:
+        self._path = path
+        self._timeout = timeout
+        self._lacks: frozenset[str] | None = None  # None: not known yet, or lacking some
+
+    def _conn(self) -> AbstractContextManager[sqlite3.Connection]:
+        return read_only(self._path, self._timeout)
+
+    def _missing(self) -> frozenset[str]:
+        # Asked again until the table has every column (it only ever gains some).
+        if self._lacks is not None and not self._lacks:
+            return self._lacks
+        with self._conn() as db:
+            have = {row[1] for row in db.execute("PRAGMA table_info(mem_dumps)")}
+        self._lacks = frozenset(_ADDED).difference(have)
+        return self._lacks
+
+    def list(
+        self, limit: int, offset: int, query: RecordQuery | None = None
+    ) -> list[dict[str, Any]]:
+        return super().list(limit, offset, query) if self._made() else []
+
+    def stats(self) -> Stats:
+        return super().stats() if self._made() else Stats(0, 0, 0, 0.0, None)
+
+    def _made(self) -> bool:
+        """Whether a collector has made the store yet (the file and its table)."""
+        if self._lacks is not None:
+            return True
+        if not self._path.exists():
+            return False
+        try:
+            with self._conn() as db:
+                return bool(
+                    db.execute(
+                        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mem_dumps'"
+                    ).fetchone()
+                )
+        except sqlite3.Error as exc:
+            raise RecordStoreError(
+                f"cannot read record store {self._path}: {exc}", retryable=True
+            ) from exc
+
+    def close(self) -> None:
+        pass
+
+
+class SQLiteRecordStore(_Reads):
     def __init__(self, path: Path, *, timeout: float = 10.0) -> None:
         self._path = path
         self._timeout = timeout
@@ -143,26 +264,6 @@ class SQLiteRecordStore:
         except sqlite3.Error as exc:
             raise RecordStoreError(f"cannot write record: {exc}", retryable=True) from exc
 
-    def list(
-        self, limit: int, offset: int, query: RecordQuery | None = None
-    ) -> list[dict[str, Any]]:
-        where, params = _where(query or RecordQuery())
-        try:
-            with self._conn() as db:
-                rows = db.execute(
-                    f"SELECT {_COLUMNS} FROM mem_dumps{where}"  # noqa: S608 - fixed fragments
-                    " ORDER BY time_us DESC, vmid LIMIT ? OFFSET ?",
-                    (*params, limit, offset),
-                ).fetchall()
-        except sqlite3.Error as exc:
-            raise RecordStoreError(f"cannot read records: {exc}", retryable=True) from exc
-        out = []
-        for row in rows:
-            d = dict(zip(API_FIELDS, row, strict=True))
-            d["timestamp"] = _iso_from_us(row[0])
-            out.append(d)
-        return out
-
     def mark_deleted(self, record: dict[str, Any], when: datetime) -> None:
         ts = datetime.fromisoformat(str(record["timestamp"])).replace(tzinfo=UTC)
         try:
@@ -188,18 +289,6 @@ class SQLiteRecordStore:
                 )
         except sqlite3.Error as exc:
             raise RecordStoreError(f"cannot update record: {exc}", retryable=True) from exc
-
-    def stats(self) -> Stats:
-        try:
-            with self._conn() as db:
-                n, vms, size, avg, last = db.execute(
-                    "SELECT COUNT(*), COUNT(DISTINCT vmid),"
-                    " COALESCE(SUM(CASE WHEN deleted_at = '' THEN gzip_size_bytes END), 0),"
-                    " COALESCE(AVG(duration_sec), 0), MAX(time_us) FROM mem_dumps"
-                ).fetchone()
-        except sqlite3.Error as exc:
-            raise RecordStoreError(f"cannot read stats: {exc}", retryable=True) from exc
-        return Stats(n, vms, size, round(avg, 3), None if last is None else _iso_from_us(last))
 
     def close(self) -> None:
         pass

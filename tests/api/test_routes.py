@@ -277,6 +277,8 @@ def test_outbox_depth(tmp_path: Path, runs: FakeRuns) -> None:
         "oldest_queued_at": None,
         "last_error": None,
     }
+    # Read-only (issue 15, item 6): the API made no outbox of its own.
+    assert not (tmp_path / "outbox.db").exists()
     Outbox(tmp_path / "outbox.db").put(_rec(1), "Connection refused")
     body = c.get(f"{BASE}/outbox").json()
     assert body["depth"] == 1 and body["last_error"] == "Connection refused"

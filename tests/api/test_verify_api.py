@@ -33,10 +33,12 @@ class GatedVerify:
         self.gate = threading.Event()
         self.entered = threading.Semaphore(0)
         self.calls = 0
+        self.by: list[str] = []
         self.fail: Exception | None = None
 
-    def __call__(self, record: Any, settings: Settings) -> Verification:
+    def __call__(self, record: Any, settings: Settings, *, by: str) -> Verification:
         self.calls += 1
+        self.by.append(by)
         self.entered.release()
         assert self.gate.wait(30), "test gate never opened"
         if self.fail is not None:
@@ -138,6 +140,8 @@ def test_background_job_when_asked(tmp_path: Path, gated: GatedVerify) -> None:
     # The result is exactly what a waiting request gets.
     inline = _post(c, wait=True)
     assert inline.status_code == 200 and done["result"] == inline.json()
+    # Both say who asked, for the custody log's "verified" entry (issue 15).
+    assert gated.by == ["api", "api"]
     # Issue 15: the manifest's signature status and then its RFC 3161 timestamp's come
     # last, beyond the first version.
     assert list(inline.json()) == [

@@ -79,6 +79,7 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, An
         trigger: Any = None,
         mode: Any = None,
         changes: Any = None,
+        record_signature: Any = None,
     ) -> Capture:
         calls[ref.vmid] = calls.get(ref.vmid, 0) + 1
         triggers.append(trigger)

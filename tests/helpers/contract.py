@@ -42,4 +42,7 @@ EXTRA_RECORD_FIELDS = [
     # the collector's signature of the record (issue 15, item 2)
     "record_signature",
 ]
-API_RECORD_FIELDS = RECORD_FIELDS + EXTRA_RECORD_FIELDS
+# What a store gives back for a record.
+STORED_RECORD_FIELDS = RECORD_FIELDS + EXTRA_RECORD_FIELDS
+# /records adds what the API's check of the record's signature found (issue 15, item 6).
+API_RECORD_FIELDS = STORED_RECORD_FIELDS + ["signature_status"]

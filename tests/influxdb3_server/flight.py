@@ -98,8 +98,8 @@ class _AuthMiddleware(flight.ServerMiddleware):
 class _AuthFactory(flight.ServerMiddlewareFactory):
     """Rejects calls without ``authorization: Bearer <token>`` (or ``Token <token>``)."""
 
-    def __init__(self, token: str) -> None:
-        self._accepted = {f"Bearer {token}", f"Token {token}"}
+    def __init__(self, tokens: set[str]) -> None:
+        self._accepted = {f"{scheme} {t}" for t in tokens for scheme in ("Bearer", "Token")}
 
     def start_call(self, info: flight.CallInfo, headers: dict[str, list[str]]) -> _AuthMiddleware:
         values = headers.get("authorization", [])
@@ -111,8 +111,12 @@ class _AuthFactory(flight.ServerMiddlewareFactory):
 class InfluxFlightServer(flight.FlightServerBase):
     """Listens on an internal loopback port; the public port's front splices gRPC here."""
 
-    def __init__(self, store: Store, token: str | None) -> None:
-        middleware = {"auth": _AuthFactory(token)} if token is not None else {}
+    def __init__(
+        self, store: Store, token: str | None, read_tokens: frozenset[str] = frozenset()
+    ) -> None:
+        # Flight serves queries only: a read-only token is as good as the full one here.
+        tokens = {token, *read_tokens} if token is not None else None
+        middleware = {"auth": _AuthFactory(tokens)} if tokens is not None else {}
         super().__init__("grpc+tcp://127.0.0.1:0", middleware=middleware)
         self._store = store
 

@@ -107,12 +107,25 @@ def error_json(status: int, message: str, data: Any = None) -> Response:
     return json_response(status, {"error": message, "data": data})
 
 
+# POSTs that only read (a query's parameters in its body).
+_READ_POSTS = frozenset({"/api/v3/query_sql", "/api/v3/query_influxql", "/ping"})
+
+
 class HttpApi:
     """Routes one parsed request to its handler; runs in a worker thread."""
 
-    def __init__(self, store: Store, token: str | None, public_paths: frozenset[str]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        token: str | None,
+        public_paths: frozenset[str],
+        read_tokens: frozenset[str] = frozenset(),
+    ) -> None:
         self._store = store
         self._token = token
+        # Tokens that may only read (InfluxDB 3 Enterprise's "db:*:read" resource tokens):
+        # queries, health and listings pass, writes and configuration get a 403.
+        self._read_tokens = read_tokens
         self._public_paths = public_paths
         self._process_id = str(uuid.uuid4())
         self._routes: dict[tuple[str, str], Callable[[Request], Response]] = {
@@ -180,6 +193,10 @@ class HttpApi:
                 token = base64.b64decode(token, validate=True).decode().partition(":")[2]
             except (binascii.Error, UnicodeDecodeError):
                 raise BadRequest(Response(401)) from None
+        if token in self._read_tokens:
+            if req.method == "POST" and req.path not in _READ_POSTS:
+                raise BadRequest(error_json(403, "token does not have write permission"))
+            return
         if token != self._token:
             raise BadRequest(Response(401))
 

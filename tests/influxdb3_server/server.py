@@ -27,7 +27,8 @@ class InfluxDB3TestServer:
 
     Data lives in `store` and survives stop/start. With ``token=None`` no request is
     authenticated (``influxdb3 serve --without-auth``). `public_paths` are served without a
-    token, like ``--disable-authz health``.
+    token, like ``--disable-authz health``. `read_tokens` may query but not write (403),
+    like InfluxDB 3 Enterprise's read-only resource tokens.
     """
 
     def __init__(
@@ -36,12 +37,14 @@ class InfluxDB3TestServer:
         port: int = 0,
         token: str | None = "secret",  # noqa: S107 - a test fixture, not a credential
         public_paths: frozenset[str] = DEFAULT_PUBLIC_PATHS,
+        read_tokens: frozenset[str] = frozenset(),
     ) -> None:
         self.host = host
         self.port = port
         self.token = token
+        self.read_tokens = read_tokens
         self.store = Store()
-        self._api = HttpApi(self.store, token, public_paths)
+        self._api = HttpApi(self.store, token, public_paths, read_tokens)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -60,7 +63,7 @@ class InfluxDB3TestServer:
     def start(self) -> InfluxDB3TestServer:
         if self.running:
             raise RuntimeError("the server is already running")
-        self._flight = InfluxFlightServer(self.store, self.token)
+        self._flight = InfluxFlightServer(self.store, self.token, self.read_tokens)
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._thread = threading.Thread(

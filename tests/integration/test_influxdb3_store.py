@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 
 from api.main import create_app
 from memdump.errors import RecordStoreError
+from memdump.records import open_reader
 from memdump.records.influxdb3 import InfluxDB3RecordStore
 from memdump.records.model import DumpRecord
 from memdump.records.outbox import DurableRecorder, Outbox
 from memdump.settings import InfluxDB3Settings, Settings
-from tests.helpers.contract import API_RECORD_FIELDS
+from tests.helpers.contract import API_RECORD_FIELDS, STORED_RECORD_FIELDS
 from tests.influxdb3_server import InfluxDB3TestServer
 
 TOKEN = "test-token"
@@ -68,7 +70,7 @@ def test_write_list_stats(cfg: InfluxDB3Settings) -> None:
     store.add(rec(2, "101"))  # a replay of the same record: still one row
     rows = store.list(10, 0)
     assert [r["vmid"] for r in rows] == ["101", "102", "101"]
-    assert list(rows[0]) == API_RECORD_FIELDS
+    assert list(rows[0]) == STORED_RECORD_FIELDS
     assert rows[0]["timestamp"] == "2025-11-11T10:32:00.000002"
     assert rows[0] == rec(2, "101").api_dict()
     assert [r["sha256"][-1] for r in store.list(1, 1)] == ["1"]
@@ -150,3 +152,32 @@ def test_api_filters_and_csv_on_influxdb3(cfg: InfluxDB3Settings, tmp_path: Path
     assert rows[0] == API_RECORD_FIELDS and len(rows) == 3
     # A null (pause_ms unknown) is an empty cell, as on SQLite.
     assert rows[1] == ["" if v is None else str(v) for v in body["records"][0].values()]
+
+
+def test_the_api_reads_with_a_read_only_token_that_cannot_write(tmp_path: Path) -> None:
+    # Least privilege (issue 15, item 6): the API holds a token that may only read; the
+    # server (like InfluxDB 3 Enterprise's "db:memdump:read" tokens) refuses its writes.
+    srv = InfluxDB3TestServer(
+        host="127.0.0.1", port=0, token=TOKEN, read_tokens=frozenset({"read-only"})
+    ).start()
+    try:
+        cfg = InfluxDB3Settings(
+            url=srv.url, database="memdump", token=TOKEN, read_token="read-only", timeout_sec=2
+        )
+        InfluxDB3RecordStore(cfg).add(rec(1))  # the collector's token writes
+        s = Settings(data_dir=tmp_path, record_store="influxdb3", influxdb3=cfg)
+        reader = open_reader(s)
+        assert [r["vmid"] for r in reader.list(10, 0)] == ["101"]
+        with pytest.raises(RecordStoreError, match="403|permission"):
+            InfluxDB3RecordStore(cfg, token=cfg.read_token).add(rec(2))
+        # The API (its reader is open_reader's) lists what the collector wrote.
+        api = TestClient(create_app(s, runs=None), base_url="http://localhost")
+        (row,) = api.get("/api/memory-dumps/records").json()["records"]
+        assert row["vmid"] == "101" and row["signature_status"] == "unsigned"
+        # And a wrong token is refused outright: the read-only one is what it used.
+        wrong = cfg.model_copy(update={"read_token": SecretStr("nope")})
+        bad = s.model_copy(update={"influxdb3": wrong})
+        with pytest.raises(RecordStoreError):
+            open_reader(bad).list(10, 0)
+    finally:
+        srv.stop()

@@ -20,7 +20,7 @@ from memdump.records.influxdb3 import InfluxDB3RecordStore
 from memdump.records.model import DumpRecord
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import InfluxDB3Settings
-from tests.helpers.contract import API_RECORD_FIELDS
+from tests.helpers.contract import STORED_RECORD_FIELDS
 from tests.influxdb3_server import InfluxDB3TestServer
 
 
@@ -59,7 +59,7 @@ def test_capture_extras_round_trip(store: RecordStore) -> None:
                   pause_ms=2634.512))  # fmt: skip
     store.add(rec(3, "unknown-pause", capture_mode="paused"))
     rows = {r["vmid"]: r for r in store.list(10, 0)}
-    assert all(list(r) == API_RECORD_FIELDS for r in rows.values())
+    assert all(list(r) == STORED_RECORD_FIELDS for r in rows.values())
     got = {vm: tuple(r[k] for k in MODE_FIELDS) for vm, r in rows.items()}
     assert got == {
         "live-vm": ("live", "", 7.25),
@@ -113,7 +113,7 @@ def test_influx_table_from_before_capture_modes(influx: InfluxDB3TestServer) -> 
         c.write(record=old)
     s = InfluxDB3RecordStore(InfluxDB3Settings(url=influx.url, token="t", database=db))
     (row,) = s.list(10, 0)
-    assert list(row) == API_RECORD_FIELDS
+    assert list(row) == STORED_RECORD_FIELDS
     assert tuple(row[k] for k in MODE_FIELDS) == ("", "", None)
     assert row["analysis"] == "passed" and row["collector"] == "col"
     s.add(rec(1, "new", capture_mode="live", live_fallback_reason="", pause_ms=9.5))
@@ -131,7 +131,7 @@ def test_change_extras_round_trip(store: RecordStore) -> None:
     store.add(rec(2, "same", chunks_changed=0, chunks_compared_with="/d/b.mem.gz"))
     store.add(rec(3, "first", chunks_changed_reason=NO_PREVIOUS))
     rows = {r["vmid"]: r for r in store.list(10, 0)}
-    assert all(list(r) == API_RECORD_FIELDS for r in rows.values())
+    assert all(list(r) == STORED_RECORD_FIELDS for r in rows.values())
     got = {vm: tuple(r[k] for k in CHANGE_FIELDS) for vm, r in rows.items()}
     assert got == {
         "changed": (37, "/d/a.mem.gz", ""),

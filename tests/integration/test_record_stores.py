@@ -13,9 +13,9 @@ import pytest
 from memdump.records.base import RecordQuery, RecordStore
 from memdump.records.influxdb3 import InfluxDB3RecordStore
 from memdump.records.model import DumpRecord
-from memdump.records.sqlite import SQLiteRecordStore
+from memdump.records.sqlite import SQLiteRecordReader, SQLiteRecordStore
 from memdump.settings import InfluxDB3Settings
-from tests.helpers.contract import API_RECORD_FIELDS
+from tests.helpers.contract import STORED_RECORD_FIELDS
 from tests.influxdb3_server import InfluxDB3TestServer
 
 
@@ -82,7 +82,7 @@ def test_order_paging_and_fields(store: RecordStore) -> None:
         store.add(r)
     rows = store.list(1000, 0)
     assert rows == [r.api_dict() for r in reversed(DATA)]
-    assert all(list(row) == API_RECORD_FIELDS for row in rows)
+    assert all(list(row) == STORED_RECORD_FIELDS for row in rows)
     assert store.list(3, 2) == rows[2:5]
     assert store.list(5, 100) == []
 
@@ -152,7 +152,7 @@ def test_extras_round_trip(store: RecordStore) -> None:
     store.add(r)
     (row,) = store.list(10, 0)
     assert row["manifest_sha256"] == "f" * 64 and row["analysis"] == "passed"
-    assert list(row) == API_RECORD_FIELDS
+    assert list(row) == STORED_RECORD_FIELDS
 
 
 def test_sqlite_store_from_before_the_extras_is_upgraded(tmp_path: Path) -> None:
@@ -172,11 +172,35 @@ def test_sqlite_store_from_before_the_extras_is_upgraded(tmp_path: Path) -> None
             " 'b', 6, 'lab')"
         )
     c.close()
+    # The API's read-only reader reads it as it is (its later columns as their defaults)
+    # and changes nothing: no new columns, no new file.
+    reader = SQLiteRecordReader(db)
+    (old,) = reader.list(10, 0)
+    assert old["vmid"] == "1" and old["manifest_sha256"] == "" and old["pause_ms"] is None
+    assert reader.stats().total_dumps == 1
+    with sqlite3.connect(db) as c:
+        assert len(c.execute("PRAGMA table_info(mem_dumps)").fetchall()) == 13
+    c.close()
     s = SQLiteRecordStore(db)
     s.add(rec(1, "102", analysis="passed"))
     rows = s.list(10, 0)
     assert [r["analysis"] for r in rows] == ["passed", ""]
     assert rows[1]["manifest_sha256"] == ""
+    assert reader.list(10, 0) == rows  # the upgraded table, read the same
+
+
+def test_sqlite_reader_creates_nothing_and_cannot_write(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "records.db"
+    reader = SQLiteRecordReader(path)
+    assert reader.list(10, 0) == [] and reader.stats().total_dumps == 0
+    assert list(tmp_path.iterdir()) == []
+    SQLiteRecordStore(path).add(rec(1, "101"))
+    assert [r["vmid"] for r in reader.list(10, 0)] == ["101"]
+    with pytest.raises(sqlite3.OperationalError, match="readonly"), reader._conn() as db:
+        db.execute("DELETE FROM mem_dumps")
+    assert len(SQLiteRecordStore(path).list(10, 0)) == 1
 
 
 def test_influx_table_from_before_the_extras_is_read(influx: InfluxDB3TestServer) -> None:
@@ -195,7 +219,7 @@ def test_influx_table_from_before_the_extras_is_read(influx: InfluxDB3TestServer
     s = InfluxDB3RecordStore(InfluxDB3Settings(url=influx.url, token="t", database=db))
     (row,) = s.list(10, 0)
     assert row["dump_path"] == "/d/1.mem.gz" and row["manifest_sha256"] == row["analysis"] == ""
-    assert list(row) == API_RECORD_FIELDS
+    assert list(row) == STORED_RECORD_FIELDS
 
 
 def test_mark_deleted_keeps_the_record_and_frees_its_size(store: RecordStore) -> None:
@@ -288,7 +312,7 @@ def test_influx_table_from_before_locations_is_read_with_its_extras(
     # The extras it has are read (not dropped with the ones it lacks).
     assert row["manifest_sha256"] == "m" and row["analysis"] == "passed"
     assert all(row[k] == "" for k in (*LOCATED, "local_deleted_at", "s3_deleted_at"))
-    assert list(row) == API_RECORD_FIELDS
+    assert list(row) == STORED_RECORD_FIELDS
     s.mark_location_deleted(row, "local", datetime(2026, 1, 2, tzinfo=UTC))
     (row,) = s.list(10, 0)
     assert row["local_deleted_at"] == "2026-01-02T00:00:00.000000" and row["analysis"] == "passed"

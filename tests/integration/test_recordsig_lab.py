@@ -1,10 +1,13 @@
 """Issue 15, item 2 (the record) on the real parts: a lab capture through the real chain
 writes a record signed by the collector's key (memdump.recordsig) that verifies; the
 record edited in the SQLite store afterwards (its dom, then its timestamp) fails verify
-as bad-signature, while the dump, manifest and manifest's signature are untouched."""
+as bad-signature, while the dump, manifest and manifest's signature are untouched; and
+the record edited with its signature removed (which would pass for an older, unsigned
+record) fails too: its signed manifest says the record is signed, and by which key."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -12,7 +15,9 @@ import pytest
 
 from memdump.chain import run_chain
 from memdump.hypervisors import Driver
+from memdump.manifest import manifest_path
 from memdump.settings import Settings
+from memdump.signing import collector_signer
 from memdump.verify import verify
 from tests.helpers.stores import record_row
 
@@ -57,3 +62,26 @@ def test_a_lab_capture_signs_its_record_and_an_edit_in_the_store_is_caught(
         )
     db.close()
     assert verify(record_row(settings, done.record.dump_path), settings).status == "bad-signature"
+
+
+def test_a_record_stripped_of_its_signature_in_the_store_is_caught(
+    driver: Driver, settings: Settings
+) -> None:
+    done = run_chain(driver, driver.resolve(VM), settings, mode="paused")
+    doc = json.loads(manifest_path(Path(done.record.dump_path)).read_bytes())
+    fp = collector_signer(settings).fingerprint
+    assert doc["record_signature"] == {"fields": "memdump-record-v1", "key_fingerprint": fp}
+    row = record_row(settings, done.record.dump_path)
+    # Edited where the manifest has no say (the VM's name), and the signature removed.
+    db = sqlite3.connect(settings.records_db)
+    with db:
+        db.execute(
+            "UPDATE mem_dumps SET dom = ?, record_signature = '' WHERE dump_path = ?",
+            ("vm-db-01", row["dump_path"]),
+        )
+    db.close()
+    v = verify(record_row(settings, done.record.dump_path), settings)
+    assert v.status == "bad-signature", v
+    assert v.signature is not None and v.signature["status"] == "valid"  # the manifest's
+    assert v.signature["record"]["status"] == "bad-signature"
+    assert "no signature" in v.signature["record"]["detail"]

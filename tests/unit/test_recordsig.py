@@ -202,3 +202,26 @@ def test_retention_marks_after_signing_keep_it_valid(settings: Settings, made: M
     assert row["s3_deleted_at"]
     v = verify(row, settings)
     assert v.status == "verified" and _record_status(v) == "valid", v
+
+
+def test_where_the_manifest_declares_the_record_signed_its_signature_must_be_there(
+    settings: Settings, made: Made, tmp_path: Path
+) -> None:
+    signer, other = signing.collector_signer(settings), other_signer(tmp_path)
+    declared = recordsig.declaration(signer)
+    assert declared == {"fields": recordsig.FIELDS_VERSION, "key_fingerprint": signer.fingerprint}
+    row = {**made.record.api_dict(), "timestamp": "x"}
+    trusted = signing.trusted_keys(settings) | {other.fingerprint}
+    # Without the declaration (an older manifest) a record without a signature is unsigned.
+    assert recordsig.check(row, trusted).status == "unsigned"
+    # With it: removed in the store.
+    stripped = recordsig.check(row, trusted, declared)
+    assert stripped.status == "bad-signature" and "no signature" in stripped.detail
+    # Re-signed by another key, even a trusted one: replaced in the store.
+    resigned = recordsig.sign(made.record, other).api_dict()
+    assert recordsig.check(resigned, trusted).status == "valid"
+    swapped = recordsig.check(resigned, trusted, declared)
+    assert swapped.status == "bad-signature" and "names key" in swapped.detail
+    # Signed by the key it names: valid.
+    signed = recordsig.sign(made.record, signer).api_dict()
+    assert recordsig.check(signed, trusted, declared).status == "valid"

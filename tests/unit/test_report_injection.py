@@ -16,6 +16,7 @@ from memdump.errors import InvalidIdentifierError
 from memdump.hypervisors.base import VMRef
 from memdump.hypervisors.proxmox import ProxmoxDriver
 from memdump.records.model import API_FIELDS, DumpRecord
+from memdump.recordsig import STATUS_FIELD
 from memdump.settings import HypervisorConfig
 from memdump.transport.local import LocalTransport
 from tests.helpers.markdown import render_table
@@ -40,8 +41,8 @@ def test_api_csv_export_escapes_every_cell() -> None:
     rows = [_record(v, vmid=v) for v in HOSTILE] + [_record("vm-web-01")]
     text = "".join(csv_lines(rows))
     parsed = list(csv.reader(io.StringIO(text, newline="")))
-    assert parsed[0] == list(API_FIELDS)
-    col = {name: i for i, name in enumerate(API_FIELDS)}
+    assert parsed[0] == [*API_FIELDS, STATUS_FIELD]
+    col = {name: i for i, name in enumerate(parsed[0])}
     for value, row in zip(HOSTILE, parsed[1:], strict=False):
         assert row[col["dom"]] == "'" + value
         assert row[col["vmid"]] == "'" + value
