@@ -520,6 +520,22 @@ def replay(settings: Settings) -> int:
     return done
 
 
+def read_copies(t: Targets) -> dict[str, list[bytes]]:
+    """The lines of each copy of one log there is: ``local``, ``S3``."""
+    copies: dict[str, list[bytes]] = {}
+    if t.local is not None and t.local.is_file():
+        copies["local"] = LocalLog(t.local).read()
+    if t.s3 is not None:
+        copies["S3"] = t.s3.read()
+    return copies
+
+
+def longest_copy(t: Targets) -> list[bytes]:
+    """The lines of the longest copy of one log (the others are its prefixes, unless
+    they diverge, which check_copies names)."""
+    return max(read_copies(t).values(), key=len, default=[])
+
+
 def check_targets(
     t: Targets, settings: Settings, row: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -527,12 +543,7 @@ def check_targets(
     against each other, and (``row``) against the record. ``to_dict`` plus ``copies``."""
     from memdump.signing import trusted_keys
 
-    copies: dict[str, list[bytes]] = {}
-    if t.local is not None and t.local.is_file():
-        copies["local"] = LocalLog(t.local).read()
-    if t.s3 is not None:
-        copies["S3"] = t.s3.read()
-    return check_copies(copies, trusted_keys(settings), t.genesis, row)
+    return check_copies(read_copies(t), trusted_keys(settings), t.genesis, row)
 
 
 def check_copies(

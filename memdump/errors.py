@@ -261,6 +261,11 @@ class CountersignRefusedError(MemdumpError):
     signed already (``status``: what verify said)."""
 
 
+class CopyRefusedError(MemdumpError):
+    """``memdump copy`` wrote no copy: the stored dump is gone or does not match its
+    record, or a file of the copy exists already (``path``: which)."""
+
+
 class TimestampError(MemdumpError):
     """A timestamp authority (RFC 3161, memdump.timestamping) gave no usable token: it
     could not be reached, refused, or answered something that does not check out. Never

@@ -55,6 +55,7 @@ COMMANDS = {
     "timestamps": "timestamps",
     "countersign": "keys",
     "custody": "custody",
+    "copy": "custody",
 }
 
 

@@ -1,4 +1,8 @@
-"""``memdump custody DUMP``: print a dump's custody log (memdump.custody) and check it: the
+"""``memdump copy DUMP... --to DIR``: copy recorded dumps out for an examiner with their
+manifest, signature, timestamp token and custody log, the copy logged as ``copied``
+(memdump.export); one JSON line per dump, exit 0 when every one was copied, 1 otherwise.
+
+``memdump custody DUMP``: print a dump's custody log (memdump.custody) and check it: the
 hash chain, each entry's signature by a trusted key (MEMDUMP_TRUSTED_KEYS), entry 0
 against the manifest, the local and S3 copies against each other, and the log against
 the dump's record (when the record store has one). Exit 0: intact; 1: broken (each
@@ -10,6 +14,7 @@ import argparse
 import hashlib
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +22,7 @@ from memdump.errors import MemdumpError
 
 if TYPE_CHECKING:
     from memdump.cli.app import Subcommands
+    from memdump.export import Copied
     from memdump.settings import Settings
 
 
@@ -86,6 +92,18 @@ def cmd_custody(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if result["status"] == "intact" else 1
 
 
+def cmd_copy(settings: Settings, args: argparse.Namespace) -> int:
+    from memdump.cli.batch import each_record
+    from memdump.export import copy_dump
+
+    def act(row: Mapping[str, Any]) -> Copied:
+        return copy_dump(row, settings, Path(args.to), case=args.case)
+
+    # A dump that cannot be copied (gone, altered, out of bounds, already there) is that
+    # dump's failure; the others are still copied.
+    return each_record(settings, args.dump_paths, "copied", act, (MemdumpError, OSError))
+
+
 def register(sub: Subcommands) -> None:
     p = sub.add_parser(
         "custody",
@@ -95,3 +113,12 @@ def register(sub: Subcommands) -> None:
     p.add_argument("--json", action="store_true", help="the check as JSON")
     p.add_argument("--no-record", action="store_true", help="do not look the dump's record up")
     p.set_defaults(handler=cmd_custody)
+    p = sub.add_parser(
+        "copy",
+        help="copy recorded dumps (with manifest, signature, timestamp, custody log) into a"
+        " directory for an examiner; the copy is logged in each dump's custody log",
+    )
+    p.add_argument("dump_paths", nargs="+", help="dump_path of a record (local or s3://)")
+    p.add_argument("--to", required=True, help="the directory (made 0700 if missing)")
+    p.add_argument("--case", help="a case or ticket reference, written into the log entry")
+    p.set_defaults(handler=cmd_copy)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from memdump.countersign import Countersigned
     from memdump.settings import Settings
 
 
@@ -57,31 +59,14 @@ def cmd_keys_show(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_countersign(settings: Settings, args: argparse.Namespace) -> int:
     """One JSON line per dump; exit 1 unless every one was countersigned."""
-    import dataclasses
-    import sys
-
+    from memdump.cli.batch import each_record
     from memdump.countersign import countersign
     from memdump.errors import CountersignRefusedError
-    from memdump.records import open_store
-    from memdump.records.base import RecordQuery
 
-    store = open_store(settings)
-    bad = 0
-    for path in args.dump_paths:
-        found = store.list(1, 0, RecordQuery(dump_path=path))
-        if not found:
-            print(json.dumps({"dump_path": path, "countersigned": False, "detail": "no record"}))
-            bad += 1
-            continue
-        try:
-            done = countersign(found[0], settings)
-        except CountersignRefusedError as exc:
-            print(json.dumps({"dump_path": path, "countersigned": False, "detail": str(exc)}))
-            bad += 1
-            continue
-        print(json.dumps({"countersigned": True, **dataclasses.asdict(done)}), flush=True)
-    sys.stdout.flush()
-    return 1 if bad else 0
+    def act(row: Mapping[str, Any]) -> Countersigned:
+        return countersign(row, settings)
+
+    return each_record(settings, args.dump_paths, "countersigned", act, (CountersignRefusedError,))
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -21,7 +21,7 @@ from pydantic import SecretStr
 
 from memdump import custody
 from memdump.chain import run_chain
-from memdump.cli.custody import cmd_custody
+from memdump.cli.custody import cmd_copy, cmd_custody
 from memdump.hypervisors import Driver
 from memdump.manifest import manifest_key, manifest_path
 from memdump.records.sqlite import SQLiteRecordStore
@@ -38,6 +38,16 @@ VM = "vm-web-01"
 @pytest.fixture
 def settings(settings: Settings, tmp_path: Path) -> Settings:
     return settings.model_copy(update={"data_dir": tmp_path / "data", "collector_id": "lab-col"})
+
+
+def _offloading(settings: Settings, moto_url: str, name: str) -> tuple[Any, str, Settings]:
+    """A new bucket on the moto server, and ``settings`` offloading to it (no local copy)."""
+    client, bucket = new_bucket(moto_url, name)
+    s3 = S3Settings(
+        bucket=bucket, endpoint_url=moto_url, access_key_id="t", secret_access_key=SecretStr("t"),
+        keep_local=False,
+    )  # fmt: skip
+    return client, bucket, settings.model_copy(update={"s3": s3})
 
 
 def _custody(settings: Settings, dump: str, capsys: Any) -> tuple[int, dict[str, Any]]:
@@ -117,13 +127,8 @@ def test_a_lab_capture_is_logged_verified_and_deleted_and_the_log_stays(
 def test_offloaded_the_log_is_beside_the_object_one_object_per_entry(
     driver: Driver, settings: Settings, moto_url: str, capsys: Any
 ) -> None:
-    client, bucket = new_bucket(moto_url, "custody")
+    client, bucket, s = _offloading(settings, moto_url, "custody")
     client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    s3 = S3Settings(
-        bucket=bucket, endpoint_url=moto_url, access_key_id="t", secret_access_key=SecretStr("t"),
-        keep_local=False,
-    )  # fmt: skip
-    s = settings.model_copy(update={"s3": s3})
     done = run_chain(driver, driver.resolve(VM), s, trigger={"source": "api"})
     uri = done.record.dump_path
     key = uri.removeprefix(f"s3://{bucket}/")
@@ -171,3 +176,36 @@ def test_offloaded_the_log_is_beside_the_object_one_object_per_entry(
         "removed",
     ), found
     assert "entry 1 removed" in found["problems"][0]["detail"]
+
+
+def test_memdump_copy_of_an_offloaded_dump_is_logged_and_carries_the_log(
+    driver: Driver, settings: Settings, moto_url: str, capsys: Any, tmp_path: Path
+) -> None:
+    _, _, s = _offloading(settings, moto_url, "custody-copy")
+    done = run_chain(driver, driver.resolve(VM), s, trigger={"source": "cli"})
+    uri = done.record.dump_path
+    assert uri.startswith("s3://")
+    dest = tmp_path / "case"
+    args = argparse.Namespace(dump_paths=[uri], to=str(dest), case="INC-7")
+    assert cmd_copy(s, args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["copied"] is True and out["gz_sha256"] == done.record.gz_sha256
+    name = uri.rpartition("/")[2]
+    copy = dest / name
+    assert hashlib.sha256(copy.read_bytes()).hexdigest() == done.record.gz_sha256
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    # The S3 log (captured, analysed, offloaded, copied) and the copy's log are the same.
+    rc, found = _custody(s, uri, capsys)
+    assert rc == 0 and found["status"] == "intact", found
+    events = [e["event"] for e in found["entries_list"]]
+    assert events[-1] == "copied" and "offloaded" in events, events
+    assert found["entries_list"][-1]["details"]["case"] == "INC-7"
+    copied_log = custody.LocalLog(custody.log_path(copy)).read()
+    assert len(copied_log) == found["entries"]
+    trusted = set(s.trusted_keys.read_text().split())  # type: ignore[union-attr]
+    _examiner_check(copied_log, done.record.manifest_sha256, trusted)
+    # Again into the same directory: refused, nothing written over, nothing logged.
+    assert cmd_copy(s, args) == 1
+    assert "exists already" in json.loads(capsys.readouterr().out)["detail"]
+    rc, again = _custody(s, uri, capsys)
+    assert again["entries"] == found["entries"]
