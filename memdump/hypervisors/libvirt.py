@@ -46,7 +46,20 @@ Staging = Literal["fifo", "file"]
 # The scripts (sh/libvirt/): $1 = the libvirt URI, then each script's own arguments.
 _LIST = load("libvirt/list.sh")
 _INFO = load("libvirt/info.sh")
-_NAME = load("libvirt/name.sh")
+# How old resolve's answer may be for a snapshot to take it instead of asking again: the
+# manifest's state_before and XML digest are then at most this much older than the dump
+# (which fails on its own if the domain is no longer running).
+FRESH_SEC = 2.0
+
+
+def _info_fields(text: str) -> tuple[dict[str, str], dict[str, str], str]:
+    """info.sh's output: dominfo's fields (and the XML digest), virsh version's, the host."""
+    info_part, _, rest = text.partition("--memdump-versions--")
+    lines = rest.strip().splitlines()
+    host = lines[-1].strip() if lines else ""
+    return _fields(info_part), _fields("\n".join(lines[:-1])), host
+
+
 _DUMP = load("libvirt/dump.sh")
 _DUMP_FILE = load("libvirt/dump-file.sh")
 _ABORT = load("libvirt/abort.sh")
@@ -87,6 +100,8 @@ class LibvirtDriver:
         self._staging_dir = hv.staging_dir
         self._live_userfaultfd = hv.live_userfaultfd
         self._t = transport
+        # resolve's answer (when, domain name, info.sh's output), for the snapshot after it.
+        self._fresh: tuple[float, str, str] | None = None
 
     def _run(self, script: str, *args: str, timeout: float = 60.0) -> CommandResult:
         return self._t.run(script, (self._uri, *args), timeout=timeout)
@@ -103,16 +118,12 @@ class LibvirtDriver:
         return [VMRef(self.name, n, n) for n in names]
 
     def _info(self, vm_id: str) -> tuple[dict[str, str], dict[str, str], str]:
-        text = self._dominfo(_INFO, vm_id)
-        info_part, _, rest = text.partition("--memdump-versions--")
-        lines = rest.strip().splitlines()
-        host = lines[-1].strip() if lines else ""
-        return _fields(info_part), _fields("\n".join(lines[:-1])), host
+        return _info_fields(self._dominfo(vm_id))
 
-    def _dominfo(self, script: str, vm_id: str) -> str:
-        """The output of ``script`` (info.sh or name.sh: both start with virsh dominfo)."""
+    def _dominfo(self, vm_id: str) -> str:
+        """info.sh's output (it starts with virsh dominfo)."""
         validate_id(vm_id)
-        res = self._run(script, vm_id)
+        res = self._run(_INFO, vm_id)
         if res.returncode != 0:
             err = res.stderr_text
             if "failed to get domain" in err or "Domain not found" in err:
@@ -130,11 +141,21 @@ class LibvirtDriver:
         return res.stdout.decode("utf-8", "replace")
 
     def resolve(self, vm_id: str) -> VMRef:
-        name = _fields(self._dominfo(_NAME, vm_id)).get("Name", "")
-        return VMRef(self.name, validate_id(name, what="domain name"), name)
+        """The domain's name for any of its ids. It asks what snapshot asks (info.sh) and
+        keeps the answer for a snapshot of the same domain right after (one remote command
+        fewer on the way to a capture: the CLI's and the chain's find, then snapshot)."""
+        text = self._dominfo(vm_id)
+        name = _fields(text.partition("--memdump-versions--")[0]).get("Name", "")
+        ref = VMRef(self.name, validate_id(name, what="domain name"), name)
+        self._fresh = (time.monotonic(), name, text)
+        return ref
 
     def snapshot(self, ref: VMRef) -> VMInfo:
-        info, ver, host = self._info(ref.name)
+        fresh, self._fresh = self._fresh, None
+        if fresh is not None and fresh[1] == ref.name and time.monotonic() - fresh[0] < FRESH_SEC:
+            info, ver, host = _info_fields(fresh[2])
+        else:
+            info, ver, host = self._info(ref.name)
         versions = {}
         if "Using library" in ver:
             versions["libvirt"] = ver["Using library"].removeprefix("libvirt ").strip()

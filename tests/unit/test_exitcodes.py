@@ -88,7 +88,7 @@ def test_the_scripts_as_sent_have_every_placeholder_filled() -> None:
         for name, v in vars(mod).items()
         if isinstance(v, str) and v.startswith(scripts.LIB)
     }
-    assert len(sent) == 24  # fifo 3, libvirt 11, qemu 7, proxmox 3
+    assert len(sent) == 23  # fifo 3, libvirt 10, qemu 7, proxmox 3
     for name, text in sent.items():
         assert not scripts._PLACEHOLDER.search(text), name
     assert scripts.RUN_DIR in scripts.LIB
