@@ -17,17 +17,20 @@ is never retryable as a whole.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import importlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from memdump import custody, recordsig, timestamping
+from memdump import recordsig
 from memdump.capture import Capture, Mode, capture
 from memdump.changes import since_previous
 from memdump.errors import MemdumpError, OffloadFailedError, RecordNotWrittenError
@@ -42,7 +45,20 @@ from memdump.settings import Settings
 from memdump.signing import collector_signer
 from memdump.targets import find
 
+if TYPE_CHECKING:
+    from memdump import timestamping
+
 log = logging.getLogger("memdump.chain")
+# Needed once the dump is taken, not before: imported on a thread while the capture runs
+# (about 0.1 s of imports, otherwise paid by every `memdump capture` before the dump).
+AFTER_CAPTURE = ("memdump.custody", "memdump.timestamping")
+
+
+def _preload() -> None:
+    for name in AFTER_CAPTURE:
+        # An import that fails here fails again, and is reported, where it is used.
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
 
 Slot = Callable[[VMRef], AbstractContextManager[object]]
 ProgressFor = Callable[[VMRef], ProgressFn | None]
@@ -92,6 +108,7 @@ def run_chain(
     # The signing key is loaded (made, on first use) before the guest is touched: a key
     # that cannot be read fails here, not after the dump, which would then be lost.
     signer = collector_signer(settings)
+    threading.Thread(target=_preload, name="memdump-chain-preload", daemon=True).start()
     with slot(ref) if slot is not None else nullcontext():
         log.info("capturing %s on %s", ref.name, ref.hypervisor)
         captured = capture(
@@ -106,6 +123,8 @@ def run_chain(
             ).manifest_section(),
             record_signature=recordsig.declaration(signer),
         )
+    from memdump import custody
+
     _custody_captured(settings, captured, trigger)
     stamped = _stamp(settings, captured.record)
     record, obj = offload(with_changes(captured.record, captured.manifest), settings)
@@ -136,6 +155,8 @@ def _stamp(settings: Settings, record: DumpRecord) -> timestamping.Stamp | None:
     capture."""
     if settings.tsa_url is None or not record.manifest_sha256:
         return None
+    from memdump import timestamping
+
     mpath = manifest_path(Path(record.dump_path))
     return timestamping.stamp(settings, mpath, record.manifest_sha256)
 
@@ -145,6 +166,8 @@ def _stamped(
 ) -> None:
     """A pending token goes where the manifest went (the S3 object); a granted one
     means the TSA is up: the tokens still pending are fetched now."""
+    from memdump import timestamping
+
     try:
         queue = timestamping.TimestampQueue(timestamping.queue_path(settings))
         if stamped.status == "pending" and obj is not None:
@@ -161,6 +184,8 @@ def _custody_captured(
 ) -> None:
     """The log's first entries (memdump.custody): captured, then analysed. A failed
     append waits in the custody outbox; the capture goes on."""
+    from memdump import custody
+
     rec = captured.record
     t = custody.targets(
         settings,

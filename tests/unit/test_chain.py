@@ -4,6 +4,8 @@ with its one confinement for verify and retention (memdump.stored)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +132,20 @@ def test_verify_and_retention_refuse_an_s3_record_alike_without_s3(tmp_path: Pat
     assert type(from_verify.value).__name__ == "LocationError"
     assert report.errors == {row["dump_path"]: f"refused: {from_verify.value}"}
     assert "S3 is not configured" in str(from_verify.value)
+
+
+def test_what_only_follows_the_dump_is_imported_beside_it() -> None:
+    # `memdump capture` starts without the custody log's and the timestamps' modules
+    # (their imports would come before the dump); the chain's preload brings them in.
+    code = (
+        "import sys, memdump.cli.app as app, memdump.chain as chain\n"
+        "app.engine('capture')\n"
+        "before = sorted(m for m in chain.AFTER_CAPTURE if m in sys.modules)\n"
+        "chain._preload()\n"
+        "after = sorted(m for m in chain.AFTER_CAPTURE if m in sys.modules)\n"
+        "print(before, after)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert r.stdout.strip() == "[] ['memdump.custody', 'memdump.timestamping']", r.stderr
