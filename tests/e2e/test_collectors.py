@@ -218,14 +218,33 @@ def _second_sshd(base: Path, lab_dir: Path) -> tuple[subprocess.Popen[bytes], in
 
 
 @pytest.fixture(scope="module")
-def collectors(base: Path, postgres: str) -> Iterator[Collectors]:
+def qemu_vms(base: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The two QEMU VMs' `lab/up`, started before PostgreSQL and the Prefect server and
+    running beside them (collectors waits for it before it starts the workers); the VMs
+    it started are removed at the end."""
+    run = Path(lab_inventory()).parent / "run" / "qemu"
+    started = [vm for vm in QEMU_VMS if not (run / f"{vm}.pid").is_file()]
+    argv = [str(REPO / "lab/up")] + [a for vm in QEMU_VMS for a in ("--qemu", f"{vm}:1024")]
+    with open(base / "lab-up.log", "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        stop(proc)
+        for vm in started:
+            subprocess.run(
+                [str(REPO / "lab/down"), "--vm", vm], check=False, capture_output=True, timeout=120
+            )
+
+
+@pytest.fixture(scope="module")
+def collectors(
+    base: Path, qemu_vms: subprocess.Popen[bytes], postgres: str
+) -> Iterator[Collectors]:
     lab_env_inventory = Path(lab_inventory())
     lab_dir = lab_env_inventory.parent
-    started_qemu = [vm for vm in QEMU_VMS if not (lab_dir / "run" / "qemu" / f"{vm}.pid").is_file()]
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for vm in QEMU_VMS:
-            _run([str(REPO / "lab/up"), "--qemu", f"{vm}:1024"])
         sshd2, port2, known2 = _second_sshd(base, lab_dir)
         procs.append(sshd2)
         inventory = base / "inventory.yaml"
@@ -283,6 +302,9 @@ def collectors(base: Path, postgres: str) -> Iterator[Collectors]:
         prefect = str(Path(sys.executable).parent / "prefect")
         _run([prefect, "work-pool", "create", "memdump", "--type", "process"], env=env, cwd=REPO)
         _run([prefect, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO)
+        # The VMs are up before a worker starts (its start-up cleans every hypervisor).
+        rc = qemu_vms.wait(300)
+        assert rc == 0, (base / "lab-up.log").read_text(errors="replace")[-3000:]
         workers, logs = {}, {}
         for name in ("collector-a", "collector-b"):
             logs[name] = base / f"{name}.log"
@@ -315,10 +337,6 @@ def collectors(base: Path, postgres: str) -> Iterator[Collectors]:
     finally:
         for proc in reversed(procs):
             stop(proc)
-        for vm in started_qemu:
-            subprocess.run(
-                [str(REPO / "lab/down"), "--vm", vm], check=False, capture_output=True, timeout=120
-            )
 
 
 def _intervals(records: list[dict[str, Any]]) -> list[tuple[datetime, datetime, str]]:
