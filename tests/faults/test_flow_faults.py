@@ -72,13 +72,7 @@ def test_ssh_session_killed_mid_stream_is_retried(
     attempts: list[int] = []
 
     def capture_with_a_cut(
-        driver: Any,
-        ref: Any,
-        settings: Any,
-        progress: Any = None,
-        trigger: Any = None,
-        mode: Any = None,
-        changes: Any = None,
+        driver: Any, ref: Any, settings: Any, progress: Any = None, **kw: Any
     ) -> Any:
         attempts.append(1)
 
@@ -88,9 +82,7 @@ def test_ssh_session_killed_mid_stream_is_retried(
             if progress:
                 progress(done, total)
 
-        return real_capture(
-            driver, ref, settings, progress=hook, trigger=trigger, mode=mode, changes=changes
-        )
+        return real_capture(driver, ref, settings, progress=hook, **kw)
 
     killed: list[tuple[int, bool]] = []
     monkeypatch.setattr(task_module, "capture", capture_with_a_cut)
