@@ -26,7 +26,7 @@ from memdump.fsperm import private_umask
 from memdump.leftovers import clean_leftovers
 from memdump.settings import Settings
 from memdump.targets import require_hypervisors
-from tasks.automations import ensure_crash_automation
+from tasks.automations import ensure_crash_automation, ensure_pending_automation
 from tasks.limits import ensure_limits
 
 
@@ -46,6 +46,7 @@ def main() -> int:
     clean_leftovers(settings, settings.orchestration.cleanup_min_age_sec)
     ensure_limits(settings)
     ensure_crash_automation(settings.orchestration.heartbeat_sec)
+    ensure_pending_automation(settings.orchestration.heartbeat_sec, args.pool)
     # Inherited by the flow runs this worker starts: their heartbeats feed the automation.
     os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.orchestration.heartbeat_sec)
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
