@@ -2,10 +2,11 @@
 media), with everything that vouches for it, and the copy written into its custody log
 (issue 15, item 3: the ``copied`` event).
 
-What is copied, from wherever the record says the dump is (the local file, else the S3
-object): the ``.mem.gz``, its manifest, the manifest's signature (``.sig``) and timestamp
-token (``.tsr``) where there are any, and then the custody log as JSONL, read after the
-``copied`` entry was appended, so that the copy carries the entry naming it. Each file is
+What is copied, from the first copy the record names that is still there (the local
+file on this collector, else the S3 object): the ``.mem.gz``, its manifest, the
+manifest's signature (``.sig``) and timestamp token (``.tsr``) where there are any, and
+then the custody log as JSONL, read after the ``copied`` entry was appended, so that the
+copy carries the entry naming it. Each file is
 created new (O_EXCL, O_NOFOLLOW, 0600, in a 0700 directory made if missing; never over an
 existing file) and fsynced. The ``.mem.gz`` is hashed as it is written and must match the
 record (``gz_sha256``, ``gzip_size_bytes``), the manifest its ``manifest_sha256``: a copy
@@ -30,11 +31,11 @@ from memdump import custody
 from memdump.errors import CopyRefusedError
 from memdump.fsperm import private_dir
 from memdump.identifiers import validate_id
-from memdump.locations import Location, is_dump_name
+from memdump.locations import is_dump_name, record_locations
 from memdump.manifest import SIG_SUFFIX, TSR_SUFFIX, manifest_path
 from memdump.settings import Settings
 from memdump.signing import SIG_MAX_BYTES
-from memdump.stored import LocalDump, S3Dump, open_stored
+from memdump.stored import LocalDump, S3Dump, StoredDump, open_stored
 from memdump.timestamping import TSR_MAX_BYTES
 from memdump.verify import MANIFEST_MAX_BYTES
 
@@ -61,7 +62,7 @@ def copy_dump(
     where = str(record["dump_path"])
     if case is not None:
         validate_id(case, what="case reference")  # it goes into the log as given
-    stored = open_stored(Location.of(where), settings)  # confined: a record is data
+    stored = _surviving(record, settings)
     if isinstance(stored, LocalDump):
         name = stored.path.name
     else:
@@ -69,8 +70,6 @@ def copy_dump(
         name = stored.key.rpartition("/")[2]
     if not is_dump_name(name):  # confined already; the name becomes a file name here
         raise CopyRefusedError(f"not copied: {where!r} is not a dump file name", path=where)
-    if not stored.exists():
-        raise CopyRefusedError(f"not copied: the stored dump {where} is gone", path=where)
     folder = private_dir(dest).resolve()
     written: list[Path] = []
     try:
@@ -122,6 +121,21 @@ def copy_dump(
     return Copied(
         where, str(target), [str(p) for p in written], gz_sha, gz_n, logged, len(lines), details
     )
+
+
+def _surviving(record: Mapping[str, Any], settings: Settings) -> StoredDump:
+    """The first copy of the record's dump still there: its local copy (on this
+    collector), else its S3 object; each confined (a record is data)."""
+    for loc in record_locations(record):
+        if loc.deleted_at or (
+            loc.kind == "local" and loc.collector not in ("", settings.collector_id)
+        ):
+            continue
+        stored = open_stored(loc, settings)
+        if stored.exists():
+            return stored
+    where = str(record["dump_path"])
+    raise CopyRefusedError(f"not copied: no copy of {where} is left", path=where)
 
 
 def _write(path: Path, chunks: Iterable[bytes], written: list[Path]) -> tuple[str, int]:

@@ -209,3 +209,13 @@ def test_memdump_copy_of_an_offloaded_dump_is_logged_and_carries_the_log(
     assert "exists already" in json.loads(capsys.readouterr().out)["detail"]
     rc, again = _custody(s, uri, capsys)
     assert again["entries"] == found["entries"]
+
+    # A dump kept locally too, whose local file is lost: copied from its S3 object.
+    kept = s.model_copy(update={"s3": s.s3.model_copy(update={"keep_local": True})})  # type: ignore[union-attr]
+    both = run_chain(driver, driver.resolve(VM), kept, trigger={"source": "cli"})
+    local = Path(both.record.local_path)
+    local.unlink()
+    args = argparse.Namespace(dump_paths=[both.record.dump_path], to=str(dest), case=None)
+    assert cmd_copy(kept, args) == 0, capsys.readouterr()
+    out = json.loads(capsys.readouterr().out)
+    assert out["gz_sha256"] == both.record.gz_sha256 and Path(out["to"]).name == local.name

@@ -119,3 +119,13 @@ def test_a_hostile_case_reference_is_refused(
     with pytest.raises(InvalidIdentifierError):
         copy_dump(row, settings, tmp_path / "case", case="../x\n| evil |")
     assert not (tmp_path / "case").exists()
+
+
+def test_a_dump_with_no_copy_left_is_not_copied(
+    settings: Settings, made: Made, tmp_path: Path
+) -> None:
+    row = _row(settings, made)
+    made.path.unlink()
+    with pytest.raises(CopyRefusedError, match="no copy .* is left"):
+        copy_dump(row, settings, tmp_path / "case")
+    assert not (tmp_path / "case").exists()
