@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -74,6 +75,9 @@ _FLOAT = frozenset({"duration_sec", "pause_ms"})
 ENVELOPE_MAX = 2048  # an envelope is ~300 characters
 # The field the API adds to each record it lists: check(row).status (not stored).
 STATUS_FIELD = "signature_status"
+STATUSES_KEPT = 8192  # with_status's remembered checks (a key is ~1 KiB)
+_STATUSES: dict[tuple[str, bytes, frozenset[str]], str] = {}
+_STATUSES_LOCK = threading.Lock()
 
 
 def _value(name: str, value: Any) -> Any:
@@ -117,9 +121,24 @@ def sign(record: DumpRecord, signer: Signer, at: datetime | None = None) -> Dump
 
 
 def with_status(rows: list[dict[str, Any]], trusted: frozenset[str]) -> list[dict[str, Any]]:
-    """``rows`` (API rows), each with its signature's status in STATUS_FIELD."""
+    """``rows`` (API rows), each with its signature's status in STATUS_FIELD. A status
+    is kept per (signature, signed bytes, trusted keys): the same record listed again
+    (every /records page of a dashboard) is not verified again, and any change to what
+    is signed, to the signature or to the trusted keys is a new key."""
     for row in rows:
-        row[STATUS_FIELD] = check(row, trusted).status
+        raw = str(row.get("record_signature") or "")
+        if not raw:
+            row[STATUS_FIELD] = "unsigned"
+            continue
+        key = (raw, message(row), trusted)
+        status = _STATUSES.get(key)
+        if status is None:
+            status = check(row, trusted).status
+            with _STATUSES_LOCK:
+                _STATUSES[key] = status
+                while len(_STATUSES) > STATUSES_KEPT:
+                    _STATUSES.pop(next(iter(_STATUSES)))
+        row[STATUS_FIELD] = status
     return rows
 
 

@@ -225,3 +225,30 @@ def test_where_the_manifest_declares_the_record_signed_its_signature_must_be_the
     # Signed by the key it names: valid.
     signed = recordsig.sign(made.record, signer).api_dict()
     assert recordsig.check(signed, trusted, declared).status == "valid"
+
+
+def test_the_listing_status_is_checked_once_and_never_stale(
+    settings: Settings, made: Made, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signed = recordsig.sign(made.record, signing.collector_signer(settings)).api_dict()
+    trusted = signing.trusted_keys(settings)
+    calls: list[int] = []
+    real = recordsig.check
+
+    def counted(row: Any, keys: frozenset[str], declared: Any = None) -> Any:
+        calls.append(1)
+        return real(row, keys, declared)
+
+    monkeypatch.setattr(recordsig, "check", counted)
+    assert recordsig.with_status([dict(signed)], trusted)[0]["signature_status"] == "valid"
+    assert recordsig.with_status([dict(signed)], trusted)[0]["signature_status"] == "valid"
+    assert len(calls) == 1  # the same record listed again: not verified again
+    # What is signed edited, the keys no longer trusted, the signature removed: never
+    # the remembered answer.
+    edited = {**signed, "dom": "someone-else"}
+    assert recordsig.with_status([edited], trusted)[0]["signature_status"] == "bad-signature"
+    assert recordsig.with_status([dict(signed)], frozenset())[0]["signature_status"] == (
+        "untrusted-key"
+    )
+    stripped = {**signed, "record_signature": ""}
+    assert recordsig.with_status([stripped], trusted)[0]["signature_status"] == "unsigned"
