@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -285,6 +286,13 @@ def _capture_once(
     )
     duration = round(time.monotonic() - t0, 3)
     ended = datetime.now(UTC)
+    # The comparison with the previous capture reads the new file's index and the record
+    # store: beside the check, not after it (both only read the finished file).
+    changed: Future[Mapping[str, Any]] | None = None
+    if changes is not None:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="memdump-changes")
+        changed = pool.submit(changes, result.path)
+        pool.shutdown(wait=False)  # its one task still runs; the thread ends with it
     # After the guest runs again: the check reads the finished file, not the stream.
     analysis = (
         analyze(
@@ -324,7 +332,8 @@ def _capture_once(
         live=live,
     )
     if changes is not None:
-        doc["changes"] = dict(changes(result.path))
+        assert changed is not None  # noqa: S101 - submitted above
+        doc["changes"] = dict(changed.result())
     if record_signature is not None:
         # Signed with the manifest: a record stripped of its signature in the store is
         # then caught by verify, not taken for an older, unsigned one.

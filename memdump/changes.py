@@ -35,7 +35,7 @@ from memdump.elfcore import PT_LOAD, CoreLayout, parse_core
 from memdump.errors import InvalidDumpError, MemdumpError
 
 if TYPE_CHECKING:
-    from memdump.records.base import RecordStore
+    from memdump.records.base import RecordReader
     from memdump.settings import Settings
     from memdump.stored import StoredDump
 
@@ -236,7 +236,7 @@ def diff(a: StoredDump, b: StoredDump) -> Diff:
 # -- the capture chain: since the previous capture -------------------------------------------
 
 
-def previous_record(store: RecordStore, hypervisor: str, vmid: str) -> dict[str, Any] | None:
+def previous_record(store: RecordReader, hypervisor: str, vmid: str) -> dict[str, Any] | None:
     """The newest record of VM ``vmid`` on ``hypervisor`` (the same vmid on another
     hypervisor is another VM)."""
     from memdump.records.base import RecordQuery
@@ -311,10 +311,10 @@ def since_previous(settings: Settings, hypervisor: str, vmid: str, dump: Path) -
             new = read_index(f)
     except (OSError, MemdumpError) as exc:
         return Changes(None, None, reason=f"this capture's index cannot be read: {exc}")
-    from memdump.records import open_store
+    from memdump.records import open_reader
 
     try:
-        store = open_store(settings)
+        store = open_reader(settings)  # it only reads
         try:
             row = previous_record(store, hypervisor, vmid)
         finally:

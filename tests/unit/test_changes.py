@@ -225,7 +225,8 @@ def test_no_count_without_a_comparable_previous_capture_and_why(
     def down(settings: Settings) -> SQLiteRecordStore:
         raise RecordStoreError("connection refused", retryable=True)
 
-    monkeypatch.setattr("memdump.records.open_store", down)
+    # It only reads: through the read-only reader.
+    monkeypatch.setattr("memdump.records.open_reader", down)
     c = since_previous(settings, "hv", "vm1", new.path)
     assert c.chunks_changed is None and "record store could not be read" in c.reason
     assert c.chunk_count == -(-len(raw) // CHUNK)
