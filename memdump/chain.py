@@ -60,6 +60,7 @@ def _preload() -> None:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
 
+
 Slot = Callable[[VMRef], AbstractContextManager[object]]
 ProgressFor = Callable[[VMRef], ProgressFn | None]
 
