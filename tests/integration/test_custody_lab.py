@@ -182,16 +182,16 @@ def test_memdump_copy_of_an_offloaded_dump_is_logged_and_carries_the_log(
     driver: Driver, settings: Settings, moto_url: str, capsys: Any, tmp_path: Path
 ) -> None:
     _, _, s = _offloading(settings, moto_url, "custody-copy")
+    s = s.model_copy(update={"s3": s.s3.model_copy(update={"keep_local": True})})  # type: ignore[union-attr]
     done = run_chain(driver, driver.resolve(VM), s, trigger={"source": "cli"})
-    uri = done.record.dump_path
-    assert uri.startswith("s3://")
+    uri, local = done.record.s3_uri, Path(done.record.local_path)
+    assert uri.startswith("s3://") and done.record.dump_path == str(local)
     dest = tmp_path / "case"
-    args = argparse.Namespace(dump_paths=[uri], to=str(dest), case="INC-7")
+    args = argparse.Namespace(dump_paths=[done.record.dump_path], to=str(dest), case="INC-7")
     assert cmd_copy(s, args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["copied"] is True and out["gz_sha256"] == done.record.gz_sha256
-    name = uri.rpartition("/")[2]
-    copy = dest / name
+    copy = dest / local.name
     assert hashlib.sha256(copy.read_bytes()).hexdigest() == done.record.gz_sha256
     assert stat.S_IMODE(copy.stat().st_mode) == 0o600
     # The S3 log (captured, analysed, offloaded, copied) and the copy's log are the same.
@@ -210,12 +210,11 @@ def test_memdump_copy_of_an_offloaded_dump_is_logged_and_carries_the_log(
     rc, again = _custody(s, uri, capsys)
     assert again["entries"] == found["entries"]
 
-    # A dump kept locally too, whose local file is lost: copied from its S3 object.
-    kept = s.model_copy(update={"s3": s.s3.model_copy(update={"keep_local": True})})  # type: ignore[union-attr]
-    both = run_chain(driver, driver.resolve(VM), kept, trigger={"source": "cli"})
-    local = Path(both.record.local_path)
+    # The local file lost: the copy comes from the S3 object.
     local.unlink()
-    args = argparse.Namespace(dump_paths=[both.record.dump_path], to=str(dest), case=None)
-    assert cmd_copy(kept, args) == 0, capsys.readouterr()
+    args = argparse.Namespace(dump_paths=[done.record.dump_path], to=str(dest / "2"), case=None)
+    assert cmd_copy(s, args) == 0, capsys.readouterr()
     out = json.loads(capsys.readouterr().out)
-    assert out["gz_sha256"] == both.record.gz_sha256 and Path(out["to"]).name == local.name
+    assert out["gz_sha256"] == done.record.gz_sha256 and Path(out["to"]).name == local.name
+    rc, last = _custody(s, uri, capsys)
+    assert last["entries"] == found["entries"] + 1 and rc == 0, last
