@@ -32,7 +32,9 @@ class FakeLiveQemu(threading.Thread):
     snapshot thread ignores the value set before it starts); ``wait_for_bandwidth``: the
     migration does not end before max-bandwidth is this (up to 10 s, or until a set was
     refused);
-    ``bandwidth_error``: migrate-set-parameters refuses with this desc."""
+    ``bandwidth_error``: migrate-set-parameters refuses with this desc;
+    ``migrate_reply_gate``: the reply to ``migrate`` waits for this event (up to 30 s)
+    while the migration already writes (a client slow to read it, as under load)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
@@ -56,6 +58,7 @@ class FakeLiveQemu(threading.Thread):
         self.bandwidth_error = ""
         self.bandwidth_refused = 0
         self.bandwidth_sets: list[int] = []
+        self.migrate_reply_gate: threading.Event | None = None
         self.fds: dict[str, int] = {}
         self.hmp: dict[str, str] = {}  # HMP command line -> its text
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -172,6 +175,11 @@ class FakeLiveQemu(threading.Thread):
                     self.migration = "cancelled"
             elif ex == "cont":
                 self.status = "running"
+            if after is not None and self.migrate_reply_gate is not None:
+                self._migrate(conn, after)  # QEMU's migration thread runs before the reply is read
+                self.migrate_reply_gate.wait(30)
+                self._send(conn, {"return": ret, "id": cid})
+                continue
             if err:
                 self._send(conn, {"id": cid, "error": {"class": "GenericError", "desc": err}})
             else:

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -579,6 +580,64 @@ def test_abort_ends_the_snapshot_safely_for_the_qemu_version(
     else:
         assert "migrate_cancel" in fake.commands
         assert fake.migration == "cancelled" and fake.written < 64 << 20
+
+
+def signal_waits(pid: int, sig: int) -> bool:
+    """``sig`` is pending at ``pid`` (blocked), or ``pid`` has ended."""
+    try:
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+    except OSError:
+        return True
+    if status["State"].split()[0] in ("Z", "X"):
+        return True
+    bit = 1 << (sig - 1)
+    return any(int(status[k], 16) & bit for k in ("SigPnd", "ShdPnd"))
+
+
+@pytest.mark.parametrize("version", [(7, 2), (8, 1)])
+def test_an_abort_before_the_client_read_the_migrate_reply_ends_the_snapshot(
+    fake: FakeLiveQemu, version: tuple[int, int]
+) -> None:
+    """QEMU writes the stream as soon as it takes ``migrate``: under load an abort's
+    SIGTERM can reach the client while that reply is still on its way. The snapshot is
+    ended as in the test above all the same (the client no longer takes it for one that
+    never started: capability left on, migration neither cancelled nor drained)."""
+    fake.version = version
+    fake.endless_mib = 64
+    gate = fake.migrate_reply_gate = threading.Event()
+    raw, _ = local_driver(fake).open_live_stream(REF)
+    buf = memoryview(bytearray(1 << 16))
+    got = 0
+    while got < 1 << 20:  # the migration runs; its reply is held back
+        got += raw.readinto(buf)
+    d = raw.directory
+    assert d is not None
+    deadline = time.monotonic() + 30
+    noted = Path(d, "client")  # the live script notes its client's pid as it starts it
+    while not (noted.exists() and noted.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client = int(noted.read_text())
+    aborting = threading.Thread(target=raw.abort)
+    aborting.start()
+    while not signal_waits(client, signal.SIGTERM) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gate.set()  # the reply reaches the client after the signal
+    aborting.join()
+    deadline = time.monotonic() + 30
+    while fake.cap and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not fake.cap and fake.status == "running"
+    if version < (8, 1):
+        assert "migrate_cancel" not in fake.commands
+        assert fake.migration == "completed" and fake.written == 64 << 20  # drained
+    else:
+        # Cancelled by the client, or failed first: the abort's SIGTERM also ended the
+        # script's reader while the client waited for its reply, and from 8.1 a failed
+        # background snapshot releases the guest's memory as a cancelled one does.
+        assert "migrate_cancel" in fake.commands
+        assert fake.migration in ("cancelled", "failed") and fake.written < 64 << 20
 
 
 # -- a cap on the snapshot: QEMU's migration max-bandwidth while it runs ----------------

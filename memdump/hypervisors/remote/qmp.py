@@ -770,10 +770,18 @@ def live(
             ):
                 raise Unsupported("QEMU did not turn %s on" % CAP)
             t0 = time.time()
-            got = s.ask("migrate", {"uri": "fd:" + FDNAME})
-            if "return" not in got:
+            # Signals held off until ``started`` says whether QEMU took the migrate: one
+            # that came while its reply was on the way (QEMU already writing) would leave
+            # the snapshot running, unrepaired (the capability on; before 8.1, with the
+            # reader gone, the guest's memory write-protected for good).
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+            try:
+                got = s.ask("migrate", {"uri": "fd:" + FDNAME})
+                started = "return" in got
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            if not started:
                 raise Unsupported("migrate refused: %s" % desc(got))
-            started = True
             # QEMU stops the guest, saves the devices, write-protects RAM with a new
             # userfaultfd (the window may close once QEMU holds it) and resumes the guest
             # (RESUME, which also ends the pause), unless the migration ends first.
