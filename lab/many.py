@@ -29,7 +29,6 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,35 +98,13 @@ def start_guest(
     )
     argv = qemu.argv_for(layout, d, name, bios, accel, runas)
     (state / "vms" / name / "qemu.argv.json").write_text(json.dumps(argv, indent=1) + "\n")
-    pid = qemu.running_pid(d, name)
-    if pid is not None:
-        have = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
-        if [a.decode() for a in have] == argv:
-            if qemu.wait_qmp(d / f"{name}.qmp")["return"]["status"] == "paused":
-                qemu.qmp(d / f"{name}.qmp", "cont")
-            return f"reused pid {pid}", 0.0
-        qemu.stop(d, name)
-    for suffix in (".pid", ".qmp"):
-        (d / f"{name}{suffix}").unlink(missing_ok=True)
-    log = d / f"{name}.log"
     t0 = time.monotonic()
-    with open(log, "wb") as err:
-        proc = subprocess.run(  # noqa: S603 - fixed argv
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=err,
-            stderr=err,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
-            timeout=300,
-            check=False,
-        )
-    if proc.returncode != 0:
-        sys.stderr.write(log.read_text(errors="replace"))
-        raise SystemExit(f"lab: qemu {name} did not start (exit {proc.returncode}); see {log}")
-    qemu.wait_qmp(d / f"{name}.qmp")
+    note = qemu.launch(d, name, name, argv)
+    if note.startswith("reused"):
+        return note, 0.0
     secs = time.monotonic() - t0
     (d / f"{name}.started").write_text(f"{secs:.3f}\n")
-    return f"started pid {qemu.running_pid(d, name)}", secs
+    return note, secs
 
 
 def up(

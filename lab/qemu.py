@@ -239,6 +239,13 @@ def up(
     (vmdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1) + "\n")
     if vmid is not None:
         write_pve_conf(state, vmid, name, mib)
+    return launch(d, stem, name, argv)
+
+
+def launch(d: Path, stem: str, name: str, argv: list[str]) -> str:
+    """QEMU ``argv`` for guest ``name`` (files ``d/stem.*``): the one running with the
+    same command line is kept (resumed if paused), one with another is restarted."""
+    sock = d / f"{stem}.qmp"
     pid = running_pid(d, stem)
     if pid is not None:
         have = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]

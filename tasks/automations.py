@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from prefect.automations import Automation
+    from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger
 
 NAME = "memdump: crash flow runs without heartbeats"
@@ -53,21 +54,12 @@ def pending_trigger(heartbeat_sec: int, pool: str) -> EventTrigger:
 def ensure_pending_automation(heartbeat_sec: int, pool: str, name: str = PENDING_NAME) -> str:
     """Create or update the Pending automation for work pool ``pool``; returns its id."""
     from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
 
     wanted = Automation(
         name=name,
         description="A flow run its collector took and never started (tasks/automations.py)",
         trigger=pending_trigger(heartbeat_sec, pool),
-        actions=[
-            ChangeFlowRunState(
-                name=None,
-                state=StateType.CRASHED,
-                message=f"Pending for {3 * heartbeat_sec} s: the collector that took it is gone",
-                force=False,
-            )
-        ],
+        actions=[_crash(f"Pending for {3 * heartbeat_sec} s: the collector that took it is gone")],
     )
     return _ensure(wanted, name)
 
@@ -75,8 +67,6 @@ def ensure_pending_automation(heartbeat_sec: int, pool: str, name: str = PENDING
 def ensure_crash_automation(heartbeat_sec: int) -> str:
     """Create or update the automation; returns its id."""
     from prefect.automations import Automation
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
 
     expect = {"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{s}" for s in _FINAL)}
@@ -92,16 +82,17 @@ def ensure_crash_automation(heartbeat_sec: int) -> str:
             threshold=1,
             within=timedelta(seconds=3 * heartbeat_sec),
         ),
-        actions=[
-            ChangeFlowRunState(
-                name=None,
-                state=StateType.CRASHED,
-                message=f"no heartbeat for {3 * heartbeat_sec} s: its worker is gone",
-                force=False,
-            )
-        ],
+        actions=[_crash(f"no heartbeat for {3 * heartbeat_sec} s: its worker is gone")],
     )
     return _ensure(wanted, NAME)
+
+
+def _crash(message: str) -> ChangeFlowRunState:
+    """The action of both automations: the flow run the trigger fired for, Crashed."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+
+    return ChangeFlowRunState(name=None, state=StateType.CRASHED, message=message, force=False)
 
 
 def _ensure(wanted: Automation, name: str) -> str:
