@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,19 +22,6 @@ from memdump.settings import Settings
 
 BASE = "/api/memory-dumps"
 FLOW = "capture-vms-atomic-test"
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    mp = pytest.MonkeyPatch()
-    # Telemetry off: its heartbeat races the harness's fresh SQLite ("database is locked").
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    mp.setenv("DO_NOT_TRACK", "1")
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    mp.undo()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ off (the run's time is this machine's clock) and on (the Prefect server's clock)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,15 +20,9 @@ from memdump.records.model import iso_utc
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 from tests.helpers.api import client
-from tests.helpers.prefect_harness import flow_runs, idle_deployment, prefect_harness
+from tests.helpers.prefect_harness import flow_runs, idle_deployment
 
 BASE = "/api/memory-dumps"
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[None]:
-    with prefect_harness():
-        yield
 
 
 def _app(tmp_path: Path, flow: str, interval: float) -> TestClient:
