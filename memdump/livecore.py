@@ -649,9 +649,21 @@ class LiveCoreSource:
         while not self._ram_done:
             self._record()
         self._check_complete()
+        # RAM is whole: the stream's producer (the hypervisor script) need not be waited
+        # for at the last byte, only in close_ok, which the pipeline calls once the file
+        # is written (its tail then runs beside the pipeline's). Should the device state
+        # be cut, the script's own error comes first: it says why.
+        defer_end = getattr(self.stream, "defer_end", None)
+        if defer_end is not None:
+            defer_end()
         tail_at = r.offset
         self.tail_bytes, last = r.drain(_TAIL_KEEP)
-        self._check_tail(tail_at, last)
+        try:
+            self._check_tail(tail_at, last)
+        except MigrationStreamError:
+            if defer_end is not None:
+                self.stream.close_ok()
+            raise
         self.stream_bytes = r.total
         self.stream_sha256 = r.sha.hexdigest()
         self._finished = True

@@ -267,10 +267,18 @@ def write_dump(
     committed = False
     watchdog = _Watchdog(source, deadline)
     try:
-        total = _pump(source, digester, expected_size, progress, watchdog)
+        done, expected = _pump(source, digester, expected_size, progress, watchdog)
         digester.finish()
         index = sink.finish()
         os.fsync(fd)
+        # The producer's end (the hypervisor script's exit and checks) is waited for once
+        # the file is whole and on disk: its tail runs beside the last buffers' hashing,
+        # compression and the fsync instead of after them. Its verdict still comes
+        # before the length's (its error says more than "short") and before the commit.
+        source.close_ok()
+        total = _checked_length(done, expected)
+        if progress is not None:
+            progress(done, expected)
         _commit(part, final)
         committed = True
         return PipelineResult(
@@ -299,7 +307,9 @@ def _pump(
     expected_size: Callable[[bytes], int | None],
     progress: ProgressFn | None,
     watchdog: _Watchdog,
-) -> int:
+) -> tuple[int, int | None]:
+    """Read ``source`` to its end into the digester: the bytes read, and the length the
+    headers declare (None: not found)."""
     head = bytearray()
     expected: int | None = None
     done = 0
@@ -357,16 +367,16 @@ def _pump(
         if progress is not None and done >= next_report:
             progress(done, expected)
             next_report = done + _PROGRESS_EVERY
-    # Before judging the length, ask the producer: its error says more than "short".
-    source.close_ok()
+    return done, expected
+
+
+def _checked_length(done: int, expected: int | None) -> int:
     if expected is None or done != expected:
         raise ShortDumpError(
             f"dump ended after {done} bytes, its headers declare {expected}",
             bytes_done=done,
             bytes_expected=expected,
         )
-    if progress is not None:
-        progress(done, expected)
     return done
 
 

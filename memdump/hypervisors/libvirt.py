@@ -681,6 +681,7 @@ class _LiveStream:
         self._pre = pre
         self._pending = b""
         self._ended = False
+        self._end_at_eof = True
         self._error: BaseException | None = None
         self.pause_window: tuple[datetime, datetime] | None = None
         self.live: dict[str, Any] = {}
@@ -711,9 +712,14 @@ class _LiveStream:
             self._pending = self._pending[n:]
             return n
         n = self._s.readinto(view)
-        if n == 0:
+        if n == 0 and self._end_at_eof:
             self._end()
         return n
+
+    def defer_end(self) -> None:
+        """The converter has the whole image: the script's end (its checks of QEMU
+        after the stream) is waited for in close_ok, not at the last byte."""
+        self._end_at_eof = False
 
     def _end(self) -> None:
         if self._ended:

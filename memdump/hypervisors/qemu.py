@@ -609,7 +609,8 @@ class _QmpDump(TokenFifoDump):
 class _LiveDump(TokenFifoDump):
     """The raw migration stream of a live capture (QEMU background-snapshot). Its end
     is checked as soon as it comes (the script's exit), so an error of the client is
-    raised from ``readinto`` whatever reads it. After the end: ``live`` (for the
+    raised from ``readinto`` whatever reads it, unless the converter said it has all of
+    RAM (``defer_end``): then in ``close_ok``. After the end: ``live`` (for the
     manifest) and ``pause_window`` (the client's, from just before ``migrate`` to QEMU's
     RESUME)."""
 
@@ -625,6 +626,7 @@ class _LiveDump(TokenFifoDump):
         self.qemu_version = ""
         self._head = b""
         self._done: tuple[int, str] | None = None
+        self._end_at_eof = True
 
     def check_head(self) -> None:
         """Read the stream's header (or its end: the client's error)."""
@@ -652,9 +654,14 @@ class _LiveDump(TokenFifoDump):
             self._head = self._head[n:]
             return n
         n = self._s.readinto(view)
-        if n == 0:
+        if n == 0 and self._end_at_eof:
             self._end()
         return n
+
+    def defer_end(self) -> None:
+        """The converter has the whole image: the client's end is waited for in
+        close_ok, not at the last byte."""
+        self._end_at_eof = False
 
     def _end(self) -> None:
         if self._done is None:

@@ -221,6 +221,7 @@ class FakeStream:
         self._rc = rc
         self._err = stderr.encode()
         self.aborted = False
+        self.finished = 0
 
     def readinto(self, view: memoryview) -> int:
         n = min(len(view), len(self._data))
@@ -233,6 +234,7 @@ class FakeStream:
         return data
 
     def finish(self, timeout: float) -> CommandResult:
+        self.finished += 1
         return CommandResult(self._rc, b"", self._err)
 
     def abort(self) -> None:
@@ -414,6 +416,28 @@ def test_script_failures_after_the_stream(rc: int, words: str, retryable: bool) 
     assert ei.value.fields["exit_code"] == rc
     with pytest.raises(DumpFailedError):
         raw.close_ok()  # the same error again, not a success
+
+
+@pytest.mark.parametrize("rc", [0, Exit.MIGRATION_FAILED])
+def test_once_the_converter_has_all_of_ram_the_script_is_waited_for_in_close_ok(rc: int) -> None:
+    # memdump.livecore calls defer_end once RAM is whole: the script's tail (its checks of
+    # QEMU) then runs beside the pipeline's, and its verdict comes from close_ok.
+    end = GOOD_END if rc == 0 else GOOD_END.replace('"completed"', '"failed"')
+    stream = FakeStream(DIR_LINE + b"QEVM\x00\x00\x00\x03" + b"x" * 100, rc, end)
+    drv, _ = driver(stream)
+    raw = drv.open_live_stream(REF, drv.live_preflight(REF))
+    raw.defer_end()
+    buf = memoryview(bytearray(64))
+    while raw.readinto(buf):
+        pass
+    assert stream.finished == 0
+    if rc:
+        with pytest.raises(DumpFailedError, match="did not complete"):
+            raw.close_ok()
+    else:
+        raw.close_ok()
+        assert raw.live["migration_status"] == "completed"
+    assert stream.finished == 1
 
 
 def test_abort_drains_on_qemu_72_and_cancels_from_81() -> None:

@@ -485,6 +485,53 @@ def test_close_ok_abort_and_pass_through(tmp_path: Path) -> None:
     assert live["stream_bytes"] == len(stream)
 
 
+class DeferringSource(ms.BytesSource):
+    """A raw stream that, like the drivers' live streams, can wait for its producer's end
+    in close_ok instead of at its last byte."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.deferred_at: list[int] = []
+
+    def defer_end(self) -> None:
+        self.deferred_at.append(self.pos)
+
+
+def test_the_producer_end_is_deferred_only_once_ram_is_whole(tmp_path: Path) -> None:
+    stream = ms.sweep(BLOCKS)
+    ram_end = len(stream) - len(ms.device_tail())
+    src = DeferringSource(stream)
+    core = LiveCoreSource(src, LAYOUT, spill_dir=tmp_path)
+    buf = memoryview(bytearray(7777))
+    while core.readinto(buf):
+        pass
+    core.close_ok()
+    assert len(src.deferred_at) == 1 and src.deferred_at[0] >= ram_end
+    assert src.closed_ok
+    # Cut in RAM: never deferred (the driver's stream raises the script's error at the cut).
+    cut = DeferringSource(stream[: ram_end - 100])
+    with pytest.raises(MigrationStreamError, match="truncated"):
+        convert_source(cut, tmp_path)
+    assert cut.deferred_at == []
+
+
+def test_a_cut_device_state_reports_the_producers_error_first(tmp_path: Path) -> None:
+    stream = ms.sweep(BLOCKS)
+    src = DeferringSource(stream[:-20])
+    src.close_error = MigrationStreamError("the script says: migration failed")
+    with pytest.raises(MigrationStreamError, match="the script says"):
+        convert_source(src, tmp_path)
+    assert src.deferred_at
+
+
+def convert_source(src: ms.BytesSource, tmp_path: Path) -> None:
+    core = LiveCoreSource(src, LAYOUT, spill_dir=tmp_path)
+    buf = memoryview(bytearray(7777))
+    while core.readinto(buf):
+        pass
+    core.close_ok()
+
+
 def test_through_the_pipeline(tmp_path: Path) -> None:
     """pipeline.write_dump reads the length from the ELF headers, as for a paused dump."""
 

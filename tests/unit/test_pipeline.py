@@ -208,3 +208,29 @@ def test_a_worker_error_fails_the_dump_and_leaves_nothing(
         write_dump(src, tmp_path, "w.mem.gz", chunk_size=64 << 10, threads=2)
     assert src.aborted and _only_files(tmp_path) == []
     assert calls["n"] >= 3
+
+
+def test_the_producer_end_is_waited_for_once_the_file_is_whole_and_on_disk(
+    tmp_path: Path, core: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hypervisor script's tail (its exit, a live capture's checks of QEMU) runs beside
+    # the last buffers' hashing, compression and fsync, not after them; its verdict still
+    # comes before the length check and the commit.
+    events: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    class Source(FakeSource):
+        def close_ok(self) -> None:
+            part = tmp_path / "o.mem.gz.part"
+            events.append(f"close_ok part={part.exists()} final={(tmp_path / 'o.mem.gz').exists()}")
+            super().close_ok()
+
+    monkeypatch.setattr("memdump.pipeline.os.fsync", fsync)
+    res = write_dump(Source(core), tmp_path, "o.mem.gz")
+    # (then _commit's fsync of the directory)
+    assert events[:2] == ["fsync", "close_ok part=True final=False"]
+    assert igzip.decompress(res.path.read_bytes()) == core

@@ -150,6 +150,7 @@ class FakeStream:
         self.rc = rc
         self.stderr = stderr
         self.aborted = False
+        self.events: list[str] = []
 
     def readinto(self, view: memoryview) -> int:
         n = min(len(view), 7000, len(self.data))
@@ -162,6 +163,7 @@ class FakeStream:
         return bytes(buf[: self.readinto(memoryview(buf))])
 
     def finish(self, timeout: float) -> CommandResult:
+        self.events.append("finish")
         return CommandResult(self.rc, b"", self.stderr.encode())
 
     def abort(self) -> None:
@@ -285,6 +287,28 @@ def test_open_dump_live_gives_the_elf_core_and_live_fields(tmp_path: Path) -> No
     assert live["max_bandwidth"] == 512 * MIB and live["max_bandwidth_before"] == 128 * MIB
     t0, t1 = src.pause_window  # type: ignore[attr-defined]
     assert (t1 - t0).total_seconds() == pytest.approx(0.058531)
+
+
+def test_the_clients_end_is_waited_for_once_the_dump_is_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its tail (QEMU's state checked, the capability turned off) runs beside the
+    # pipeline's last hashing, compression and fsync; its verdict still comes before the
+    # file is committed.
+    stream = FakeStream(stream_of_2mib(), 0, live_stderr())
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        stream.events.append("fsync")
+        real_fsync(fd)
+
+    monkeypatch.setattr("memdump.pipeline.os.fsync", fsync)
+    src = driver(FakeTransport(preflight_text(), stream)).open_dump(
+        REF, mode="live", spill_dir=tmp_path
+    )
+    res = write_dump(src, tmp_path / "out", "d.mem.gz")
+    assert stream.events[:2] == ["fsync", "finish"]
+    assert res.path.exists() and src.live["migration_status"] == "completed"
 
 
 def test_unsupported_found_by_the_script_is_raised_by_open_dump(tmp_path: Path) -> None:
