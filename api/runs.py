@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
+from uuid import UUID
 
 from memdump.runinfo import (
     ALL,
@@ -128,41 +129,80 @@ class PrefectRuns:
         # finished run costs one Prefect query again, as before the detail existed.
         self._final: tuple[str, tuple[VMRun, ...]] | None = None
         self._busy_since: float | None = None  # first of an unbroken row of TriggerBusy
+        # The deployment's id, looked up by name once (again if Prefect no longer has it).
+        self._deployment_id: UUID | None = None
+        self._client_lock = threading.Lock()
+        self._shared: tuple[tuple[str, ...], Any] | None = None
+
+    def _client(self) -> Any:
+        """One started Prefect client for this object's calls, from every thread (httpx's
+        client is thread-safe): its connections are kept alive and it fetches its CSRF
+        token once, where a client per call paid both on every trigger. Made again when
+        Prefect's settings name another server."""
+        from prefect import get_client
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
+
+        key = tuple(
+            str(v.value() or "")
+            for v in (PREFECT_API_URL, PREFECT_API_AUTH_STRING, PREFECT_API_KEY)
+        )
+        with self._client_lock:
+            if self._shared is None or self._shared[0] != key:
+                client = get_client(sync_client=True)
+                client.__enter__()
+                self._shared = (key, client)
+            return self._shared[1]
 
     def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> Triggered:
-        from prefect.deployments import run_deployment
+        """The flow run, created from the deployment's remembered id: one request, where
+        run_deployment(timeout=0) looked the deployment up by name every time."""
+        import httpx
 
-        run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync call: not a coroutine
-            name=f"{self.flow_name}/{self.deployment}",
-            parameters={"vm_ids": vm_ids, "source": source},
-            timeout=0,  # return once the run exists; the runner picks it up
-            tags=["memdump", f"source:{source}"],
-            # Unset, Prefect's client would stamp the run with this machine's clock.
-            scheduled_time=at,
-        )
+        client = self._client()
+        try:
+            run = self._create(client, vm_ids, source, at)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 404:
+                raise
+            self._deployment_id = None  # deleted (and perhaps made again: a new id)
+            run = self._create(client, vm_ids, source, at)
         # The run as the server stored it: the same field /status reads (_latest).
         return Triggered(str(run.id), due_time(run))
 
+    def _create(self, client: Any, vm_ids: list[str], source: str, at: datetime | None) -> Any:
+        from prefect.states import Scheduled
+
+        if self._deployment_id is None:
+            found = client.read_deployment_by_name(f"{self.flow_name}/{self.deployment}")
+            self._deployment_id = found.id
+        return client.create_flow_run_from_deployment(
+            self._deployment_id,
+            parameters={"vm_ids": vm_ids, "source": source},
+            # Unset: this machine's clock, as run_deployment did (the run is due now).
+            state=Scheduled(scheduled_time=at or datetime.now(UTC)),
+            tags=["memdump", f"source:{source}"],
+        )
+
     @contextmanager
     def exclusive(self) -> Iterator[TriggerView]:
-        from prefect import get_client
-
-        with get_client(sync_client=True) as client:
+        client = self._client()
+        try:
+            lease_id, now = _take_lock(client)
+        except TriggerBusy:
+            if not self._free_stale_lock(client):
+                raise
+            lease_id, now = _take_lock(client)
+        self._busy_since = None
+        try:
+            # Due within the coming second counts: the Date header drops fractions. The
+            # run's state and time only: its per-VM detail is /status's, not the rule's.
+            run = self._newest(client, now + timedelta(seconds=1))
+            yield TriggerView(now, None if run is None else _summary(run, ()))
+        finally:
             try:
-                lease_id, now = _take_lock(client)
-            except TriggerBusy:
-                if not self._free_stale_lock(client):
-                    raise
-                lease_id, now = _take_lock(client)
-            self._busy_since = None
-            try:
-                # Due within the coming second counts: the Date header drops fractions.
-                yield TriggerView(now, self._latest(client, now + timedelta(seconds=1)))
-            finally:
-                try:
-                    client.release_concurrency_slots_with_lease(lease_id)
-                except Exception:  # noqa: S110 - the lease runs out by itself
-                    pass
+                client.release_concurrency_slots_with_lease(lease_id)
+            except Exception:  # noqa: S110 - the lease runs out by itself
+                pass
 
     def _free_stale_lock(self, client: Any) -> bool:
         from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
@@ -186,12 +226,10 @@ class PrefectRuns:
         return True
 
     def latest(self) -> RunSummary | None:
-        from prefect import get_client
+        return self._latest(self._client(), datetime.now(UTC))
 
-        with get_client(sync_client=True) as client:
-            return self._latest(client, datetime.now(UTC))
-
-    def _latest(self, client: Any, now: datetime) -> RunSummary | None:
+    def _newest(self, client: Any, now: datetime) -> FlowRun | None:
+        """The newest capture flow run due before ``now``: one query."""
         from prefect.client.schemas.filters import (
             FlowFilter,
             FlowFilterName,
@@ -209,32 +247,22 @@ class PrefectRuns:
             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
             limit=1,
         )
-        if not runs:
+        return runs[0] if runs else None
+
+    def _latest(self, client: Any, now: datetime) -> RunSummary | None:
+        run = self._newest(client, now)
+        if run is None:
             return None
-        run = runs[0]
         state = run.state
-        vm_ids = [str(v) for v in (run.parameters.get("vm_ids") or [])]
         run_final = state is not None and state.is_final()
         cached = self._final
         if cached is not None and cached[0] == str(run.id):
             vms = cached[1]
         else:
-            vms = self._vms(client, run, vm_ids, run_final)
+            vms = self._vms(client, run, _vm_ids(run), run_final)
             if run_final and all(v.final for v in vms):
                 self._final = (str(run.id), vms)
-        duration = None
-        if state is not None and state.is_final() and run.start_time and run.end_time:
-            duration = round((run.end_time - run.start_time).total_seconds(), 3)
-        return RunSummary(
-            id=str(run.id),
-            state_type=state.type.value if state else "SCHEDULED",
-            state_name=(state.name or "") if state else "Scheduled",
-            vm_ids=vm_ids,
-            triggered_at=due_time(run),
-            duration=duration,
-            message=state.message if state else None,
-            vms=vms,
-        )
+        return _summary(run, vms)
 
     @staticmethod
     def _vms(client: Any, run: FlowRun, vm_ids: list[str], run_final: bool) -> tuple[VMRun, ...]:
@@ -273,6 +301,27 @@ class PrefectRuns:
                 )
             )
         return vm_detail(vm_ids, run_final, task_runs, artifacts)
+
+
+def _vm_ids(run: FlowRun) -> list[str]:
+    return [str(v) for v in (run.parameters.get("vm_ids") or [])]
+
+
+def _summary(run: FlowRun, vms: tuple[VMRun, ...]) -> RunSummary:
+    state = run.state
+    duration = None
+    if state is not None and state.is_final() and run.start_time and run.end_time:
+        duration = round((run.end_time - run.start_time).total_seconds(), 3)
+    return RunSummary(
+        id=str(run.id),
+        state_type=state.type.value if state else "SCHEDULED",
+        state_name=(state.name or "") if state else "Scheduled",
+        vm_ids=_vm_ids(run),
+        triggered_at=due_time(run),
+        duration=duration,
+        message=state.message if state else None,
+        vms=vms,
+    )
 
 
 def _take_lock(client: Any) -> tuple[Any, datetime]:

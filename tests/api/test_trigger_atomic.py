@@ -1,6 +1,7 @@
 """Issue 11 item 11: the trigger rate limit is atomic across API replicas and uses the
-Prefect server's clock. Against a real (temporary) Prefect server, with a deployment
-that no runner serves, so a created run stays Scheduled (in progress)."""
+Prefect server's clock; issue 17: what a trigger asks Prefect. Against a real
+(temporary) Prefect server, with a deployment that no runner serves, so a created run
+stays Scheduled (in progress)."""
 
 from __future__ import annotations
 
@@ -44,13 +45,13 @@ def _runs(flow: str) -> list[Any]:
         return list(client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow]))))
 
 
-def _replica(tmp_path: Path, flow: str, i: int) -> TestClient:
+def _replica(tmp_path: Path, flow: str, i: int, interval: float = 60) -> TestClient:
     d = tmp_path / f"replica{i}"
     d.mkdir()
     s = Settings(
         data_dir=d,
         orchestration={"flow_name": flow, "deployment": "on-demand"},
-        api={"trigger_min_interval_sec": 60},
+        api={"trigger_min_interval_sec": interval},
     )
     return TestClient(
         create_app(s, store=SQLiteRecordStore(d / "r.db")), base_url="http://localhost"
@@ -168,3 +169,105 @@ def test_a_leaked_lock_frees_itself(
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(TRIGGER_LOCK).active_slots == 0
     assert len(_runs(deployment)) == 1
+
+
+@pytest.fixture
+def prefect_requests(prefect_server: None, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The requests this process sends the Prefect server, as "METHOD /path" (the path
+    after the API's), in order; ids in a path are written {id}."""
+    import re
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = str(PREFECT_API_URL.value()).rstrip("/")
+    seen: list[str] = []
+    send = httpx.Client.send
+
+    def counting(self: httpx.Client, request: httpx.Request, **kw: Any) -> httpx.Response:
+        url = str(request.url)
+        if url.startswith(api_url):
+            path = re.sub(r"/[0-9a-f]{8}-[0-9a-f-]{27}", "/{id}", url[len(api_url) :])
+            seen.append(f"{request.method} {path.split('?')[0]}")
+        return send(self, request, **kw)
+
+    monkeypatch.setattr(httpx.Client, "send", counting)
+    return seen
+
+
+TRIGGER_REQUESTS = [
+    "POST /v2/concurrency_limits/increment-with-lease",  # the trigger lock
+    "POST /flow_runs/filter",  # the last run: its state and time
+    "POST /deployments/{id}/create_flow_run",  # the new run
+    "POST /v2/concurrency_limits/decrement-with-lease",  # the lock given back
+]
+
+
+def test_a_trigger_asks_prefect_four_things(
+    tmp_path: Path,
+    deployment: str,
+    prefect_requests: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rate check reads the last run's state and time, not the per-VM detail /status
+    shows (its task runs and artifacts: a hundred VMs' worth under the lock); the
+    deployment is looked up once, then its id is used; one client for it all (no second
+    CSRF token fetch)."""
+    from prefect import Task, get_client
+    from prefect.states import Completed, Running
+
+    from memdump.runinfo import step_tag, vm_tags
+
+    c = _replica(tmp_path, deployment, 0)
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    (run,) = _runs(deployment)
+    with get_client(sync_client=True) as client:  # the last run captured a VM, then ended
+        tags = [step_tag("capture"), *vm_tags("101")]
+        cap = Task(fn=lambda: None, name="capture-vm", tags=tags)
+        client.create_task_run(cap, run.id, "k", state=Running())
+        client.set_flow_run_state(run.id, Completed(), force=True)
+    server_time = api.runs._server_time
+    monkeypatch.setattr(  # an hour later on the server's clock: the limit lets it through
+        api.runs, "_server_time", lambda resp: server_time(resp) + timedelta(hours=1)
+    )
+
+    prefect_requests.clear()
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    assert prefect_requests == TRIGGER_REQUESTS
+    assert len(_runs(deployment)) == 2
+
+    # Refused while that run is in progress: the lock, the last run, the lock given back.
+    prefect_requests.clear()
+    r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    assert r.status_code == 429 and "in progress" in r.json()["detail"]
+    assert prefect_requests == [TRIGGER_REQUESTS[i] for i in (0, 1, 3)]
+
+
+def test_a_deployment_made_again_is_found_again(
+    tmp_path: Path, deployment: str, prefect_requests: list[str]
+) -> None:
+    """The remembered deployment id is looked up by name again when Prefect no longer
+    knows it (the deployment deleted and made again: a new id)."""
+    from prefect import get_client
+
+    c = _replica(tmp_path, deployment, 0, interval=0)
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    with get_client(sync_client=True) as client:
+        old = client.read_deployment_by_name(f"{deployment}/on-demand")
+        client.delete_deployment(old.id)
+        new = client.create_deployment(flow_id=old.flow_id, name="on-demand")
+    assert new != old.id
+
+    prefect_requests.clear()
+    r = c.post(f"{BASE}/trigger", json={"vm_ids": ["102"]})
+    assert r.status_code == 200, r.text
+    assert prefect_requests == [
+        "POST /deployments/{id}/create_flow_run",  # 404: that id is gone
+        f"GET /deployments/name/{deployment}/on-demand",
+        "POST /deployments/{id}/create_flow_run",
+    ]
+    newest = max(_runs(deployment), key=lambda fr: fr.created)
+    assert newest.deployment_id == new and newest.parameters["vm_ids"] == ["102"]
+    prefect_requests.clear()
+    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["103"]}).status_code == 200
+    assert prefect_requests == ["POST /deployments/{id}/create_flow_run"]
