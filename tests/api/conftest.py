@@ -4,7 +4,10 @@ starting its own cost CI a server start per module."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -15,3 +18,48 @@ from tests.helpers.prefect_harness import prefect_harness
 def prefect_server() -> Iterator[None]:
     with prefect_harness():
         yield
+
+
+@dataclass
+class PrefectRequests:
+    """The requests this process sent the Prefect server, in order: ``sent`` as
+    "METHOD /path" (the path after the API's, ids written {id}), ``rows`` how many rows
+    each answer held (a JSON list's length; None for anything else)."""
+
+    sent: list[str] = field(default_factory=list)
+    rows: list[int | None] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.sent.clear()
+        self.rows.clear()
+
+    def rows_of(self, request: str) -> list[int | None]:
+        return [n for s, n in zip(self.sent, self.rows, strict=True) if s == request]
+
+
+@pytest.fixture
+def prefect_requests(prefect_server: None, monkeypatch: pytest.MonkeyPatch) -> PrefectRequests:
+    """Counts what this process asks the Prefect server (through httpx, under Prefect's
+    client)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    api_url = str(PREFECT_API_URL.value()).rstrip("/")
+    seen = PrefectRequests()
+    send = httpx.Client.send
+
+    def counting(self: httpx.Client, request: httpx.Request, **kw: Any) -> httpx.Response:
+        resp = send(self, request, **kw)
+        url = str(request.url)
+        if url.startswith(api_url):
+            path = re.sub(r"/[0-9a-f]{8}-[0-9a-f-]{27}", "/{id}", url[len(api_url) :])
+            seen.sent.append(f"{request.method} {path.split('?')[0]}")
+            try:
+                body = resp.json()
+            except ValueError:
+                body = None
+            seen.rows.append(len(body) if isinstance(body, list) else None)
+        return resp
+
+    monkeypatch.setattr(httpx.Client, "send", counting)
+    return seen

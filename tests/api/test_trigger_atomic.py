@@ -20,6 +20,7 @@ from api.main import create_app
 from api.runs import TRIGGER_LOCK
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
+from tests.api.conftest import PrefectRequests
 
 BASE = "/api/memory-dumps"
 FLOW = "capture-vms-atomic-test"
@@ -171,30 +172,6 @@ def test_a_leaked_lock_frees_itself(
     assert len(_runs(deployment)) == 1
 
 
-@pytest.fixture
-def prefect_requests(prefect_server: None, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The requests this process sends the Prefect server, as "METHOD /path" (the path
-    after the API's), in order; ids in a path are written {id}."""
-    import re
-
-    import httpx
-    from prefect.settings import PREFECT_API_URL
-
-    api_url = str(PREFECT_API_URL.value()).rstrip("/")
-    seen: list[str] = []
-    send = httpx.Client.send
-
-    def counting(self: httpx.Client, request: httpx.Request, **kw: Any) -> httpx.Response:
-        url = str(request.url)
-        if url.startswith(api_url):
-            path = re.sub(r"/[0-9a-f]{8}-[0-9a-f-]{27}", "/{id}", url[len(api_url) :])
-            seen.append(f"{request.method} {path.split('?')[0]}")
-        return send(self, request, **kw)
-
-    monkeypatch.setattr(httpx.Client, "send", counting)
-    return seen
-
-
 TRIGGER_REQUESTS = [
     "POST /v2/concurrency_limits/increment-with-lease",  # the trigger lock
     "POST /flow_runs/filter",  # the last run: its state and time
@@ -206,7 +183,7 @@ TRIGGER_REQUESTS = [
 def test_a_trigger_asks_prefect_four_things(
     tmp_path: Path,
     deployment: str,
-    prefect_requests: list[str],
+    prefect_requests: PrefectRequests,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The rate check reads the last run's state and time, not the per-VM detail /status
@@ -233,18 +210,18 @@ def test_a_trigger_asks_prefect_four_things(
 
     prefect_requests.clear()
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
-    assert prefect_requests == TRIGGER_REQUESTS
+    assert prefect_requests.sent == TRIGGER_REQUESTS
     assert len(_runs(deployment)) == 2
 
     # Refused while that run is in progress: the lock, the last run, the lock given back.
     prefect_requests.clear()
     r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
     assert r.status_code == 429 and "in progress" in r.json()["detail"]
-    assert prefect_requests == [TRIGGER_REQUESTS[i] for i in (0, 1, 3)]
+    assert prefect_requests.sent == [TRIGGER_REQUESTS[i] for i in (0, 1, 3)]
 
 
 def test_a_deployment_made_again_is_found_again(
-    tmp_path: Path, deployment: str, prefect_requests: list[str]
+    tmp_path: Path, deployment: str, prefect_requests: PrefectRequests
 ) -> None:
     """The remembered deployment id is looked up by name again when Prefect no longer
     knows it (the deployment deleted and made again: a new id)."""
@@ -261,7 +238,7 @@ def test_a_deployment_made_again_is_found_again(
     prefect_requests.clear()
     r = c.post(f"{BASE}/trigger", json={"vm_ids": ["102"]})
     assert r.status_code == 200, r.text
-    assert prefect_requests == [
+    assert prefect_requests.sent == [
         "POST /deployments/{id}/create_flow_run",  # 404: that id is gone
         f"GET /deployments/name/{deployment}/on-demand",
         "POST /deployments/{id}/create_flow_run",
@@ -270,4 +247,4 @@ def test_a_deployment_made_again_is_found_again(
     assert newest.deployment_id == new and newest.parameters["vm_ids"] == ["102"]
     prefect_requests.clear()
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["103"]}).status_code == 200
-    assert prefect_requests == ["POST /deployments/{id}/create_flow_run"]
+    assert prefect_requests.sent == ["POST /deployments/{id}/create_flow_run"]
