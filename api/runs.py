@@ -18,6 +18,7 @@ from uuid import UUID
 
 from memdump.runinfo import (
     ALL,
+    IN_PROGRESS,
     NO_RUNNING_VM,
     PROGRESS_KEY,
     TIMED_OUT,
@@ -266,21 +267,21 @@ class PrefectRuns:
 
     @staticmethod
     def _vms(client: Any, run: FlowRun, vm_ids: list[str], run_final: bool) -> tuple[VMRun, ...]:
-        """Two queries: the run's task runs, then (once a capture exists) its progress
-        artifacts. More than ``PAGE`` rows of either (an "all" run of over 60 VMs) pages."""
+        """Two queries: the task runs of the run and of its child flow runs (each VM's
+        chain, with the fan-out over deployments), then (once a capture exists) their
+        progress artifacts. More than ``PAGE`` rows of either (an "all" run of over 60
+        VMs) pages."""
         from prefect.client.schemas.filters import (
             ArtifactFilter,
             ArtifactFilterFlowRunId,
             ArtifactFilterKey,
             ArtifactFilterType,
-            FlowRunFilter,
-            FlowRunFilterId,
         )
         from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
 
         task_runs: list[TaskRun] = _pages(
             lambda offset: client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                flow_run_filter=_run_and_children(run.id),
                 sort=TaskRunSort.ID_DESC,
                 limit=PAGE,
                 offset=offset,
@@ -288,10 +289,11 @@ class PrefectRuns:
         )
         artifacts: list[Artifact] = []
         if any(_step(t) == "capture" for t in task_runs):
+            flow_runs = sorted({run.id, *(t.flow_run_id for t in task_runs if t.flow_run_id)})
             artifacts = _pages(
                 lambda offset: client.read_artifacts(
                     artifact_filter=ArtifactFilter(
-                        flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]),
+                        flow_run_id=ArtifactFilterFlowRunId(any_=flow_runs),
                         type=ArtifactFilterType(any_=["progress"]),
                         key=ArtifactFilterKey(like_=f"{PROGRESS_KEY}%"),
                     ),
@@ -300,7 +302,24 @@ class PrefectRuns:
                     offset=offset,
                 )
             )
-        return vm_detail(vm_ids, run_final, task_runs, artifacts)
+        return vm_detail(vm_ids, run_final, task_runs, artifacts, run_id=str(run.id))
+
+
+def _run_and_children(run_id: UUID) -> Any:
+    """A flow run and its child flow runs (run_deployment from its tasks links each
+    child to it through a placeholder task run of its own)."""
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+        Operator,
+    )
+
+    return FlowRunFilter(
+        operator=Operator.or_,  # type: ignore[call-arg]  # a field at runtime (OperatorMixin)
+        id=FlowRunFilterId(any_=[run_id]),
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id]),
+    )
 
 
 def _vm_ids(run: FlowRun) -> list[str]:
@@ -406,25 +425,42 @@ def vm_detail(
     run_final: bool,
     task_runs: Iterable[TaskRun],
     artifacts: Iterable[Artifact],
+    run_id: str | None = None,
 ) -> tuple[VMRun, ...]:
     """Per-VM state of one capture flow run, from its task runs and progress artifacts.
 
     Which VM a capture task run is for is its ``vm:`` tag, set by the flow when it
     creates the run (memdump.runinfo.vm_tags); its progress is the newest progress
-    artifact of that task run, the byte counts in the artifact's metadata."""
+    artifact of that task run, the byte counts in the artifact's metadata.
+
+    With the fan-out over deployments (MEMDUMP_ORCHESTRATION__FANOUT=deployments), each
+    VM's chain runs in a child flow run: the run's capture task run for the VM waits for
+    it, and the child's own capture task run (the same ``vm:``/``hypervisor:`` tags)
+    streams and writes the progress artifact. ``task_runs`` may hold the children's task
+    runs too; with ``run_id`` (the run's id) only the run's own make entries, the
+    children's lend them their progress and, while the run's task run waits, their state."""
     runs = list(task_runs)
-    captures = sorted((t for t in runs if _step(t) == "capture"), key=_created)
+    own = [t for t in runs if run_id is None or str(t.flow_run_id) == run_id]
+    captures = sorted((t for t in own if _step(t) == "capture"), key=_created)
+    mine = {str(t.id) for t in own}
+    by_vm: dict[Any, str] = {k: str(t.id) for t in captures if (k := _vm_key(t)) is not None}
+    attempt: dict[str, Any] = {}  # the run's capture task run -> the child's, newest
+    for t in sorted(runs, key=_created):
+        key = _vm_key(t)
+        if key in by_vm and str(t.id) not in mine and _step(t) == "capture":
+            attempt[by_vm[key]] = t
     newest: dict[str, Any] = {}  # task run id -> its newest progress artifact
     for a in sorted(artifacts, key=_created, reverse=True):
         if a.task_run_id is not None and str(a.key or "").startswith(PROGRESS_KEY):
             newest.setdefault(str(a.task_run_id), a)
 
     wanted = [v for v in dict.fromkeys(vm_ids) if v != ALL]
-    unlisted = tuple(v for t in runs if _step(t) == "list" and (v := _unlisted(t)) is not None)
+    unlisted = tuple(v for t in own if _step(t) == "list" and (v := _unlisted(t)) is not None)
     out = []
     for t in captures:
-        art = newest.get(str(t.id))
-        vm = _one(t, tagged_vm(t.tags or ()), art, run_final)
+        child = attempt.get(str(t.id))  # its progress is the latest attempt's only
+        art = newest.get(str(t.id if child is None else child.id))
+        vm = _one(t, tagged_vm(t.tags or ()), art, run_final, child)
         done = Progress.from_metadata(getattr(art, "metadata_", None))
         if done is not None and vm.progress is not None:
             vm = dataclasses.replace(vm, bytes_done=done.done, bytes_total=done.total)
@@ -438,6 +474,13 @@ def vm_detail(
     order = {v: i for i, v in enumerate(wanted)}
     keyed = sorted(enumerate(out), key=lambda p: (order.get(p[1].vm_id or "", len(order)), p[0]))
     return tuple(v for _, v in keyed)
+
+
+def _vm_key(t: Any) -> tuple[str, str | None] | None:
+    """Which VM a task run is for, as its tags say (its hypervisor's too, for "all")."""
+    tags = t.tags or ()
+    vm = tagged_vm(tags)
+    return None if vm is None else (vm, tagged_hypervisor(tags))
 
 
 def _unlisted(t: Any) -> VMRun | None:
@@ -469,8 +512,14 @@ def _progress(t: Any, art: Any) -> float | None:
         return None
 
 
-def _one(t: Any, vm_id: str | None, art: Any, run_final: bool) -> VMRun:
+def _one(t: Any, vm_id: str | None, art: Any, run_final: bool, attempt: Any = None) -> VMRun:
+    """``attempt``: the VM's capture in a child flow run, which ``t`` waits for: while
+    ``t`` runs, the state is that capture's (waiting for a worker or a slot, streaming,
+    retrying), its outcome ``t``'s."""
     kind, name = _kind(t)
+    if attempt is not None and kind == "RUNNING" and _kind(attempt)[0] in IN_PROGRESS:
+        t = attempt
+        kind, name = _kind(t)
     progress = _progress(t, art)
     if kind == "COMPLETED":  # the whole chain: captured, offloaded, recorded
         return VMRun(vm_id, "completed", 100.0, None)

@@ -345,6 +345,49 @@ def test_all_trigger_names_vms_from_their_tags() -> None:
     )
 
 
+def test_fan_out_over_deployments_reads_each_vms_child_run() -> None:
+    """MEMDUMP_ORCHESTRATION__FANOUT=deployments: the run's capture task run for a VM
+    waits for the VM's child flow run, whose own capture task run (the same tags)
+    streams and writes the progress artifact."""
+
+    def child(state: State[Any], n: int, vm: str) -> TaskRun:
+        tr = task_run("capture-vm", state, n=n, vm=vm, hypervisor="hv")
+        tr.flow_run_id = uuid4()  # the child flow run's
+        return tr
+
+    waits = {
+        vm: task_run("capture-vm", st, n=i, vm=vm, hypervisor="hv")
+        for i, (vm, st) in enumerate(
+            [
+                ("a", states.Running()),
+                ("b", states.Running()),
+                ("c", states.Running()),
+                ("d", states.Completed()),
+                ("e", states.Failed(message="flow run x: capture failed")),
+            ]
+        )
+    }
+    a = child(states.Running(), 10, "a")  # streaming
+    b1 = child(states.Crashed(message="worker lost"), 11, "b")  # its worker died...
+    b2 = child(states.Pending(), 12, "b")  # ...and the VM's chain was started again
+    c = child(states.AwaitingRetry(), 13, "c")  # a retryable error: retried in a moment
+    e = child(states.Failed(message="capture failed"), 14, "e")
+    arts = [
+        progress(a, "a", 40.0, done=1600),
+        progress(b1, "b", 70.0),  # of the attempt that crashed: not the VM's progress now
+        progress(c, "c", 5.0),
+        progress(e, "e", 30.0),
+    ]
+    got = vm_detail(["all"], False, [*waits.values(), a, b1, b2, c, e], arts, run_id=str(FLOW_RUN))
+    assert got == (
+        VMRun("a", "running", 40.0, None, 1600, 4000),
+        VMRun("b", "pending", None, None),
+        VMRun("c", "retrying", 5.0, None),
+        VMRun("d", "completed", 100.0, None),
+        VMRun("e", "failed", 30.0, "flow run x: capture failed"),
+    )
+
+
 def test_every_entry_has_a_known_state() -> None:
     factories = [
         states.Scheduled,
