@@ -147,7 +147,8 @@ def current() -> tuple[int, int, int] | None:
         return None
     inv = inventory().read_text() if inventory().is_file() else ""
     hvs = len(re.findall(r"^\s*- name: lab-many-", inv, re.M)) or 1
-    return len(rows), max(int(r[3]) for r in rows), hvs
+    mibs = [int(r[3]) for r in rows if r[3].isdigit()]  # "?" for a stopped guest
+    return len(rows), max(mibs, default=16), hvs
 
 
 def up(n: int, mib: int = 16, hypervisors: int = 1) -> Path:
