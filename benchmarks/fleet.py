@@ -29,7 +29,10 @@ MEMDUMP_ORCHESTRATION__FANOUT=deployments, tests/helpers/collectors.py). On it:
             and its child flow runs), and correctness: every VM recorded exactly once,
             both caps held throughout (from the records' start and end times,
             tests/helpers/fleet.py, the check tests/e2e/test_fleet.py makes), /status
-            showing N VMs completed.
+            showing N VMs completed. Where the wall went, from the records: trigger ->
+            first capture, first capture -> last capture end (of it, time with no
+            capture running, and how many ran on average), last capture end -> run
+            end; each capture's interval is in the JSON.
 
 Prints a table (a column per N, and how each measure grows: the exponent k of
 measure ~ N^k between the smallest and largest N: constant k < 0.3, linear 0.3..1.3,
@@ -325,6 +328,30 @@ def prefect_counts(pf: httpx.Client, run_id: str) -> dict[str, Any]:
     }
 
 
+def phases(spans: list[fleet.Span], t0: datetime, end: datetime) -> dict[str, Any]:
+    """Where the wall time went, from the captures' intervals (naive UTC, as records
+    give them): before the first capture (the flow run's start, the listing), between
+    the first start and the last end (and of it, time with no capture running; the mean
+    number running), after the last end (the summary, the run's end)."""
+    if not spans:
+        return {}
+    first, last = min(s.start for s in spans), max(s.end for s in spans)
+    body = (last - first).total_seconds()
+    idle, reach = 0.0, first
+    for s in sorted(spans, key=lambda s: s.start):
+        if s.start > reach:
+            idle += (s.start - reach).total_seconds()
+        reach = max(reach, s.end)
+    busy = sum((s.end - s.start).total_seconds() for s in spans)
+    return {
+        "head_s": round((first - t0).total_seconds(), 2),
+        "body_s": round(body, 2),
+        "body_idle_s": round(idle, 2),
+        "mean_running": round(busy / body, 2) if body > 0 else None,
+        "tail_s": round((end - last).total_seconds(), 2),
+    }
+
+
 def ms(values: list[float], q: float) -> float | None:
     return round(pct(values, q) * 1000, 1) if values else None
 
@@ -377,6 +404,8 @@ def measure(
     total = sum(float(r["duration_sec"]) for r in recs)
     conc = min(global_cap, hv_cap * min(args.hypervisors, n), n)
     spans = fleet.spans(recs)
+    t_zero = since.replace(tzinfo=None)
+    timeline = phases(spans, t_zero, end.replace(tzinfo=None))
     problems = fleet.recorded_once(recs, vms) + fleet.cap_violations(
         recs, global_cap=global_cap, per_hypervisor_cap=hv_cap
     )
@@ -399,6 +428,7 @@ def measure(
         mean_capture_s=round(total / len(recs), 3) if recs else None,
         concurrency=conc,
         overhead_per_vm_s=round((wall * conc - total) / n, 3),
+        **timeline,
         peak_overlap=fleet.peak(spans)[0],
         peak_overlap_per_hypervisor=max(
             (
@@ -431,6 +461,15 @@ def measure(
         probes_accepted_after_end=len(http.accepted) - len(during),
         ok=not problems,
         problems=problems,
+        captures=[
+            [
+                s.vmid,
+                s.hypervisor,
+                round((s.start - t_zero).total_seconds(), 3),
+                round((s.end - s.start).total_seconds(), 3),
+            ]
+            for s in sorted(spans, key=lambda s: s.start)
+        ],  # fmt: skip
     )
     return out
 
@@ -444,6 +483,11 @@ ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("sum of captures s", ("sum_capture_s",)),
     ("mean capture s", ("mean_capture_s",)),
     ("overhead per VM s", ("overhead_per_vm_s",)),
+    ("trigger -> first capture s", ("head_s",)),
+    ("first capture -> last capture end s", ("body_s",)),
+    ("  of it no capture running s", ("body_idle_s",)),
+    ("  captures running, mean", ("mean_running",)),
+    ("last capture end -> run end s", ("tail_s",)),
     ("peak overlap (all / per hv)", ("peak_overlap",)),
     ("flow runs", ("flow_runs",)),
     ("task runs per VM", ("task_runs_per_vm",)),
