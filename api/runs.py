@@ -130,6 +130,8 @@ class PrefectRuns:
         # finished run costs one Prefect query again, as before the detail existed.
         self._final: tuple[str, tuple[VMRun, ...]] | None = None
         self._busy_since: float | None = None  # first of an unbroken row of TriggerBusy
+        # What the last read of the latest run found (see _vms): kept for the next one.
+        self._read: _RunRead | None = None
         # The deployment's id, looked up by name once (again if Prefect no longer has it).
         self._deployment_id: UUID | None = None
         self._client_lock = threading.Lock()
@@ -263,46 +265,116 @@ class PrefectRuns:
             vms = self._vms(client, run, _vm_ids(run), run_final)
             if run_final and all(v.final for v in vms):
                 self._final = (str(run.id), vms)
+                self._read = None
         return _summary(run, vms)
 
-    @staticmethod
-    def _vms(client: Any, run: FlowRun, vm_ids: list[str], run_final: bool) -> tuple[VMRun, ...]:
-        """Two queries: the task runs of the run and of its child flow runs (each VM's
-        chain, with the fan-out over deployments), then (once a capture exists) their
-        progress artifacts. More than ``PAGE`` rows of either (an "all" run of over 60
-        VMs) pages."""
-        from prefect.client.schemas.filters import (
-            ArtifactFilter,
-            ArtifactFilterFlowRunId,
-            ArtifactFilterKey,
-            ArtifactFilterType,
-        )
-        from prefect.client.schemas.sorting import ArtifactSort, TaskRunSort
+    def _vms(
+        self, client: Any, run: FlowRun, vm_ids: list[str], run_final: bool
+    ) -> tuple[VMRun, ...]:
+        """The run's per-VM detail, from the task runs of the run and of its child flow
+        runs (each VM's chain, with the fan-out over deployments) and the progress
+        artifacts of their captures; more than ``PAGE`` rows of either pages.
 
-        task_runs: list[TaskRun] = _pages(
-            lambda offset: client.read_task_runs(
-                flow_run_filter=_run_and_children(run.id),
-                sort=TaskRunSort.ID_DESC,
-                limit=PAGE,
-                offset=offset,
-            )
+        A task run that has finished cannot change, so what was read is kept for the next
+        read of the same run, which asks only: how many task runs there are; those in
+        flight at the last read or now (the finished VMs' are kept, not read again); the
+        progress artifacts of the captures among them. Everything is read again when the
+        count says a task run came and finished between two reads (then neither set
+        has it)."""
+        from prefect.client.schemas.filters import (
+            Operator,
+            TaskRunFilter,
+            TaskRunFilterId,
+            TaskRunFilterState,
+            TaskRunFilterStateType,
         )
-        artifacts: list[Artifact] = []
-        if any(_step(t) == "capture" for t in task_runs):
-            flow_runs = sorted({run.id, *(t.flow_run_id for t in task_runs if t.flow_run_id)})
-            artifacts = _pages(
-                lambda offset: client.read_artifacts(
-                    artifact_filter=ArtifactFilter(
-                        flow_run_id=ArtifactFilterFlowRunId(any_=flow_runs),
-                        type=ArtifactFilterType(any_=["progress"]),
-                        key=ArtifactFilterKey(like_=f"{PROGRESS_KEY}%"),
-                    ),
-                    sort=ArtifactSort.CREATED_DESC,
-                    limit=PAGE,
-                    offset=offset,
-                )
+        from prefect.client.schemas.objects import StateType
+
+        scope = _run_and_children(run.id)
+        last = self._read
+        changed: list[TaskRun] | None = None
+        if last is not None and last.run_id == str(run.id):
+            total = _count_task_runs(client, scope)
+            still = [t.id for t in last.task_runs.values() if _kind(t)[0] in IN_PROGRESS]
+            in_flight = TaskRunFilter(
+                operator=Operator.or_,  # type: ignore[call-arg]  # a field at runtime
+                id=TaskRunFilterId(any_=still) if still else None,
+                state=TaskRunFilterState(
+                    type=TaskRunFilterStateType(any_=[StateType(k) for k in sorted(IN_PROGRESS)])
+                ),
             )
-        return vm_detail(vm_ids, run_final, task_runs, artifacts, run_id=str(run.id))
+            changed = _task_runs(client, scope, in_flight)
+            task_runs = {**last.task_runs, **{str(t.id): t for t in changed}}
+            artifacts = dict(last.artifacts)
+            if len(task_runs) != total:
+                changed = None
+        if changed is None:
+            changed = _task_runs(client, scope, None)
+            task_runs = {str(t.id): t for t in changed}
+            artifacts = {}
+        captures = [t.id for t in changed if _step(t) == "capture"]
+        if captures:
+            artifacts.update({str(a.id): a for a in _progress_artifacts(client, captures)})
+        self._read = _RunRead(str(run.id), task_runs, artifacts)
+        return vm_detail(
+            vm_ids, run_final, task_runs.values(), artifacts.values(), run_id=str(run.id)
+        )
+
+
+@dataclass(frozen=True)
+class _RunRead:
+    """What was read of one run: its task runs and its children's, and the progress
+    artifacts of their captures, by id."""
+
+    run_id: str
+    task_runs: dict[str, TaskRun]
+    artifacts: dict[str, Artifact]
+
+
+def _task_runs(client: Any, scope: Any, which: Any) -> list[TaskRun]:
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    return _pages(
+        lambda offset: client.read_task_runs(
+            flow_run_filter=scope,
+            task_run_filter=which,
+            sort=TaskRunSort.ID_DESC,
+            limit=PAGE,
+            offset=offset,
+        )
+    )
+
+
+def _count_task_runs(client: Any, scope: Any) -> int:
+    resp = client.request(
+        "POST",
+        "/task_runs/count",
+        json={"flow_runs": scope.model_dump(mode="json", exclude_unset=True)},
+    )
+    return int(resp.json())
+
+
+def _progress_artifacts(client: Any, task_runs: list[UUID]) -> list[Artifact]:
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        ArtifactFilterTaskRunId,
+        ArtifactFilterType,
+    )
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    return _pages(
+        lambda offset: client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                task_run_id=ArtifactFilterTaskRunId(any_=task_runs),
+                type=ArtifactFilterType(any_=["progress"]),
+                key=ArtifactFilterKey(like_=f"{PROGRESS_KEY}%"),
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=PAGE,
+            offset=offset,
+        )
+    )
 
 
 def _run_and_children(run_id: UUID) -> Any:

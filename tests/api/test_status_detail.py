@@ -1,18 +1,21 @@
 """/status per-VM detail (`vms`, beyond the contract): its shape through the API with a
 fake Runs backend, how it is derived from Prefect task runs and progress artifacts, and
-how few Prefect queries it costs."""
+how few Prefect queries it costs (tests/api/test_status_fleet.py: against a real Prefect
+server)."""
 
 from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from uuid import uuid4
 
 import pytest
 from fastapi.testclient import TestClient
 from prefect import states
+from prefect.client.schemas.filters import Operator
 from prefect.client.schemas.objects import Artifact, FlowRun, State, TaskRun
 
 from api.main import create_app
@@ -415,7 +418,9 @@ def test_every_entry_has_a_known_state() -> None:
 
 
 class FakePrefect:
-    """Stands in for Prefect's sync client; counts queries."""
+    """Stands in for Prefect's sync client: answers as the server filters (the run and
+    its child flow runs' task runs, those of given ids or in flight; the progress
+    artifacts of given task runs); counts queries."""
 
     def __init__(self, flow_run: FlowRun, task_runs: list[TaskRun], arts: list[Artifact]):
         self.flow_run, self.task_runs, self.arts = flow_run, task_runs, arts
@@ -431,16 +436,34 @@ class FakePrefect:
         self.calls.append("flow_runs")
         return [self.flow_run]
 
+    def _in_scope(self, flt: Any) -> None:
+        assert flt.operator == Operator.or_
+        assert flt.id.any_ == flt.parent_flow_run_id.any_ == [self.flow_run.id]
+
     def read_task_runs(self, **kw: Any) -> list[TaskRun]:
         self.calls.append("task_runs")
-        assert kw["flow_run_filter"].id.any_ == [self.flow_run.id]
-        return self.task_runs[kw["offset"] : kw["offset"] + kw["limit"]]
+        self._in_scope(kw["flow_run_filter"])
+        rows = self.task_runs
+        which = kw.get("task_run_filter")
+        if which is not None:
+            assert which.operator == Operator.or_
+            ids = set(which.id.any_) if which.id is not None else set()
+            kinds = set(which.state.type.any_)
+            rows = [t for t in rows if t.id in ids or (t.state and t.state.type) in kinds]
+        return rows[kw["offset"] : kw["offset"] + kw["limit"]]
+
+    def request(self, method: str, path: str, json: Any) -> Any:
+        self.calls.append("count")
+        assert (method, path) == ("POST", "/task_runs/count")
+        assert json["flow_runs"]["id"]["any_"] == [str(self.flow_run.id)]
+        return SimpleNamespace(json=lambda: len(self.task_runs))
 
     def read_artifacts(self, **kw: Any) -> list[Artifact]:
         self.calls.append("artifacts")
         flt = kw["artifact_filter"]
-        assert flt.flow_run_id.any_ == [self.flow_run.id] and flt.type.any_ == ["progress"]
-        return self.arts[kw["offset"] : kw["offset"] + kw["limit"]]
+        assert flt.type.any_ == ["progress"]
+        rows = [a for a in self.arts if a.task_run_id in set(flt.task_run_id.any_)]
+        return rows[kw["offset"] : kw["offset"] + kw["limit"]]
 
 
 def _flow_run(state: State[Any], vm_ids: list[str]) -> FlowRun:
@@ -456,30 +479,45 @@ def _flow_run(state: State[Any], vm_ids: list[str]) -> FlowRun:
     )
 
 
-def test_latest_costs_two_extra_queries_and_none_once_finished(
+def test_latest_reads_what_is_in_flight_and_nothing_once_finished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import prefect
 
     cap, r = chain(states.Running(), n=1, vm="vm-a")
-    fake = FakePrefect(_flow_run(states.Running(), ["vm-a"]), r, [progress(cap, "vm-a", 50.0)])
+    done, d = chain(states.Completed(), n=2, vm="vm-b")
+    arts = [progress(cap, "vm-a", 50.0), progress(done, "vm-b", 100.0)]
+    fake = FakePrefect(_flow_run(states.Running(), ["vm-a", "vm-b"]), [*r, *d], arts)
     monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
     runs = PrefectRuns("capture-vms", "on-demand")
 
-    got = runs.latest()
-    assert got is not None and got.vms == (VMRun("vm-a", "running", 50.0, None),)
+    got = runs.latest()  # the first read of a run: all of it
+    assert got is not None and got.vms == (
+        VMRun("vm-a", "running", 50.0, None),
+        VMRun("vm-b", "completed", 100.0, None),
+    )
     assert fake.calls == ["flow_runs", "task_runs", "artifacts"]
 
-    # Finished: read once more in full, then the detail is kept (it cannot change).
+    # Then how many task runs there are, the one in flight (vm-b's has finished: kept)
+    # and its artifact.
+    fake.calls.clear()
+    fake.arts[0] = fake.arts[0].model_copy(update={"data": 75.0})  # updated in place
+    got = runs.latest()
+    assert got is not None and got.vms[0] == VMRun("vm-a", "running", 75.0, None)
+    assert fake.calls == ["flow_runs", "count", "task_runs", "artifacts"]
+
+    # Finished: read once more, then the detail is kept (it cannot change).
     ok = states.Completed()
-    fake.flow_run = _flow_run(ok, ["vm-a"])
-    for tr in r:
-        tr.state = ok
+    fake.flow_run = _flow_run(ok, ["vm-a", "vm-b"])
+    fake.task_runs[0] = cap.model_copy(update={"state": ok})  # as the server answers now
     fake.calls.clear()
     for _ in range(3):
         got = runs.latest()
-        assert got is not None and got.vms == (VMRun("vm-a", "completed", 100.0, None),)
-    assert fake.calls == ["flow_runs", "task_runs", "artifacts", "flow_runs", "flow_runs"]
+        assert got is not None and got.vms == (
+            VMRun("vm-a", "completed", 100.0, None),
+            VMRun("vm-b", "completed", 100.0, None),
+        )
+    assert fake.calls == ["flow_runs", "count", "task_runs", "artifacts", "flow_runs", "flow_runs"]
     assert got.duration == 3.0
 
 
