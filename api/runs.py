@@ -9,7 +9,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -627,26 +627,103 @@ def _stdlib(ts: datetime | None) -> datetime:
     return datetime.fromtimestamp(ts.timestamp(), UTC)
 
 
-class LatestRunCache:
-    """/status under load: one Prefect query per ``ttl`` seconds, shared by every request
-    of this API process (the others wait for that one answer instead of each asking).
-    A trigger through this process drops the cached answer, so its own run shows at
-    once; another replica may show the previous run for at most ``ttl`` seconds."""
+# How much older than its ``ttl`` a /status answer may be served while a newer one is
+# being read (stale-while-revalidate): past that, a request waits for the read.
+STALE_SEC = 5.0
 
-    def __init__(self, runs: Runs, ttl: float) -> None:
+
+class _Read:
+    """One read of the latest run: begun at ``started`` (the cache's clock), after
+    ``gen`` invalidations; its outcome once ``done`` is set."""
+
+    def __init__(self, gen: int, started: float) -> None:
+        self.gen = gen
+        self.started = started
+        self.done = threading.Event()
+        self.value: RunSummary | None = None
+        self.error: Exception | None = None
+
+
+class LatestRunCache:
+    """/status under load: Prefect is read at most once per ``ttl`` seconds per API
+    process, and a request never waits for that read while an answer at most ``ttl`` +
+    ``stale`` seconds old is at hand (stale-while-revalidate): the request that finds
+    the answer past ``ttl`` starts one read in the background and every request is
+    answered at once, from the last answer, until that read is in. Only a request with
+    no usable answer waits, for a single read shared by all such requests: the first
+    request, one after a trigger through this process (invalidate: its own run shows at
+    once), one after a failed read (the error is not hidden behind an old answer), and
+    one finding the answer older than ``ttl`` + ``stale`` (Prefect slower than that).
+    ``ttl`` 0: every request waits for a read. Another replica may show the previous run
+    for ``ttl`` plus one read's time (at most ``stale`` more)."""
+
+    def __init__(
+        self,
+        runs: Runs,
+        ttl: float,
+        stale: float = STALE_SEC,
+        clock: Callable[[], float] = time.monotonic,
+        spawn: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
         self._runs = runs
         self._ttl = ttl
+        self._max_age = ttl + stale if ttl > 0 else 0.0
+        self._clock = clock
+        self._spawn = spawn or _in_background
         self._lock = threading.Lock()
+        self._gen = 0  # invalidations so far: an answer read before the last is not served
         self._value: RunSummary | None = None
-        self._at = -math.inf
+        self._value_gen = -1  # the gen of the read that gave _value (-1: none yet)
+        self._at = -math.inf  # when that read began
+        self._failed = False  # the last read failed
+        self._read: _Read | None = None  # the read in flight, newest
 
     def get(self) -> RunSummary | None:
         with self._lock:
-            if time.monotonic() - self._at >= self._ttl:
-                self._value = self._runs.latest()
-                self._at = time.monotonic()
-            return self._value
+            age = self._clock() - self._at
+            usable = self._value_gen == self._gen and not self._failed
+            if usable and age < self._ttl:
+                return self._value
+            read = self._read
+            if usable and age < self._max_age:
+                if read is None:
+                    behind = self._begin()
+                    self._spawn(lambda: self._finish(behind))
+                return self._value
+            if read is None or read.gen != self._gen:
+                read = own = self._begin()
+            else:
+                own = None  # join the read in flight: begun after the last invalidation
+        if own is not None:
+            self._finish(own)
+        read.done.wait()
+        if read.error is not None:
+            raise read.error
+        return read.value
 
     def invalidate(self) -> None:
         with self._lock:
-            self._at = -math.inf
+            self._gen += 1
+
+    def _begin(self) -> _Read:
+        self._read = _Read(self._gen, self._clock())
+        return self._read
+
+    def _finish(self, read: _Read) -> None:
+        try:
+            read.value = self._runs.latest()
+        except Exception as exc:
+            read.error = exc
+        with self._lock:
+            if self._read is read:
+                self._read = None
+            # An answer read before an invalidation never replaces one read after it.
+            if read.gen >= self._value_gen:
+                self._failed = read.error is not None
+                if read.error is None:
+                    self._value, self._value_gen, self._at = read.value, read.gen, read.started
+        read.done.set()
+
+
+def _in_background(work: Callable[[], None]) -> None:
+    threading.Thread(target=work, name="status-read", daemon=True).start()
