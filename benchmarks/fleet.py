@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -247,21 +247,26 @@ def trigger(c: httpx.Client, vm_ids: list[str]) -> float:
 
 
 def the_run(pf: httpx.Client, since: datetime, timeout: float = 60) -> dict[str, Any]:
-    """The "all" trigger's flow run, created at or after ``since``."""
+    """The "all" trigger's flow run: created at or after ``since`` by the API (not one
+    the weekly schedule made meanwhile for a later date)."""
     deadline = time.monotonic() + timeout
     while True:
+        due = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
         r = pf.post(
             "/flow_runs/filter",
             json={
                 "flows": {"name": {"any_": ["capture-vms"]}},
+                "flow_runs": {"expected_start_time": {"before_": due}},
                 "sort": "EXPECTED_START_TIME_DESC",
                 "limit": 20,
             },
         )
         r.raise_for_status()
         for fr in r.json():
-            if fr["parameters"].get("vm_ids") == ["all"] and (
-                datetime.fromisoformat(fr["created"]) >= since
+            if (
+                fr["parameters"].get("vm_ids") == ["all"]
+                and fr["parameters"].get("source") == "api"
+                and datetime.fromisoformat(fr["created"]) >= since
             ):
                 return dict(fr)
         if time.monotonic() > deadline:
