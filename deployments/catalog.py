@@ -84,17 +84,22 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
     ]
 
 
+def runner_options(spec: DeploymentSpec) -> dict[str, Any]:
+    """How a runner serves ``spec``: the keywords of ``Flow.to_deployment`` and of
+    ``Runner.add_flow`` alike."""
+    return {
+        "name": spec.name,
+        "schedules": [Cron(spec.cron, timezone=TIMEZONE)] if spec.cron else None,
+        "parameters": dict(spec.parameters),
+        "tags": list(TAGS),
+        "description": spec.description,
+    }
+
+
 def runner_deployments(settings: Settings) -> list[Any]:
-    """The table as deployments for ``prefect.serve`` (memdump serve)."""
+    """The table as deployments for ``prefect.serve``."""
     return [
-        spec.flow().to_deployment(
-            name=spec.name,
-            schedules=[Cron(spec.cron, timezone=TIMEZONE)] if spec.cron else None,
-            parameters=dict(spec.parameters),
-            tags=list(TAGS),
-            description=spec.description,
-        )
-        for spec in deployment_specs(settings)
+        spec.flow().to_deployment(**runner_options(spec)) for spec in deployment_specs(settings)
     ]
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -13,10 +14,13 @@ import threading
 import time
 
 from prefect import serve
+from prefect.exceptions import TerminationSignal
+from prefect.runner import Runner
 
-from deployments.catalog import runner_deployments
+from deployments import warm
+from deployments.catalog import deployment_specs, runner_deployments, runner_options
 from memdump import timestamping
-from memdump.children import end_adopted
+from memdump.children import become_subreaper, end_adopted
 from memdump.errors import ConfigError
 from memdump.fsperm import private_umask
 from memdump.leftovers import clean_leftovers
@@ -65,6 +69,26 @@ def exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
+def serve_warm(settings: Settings) -> None:
+    """``prefect.serve`` of the catalog's deployments, with warm flow runs
+    (deployments.warm). Served as flows (``Runner.add_flow``), not as deployments, so that
+    Prefect's runner runs each flow run through ``run_flow_in_subprocess`` (the one it
+    makes a fork) instead of a ``python -m prefect.engine`` command."""
+    # Flow runs are the forkserver's children: as a subreaper this runner adopts any the
+    # forkserver leaves behind, so that its ends (main's, exit_with_parent's) find them.
+    become_subreaper()
+    warm.install()
+    runner = Runner(
+        pause_on_shutdown=True, limit=None, query_seconds=settings.orchestration.runner_poll_sec
+    )
+    for spec in deployment_specs(settings):
+        runner.add_flow(spec.flow(), **runner_options(spec))
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        logging.getLogger("memdump.runner").info("%s: stopping", type(exc).__name__)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -93,11 +117,14 @@ def main() -> None:
     ensure_limits(settings, reset_slots=args.reset_slots)
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
     try:
-        serve(
-            *runner_deployments(settings),
-            query_seconds=settings.orchestration.runner_poll_sec,
-            limit=None,
-        )
+        if settings.orchestration.warm_flow_runs:
+            serve_warm(settings)
+        else:
+            serve(
+                *runner_deployments(settings),
+                query_seconds=settings.orchestration.runner_poll_sec,
+                limit=None,
+            )
     finally:
         # Flow runs Prefect could not cancel on the way out (it reads each run from the
         # server first: with the server gone too, as when `memdump serve` is SIGKILLed

@@ -12,6 +12,7 @@ import pytest
 from isal import igzip
 
 from tests.helpers.lab import assert_hypervisor_clean, virsh
+from tests.helpers.procs import forkserver_below, reaped_children_cpu_ticks, wait_for
 from tests.helpers.stack import Stack
 
 BASE = "/api/memory-dumps"
@@ -21,6 +22,10 @@ def test_trigger_completes_and_records(stack: Stack) -> None:
     # The stack is shared by the session: judge only what this trigger added.
     _, old = stack.call("GET", f"{BASE}/records")
     _, old_stats = stack.call("GET", f"{BASE}/stats")
+    # The run is forked from the runner's warm forkserver (deployments.warm): once it
+    # has ended, the forkserver has reaped it, so its children's CPU time has grown.
+    forkserver = forkserver_below(stack.pid)
+    reaped = reaped_children_cpu_ticks(forkserver)
     t0 = time.monotonic()
     code, body = stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["vm-web-01", "vm-db-01"]})
     assert code == 200, body
@@ -33,6 +38,8 @@ def test_trigger_completes_and_records(stack: Stack) -> None:
     assert status["vm_ids"] == ["vm-web-01", "vm-db-01"] and status["error"] is None
     assert status["last_trigger"]["status"] == "completed"
     assert status["duration"] > 0 and status["last_trigger"]["duration"] == status["duration"]
+    # (the run's process ends a moment after its state is final)
+    assert wait_for(lambda: reaped_children_cpu_ticks(forkserver) > reaped, 60)
 
     code, recs = stack.call("GET", f"{BASE}/records")
     assert code == 200 and recs["count"] == old["count"] + 2

@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -118,3 +119,29 @@ def holders(path: Path) -> list[int]:
 def lab_sshd_pid() -> int:
     lab = Path(os.environ["MEMDUMP_LAB_DIR"])
     return int((lab / "ssh" / "sshd.pid").read_text().strip())
+
+
+def forkserver_below(root: int) -> int:
+    """The multiprocessing forkserver under ``root`` (deployments.warm's, in a stack)."""
+    found = [p for p in descendants(root) if "multiprocessing.forkserver" in cmdline(p)]
+    if len(found) != 1:
+        raise AssertionError(f"expected one forkserver below {root}, found {found}")
+    return found[0]
+
+
+def reaped_children_cpu_ticks(pid: int) -> int:
+    """CPU time (clock ticks, user + system) of the children ``pid`` has waited for: it
+    grows once a child of it has run and ended (proc(5): cutime, cstime)."""
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[13]) + int(fields[14])
+
+
+def wait_for(check: Callable[[], bool], timeout: float, every: float = 0.2) -> bool:
+    """True once ``check()`` is, False if it is not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
