@@ -8,8 +8,14 @@ Measures, on loopback, one request at a time:
   * GET /status, GET /records?limit=1000 (the store seeded with 5000 records) and
     GET /stats, ``--n`` each;
   * trigger -> flow run RUNNING (the runner's poll interval plus the flow-run
-    subprocess start; target < 5 s) and trigger -> COMPLETED for one 256 MiB lab VM,
-    over ``--runs`` sequential triggers.
+    process start; target < 5 s), trigger -> capture start (the record's ``timestamp``:
+    the moment the dump is opened, so the first byte follows within the dump script's
+    start) and trigger -> COMPLETED for one 256 MiB lab VM, over ``--runs`` sequential
+    triggers.
+
+``--compare-cold`` measures the trigger -> state rows again on a second stack with
+``MEMDUMP_ORCHESTRATION__WARM_FLOW_RUNS=false`` (each flow run a new interpreter, as
+before deployments/warm.py), in the same run, and prints the ratios (medians).
 Prints p50/p99/max; numbers are for this machine and run only (see README).
 """
 
@@ -95,9 +101,12 @@ def timed(stack: Stack, method: str, path: str, n: int, body: object = None) -> 
     return out
 
 
-def trigger_to_states(stack: Stack, vm: str) -> tuple[float, float]:
+def trigger_to_states(stack: Stack, vm: str) -> tuple[float, float, float]:
+    """Seconds from POST /trigger to RUNNING, to COMPLETED, and to the capture's start
+    (the new record's timestamp, UTC)."""
     before = latest_run()
     t0 = time.perf_counter()
+    at = datetime.now(UTC)
     code, _ = stack.call("POST", f"{BASE}/trigger", {"vm_ids": [vm]})
     assert code == 200
     running = None
@@ -112,12 +121,27 @@ def trigger_to_states(stack: Stack, vm: str) -> tuple[float, float]:
             break
         time.sleep(0.05)
     assert running is not None and cur is not None and cur[1] == "COMPLETED", cur
-    return running, time.perf_counter() - t0
+    done = time.perf_counter() - t0
+    _, recs = stack.call("GET", f"{BASE}/records?limit=1")
+    started = datetime.fromisoformat(recs["records"][0]["timestamp"]).replace(tzinfo=UTC)
+    assert recs["records"][0]["vmid"] == vm and started > at, recs
+    return running, done, (started - at).total_seconds()
 
 
-def measure(stack: Stack, args: argparse.Namespace) -> None:
+def state_rows(stack: Stack, args: argparse.Namespace) -> list[tuple[str, list[float]]]:
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+    updates = {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.prefect_auth}
+    with temporary_settings(updates=updates):
+        runs = [trigger_to_states(stack, args.vm) for _ in range(args.runs)]
+    return [
+        ("trigger -> flow run RUNNING", [r[0] for r in runs]),
+        (f"trigger -> capture start ({args.vm})", [r[2] for r in runs]),
+        (f"trigger -> COMPLETED ({args.vm})", [r[1] for r in runs]),
+    ]
+
+
+def measure(stack: Stack, args: argparse.Namespace) -> list[tuple[str, list[float]]]:
     trig = timed(stack, "POST", f"{BASE}/trigger", args.n, {"vm_ids": ["bench-absent-01"]})
     stack.wait_status()
     results = [
@@ -126,22 +150,20 @@ def measure(stack: Stack, args: argparse.Namespace) -> None:
         ("GET /records?limit=1000 (of 5000)", timed(stack, "GET", f"{BASE}/records", args.n)),
         ("GET /stats (5000 records)", timed(stack, "GET", f"{BASE}/stats", args.n)),
     ]
-    updates = {PREFECT_API_URL: stack.prefect_api, PREFECT_API_AUTH_STRING: stack.prefect_auth}
-    with temporary_settings(updates=updates):
-        pairs = [trigger_to_states(stack, args.vm) for _ in range(args.runs)]
-    results += [
-        ("trigger -> flow run RUNNING", [p[0] for p in pairs]),
-        (f"trigger -> COMPLETED ({args.vm})", [p[1] for p in pairs]),
-    ]
+    states = state_rows(stack, args)
+    results += states
     poll = stack.env.get("MEMDUMP_ORCHESTRATION__RUNNER_POLL_SEC", "1 (default)")
     print(f"memdump serve on loopback; runner poll interval {poll} s")
     for name, values in results:
         print(row(name, values))
-    running = [p[0] for p in pairs]
+    running, start = states[0][1], states[1][1]
     print(
         f"targets: trigger p50 < 100 ms: {'PASS' if pct(trig, 0.5) < 0.1 else 'FAIL'}; "
-        f"trigger->running p50 < 5 s: {'PASS' if pct(running, 0.5) < 5 else 'FAIL'}"
+        f"trigger p99 < 100 ms: {'PASS' if pct(trig, 0.99) < 0.1 else 'FAIL'}; "
+        f"trigger->running p50 < 5 s: {'PASS' if pct(running, 0.5) < 5 else 'FAIL'}; "
+        f"trigger->capture start p50 < 1 s: {'PASS' if pct(start, 0.5) < 1 else 'FAIL'}"
     )
+    return states
 
 
 def main() -> int:
@@ -151,6 +173,11 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=30, help="requests per endpoint")
     ap.add_argument("--runs", type=int, default=5, help="captures for trigger->running")
     ap.add_argument("--vm", default="vm-web-01")
+    ap.add_argument(
+        "--compare-cold",
+        action="store_true",
+        help="the trigger -> state rows again without warm flow runs, and the ratios",
+    )
     args = ap.parse_args()
     inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
     if not inv:
@@ -159,7 +186,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="memdump-bench-") as tmp:
         seed(Path(tmp) / "records.db", 5000)
         with running_stack(Path(tmp), inv) as stack:
-            measure(stack, args)
+            warm = measure(stack, args)
+        if args.compare_cold:
+            cold_dir = Path(tmp) / "cold"
+            cold_dir.mkdir()
+            with running_stack(cold_dir, inv, orchestration__warm_flow_runs="false") as stack:
+                cold = state_rows(stack, args)
+            print("without warm flow runs (MEMDUMP_ORCHESTRATION__WARM_FLOW_RUNS=false):")
+            for name, values in cold:
+                print(row(name, values))
+            for (name, w), (_, c) in zip(warm, cold, strict=True):
+                print(f"  {name}: cold/warm median {pct(c, 0.5) / pct(w, 0.5):.2f}x")
     return 0
 
 
