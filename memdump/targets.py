@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from memdump.errors import (
     AmbiguousVMError,
     ConfigError,
     HypervisorError,
+    InvalidIdentifierError,
     MemdumpError,
+    TransportError,
     VMNotFoundError,
 )
 from memdump.hypervisors import Driver, VMRef
@@ -24,8 +27,13 @@ __all__ = [
     "list_all",
     "list_each",
     "list_one",
+    "locate",
     "require_hypervisors",
 ]
+
+# Lookups at once on one hypervisor when locating ids: channels of its one SSH
+# connection (sshd's MaxSessions allows 10).
+LOCATE_PER_HYPERVISOR = 4
 
 
 def require_hypervisors(settings: Settings, refusal: str) -> None:
@@ -116,3 +124,81 @@ def find(drivers: Iterable[Driver], vm_id: str) -> tuple[Driver, VMRef]:
         detail = f" ({'; '.join(errors)})" if errors else ""
         raise VMNotFoundError(f"no VM {vm_id!r} on any hypervisor{detail}", vm_id=vm_id)
     return hits[0]
+
+
+class _Asker:
+    """One hypervisor's answers about ids, as :func:`find` takes them: a VMRef, None (not
+    there, or a HypervisorError find passes over), or an error find would raise. Once
+    its connection fails, the hypervisor is not asked again."""
+
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
+        self.broken: Exception | None = None
+
+    def ask(self, vm_id: str) -> VMRef | Exception | None:
+        if self.broken is not None:
+            return self.broken
+        try:
+            return self.driver.resolve(vm_id)
+        except HypervisorError:  # VMNotFoundError among them
+            return None
+        except Exception as exc:  # noqa: BLE001 - an answer: find would raise it
+            if isinstance(exc, TransportError):
+                self.broken = exc
+            return exc
+
+
+def locate(
+    drivers: Sequence[Driver],
+    vm_ids: Sequence[str],
+    *,
+    per_hypervisor: int = LOCATE_PER_HYPERVISOR,
+) -> Generator[tuple[str, str | None]]:
+    """Which hypervisor :func:`find` would find each of ``vm_ids`` on, every hypervisor
+    asked through one driver (one SSH connection) for all of them, at most
+    ``per_hypervisor`` lookups at a time on each, instead of a connection to each per id.
+
+    Yields ``(id, hypervisor)`` in the order of ``vm_ids``, each as soon as it is
+    answered: the hypervisor when find would return a VM there (``hv:id`` names it, one
+    hypervisor in all is it, or exactly one knows the id and none failed in a way find
+    would raise), else None (not found, found on several, an invalid id, a hypervisor
+    that could not answer): whoever captures it then calls find itself, so its error is
+    find's own. An unqualified id is still looked up on every hypervisor: one found on
+    two is never guessed."""
+    drivers = list(drivers)
+    names = {d.name for d in drivers}
+    askers = [_Asker(d) for d in drivers]
+    pools = [
+        ThreadPoolExecutor(per_hypervisor, thread_name_prefix=f"memdump-locate-{d.name}")
+        for d in drivers
+    ]
+    known: dict[int, str | None] = {}
+    asked: dict[int, list[Future[VMRef | Exception | None]]] = {}
+    try:
+        for i, vm_id in enumerate(vm_ids):
+            try:
+                hv, _ = split_qualified(vm_id)
+            except InvalidIdentifierError:
+                known[i] = None
+                continue
+            if hv is not None:
+                known[i] = hv if hv in names else None
+            elif len(drivers) == 1:
+                known[i] = drivers[0].name
+            else:
+                asked[i] = [p.submit(a.ask, vm_id) for a, p in zip(askers, pools, strict=True)]
+        for i, vm_id in enumerate(vm_ids):
+            if i in known:
+                yield vm_id, known[i]
+                continue
+            answers = [f.result() for f in asked[i]]
+            hits = [
+                a.driver.name
+                for a, answer in zip(askers, answers, strict=True)
+                if isinstance(answer, VMRef)
+            ]
+            failed = any(isinstance(a, Exception) for a in answers)
+            yield vm_id, hits[0] if len(hits) == 1 and not failed else None
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)
