@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +14,7 @@ from prefect.states import Completed, Failed
 
 from memdump.errors import MemdumpError
 from memdump.escaping import md_text
+from memdump.hypervisors import open_driver
 from memdump.records.model import DumpRecord
 from memdump.runinfo import (
     ALL,
@@ -26,7 +27,7 @@ from memdump.runinfo import (
     vm_tags,
 )
 from memdump.settings import Settings
-from memdump.targets import require_hypervisors
+from memdump.targets import locate, require_hypervisors
 from tasks.capture import capture_vm
 from tasks.fanout import publish_result, run_capture_flow
 from tasks.limits import ensure_limits
@@ -46,8 +47,9 @@ class Targets:
 
 def list_targets(settings: Settings, vm_ids: list[str]) -> Targets:
     """ "all" is every running VM of every hypervisor, each listed on its own (an inventory
-    without a hypervisor is a ConfigError, not an empty capture). Plain ids are resolved
-    by the capture task, so an unknown id fails only its own VM."""
+    without a hypervisor is a ConfigError, not an empty capture). Plain ids come with no
+    hypervisor here (see :func:`_placed`); one the flow cannot place is resolved by its
+    capture task, so an unknown id fails only its own VM."""
     listed: list[tuple[str, str | None]] = []
     unlisted: list[tuple[str, str]] = []
     empty: list[str] = []
@@ -173,11 +175,35 @@ def _final(
     return Failed(message=message)
 
 
+def _placed(
+    settings: Settings, targets: Sequence[tuple[str, str | None]]
+) -> Iterator[tuple[str, str | None]]:
+    """The targets with their hypervisor, in order, each as soon as it is known: listed
+    for "all"; for an id asked for, where memdump.targets.locate finds it, every
+    hypervisor asked once per run (one connection each) instead of once per VM by every
+    capture task. An id it cannot place (None) is resolved by its task as before."""
+    asked = [vm for vm, hv in targets if hv is None]
+    if not asked:
+        yield from targets
+        return
+    drivers = [open_driver(hv, settings.ssh) for hv in settings.inventory]
+    where = locate(drivers, asked)
+    try:
+        for vm_id, hypervisor in targets:
+            yield (vm_id, hypervisor) if hypervisor is not None else next(where)
+    finally:
+        where.close()
+        for d in drivers:
+            d.close()
+
+
 def _submit(
-    settings: Settings, targets: list[tuple[str, str | None]], source: str
-) -> list[PrefectFuture[Any]]:
+    settings: Settings, targets: Iterable[tuple[str, str | None]], source: str
+) -> list[tuple[str, PrefectFuture[Any]]]:
     """One capture task run per VM (its whole chain, memdump.chain), each tagged with its
-    VM (memdump.runinfo.vm_tags: /status reads which VM a run is for from there)."""
+    VM (memdump.runinfo.vm_tags: /status reads which VM a run is for from there). All
+    are submitted at once, so /status lists every VM from the start; each waits for its
+    place at the process's gate (tasks.limits.GATE) before it opens its connection."""
     capture = capture_vm.with_options(
         retries=settings.orchestration.capture_retries,
         retry_delay_seconds=settings.orchestration.capture_retry_delay_sec,
@@ -185,7 +211,7 @@ def _submit(
     futures = []
     for vm_id, hypervisor in targets:
         with tags(*vm_tags(vm_id, hypervisor)):
-            futures.append(capture.submit(vm_id, hypervisor, source=source))
+            futures.append((vm_id, capture.submit(vm_id, hypervisor, source=source)))
     return futures
 
 
@@ -201,10 +227,10 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
     except MemdumpError as exc:
         return Failed(message=f"cannot list VMs: {exc}")
     if settings.orchestration.fanout == "deployments":
-        return _fan_out(found, source)
-    futures = _submit(settings, found.vms, source)
-    wait(futures)
-    rows = [(vm_id, *_outcome(f)) for (vm_id, _), f in zip(found.vms, futures, strict=True)]
+        return _fan_out(settings, found, source)
+    futures = _submit(settings, _placed(settings, found.vms), source)
+    wait([f for _, f in futures])
+    rows = [(vm_id, *_outcome(f)) for vm_id, f in futures]
     return _final(rows, source, found.unlisted, found.empty)
 
 
@@ -213,7 +239,9 @@ def capture_one_vm(vm_id: str, hypervisor: str | None = None, source: str = "api
     """The chain of one VM as a flow run of its own: what a trigger's flow run starts per
     VM with ``MEMDUMP_ORCHESTRATION__FANOUT=deployments``, so any worker of the pool can
     take it."""
-    (future,) = _submit(Settings(), [(vm_id, hypervisor)], source)
+    # The trigger's run placed it (flows.capture._placed); one it could not is found by
+    # its task, as find would (not located a second time here).
+    ((_, future),) = _submit(Settings(), [(vm_id, hypervisor)], source)
     future.wait()
     row = (vm_id, *_outcome(future))
     if row[2] is not None:  # where the trigger's flow run finds the record
@@ -221,14 +249,14 @@ def capture_one_vm(vm_id: str, hypervisor: str | None = None, source: str = "api
     return _final([row], source)
 
 
-def _fan_out(found: Targets, source: str) -> State[Any]:
+def _fan_out(settings: Settings, found: Targets, source: str) -> State[Any]:
     runs = []
-    for vm_id, hypervisor in found.vms:
+    for vm_id, hypervisor in _placed(settings, found.vms):
         with tags(*vm_tags(vm_id, hypervisor)):
-            runs.append(run_capture_flow.submit(vm_id, hypervisor, source))
-    wait(runs)
+            runs.append((vm_id, run_capture_flow.submit(vm_id, hypervisor, source)))
+    wait([f for _, f in runs])
     rows: list[Row] = []
-    for (vm_id, _), fut in zip(found.vms, runs, strict=True):
+    for vm_id, fut in runs:
         result, record, error = _outcome(fut)
         rows.append((vm_id, result, record if isinstance(record, DumpRecord) else None, error))
     return _final(rows, source, found.unlisted, found.empty)

@@ -10,9 +10,8 @@ deadline inside the stream loop and this task turns it into Prefect's TimedOut s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
 from prefect import get_client, get_run_logger, task
@@ -23,13 +22,13 @@ from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.utilities.context import get_task_and_flow_run_ids
 
-from memdump.chain import resolved, run_chain
+from memdump.chain import Slot, resolved, run_chain
 from memdump.errors import CaptureTimeoutError
 from memdump.hypervisors import VMRef
 from memdump.records.model import DumpRecord
 from memdump.runinfo import CAPTURE_TASK, PROGRESS_KEY, TIMED_OUT, Progress, slug, step_tag
 from memdump.settings import OrchestrationSettings, Settings
-from tasks.limits import GLOBAL_LIMIT, hypervisor_limit
+from tasks.limits import GATE, GLOBAL_LIMIT, hypervisor_limit
 
 
 def _default(setting: str) -> Any:
@@ -89,14 +88,39 @@ class _Progress:
 
 
 @contextmanager
-def _slot(settings: Settings, ref: VMRef) -> Iterator[None]:
-    """A slot of the global and the hypervisor's capture limit, held for the capture
-    only (Prefect acquires several limits all-or-nothing)."""
-    names = [GLOBAL_LIMIT, hypervisor_limit(ref.hypervisor)]
-    with concurrency(
-        names, occupy=1, strict=True, lease_duration=settings.orchestration.slot_lease_sec
+def _slot(settings: Settings, hypervisor: str) -> Iterator[None]:
+    """A place at this process's gate (tasks.limits.GATE, no polling), then a slot of
+    the global and the hypervisor's Prefect limit (Prefect acquires several limits
+    all-or-nothing; they hold across runs and collectors)."""
+    orch = settings.orchestration
+    with (
+        GATE.place(
+            hypervisor,
+            total=orch.max_concurrent_captures,
+            per_hypervisor=orch.max_captures_per_hypervisor,
+        ),
+        concurrency(
+            [GLOBAL_LIMIT, hypervisor_limit(hypervisor)],
+            occupy=1,
+            strict=True,
+            lease_duration=orch.slot_lease_sec,
+        ),
     ):
         yield
+
+
+def _until_captured(held: ExitStack) -> Callable[[VMRef], AbstractContextManager[None]]:
+    """The chain's slot when the task took it before opening the driver: the chain
+    gives it back when its capture ends (the offload and the record run without it)."""
+
+    @contextmanager
+    def slot(ref: VMRef) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            held.close()
+
+    return slot
 
 
 def _progress(ref: VMRef) -> _Progress:
@@ -121,15 +145,19 @@ def capture_vm(
     logger = get_run_logger()
     trigger = {"source": source, "flow_run_id": str(flow_run.id or "")}
     try:
-        with resolved(settings, vm_id, hypervisor) as (driver, ref):
-            done = run_chain(
-                driver,
-                ref,
-                settings,
-                trigger=trigger,
-                slot=partial(_slot, settings),
-                progress=_progress,
-            )
+        with ExitStack() as held:
+            slot: Slot
+            if hypervisor is not None:
+                # The hypervisor is known (listed for "all", located by the flow): the
+                # task waits for its slot before its SSH connection is opened.
+                held.enter_context(_slot(settings, hypervisor))
+                slot = _until_captured(held)
+            else:  # found by resolving it, then the slot (as the flow could not locate it)
+                slot = lambda ref: _slot(settings, ref.hypervisor)  # noqa: E731
+            with resolved(settings, vm_id, hypervisor) as (driver, ref):
+                done = run_chain(
+                    driver, ref, settings, trigger=trigger, slot=slot, progress=_progress
+                )
     except CaptureTimeoutError as exc:
         return Failed(name=TIMED_OUT, message=f"{vm_id}: {exc}")
     rec = done.capture.record

@@ -1,0 +1,300 @@
+"""A trigger over many VMs (issue 17, item 3), in a real flow run under the shared
+Prefect test harness, the hypervisors and the capture faked: each VM waits for room
+under the caps before its task opens a connection or asks the Prefect server for a slot;
+plain ids are located with one connection per hypervisor for the whole run, not one per
+hypervisor and VM; a run reads the concurrency limits in one request and writes only
+what differs from the settings."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from memdump.capture import Capture
+from memdump.errors import VMNotFoundError
+from memdump.hypervisors import VMRef
+from memdump.records.model import DumpRecord
+from memdump.records.sqlite import SQLiteRecordStore
+
+FLEET = {"hv-a": ["a1", "a2", "a3"], "hv-b": ["b1", "b2", "b3"]}
+CAPS = {"total": 2, "per_hypervisor": 1}
+WHO = ("list", "flow", "task")
+
+
+class Peak:
+    """A count that goes up and down, and the most it reached (per key and in all)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now: Counter[str] = Counter()
+        self.most: Counter[str] = Counter()
+        self.most_total = 0
+
+    def up(self, key: str) -> None:
+        with self._lock:
+            self.now[key] += 1
+            self.most[key] = max(self.most[key], self.now[key])
+            self.most_total = max(self.most_total, sum(self.now.values()))
+
+    def down(self, key: str) -> None:
+        with self._lock:
+            self.now[key] -= 1
+
+
+class Fleet:
+    """The fake hypervisors of FLEET and what was asked of them: a driver is connected
+    from its first command to its close (what an SSH connection costs)."""
+
+    def __init__(self, vms: dict[str, list[str]]) -> None:
+        self.vms = vms
+        # capture tasks connected and not done capturing (waiting for a slot, or capturing)
+        self.connected = Peak()
+        # by whose driver: "list" (list-vms tasks), "flow" (locating ids), "task" (captures)
+        self.connections: dict[str, Counter[str]] = {w: Counter() for w in WHO}
+        self.lookups: dict[str, list[tuple[str, str]]] = {w: [] for w in WHO}
+        self.captures = Peak()  # captures running at once, per hypervisor
+        self._lock = threading.Lock()
+
+    def driver(self, who: str, name: str) -> FleetDriver:
+        return FleetDriver(self, who, name)
+
+
+class FleetDriver:
+    def __init__(self, fleet: Fleet, who: str, name: str) -> None:
+        self.fleet, self.who, self.name = fleet, who, name
+        self.connected = False
+
+    def _use(self) -> None:
+        if not self.connected:
+            self.connected = True
+            with self.fleet._lock:
+                self.fleet.connections[self.who][self.name] += 1
+            if self.who == "task":
+                self.fleet.connected.up(self.name)
+
+    def list_vms(self) -> list[VMRef]:
+        self._use()
+        return [VMRef(self.name, v, v) for v in self.fleet.vms[self.name]]
+
+    def resolve(self, vm_id: str) -> VMRef:
+        self._use()
+        with self.fleet._lock:
+            self.fleet.lookups[self.who].append((self.name, vm_id))
+        if vm_id not in self.fleet.vms[self.name]:
+            raise VMNotFoundError(f"no VM {vm_id!r} on hypervisor {self.name}", vm_id=vm_id)
+        return VMRef(self.name, vm_id, vm_id)
+
+    def captured(self) -> None:
+        """Its capture is over: from here it only waits to be closed (the chain records
+        the dump first), an idle connection."""
+        if self.connected and self.who == "task":
+            self.fleet.connected.down(self.name)
+        self.connected = False
+
+    def close(self) -> None:
+        self.captured()
+
+
+def _record(ref: VMRef, tmp: Path) -> DumpRecord:
+    return DumpRecord(
+        datetime.now(UTC),
+        ref.vmid,
+        ref.vmid,
+        "a" * 64,
+        0.05,
+        100,
+        1,
+        2,
+        3,
+        str(tmp / f"{ref.vmid}.mem.gz"),
+        "b" * 64,
+        4096,
+        ref.hypervisor,
+    )
+
+
+LIMIT_CALLS = (
+    "read_global_concurrency_limits",
+    "read_global_concurrency_limit_by_name",
+    "upsert_global_concurrency_limit_by_name",
+    "create_global_concurrency_limit",
+    "update_global_concurrency_limit",
+)
+
+
+def _count_limit_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The Prefect client's calls about concurrency limits, by name, from now on."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    calls: list[str] = []
+    for name in LIMIT_CALLS:
+        real = getattr(SyncPrefectClient, name)
+
+        def spy(self: Any, *a: Any, _real: Any = real, _name: str = name, **kw: Any) -> Any:
+            calls.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(SyncPrefectClient, name, spy)
+    return calls
+
+
+def _limits() -> dict[str, int]:
+    from prefect import get_client
+
+    from tasks.limits import GLOBAL_LIMIT, hypervisor_limit
+
+    names = [GLOBAL_LIMIT, *(hypervisor_limit(hv) for hv in FLEET)]
+    with get_client(sync_client=True) as client:
+        return {n: client.read_global_concurrency_limit_by_name(n).limit for n in names}
+
+
+@pytest.fixture
+def fleet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Fleet:
+    import json
+
+    monkeypatch.setenv("MEMDUMP_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("MEMDUMP_INVENTORY_FILE", raising=False)
+    monkeypatch.setenv(
+        "MEMDUMP_HYPERVISORS", json.dumps([{"name": n, "transport": "local"} for n in FLEET])
+    )
+    monkeypatch.setenv("MEMDUMP_ORCHESTRATION__CAPTURE_RETRY_DELAY_SEC", "0")
+    monkeypatch.setenv("MEMDUMP_ORCHESTRATION__MAX_CONCURRENT_CAPTURES", str(CAPS["total"]))
+    monkeypatch.setenv(
+        "MEMDUMP_ORCHESTRATION__MAX_CAPTURES_PER_HYPERVISOR", str(CAPS["per_hypervisor"])
+    )
+    fl = Fleet(FLEET)
+
+    def capture(driver: Any, ref: VMRef, settings: Any, **kw: Any) -> Capture:
+        fl.captures.up(ref.hypervisor)
+        try:
+            time.sleep(0.05)  # long enough for the others to pile up if they can
+        finally:
+            fl.captures.down(ref.hypervisor)
+            driver.captured()
+        return Capture(_record(ref, tmp_path), None, None, {})  # type: ignore[arg-type]
+
+    monkeypatch.setattr("memdump.chain.capture", capture)
+    monkeypatch.setattr("memdump.chain.open_driver", lambda hv, ssh: fl.driver("task", hv.name))
+    monkeypatch.setattr("tasks.listing.open_driver", lambda hv, ssh: fl.driver("list", hv.name))
+    monkeypatch.setattr(
+        "flows.capture.open_driver", lambda hv, ssh: fl.driver("flow", hv.name), raising=False
+    )
+    return fl
+
+
+def test_each_vm_waits_for_room_before_it_connects_or_asks_for_a_slot(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import tasks.capture
+    from flows.capture import capture_vms
+    from memdump.settings import Settings
+    from tasks.limits import ensure_limits
+
+    asking = Peak()  # tasks inside Prefect's concurrency(): waiting for slots, or holding
+    real = tasks.capture.concurrency
+
+    @contextmanager
+    def counted(names: list[str], **kw: Any) -> Iterator[None]:
+        asking.up("prefect")
+        try:
+            with real(names, **kw):
+                yield
+        finally:
+            asking.down("prefect")
+
+    monkeypatch.setattr(tasks.capture, "concurrency", counted)
+    ensure_limits(Settings())  # the limits as configured: the run finds them so
+    limit_calls = _count_limit_calls(monkeypatch)
+    state = capture_vms(vm_ids=["all"], source="test", return_state=True)
+    assert state.is_completed(), state
+    rows = SQLiteRecordStore(tmp_path / "records.db").list(100, 0)
+    assert sorted(r["vmid"] for r in rows) == sorted(v for vms in FLEET.values() for v in vms)
+    # Six VMs, caps 2 in all and 1 per hypervisor: never more connections, nor more
+    # tasks at the Prefect server, than captures the caps allow (3 to 6 at once before:
+    # each task connected, resolved its VM, then asked the server for a slot).
+    assert fleet.connected.most_total <= CAPS["total"]
+    assert max(fleet.connected.most.values()) <= CAPS["per_hypervisor"]
+    assert asking.most_total <= CAPS["total"]
+    # The caps themselves held.
+    assert fleet.captures.most_total <= CAPS["total"]
+    assert max(fleet.captures.most.values()) <= CAPS["per_hypervisor"]
+    # Each task connected once, to its own hypervisor; "all" was listed once per hypervisor.
+    assert fleet.connections["task"] == {"hv-a": 3, "hv-b": 3}
+    assert fleet.connections["list"] == {"hv-a": 1, "hv-b": 1}
+    every = [(hv, v) for hv, vms in FLEET.items() for v in vms]
+    assert sorted(fleet.lookups["task"]) == sorted(every)
+    # The run read the limits in one request and wrote none (before: an upsert per limit,
+    # each a read of its own: 1 + H requests).
+    assert limit_calls == ["read_global_concurrency_limits"]
+
+
+def test_plain_ids_are_located_with_one_connection_per_hypervisor(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    from flows.capture import capture_vms
+
+    fleet.vms["hv-a"].append("twin")  # on both: never guessed
+    fleet.vms["hv-b"].append("twin")
+    ids = ["a1", "b1", "b2", "hv-a:a3", "nowhere", "twin"]
+    state = capture_vms(vm_ids=ids, source="test", return_state=True)
+    assert state.is_failed()
+    assert "2 of 6 VM(s) failed" in (state.message or "")
+    assert "twin: VM id 'twin' matches on several hypervisors: hv-a, hv-b" in state.message
+    assert "nowhere: no VM 'nowhere' on any hypervisor" in state.message
+    rows = SQLiteRecordStore(tmp_path / "records.db").list(100, 0)
+    captured = [("hv-a", "a1"), ("hv-a", "a3"), ("hv-b", "b1"), ("hv-b", "b2")]
+    assert sorted((r["hypervisor"], r["vmid"]) for r in rows) == captured
+    # A located VM's task connects to its own hypervisor only; the two the flow could not
+    # place ask every hypervisor themselves (their errors are find's own). Before, every
+    # unqualified id's task connected to every hypervisor: 5 x 2.
+    assert sorted(fleet.lookups["task"]) == sorted(
+        captured + [(hv, v) for hv in FLEET for v in ("nowhere", "twin")]
+    )
+    assert fleet.connections["task"] == {"hv-a": 4, "hv-b": 4}
+    # The flow asked each hypervisor about every unqualified id, over one connection each.
+    unqualified = ["a1", "b1", "b2", "nowhere", "twin"]
+    assert fleet.connections["flow"] == {"hv-a": 1, "hv-b": 1}
+    for hv in FLEET:
+        assert sorted(v for h, v in fleet.lookups["flow"] if h == hv) == sorted(unqualified)
+
+
+def test_limits_follow_a_changed_cap_and_come_back_when_deleted(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect import get_client
+
+    from memdump.settings import Settings
+    from tasks.limits import GLOBAL_LIMIT, ensure_limits, hypervisor_limit
+
+    wanted = {
+        GLOBAL_LIMIT: CAPS["total"],
+        **{hypervisor_limit(hv): CAPS["per_hypervisor"] for hv in FLEET},
+    }
+    ensure_limits(Settings())
+    assert _limits() == wanted
+    calls = _count_limit_calls(monkeypatch)
+    # A changed cap takes effect with the next run: one read, one write for that limit.
+    monkeypatch.setenv("MEMDUMP_ORCHESTRATION__MAX_CONCURRENT_CAPTURES", "5")
+    ensure_limits(Settings())
+    assert calls == ["read_global_concurrency_limits", "update_global_concurrency_limit"]
+    assert _limits() == {**wanted, GLOBAL_LIMIT: 5}
+    monkeypatch.setenv("MEMDUMP_ORCHESTRATION__MAX_CONCURRENT_CAPTURES", str(CAPS["total"]))
+    # So does a limit gone from the server: it is made again.
+    with get_client(sync_client=True) as client:
+        client.delete_global_concurrency_limit_by_name(hypervisor_limit("hv-a"))
+    calls.clear()
+    ensure_limits(Settings())
+    assert sorted(calls) == [
+        "create_global_concurrency_limit",
+        "read_global_concurrency_limits",
+        "update_global_concurrency_limit",
+    ]
+    assert _limits() == wanted

@@ -1,0 +1,64 @@
+"""What a capture task adds in front of the Prefect server (issue 17, item 3): the
+process's gate, which lets captures in by the caps in the order they came (a full
+hypervisor holding up nobody else)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tasks.limits import CaptureGate
+
+
+def _until(cond: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not cond():
+        assert time.monotonic() < deadline, "the gate did not get there"
+        time.sleep(0.005)
+
+
+def test_the_gate_lets_captures_in_by_the_caps_in_order() -> None:
+    gate = CaptureGate()
+    inside: list[str] = []
+    done = {vm: threading.Event() for vm in ("a1", "a2", "a3", "b1", "b2", "c1")}
+
+    def capture(vm: str) -> None:
+        with gate.place(f"hv-{vm[0]}", total=3, per_hypervisor=2):
+            inside.append(vm)
+            assert done[vm].wait(10)
+
+    threads = []
+    for i, vm in enumerate(done):  # one by one: each inside or queued before the next
+        threads.append(threading.Thread(target=capture, args=(vm,)))
+        threads[-1].start()
+        _until(lambda i=i: len(inside) + gate.waiting() == i + 1)
+    # hv-a is full after two; b1 goes past a3, and the third place is gone.
+    assert inside == ["a1", "a2", "b1"] and gate.waiting() == 3
+    assert gate.held() == (3, {"hv-a": 2, "hv-b": 1})
+    # One place free: the first in line that fits takes it (b2; a3's hypervisor is full).
+    done["b1"].set()
+    _until(lambda: len(inside) == 4)
+    assert inside[3] == "b2" and gate.waiting() == 2
+    done["a1"].set()  # hv-a has room again: a3, before c1
+    _until(lambda: len(inside) == 5)
+    assert inside[4] == "a3" and gate.held() == (3, {"hv-a": 2, "hv-b": 1})
+    done["a2"].set()
+    _until(lambda: len(inside) == 6)
+    assert inside[5] == "c1"
+    for ev in done.values():
+        ev.set()
+    for t in threads:
+        t.join(10)
+    assert gate.held() == (0, {}) and gate.waiting() == 0
+
+
+def test_a_capture_that_fails_gives_its_place_back() -> None:
+    gate = CaptureGate()
+    with pytest.raises(RuntimeError), gate.place("hv", total=1, per_hypervisor=1):
+        raise RuntimeError("the capture failed")
+    with gate.place("hv", total=1, per_hypervisor=1):
+        assert gate.held() == (1, {"hv": 1})
+    assert gate.held() == (0, {})
