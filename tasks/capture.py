@@ -30,6 +30,11 @@ from memdump.runinfo import CAPTURE_TASK, PROGRESS_KEY, TIMED_OUT, Progress, slu
 from memdump.settings import OrchestrationSettings, Settings
 from tasks.limits import GATE, GLOBAL_LIMIT, hypervisor_limit
 
+# The progress artifact is written at most this often while a VM streams (and once more
+# when the dump is complete): one Prefect write per VM and interval, the UI's bar and
+# /status's byte counts at most this old.
+PROGRESS_EVERY_SEC = 2.0
+
 
 def _default(setting: str) -> Any:
     """A setting's default, for a decorator (flows pass the configured value with
@@ -51,7 +56,9 @@ def retry_if_retryable(task: Any, task_run: Any, state: State[Any]) -> bool:
 class _Progress:
     """The capture's progress artifact: its percent is the data (the Prefect UI shows it),
     its byte counts the metadata (/status reads them back as data, memdump.runinfo).
-    Updated at most once a second (called from the stream loop)."""
+    Created when the capture has its slot (progress 0); then, called from the stream
+    loop, updated at most every PROGRESS_EVERY_SEC, counted from its creation, and once
+    when the dump is complete: a capture shorter than that writes it twice in all."""
 
     def __init__(self, key: str, label: str) -> None:
         self.label = label
@@ -70,12 +77,15 @@ class _Progress:
             )
             .id
         )
-        self.last = 0.0
+        self.last = time.monotonic()
+        self.sent: tuple[int, int] | None = None
 
     def __call__(self, done: int, total: int | None) -> None:
+        if not total or (done, total) == self.sent:
+            return
         now = time.monotonic()
-        if total and (now - self.last >= 1.0 or done >= total):
-            self.last = now
+        if now - self.last >= PROGRESS_EVERY_SEC or done >= total:
+            self.last, self.sent = now, (done, total)
             p = Progress(done, total)
             get_client(sync_client=True).update_artifact(
                 self.artifact_id,
