@@ -688,7 +688,11 @@ class LatestRunCache:
             if usable and age < self._max_age:
                 if read is None:
                     behind = self._begin()
-                    self._spawn(lambda: self._finish(behind))
+                    try:
+                        self._spawn(lambda: self._finish(behind))
+                    except BaseException:  # no thread: no read in flight to wait for
+                        self._read = None
+                        raise
                 return self._value
             if read is None or read.gen != self._gen:
                 read = own = self._begin()
@@ -710,19 +714,22 @@ class LatestRunCache:
         return self._read
 
     def _finish(self, read: _Read) -> None:
+        read.error = RuntimeError("the read of the latest run was interrupted")
         try:
-            read.value = self._runs.latest()
+            read.value, read.error = self._runs.latest(), None
         except Exception as exc:
             read.error = exc
-        with self._lock:
-            if self._read is read:
-                self._read = None
-            # An answer read before an invalidation never replaces one read after it.
-            if read.gen >= self._value_gen:
-                self._failed = read.error is not None
-                if read.error is None:
-                    self._value, self._value_gen, self._at = read.value, read.gen, read.started
-        read.done.set()
+        finally:
+            with self._lock:
+                if self._read is read:
+                    self._read = None
+                # An answer read before an invalidation never replaces one read after it.
+                if read.gen >= self._value_gen:
+                    self._failed = read.error is not None
+                    if read.error is None:
+                        self._value, self._value_gen = read.value, read.gen
+                        self._at = read.started
+            read.done.set()
 
 
 def _in_background(work: Callable[[], None]) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
@@ -144,3 +145,28 @@ def test_concurrent_first_requests_share_one_read() -> None:
     for t in threads:
         t.join(HOLD_SEC)
     assert got == [runs.run] * 10 and runs.reads == 1
+
+
+def test_a_background_read_that_cannot_start_leaves_nothing_to_wait_for() -> None:
+    runs, clock = HeldRuns(), Clock()
+    refuse = [True]
+
+    def spawn(work: Callable[[], None]) -> None:
+        if refuse[0]:
+            raise RuntimeError("can't start new thread")
+        work()
+
+    cache = LatestRunCache(runs, ttl=1, stale=5, clock=clock, spawn=spawn)
+    runs.run = _run("a")
+    assert cache.get() == runs.run
+    clock.now = 2
+    with pytest.raises(RuntimeError):
+        cache.get()
+    refuse[0] = False
+    clock.now = 10  # past ttl + stale: waits for a read, which must not be the one refused
+    runs.run = _run("b")
+    got: list[RunSummary | None] = []
+    waits = threading.Thread(target=lambda: got.append(cache.get()), daemon=True)
+    waits.start()
+    waits.join(HOLD_SEC)
+    assert got == [runs.run] and runs.reads == 2
