@@ -6,35 +6,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from tests.helpers.prefect_harness import prefect_harness
+from tests.helpers.prefect_requests import PrefectRequests
 
 
 @pytest.fixture(scope="package")
 def prefect_server() -> Iterator[None]:
     with prefect_harness():
         yield
-
-
-@dataclass
-class PrefectRequests:
-    """The requests this process sent the Prefect server, in order: ``sent`` as
-    "METHOD /path" (the path after the API's, ids written {id}), ``rows`` how many rows
-    each answer held (a JSON list's length; None for anything else)."""
-
-    sent: list[str] = field(default_factory=list)
-    rows: list[int | None] = field(default_factory=list)
-
-    def clear(self) -> None:
-        self.sent.clear()
-        self.rows.clear()
-
-    def rows_of(self, request: str) -> list[int | None]:
-        return [n for s, n in zip(self.sent, self.rows, strict=True) if s == request]
 
 
 @pytest.fixture

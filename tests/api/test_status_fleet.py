@@ -1,5 +1,5 @@
 """/status's per-VM detail read from a real Prefect server (issue 17): a run of VMs made
-up in it (tests/api/fleet_runs.py: the task runs and progress artifacts a capture run
+up in it (tests/helpers/fleet_runs.py: the task runs and progress artifacts a capture run
 writes, nothing captured), in both fan-out modes."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from api.runs import PrefectRuns, VMRun
-from tests.api import fleet_runs
-from tests.api.conftest import PrefectRequests
-from tests.api.fleet_runs import MIB
+from tests.helpers import fleet_runs
+from tests.helpers.fleet_runs import MIB
+from tests.helpers.prefect_requests import PrefectRequests
 
 HALF = (50.0, 8 * MIB, 16 * MIB)
 

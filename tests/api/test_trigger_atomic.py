@@ -20,7 +20,7 @@ from api.main import create_app
 from api.runs import TRIGGER_LOCK
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
-from tests.api.conftest import PrefectRequests
+from tests.helpers.prefect_requests import PrefectRequests
 
 BASE = "/api/memory-dumps"
 FLOW = "capture-vms-atomic-test"
