@@ -157,7 +157,7 @@ class VMStatus(BaseModel):
         ge=0,
         le=100,
         description="Percent of the dump streamed (the capture's progress artifact, updated"
-        " about once a second); null before streaming starts",
+        " at most every 2 s, and at the end); null before streaming starts",
         examples=[42.5],
     )
     bytes_done: int | None = Field(
