@@ -628,8 +628,10 @@ def _stdlib(ts: datetime | None) -> datetime:
 
 
 # How much older than its ``ttl`` a /status answer may be served while a newer one is
-# being read (stale-while-revalidate): past that, a request waits for the read.
-STALE_SEC = 5.0
+# being read (stale-while-revalidate): past that, a request waits for the read. Short:
+# a run started elsewhere (the scheduler, another replica) shows within ttl + this + one
+# read, and a read of a 100-VM run takes a few hundred ms here.
+STALE_SEC = 1.0
 
 
 class _Read:

@@ -170,3 +170,17 @@ def test_a_background_read_that_cannot_start_leaves_nothing_to_wait_for() -> Non
     waits.start()
     waits.join(HOLD_SEC)
     assert got == [runs.run] and runs.reads == 2
+
+
+def test_a_run_started_elsewhere_shows_within_a_second_past_the_ttl() -> None:
+    # The scheduler's run, or another replica's trigger, is not an invalidation here: the
+    # default staleness bound is what keeps /status from showing the previous run for
+    # long (it was 5 s past the ttl: an e2e test saw the previous run's "completed").
+    runs, clock = HeldRuns(), Clock()
+    cache = LatestRunCache(runs, ttl=0.5, clock=clock)
+    runs.run = _run("previous", "COMPLETED")
+    assert cache.get() is runs.run and runs.reads == 1
+    runs.run = _run("scheduled")  # started elsewhere
+    clock.now = 1.6  # past ttl + 1 s: the old answer is not served, the new run is read
+    got = cache.get()
+    assert got is not None and got.id == "scheduled" and runs.reads == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -141,9 +141,10 @@ def test_timeout_stops_the_dump_and_reports_timeout(
     from flows.capture import capture_vms
 
     dumps_before = set((stack.data_dir / "dumps").glob("*"))
+    started = datetime.now(UTC) - timedelta(seconds=1)  # the server's clock: whole seconds
     state = capture_vms(vm_ids=["vm-web-01"], source="test", return_state=True)
     assert state.is_failed() and state.name == "TimedOut", state
-    status = stack.wait_status()
+    status = stack.wait_status(since=started)
     assert status["status"] == "timeout" and "deadline" in status["error"]
     # Nothing kept, the remote side cleaned up, no dump job left, the guest runs.
     assert set((stack.data_dir / "dumps").glob("*")) == dumps_before

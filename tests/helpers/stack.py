@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +60,22 @@ class Stack:
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
-    def wait_status(self, timeout: float = 180) -> dict[str, Any]:
+    def wait_status(self, timeout: float = 180, since: datetime | None = None) -> dict[str, Any]:
+        """/status once final; with ``since`` (UTC), once the run it shows is due at or
+        after it: a run started outside this API process (the scheduler, a flow run in
+        the test's process) shows once the API's cache has read it (README "REST API")."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             _, body = self.call("GET", "/api/memory-dumps/status")
-            if body["status"] not in ("in_progress", "idle"):
+            final = body["status"] not in ("in_progress", "idle")
+            if final and (since is None or _due(body) >= since):
                 return dict(body)
             time.sleep(0.2)
         raise AssertionError(f"status still {body} after {timeout}s")
+
+
+def _due(status: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(status["timestamp"]).replace(tzinfo=UTC)
 
 
 @contextmanager
