@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import subprocess
@@ -31,6 +30,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.helpers.collectors import pg_bin
+from tests.helpers.collectors import postgres as private_postgres
 from tests.helpers.lab import remote_temp_dirs
 from tests.helpers.procs import freeze, signal_all
 from tests.helpers.qmp_lab import qmp
@@ -47,13 +48,6 @@ def _run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=300, **kw)
 
 
-def _pg_bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
-    if not found:
-        pytest.fail("PostgreSQL is not installed (scripts/bootstrap installs it)")
-    return found[-1].parent
-
-
 @pytest.fixture(scope="module")
 def base() -> Iterator[Path]:
     # Not under pytest's 0700 tmp: the postgres user must reach its data dir.
@@ -67,36 +61,12 @@ def base() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def postgres(base: Path) -> Iterator[str]:
     """A private PostgreSQL cluster on a free loopback port; the Prefect database URL."""
-    pg = _pg_bin()
-    data, sock = base / "pg", base / "pg-sock"
-    for d in (data, sock):
-        d.mkdir()
-        shutil.chown(d, "postgres", "postgres")
-    password = secrets.token_hex(16)
-    pwfile = base / "pg-password"
-    pwfile.write_text(password + "\n")
-    shutil.chown(pwfile, "postgres")
-    pwfile.chmod(0o600)
-    as_pg = ["runuser", "-u", "postgres", "--"]
-    _run([*as_pg, str(pg / "initdb"), "-D", str(data), "-U", "prefect", "--pwfile", str(pwfile),
-          "-A", "scram-sha-256", "-E", "UTF8", "--no-sync"])  # fmt: skip
-    pwfile.unlink()
-    port = free_port()
-    opts = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={sock} -c fsync=off"
-    _run([*as_pg, str(pg / "pg_ctl"), "-D", str(data), "-l", str(sock / "pg.log"), "-w",
-          "-t", "120", "-o", opts, "start"])  # fmt: skip
     try:
-        env = {**os.environ, "PGPASSWORD": password}
-        _run([*as_pg, str(pg / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "prefect",
-              "prefect"], env=env)  # fmt: skip
-        yield f"postgresql+asyncpg://prefect:{password}@127.0.0.1:{port}/prefect"
-    finally:
-        subprocess.run(
-            [*as_pg, str(pg / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-            check=False,
-            capture_output=True,
-            timeout=120,
-        )
+        pg_bin()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    with private_postgres(base) as (url, _):
+        yield url
 
 
 @dataclass
