@@ -65,7 +65,7 @@ def exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
     logging.getLogger("memdump.runner").warning("memdump serve is gone: stopping")
-    end_adopted(set(), ORPHAN_GRACE_SEC)
+    end_flow_runs()
     os._exit(1)
 
 
@@ -129,7 +129,14 @@ def main() -> None:
         # Flow runs Prefect could not cancel on the way out (it reads each run from the
         # server first: with the server gone too, as when `memdump serve` is SIGKILLed
         # and all its children get SIGTERM at once, it skips them) end with us.
-        end_adopted(set(), ORPHAN_GRACE_SEC)
+        end_flow_runs()
+
+
+def end_flow_runs() -> list[int]:
+    """End what is left of our children at exit (SIGTERM, SIGKILL after
+    ORPHAN_GRACE_SEC); multiprocessing's resource tracker ends by itself once we exit.
+    Returns the pids ended."""
+    return end_adopted(warm.helper_pids(), ORPHAN_GRACE_SEC)
 
 
 if __name__ == "__main__":

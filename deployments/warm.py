@@ -75,6 +75,18 @@ def installed() -> bool:
     return isinstance(mp, _WarmMultiprocessing)
 
 
+def helper_pids() -> set[int]:
+    """multiprocessing's own helpers among our children: the resource tracker, started
+    with the forkserver. It ignores SIGTERM by design and ends by itself when its last
+    user (this process) exits: ending our children at exit must not wait a grace period
+    on it and then SIGKILL it."""
+    import multiprocessing.resource_tracker as resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    pid = getattr(tracker, "_pid", None)
+    return {pid} if isinstance(pid, int) else set()
+
+
 def forkserver_pid() -> int:
     pid = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
     if not isinstance(pid, int):

@@ -57,3 +57,25 @@ def test_the_preloaded_modules_start_no_thread_at_import() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.split() == ["1", "1"], out.stderr
+
+
+def test_the_runner_ends_its_flow_runs_at_exit_but_not_the_resource_tracker() -> None:
+    # multiprocessing's resource tracker (started with the forkserver) ignores SIGTERM and
+    # ends by itself when the runner exits: ending the runner's children must leave it
+    # alone, or every stop of `memdump serve` waits ORPHAN_GRACE_SEC, then SIGKILLs it.
+    code = (
+        "import json, subprocess\n"
+        "from deployments import serve, warm\n"
+        "if __name__ == '__main__':\n"
+        "    warm.install(['memdump.pipeline'])\n"
+        "    (tracker,) = warm.helper_pids()\n"
+        "    left = subprocess.Popen(['sleep', '300'])  # a flow run Prefect left\n"
+        "    ended = serve.end_flow_runs()\n"
+        "    print(json.dumps({'tracker': tracker, 'left': left.pid, 'ended': ended}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    seen = json.loads(out.stdout)
+    assert seen["left"] in seen["ended"]
+    assert seen["tracker"] not in seen["ended"], seen
