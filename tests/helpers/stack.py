@@ -3,12 +3,16 @@ its data in a given directory. Used by tests/e2e and benchmarks/trigger.py."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -78,9 +82,86 @@ def _due(status: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(status["timestamp"]).replace(tzinfo=UTC)
 
 
+_PREFECT_TEMPLATE: list[Path] = []
+
+
+def _prefect_template() -> Path:
+    """The PREFECT_HOME of a Prefect server that has started once (its SQLite database
+    migrated, its blocks registered) and stopped: made once per process. A new Prefect
+    database spends about 15 s of a stack's start-up in migrations; a stack started on a
+    copy of this one starts as `memdump serve` does on a machine where it ran before."""
+    if _PREFECT_TEMPLATE:
+        return _PREFECT_TEMPLATE[0]
+    home = Path(tempfile.mkdtemp(prefix="memdump-prefect-template-"))
+    atexit.register(shutil.rmtree, home, True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with open(home / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "Prefect server (template) not up:\n"
+                        + (home / "server.log").read_text()[-3000:]
+                    )
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).close()
+                    break
+                except OSError:
+                    time.sleep(0.3)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    with sqlite3.connect(home / "prefect.db") as db:  # everything in the main file
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    _PREFECT_TEMPLATE.append(home)
+    return home
+
+
+def _seed_prefect(home: Path) -> None:
+    """``home`` (the stack's PREFECT_HOME) as the template left it, if it is new."""
+    if (home / "prefect.db").exists():
+        return
+    template = _prefect_template()
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dst = sqlite3.connect(home / "prefect.db")
+    try:
+        with sqlite3.connect(template / "prefect.db") as src:
+            src.backup(dst)
+    finally:
+        dst.close()
+    (home / "prefect.db").chmod(0o600)
+    memo = template / "memo_store.toml"  # the blocks registered: not registered again
+    if memo.exists():
+        shutil.copyfile(memo, home / "memo_store.toml")
+        (home / "memo_store.toml").chmod(0o600)
+
+
 @contextmanager
-def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack]:
-    """``memdump serve`` with MEMDUMP_* ``settings``; stopped (SIGTERM) on exit."""
+def running_stack(
+    data: Path, inventory: str, *, seed_prefect: bool = True, **settings: str
+) -> Iterator[Stack]:
+    """``memdump serve`` with MEMDUMP_* ``settings``; stopped (SIGTERM) on exit.
+    ``seed_prefect``: its own Prefect server starts on a copy of a database migrated
+    once per process (_prefect_template); False: on a new one, as on a fresh machine."""
     api_port, prefect_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
@@ -95,6 +176,8 @@ def running_stack(data: Path, inventory: str, **settings: str) -> Iterator[Stack
     # Grouped settings by their variables (MEMDUMP_API__PORT), not the old flat names.
     env.update({_env_var(k): v for k, v in settings.items()})
     data.mkdir(parents=True, exist_ok=True)
+    if seed_prefect:
+        _seed_prefect(Path(env["MEMDUMP_DATA_DIR"]) / "prefect")
     # The stack's own collector key listed as trusted, as scripts/run does (issue 15).
     if "MEMDUMP_TRUSTED_KEYS" not in env:
         env["MEMDUMP_TRUSTED_KEYS"] = str(trust_local_key(data))
