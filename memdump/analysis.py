@@ -41,7 +41,7 @@ from isal import igzip, igzip_threaded, isal_zlib
 
 from memdump import volatility
 from memdump.bannerscan import BannerScan
-from memdump.chunkedgz import ChunkReader, Index, read_chunk, read_index
+from memdump.chunkedgz import ChunkReader, Index, index_hint, read_chunk, read_index
 from memdump.elfcore import PT_LOAD, CoreLayout, parse_core
 from memdump.errors import ChunkedDumpError, CorruptChunkError, InvalidDumpError
 
@@ -311,7 +311,9 @@ def _check_chunked(
             mine = ChunkReader(f, index, cache_chunks=1, check=True)
             with progress.timed("index"):
                 layout = _layout_of(mine, index)
-            with progress.timed("stack"):
+            # The layer reads the index again: the runs of chunks it shares with this one
+            # (all, unless the file changed meanwhile) are not hashed again.
+            with progress.timed("stack"), index_hint(dump, index):
                 elf_name, base = _stack_chunked(vol, ctx, dump.absolute(), layout, progress)
             layer = ctx.layers[base]
 

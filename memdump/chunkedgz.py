@@ -31,6 +31,7 @@ import threading
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
 from typing import BinaryIO, NamedTuple, overload
@@ -381,6 +382,33 @@ def parse_trailer(tail: bytes) -> tuple[int, int, int, int, int, bytes, bytes] |
         )
     _m, _v, chunk_size, count, raw_size, index_offset, index_size, index_sha, root = fields
     return chunk_size, count, raw_size, index_offset, index_size, index_sha, root
+
+
+# Indexes read and checked in this process, by file (its resolved path), that another
+# reader of the same file may pass read_index as ``like`` (memdump.analysis: the check
+# reads the index, then Volatility's layer opens the file and reads it again). Only the
+# hashing of unchanged runs is saved: the root checked is still the file's own.
+_HINTS: dict[str, Index] = {}
+_HINTS_LOCK = threading.Lock()
+
+
+@contextmanager
+def index_hint(path: os.PathLike[str] | str, index: Index) -> Iterator[None]:
+    """While inside, ``hinted(path)`` gives ``index``."""
+    key = os.path.realpath(path)
+    with _HINTS_LOCK:
+        _HINTS[key] = index
+    try:
+        yield
+    finally:
+        with _HINTS_LOCK:
+            _HINTS.pop(key, None)
+
+
+def hinted(path: os.PathLike[str] | str) -> Index | None:
+    """The index given for ``path`` by an index_hint in force, if any."""
+    with _HINTS_LOCK:
+        return _HINTS.get(os.path.realpath(path))
 
 
 def read_index(f: BinaryIO, *, like: Index | None = None) -> Index | None:

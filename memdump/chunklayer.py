@@ -38,7 +38,15 @@ from volatility3.framework import constants, exceptions, interfaces
 from volatility3.framework.configuration import requirements
 from volatility3.framework.layers import physical
 
-from memdump.chunkedgz import DATA_HEADER_SIZE, Chunk, ChunkReader, Index, read_chunk, read_index
+from memdump.chunkedgz import (
+    DATA_HEADER_SIZE,
+    Chunk,
+    ChunkReader,
+    Index,
+    hinted,
+    read_chunk,
+    read_index,
+)
 from memdump.errors import ChunkedDumpError
 
 log = logging.getLogger("memdump.chunklayer")
@@ -295,7 +303,7 @@ class ChunkedGzipLayer(interfaces.layers.DataLayerInterface):  # type: ignore[mi
             if self._reader is None:
                 f = open(self._path, "rb")  # noqa: SIM115 (closed by destroy())
                 try:
-                    index = read_index(f)
+                    index = read_index(f, like=hinted(self._path))
                 except ChunkedDumpError as exc:
                     f.close()
                     raise exceptions.LayerException(self.name, str(exc)) from exc

@@ -8,6 +8,6 @@
 - ``vol``: Volatility 3's own command line with memdump's chunked layer loaded
 """
 
-from memdump.cli.app import main
+from memdump.cli.app import main, run
 
-__all__ = ["main"]
+__all__ = ["main", "run"]

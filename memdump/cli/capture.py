@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
-from memdump.chain import run_chain
 from memdump.cli.inventory import open_drivers
 from memdump.errors import MemdumpError
 from memdump.escaping import plain_text
@@ -17,9 +17,40 @@ from memdump.runinfo import ALL, unlisted_id
 from memdump.settings import Settings
 from memdump.targets import find, list_each
 
+Failure = tuple[str, MemdumpError]  # the id as given, why it cannot be captured
+
+
+def _targets(
+    settings: Settings, vm_ids: list[str]
+) -> tuple[list[Driver], list[tuple[Driver, VMRef]], list[Failure]]:
+    """The inventory's drivers, the VMs ``vm_ids`` name (duplicates once), and the ids
+    that name none."""
+    drivers = open_drivers(settings)
+    failures: list[Failure] = []
+    targets: list[tuple[Driver, VMRef]] = []
+    for vm_id in dict.fromkeys(vm_ids):  # duplicates are captured once
+        try:
+            if vm_id == ALL:  # each hypervisor on its own: one failing fails its VMs only
+                for d, listing in zip(drivers, list_each(drivers), strict=True):
+                    if listing.error is not None:
+                        failures.append((unlisted_id(listing.hypervisor), listing.error))
+                    targets.extend((d, ref) for ref in listing.vms)
+            else:
+                targets.append(find(drivers, vm_id))
+        except MemdumpError as exc:
+            failures.append((vm_id, exc))
+    return drivers, list(dict.fromkeys(targets)), failures
+
 
 def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
-    drivers = open_drivers(settings)
+    # The hypervisors are reached (SSH, a lookup per id) on a thread while the capture
+    # chain's modules import: the remote side's time (a session, info.sh: 0.2-0.3 s on
+    # the lab) and the imports overlap instead of adding up before the first dump.
+    with ThreadPoolExecutor(1, thread_name_prefix="memdump-targets") as pool:
+        found = pool.submit(_targets, settings, list(args.vm_ids))
+        from memdump.chain import run_chain
+
+        drivers, targets, failures = found.result()
     failed = 0
 
     def report_failure(vm_id: str, exc: MemdumpError) -> None:
@@ -27,19 +58,9 @@ def cmd_capture(settings: Settings, args: argparse.Namespace) -> int:
         failed += 1
         print(json.dumps({"vm_id": vm_id, **exc.to_dict()}, default=str), file=sys.stderr)
 
-    targets: list[tuple[Driver, VMRef]] = []
-    for vm_id in dict.fromkeys(args.vm_ids):  # duplicates are captured once
-        try:
-            if vm_id == ALL:  # each hypervisor on its own: one failing fails its VMs only
-                for d, listing in zip(drivers, list_each(drivers), strict=True):
-                    if listing.error is not None:
-                        report_failure(unlisted_id(listing.hypervisor), listing.error)
-                    targets.extend((d, ref) for ref in listing.vms)
-            else:
-                targets.append(find(drivers, vm_id))
-        except MemdumpError as exc:
-            report_failure(vm_id, exc)
-    for driver, ref in dict.fromkeys(targets):
+    for vm_id, exc in failures:
+        report_failure(vm_id, exc)
+    for driver, ref in targets:
         try:
             # The whole chain, as a trigger's: file, manifest, offload, record (outbox).
             done = run_chain(driver, ref, settings, trigger={"source": "cli"}, mode=args.mode)

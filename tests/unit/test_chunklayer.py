@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from memdump import volatility
+from memdump import chunkedgz, volatility
 from memdump.errors import CorruptChunkError
 from tests.helpers.chunked_dumps import (
     SMALL_CHUNK,
@@ -287,3 +287,39 @@ def test_a_damaged_member_raises_without_verify(vol: Any, ctx: Any, dump: Path, 
         layer.read(6 * SMALL_CHUNK + 10, 10)
     assert exc.value.fields["number"] == bad.number
     assert ("header" if where == "header" else "deflate") in str(exc.value)
+
+
+def _flip_trailer_root(path: Path) -> None:
+    """One bit of the Merkle root the trailer holds (its body's last 32 bytes)."""
+    end = path.stat().st_size - len(chunkedgz._EMPTY_DEFLATE) - chunkedgz._TAIL.size
+    with open(path, "r+b") as f:
+        f.seek(end - 1)
+        last = f.read(1)[0]
+        f.seek(end - 1)
+        f.write(bytes([last ^ 1]))
+
+
+def test_an_index_hint_spares_the_layer_hashing_again_but_not_checking(
+    vol: Any, ctx: Any, dump: Path, raw: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open(dump, "rb") as f:
+        index = chunkedgz.read_index(f)
+    assert index is not None
+    hashed: list[int] = []
+    run_root = chunkedgz._run_root
+    monkeypatch.setattr(chunkedgz, "_run_root", lambda run: hashed.append(1) or run_root(run))
+    with chunkedgz.index_hint(dump, index):
+        layer = chunked_layer(vol, ctx, dump)
+    assert hashed == []  # the check's index given: no run hashed again
+    assert layer.read(MARKER_PADDR - 0x100000, 64) == raw[MARKER_PADDR - 0x100000 :][:64]
+    # Another file's index as the hint: this file's own chunks are hashed.
+    other = write_chunked(tmp_path / "vm-b_20260101T000000Z.mem.gz", raw[::-1])
+    ctx.config["v.location"] = other.as_uri()
+    with chunkedgz.index_hint(other, index):
+        vol.chunklayer.ChunkedGzipLayer(ctx, "v", "v")  # opened: its own root checked
+    assert hashed
+    # A root the chunks do not give is refused with the right index as the hint.
+    _flip_trailer_root(dump)
+    with chunkedgz.index_hint(dump, index), pytest.raises(vol.exceptions.LayerException):
+        ctx.config["u.location"] = dump.as_uri()
+        vol.chunklayer.ChunkedGzipLayer(ctx, "u", "u")
