@@ -41,7 +41,7 @@ from isal import igzip, igzip_threaded, isal_zlib
 
 from memdump import volatility
 from memdump.bannerscan import BannerScan
-from memdump.chunkedgz import ChunkReader, Index, index_hint, read_chunk, read_index
+from memdump.chunkedgz import ChunkReader, Index, hinted, index_hint, read_chunk, read_index
 from memdump.elfcore import PT_LOAD, CoreLayout, parse_core
 from memdump.errors import ChunkedDumpError, CorruptChunkError, InvalidDumpError
 
@@ -199,7 +199,9 @@ def _check(
         raise _CheckError(f"dump not found: {dump}")
     with open(dump, "rb") as f:
         try:
-            index = read_index(f)
+            # like: the writer's index when the capture hands it over (index_hint): the
+            # runs the file shares with it are not hashed again; its root is checked.
+            index = read_index(f, like=hinted(dump))
         except ChunkedDumpError as exc:
             raise _Failed(f"not a valid chunked gzip file: {exc}") from exc
     if index is not None:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from memdump import manifest, volatility
 from memdump.analysis import analyze
 from memdump.bannerscan import BannerScan
+from memdump.chunkedgz import index_hint
 from memdump.errors import (
     InsufficientSpaceError,
     LiveCaptureUnsupportedError,
@@ -293,19 +294,22 @@ def _capture_once(
         pool = ThreadPoolExecutor(1, thread_name_prefix="memdump-changes")
         changed = pool.submit(changes, result.path)
         pool.shutdown(wait=False)  # its one task still runs; the thread ends with it
-    # After the guest runs again: the check reads the finished file, not the stream.
-    analysis = (
-        analyze(
-            result.path,
-            samples=settings.analysis.samples,
-            banners=settings.analysis.banners,
-            work_dir=settings.analysis.work_dir,
-            stream_scan=scan,
-            hashed_as_written=True,
+    # After the guest runs again: the check reads the finished file, not the stream. The
+    # index as written goes with it (chunkedgz.index_hint): its Merkle root is checked
+    # against the file's without hashing again the runs of chunks the two share.
+    with index_hint(result.path, result.chunks):
+        analysis = (
+            analyze(
+                result.path,
+                samples=settings.analysis.samples,
+                banners=settings.analysis.banners,
+                work_dir=settings.analysis.work_dir,
+                stream_scan=scan,
+                hashed_as_written=True,
+            )
+            if settings.analysis.enabled
+            else None
         )
-        if settings.analysis.enabled
-        else None
-    )
     pause_window = getattr(source, "pause_window", None)
     live = dict(getattr(source, "live", None) or {}) if mode == "live" else None
     dump_format = str(getattr(source, "dump_format", "elf"))

@@ -141,7 +141,7 @@ class Index:
     index_sha256: str  # hex, of the index bytes (the entries, as stored)
     merkle_root: str  # hex
     # The roots of the runs of SUBTREE chunks (the last may be shorter), 32 bytes each, as
-    # read_index computed them from ``chunks`` (empty for an index built by IndexBuilder).
+    # read_index computed them from ``chunks`` or IndexBuilder as it wrote them.
     subtree_roots: bytes = field(default=b"", compare=False, repr=False)
 
     def covering(self, start: int, end: int) -> range:
@@ -171,13 +171,27 @@ class MerkleTree:
 
     def __init__(self) -> None:
         self._stack: list[tuple[int, bytes]] = []
+        self._runs = bytearray()  # the root of each whole run of SUBTREE leaves so far
 
     def add(self, digest: bytes) -> None:
         size, node = 1, hashlib.sha256(b"\x00" + digest).digest()
         while self._stack and self._stack[-1][0] == size:
             _, left = self._stack.pop()
             size, node = size * 2, hashlib.sha256(b"\x01" + left + node).digest()
+            if size == SUBTREE:  # runs are aligned perfect subtrees: each is one such node
+                self._runs += node
         self._stack.append((size, node))
+
+    def run_roots(self) -> bytes:
+        """Index.subtree_roots: the root of each run of SUBTREE leaves, the last one
+        (shorter) folded from the smaller subtrees still on the stack."""
+        tail = [node for size, node in self._stack if size < SUBTREE]
+        if not tail:
+            return bytes(self._runs)
+        node = tail[-1]
+        for left in reversed(tail[:-1]):
+            node = hashlib.sha256(b"\x01" + left + node).digest()
+        return bytes(self._runs) + node
 
     def root(self) -> bytes:
         if not self._stack:
@@ -314,7 +328,9 @@ class IndexBuilder:
                 root,
             ),
         )
-        index = Index(self.chunk_size, self._raw, chunks, index_sha.hex(), root.hex())
+        index = Index(
+            self.chunk_size, self._raw, chunks, index_sha.hex(), root.hex(), self._tree.run_roots()
+        )
         return b"".join(members) + trailer, index
 
 
@@ -397,12 +413,16 @@ def index_hint(path: os.PathLike[str] | str, index: Index) -> Iterator[None]:
     """While inside, ``hinted(path)`` gives ``index``."""
     key = os.path.realpath(path)
     with _HINTS_LOCK:
+        before = _HINTS.get(key)
         _HINTS[key] = index
     try:
         yield
     finally:
         with _HINTS_LOCK:
-            _HINTS.pop(key, None)
+            if before is None:
+                _HINTS.pop(key, None)
+            else:
+                _HINTS[key] = before
 
 
 def hinted(path: os.PathLike[str] | str) -> Index | None:

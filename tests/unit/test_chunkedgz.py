@@ -292,3 +292,27 @@ def test_the_index_of_a_4_gib_capture_stays_compact_while_it_is_built() -> None:
     assert peak < 65_536 * 56 * 4.5  # entries, their copy and the index members at the end
     digests = [hashlib.sha256(n.to_bytes(4, "little")).digest() for n in range(65_536)]
     assert index.merkle_root == _rfc6962(digests).hex()
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 128, 200])
+def test_the_written_index_carries_the_run_roots_read_index_computes(n: int) -> None:
+    # The writer's run roots (MerkleTree.run_roots) stand in for read_index's when the
+    # capture's check reads the file back with the written index as ``like``.
+    assert chunkedgz.SUBTREE == 64
+    tree = chunkedgz.MerkleTree()
+    leaves = [hashlib.sha256(n.to_bytes(4, "little") + bytes([i % 256])).digest() for i in range(n)]
+    for leaf in leaves:
+        tree.add(leaf)
+    runs = [leaves[i : i + 64] for i in range(0, n, 64)]
+    assert tree.run_roots() == b"".join(_rfc6962(run) for run in runs)
+    raw = _raw(n * C)
+    builder = chunkedgz.IndexBuilder(C)
+    parts = []
+    for number, off in enumerate(range(0, len(raw), C)):
+        member = chunkedgz.data_member(number, raw[off : off + C], 1)
+        builder.add(member)
+        parts.append(member.data)
+    tail, written = builder.finish()
+    read = chunkedgz.read_index(io.BytesIO(b"".join(parts) + tail))
+    assert read is not None and len(read.subtree_roots) == 32 * len(runs)
+    assert written.subtree_roots == read.subtree_roots
