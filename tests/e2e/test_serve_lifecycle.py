@@ -51,6 +51,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         cm = running_stack(
             base / "harness",
             lab_inventory(),
+            seed_prefect=False,  # a first start: memdump serve makes every directory
             data_dir=str(data),
             dump_dir=str(data / "dumps"),
             analysis="false",

@@ -137,11 +137,13 @@ def _prefect_template() -> Path:
 
 
 def _seed_prefect(home: Path) -> None:
-    """``home`` (the stack's PREFECT_HOME) as the template left it, if it is new."""
-    if (home / "prefect.db").exists():
+    """``home`` (the stack's PREFECT_HOME) as the template left it, if it is new. A data
+    directory that does not exist yet is left for `memdump serve` to make (what a test of
+    a first start checks): nothing is seeded then."""
+    if (home / "prefect.db").exists() or not home.parent.is_dir():
         return
     template = _prefect_template()
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, exist_ok=True)
     dst = sqlite3.connect(home / "prefect.db")
     try:
         with sqlite3.connect(template / "prefect.db") as src:
