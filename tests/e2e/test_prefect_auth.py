@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.helpers.services import start, stop, wait_http
-from tests.helpers.stack import REPO, free_port, lab_inventory
+from tests.helpers.stack import REPO, free_port, lab_inventory, seed_prefect
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
@@ -50,6 +50,9 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MEMDUMP_"))}
     procs: list[subprocess.Popen[bytes]] = []
     try:
+        # A database migrated once per test run (tests/helpers/stack.py): not 15 s of
+        # migrations again; what is tested here is the credential.
+        seed_prefect(base / "server-home", base / "prefect.db")
         log = base / "prefect-server.log"
         server = start(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],

@@ -136,21 +136,25 @@ def _prefect_template() -> Path:
     return home
 
 
-def _seed_prefect(home: Path) -> None:
-    """``home`` (the stack's PREFECT_HOME) as the template left it, if it is new. A data
-    directory that does not exist yet is left for `memdump serve` to make (what a test of
-    a first start checks): nothing is seeded then."""
-    if (home / "prefect.db").exists() or not home.parent.is_dir():
+def seed_prefect(home: Path, db: Path | None = None) -> None:
+    """``home`` (a Prefect server's PREFECT_HOME) and its database ``db`` (default
+    home/prefect.db) as the template left them, if the database is new. A directory that
+    does not exist yet is left for `memdump serve` to make (what a test of a first start
+    checks): nothing is seeded then."""
+    db = db or home / "prefect.db"
+    if db.exists() or not home.parent.is_dir():
+        return
+    if db.parent != home and not db.parent.is_dir():
         return
     template = _prefect_template()
     home.mkdir(mode=0o700, exist_ok=True)
-    dst = sqlite3.connect(home / "prefect.db")
+    dst = sqlite3.connect(db)
     try:
         with sqlite3.connect(template / "prefect.db") as src:
             src.backup(dst)
     finally:
         dst.close()
-    (home / "prefect.db").chmod(0o600)
+    db.chmod(0o600)
     memo = template / "memo_store.toml"  # the blocks registered: not registered again
     if memo.exists():
         shutil.copyfile(memo, home / "memo_store.toml")
@@ -179,7 +183,7 @@ def running_stack(
     env.update({_env_var(k): v for k, v in settings.items()})
     data.mkdir(parents=True, exist_ok=True)
     if seed_prefect:
-        _seed_prefect(Path(env["MEMDUMP_DATA_DIR"]) / "prefect")
+        seed_prefect(Path(env["MEMDUMP_DATA_DIR"]) / "prefect")
     # The stack's own collector key listed as trusted, as scripts/run does (issue 15).
     if "MEMDUMP_TRUSTED_KEYS" not in env:
         env["MEMDUMP_TRUSTED_KEYS"] = str(trust_local_key(data))

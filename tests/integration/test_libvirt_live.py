@@ -1,7 +1,7 @@
 """Live capture through libvirt on the lab (issue 12), over the lab's real sshd: QEMU 7.2
 run by libvirt as libvirt-qemu with vm.unprivileged_userfaultfd=0, so the capture needs the
-userfaultfd window. Each test uses domains of its own (256 MiB, seeded RAM; 1 GiB and
-4 GiB for the byte-exact comparison with virsh dump) and checks afterwards: guest
+userfaultfd window. Each test uses domains of its own (256 MiB, seeded RAM; 1 GiB for
+the byte-exact comparison with virsh dump) and checks afterwards: guest
 running, no migration active, background-snapshot off, no write protection left in QEMU,
 the sysctl as it was, the window's lock free, no temp dir."""
 
@@ -225,36 +225,35 @@ def test_live_elf_equals_virsh_dump_in_every_pt_load(
     assert_live_clean(vm, sysctl_before)
 
 
-# This module's own 1 GiB and 4 GiB domains (bx-: names no other test uses).
-BIG = {1024: "bx-lv-1g", 4096: "bx-lv-4g"}
+# This module's own 1 GiB domain (bx-: a name no other test uses). The 4 GiB guest (RAM
+# above the PCI hole) is compared the same way, PT_LOAD by PT_LOAD, by
+# benchmarks/capture.py's live method on libvirt; in the suite, RAM above 4 GiB is
+# test_livecore_qemu.py's (a mostly empty 4 GiB guest): the lab's seeded 4 GiB domain
+# cost this module 76 s of CI's 30 minutes.
+BIG = {1024: "bx-lv-1g"}
 
 
-@pytest.fixture(scope="module", params=sorted(BIG), ids=["1G", "4G"])
+@pytest.fixture(scope="module", params=sorted(BIG), ids=["1G"])
 def big_vm(request: pytest.FixtureRequest, lab_dir: Path) -> Iterator[str]:
-    """A 1 GiB lab domain, then a 4 GiB one (3 GiB below the PCI hole, the last GiB at
-    4 GiB): one at a time (pytest ends a module-scoped parameter's instance before the
-    next one's: a 4 GiB lab QEMU holds about 8 GiB, guest RAM and the loader's copy of
-    the seeded images), each removed once its tests are done, so no test of another
-    module (e2e captures of "all" VMs) ever sees them."""
+    """A 1 GiB lab domain, removed once its tests are done, so no test of another module
+    (e2e captures of "all" VMs) ever sees it."""
     mib: int = request.param
     with extra_lab_vm(BIG[mib], mib) as name:
         yield name
 
 
-def test_live_elf_equals_virsh_dump_at_1g_and_4g(
+def test_live_elf_equals_virsh_dump_at_1g(
     big_vm: str, live_driver: LibvirtDriver, lab_dir: Path, tmp_path: Path, sysctl_before: str
 ) -> None:
-    """As the 256 MiB test above, for a 1 GiB and a 4 GiB (above the PCI hole) guest,
-    the live core streamed against virsh dump's file (tests/helpers/elf_compare: never a
-    whole core in memory): the same ELF header (bar e_ehsize, which QEMU 7.2 writes as
-    8), the same PT_LOAD headers but p_offset (the live core lays data out in the order
-    QEMU's sweep sends RAM blocks: for 4 GiB, the GiB above 4 GiB comes before the BIOS
-    below it), every PT_LOAD equal byte for byte, the seeded markers in both. The notes
-    differ: virsh dump's hold the vCPU's registers (NT_PRSTATUS and QEMU's CPU state),
-    which a live core cannot have (the guest runs on through the snapshot instant); it
-    carries a MEMDUMP note of its own saying so. The paused dump is taken first (the
-    guest is quiescent: the order does not matter) so that the live one can be compared
-    as it arrives."""
+    """As the 256 MiB test above, for a 1 GiB guest, the live core streamed against virsh
+    dump's file (tests/helpers/elf_compare: never a whole core in memory): the same ELF
+    header (bar e_ehsize, which QEMU 7.2 writes as 8), the same PT_LOAD headers but p_offset
+    (the live core lays data out in the order QEMU's sweep sends RAM blocks), every PT_LOAD
+    equal byte for byte, the seeded markers in both. The notes differ: virsh dump's hold the
+    vCPU's registers (NT_PRSTATUS and QEMU's CPU state), which a live core cannot have (the
+    guest runs on through the snapshot instant); it carries a MEMDUMP note of its own saying
+    so. The paused dump is taken first (the guest is quiescent: the order does not matter)
+    so that the live one can be compared as it arrives."""
     vm = big_vm
     lay = layout(lab_dir, vm)
     grab = {a: len(b) for a, b in lab_markers(lay).items()}
@@ -267,7 +266,7 @@ def test_live_elf_equals_virsh_dump_at_1g_and_4g(
         src = live_driver.open_dump(VMRef("lab", vm, vm), mode="live", spill_dir=spill)
         live, paused = compare_source_with_file(src, reference, grab)
     finally:
-        reference.unlink(missing_ok=True)  # 4 GiB: gone as soon as compared
+        reference.unlink(missing_ok=True)  # gone as soon as compared
     assert_live_clean(vm, sysctl_before)
     assert list(spill.iterdir()) == []
     assert_same_lab_guest(live, paused, lay)
