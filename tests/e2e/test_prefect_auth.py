@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.helpers.services import start, stop, wait_http
-from tests.helpers.stack import REPO, free_port, lab_inventory, seed_prefect
+from tests.helpers.stack import REPO, free_port, lab_inventory, seed_prefect_home
 
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
@@ -52,7 +52,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     try:
         # A database migrated once per test run (tests/helpers/stack.py): not 15 s of
         # migrations again; what is tested here is the credential.
-        seed_prefect(base / "server-home", base / "prefect.db")
+        seed_prefect_home(base / "server-home", base / "prefect.db")
         log = base / "prefect-server.log"
         server = start(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from memdump.settings import LEGACY_NAMES, env_name
+from tests.helpers.services import start, stop, wait_http
 from tests.helpers.signing import trust_local_key
 
 
@@ -103,40 +104,20 @@ def _prefect_template() -> Path:
         DO_NOT_TRACK="1",
     )
     prefect = str(Path(sys.executable).with_name("prefect"))
-    with open(home / "server.log", "wb") as log:
-        proc = subprocess.Popen(
-            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "Prefect server (template) not up:\n"
-                        + (home / "server.log").read_text()[-3000:]
-                    )
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).close()
-                    break
-                except OSError:
-                    time.sleep(0.3)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    log = home / "server.log"
+    argv = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = start(argv, log, env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", server, log)
+    finally:
+        stop(server)
     with sqlite3.connect(home / "prefect.db") as db:  # everything in the main file
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     _PREFECT_TEMPLATE.append(home)
     return home
 
 
-def seed_prefect(home: Path, db: Path | None = None) -> None:
+def seed_prefect_home(home: Path, db: Path | None = None) -> None:
     """``home`` (a Prefect server's PREFECT_HOME) and its database ``db`` (default
     home/prefect.db) as the template left them, if the database is new. A directory that
     does not exist yet is left for `memdump serve` to make (what a test of a first start
@@ -167,7 +148,7 @@ def running_stack(
 ) -> Iterator[Stack]:
     """``memdump serve`` with MEMDUMP_* ``settings``; stopped (SIGTERM) on exit.
     ``seed_prefect``: its own Prefect server starts on a copy of a database migrated
-    once per process (_prefect_template); False: on a new one, as on a fresh machine."""
+    once per process (seed_prefect_home); False: on a new one, as on a fresh machine."""
     api_port, prefect_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
@@ -183,7 +164,7 @@ def running_stack(
     env.update({_env_var(k): v for k, v in settings.items()})
     data.mkdir(parents=True, exist_ok=True)
     if seed_prefect:
-        seed_prefect(Path(env["MEMDUMP_DATA_DIR"]) / "prefect")
+        seed_prefect_home(Path(env["MEMDUMP_DATA_DIR"]) / "prefect")
     # The stack's own collector key listed as trusted, as scripts/run does (issue 15).
     if "MEMDUMP_TRUSTED_KEYS" not in env:
         env["MEMDUMP_TRUSTED_KEYS"] = str(trust_local_key(data))
