@@ -4,6 +4,7 @@ its data in a given directory. Used by tests/e2e and benchmarks/trigger.py."""
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import shutil
@@ -83,16 +84,12 @@ def _due(status: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(status["timestamp"]).replace(tzinfo=UTC)
 
 
-_PREFECT_TEMPLATE: list[Path] = []
-
-
+@functools.cache
 def _prefect_template() -> Path:
     """The PREFECT_HOME of a Prefect server that has started once (its SQLite database
     migrated, its blocks registered) and stopped: made once per process. A new Prefect
     database spends about 15 s of a stack's start-up in migrations; a stack started on a
     copy of this one starts as `memdump serve` does on a machine where it ran before."""
-    if _PREFECT_TEMPLATE:
-        return _PREFECT_TEMPLATE[0]
     home = Path(tempfile.mkdtemp(prefix="memdump-prefect-template-"))
     atexit.register(shutil.rmtree, home, True)
     port = free_port()
@@ -113,7 +110,6 @@ def _prefect_template() -> Path:
         stop(server)
     with sqlite3.connect(home / "prefect.db") as db:  # everything in the main file
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    _PREFECT_TEMPLATE.append(home)
     return home
 
 
