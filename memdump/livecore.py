@@ -114,6 +114,46 @@ _RUN = 256  # pages: records in sweep order are taken up to 1 MiB at a time
 _ZEROS = memoryview(bytes(_RUN * PAGE_SIZE))
 _ZERO_CONT = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
 _PAGE_CONT = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+_PAGE_RECORD = 8 + PAGE_SIZE  # a PAGE record of the block named last: its word, its page
+_ZERO_RECORD = 8 + 1  # a ZERO record of the block named last: its word, the fill byte
+_ONES = b"\x01" * _RUN
+_NOTHING = bytes(_RUN)
+
+
+def _common_prefix(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    """The length of the longest common prefix of two byte strings of one length: slice
+    comparisons (memcmp) halving the range, not a Python step per byte."""
+    if a == b:
+        return len(a)
+    lo, hi = 0, len(a)  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _records_matching(buf: bytearray, pos: int, size: int, word: int, k: int) -> int:
+    """How many of the ``k`` records of ``size`` bytes from buf[pos] are, one after
+    another, the words ``word``, ``word`` + one page, ... (for a ZERO record, with fill
+    byte 0). Each byte position of the words is compared as one column (a strided slice
+    against the same column of the expected words), so a batch costs a few slices, not a
+    Python step per record; a record that differs ends the batch where it is."""
+    if k <= 0:
+        return 0
+    words = struct.pack(f">{k}Q", *range(word, word + k * PAGE_SIZE, PAGE_SIZE))
+    span = (k - 1) * size + 1
+    m = k
+    for j in range(8):
+        m = _common_prefix(buf[pos + j : pos + j + span : size], words[j : m * 8 : 8])
+        if not m:
+            return 0
+        span = (m - 1) * size + 1
+    if size == _ZERO_RECORD:
+        m = _common_prefix(buf[pos + 8 : pos + 8 + span : size], _NOTHING[:m])
+    return m
 
 
 class LayoutError(MigrationStreamError):
@@ -913,8 +953,9 @@ class LiveCoreSource:
         """Fast path for the bulk of the stream: the records of pages idx, idx+1, ... of the
         block just named (ZERO with fill 0, or PAGE), taken straight from the read buffer
         while each is the very page the file needs next and needed once, and written
-        straight into readinto's view (as many as fit in it, at most ``limit``): per page
-        one memcpy and no object, since this loop is the converter's cost per page. The
+        straight into readinto's view (as many as fit in it, at most ``limit``). The
+        records are checked a batch at a time (:func:`_records_matching`), so that per page
+        only the one memcpy costs Python: this loop is the converter's cost per page. The
         number of bytes written (0: nothing here for it; anything else is left to
         _record, which parses and checks it in full)."""
         dest = self._dest
@@ -925,44 +966,43 @@ class LiveCoreSource:
         r = self._reader
         if limit <= 0:
             return 0
-        if r.end - r.start < PAGE_SIZE + 8:
-            r._fill(PAGE_SIZE + 8)
+        if r.end - r.start < _PAGE_RECORD:
+            r._fill(_PAGE_RECORD)
         need, received = blk.need, blk.received
         if need is None:
             return 0
+        # Only pages needed once and not here yet: a page that came early waits elsewhere.
+        limit = _common_prefix(need[idx : idx + limit], _ONES[:limit])
+        limit = _common_prefix(received[idx : idx + limit], _NOTHING[:limit])
         buf, pos, stop = r.buf, r.start, r.end
         src = memoryview(buf)
-        unpack = _BE64.unpack_from
-        zero_word, page_word = _ZERO_CONT, _PAGE_CONT
-        n = normal = zeros = 0
+        n = normal = 0
         at = at0
         try:
-            while n < limit and stop - pos >= 9:
-                i = idx + n
-                if received[i] or need[i] != 1:
+            while n < limit:
+                word = (idx + n) * PAGE_SIZE
+                k = min(limit - n, (stop - pos) // _PAGE_RECORD)
+                m = _records_matching(buf, pos, _PAGE_RECORD, word | _PAGE_CONT, k)
+                if m:
+                    for p in range(pos + 8, pos + 8 + m * _PAGE_RECORD, _PAGE_RECORD):
+                        dest[at : at + PAGE_SIZE] = src[p : p + PAGE_SIZE]
+                        at += PAGE_SIZE
+                    pos += m * _PAGE_RECORD
+                    normal += m
+                    n += m
+                    continue
+                k = min(limit - n, (stop - pos) // _ZERO_RECORD)
+                m = _records_matching(buf, pos, _ZERO_RECORD, word | _ZERO_CONT, k)
+                if not m:
                     break
-                (word,) = unpack(buf, pos)
-                if word == (i * PAGE_SIZE) | zero_word and buf[pos + 8] == 0:
-                    zeros += 1
-                    pos += 9
-                elif word == (i * PAGE_SIZE) | page_word and stop - pos >= PAGE_SIZE + 8:
-                    if zeros:  # the caller's buffer is reused: zero pages are written too
-                        dest[at : at + zeros * PAGE_SIZE] = _ZEROS[: zeros * PAGE_SIZE]
-                        at += zeros * PAGE_SIZE
-                        zeros = 0
-                    dest[at : at + PAGE_SIZE] = src[pos + 8 : pos + 8 + PAGE_SIZE]
-                    at += PAGE_SIZE
-                    normal += 1
-                    pos += PAGE_SIZE + 8
-                else:
-                    break
-                received[i] = 1
-                n += 1
-            if zeros:
-                dest[at : at + zeros * PAGE_SIZE] = _ZEROS[: zeros * PAGE_SIZE]
-                at += zeros * PAGE_SIZE
+                # The caller's buffer is reused: zero pages are written too.
+                dest[at : at + m * PAGE_SIZE] = _ZEROS[: m * PAGE_SIZE]
+                at += m * PAGE_SIZE
+                pos += m * _ZERO_RECORD
+                n += m
         finally:
             src.release()
+        received[idx : idx + n] = _ONES[:n]
         self.counts["zero"] += n - normal
         self.counts["normal"] += normal
         r.consumed += pos - r.start

@@ -172,11 +172,17 @@ class BytesSource:
     """A DumpSource over bytes, handed out in small uneven reads (records straddle them)."""
 
     def __init__(
-        self, data: bytes, chunk: int = 1000, live: dict[str, object] | None = None
+        self,
+        data: bytes,
+        chunk: int = 1000,
+        live: dict[str, object] | None = None,
+        *,
+        vary: bool = True,
     ) -> None:
         self.data = data
         self.pos = 0
         self.chunk = chunk
+        self.vary = vary  # False: every read is ``chunk`` bytes (long runs in one buffer)
         self.closed_ok = False
         self.aborted = False
         self.close_error: Exception | None = None
@@ -190,7 +196,8 @@ class BytesSource:
         view[:n] = self.data[self.pos : self.pos + n]
         self.pos += n
         # Vary the read size so that headers and pages land across read boundaries.
-        self.chunk = 1 + (self.chunk * 7 + 13) % 9000
+        if self.vary:
+            self.chunk = 1 + (self.chunk * 7 + 13) % 9000
         return n
 
     def close_ok(self) -> None:

@@ -70,12 +70,14 @@ def convert(
     layout: GuestLayout = LAYOUT,
     *,
     buffer_bytes: int = 64 << 20,
+    source: ms.BytesSource | None = None,
+    read_size: int = 7777,  # not a multiple of anything: chunks cross pages and headers
     **kw: Any,
 ) -> tuple[bytes, LiveCoreSource, ms.BytesSource]:
-    src = ms.BytesSource(stream)
+    src = ms.BytesSource(stream) if source is None else source
     core = LiveCoreSource(src, layout, spill_dir=tmp_path, buffer_bytes=buffer_bytes, **kw)
     out = bytearray()
-    buf = bytearray(7777)  # not a multiple of anything: chunks cross pages and headers
+    buf = bytearray(read_size)
     while True:
         n = core.readinto(memoryview(buf))
         if not n:
@@ -161,6 +163,113 @@ def test_zero_record_with_a_fill_byte_and_a_stream_without_configuration(tmp_pat
         ms.pattern("pc.ram", o) for o in range(0, 0x7000, PAGE)
     )
     assert src.live["machine_type"] is None
+
+
+@pytest.mark.parametrize(
+    ("chunk", "read_size"),
+    [(1 << 20, 4 << 20), (1 << 20, 3 * PAGE + 5), (1000, 4 << 20)],
+    ids=["long-runs", "short-reads", "small-stream-reads"],
+)
+def test_runs_taken_in_batches_stop_at_every_kind_of_break(
+    tmp_path: Path, chunk: int, read_size: int
+) -> None:
+    """The sweep's fast path checks records a batch at a time (up to 256 pages into a
+    4 MiB read): each thing that must end a batch ends it at its very record, wherever
+    it falls in the batch, and the batch resumes after it. Breaks: runs of zero pages
+    and single ones, a ZERO record with another fill byte, pages that came early (sent
+    first, so the sweep skips them; or one sent mid-sweep, just ahead of its place), a
+    page no PT_LOAD holds and pages two hold, RAM parts of uneven length, and the read
+    buffer's end."""
+    n = 700
+    blocks = [("pc.ram", n * PAGE)]
+    layout = GuestLayout(
+        (
+            RamSegment(0x0, 600 * PAGE, "pc.ram", 0),  # pages 600-649: in no PT_LOAD
+            RamSegment(0x1000000, 40 * PAGE, "pc.ram", 650 * PAGE),
+            RamSegment(0x2000000, 20 * PAGE, "pc.ram", 680 * PAGE),
+            RamSegment(0x3000000, 5 * PAGE, "pc.ram", 690 * PAGE),  # 690-694: twice
+            RamSegment(0x4000000, 10 * PAGE, "pc.ram", 690 * PAGE),
+        )
+    )
+    zeros = {("pc.ram", p * PAGE) for p in [*range(10, 60), 100, 257, *range(510, 530), 699]}
+    early = [("pc.ram", p * PAGE) for p in (300, 513, 2, 692)]
+    body = ms.header() + ms.ram_setup(blocks)
+    order = early + [("pc.ram", p * PAGE) for p in range(n) if ("pc.ram", p * PAGE) not in early]
+    # A page written mid-sweep: 202 before 201, words that differ in one byte (0x..c9028,
+    # 0x..ca028).
+    order.remove(("pc.ram", 202 * PAGE))
+    order.insert(order.index(("pc.ram", 201 * PAGE)), ("pc.ram", 202 * PAGE))
+    recs = [
+        ms.zero(off, name if i == 0 else None, fill=0xAB if off == 150 * PAGE else 0)
+        if (name, off) in zeros or off == 150 * PAGE
+        else ms.page(off, ms.pattern(name, off), name if i == 0 else None)
+        for i, (name, off) in enumerate(order)
+    ]
+    cuts = [0, 37, 300, 301, 555, n]
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        body += ms.part() + b"".join(recs[a:b]) + ms.eos()
+    stream = body + ms.part() + ms.eos() + ms.device_tail()
+    source = ms.BytesSource(stream, chunk=chunk, vary=False)
+    core, src, _ = convert(stream, tmp_path, layout, source=source, read_size=read_size)
+
+    def content(off: int) -> bytes:
+        if off == 150 * PAGE:
+            return b"\xab" * PAGE
+        return bytes(PAGE) if ("pc.ram", off) in zeros else ms.pattern("pc.ram", off)
+
+    loads = [s for s in parse_core(core).segments if s.type == PT_LOAD]  # type: ignore[union-attr]
+    assert len(loads) == len(layout.segments)
+    for seg, s in zip(layout.segments, loads, strict=True):
+        want = b"".join(
+            content(o) for o in range(seg.block_offset, seg.block_offset + seg.size, PAGE)
+        )
+        assert core[s.offset : s.offset + s.filesz] == want, hex(seg.phys_start)
+    pages = src.live["pages"]
+    assert pages["zero"] == len(zeros) + 1 and pages["normal"] == n - len(zeros) - 1
+    assert pages["dropped"] == 50 and pages["early"] == len(early) + 1
+
+
+@pytest.mark.parametrize("size", [4096 + 8, 9])
+def test_a_batch_of_records_ends_at_the_first_byte_that_differs(size: int) -> None:
+    """_records_matching against a record-by-record reading: a record whose word differs
+    in any one of its 8 bytes (or, for ZERO, whose fill byte is not 0) ends the batch
+    there, and every record before it counts."""
+    from memdump import livecore
+
+    flags = (ms.PAGE_FLAG if size > 9 else ms.ZERO) | ms.CONTINUE
+    first = 0x12345 * PAGE
+    k = 40
+    good = b"".join(
+        ms.be64((first + i * PAGE) | flags) + (b"\x5a" * (size - 8) if size > 9 else b"\0")
+        for i in range(k)
+    )
+    buf = bytearray(b"junk" + good)
+    assert livecore._records_matching(buf, 4, size, first | flags, k) == k
+    assert livecore._records_matching(buf, 4, size, first | flags, 0) == 0
+    assert livecore._records_matching(buf, 4, size, (first + PAGE) | flags, k) == 0
+    columns = range(9) if size == 9 else range(8)
+    for at in (0, 1, 17, k - 1):
+        for col in columns:
+            bad = bytearray(buf)
+            bad[4 + at * size + col] ^= 0x01
+            got = livecore._records_matching(bad, 4, size, first | flags, k)
+            assert got == at, (at, col)
+    if size > 9:  # a page's own bytes are data, not checked
+        data = bytearray(buf)
+        data[4 + 3 * size + 100] ^= 0xFF
+        assert livecore._records_matching(data, 4, size, first | flags, k) == k
+
+
+def test_common_prefix() -> None:
+    from memdump import livecore
+
+    for n in (1, 2, 3, 255, 256):
+        a = bytes(range(n))
+        assert livecore._common_prefix(a, a) == n
+        for i in range(n):
+            b = bytearray(a)
+            b[i] ^= 0x80
+            assert livecore._common_prefix(a, bytes(b)) == i
 
 
 def test_early_pages_wait_for_their_place(tmp_path: Path) -> None:
