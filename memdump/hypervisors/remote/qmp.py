@@ -93,6 +93,7 @@ try:
     import hashlib
     import json
     import os
+    import select
     import signal
     import socket
     import stat
@@ -856,19 +857,24 @@ def bandwidth_before(s: "Session", bandwidth: "int") -> "tuple[int, int]":
 
 def drain(s: "Session", spare: "int", wait: "float") -> "str":
     """Read the rest of the stream into nothing until the migration has ended; its
-    last status."""
+    last status. Woken by poll(2) as soon as QEMU writes: a sleep whenever the pipe was
+    momentarily empty took ~64 KiB (a pipe's worth) per sleep, 13 MB/s, 19 s for a
+    256 MiB guest, all of it with the guest's memory write-protected."""
     deadline = time.monotonic() + wait
+    poller = select.poll()
+    poller.register(spare, select.POLLIN)
     st = migration_status(s)
     while st not in IDLE and time.monotonic() < deadline:
         end = time.monotonic() + 0.05
         while time.monotonic() < end:
+            if not poller.poll(max(1, int((end - time.monotonic()) * 1000))):
+                continue  # nothing yet: QEMU between writes
             try:
                 if not os.read(spare, 1 << 20):
                     break  # every writer is gone (QEMU closed the stream)
             except OSError as exc:
                 if exc.errno != errno.EAGAIN:
                     raise
-                time.sleep(0.005)
         st = migration_status(s)
     return st
 
