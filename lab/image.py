@@ -12,6 +12,8 @@ Same name/seed + size -> same bytes, on any machine and Python >= 3.9
 
 Usage: image.py --name vm-web-01 --mib 256 --out DIR [--images DIR] [--seed N] [--force]
                 [--counter]      (layout.json also describes lab/counter.py's pages)
+                [--sparse]       (the markers only: one page image per marker, the rest of
+                                  RAM zero; a large guest at the cost of a small one)
        image.py --bios PATH      (write the 64 KiB halt-forever BIOS)
 """
 
@@ -173,19 +175,29 @@ def write_halt_bios(path: Path) -> None:
     write_rom(path, bytes(rom))
 
 
-def expected_layout(name: str, memory_bytes: int, seed: int, images: Path) -> dict:
+def expected_layout(
+    name: str, memory_bytes: int, seed: int, images: Path, sparse: bool = False
+) -> dict:
     ram = ram_regions(memory_bytes)
-    files = [
-        (a, min(MAX_IMAGE, start + size - a))
-        for start, size in ram
-        for a in range(start, start + size, MAX_IMAGE)
-    ]
+    if sparse:
+        # One page image per marker: QEMU's loader copies every image into guest RAM at
+        # reset, so whole-RAM images of zeros would cost what seeded ones do.
+        pages = sorted({a & ~0xFFF for a in marker_addrs(ram, seed)})
+        files = [(a, 0x1000) for a in pages]
+    else:
+        files = [
+            (a, min(MAX_IMAGE, start + size - a))
+            for start, size in ram
+            for a in range(start, start + size, MAX_IMAGE)
+        ]
     return {
         "name": name,
         "memory_bytes": memory_bytes,
         "seed": seed,
         "generator_version": GENERATOR_VERSION,
         "machine": "pc",
+        # Only in a sparse guest's layout: RAM is zero but for the markers' pages.
+        **({"sparse": True} if sparse else {}),
         # Guest-physical RAM above 1 MiB as the machine maps it.
         "ram_regions": [{"addr": a, "size": s} for a, s in ram],
         # One loader image each; contiguous pieces of ram_regions.
@@ -202,8 +214,8 @@ def cached(layout_path: Path, want: dict) -> dict | None:
         have = json.loads(layout_path.read_text())
     except (OSError, ValueError):
         return None
-    keys = ("name", "memory_bytes", "seed", "generator_version", "ram_regions", "regions")
-    if any(have.get(k) != want[k] for k in keys):
+    keys = ("name", "memory_bytes", "seed", "generator_version", "sparse", "ram_regions", "regions")
+    if any(have.get(k) != want.get(k) for k in keys):
         return None
     for r in have["regions"]:
         try:
@@ -242,11 +254,12 @@ def generate(
     images: Path,
     force: bool = False,
     counter: bool = False,
+    sparse: bool = False,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     images.mkdir(parents=True, exist_ok=True)
     layout_path = out / "layout.json"
-    layout = expected_layout(name, memory_bytes, seed, images)
+    layout = expected_layout(name, memory_bytes, seed, images, sparse)
     if not force:
         have = cached(layout_path, layout)
         if have is not None:
@@ -270,7 +283,7 @@ def generate(
                 # map reads the same whatever the region start is.
                 bend = min(end, (addr // BLOCK + 1) * BLOCK)
                 bsize = bend - addr
-                kind = block_kind(seed, addr)
+                kind = "zero" if sparse else block_kind(seed, addr)
                 data = block_data(kind, seed, addr, bsize, pool)
                 here = [a for a in markers if addr <= a < bend]
                 if data is not None and here:
@@ -319,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--counter", action="store_true", help="the VM runs the counter BIOS (lab/counter.py)"
     )
+    ap.add_argument("--sparse", action="store_true", help="zero RAM but for the markers")
     args = ap.parse_args(argv)
     if args.bios:
         write_halt_bios(args.bios)
@@ -329,7 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     images = (args.images or args.out).resolve()
     t0 = time.monotonic()
     layout = generate(
-        args.name, args.mib * MiB, seed, args.out.resolve(), images, args.force, args.counter
+        args.name,
+        args.mib * MiB,
+        seed,
+        args.out.resolve(),
+        images,
+        args.force,
+        args.counter,
+        args.sparse,
     )
     print(
         f"image.py: {args.name} {args.mib} MiB seed={seed} "

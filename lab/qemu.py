@@ -219,6 +219,7 @@ def up(
     vmid: str | None = None,
     runas: str | None = None,
     counter: bool = False,
+    sparse: bool = False,
 ) -> str:
     check_name(name)
     if runas is not None and not re.fullmatch(r"[0-9]{1,9}:[0-9]{1,9}", runas):
@@ -233,7 +234,7 @@ def up(
         raise SystemExit(f"lab: QMP socket path too long for a unix socket: {sock}")
     vmdir = state / "vms" / name
     layout = image.generate(
-        name, mib * image.MiB, image.seed_for(name), vmdir, images, counter=counter
+        name, mib * image.MiB, image.seed_for(name), vmdir, images, counter=counter, sparse=sparse
     )
     argv = argv_for(layout, d, stem, bios, accel, runas)
     (vmdir / "qemu.argv.json").write_text(json.dumps(argv, indent=1) + "\n")
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vmid", help="a VM of the qm stand-in (lab/qm.py), by this vmid")
     p.add_argument("--runas", help="UID:GID QEMU drops to once started (QEMU's -runas)")
     p.add_argument("--counter", action="store_true", help="--bios is lab/counter.py's BIOS")
+    p.add_argument("--sparse", action="store_true", help="zero RAM but for the markers")
     p = sub.add_parser("down")
     p.add_argument("--state", type=Path, required=True)
     p.add_argument("--all", action="store_true")
@@ -321,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "up":
         state = a.state.resolve()
         images = a.images.resolve()
-        print(up(state, a.name, a.mib, images, a.bios, a.accel, a.vmid, a.runas, a.counter))
+        print(
+            up(state, a.name, a.mib, images, a.bios, a.accel, a.vmid, a.runas, a.counter, a.sparse)
+        )
     elif a.cmd == "down":
         state = a.state.resolve()
         for pve in (False, True):

@@ -85,12 +85,12 @@ def assert_markers(raw: bytes, lab_dir: Path, vm: str) -> None:
 
 
 @contextmanager
-def extra_lab_vm(name: str, mib: int) -> Iterator[str]:
-    """A lab VM of its own for one test or module (lab/up --vm), removed afterwards."""
+def extra_lab_vm(name: str, mib: int, kind: str = "") -> Iterator[str]:
+    """A lab VM of its own for one test or module (lab/up --vm NAME:MIB[:KIND]), removed
+    afterwards."""
     lab = Path(__file__).resolve().parents[2] / "lab"
-    subprocess.run(
-        [str(lab / "up"), "--vm", f"{name}:{mib}"], check=True, capture_output=True, timeout=300
-    )
+    spec = f"{name}:{mib}" + (f":{kind}" if kind else "")
+    subprocess.run([str(lab / "up"), "--vm", spec], check=True, capture_output=True, timeout=300)
     try:
         yield name
     finally:
