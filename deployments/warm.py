@@ -24,12 +24,28 @@ from types import ModuleType
 from typing import Any
 
 # What every capture flow run imports first: Prefect's engine and client, this project's
-# flows, tasks and engine.
+# flows, tasks and engine; and what a run imported on its own when these were all
+# (strace of a flow run, 2026-11-30: 0.5 s of its start, between PENDING and the first
+# capture): what the runner's main module imports (multiprocessing runs deployments.serve
+# again in every child as __mp_main__; preloading the module itself would make runpy warn
+# in every run), the SSH transport (paramiko, cryptography, nacl),
+# the drivers, the live-capture converter, anyio's asyncio backend (Prefect's loop
+# thread), graphviz (Prefect imports it when a flow submits a task), rich's emoji table
+# (its console logging).
 PRELOAD: tuple[str, ...] = (
     "prefect",
     "prefect.flow_engine",
     "prefect.task_engine",
     "prefect.client.orchestration",
+    "prefect.utilities.visualization",
+    "anyio._backends._asyncio",
+    "rich._emoji_codes",
+    "encodings.idna",
+    "prefect.runner",
+    "deployments.catalog",
+    "memdump.children",
+    "memdump.leftovers",
+    "memdump.timestamping",
     "flows.capture",
     "tasks.capture",
     "memdump.chain",
@@ -37,6 +53,12 @@ PRELOAD: tuple[str, ...] = (
     "memdump.pipeline",
     "memdump.records",
     "memdump.custody",
+    "memdump.livecore",
+    "memdump.transport.ssh",
+    "memdump.transport.process",
+    "memdump.hypervisors.libvirt",
+    "memdump.hypervisors.qemu",
+    "memdump.hypervisors.proxmox",
 )
 
 

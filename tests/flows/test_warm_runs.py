@@ -59,6 +59,37 @@ def test_the_preloaded_modules_start_no_thread_at_import() -> None:
     assert out.stdout.split() == ["1", "1"], out.stderr
 
 
+def test_what_a_capture_run_imports_after_the_fork_is_preloaded() -> None:
+    # What a capture flow run imported on its own although PRELOAD was imported (strace of
+    # a run, 2026-11-30: 0.5 s of every run's start): the runner's main module, which
+    # multiprocessing runs again in each child, the SSH transport, the drivers, the live
+    # converter, Prefect's graphviz and anyio backend. After PRELOAD they add nothing but
+    # deployments.serve itself (and its small sibling warm, which imports the forkserver).
+    lazy = [
+        "deployments.serve",
+        "memdump.transport.ssh",
+        "memdump.hypervisors.libvirt",
+        "memdump.hypervisors.qemu",
+        "memdump.hypervisors.proxmox",
+        "memdump.livecore",
+        "prefect.utilities.visualization",
+        "anyio._backends._asyncio",
+    ]
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {list(warm.PRELOAD)!r}: importlib.import_module(m)\n"
+        "before = set(sys.modules)\n"
+        f"for m in {lazy!r}: importlib.import_module(m)\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    # multiprocessing's forkserver modules are the forkserver's own: there before any run.
+    new = {m for m in json.loads(out.stdout) if not m.startswith("multiprocessing.")}
+    assert new <= {"deployments.serve", "deployments.warm", "runpy", "_posixshmem"}
+
+
 def test_the_runner_ends_its_flow_runs_at_exit_but_not_the_resource_tracker() -> None:
     # multiprocessing's resource tracker (started with the forkserver) ignores SIGTERM and
     # ends by itself when the runner exits: ending the runner's children must leave it
