@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -92,6 +95,19 @@ def create_app(
     # However the app is served (memdump serve, uvicorn by hand): no anonymous API
     # beyond loopback. A --host given to uvicorn directly is caught per request below.
     settings.check_api_exposure()
+    prefect_runs = (
+        PrefectRuns(settings.orchestration.flow_name, settings.orchestration.deployment)
+        if runs is None
+        else None
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if prefect_runs is not None:
+            # The first trigger's Prefect client start-up, paid while nobody waits.
+            threading.Thread(target=prefect_runs.warm, name="memdump-api-warm", daemon=True).start()
+        yield
+
     app = FastAPI(
         title="memdump",
         version=__version__,
@@ -99,15 +115,14 @@ def create_app(
         # FastAPI's own pages load their assets from a CDN: ours are local (api.docs).
         docs_url=None,
         redoc_url=None,
+        lifespan=lifespan,
     )
     add_docs(app)
     app.state.settings = settings
     # Read-only (least privilege): records are written by the collectors, never the API.
     app.state.store = store or open_reader(settings)
     app.state.outbox = OutboxReader(settings.outbox_db)
-    app.state.runs = runs or PrefectRuns(
-        settings.orchestration.flow_name, settings.orchestration.deployment
-    )
+    app.state.runs = runs if runs is not None else prefect_runs
     app.state.latest_run = LatestRunCache(app.state.runs, settings.api.status_cache_sec)
 
     app.state.verify_jobs = VerifyJobs(settings.verify.max_concurrent, settings.verify.jobs_kept)
