@@ -277,19 +277,26 @@ class PrefectRuns:
         body = DeploymentFlowRunCreate(
             parameters=parameters, state=to_state_create(state), tags=tags, idempotency_key=key
         ).model_dump(mode="json", exclude_unset=True)
+        import httpx
+
         http = self._http()
         path = f"deployments/{self._deployment_id}/create_flow_run"
-        resp = http.post(path, json=body)
-        for delay in CREATE_RETRY_DELAYS:
-            if resp.status_code not in _RETRY_STATUS:
-                break
-            _sleep(delay)
+        why = ""
+        try:
             resp = http.post(path, json=body)
-        if resp.status_code == 404:
-            resp.raise_for_status()  # the deployment is gone: trigger() looks it up again
-        if resp.is_success:
-            return FlowRun.model_validate(resp.json())
-        logger.info("creating the flow run: %s; again through Prefect's client", resp.status_code)
+            for delay in CREATE_RETRY_DELAYS:
+                if resp.status_code not in _RETRY_STATUS:
+                    break
+                _sleep(delay)
+                resp = http.post(path, json=body)
+            if resp.status_code == 404:
+                resp.raise_for_status()  # the deployment is gone: trigger() looks it up again
+            if resp.is_success:
+                return FlowRun.model_validate(resp.json())
+            why = str(resp.status_code)
+        except httpx.TransportError as exc:  # Prefect's client retries these its own way
+            why = f"{type(exc).__name__}: {exc}"
+        logger.info("creating the flow run: %s; again through Prefect's client", why)
         return client.create_flow_run_from_deployment(
             self._deployment_id,
             parameters=parameters,

@@ -111,3 +111,24 @@ def test_a_refusal_is_not_retried_and_a_gone_deployment_is_looked_up_again(
     with pytest.raises(httpx.HTTPStatusError):
         runs._create(fallback, ["vm-web-01"], "api", None)  # noqa: SLF001
     assert slept == [] and not fallback.calls
+
+
+def test_a_connection_error_goes_to_prefects_client_with_the_same_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Prefect's client retries a lost connection its own way: it gets the request."""
+    sent: list[dict[str, Any]] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        raise httpx.ConnectError("connection refused", request=request)
+
+    runs = PrefectRuns("capture-vms", "on-demand")
+    runs._deployment_id = uuid4()  # noqa: SLF001
+    fallback = FallbackClient()
+    http = httpx.Client(base_url="http://prefect.test/api/", transport=httpx.MockTransport(refuse))
+    monkeypatch.setattr(runs, "_client", lambda: fallback)
+    monkeypatch.setattr(runs, "_http", lambda: http)
+    runs.trigger(["vm-web-01"], "api")
+    (call,) = fallback.calls
+    assert len(sent) == 1 and call["idempotency_key"] == sent[0]["idempotency_key"]
