@@ -382,7 +382,9 @@ class PrefectRuns:
             vms = cached[1]
         else:
             vms = self._vms(client, run, _vm_ids(run), run_final)
-            if run_final and all(v.final for v in vms):
+            read = self._read
+            settled = read is not None and all(_settled(t) for t in read.task_runs.values())
+            if run_final and all(v.final for v in vms) and settled:
                 self._final = (str(run.id), vms)
                 self._read = None
         return _summary(run, vms)
@@ -414,7 +416,11 @@ class PrefectRuns:
         changed: list[TaskRun] | None = None
         if last is not None and last.run_id == str(run.id):
             total = _count_task_runs(client, scope)
-            still = [t.id for t in last.task_runs.values() if _kind(t)[0] in IN_PROGRESS]
+            still = [
+                t.id
+                for t in last.task_runs.values()
+                if _kind(t)[0] in IN_PROGRESS or not _settled(t)
+            ]
             in_flight = TaskRunFilter(
                 operator=Operator.or_,  # type: ignore[call-arg]  # a field at runtime
                 id=TaskRunFilterId(any_=still) if still else None,
@@ -604,6 +610,15 @@ def _kind(tr: Any) -> tuple[str, str]:
     kind = state.type if state is not None else tr.state_type
     name = state.name if state is not None else tr.state_name
     return (kind.value if kind is not None else "PENDING"), (name or "")
+
+
+def _settled(tr: Any) -> bool:
+    """Whether the task run's state itself was there when read. The Prefect server
+    records a task run's states from its events (TaskRunRecorder), its row (state type
+    and name) and the state (with its message) apart: a read between the two gives a
+    FAILED run without its message (shown as "Failed" instead of the error). Such a task
+    run is read again, and a run with one is not kept as final."""
+    return tr.state is not None
 
 
 def _message(tr: Any) -> str:
