@@ -7,6 +7,7 @@ server took but whose answer was lost is not a second run."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
@@ -56,7 +57,7 @@ class FallbackClient:
 
 
 def _runs(
-    monkeypatch: pytest.MonkeyPatch, prefect: Prefect
+    monkeypatch: pytest.MonkeyPatch, prefect: Callable[[httpx.Request], httpx.Response]
 ) -> tuple[PrefectRuns, list[float], FallbackClient]:
     runs = PrefectRuns("capture-vms", "on-demand")
     runs._deployment_id = uuid4()  # noqa: SLF001 - looked up before; not this test's part
@@ -123,12 +124,7 @@ def test_a_connection_error_goes_to_prefects_client_with_the_same_key(
         sent.append(json.loads(request.content))
         raise httpx.ConnectError("connection refused", request=request)
 
-    runs = PrefectRuns("capture-vms", "on-demand")
-    runs._deployment_id = uuid4()  # noqa: SLF001
-    fallback = FallbackClient()
-    http = httpx.Client(base_url="http://prefect.test/api/", transport=httpx.MockTransport(refuse))
-    monkeypatch.setattr(runs, "_client", lambda: fallback)
-    monkeypatch.setattr(runs, "_http", lambda: http)
+    runs, _, fallback = _runs(monkeypatch, refuse)
     runs.trigger(["vm-web-01"], "api")
     (call,) = fallback.calls
     assert len(sent) == 1 and call["idempotency_key"] == sent[0]["idempotency_key"]
