@@ -19,6 +19,7 @@ from api.limits import BodySizeLimit
 from api.routes import document_limits, router
 from api.runs import LatestRunCache, PrefectRuns, Runs
 from api.verify_jobs import VerifyJobs
+from deployments.wake import wake_path
 from memdump import __version__
 from memdump.fsperm import private_umask
 from memdump.records import open_reader
@@ -96,7 +97,11 @@ def create_app(
     # beyond loopback. A --host given to uvicorn directly is caught per request below.
     settings.check_api_exposure()
     prefect_runs = (
-        PrefectRuns(settings.orchestration.flow_name, settings.orchestration.deployment)
+        PrefectRuns(
+            settings.orchestration.flow_name,
+            settings.orchestration.deployment,
+            wake=wake_path(settings.data_dir),
+        )
         if runs is None
         else None
     )

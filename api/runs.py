@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID, uuid4
 
+from deployments.wake import ring
 from memdump.runinfo import (
     ALL,
     IN_PROGRESS,
@@ -132,9 +134,12 @@ _sleep = time.sleep  # the retries' sleep (tests replace it)
 
 
 class PrefectRuns:
-    def __init__(self, flow_name: str, deployment: str) -> None:
+    def __init__(self, flow_name: str, deployment: str, wake: Path | None = None) -> None:
         self.flow_name = flow_name
         self.deployment = deployment
+        # The runner's doorbell (deployments.wake), rung after each trigger's flow run is
+        # created: under `memdump serve` the run starts now, not at the runner's next poll.
+        self.wake = wake
         # Per-VM detail of the last finished run read: it cannot change any more, so a
         # finished run costs one Prefect query again, as before the detail existed.
         self._final: tuple[str, tuple[VMRun, ...]] | None = None
@@ -254,6 +259,8 @@ class PrefectRuns:
                 raise
             self._deployment_id = None  # deleted (and perhaps made again: a new id)
             run = self._create(client, vm_ids, source, at)
+        if self.wake is not None:
+            ring(self.wake)
         # The run as the server stored it: the same field /status reads (_latest).
         return Triggered(str(run.id), due_time(run))
 

@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import contextlib
 import logging
 import os
 import sys
 import threading
 import time
+from pathlib import Path
 
+import httpx
 from prefect import serve
 from prefect.exceptions import TerminationSignal
 from prefect.runner import Runner
 
 from deployments import warm
 from deployments.catalog import deployment_specs, runner_deployments, runner_options
+from deployments.wake import Doorbell, wake_path
 from memdump import timestamping
 from memdump.children import become_subreaper, end_adopted
 from memdump.errors import ConfigError
@@ -30,6 +35,8 @@ from memdump.targets import require_hypervisors
 from tasks.limits import ensure_limits
 
 ORPHAN_GRACE_SEC = 10.0  # SIGTERM -> SIGKILL for flow runs left at exit
+# How long the runner waits for Prefect's API at its start (memdump serve starts both).
+PREFECT_START_SEC = 120.0
 
 
 def replay_outbox(settings: Settings) -> None:
@@ -84,9 +91,37 @@ def serve_warm(settings: Settings) -> None:
     for spec in deployment_specs(settings):
         runner.add_flow(spec.flow(), **runner_options(spec))
     try:
-        asyncio.run(runner.start())
+        asyncio.run(run_with_doorbell(runner, wake_path(settings.data_dir)))
     except (KeyboardInterrupt, TerminationSignal) as exc:
         logging.getLogger("memdump.runner").info("%s: stopping", type(exc).__name__)
+
+
+async def run_with_doorbell(runner: Runner, path: Path) -> None:
+    """``runner.start()``, and on each ring of the doorbell at ``path``
+    (deployments.wake: the API rings once it created a trigger's flow run) one look for
+    scheduled runs, as the runner's own poll makes. Without the socket (a path too long,
+    something else there) the poll alone starts them."""
+    log = logging.getLogger("memdump.runner")
+    try:
+        bell: Doorbell | None = Doorbell(path)
+    except OSError as exc:
+        log.warning("no doorbell, flow runs start at the runner's poll: %s", exc)
+        bell = None
+
+    async def look() -> None:
+        if runner.started and not runner.stopping:
+            await runner._get_and_submit_flow_runs()  # type: ignore[no-untyped-call]
+
+    answering = asyncio.create_task(bell.answer(look)) if bell is not None else None
+    try:
+        await runner.start()
+    finally:
+        if answering is not None:
+            answering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await answering
+        if bell is not None:
+            bell.close()
 
 
 def main() -> None:
@@ -114,6 +149,7 @@ def main() -> None:
         sys.exit(f"deployments.serve: {exc}")
     # What a worker killed mid-dump left (a .part, a FIFO on the hypervisor) goes first.
     clean_leftovers(settings, settings.orchestration.cleanup_min_age_sec)
+    wait_for_prefect()
     ensure_limits(settings, reset_slots=args.reset_slots)
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
     try:
@@ -130,6 +166,32 @@ def main() -> None:
         # server first: with the server gone too, as when `memdump serve` is SIGKILLed
         # and all its children get SIGTERM at once, it skips them) end with us.
         end_flow_runs()
+
+
+def wait_for_prefect(timeout: float = PREFECT_START_SEC) -> None:
+    """Return once Prefect's API answers its health check. `memdump serve` starts this
+    runner beside its own Prefect server, not after it, so that the runner's imports and
+    its clean-up above (SSH, no Prefect) overlap the server's start-up; nothing here asks
+    Prefect anything before this. Raises after ``timeout`` seconds."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return  # no server configured: Prefect's client starts its own (tests, by hand)
+    headers = {}
+    if auth := PREFECT_API_AUTH_STRING.value():
+        headers["Authorization"] = "Basic " + base64.b64encode(str(auth).encode()).decode()
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0, headers=headers) as http:
+        while True:
+            try:
+                if http.get(str(url).rstrip("/") + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise ConfigError(f"Prefect's API at {url} not ready after {timeout:.0f} s")
+            time.sleep(0.2)
 
 
 def end_flow_runs() -> list[int]:

@@ -191,13 +191,16 @@ def serve(settings: Settings) -> int:
                     str(settings.orchestration.prefect_port),
                 ],
             )
-            _wait_url(env["PREFECT_API_URL"] + "/health", server, "Prefect server", 120)
         runner_started = datetime.now(UTC)
+        # Beside the server, not after it: the runner's imports and its clean-up (SSH) run
+        # while the server starts; it waits for the server's API itself before using it.
         runner = start(
             "runner",
             [sys.executable, "-m", "deployments.serve", "--exit-with-parent"]
             + (["--reset-slots"] if own_server else []),
         )
+        if own_server:
+            _wait_url(env["PREFECT_API_URL"] + "/health", server, "Prefect server", 120)
         # The API starts once this runner polls the deployment it triggers: the deployment
         # exists (a trigger never fails) and the runner's start-up clean-up of what a killed
         # capture left is done (a deployment kept from an earlier run would not say that).

@@ -43,6 +43,7 @@ PRELOAD: tuple[str, ...] = (
     "encodings.idna",
     "prefect.runner",
     "deployments.catalog",
+    "deployments.wake",
     "memdump.children",
     "memdump.leftovers",
     "memdump.timestamping",

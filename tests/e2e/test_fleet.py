@@ -13,7 +13,7 @@ resets it to what it needs).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -24,6 +24,7 @@ from tests.helpers.stack import Stack, lab_inventory, running_stack
 BASE = "/api/memory-dumps"
 N, MIB, H = 4, 16, 3
 GLOBAL_CAP, HV_CAP = 2, 1
+RUNNER_POLL_SEC = 600  # the runner's own look for due flow runs: every ten minutes
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,8 @@ def fleet_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             max_captures_per_hypervisor=str(HV_CAP),
             analysis="false",  # the orchestration is under test, not the Volatility check
             capture_retry_delay_sec="1",
+            # Only the API's ring starts a trigger's flow run in time here (deployments.wake).
+            orchestration__runner_poll_sec=str(RUNNER_POLL_SEC),
         ) as st:
             yield st
 
@@ -68,6 +71,19 @@ def test_all_over_the_fleet_records_each_vm_once_within_the_caps(fleet_stack: St
         f"global cap {GLOBAL_CAP}",
         f"hypervisor 'lab-many-1' cap {HV_CAP}",
     ]
+
+
+def test_a_trigger_starts_at_once_though_the_runner_polls_every_ten_minutes(
+    fleet_stack: Stack,
+) -> None:
+    # After the runner's first poll (at its start) and before its next: a trigger waits
+    # for the ring (the API -> deployments.wake), or ten minutes.
+    st = fleet_stack
+    since = datetime.now(UTC) - timedelta(seconds=1)
+    code, body = st.call("POST", f"{BASE}/trigger", {"vm_ids": [fleet.guest_names(N)[0]]})
+    assert code == 200, body
+    status = st.wait_status(timeout=RUNNER_POLL_SEC / 10, since=since)
+    assert status["status"] == "completed", status
 
 
 # The checks themselves, on records made up here.
