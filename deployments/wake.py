@@ -88,13 +88,19 @@ class Doorbell:
         still there."""
         loop = asyncio.get_running_loop()
         rung = asyncio.Event()
-        loop.add_reader(self._sock.fileno(), rung.set)
+
+        def readable() -> None:
+            # Emptied here, not after ``act``: the loop's readiness is level-triggered, so a
+            # ring left unread while ``act`` awaits would wake the loop again at once, for
+            # as long as ``act`` takes.
+            if self._drain():
+                rung.set()
+
+        loop.add_reader(self._sock.fileno(), readable)
         try:
             while True:
                 await rung.wait()
                 rung.clear()
-                if not self._drain():
-                    continue
                 try:
                     await act()
                 except Exception as exc:  # noqa: BLE001 - the next poll tries the same

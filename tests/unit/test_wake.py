@@ -113,3 +113,43 @@ def test_what_is_not_a_socket_is_never_replaced(tmp_path: Path, kind: str) -> No
         Doorbell(path)
     assert target.read_bytes() == b"kept"
     assert path.is_symlink() if kind == "symlink" else path.exists()
+
+
+def test_a_ring_during_a_look_is_taken_at_once_not_left_to_wake_the_loop(
+    tmp_path: Path,
+) -> None:
+    # Left unread while the look awaits Prefect, a ring keeps the socket readable, and the
+    # event loop, woken by readiness again and again, spins for the whole look.
+    bell = Doorbell(tmp_path / "runner.wake")
+    looks: list[int] = []
+    left: list[bool] = []
+
+    def unread() -> bool:
+        try:
+            bell._sock.recv(64, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        return True
+
+    async def look() -> None:
+        looks.append(1)
+        if len(looks) == 1:
+            ring(bell.path)  # comes while this look waits for Prefect
+            await asyncio.sleep(0.1)  # the loop runs meanwhile
+            left.append(unread())
+
+    async def main() -> None:
+        answering = asyncio.create_task(bell.answer(look))
+        ring(bell.path)
+        for _ in range(300):
+            await asyncio.sleep(0.01)
+            if len(looks) == 2:
+                break
+        answering.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        bell.close()
+    assert left == [False]
+    assert len(looks) == 2  # the ring during the look is one more look
