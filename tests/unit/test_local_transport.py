@@ -67,6 +67,9 @@ def fake_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_CORE", str(core))
     monkeypatch.setenv("TMPDIR", str(tmp))
+    # The scripts prefer the run dir (/run/memdump as root) to TMPDIR: without this their
+    # dirs went there, and the checks of remote-tmp below looked at an empty dir.
+    monkeypatch.setenv("MEMDUMP_RUN_DIR", str(tmp))
     return tmp_path
 
 
@@ -100,6 +103,8 @@ def test_abort_mid_dump_cleans_remote_temp(fake_env: Path, monkeypatch: pytest.M
     monkeypatch.setenv("FAKE_MODE", "ok")
     src = _driver().open_dump(VMRef("local", "vm1", "vm1"))
     assert src.readinto(memoryview(bytearray(65536)))
+    # The dump's own dir is where this test looks (so its emptiness below means something).
+    assert [p.name[:8] for p in (fake_env / "remote-tmp").iterdir()] == ["memdump."]
     src.abort()
     deadline = time.monotonic() + 5
     while list((fake_env / "remote-tmp").iterdir()) and time.monotonic() < deadline:
