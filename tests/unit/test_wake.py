@@ -9,10 +9,35 @@ import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from deployments.wake import Doorbell, ring, wake_path
+
+
+async def _until(counted: list[int], n: int) -> None:
+    """Until ``counted`` has ``n`` entries (at most 3 s: the assertions say what came)."""
+    for _ in range(300):
+        if len(counted) >= n:
+            return
+        await asyncio.sleep(0.01)
+
+
+def _answering(bell: Doorbell, look: Any, script: Any) -> None:
+    """``script()`` while the bell is answered with ``look``; the bell closed after."""
+
+    async def main() -> None:
+        answering = asyncio.create_task(bell.answer(look))
+        try:
+            await script()
+        finally:
+            answering.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        bell.close()
 
 
 def test_nobody_listening_is_no_error(tmp_path: Path) -> None:
@@ -63,24 +88,13 @@ def test_a_failed_look_is_logged_and_the_next_ring_still_answered(
         if len(calls) == 1:
             raise RuntimeError("Prefect is away")
 
-    async def main() -> None:
-        answering = asyncio.create_task(bell.answer(look))
+    async def script() -> None:
         ring(bell.path)
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            if calls:
-                break
+        await _until(calls, 1)
         ring(bell.path)
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            if len(calls) == 2:
-                break
-        answering.cancel()
+        await _until(calls, 2)
 
-    try:
-        asyncio.run(main())
-    finally:
-        bell.close()
+    _answering(bell, look, script)
     assert len(calls) == 2
     assert "Prefect is away" in caplog.text
 
@@ -138,18 +152,10 @@ def test_a_ring_during_a_look_is_taken_at_once_not_left_to_wake_the_loop(
             await asyncio.sleep(0.1)  # the loop runs meanwhile
             left.append(unread())
 
-    async def main() -> None:
-        answering = asyncio.create_task(bell.answer(look))
+    async def script() -> None:
         ring(bell.path)
-        for _ in range(300):
-            await asyncio.sleep(0.01)
-            if len(looks) == 2:
-                break
-        answering.cancel()
+        await _until(looks, 2)
 
-    try:
-        asyncio.run(main())
-    finally:
-        bell.close()
+    _answering(bell, look, script)
     assert left == [False]
     assert len(looks) == 2  # the ring during the look is one more look
