@@ -3,8 +3,8 @@ created a trigger's flow run, and the runner (deployments.serve) asks Prefect fo
 scheduled runs at once instead of at its next poll (``runner_poll_sec``: 1 s with
 Prefect's jitter, half a second of every trigger on average, measured 2026-11-30).
 
-A ring is one datagram on an AF_UNIX socket in the data dir, made under the runner's
-private umask (0700, the owner only can send to it). It carries nothing: whatever rings,
+A ring is one datagram on an AF_UNIX socket in the data dir, mode 0600 (the owner only
+can send to it). It carries nothing: whatever rings,
 the runner only asks Prefect once more for what is due, and rings that come while it
 asks are one more ask, not one each. The poll stays: a scheduled run (the weekly
 deployment, a trigger's ``at``), a ring lost or a runner without the socket still start
@@ -38,9 +38,7 @@ def ring(path: Path) -> bool:
     """Wake the runner listening at ``path``; never blocks. False if none listens (no
     socket: a worker set-up, or a runner of before), or its queue is full (it has
     rings enough to act on)."""
-    if len(os.fsencode(path)) > _MAX_PATH:
-        return False
-    try:
+    try:  # a path too long for a socket is an OSError here too
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.setblocking(False)
             s.sendto(b"\1", os.fsencode(path))
