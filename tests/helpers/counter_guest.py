@@ -369,3 +369,40 @@ class Prober(threading.Thread):
         if self.error is not None:
             raise AssertionError(f"probing the guest failed: {self.error!r}") from self.error
         return self.probes
+
+
+# -- judging a live capture ---------------------------------------------------------------
+
+
+def assert_live_point_in_time(
+    cons: Consistency, before: int, after: int, probes: list[Probe], what: str, min_during: int = 2
+) -> None:
+    """The image holds one instant of a guest that kept running while it was taken.
+
+    QEMU sets a background snapshot's status to ``active`` and *then* stops the vCPUs for
+    its set-up (milliseconds), so the probes that first see the migration active may see
+    the guest ``paused``: that set-up stop is the live capture's whole pause. Only a
+    leading run of such probes is allowed; after the first ``running`` one every probe
+    must be ``running`` (a guest stopped later, or left stopped, fails), and at least
+    ``min_during`` running probes must have seen the counter move."""
+    during = [p for p in probes if p.migration == "active"]
+    report = (
+        f"{what}: counter before {before}, image {cons.counter} (pages 0..{cons.step - 1} "
+        f"hold it, {cons.step}..{cons.pages - 1} one less), after {after}; "
+        f"{len(probes) - len(during)} probes outside the migration, during it: "
+        + ", ".join(f"{p.counter}@{p.at}/{p.run_state}" for p in during)
+    )
+    print(report)
+    setup = 0
+    while setup < len(during) and during[setup].run_state == "paused":
+        setup += 1
+    running = during[setup:]
+    # The guest kept running through the capture and its counter advanced meanwhile.
+    assert len(running) >= min_during, report
+    assert all(p.run_state == "running" for p in running), report
+    assert [p.counter for p in during] == sorted(p.counter for p in during), report
+    assert running[-1].counter > running[0].counter, report
+    # The image holds one instant between the reads before and after the capture...
+    assert before <= cons.counter < after, report
+    # ... and not a later one: values the guest wrote while the capture ran are not in it.
+    assert cons.counter < running[-1].counter, report

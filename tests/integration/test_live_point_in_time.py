@@ -57,6 +57,7 @@ from tests.helpers.counter_guest import (
     Probe,
     Prober,
     SmearedImage,
+    assert_live_point_in_time,
     background_snapshot,
     check_consistent,
     pages_from_core,
@@ -225,28 +226,6 @@ def assert_volatility_reads(dump: Path, cons: Consistency, vm: CounterVM) -> Non
     res = analyze(dump, expect={**expected_values(cons, vm.lay), **vm.markers}, banners=False)
     assert res.status == "passed", res
     assert res.layer == "Elf64Layer"
-
-
-def assert_live_point_in_time(
-    cons: Consistency, before: int, after: int, probes: list[Probe], what: str, min_during: int = 2
-) -> None:
-    during = [p for p in probes if p.migration == "active"]
-    report = (
-        f"{what}: counter before {before}, image {cons.counter} (pages 0..{cons.step - 1} "
-        f"hold it, {cons.step}..{cons.pages - 1} one less), after {after}; "
-        f"{len(probes) - len(during)} probes outside the migration, during it: "
-        + ", ".join(f"{p.counter}@{p.at}/{p.run_state}" for p in during)
-    )
-    print(report)
-    # The guest kept running through the capture and its counter advanced meanwhile.
-    assert len(during) >= min_during, report
-    assert all(p.run_state == "running" for p in during), report
-    assert [p.counter for p in during] == sorted(p.counter for p in during), report
-    assert during[-1].counter > during[0].counter, report
-    # The image holds one instant between the reads before and after the capture...
-    assert before <= cons.counter < after, report
-    # ... and not a later one: values the guest wrote while the capture ran are not in it.
-    assert cons.counter < during[-1].counter, report
 
 
 def live_elf(qmp: Qmp, stream: Path, spill: Path, dest: Path) -> tuple[PipelineResult, Any]:
