@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from memdump.settings import Settings
+from tests.helpers.lab import lab_missing
 from tests.helpers.moto import running_moto
 from tests.helpers.prefect_events import reset_events_worker
 from tests.helpers.signing import trusting
@@ -25,7 +26,7 @@ def lab_dir() -> Path:
     d = os.environ.get("MEMDUMP_LAB_DIR")
     inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
     if not d or not inv or not Path(inv).is_file():
-        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+        lab_missing()
     return Path(d)
 
 

@@ -13,7 +13,11 @@ import time
 import urllib.request
 from typing import Any
 
+import pytest
+
 from tests.helpers.stack import REPO, Stack, free_port
+
+pytestmark = pytest.mark.lab
 
 BASE = "/api/memory-dumps"
 VM_KEYS = ["vm_id", "state", "progress", "bytes_done", "bytes_total", "error", "note"]

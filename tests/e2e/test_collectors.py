@@ -38,6 +38,8 @@ from tests.helpers.qmp_lab import qmp
 from tests.helpers.services import stop, wait_http
 from tests.helpers.stack import REPO, free_port, lab_inventory
 
+pytestmark = pytest.mark.lab
+
 QEMU_VMS = ("vm-qcol-01", "vm-qcol-02")
 LIBVIRT_VMS = ("vm-web-01", "vm-db-01")
 HEARTBEAT_SEC = 30  # of the workers' flow runs (Prefect's minimum); 3 missing: Crashed

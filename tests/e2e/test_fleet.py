@@ -21,6 +21,8 @@ import pytest
 from tests.helpers import fleet
 from tests.helpers.stack import Stack, lab_inventory, running_stack
 
+pytestmark = pytest.mark.lab
+
 BASE = "/api/memory-dumps"
 N, MIB, H = 4, 16, 3
 GLOBAL_CAP, HV_CAP = 2, 1

@@ -11,6 +11,8 @@ import pytest
 from tests.helpers.stack import Stack, lab_inventory, running_stack
 from tests.influxdb3_server import InfluxDB3TestServer
 
+pytestmark = pytest.mark.lab
+
 BASE = "/api/memory-dumps"
 TOKEN = "e2e-token"
 

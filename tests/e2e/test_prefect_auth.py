@@ -25,6 +25,8 @@ import pytest
 from tests.helpers.services import start, stop, wait_http
 from tests.helpers.stack import REPO, free_port, lab_inventory, seed_prefect_home
 
+pytestmark = pytest.mark.lab
+
 PREFECT = str(Path(sys.executable).parent / "prefect")
 
 

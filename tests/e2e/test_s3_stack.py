@@ -22,6 +22,8 @@ from tests.helpers.moto import running_moto_process, stop
 from tests.helpers.stack import Stack, lab_inventory, running_stack
 from tests.influxdb3_server import InfluxDB3TestServer
 
+pytestmark = pytest.mark.lab
+
 BASE = "/api/memory-dumps"
 BUCKET = "forensics"
 

@@ -31,6 +31,8 @@ from tests.helpers.listeners import hold_port, listening, port_free, socket_owne
 from tests.helpers.procs import cmdline, descendants
 from tests.helpers.stack import REPO, Stack, free_port, lab_inventory, running_stack
 
+pytestmark = pytest.mark.lab
+
 BASE = "/api/memory-dumps"
 
 

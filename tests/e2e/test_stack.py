@@ -15,6 +15,8 @@ from tests.helpers.lab import assert_hypervisor_clean, virsh
 from tests.helpers.procs import forkserver_below, reaped_children_cpu_ticks, wait_for
 from tests.helpers.stack import Stack
 
+pytestmark = pytest.mark.lab
+
 BASE = "/api/memory-dumps"
 
 

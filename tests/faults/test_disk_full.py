@@ -16,6 +16,8 @@ from memdump.hypervisors import open_driver
 from memdump.settings import Settings
 from tests.helpers.lab import assert_hypervisor_clean, virsh
 
+pytestmark = pytest.mark.lab
+
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:

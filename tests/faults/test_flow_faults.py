@@ -21,6 +21,8 @@ from tests.helpers.libvirt_live import live_dirs
 from tests.helpers.procs import ancestor_below, cmdline, descendants, holders, lab_sshd_pid
 from tests.helpers.stack import Stack, lab_inventory, running_stack
 
+pytestmark = pytest.mark.lab
+
 REPO = Path(__file__).resolve().parents[2]
 BASE = "/api/memory-dumps"
 

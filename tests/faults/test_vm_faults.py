@@ -26,6 +26,8 @@ from tests.helpers.lab import (
 )
 from tests.helpers.procs import cmdline, holders
 
+pytestmark = pytest.mark.lab
+
 REPO = Path(__file__).resolve().parents[2]
 VM = "vm-fault-01"
 

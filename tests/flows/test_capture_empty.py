@@ -25,7 +25,10 @@ from memdump.runinfo import CAPTURE_FLOW, NO_RUNNING_VM, SUMMARY_KEY
 from memdump.settings import Settings
 from memdump.targets import Listing
 from tests.helpers.api import client
+from tests.helpers.lab import lab_missing
 from tests.helpers.markdown import render_table
+
+pytestmark = pytest.mark.lab
 
 
 def _summary(run_id: Any) -> Any:
@@ -51,7 +54,7 @@ def empty_lab_hypervisor(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str
     an empty QMP directory."""
     lab_inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
     if not lab_inv or not Path(lab_inv).is_file():
-        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+        lab_missing()
     lab = yaml.safe_load(Path(lab_inv).read_text())["hypervisors"][0]
     qmp_dir = tmp_path / "qmp"
     qmp_dir.mkdir(mode=0o700)

@@ -15,7 +15,10 @@ import yaml
 from memdump.hypervisors import open_driver
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
+from tests.helpers.lab import lab_missing
 from tests.helpers.markdown import render_table
+
+pytestmark = pytest.mark.lab
 
 
 def _closed_port() -> int:
@@ -29,7 +32,7 @@ def _closed_port() -> int:
 def lab_and_dead(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     lab_inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
     if not lab_inv or not Path(lab_inv).is_file():
-        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+        lab_missing()
     lab = next(hv for hv in yaml.safe_load(Path(lab_inv).read_text())["hypervisors"])
     assert lab["name"] == "lab" and lab["driver"] == "libvirt"
     dead = {**lab, "name": "lab-down", "port": _closed_port()}

@@ -14,6 +14,8 @@ import pytest
 
 from tasks.automations import ensure_pending_automation
 
+pytestmark = pytest.mark.lab
+
 HEARTBEAT_SEC = 4  # the window, 3 x 4 = 12 s, is Prefect's minimum for such a trigger
 
 

@@ -10,9 +10,26 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 URI = "qemu:///system"
+
+# scripts/test runs the tests not marked ``lab`` in a lane of their own, beside the lab's,
+# with the lab's variables unset and this one set: a test that reaches for the lab there
+# is a test missing its marker.
+NO_LAB_LANE = "MEMDUMP_TEST_NO_LAB"
+
+
+def lab_missing() -> NoReturn:
+    """Fail the test that needs the lab when there is none, saying which of the two it is."""
+    import pytest
+
+    if os.environ.get(NO_LAB_LANE):
+        pytest.fail(
+            "this test uses the lab but its module is not marked: add "
+            "`pytestmark = pytest.mark.lab` (scripts/test runs unmarked tests without the lab)"
+        )
+    pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
 
 
 def virsh(*args: str, check: bool = True) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from memdump.settings import LEGACY_NAMES, env_name
+from tests.helpers.lab import lab_missing
 from tests.helpers.services import start, stop, wait_http
 from tests.helpers.signing import trust_local_key
 
@@ -208,9 +209,7 @@ def running_stack(
 
 def lab_inventory() -> str:
     """The lab's inventory file; a missing lab fails the test (scripts/test brings it up)."""
-    import pytest
-
     inv = os.environ.get("MEMDUMP_INVENTORY_FILE")
     if not inv:
-        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+        lab_missing()
     return inv

@@ -8,12 +8,16 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from memdump.analysis import analyze
 from memdump.capture import capture
 from memdump.hypervisors import Driver
 from memdump.manifest import manifest_path
 from memdump.settings import Settings
 from tests.helpers.lab import layout
+
+pytestmark = pytest.mark.lab
 
 
 def test_lab_dump_passes_with_every_marker(

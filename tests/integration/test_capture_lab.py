@@ -29,6 +29,8 @@ from memdump.targets import find, list_all
 from tests.helpers.contract import RECORD_FIELDS
 from tests.helpers.lab import URI, assert_markers, layout, remote_temp_dirs, virsh
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-web-01"
 
 

@@ -38,6 +38,8 @@ from tests.helpers.lab import (
     virsh,
 )
 
+pytestmark = pytest.mark.lab
+
 VM = "integ-live-01"
 SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
 WINDOW_LOCK = Path(RUN_DIR) / "userfaultfd.lock"

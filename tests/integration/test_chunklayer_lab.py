@@ -26,7 +26,7 @@ from memdump.settings import Settings
 from tests.helpers.chunked_dumps import chunks, flip_in_member
 from tests.helpers.lab import layout
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:volatility3")
+pytestmark = [pytest.mark.lab, pytest.mark.filterwarnings("ignore::DeprecationWarning:volatility3")]
 
 REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "lab"

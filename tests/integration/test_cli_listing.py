@@ -15,6 +15,8 @@ from memdump import cli
 from memdump.hypervisors import open_driver
 from memdump.settings import Settings
 
+pytestmark = pytest.mark.lab
+
 
 def test_vms_lists_the_reachable_hypervisors(
     lab_dir: Path,

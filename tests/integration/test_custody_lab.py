@@ -32,6 +32,8 @@ from memdump.verify import verify
 from tests.helpers.moto import new_bucket
 from tests.helpers.stores import record_row
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-web-01"
 
 

@@ -21,6 +21,8 @@ from memdump.manifest import manifest_key, manifest_path
 from memdump.settings import HypervisorConfig, S3Settings, Settings
 from memdump.storage import S3Store
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-db-01"
 FROZEN = datetime(2026, 11, 29, 1, 52, 16, 123456, tzinfo=UTC)
 

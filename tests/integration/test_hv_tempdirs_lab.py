@@ -30,6 +30,8 @@ from tests.helpers.hv_tempdirs import (
 )
 from tests.helpers.lab import assert_hypervisor_clean, virsh
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-web-01"
 RUN_DIR = "/run/memdump"  # memdump.hypervisors.fifo.RUN_DIR (tests/unit/test_hv_tempdirs.py)
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.lab import extra_lab_vm
+
+pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,6 +20,8 @@ import pytest
 from memdump.elfcore import parse_core
 from tests.helpers.lab import layout, virsh
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-linux-01"
 MIB = 256
 LAB = Path(__file__).resolve().parents[2] / "lab"

@@ -19,6 +19,8 @@ from memdump.settings import Settings
 from tests.helpers.lab import assert_markers, virsh
 from tests.helpers.signing import trusting
 
+pytestmark = pytest.mark.lab
+
 REPO = Path(__file__).resolve().parents[2]
 FLEET = {"lab-many-1": ["vm-many-001"], "lab-many-2": ["vm-many-002"]}
 

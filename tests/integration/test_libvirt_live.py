@@ -52,6 +52,8 @@ from tests.helpers.libvirt_live import (
     qmp,
 )
 
+pytestmark = pytest.mark.lab
+
 VM = "vlive-t1"
 FRESH = "vlive-t2"
 CAP = 200 << 20  # a cap on the snapshot (Settings.live_max_bandwidth_bytes)

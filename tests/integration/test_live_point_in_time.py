@@ -70,6 +70,8 @@ from tests.helpers.counter_guest import (
 from tests.helpers.lab import layout, virsh
 from tests.helpers.qmp_lab import Qmp
 
+pytestmark = pytest.mark.lab
+
 REPO = Path(__file__).resolve().parents[2]
 SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
 MIB = 64

@@ -33,7 +33,10 @@ import pytest
 
 from memdump.elfcore import PT_LOAD, parse_core
 from memdump.livecore import GuestLayout, LiveCoreSource, elf_machine_from_registers
+from tests.helpers.lab import lab_missing
 from tests.helpers.qmp_lab import Qmp
+
+pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -258,7 +261,7 @@ def assert_same_core(live: ElfDigest, paused: ElfDigest) -> None:
 def _lab_bios() -> Path:
     lab = os.environ.get("MEMDUMP_LAB_DIR")
     if not lab:
-        pytest.fail("the lab is not up: run lab/up and source .lab/env (scripts/test does)")
+        lab_missing()
     bios = Path(lab) / "images" / "bios-halt.bin"
     if not bios.is_file():
         subprocess.run(

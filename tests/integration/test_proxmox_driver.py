@@ -42,6 +42,8 @@ from tests.helpers.qemu_lab import (
     wait_clean,
 )
 
+pytestmark = pytest.mark.lab
+
 REPO = Path(__file__).resolve().parents[2]
 VMID = "101"
 VM = "vm-pve-01"

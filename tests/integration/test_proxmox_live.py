@@ -29,6 +29,8 @@ from tests.helpers.elf_compare import (
 from tests.helpers.lab import assert_markers, layout, remote_temp_dirs
 from tests.helpers.qmp_lab import SYSCTL, Poller, assert_clean, migration, status
 
+pytestmark = pytest.mark.lab
+
 REPO = Path(__file__).resolve().parents[2]
 VMID = "177"
 VM = "qlive-pve"

@@ -43,6 +43,8 @@ from tests.helpers.qemu_lab import (
 )
 from tests.helpers.qmp_lab import qmp
 
+pytestmark = pytest.mark.lab
+
 REPO = Path(__file__).resolve().parents[2]
 VM = "vm-qemu-01"
 HV = "lab-qemu"

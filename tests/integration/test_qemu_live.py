@@ -40,6 +40,8 @@ from tests.helpers.qmp_lab import (
     status,
 )
 
+pytestmark = pytest.mark.lab
+
 REPO = Path(__file__).resolve().parents[2]
 VM = "qlive-01"
 HV = "lab-qemu"

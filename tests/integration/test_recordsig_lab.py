@@ -21,6 +21,8 @@ from memdump.signing import collector_signer
 from memdump.verify import verify
 from tests.helpers.stores import record_row
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-web-01"
 
 

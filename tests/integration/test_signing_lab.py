@@ -31,6 +31,8 @@ from tests.helpers.moto import new_bucket
 from tests.helpers.signing import other_signer
 from tests.helpers.stores import record_row
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-web-01"
 # DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): the raw key follows.
 SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")

@@ -14,6 +14,8 @@ import pytest
 from memdump.settings import HypervisorConfig, SSHTuning
 from memdump.transport.ssh import SSHTransport
 
+pytestmark = pytest.mark.lab
+
 PROBE = 'echo "agent=${SSH_AUTH_SOCK:-none}"'
 
 

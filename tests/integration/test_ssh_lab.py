@@ -19,6 +19,8 @@ from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.ssh import SSHTransport
 from tests.helpers.lab import assert_hypervisor_clean
 
+pytestmark = pytest.mark.lab
+
 
 def _with_known_hosts(hv: HypervisorConfig, path: Path) -> HypervisorConfig:
     return hv.model_copy(update={"known_hosts": path})

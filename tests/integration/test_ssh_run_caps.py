@@ -11,6 +11,8 @@ from memdump.settings import HypervisorConfig, Settings
 from memdump.transport.ssh import SSHTransport
 from tests.helpers.runaway import FLOOD_STDERR, FLOOD_STDOUT, TRICKLE, marker, wait_gone
 
+pytestmark = pytest.mark.lab
+
 CAP_OUT, CAP_ERR = 1 << 20, 64 * 1024
 
 

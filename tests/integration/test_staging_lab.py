@@ -33,6 +33,8 @@ from tests.helpers.lab import (
     virsh,
 )
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-web-01"
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20

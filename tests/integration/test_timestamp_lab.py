@@ -33,6 +33,8 @@ from tests.helpers.moto import new_bucket
 from tests.helpers.stores import record_row
 from tests.helpers.tsa import LocalTSA, closed_url, local_tsa
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-web-01"
 
 

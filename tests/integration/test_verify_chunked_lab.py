@@ -32,6 +32,8 @@ from tests.helpers.moto import new_bucket
 from tests.helpers.stores import record_row
 from tests.helpers.writer_guest import writer_domain
 
+pytestmark = pytest.mark.lab
+
 VM = "vm-web-01"  # 256 MiB, the halt BIOS: its memory does not change
 WRITER = "md-vd-wr"
 REPO = Path(__file__).resolve().parents[2]

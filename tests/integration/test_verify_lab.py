@@ -21,6 +21,8 @@ from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 from memdump.verify import verify
 
+pytestmark = pytest.mark.lab
+
 REPO = Path(__file__).resolve().parents[2]
 BASE = "/api/memory-dumps"
 

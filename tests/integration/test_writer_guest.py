@@ -37,6 +37,8 @@ from tests.helpers.writer_guest import (
     writer_domain,
 )
 
+pytestmark = pytest.mark.lab
+
 NAME = "wr-it-256"
 MIB = 256
 
