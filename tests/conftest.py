@@ -12,13 +12,22 @@ from pathlib import Path
 import pytest
 
 from memdump.settings import Settings
-from tests.helpers.lab import lab_missing
+from tests.helpers.lab import NO_LAB_LANE, lab_missing, stray_lab_tests
 from tests.helpers.moto import running_moto
 from tests.helpers.prefect_events import reset_events_worker
 from tests.helpers.signing import trusting
 from tests.helpers.stack import Stack, lab_inventory, running_stack
 
 __all__ = ["Stack"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects them
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.environ.get(NO_LAB_LANE) and (stray := stray_lab_tests(items)):
+        raise pytest.UsageError(
+            "marked lab outside the lab lane's directories (tests.helpers.lab.LAB_TEST_DIRS),"
+            " so no lane would run them: " + ", ".join(stray)
+        )
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +57,11 @@ def moto_url() -> Iterator[str]:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     inv = lab_inventory()
     # One capture at a time per hypervisor, so a test can see the limit hold. Its Prefect
-    # database is a new one, as on a fresh machine (the other stacks start on a copy of
-    # one migrated before: tests/helpers/stack.py).
+    # database is a copy of one migrated before, like the other stacks' (a first start
+    # from nothing, capture included, is test_serve_lifecycle's).
     with running_stack(
         tmp_path_factory.mktemp("stack"),
         inv,
-        seed_prefect=False,
         max_captures_per_hypervisor="1",
         capture_retry_delay_sec="1",
     ) as st:

@@ -33,10 +33,7 @@ import pytest
 
 from memdump.elfcore import PT_LOAD, parse_core
 from memdump.livecore import GuestLayout, LiveCoreSource, elf_machine_from_registers
-from tests.helpers.lab import lab_missing
 from tests.helpers.qmp_lab import Qmp
-
-pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -258,11 +255,17 @@ def assert_same_core(live: ElfDigest, paused: ElfDigest) -> None:
     assert live.loads == paused.loads  # every PT_LOAD, byte for byte
 
 
-def _lab_bios() -> Path:
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where lab/image.py's BIOS and RAM images are kept: the lab's images dir when a lab
+    is up (a cache shared with it), else one of this module's. The guests are this
+    test's own QEMU processes, so it needs no lab and runs beside the lab's tests."""
     lab = os.environ.get("MEMDUMP_LAB_DIR")
-    if not lab:
-        lab_missing()
-    bios = Path(lab) / "images" / "bios-halt.bin"
+    return Path(lab) / "images" if lab else tmp_path_factory.mktemp("images")
+
+
+def _lab_bios(images: Path) -> Path:
+    bios = images / "bios-halt.bin"
     if not bios.is_file():
         subprocess.run(
             [sys.executable, str(REPO / "lab" / "image.py"), "--bios", str(bios)], check=True
@@ -270,9 +273,9 @@ def _lab_bios() -> Path:
     return bios
 
 
-def _lab_image(name: str, mib: int, tmp: Path) -> dict[str, Any]:
-    """lab/image.py's seeded RAM content (cached under the lab's images dir)."""
-    images = Path(os.environ["MEMDUMP_LAB_DIR"]) / "images" / name
+def _lab_image(name: str, mib: int, tmp: Path, images: Path) -> dict[str, Any]:
+    """lab/image.py's seeded RAM content (cached under ``images``)."""
+    images = images / name
     subprocess.run(
         [sys.executable, str(REPO / "lab" / "image.py"), "--name", name, "--mib", str(mib),
          "--out", str(tmp), "--images", str(images)],
@@ -285,9 +288,11 @@ def _lab_image(name: str, mib: int, tmp: Path) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("mib", "machine"), [(256, "pc"), (1024, "pc"), (256, "q35")], ids=["256M", "1G", "q35-256M"]
 )
-def test_live_core_equals_dump_guest_memory(mib: int, machine: str, tmp_path: Path) -> None:
-    bios = _lab_bios()
-    img = _lab_image(f"lc-{mib}", mib, tmp_path)
+def test_live_core_equals_dump_guest_memory(
+    mib: int, machine: str, tmp_path: Path, images: Path
+) -> None:
+    bios = _lab_bios(images)
+    img = _lab_image(f"lc-{mib}", mib, tmp_path, images)
     markers = {m["addr"]: bytes.fromhex(m["hex"]) for m in img["markers"]}
     grab = {a: len(b) for a, b in markers.items()}
     spill = tmp_path / "spill"
@@ -306,11 +311,11 @@ def test_live_core_equals_dump_guest_memory(mib: int, machine: str, tmp_path: Pa
     assert list(spill.iterdir()) == []
 
 
-def test_live_core_4g_above_the_pci_hole(tmp_path: Path) -> None:
+def test_live_core_4g_above_the_pci_hole(tmp_path: Path, images: Path) -> None:
     """4 GiB i440fx: 3 GiB below the PCI hole, pc.ram's last GiB at 4 GiB, which the sweep
     sends before the BIOS that sits below it physically (p_offset not monotonic). A mostly
     empty guest (markers only): zero pages cost one byte on the wire, so this stays small."""
-    bios = _lab_bios()
+    bios = _lab_bios(images)
     marks = {
         0x100000: b"low RAM",
         0xBFFFF000: b"last page below the PCI hole",
