@@ -129,7 +129,7 @@ STALE_LOCK_SEC = 3 * TRIGGER_LOCK_LEASE_SEC
 # through Prefect's own client). Prefect's client sleeps 2, 4, 8, 16 s between tries: one
 # trigger of 40 sent back to back took 34 s (2026-11-30), the trigger's p99 2.4 s.
 CREATE_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
-_RETRY_STATUS = frozenset({429, 502, 503})
+RETRY_STATUS = frozenset({429, 502, 503})
 _sleep = time.sleep  # the retries' sleep (tests replace it)
 
 
@@ -292,7 +292,7 @@ class PrefectRuns:
         try:
             resp = http.post(path, json=body)
             for delay in CREATE_RETRY_DELAYS:
-                if resp.status_code not in _RETRY_STATUS:
+                if resp.status_code not in RETRY_STATUS:
                     break
                 _sleep(delay)
                 resp = http.post(path, json=body)

@@ -42,6 +42,7 @@ def prefect_requests(prefect_server: None, monkeypatch: pytest.MonkeyPatch) -> P
             except ValueError:
                 body = None
             seen.rows.append(len(body) if isinstance(body, list) else None)
+            seen.status.append(resp.status_code)
         return resp
 
     monkeypatch.setattr(httpx.Client, "send", counting)

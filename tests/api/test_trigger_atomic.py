@@ -210,14 +210,14 @@ def test_a_trigger_asks_prefect_four_things(
 
     prefect_requests.clear()
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
-    assert prefect_requests.sent == TRIGGER_REQUESTS
+    assert prefect_requests.plan() == TRIGGER_REQUESTS
     assert len(_runs(deployment)) == 2
 
     # Refused while that run is in progress: the lock, the last run, the lock given back.
     prefect_requests.clear()
     r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
     assert r.status_code == 429 and "in progress" in r.json()["detail"]
-    assert prefect_requests.sent == [TRIGGER_REQUESTS[i] for i in (0, 1, 3)]
+    assert prefect_requests.plan() == [TRIGGER_REQUESTS[i] for i in (0, 1, 3)]
 
 
 def test_a_deployment_made_again_is_found_again(
@@ -238,7 +238,7 @@ def test_a_deployment_made_again_is_found_again(
     prefect_requests.clear()
     r = c.post(f"{BASE}/trigger", json={"vm_ids": ["102"]})
     assert r.status_code == 200, r.text
-    assert prefect_requests.sent == [
+    assert prefect_requests.plan() == [
         "POST /deployments/{id}/create_flow_run",  # 404: that id is gone
         f"GET /deployments/name/{deployment}/on-demand",
         "POST /deployments/{id}/create_flow_run",
@@ -247,7 +247,7 @@ def test_a_deployment_made_again_is_found_again(
     assert newest.deployment_id == new and newest.parameters["vm_ids"] == ["102"]
     prefect_requests.clear()
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["103"]}).status_code == 200
-    assert prefect_requests.sent == ["POST /deployments/{id}/create_flow_run"]
+    assert prefect_requests.plan() == ["POST /deployments/{id}/create_flow_run"]
 
 
 def test_the_first_trigger_finds_the_prefect_client_ready(
@@ -263,5 +263,5 @@ def test_the_first_trigger_finds_the_prefect_client_ready(
                 th.join(60)
         prefect_requests.clear()
         assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
-        assert prefect_requests.sent == ["POST /deployments/{id}/create_flow_run"]
+        assert prefect_requests.plan() == ["POST /deployments/{id}/create_flow_run"]
     assert len(_runs(deployment)) == 1
