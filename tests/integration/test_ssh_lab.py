@@ -54,6 +54,22 @@ def test_unknown_host_is_refused(lab_hv: HypervisorConfig, tmp_path: Path) -> No
     assert kh.read_text() == ""  # nothing was added
 
 
+def test_lab_sessions_do_not_run_the_machines_root_bashrc(lab_hv: HypervisorConfig) -> None:
+    # lab/sshd: a hypervisor's root has none of this machine's shell set-up (pyenv), which
+    # would add ~110 ms to every session and put pyenv's python3 first in PATH.
+    home = Path(subprocess.run(["getent", "passwd", "root"], capture_output=True, text=True,
+                               check=True).stdout.split(":")[5])  # fmt: skip
+    t = SSHTransport(lab_hv, Settings().ssh)
+    try:
+        seen = t.run('cat "$1/.bashrc" 2>/dev/null; echo "PATH=$PATH"', [str(home)])
+    finally:
+        t.close()
+    assert seen.returncode == 0
+    out = seen.stdout.decode()
+    # Nothing of the rc (empty as the session reads it), nothing of its PATH.
+    assert out.startswith("PATH=") and str(home) not in out.partition("PATH=")[2], out
+
+
 def _lab_sshd_children(lab_dir: Path) -> list[int]:
     master = int((lab_dir / "ssh" / "sshd.pid").read_text().split()[0])
     kids = []
