@@ -172,14 +172,7 @@ def _second_sshd(base: Path, lab_dir: Path) -> tuple[subprocess.Popen[bytes], in
         lines.append(line)
     (base / "sshd2_config").write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen(
-        [
-            str(REPO / "lab" / "sshd"),
-            "-D",
-            "-f",
-            str(base / "sshd2_config"),
-            "-E",
-            str(base / "sshd2.log"),
-        ],
+        ["/usr/sbin/sshd", "-D", "-f", str(base / "sshd2_config"), "-E", str(base / "sshd2.log")],
         start_new_session=True,
     )
     key = (lab_dir / "ssh" / "ssh_host_ed25519_key.pub").read_text().split()[:2]

@@ -101,6 +101,17 @@ memdump_unblock() {
   if [ -p "$1" ] && [ ! -L "$1" ]; then exec 9<>"$1"; exec 9>&-; fi
 }
 
+# memdump_retire_fifo FIFO: memdump_unblock, and the FIFO unlinked while it is held open,
+# so that an open() that comes later fails (ENOENT) instead of blocking. For an abort,
+# which kills the reader: one that lands before QEMU got to its open() (HMP/QMP
+# dump-guest-memory, started a moment before) left QEMU waiting there for a reader for
+# ever, the guest paused and its monitor dead, and the dump script with it (its cleanup
+# runs after the monitor command, which QEMU did not answer). Nothing unless FIFO is a
+# FIFO, not a symlink (in the script's own 0700 directory).
+memdump_retire_fifo() {
+  if [ -p "$1" ] && [ ! -L "$1" ]; then exec 9<>"$1"; rm -f "$1"; exec 9>&-; fi
+}
+
 # memdump_cleanup: the EXIT trap of memdump_start: kills "$reader", unblocks "$d/mem",
 # removes "$d". First ignores the signals that would end it halfway; a second rm takes
 # what a concurrent abort script may have added to "$d" meanwhile.
