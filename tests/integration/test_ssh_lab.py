@@ -55,19 +55,20 @@ def test_unknown_host_is_refused(lab_hv: HypervisorConfig, tmp_path: Path) -> No
 
 
 def test_lab_sessions_do_not_run_the_machines_root_bashrc(lab_hv: HypervisorConfig) -> None:
-    # lab/sshd: a hypervisor's root has none of this machine's shell set-up (pyenv), which
-    # would add ~110 ms to every session and put pyenv's python3 first in PATH.
+    # lab/up: the sessions' HOME is the lab's own (sshd_config SetEnv), so bash does not
+    # read this machine's root ~/.bashrc (pyenv init: ~110 ms a session, pyenv's python3
+    # first in PATH); a hypervisor's root has none of it.
     home = Path(subprocess.run(["getent", "passwd", "root"], capture_output=True, text=True,
                                check=True).stdout.split(":")[5])  # fmt: skip
     t = SSHTransport(lab_hv, Settings().ssh)
     try:
-        seen = t.run('cat "$1/.bashrc" 2>/dev/null; echo "PATH=$PATH"', [str(home)])
+        seen = t.run('echo "$HOME"; echo "$PATH"; ls -A "$HOME"')
     finally:
         t.close()
     assert seen.returncode == 0
-    out = seen.stdout.decode()
-    # Nothing of the rc (empty as the session reads it), nothing of its PATH.
-    assert out.startswith("PATH=") and str(home) not in out.partition("PATH=")[2], out
+    session_home, path, *listed = seen.stdout.decode().splitlines()
+    assert Path(session_home) != home and listed == [], seen.stdout  # an empty home of its own
+    assert str(home) not in path, path  # nothing the machine's rc put in PATH
 
 
 def _lab_sshd_children(lab_dir: Path) -> list[int]:
