@@ -16,8 +16,7 @@ from typing import Any
 
 from prefect import get_client, get_run_logger, task
 from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
-from prefect.client.schemas.objects import State
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder, State
 from prefect.runtime import flow_run
 from prefect.states import Failed
 from prefect.utilities.context import get_task_and_flow_run_ids
@@ -28,7 +27,7 @@ from memdump.hypervisors import VMRef
 from memdump.records.model import DumpRecord
 from memdump.runinfo import CAPTURE_TASK, PROGRESS_KEY, TIMED_OUT, Progress, slug, step_tag
 from memdump.settings import OrchestrationSettings, Settings
-from tasks.limits import GATE, GLOBAL_LIMIT, hypervisor_limit
+from tasks.limits import GATE, GLOBAL_LIMIT, SLOTS, hypervisor_limit
 
 # The progress artifact is written at most this often while a VM streams (and once more
 # when the dump is complete): one Prefect write per VM and interval, the UI's bar and
@@ -103,17 +102,19 @@ def _slot(settings: Settings, hypervisor: str) -> Iterator[None]:
     the global and the hypervisor's Prefect limit (Prefect acquires several limits
     all-or-nothing; they hold across runs and collectors)."""
     orch = settings.orchestration
+    task_run_id, _ = get_task_and_flow_run_ids()
+    # The UI's limit page names the task run that holds each slot.
+    holder = task_run_id and ConcurrencyLeaseHolder(type="task_run", id=task_run_id)
     with (
         GATE.place(
             hypervisor,
             total=orch.max_concurrent_captures,
             per_hypervisor=orch.max_captures_per_hypervisor,
         ),
-        concurrency(
+        SLOTS.hold(
             [GLOBAL_LIMIT, hypervisor_limit(hypervisor)],
-            occupy=1,
-            strict=True,
-            lease_duration=orch.slot_lease_sec,
+            lease_sec=orch.slot_lease_sec,
+            holder=holder,
         ),
     ):
         yield

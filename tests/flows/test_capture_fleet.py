@@ -198,8 +198,8 @@ def test_each_vm_waits_for_room_before_it_connects_or_asks_for_a_slot(
     from memdump.settings import Settings
     from tasks.limits import ensure_limits
 
-    asking = Peak()  # tasks inside Prefect's concurrency(): waiting for slots, or holding
-    real = tasks.capture.concurrency
+    asking = Peak()  # tasks at the Prefect limits (tasks.limits.SLOTS): asking, or holding
+    real = tasks.capture.SLOTS.hold
 
     @contextmanager
     def counted(names: list[str], **kw: Any) -> Iterator[None]:
@@ -210,7 +210,7 @@ def test_each_vm_waits_for_room_before_it_connects_or_asks_for_a_slot(
         finally:
             asking.down("prefect")
 
-    monkeypatch.setattr(tasks.capture, "concurrency", counted)
+    monkeypatch.setattr(tasks.capture.SLOTS, "hold", counted)
     ensure_limits(Settings())  # the limits as configured: the run finds them so
     limit_calls = _count_limit_calls(monkeypatch)
     state = capture_vms(vm_ids=["all"], source="test", return_state=True)
