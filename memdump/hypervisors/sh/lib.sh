@@ -119,7 +119,7 @@ memdump_cleanup() {
   trap "" HUP INT TERM PIPE
   if [ -n "$reader" ]; then kill "$reader" 2>/dev/null; reader=; fi
   if [ -n "$d" ]; then
-    memdump_unblock "$d/mem"
+    memdump_retire_fifo "$d/mem"
     rm -rf "$d" 2>/dev/null || rm -rf "$d"
   fi
 }
@@ -183,10 +183,12 @@ memdump_fifo_reader() {
 
 # memdump_wait_reader RC: the end of a dump into the FIFO, after its writer ended with
 # RC. If RC is not 0 the writer may never have opened the FIFO: the reader is killed,
-# and in case the kill landed before it got to open() (it would then block there for
-# ever) the FIFO is unblocked. Waits for the reader; its status in $rrc.
+# and in case the kill did not stop it before it got to open() (it would then block there
+# for ever) the FIFO is retired: unblocked, and gone for an open() that comes later (in
+# CI at nice 19 a reader reached its open() after a one-shot unblock and the script
+# hung). Waits for the reader; its status in $rrc.
 memdump_wait_reader() {
-  if [ "$1" -ne 0 ]; then kill "$reader" 2>/dev/null; memdump_unblock "$d/mem"; fi
+  if [ "$1" -ne 0 ]; then kill "$reader" 2>/dev/null; memdump_retire_fifo "$d/mem"; fi
   wait "$reader" 2>/dev/null  # (dash reports a reader it killed as "Terminated")
   rrc=$?
   reader=
