@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -152,13 +151,6 @@ def _measure(n: int, args: argparse.Namespace, spans: list[tuple[str, float, flo
     }
 
 
-def _growth(a: float, b: float, na: int, nb: int) -> str:
-    if a <= 0 or b <= 0 or na == nb:
-        return ""
-    k = math.log(b / a) / math.log(nb / na)
-    return f"k={k:.2f} " + ("constant" if k < 0.3 else "linear" if k <= 1.3 else "worse")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -177,6 +169,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
+    from benchmarks.fleet import growth  # the same growth classes as the fleet benchmark
 
     with tempfile.TemporaryDirectory(prefix="memdump-orch-") as tmp:
         _setup_env(Path(tmp), args.hypervisors, args.max_concurrent, args.per_hypervisor)
@@ -213,7 +206,7 @@ def main() -> int:
     print("|---|" + "---|" * len(results) + "---|")
     for label, key in rows:
         vals = [r[key] for r in results]
-        g = _growth(vals[0], vals[-1], results[0]["n"], results[-1]["n"]) if len(vals) > 1 else ""
+        g = growth(results[0], results[-1], (key,))  # fleet.py's classes
         print(f"| {label} | " + " | ".join(f"{v:g}" for v in vals) + f" | {g} |")
     out = json.dumps({"args": vars(args) | {"json": str(args.json)}, "sizes": results}, indent=1)
     if args.json:
