@@ -23,11 +23,12 @@ from memdump.runinfo import (
     IN_PROGRESS,
     NO_RUNNING_VM,
     PROGRESS_KEY,
+    TARGETS_KEY,
     TIMED_OUT,
     Progress,
     tagged_hypervisor,
     tagged_step,
-    tagged_vm,
+    targets_from_data,
     unlisted_id,
 )
 
@@ -47,7 +48,7 @@ class VMRun:
     """One VM of a capture run: its capture task run (the VM's whole chain: capture,
     offload, record), and the progress artifact it writes while the dump streams."""
 
-    vm_id: str | None  # None: a capture task run without a VM tag (memdump.runinfo)
+    vm_id: str | None  # None: a capture task run its ended flow run never named (Target)
     state: str  # pending, running, retrying, completed, failed, timeout, error
     progress: float | None  # percent of the dump streamed, from the progress artifact
     error: str | None
@@ -447,6 +448,16 @@ class PrefectRuns:
         captures = [t.id for t in changed if _step(t) == "capture"]
         if captures:
             artifacts.update({str(a.id): a for a in _progress_artifacts(client, captures)})
+        # Which VM each capture is for: its flow run's targets, read until every capture
+        # read so far has its own (a flow run publishes them once, after submitting).
+        named = _named(artifacts.values())
+        unnamed = {
+            t.flow_run_id
+            for t in task_runs.values()
+            if _step(t) == "capture" and str(t.id) not in named and t.flow_run_id is not None
+        }
+        if unnamed:
+            artifacts.update({str(a.id): a for a in _target_artifacts(client, list(unnamed))})
         self._read = _RunRead(str(run.id), task_runs, artifacts)
         return vm_detail(
             vm_ids, run_final, task_runs.values(), artifacts.values(), run_id=str(run.id)
@@ -507,6 +518,35 @@ def _progress_artifacts(client: Any, task_runs: list[UUID]) -> list[Artifact]:
             offset=offset,
         )
     )
+
+
+def _target_artifacts(client: Any, flow_runs: list[UUID]) -> list[Artifact]:
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    return _pages(
+        lambda offset: client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=flow_runs),
+                key=ArtifactFilterKey(any_=[TARGETS_KEY]),
+            ),
+            limit=PAGE,
+            offset=offset,
+        )
+    )
+
+
+def _named(artifacts: Iterable[Artifact]) -> dict[str, tuple[str, str | None]]:
+    """Task run id -> (VM id, hypervisor or None), from the targets artifacts among
+    ``artifacts`` (memdump.runinfo.Target)."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for a in artifacts:
+        if a.key == TARGETS_KEY:
+            out.update({t.task_run_id: (t.vm_id, t.hypervisor) for t in targets_from_data(a.data)})
+    return out
 
 
 def _run_and_children(run_id: UUID) -> Any:
@@ -640,30 +680,38 @@ def vm_detail(
     artifacts: Iterable[Artifact],
     run_id: str | None = None,
 ) -> tuple[VMRun, ...]:
-    """Per-VM state of one capture flow run, from its task runs and progress artifacts.
+    """Per-VM state of one capture flow run, from its task runs and artifacts.
 
-    Which VM a capture task run is for is its ``vm:`` tag, set by the flow when it
-    creates the run (memdump.runinfo.vm_tags); its progress is the newest progress
+    Which VM a capture task run is for is in its flow run's targets artifact, which the
+    flow publishes once it has submitted them (memdump.runinfo.Target); a capture not
+    named yet is left out until it is (the VMs asked for show as pending meanwhile), or
+    shown without a VM id if its run ended first. Its progress is the newest progress
     artifact of that task run, the byte counts in the artifact's metadata.
 
     With the fan-out over deployments (MEMDUMP_ORCHESTRATION__FANOUT=deployments), each
     VM's chain runs in a child flow run: the run's capture task run for the VM waits for
-    it, and the child's own capture task run (the same ``vm:``/``hypervisor:`` tags)
-    streams and writes the progress artifact. ``task_runs`` may hold the children's task
-    runs too; with ``run_id`` (the run's id) only the run's own make entries, the
-    children's lend them their progress and, while the run's task run waits, their state."""
+    it, and the child's own capture task run (the same VM and hypervisor in the child's
+    own targets) streams and writes the progress artifact.
+    ``task_runs`` may hold the children's task runs too; with ``run_id`` (the run's id)
+    only the run's own make entries, the children's lend them their progress and, while
+    the run's task run waits, their state."""
     runs = list(task_runs)
+    arts = list(artifacts)
+    named = _named(arts)
     own = [t for t in runs if run_id is None or str(t.flow_run_id) == run_id]
-    captures = sorted((t for t in own if _step(t) == "capture"), key=_created)
+    captures = sorted(
+        (t for t in own if _step(t) == "capture" and (run_final or str(t.id) in named)),
+        key=_created,
+    )
     mine = {str(t.id) for t in own}
-    by_vm: dict[Any, str] = {k: str(t.id) for t in captures if (k := _vm_key(t)) is not None}
+    by_vm: dict[Any, str] = {named[str(t.id)]: str(t.id) for t in captures if str(t.id) in named}
     attempt: dict[str, Any] = {}  # the run's capture task run -> the child's, newest
     for t in sorted(runs, key=_created):
-        key = _vm_key(t)
+        key = named.get(str(t.id))
         if key in by_vm and str(t.id) not in mine and _step(t) == "capture":
             attempt[by_vm[key]] = t
     newest: dict[str, Any] = {}  # task run id -> its newest progress artifact
-    for a in sorted(artifacts, key=_created, reverse=True):
+    for a in sorted(arts, key=_created, reverse=True):
         if a.task_run_id is not None and str(a.key or "").startswith(PROGRESS_KEY):
             newest.setdefault(str(a.task_run_id), a)
 
@@ -673,7 +721,7 @@ def vm_detail(
     for t in captures:
         child = attempt.get(str(t.id))  # its progress is the latest attempt's only
         art = newest.get(str(t.id if child is None else child.id))
-        vm = _one(t, tagged_vm(t.tags or ()), art, run_final, child)
+        vm = _one(t, named.get(str(t.id), (None, None))[0], art, run_final, child)
         done = Progress.from_metadata(getattr(art, "metadata_", None))
         if done is not None and vm.progress is not None:
             vm = dataclasses.replace(vm, bytes_done=done.done, bytes_total=done.total)
@@ -687,13 +735,6 @@ def vm_detail(
     order = {v: i for i, v in enumerate(wanted)}
     keyed = sorted(enumerate(out), key=lambda p: (order.get(p[1].vm_id or "", len(order)), p[0]))
     return tuple(v for _, v in keyed)
-
-
-def _vm_key(t: Any) -> tuple[str, str | None] | None:
-    """Which VM a task run is for, as its tags say (its hypervisor's too, for "all")."""
-    tags = t.tags or ()
-    vm = tagged_vm(tags)
-    return None if vm is None else (vm, tagged_hypervisor(tags))
 
 
 def _unlisted(t: Any) -> VMRun | None:

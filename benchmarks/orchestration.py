@@ -19,8 +19,6 @@ per VM = (wall x c - sum of captures) / N with c = min(global cap, per-hyperviso
 H, N) (the same definition as benchmarks/fleet.py), the flow's start -> first capture,
 the time inside the captures' span with fewer than c captures running (with VMs still
 waiting), the mean number running, and the growth between the smallest and largest N.
-``--without-vm-tags`` is a diagnostic: the task runs lose the per-VM tags /status reads
-(so /status could not name them), to show what those tags cost.
 """
 
 from __future__ import annotations
@@ -161,11 +159,6 @@ def main() -> int:
     ap.add_argument("--max-concurrent", type=int, default=3)
     ap.add_argument("--per-hypervisor", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=1, help="runs per N (the median is shown)")
-    ap.add_argument(
-        "--without-vm-tags",
-        action="store_true",
-        help="diagnostic: capture task runs without their per-VM tags (what they cost)",
-    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -177,10 +170,6 @@ def main() -> int:
 
         spans: list[tuple[str, float, float]] = []
         _fakes(args.capture_sec, spans, threading.Lock())
-        if args.without_vm_tags:
-            import flows.capture as fc
-
-            fc.vm_tags = lambda vm_id, hypervisor=None: []  # type: ignore[assignment]
         results: list[dict] = []
         with prefect_test_harness(server_startup_timeout=120):
             for n in sizes:

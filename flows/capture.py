@@ -9,6 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, wait
 from prefect.states import Completed, Failed
 
@@ -23,8 +24,8 @@ from memdump.runinfo import (
     HYPERVISOR_TAG,
     SUMMARY_KEY,
     TIMED_OUT,
+    Target,
     unlisted_id,
-    vm_tags,
 )
 from memdump.settings import Settings
 from memdump.targets import locate, require_hypervisors
@@ -32,6 +33,7 @@ from tasks.capture import capture_vm
 from tasks.fanout import publish_result, run_capture_flow
 from tasks.limits import ensure_limits
 from tasks.listing import list_vms
+from tasks.targets import publish_targets
 
 
 @dataclass(frozen=True)
@@ -200,19 +202,28 @@ def _placed(
 def _submit(
     settings: Settings, targets: Iterable[tuple[str, str | None]], source: str
 ) -> list[tuple[str, PrefectFuture[Any]]]:
-    """One capture task run per VM (its whole chain, memdump.chain), each tagged with its
-    VM (memdump.runinfo.vm_tags: /status reads which VM a run is for from there). All
-    are submitted at once, so /status lists every VM from the start; each waits for its
-    place at the process's gate (tasks.limits.GATE) before it opens its connection."""
+    """One capture task run per VM (its whole chain, memdump.chain). All are submitted
+    at once, then the flow run's targets (which VM each task run is for) are published,
+    which /status reads; each waits for its place at the process's gate
+    (tasks.limits.GATE) before it opens its connection."""
     capture = capture_vm.with_options(
         retries=settings.orchestration.capture_retries,
         retry_delay_seconds=settings.orchestration.capture_retry_delay_sec,
     )
     futures = []
+    placed = []
     for vm_id, hypervisor in targets:
-        with tags(*vm_tags(vm_id, hypervisor)):
-            futures.append((vm_id, capture.submit(vm_id, hypervisor, source=source)))
+        future = capture.submit(vm_id, hypervisor, source=source)
+        futures.append((vm_id, future))
+        placed.append(Target(str(future.task_run_id), vm_id, hypervisor))
+    _publish(placed)
     return futures
+
+
+def _publish(targets: list[Target]) -> None:
+    run = FlowRunContext.get()
+    if run is not None and run.flow_run is not None and targets:
+        publish_targets(run.flow_run.id, targets)
 
 
 @flow(name=CAPTURE_FLOW, log_prints=True)
@@ -251,9 +262,12 @@ def capture_one_vm(vm_id: str, hypervisor: str | None = None, source: str = "api
 
 def _fan_out(settings: Settings, found: Targets, source: str) -> State[Any]:
     runs = []
+    placed = []
     for vm_id, hypervisor in _placed(settings, found.vms):
-        with tags(*vm_tags(vm_id, hypervisor)):
-            runs.append((vm_id, run_capture_flow.submit(vm_id, hypervisor, source)))
+        future = run_capture_flow.submit(vm_id, hypervisor, source)
+        runs.append((vm_id, future))
+        placed.append(Target(str(future.task_run_id), vm_id, hypervisor))
+    _publish(placed)
     wait([f for _, f in runs])
     rows: list[Row] = []
     for vm_id, fut in runs:

@@ -2,8 +2,9 @@
 orchestration writes and the API reads back, written once here so both sides follow a
 rename together.
 
-A capture run's task runs carry their VM and their step as tags (``vm:<id>``,
-``hypervisor:<name>``, ``step:<step>``), set when the run is created; the capture's
+A capture run's task runs carry their step as a tag (``step:<step>``; a hypervisor's
+listing of "all" also ``hypervisor:<name>``); which VM each capture task run is for is
+one artifact of its flow run (:class:`Target`, ``TARGETS_KEY``); the capture's
 progress is a Prefect progress artifact whose percent is its data (for the UI) and whose
 byte counts are its metadata (:class:`Progress`). Nothing is parsed back out of a state
 message, a run name or an artifact description.
@@ -13,9 +14,10 @@ Plain strings and dataclasses only: the engine imports neither Prefect nor FastA
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 # A trigger's id for "every running VM of the inventory".
@@ -44,11 +46,14 @@ IN_PROGRESS = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLIN
 PROGRESS_KEY = "capture-progress-"  # + slug(vmid): one progress artifact per capture
 SUMMARY_KEY = "capture-summary"
 RESULT_KEY = "capture-result"  # a fan-out child run's result (its record), read as data
+TARGETS_KEY = "capture-targets"  # a flow run's capture task runs and their VMs (Target)
 
-# Tags: what a task run is and which VM it is for.
+# Tags: what a task run is (and which hypervisor a listing is for). Not which VM a
+# capture is for: before a task run starts, Prefect checks its set of tags against tag
+# concurrency limits, a request (and a new client) per distinct set, cached for 5 s;
+# a tag per VM made every set distinct (benchmarks/orchestration.py: 0.4-0.6 s per VM).
 Step = Literal["capture", "list"]
 STEP_TAG = "step:"
-VM_TAG = "vm:"
 HYPERVISOR_TAG = "hypervisor:"
 
 
@@ -61,12 +66,6 @@ def step_tag(step: Step) -> str:
     return f"{STEP_TAG}{step}"
 
 
-def vm_tags(vm_id: str, hypervisor: str | None = None) -> list[str]:
-    """The tags of a VM's capture task run: the id as asked for (or as listed for "all")
-    and, when known before the capture resolves it, its hypervisor."""
-    return [f"{VM_TAG}{vm_id}", *([f"{HYPERVISOR_TAG}{hypervisor}"] if hypervisor else [])]
-
-
 def _tagged(tags: Iterable[str], prefix: str) -> str | None:
     return next((t.removeprefix(prefix) for t in tags if t.startswith(prefix)), None)
 
@@ -75,12 +74,40 @@ def tagged_step(tags: Iterable[str]) -> str | None:
     return _tagged(tags, STEP_TAG)
 
 
-def tagged_vm(tags: Iterable[str]) -> str | None:
-    return _tagged(tags, VM_TAG)
-
-
 def tagged_hypervisor(tags: Iterable[str]) -> str | None:
     return _tagged(tags, HYPERVISOR_TAG)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which VM a capture task run is for: the id as asked for (or as listed for "all")
+    and, when known before the capture resolves it, its hypervisor. A flow run writes
+    its targets once, after it has submitted them, as one table artifact
+    (``TARGETS_KEY``; the Prefect UI shows it as a table)."""
+
+    task_run_id: str
+    vm_id: str
+    hypervisor: str | None = None
+
+
+def targets_to_data(targets: Iterable[Target]) -> str:
+    return json.dumps([asdict(t) for t in targets])
+
+
+def targets_from_data(data: object) -> list[Target]:
+    """The targets of an artifact's data; a row that is not one is left out."""
+    try:
+        rows = json.loads(data) if isinstance(data, str) else data
+    except ValueError:
+        return []
+    out = []
+    for row in rows if isinstance(rows, list) else []:
+        if not isinstance(row, dict):
+            continue
+        tr, vm, hv = row.get("task_run_id"), row.get("vm_id"), row.get("hypervisor")
+        if isinstance(tr, str) and isinstance(vm, str) and (hv is None or isinstance(hv, str)):
+            out.append(Target(tr, vm, hv))
+    return out
 
 
 def unlisted_id(hypervisor: str) -> str:

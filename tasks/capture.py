@@ -141,7 +141,7 @@ def _progress(ref: VMRef) -> _Progress:
 @task(
     name=CAPTURE_TASK,
     task_run_name=CAPTURE_TASK + "-{vm_id}",  # the Prefect UI names each run by its VM
-    tags=[step_tag("capture")],  # the flow adds the VM's tags (memdump.runinfo.vm_tags)
+    tags=[step_tag("capture")],  # which VM: its flow run's targets (memdump.runinfo.Target)
     retry_condition_fn=retry_if_retryable,
     retries=_default("capture_retries"),
     retry_delay_seconds=_default("capture_retry_delay_sec"),

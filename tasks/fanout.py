@@ -62,7 +62,7 @@ def child_result(flow_run_id: Any) -> DumpRecord | None:
 @task(
     name=CAPTURE_RUN_TASK,
     task_run_name=CAPTURE_TASK + "-{vm_id}",
-    # /status reads this run as the VM's capture (its tags name the VM).
+    # /status reads this run as the VM's capture (the flow run's targets name the VM).
     tags=[step_tag("capture")],
     retry_condition_fn=retry_if_retryable,
     retries=1,

@@ -6,11 +6,12 @@ server)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from fastapi.testclient import TestClient
@@ -21,10 +22,11 @@ from prefect.client.schemas.objects import Artifact, FlowRun, State, TaskRun
 from api.main import create_app
 from api.runs import PrefectRuns, RunSummary, VMRun, vm_detail
 from memdump.records.sqlite import SQLiteRecordStore
-from memdump.runinfo import Progress, step_tag, vm_tags
+from memdump.runinfo import TARGETS_KEY, Progress, step_tag
 from memdump.settings import Settings
 from tests.helpers.api import FakeRuns
 from tests.helpers.contract_doc import contract_examples
+from tests.helpers.targets import targets_artifact
 
 BASE = "/api/memory-dumps"
 T = datetime(2025, 11, 11, 10, 30, 45, 123456, tzinfo=UTC)
@@ -192,12 +194,11 @@ def task_run(
     vm: str | None = None,
     hypervisor: str | None = None,
 ) -> TaskRun:
-    """A task run as the capture flow creates it: its step and its VM as tags."""
+    """A task run as the capture flow creates it: its step as a tag, its VM in its flow
+    run's targets (NAMED)."""
     step = STEPS.get(task)
     tags = [step_tag(step)] if step else []
-    if vm is not None:
-        tags += vm_tags(vm, hypervisor)
-    return TaskRun(
+    tr = TaskRun(
         id=uuid4(),
         name=f"{task}-{uuid4().hex[:3]}",
         flow_run_id=FLOW_RUN,
@@ -208,6 +209,25 @@ def task_run(
         tags=tags,
         created=T + timedelta(milliseconds=n),
     )
+    if vm is not None:
+        NAMED[tr.id] = (vm, hypervisor)
+    return tr
+
+
+NAMED: dict[UUID, tuple[str, str | None]] = {}  # task run -> its VM, as the flow names it
+
+
+def named(runs: Iterable[TaskRun]) -> Artifact:
+    """The targets artifact the flow publishes for ``runs`` (memdump.runinfo.Target)."""
+    return targets_artifact(FLOW_RUN, [(t.id, *NAMED[t.id]) for t in runs if t.id in NAMED])
+
+
+def detail(
+    vm_ids: list[str], final: bool, runs: Iterable[TaskRun], arts: Iterable[Artifact], **kw: Any
+) -> tuple[VMRun, ...]:
+    """vm_detail with the targets artifact of ``runs`` among the artifacts."""
+    runs = list(runs)
+    return vm_detail(vm_ids, final, runs, [*arts, named(runs)], **kw)
 
 
 def progress(
@@ -237,13 +257,13 @@ def chain(
 
 
 def test_before_the_task_runs_exist() -> None:
-    assert vm_detail(["a", "b", "a"], False, [], []) == (
+    assert detail(["a", "b", "a"], False, [], []) == (
         VMRun("a", "pending", None, None),
         VMRun("b", "pending", None, None),
     )
-    assert vm_detail(["all"], False, [], []) == ()
+    assert detail(["all"], False, [], []) == ()
     # A run that ended before any capture started (cancelled, crashed).
-    assert vm_detail(["a"], True, [], []) == (VMRun("a", "error", None, None),)
+    assert detail(["a"], True, [], []) == (VMRun("a", "error", None, None),)
 
 
 def test_streaming_waiting_and_failed_are_told_apart() -> None:
@@ -263,7 +283,7 @@ def test_streaming_waiting_and_failed_are_told_apart() -> None:
         progress(c2, "vm-db-01", 12.0, n=0, done=480),
         progress(c2, "vm-db-01", 37.5, n=1, done=1500),
     ]
-    got = vm_detail(
+    got = detail(
         ["vm-web-01", "nope-01", "vm-db-01"], False, [listed, *r1, *r2, *r3], reversed(arts)
     )
     assert got == (
@@ -297,7 +317,7 @@ def test_a_vm_is_done_when_its_whole_chain_is() -> None:
     )
     caps = {"a": cap_a, "b": cap_b, "c": cap_c, "d": cap_d}
     arts = [progress(cap, vm, 100.0) for vm, cap in caps.items()]
-    got = vm_detail(["a", "b", "c", "d"], False, [*a, *b, *c, *d], arts)
+    got = detail(["a", "b", "c", "d"], False, [*a, *b, *c, *d], arts)
     assert got == (
         VMRun("a", "completed", 100.0, None),
         VMRun("b", "running", 100.0, None),
@@ -319,17 +339,17 @@ def test_timeout_retry_and_crash() -> None:
         progress(cap_r, "vm-b", 80.0),
         progress(cap_w, "vm-c", 5.0),
     ]
-    got = vm_detail(["vm-a", "vm-b", "vm-c"], False, [*t, *r, *w], arts)
+    got = detail(["vm-a", "vm-b", "vm-c"], False, [*t, *r, *w], arts)
     assert got == (
         VMRun("vm-a", "timeout", 60.0, "vm-a: past the deadline"),
         VMRun("vm-b", "pending", None, None),
         VMRun("vm-c", "retrying", 5.0, None),
     )
     # The flow run ended (crashed, cancelled) while VMs were still going: not "running".
-    got = vm_detail(["vm-b", "vm-c"], True, [*r, *w], arts)
+    got = detail(["vm-b", "vm-c"], True, [*r, *w], arts)
     assert [(v.vm_id, v.state) for v in got] == [("vm-b", "error"), ("vm-c", "error")]
     crashed, cr = chain(states.Crashed(message="process killed"), n=4, vm="x")
-    assert vm_detail(["x"], True, cr, []) == (VMRun("x", "error", None, "process killed"),)
+    assert detail(["x"], True, cr, []) == (VMRun("x", "error", None, "process killed"),)
 
 
 def test_all_trigger_names_vms_from_their_tags() -> None:
@@ -339,7 +359,7 @@ def test_all_trigger_names_vms_from_their_tags() -> None:
     c2, r2 = chain(states.Running(), n=2, vm="vm-web-01", hypervisor="lab")
     c3, r3 = chain(states.Pending(), n=3, vm="vm-app-01", hypervisor="lab")
     arts = [progress(c2, "vm-web-01", 10.0), progress(c1, "db-x", 99.0, name="DB_X")]
-    got = vm_detail(["all"], False, [*r1, *r2, *r3], arts)
+    got = detail(["all"], False, [*r1, *r2, *r3], arts)
     # In creation order.
     assert got == (
         VMRun("DB_X", "running", 99.0, None),
@@ -381,7 +401,7 @@ def test_fan_out_over_deployments_reads_each_vms_child_run() -> None:
         progress(c, "c", 5.0),
         progress(e, "e", 30.0),
     ]
-    got = vm_detail(["all"], False, [*waits.values(), a, b1, b2, c, e], arts, run_id=str(FLOW_RUN))
+    got = detail(["all"], False, [*waits.values(), a, b1, b2, c, e], arts, run_id=str(FLOW_RUN))
     assert got == (
         VMRun("a", "running", 40.0, None, 1600, 4000),
         VMRun("b", "pending", None, None),
@@ -407,7 +427,7 @@ def test_every_entry_has_a_known_state() -> None:
     ]
     trs = [task_run("capture-vm", f(), n=i, vm=f"v{i}") for i, f in enumerate(factories)]
     for final in (False, True):
-        got = vm_detail([f"v{i}" for i in range(len(trs))], final, trs, [])
+        got = detail([f"v{i}" for i in range(len(trs))], final, trs, [])
         assert len(got) == len(trs)
         assert {v.state for v in got} <= VM_STATES
         if final:
@@ -459,8 +479,12 @@ class FakePrefect:
         return SimpleNamespace(json=lambda: len(self.task_runs))
 
     def read_artifacts(self, **kw: Any) -> list[Artifact]:
-        self.calls.append("artifacts")
         flt = kw["artifact_filter"]
+        if flt.key.any_ == [TARGETS_KEY]:  # the flow run's targets
+            self.calls.append("targets")
+            runs = set(flt.flow_run_id.any_)
+            return [named(t for t in self.task_runs if t.flow_run_id in runs)]
+        self.calls.append("artifacts")
         assert flt.type.any_ == ["progress"]
         rows = [a for a in self.arts if a.task_run_id in set(flt.task_run_id.any_)]
         return rows[kw["offset"] : kw["offset"] + kw["limit"]]
@@ -491,15 +515,15 @@ def test_latest_reads_what_is_in_flight_and_nothing_once_finished(
     monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
     runs = PrefectRuns("capture-vms", "on-demand")
 
-    got = runs.latest()  # the first read of a run: all of it
+    got = runs.latest()  # the first read of a run: all of it, and which VM each is for
     assert got is not None and got.vms == (
         VMRun("vm-a", "running", 50.0, None),
         VMRun("vm-b", "completed", 100.0, None),
     )
-    assert fake.calls == ["flow_runs", "task_runs", "artifacts"]
+    assert fake.calls == ["flow_runs", "task_runs", "artifacts", "targets"]
 
     # Then how many task runs there are, the one in flight (vm-b's has finished: kept)
-    # and its artifact.
+    # and its artifact; the targets are known.
     fake.calls.clear()
     fake.arts[0] = fake.arts[0].model_copy(update={"data": 75.0})  # updated in place
     got = runs.latest()
@@ -541,7 +565,7 @@ def test_many_task_runs_are_paged(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
     got = PrefectRuns("capture-vms", "on-demand").latest()
     assert got is not None and len(got.vms) == 250
-    assert fake.calls == ["flow_runs", "task_runs", "task_runs", "artifacts"]
+    assert fake.calls == ["flow_runs", "task_runs", "task_runs", "artifacts", "targets"]
 
 
 def test_error_text_is_without_prefect_boilerplate() -> None:
@@ -550,18 +574,43 @@ def test_error_text_is_without_prefect_boilerplate() -> None:
         n=1,
         vm="vm-a",
     )
-    (vm,) = vm_detail(["vm-a"], True, r, [])
+    (vm,) = detail(["vm-a"], True, r, [])
     assert vm.error == "host key mismatch" and not re.search("encountered", vm.error)
 
 
 def test_a_vm_whose_task_run_does_not_exist_yet_is_listed() -> None:
     # Mapped task runs are created one by one: a poll can see the first before the second.
     cap, runs = chain(states.Running(), n=1, vm="vm-web-01")
-    got = vm_detail(["vm-web-01", "vm-db-01"], False, runs, [])
+    got = detail(["vm-web-01", "vm-db-01"], False, runs, [])
     assert got == (
         VMRun("vm-web-01", "pending", None, None),
         VMRun("vm-db-01", "pending", None, None),
     )
-    assert vm_detail(["vm-web-01", "vm-db-01"], True, runs, [])[1] == VMRun(
+    assert detail(["vm-web-01", "vm-db-01"], True, runs, [])[1] == VMRun(
         "vm-db-01", "error", None, None
     )
+
+
+def test_a_capture_is_named_by_its_flow_runs_targets_once_they_are_published() -> None:
+    # The flow publishes which VM each capture is for once it has submitted them all: a
+    # read in between sees captures it cannot name yet. They are left out (a VM asked for
+    # shows as pending) until named; a run that ended before naming them shows them
+    # without a VM id rather than not at all.
+    cap, runs = chain(states.Running(), n=1, vm="vm-a")
+    arts = [progress(cap, "vm-a", 20.0)]
+    assert vm_detail(["vm-a"], False, runs, arts) == (VMRun("vm-a", "pending", None, None),)
+    assert vm_detail(["all"], False, runs, arts) == ()
+    assert detail(["vm-a"], False, runs, arts) == (VMRun("vm-a", "running", 20.0, None),)
+    assert vm_detail(["all"], True, runs, arts) == (
+        VMRun(None, "error", 20.0, "did not finish: the run ended first"),
+    )
+
+
+def test_targets_come_back_as_written_and_a_bad_row_is_left_out() -> None:
+    from memdump.runinfo import Target, targets_from_data, targets_to_data
+
+    targets = [Target("t1", "vm-a", "hv-1"), Target("t2", "101", None)]
+    assert targets_from_data(targets_to_data(targets)) == targets
+    rows = '[{"task_run_id": "t1", "vm_id": "vm-a"}, {"task_run_id": 3, "vm_id": "x"}, [1], 7]'
+    assert targets_from_data(rows) == [Target("t1", "vm-a", None)]
+    assert targets_from_data("not json") == targets_from_data(None) == []

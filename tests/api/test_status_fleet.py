@@ -62,7 +62,8 @@ def test_a_read_asks_again_only_for_what_is_still_in_flight(
     from prefect import Task, get_client
     from prefect.states import Failed
 
-    from memdump.runinfo import step_tag, vm_tags
+    from memdump.runinfo import Target, step_tag
+    from tasks.targets import publish_targets
 
     flow = "capture-vms-fleet-in-flight"
     run = fleet_runs.make_run(flow, 6, streaming=2)
@@ -70,7 +71,8 @@ def test_a_read_asks_again_only_for_what_is_still_in_flight(
     prefect_requests.clear()
     assert runs.latest() is not None  # the first read: all of it
     assert prefect_requests.rows_of("POST /task_runs/filter") == [6]
-    assert prefect_requests.rows_of("POST /artifacts/filter") == [2]
+    # The two VMs' progress, then the run's targets (which VM each task run is for).
+    assert prefect_requests.rows_of("POST /artifacts/filter") == [2, 1]
 
     for vm in run.vms[:2]:
         fleet_runs.stream(vm, 16 * MIB)
@@ -101,9 +103,9 @@ def test_a_read_asks_again_only_for_what_is_still_in_flight(
 
     # A VM whose task run came and failed between two reads: found by the count.
     with get_client(sync_client=True) as client:
-        tags = [step_tag("capture"), *vm_tags("vm-007", "lab-many-1")]
-        task = Task(fn=lambda: None, name="capture-vm", tags=tags)
-        client.create_task_run(task, run.id, "late", state=Failed(message="no such VM"))
+        task = Task(fn=lambda: None, name="capture-vm", tags=[step_tag("capture")])
+        late = client.create_task_run(task, run.id, "late", state=Failed(message="no such VM"))
+        publish_targets(run.id, [Target(str(late.id), "vm-007", "lab-many-1")], client)
     prefect_requests.clear()
     got = runs.latest()
     assert prefect_requests.rows_of("POST /task_runs/filter") == [4, 7]

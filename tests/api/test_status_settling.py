@@ -15,7 +15,8 @@ import pytest
 
 import api.runs
 from api.runs import PrefectRuns
-from memdump.runinfo import step_tag, vm_tags
+from memdump.runinfo import step_tag
+from tests.helpers.targets import targets_artifact
 
 
 def _task_run(run_id: Any, tr_id: Any, settled: bool) -> Any:
@@ -29,7 +30,7 @@ def _task_run(run_id: Any, tr_id: Any, settled: bool) -> Any:
         task_key="capture-vm",
         dynamic_key="0",
         name="capture-vm-nope-01",
-        tags=[step_tag("capture"), *vm_tags("nope-01")],
+        tags=[step_tag("capture")],
         state=state if settled else None,
     )
     tr.state_type, tr.state_name = StateType.FAILED, "Failed"
@@ -56,6 +57,8 @@ def test_a_failed_vm_read_before_its_state_is_read_again(monkeypatch: pytest.Mon
     monkeypatch.setattr(api.runs, "_task_runs", task_runs)
     monkeypatch.setattr(api.runs, "_count_task_runs", lambda client, scope: 1)
     monkeypatch.setattr(api.runs, "_progress_artifacts", lambda client, ids: [])
+    named = targets_artifact(run.id, [(tr_id, "nope-01", None)])
+    monkeypatch.setattr(api.runs, "_target_artifacts", lambda client, ids: [named])
     now = datetime.now(UTC)
 
     first = runs._latest(None, now)  # noqa: SLF001

@@ -193,15 +193,16 @@ def test_a_trigger_asks_prefect_four_things(
     from prefect import Task, get_client
     from prefect.states import Completed, Running
 
-    from memdump.runinfo import step_tag, vm_tags
+    from memdump.runinfo import Target, step_tag
+    from tasks.targets import publish_targets
 
     c = _replica(tmp_path, deployment, 0)
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
     (run,) = _runs(deployment)
     with get_client(sync_client=True) as client:  # the last run captured a VM, then ended
-        tags = [step_tag("capture"), *vm_tags("101")]
-        cap = Task(fn=lambda: None, name="capture-vm", tags=tags)
-        client.create_task_run(cap, run.id, "k", state=Running())
+        cap = Task(fn=lambda: None, name="capture-vm", tags=[step_tag("capture")])
+        tr = client.create_task_run(cap, run.id, "k", state=Running())
+        publish_targets(run.id, [Target(str(tr.id), "101")], client)
         client.set_flow_run_state(run.id, Completed(), force=True)
     server_time = api.runs._server_time
     monkeypatch.setattr(  # an hour later on the server's clock: the limit lets it through

@@ -1,7 +1,9 @@
 """/status's per-VM detail comes from typed data the flow writes (issue 13, item 3): the
-VM and step of each task run are tags, the byte counts are progress-artifact metadata,
-all named once in memdump.runinfo. A real flow run under Prefect's test harness (the
-engine faked), then every text a reader could parse is changed behind its back."""
+step of each task run is a tag, its VM is in the flow run's targets artifact (issue 17:
+not a tag per VM, which costs a Prefect request per task run), the byte counts are
+progress-artifact metadata, all named once in memdump.runinfo. A real flow run under
+Prefect's test harness (the engine faked), then every text a reader could parse is
+changed behind its back."""
 
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from memdump.runinfo import (
     CAPTURE_RUN_TASK,
     CAPTURE_TASK,
     LIST_TASK,
+    TARGETS_KEY,
     step_tag,
+    targets_from_data,
 )
 
 
-def test_status_detail_is_read_from_tags_and_metadata(fake_engine: dict[str, Any]) -> None:
+def test_status_detail_is_read_from_tags_targets_and_metadata(fake_engine: dict[str, Any]) -> None:
     from prefect import get_client
     from prefect.client.schemas.actions import ArtifactUpdate
     from prefect.client.schemas.filters import (
@@ -33,7 +37,7 @@ def test_status_detail_is_read_from_tags_and_metadata(fake_engine: dict[str, Any
     from flows.capture import capture_vms
 
     fake_engine["sizes"].update({"vm-a": 4096, "vm-b": 8192})
-    # A failure whose text names no VM: only the run's tag says whose it is.
+    # A failure whose text names no VM: only the run's targets say whose it is.
     fake_engine["plan"]["vm-c"] = [HostKeyError("host key mismatch")]
     state = capture_vms(
         vm_ids=["vm-a", "vm-b", "vm-c", "unknown-1"], source="test", return_state=True
@@ -47,11 +51,18 @@ def test_status_detail_is_read_from_tags_and_metadata(fake_engine: dict[str, Any
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
         )
         assert len(task_runs) == 4  # one per VM: its whole chain
+        # One set of tags for every capture: Prefect's check of tag concurrency limits
+        # before each task run is then answered from its cache, not a request per VM.
+        assert {frozenset(tr.tags) for tr in task_runs} == {frozenset([step_tag("capture")])}
         for i, tr in enumerate(task_runs):
             client.set_task_run_name(tr.id, f"renamed-{i}")
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
+        (targets,) = [a for a in arts if a.key == TARGETS_KEY]  # published once
+        named = {t.task_run_id: t.vm_id for t in targets_from_data(targets.data)}
+        assert sorted(named.values()) == ["unknown-1", "vm-a", "vm-b", "vm-c"]
+        assert set(named) == {str(tr.id) for tr in task_runs}
         progress = [a for a in arts if a.type == "progress"]
         assert len(progress) == 3  # vm-a, vm-b, vm-c (its capture failed after it began)
         for a in progress:

@@ -1,12 +1,13 @@
 """A capture run of many VMs made up in a Prefect server, without capturing anything: the
-flow run, one capture task run per VM (tagged as the capture flow tags them,
-memdump.runinfo) and the progress artifacts of the VMs that stream, in either fan-out
-mode. With ``fanout="deployments"`` each VM's chain is a child flow run, laid out as
-Prefect's ``run_deployment`` lays it out from the parent's task (checked against a real
-run of flows.capture with MEMDUMP_ORCHESTRATION__FANOUT=deployments): in the parent, the
-VM's capture task run and a placeholder task run whose ``__parents__`` input is that
-task run; the child flow run's ``parent_task_run_id`` is the placeholder; in the child,
-the VM's capture task run (same tags) and its progress artifact.
+flow run, one capture task run per VM (its step tag and its flow run's targets, as the
+capture flow writes them: memdump.runinfo) and the progress artifacts of the VMs that
+stream, in either fan-out mode. With ``fanout="deployments"`` each VM's chain is a child
+flow run, laid out as Prefect's ``run_deployment`` lays it out from the parent's task
+(checked against a real run of flows.capture with
+MEMDUMP_ORCHESTRATION__FANOUT=deployments): in the parent, the VM's capture task run and
+a placeholder task run whose ``__parents__`` input is that task run; the child flow
+run's ``parent_task_run_id`` is the placeholder; in the child, the VM's capture task run
+(named by the child's own targets) and its progress artifact.
 
 For /status tests and measurements (issue 17): the API reads it as it reads a real run."""
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import UUID
 
-from memdump.runinfo import PROGRESS_KEY, Progress, slug, step_tag, vm_tags
+from memdump.runinfo import PROGRESS_KEY, Progress, Target, slug, step_tag
+from tasks.targets import publish_targets
 
 MIB = 1 << 20
 
@@ -67,9 +69,10 @@ def make_run(
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(parent, parameters={"vm_ids": ["all"]}, state=Running())
         out = FleetRun(run.id)
+        targets = []
         for i in range(1, n + 1):
             vm = f"vm-{i:03d}"
-            tags = [step_tag("capture"), *vm_tags(vm, hypervisor)]
+            tags = [step_tag("capture")]
             cap = client.create_task_run(
                 _task("capture-vm", tags), run.id, f"cap-{i}", state=Running()
             )
@@ -92,7 +95,10 @@ def make_run(
                     _task("capture-vm", tags), sub.id, f"cap-{i}", state=Running()
                 )
                 streams, where = inner.id, sub.id
+                publish_targets(sub.id, [Target(str(inner.id), vm, hypervisor)], client)
+            targets.append(Target(str(cap.id), vm, hypervisor))
             out.vms.append(FleetVM(vm, cap.id, streams, where))
+        publish_targets(run.id, targets, client)
         for v in out.vms[:streaming]:
             start_streaming(v)
     return out
