@@ -361,6 +361,14 @@ def ms(values: list[float], q: float) -> float | None:
     return round(pct(values, q) * 1000, 1) if values else None
 
 
+def host_busy_sec() -> float:
+    """Busy CPU seconds of the whole machine so far, all cores (/proc/stat): the lab's
+    hypervisors, sshd, QEMU, the stack and the sampler share this machine's cores."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     target: Target, n: int, args: argparse.Namespace, caps: tuple[int, int]
 ) -> dict[str, Any]:
@@ -378,11 +386,13 @@ def measure(
         http = HttpSampler(target, args.rate)
         since = datetime.now(UTC)
         t0 = time.monotonic()
+        busy0 = host_busy_sec()
         all_took = trigger(c, ["all"])
         http.start()
         try:
             run = the_run(pf, since)
             run = wait_run(pf, run["id"], timeout)
+            busy = (host_busy_sec() - busy0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
             # /status catches up (its cache, the sampler's pace), unless a probe started
             # a newer run, which /status then shows instead.
             deadline = time.monotonic() + 30
@@ -433,6 +443,7 @@ def measure(
         mean_capture_s=round(total / len(recs), 3) if recs else None,
         concurrency=conc,
         overhead_per_vm_s=round((wall * conc - total) / n, 3),
+        host_cpu_busy_pct=round(100 * busy, 1),
         **timeline,
         peak_overlap=fleet.peak(spans)[0],
         peak_overlap_per_hypervisor=max(
@@ -488,6 +499,7 @@ ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("sum of captures s", ("sum_capture_s",)),
     ("mean capture s", ("mean_capture_s",)),
     ("overhead per VM s", ("overhead_per_vm_s",)),
+    ("host CPU busy % (all cores, trigger -> run end)", ("host_cpu_busy_pct",)),
     ("trigger -> first capture s", ("head_s",)),
     ("first capture -> last capture end s", ("body_s",)),
     ("  of it no capture running s", ("body_idle_s",)),
