@@ -504,19 +504,14 @@ def _progress_artifacts(client: Any, task_runs: list[UUID]) -> list[Artifact]:
         ArtifactFilterTaskRunId,
         ArtifactFilterType,
     )
-    from prefect.client.schemas.sorting import ArtifactSort
 
-    return _pages(
-        lambda offset: client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                task_run_id=ArtifactFilterTaskRunId(any_=task_runs),
-                type=ArtifactFilterType(any_=["progress"]),
-                key=ArtifactFilterKey(like_=f"{PROGRESS_KEY}%"),
-            ),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=PAGE,
-            offset=offset,
-        )
+    return _artifacts(
+        client,
+        ArtifactFilter(
+            task_run_id=ArtifactFilterTaskRunId(any_=task_runs),
+            type=ArtifactFilterType(any_=["progress"]),
+            key=ArtifactFilterKey(like_=f"{PROGRESS_KEY}%"),
+        ),
     )
 
 
@@ -527,14 +522,22 @@ def _target_artifacts(client: Any, flow_runs: list[UUID]) -> list[Artifact]:
         ArtifactFilterKey,
     )
 
+    return _artifacts(
+        client,
+        ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=flow_runs),
+            key=ArtifactFilterKey(any_=[TARGETS_KEY]),
+        ),
+    )
+
+
+def _artifacts(client: Any, which: Any) -> list[Artifact]:
+    """Every artifact ``which`` selects, newest first, a page at a time."""
+    from prefect.client.schemas.sorting import ArtifactSort
+
     return _pages(
         lambda offset: client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=flow_runs),
-                key=ArtifactFilterKey(any_=[TARGETS_KEY]),
-            ),
-            limit=PAGE,
-            offset=offset,
+            artifact_filter=which, sort=ArtifactSort.CREATED_DESC, limit=PAGE, offset=offset
         )
     )
 
