@@ -176,6 +176,7 @@ class HttpSampler(threading.Thread):
         self.target, self.rate = target, rate
         self.stop = threading.Event()
         self.lat: dict[str, list[float]] = {}
+        self.ended: dict[str, list[float]] = {}  # monotonic: when each of ``lat`` ended
         self.codes: dict[str, dict[int, int]] = {}
         self.errors: list[str] = []
         self.status_final_at: float | None = None  # monotonic: /status first showed the end
@@ -191,6 +192,7 @@ class HttpSampler(threading.Thread):
             self.errors.append(f"{name}: {exc!r}")
             return None
         self.lat.setdefault(name, []).append(time.perf_counter() - t0)
+        self.ended.setdefault(name, []).append(time.monotonic())
         by = self.codes.setdefault(name, {})
         by[r.status_code] = by.get(r.status_code, 0) + 1
         return r
@@ -463,6 +465,17 @@ def measure(
             name: {"n": len(v), "p50": ms(v, 0.5), "p99": ms(v, 0.99), "max": ms(v, 1.0)}
             for name, v in http.lat.items()
         },
+        # Which of them were slow, and when: (s after the trigger, ms), slowest first.
+        slowest_ms={
+            name: sorted(
+                (
+                    [round(e - t0, 1), round(x * 1000)]
+                    for x, e in zip(v, http.ended[name], strict=True)
+                ),
+                key=lambda p: -p[1],
+            )[:5]
+            for name, v in http.lat.items()
+        },
         codes={k: {str(c): n for c, n in v.items()} for k, v in http.codes.items()},
         http_errors=http.errors[:10],
         trigger_idle_ms={
@@ -618,6 +631,10 @@ def main() -> int:
         f"min(global cap, per-hv cap x H, N) = the global cap here); sampler {args.rate} req/s"
     )
     print(report(rows))
+    for row in rows:
+        for name, slow in row["slowest_ms"].items():
+            pairs = ", ".join(f"{ms} ms at {at} s" for at, ms in slow)
+            print(f"N={row['n']}: slowest {name}: {pairs} (after the trigger)")
     doc = json.dumps({"args": vars(args) | {"json": str(args.json)}, "sizes": rows}, indent=1)
     if args.json:
         args.json.write_text(doc + "\n")
