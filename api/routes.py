@@ -71,7 +71,7 @@ TOO_MANY: dict[int | str, dict[str, Any]] = {
     429: {
         "model": ErrorBody,
         "description": "a trigger came too soon, a run is in progress, or another"
-        " trigger holds the trigger lock (Retry-After says when to try again)",
+        " trigger made its run from the same last run first (Retry-After says when to try again)",
     },
 }
 
@@ -112,23 +112,15 @@ def trigger(
     if interval <= 0:  # limit off
         run = _schedule(runs, vm_ids, latest, None)
     else:
-        # Check and create under one lock held across API replicas (a Prefect
-        # concurrency slot), with the Prefect server's clock: N concurrent triggers make
-        # one run, the others are refused.
+        # The check reads the newest run on the Prefect server's clock, and the run is
+        # made keyed by what the check saw (api.runs.AFTER_KEY): of N concurrent
+        # triggers in any API replicas one makes a run, the others are refused.
         try:
-            with runs.exclusive() as view:
-                _check_rate(view, interval)
-                run = _schedule(runs, vm_ids, latest, view.now)
-        except TriggerBusy:
-            raise HTTPException(
-                429,
-                "Another trigger is being scheduled; retry in 1 s",
-                headers={"Retry-After": "1"},
-            ) from None
-        except HTTPException:
-            raise
+            view = runs.view()
         except Exception as exc:
             raise HTTPException(500, f"Error checking the last trigger: {exc}") from exc
+        _check_rate(view, interval)
+        run = _schedule(runs, vm_ids, latest, view)
     return TriggerResponse(
         message=f"Memory dump scheduled for {len(vm_ids)} VM(s)",
         vm_ids=vm_ids,
@@ -138,12 +130,21 @@ def trigger(
 
 
 def _schedule(
-    runs: Runs, vm_ids: list[str], latest: LatestRunCache, at: datetime | None
+    runs: Runs, vm_ids: list[str], latest: LatestRunCache, view: TriggerView | None
 ) -> Triggered:
     try:
-        run = runs.trigger(vm_ids, "api") if at is None else runs.trigger(vm_ids, "api", at)
+        if view is None:
+            run = runs.trigger(vm_ids, "api")
+        else:
+            run = runs.trigger(vm_ids, "api", view.now, after=view)
         latest.invalidate()
         return run
+    except TriggerBusy:
+        raise HTTPException(
+            429,
+            "Another trigger is being scheduled; retry in 1 s",
+            headers={"Retry-After": "1"},
+        ) from None
     except Exception as exc:
         reason = str(exc) if str(exc) not in ("", "None") else type(exc).__name__
         raise HTTPException(500, f"Error scheduling memory dump: {reason}") from exc
@@ -333,8 +334,7 @@ def outbox(box: OutboxDep) -> dict[str, Any]:
 def _check_rate(view: TriggerView, interval: float) -> None:
     """At most one trigger per ``interval`` seconds, and none while the last run is still
     in progress (so /status never hides a running capture behind a newer one). Read from
-    Prefect under the trigger lock, on the Prefect server's clock, so every API replica
-    applies the same rule at once."""
+    Prefect, on the Prefect server's clock, so every API replica applies the same rule."""
     last = view.last
     if last is None:
         return

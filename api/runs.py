@@ -9,8 +9,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -86,44 +85,50 @@ class Triggered:
 
 
 class TriggerBusy(Exception):
-    """Another trigger (in this or another API replica) holds the trigger lock."""
+    """Another trigger (in this or another API replica) made a run from the same view
+    first: this one makes none."""
 
 
 @dataclass(frozen=True)
 class TriggerView:
-    """What a trigger decides on, read while holding the trigger lock."""
+    """What a trigger decides on: the newest due run, read in one request."""
 
     now: datetime  # the Prefect server's clock, the one its run timestamps use
     last: RunSummary | None
 
 
 class Runs(Protocol):
-    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> Triggered:
+    def trigger(
+        self,
+        vm_ids: list[str],
+        source: str,
+        at: datetime | None = None,
+        after: TriggerView | None = None,
+    ) -> Triggered:
         """Create a flow run (returns at once) and return it; ``at``: its start time
-        (the server's clock, from TriggerView.now), else now."""
+        (the server's clock, from TriggerView.now), else now. ``after``: the view the
+        trigger decided on; the run is made only if no trigger made one from the same
+        view (TriggerBusy otherwise), in every API replica."""
         ...
 
     def latest(self) -> RunSummary | None:
         """The newest capture run that is due (not a future scheduled one)."""
         ...
 
-    def exclusive(self) -> AbstractContextManager[TriggerView]:
-        """The trigger lock, one holder across every API replica (TriggerBusy at once
-        if taken): the rate check and the run's creation happen inside it."""
+    def view(self) -> TriggerView:
+        """The newest due run's state and time, and the server's clock: what a trigger's
+        rate check decides on (not the per-VM detail /status shows)."""
         ...
 
 
-# A Prefect global concurrency limit of 1 used as a mutex by every API replica. Its slot
-# is leased: an API that dies holding it frees it when the lease runs out (the
-# server's minimum lease).
-TRIGGER_LOCK = "memdump-trigger"
-TRIGGER_LOCK_LEASE_SEC = 60.0
-# Leases live in the Prefect server's memory: a server restart while a trigger holds the
-# slot leaves it taken with no lease to expire. A lock that one API process has found
-# taken at every attempt for this long (a real hold lasts well under a second) is
-# treated as leaked and freed.
-STALE_LOCK_SEC = 3 * TRIGGER_LOCK_LEASE_SEC
-
+# A trigger with the rate limit on creates its run with this idempotency key, named by
+# the newest run it saw: two triggers that saw the same newest run (in any API replica)
+# give Prefect one key, and Prefect makes one run of it (a unique index on the flow and
+# the key); the second gets that run back (200, not 201) and is refused. A trigger that
+# saw a newer run was refused by the rate check already, since that run is in progress.
+AFTER_KEY = "memdump-trigger-after:{}"
+# The flow run's context entry that names the API call that made it (a random id).
+TRIGGER_CONTEXT = "memdump_trigger"
 
 # A flow run's creation answered 503 (the Prefect server's SQLite "database is locked"
 # under a fleet's writes), 502 or 429 is tried again after these delays (then once more
@@ -144,7 +149,9 @@ class PrefectRuns:
         # Per-VM detail of the last finished run read: it cannot change any more, so a
         # finished run costs one Prefect query again, as before the detail existed.
         self._final: tuple[str, tuple[VMRun, ...]] | None = None
-        self._busy_since: float | None = None  # first of an unbroken row of TriggerBusy
+        # The Prefect server's clock minus this machine's, from the Date of its last
+        # answer (whole seconds): which runs are due is asked on the server's clock.
+        self._skew = timedelta(0)
         # What the last read of the latest run found (see _vms): kept for the next one.
         self._read: _RunRead | None = None
         # The deployment's id, looked up by name once (again if Prefect no longer has it).
@@ -244,32 +251,49 @@ class PrefectRuns:
             )
             if found and self._deployment_id is None:
                 self._deployment_id = found[0].id
+            self._http()  # the client the run's creation goes through
+            self._newest(client)  # the rate check's read: its code, and the clock skew
         except Exception as exc:  # noqa: BLE001 - the first trigger meets it again
             logger.debug("warming the Prefect client: %s", exc)
 
-    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> Triggered:
+    def trigger(
+        self,
+        vm_ids: list[str],
+        source: str,
+        at: datetime | None = None,
+        after: TriggerView | None = None,
+    ) -> Triggered:
         """The flow run, created from the deployment's remembered id: one request, where
         run_deployment(timeout=0) looked the deployment up by name every time."""
         import httpx
 
         client = self._client()
         try:
-            run = self._create(client, vm_ids, source, at)
+            run = self._create(client, vm_ids, source, at, after)
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code != 404:
                 raise
             self._deployment_id = None  # deleted (and perhaps made again: a new id)
-            run = self._create(client, vm_ids, source, at)
+            run = self._create(client, vm_ids, source, at, after)
         if self.wake is not None:
             ring(self.wake)
         # The run as the server stored it: the same field /status reads (_latest).
         return Triggered(str(run.id), due_time(run))
 
-    def _create(self, client: Any, vm_ids: list[str], source: str, at: datetime | None) -> Any:
+    def _create(
+        self,
+        client: Any,
+        vm_ids: list[str],
+        source: str,
+        at: datetime | None,
+        after: TriggerView | None,
+    ) -> Any:
         """POST /deployments/{id}/create_flow_run, the body Prefect's client would send,
         with an idempotency key: a try that the server did take (an answer lost) is not
         made twice by the retries, which are CREATE_RETRY_DELAYS apart; after them (or
-        refused, e.g. a CSRF-protected server) Prefect's own client, same key."""
+        refused, e.g. a CSRF-protected server) Prefect's own client, same key. With
+        ``after``, the key is AFTER_KEY's, and a run there already that another call
+        made is another trigger's (TriggerBusy)."""
         from prefect.client.schemas.actions import DeploymentFlowRunCreate
         from prefect.client.schemas.objects import FlowRun
         from prefect.states import Scheduled, to_state_create
@@ -281,15 +305,29 @@ class PrefectRuns:
         # Unset: this machine's clock, as run_deployment did (the run is due now).
         state: Any = Scheduled(scheduled_time=at or datetime.now(UTC))
         tags = ["memdump", f"source:{source}"]
-        key = str(uuid4())
+        # This call's mark on the run it makes: a run found under an AFTER_KEY key
+        # without it is another trigger's. (Prefect's 201/200 cannot tell: a run made
+        # concurrently with this request counts as made by it.)
+        nonce = str(uuid4())
+        key = nonce if after is None else AFTER_KEY.format(after.last.id if after.last else "none")
         body = DeploymentFlowRunCreate(
-            parameters=parameters, state=to_state_create(state), tags=tags, idempotency_key=key
+            parameters=parameters,
+            state=to_state_create(state),
+            tags=tags,
+            idempotency_key=key,
+            context={TRIGGER_CONTEXT: nonce},
         ).model_dump(mode="json", exclude_unset=True)
         import httpx
 
         http = self._http()
         path = f"deployments/{self._deployment_id}/create_flow_run"
         why = ""
+
+        def mine(run: FlowRun) -> FlowRun:
+            if after is not None and (run.context or {}).get(TRIGGER_CONTEXT) != nonce:
+                raise TriggerBusy
+            return run
+
         try:
             resp = http.post(path, json=body)
             for delay in CREATE_RETRY_DELAYS:
@@ -300,87 +338,62 @@ class PrefectRuns:
             if resp.status_code == 404:
                 resp.raise_for_status()  # the deployment is gone: trigger() looks it up again
             if resp.is_success:
-                return FlowRun.model_validate(resp.json())
+                return mine(FlowRun.model_validate(resp.json()))
             why = str(resp.status_code)
         except httpx.TransportError as exc:  # Prefect's client retries these its own way
             why = f"{type(exc).__name__}: {exc}"
         logger.info("creating the flow run: %s; again through Prefect's client", why)
-        return client.create_flow_run_from_deployment(
-            self._deployment_id,
-            parameters=parameters,
-            state=state,
-            tags=tags,
-            idempotency_key=key,
+        return mine(
+            client.create_flow_run_from_deployment(
+                self._deployment_id,
+                parameters=parameters,
+                state=state,
+                tags=tags,
+                idempotency_key=key,
+                context={TRIGGER_CONTEXT: nonce},
+            )
         )
 
-    @contextmanager
-    def exclusive(self) -> Iterator[TriggerView]:
-        client = self._client()
-        try:
-            lease_id, now = _take_lock(client)
-        except TriggerBusy:
-            if not self._free_stale_lock(client):
-                raise
-            lease_id, now = _take_lock(client)
-        self._busy_since = None
-        try:
-            # Due within the coming second counts: the Date header drops fractions. The
-            # run's state and time only: its per-VM detail is /status's, not the rule's.
-            run = self._newest(client, now + timedelta(seconds=1))
-            yield TriggerView(now, None if run is None else _summary(run, ()))
-        finally:
-            try:
-                client.release_concurrency_slots_with_lease(lease_id)
-            except Exception:  # noqa: S110 - the lease runs out by itself
-                pass
-
-    def _free_stale_lock(self, client: Any) -> bool:
-        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-
-        now = time.monotonic()
-        if self._busy_since is None:
-            self._busy_since = now
-            return False
-        if now - self._busy_since < STALE_LOCK_SEC:
-            return False
-        logger.warning(
-            "the trigger lock %r was taken at every attempt for %.0f s: freeing it as"
-            " leaked (a Prefect server restart loses its lease)",
-            TRIGGER_LOCK,
-            now - self._busy_since,
-        )
-        client.update_global_concurrency_limit(
-            TRIGGER_LOCK, GlobalConcurrencyLimitUpdate(active_slots=0)
-        )
-        self._busy_since = None
-        return True
+    def view(self) -> TriggerView:
+        run, now = self._newest(self._client())
+        return TriggerView(now, None if run is None else _summary(run, ()))
 
     def latest(self) -> RunSummary | None:
-        return self._latest(self._client(), datetime.now(UTC))
+        return self._latest(self._client())
 
-    def _newest(self, client: Any, now: datetime) -> FlowRun | None:
-        """The newest capture flow run due before ``now``: one query."""
+    def _newest(self, client: Any) -> tuple[FlowRun | None, datetime]:
+        """The newest capture flow run that is due, and the server's time: one query.
+        Due on the server's clock (this machine's, corrected by the skew its last answer
+        showed); within the coming second counts, as the Date header drops fractions."""
         from prefect.client.schemas.filters import (
             FlowFilter,
             FlowFilterName,
             FlowRunFilter,
             FlowRunFilterExpectedStartTime,
         )
+        from prefect.client.schemas.objects import FlowRun
         from prefect.client.schemas.sorting import FlowRunSort
 
-        runs = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[self.flow_name])),
-            # The scheduler creates next week's run ahead of time; it is not "the last".
-            flow_run_filter=FlowRunFilter(
-                expected_start_time=FlowRunFilterExpectedStartTime(before_=now)  # type: ignore[arg-type]
-            ),
-            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
-            limit=1,
+        due = datetime.now(UTC) + self._skew + timedelta(seconds=1)
+        # The scheduler creates next week's run ahead of time; it is not "the last".
+        runs = FlowRunFilter(
+            expected_start_time=FlowRunFilterExpectedStartTime(before_=due)  # type: ignore[arg-type]
         )
-        return runs[0] if runs else None
+        body = {  # what read_flow_runs sends; its answer's Date is the server's clock
+            "flows": FlowFilter(name=FlowFilterName(any_=[self.flow_name])).model_dump(mode="json"),
+            "flow_runs": runs.model_dump(mode="json", exclude_unset=True),
+            "sort": FlowRunSort.EXPECTED_START_TIME_DESC.value,
+            "limit": 1,
+        }
+        local = datetime.now(UTC)
+        resp = client.request("POST", "/flow_runs/filter", json=body)
+        now = _server_time(resp, local)
+        self._skew = now - local
+        found = FlowRun.model_validate_list(resp.json())
+        return (found[0] if found else None), now
 
-    def _latest(self, client: Any, now: datetime) -> RunSummary | None:
-        run = self._newest(client, now)
+    def _latest(self, client: Any) -> RunSummary | None:
+        run, _ = self._newest(client)
         if run is None:
             return None
         state = run.state
@@ -590,53 +603,15 @@ def _summary(run: FlowRun, vms: tuple[VMRun, ...]) -> RunSummary:
     )
 
 
-def _take_lock(client: Any) -> tuple[Any, datetime]:
-    """Take the trigger lock's slot: (lease id, the server's time from its answer).
-    A missing or inactive limit would be "acquired" without holding anything, so the
-    answer must name it; else it is created (or re-activated) and taken again."""
-    import httpx
-    from prefect.client.schemas.actions import (
-        GlobalConcurrencyLimitCreate,
-        GlobalConcurrencyLimitUpdate,
-    )
-    from prefect.exceptions import ObjectAlreadyExists
-
-    for _ in range(2):
-        try:
-            resp = client.increment_concurrency_slots_with_lease(
-                names=[TRIGGER_LOCK],
-                slots=1,
-                mode="concurrency",
-                lease_duration=TRIGGER_LOCK_LEASE_SEC,
-            )
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 423:  # Locked: another trigger holds it
-                raise TriggerBusy from None
-            raise
-        body = resp.json()
-        if any(lim.get("name") == TRIGGER_LOCK for lim in body.get("limits", [])):
-            return body["lease_id"], _server_time(resp)
-        client.release_concurrency_slots_with_lease(body["lease_id"])
-        try:
-            client.create_global_concurrency_limit(
-                GlobalConcurrencyLimitCreate(name=TRIGGER_LOCK, limit=1)
-            )
-        except ObjectAlreadyExists:  # inactive, or another trigger just created it
-            client.update_global_concurrency_limit(
-                TRIGGER_LOCK, GlobalConcurrencyLimitUpdate(active=True, limit=1)
-            )
-    raise RuntimeError(f"the Prefect concurrency limit {TRIGGER_LOCK!r} cannot be taken")
-
-
-def _server_time(resp: Any) -> datetime:
+def _server_time(resp: Any, local: datetime) -> datetime:
     """The Prefect server's clock, from its answer's Date header (whole seconds: the
-    rate check rounds in its favour). Without one, this machine's clock."""
+    rate check rounds in its favour). Without one, this machine's clock (``local``)."""
     from email.utils import parsedate_to_datetime
 
     try:
         return parsedate_to_datetime(resp.headers["date"]).astimezone(UTC)
     except (KeyError, TypeError, ValueError):
-        return datetime.now(UTC)
+        return local
 
 
 def _pages(read: Any) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -103,21 +104,25 @@ def test_bad_request_wins_over_rate_limit(tmp_path: Path) -> None:
     assert r.status_code == 400 and r.json() == {"detail": "No VM IDs specified"}
 
 
-def test_trigger_lock_taken_is_429_retry_after_1(tmp_path: Path) -> None:
-    """Another replica holds the trigger lock (issue 11 item 11): refused, nothing run."""
+def test_trigger_beaten_to_its_run_is_429_retry_after_1(tmp_path: Path) -> None:
+    """Another trigger (in this or another replica) made a run from the same view first
+    (issue 11 item 11, issue 17): refused, nothing run."""
     runs = FakeRuns()
+    runs.run = _last("COMPLETED", 3600)
     c = app(tmp_path, runs)
-    with runs.exclusive():
-        r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    runs.trigger(["102"], "api", after=runs.view())  # the other trigger, first
+    r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
     assert r.json() == {"detail": "Another trigger is being scheduled; retry in 1 s"}
-    assert runs.triggered == []
+    assert runs.triggered == [(["102"], "api")]
+    runs.run = dataclasses.replace(_last("COMPLETED", 3600), id="r2")  # a newer view
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    assert runs.triggered == [(["102"], "api"), (["101"], "api")]
 
 
-def test_trigger_lock_unreachable_is_500(tmp_path: Path) -> None:
+def test_last_run_unreadable_is_500(tmp_path: Path) -> None:
     class NoPrefect(FakeRuns):
-        def exclusive(self) -> Any:
+        def view(self) -> Any:
             raise ConnectionError("Connection refused")
 
     runs = NoPrefect()
@@ -127,8 +132,8 @@ def test_trigger_lock_unreachable_is_500(tmp_path: Path) -> None:
     assert runs.triggered == []
 
 
-def test_interval_uses_the_lock_holders_clock(tmp_path: Path) -> None:
-    """The age of the last trigger is measured on the clock the lock gives (Prefect's),
+def test_interval_uses_the_servers_clock(tmp_path: Path) -> None:
+    """The age of the last trigger is measured on the clock the view gives (Prefect's),
     not this machine's."""
     runs = FakeRuns()
     runs.run = _last("COMPLETED", 3600)  # an hour ago by this machine's clock...

@@ -473,6 +473,10 @@ class FakePrefect:
         return rows[kw["offset"] : kw["offset"] + kw["limit"]]
 
     def request(self, method: str, path: str, json: Any) -> Any:
+        if (method, path) == ("POST", "/flow_runs/filter"):  # the newest run, with Date
+            self.calls.append("flow_runs")
+            run = self.flow_run.model_dump(mode="json")
+            return SimpleNamespace(json=lambda: [run], headers={})
         self.calls.append("count")
         assert (method, path) == ("POST", "/task_runs/count")
         assert json["flow_runs"]["id"]["any_"] == [str(self.flow_run.id)]

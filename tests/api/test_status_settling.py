@@ -53,25 +53,23 @@ def test_a_failed_vm_read_before_its_state_is_read_again(monkeypatch: pytest.Mon
         return [_task_run(run.id, tr_id, recorded["settled"])]
 
     runs = PrefectRuns("capture-vms", "on-demand")
-    monkeypatch.setattr(runs, "_newest", lambda client, now: run)
+    monkeypatch.setattr(runs, "_newest", lambda client: (run, datetime.now(UTC)))
     monkeypatch.setattr(api.runs, "_task_runs", task_runs)
     monkeypatch.setattr(api.runs, "_count_task_runs", lambda client, scope: 1)
     monkeypatch.setattr(api.runs, "_progress_artifacts", lambda client, ids: [])
     named = targets_artifact(run.id, [(tr_id, "nope-01", None)])
     monkeypatch.setattr(api.runs, "_target_artifacts", lambda client, ids: [named])
-    now = datetime.now(UTC)
-
-    first = runs._latest(None, now)  # noqa: SLF001
+    first = runs._latest(None)  # noqa: SLF001
     assert first is not None
     (vm,) = first.vms
     assert (vm.state, vm.error) == ("failed", "Failed")  # the state not in yet
     recorded["settled"] = True
-    second = runs._latest(None, now)  # noqa: SLF001
+    second = runs._latest(None)  # noqa: SLF001
     assert second is not None
     (vm,) = second.vms
     assert vm.state == "failed" and vm.error == "no VM 'nope-01'"
     # Read again as in flight (by id), then kept as final: the next read asks nothing.
     assert asked[0] is None and asked[1] is not None
     asked.clear()
-    third = runs._latest(None, now)  # noqa: SLF001
+    third = runs._latest(None)  # noqa: SLF001
     assert third is not None and third.vms == second.vms and asked == []

@@ -1,5 +1,6 @@
 """Issue 11 item 11: the trigger rate limit is atomic across API replicas and uses the
-Prefect server's clock; issue 17: what a trigger asks Prefect. Against a real
+Prefect server's clock; issue 17: what a trigger asks Prefect (two requests: the last
+run, then the new run keyed by it, api.runs.AFTER_KEY). Against a real
 (temporary) Prefect server, with a deployment that no runner serves, so a created run
 stays Scheduled (in progress)."""
 
@@ -17,7 +18,7 @@ from fastapi.testclient import TestClient
 import api.routes
 import api.runs
 from api.main import create_app
-from api.runs import TRIGGER_LOCK
+from api.runs import AFTER_KEY
 from memdump.records.sqlite import SQLiteRecordStore
 from memdump.settings import Settings
 from tests.helpers.prefect_requests import PrefectRequests
@@ -83,17 +84,66 @@ def test_concurrent_triggers_on_two_replicas_make_one_run(tmp_path: Path, deploy
     assert len(_runs(deployment)) == 1
 
 
-def test_the_lock_is_given_back(tmp_path: Path, deployment: str) -> None:
-    from prefect import get_client
-
+def test_a_refused_trigger_makes_no_run(tmp_path: Path, deployment: str) -> None:
     c = _replica(tmp_path, deployment, 0)
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
     r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
     assert r.status_code == 429 and "in progress" in r.json()["detail"]
+    (run,) = _runs(deployment)
+    assert run.idempotency_key == AFTER_KEY.format("none")  # the view had no run yet
+
+
+def test_two_triggers_from_one_view_make_one_run(tmp_path: Path, deployment: str) -> None:
+    """Two replicas' triggers both read the same last run (the race the rate check
+    cannot see): the second one's run is the first one's (Prefect's idempotency key),
+    so it is refused and nothing more is made."""
+    from prefect import get_client
+    from prefect.states import Completed
+
+    a, b = (_replica(tmp_path, deployment, i, interval=1) for i in range(2))
+    assert a.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
+    (first,) = _runs(deployment)
     with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(TRIGGER_LOCK)
-    assert limit.limit == 1 and limit.active_slots == 0
-    assert len(_runs(deployment)) == 1
+        client.set_flow_run_state(first.id, Completed(), force=True)
+    time.sleep(2.1)  # past the interval: both may trigger
+    runs_a, runs_b = a.app.state.runs, b.app.state.runs  # type: ignore[attr-defined]
+    view_a, view_b = runs_a.view(), runs_b.view()  # both read before either made a run
+    assert view_a.last.id == view_b.last.id == str(first.id)
+    made = runs_a.trigger(["102"], "api", view_a.now, after=view_a)
+    with pytest.raises(api.runs.TriggerBusy):
+        runs_b.trigger(["103"], "api", view_b.now, after=view_b)
+    runs = _runs(deployment)
+    assert len(runs) == 2 and made.id in {str(r.id) for r in runs}
+    (second,) = [r for r in runs if r.id != first.id]
+    assert second.parameters["vm_ids"] == ["102"]
+    assert second.idempotency_key == AFTER_KEY.format(first.id)
+
+
+def test_a_run_made_by_a_try_whose_answer_was_lost_is_this_triggers(
+    tmp_path: Path, deployment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server took the first try, its answer was lost: the try again (through
+    Prefect's client, same key) finds the run, and it is this trigger's own."""
+    import httpx
+
+    c = _replica(tmp_path, deployment, 0)
+    http = c.app.state.runs._http()  # type: ignore[attr-defined]
+    post = http.post
+    lost: list[int] = []
+
+    def post_then_lose(path: str, **kw: Any) -> Any:
+        resp = post(path, **kw)
+        if "create_flow_run" in path and not lost:
+            lost.append(resp.status_code)
+            raise httpx.ReadError("connection reset")
+        return resp
+
+    monkeypatch.setattr(http, "post", post_then_lose)
+    r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
+    assert lost == [201]
+    assert r.status_code == 200, r.text
+    (run,) = _runs(deployment)
+    assert run.parameters["vm_ids"] == ["101"]
 
 
 class _AheadClock(datetime):
@@ -124,63 +174,36 @@ def test_interval_is_measured_on_the_servers_clock(
     assert len(_runs(deployment)) == 1
 
 
-def test_deleted_lock_limit_is_recreated(tmp_path: Path, deployment: str) -> None:
-    """Without its limit, taking the lock would succeed vacuously (Prefect ignores
-    unknown names): the API creates it again instead of running unlocked."""
-    from prefect import get_client
+class _BehindClock(datetime):
+    """This API machine's clock, an hour behind the Prefect server's."""
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.delete_global_concurrency_limit_by_name(TRIGGER_LOCK)
-        except Exception:  # noqa: S110 - not created yet in this server
-            pass
-    c = _replica(tmp_path, deployment, 0)
-    assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(TRIGGER_LOCK)
-    assert limit.limit == 1 and limit.active and limit.active_slots == 0
+    @classmethod
+    def now(cls, tz: Any = None) -> Any:
+        return datetime.now(tz) - timedelta(hours=1)
 
 
-def test_a_leaked_lock_frees_itself(
+def test_which_runs_are_due_is_asked_on_the_servers_clock(
     tmp_path: Path, deployment: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A Prefect server restart while a trigger holds the lock leaves its slot taken with
-    no lease to expire: after STALE_LOCK_SEC of refusals the API frees it."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-    from prefect.states import Completed
-
+    """A run the server made due now is due for an API machine whose clock is behind:
+    the read corrects its clock by the skew the server's last answer showed (else the
+    run would be "not due yet", the check would see no run, and the trigger would only
+    be stopped by the idempotency key, as if it had raced another)."""
+    monkeypatch.setattr(api.runs, "datetime", _BehindClock)
     c = _replica(tmp_path, deployment, 0)
     assert c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]}).status_code == 200
-    (run,) = _runs(deployment)
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_state(run.id, Completed(), force=True)
-        client.update_global_concurrency_limit(
-            TRIGGER_LOCK,
-            GlobalConcurrencyLimitUpdate(active_slots=1),  # leaked
-        )
-    monkeypatch.setattr(api.runs, "STALE_LOCK_SEC", 0.5)
-    for _ in range(2):  # refused while it may still be a real holder
-        r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
-        assert r.status_code == 429 and "Another trigger" in r.json()["detail"]
-    time.sleep(0.6)
     r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
-    # Freed and taken: now the ordinary rule answers (the last run was moments ago).
-    assert r.status_code == 429 and "at most one every 60 s" in r.json()["detail"]
-    with get_client(sync_client=True) as client:
-        assert client.read_global_concurrency_limit_by_name(TRIGGER_LOCK).active_slots == 0
+    assert r.status_code == 429 and "in progress" in r.json()["detail"], r.text
     assert len(_runs(deployment)) == 1
 
 
 TRIGGER_REQUESTS = [
-    "POST /v2/concurrency_limits/increment-with-lease",  # the trigger lock
-    "POST /flow_runs/filter",  # the last run: its state and time
-    "POST /deployments/{id}/create_flow_run",  # the new run
-    "POST /v2/concurrency_limits/decrement-with-lease",  # the lock given back
+    "POST /flow_runs/filter",  # the last run: its state and time, the server's clock
+    "POST /deployments/{id}/create_flow_run",  # the new run, keyed by the last one
 ]
 
 
-def test_a_trigger_asks_prefect_four_things(
+def test_a_trigger_asks_prefect_two_things(
     tmp_path: Path,
     deployment: str,
     prefect_requests: PrefectRequests,
@@ -206,7 +229,7 @@ def test_a_trigger_asks_prefect_four_things(
         client.set_flow_run_state(run.id, Completed(), force=True)
     server_time = api.runs._server_time
     monkeypatch.setattr(  # an hour later on the server's clock: the limit lets it through
-        api.runs, "_server_time", lambda resp: server_time(resp) + timedelta(hours=1)
+        api.runs, "_server_time", lambda *a: server_time(*a) + timedelta(hours=1)
     )
 
     prefect_requests.clear()
@@ -214,11 +237,11 @@ def test_a_trigger_asks_prefect_four_things(
     assert prefect_requests.plan() == TRIGGER_REQUESTS
     assert len(_runs(deployment)) == 2
 
-    # Refused while that run is in progress: the lock, the last run, the lock given back.
+    # Refused while that run is in progress: the last run only.
     prefect_requests.clear()
     r = c.post(f"{BASE}/trigger", json={"vm_ids": ["101"]})
     assert r.status_code == 429 and "in progress" in r.json()["detail"]
-    assert prefect_requests.plan() == [TRIGGER_REQUESTS[i] for i in (0, 1, 3)]
+    assert prefect_requests.plan() == TRIGGER_REQUESTS[:1]
 
 
 def test_a_deployment_made_again_is_found_again(

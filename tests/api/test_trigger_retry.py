@@ -110,7 +110,7 @@ def test_a_refusal_is_not_retried_and_a_gone_deployment_is_looked_up_again(
     assert slept == [] and len(fallback.calls) == 1  # e.g. a CSRF-protected server
     runs, slept, fallback = _runs(monkeypatch, Prefect([404]))
     with pytest.raises(httpx.HTTPStatusError):
-        runs._create(fallback, ["vm-web-01"], "api", None)  # noqa: SLF001
+        runs._create(fallback, ["vm-web-01"], "api", None, None)  # noqa: SLF001
     assert slept == [] and not fallback.calls
 
 

@@ -4,8 +4,6 @@ allowed Host header (the API refuses Starlette's default "testserver")."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,8 +22,9 @@ def client(app: FastAPI, **kwargs: Any) -> TestClient:
 
 
 class FakeRuns:
-    """Records triggers; ``run`` is what latest() answers. exclusive() is a process-local
-    lock with this machine's clock (the real one is a Prefect concurrency slot)."""
+    """Records triggers; ``run`` is what latest() and view() answer, with this machine's
+    clock unless ``now`` is set. Like Prefect with api.runs.AFTER_KEY, it makes one run
+    per view: a second trigger decided on the same view is TriggerBusy."""
 
     def __init__(self) -> None:
         self.triggered: list[tuple[list[str], str]] = []
@@ -33,21 +32,28 @@ class FakeRuns:
         self.fail = False
         self.now: datetime | None = None  # the "server" clock; None: datetime.now
         self._lock = threading.Lock()
+        self._claimed: set[str | None] = set()
 
-    def trigger(self, vm_ids: list[str], source: str, at: datetime | None = None) -> Triggered:
+    def trigger(
+        self,
+        vm_ids: list[str],
+        source: str,
+        at: datetime | None = None,
+        after: TriggerView | None = None,
+    ) -> Triggered:
         if self.fail:
             raise ConnectionError("Prefect is down")
-        self.triggered.append((vm_ids, source))
+        with self._lock:
+            if after is not None:
+                key = None if after.last is None else after.last.id
+                if key in self._claimed:
+                    raise TriggerBusy
+                self._claimed.add(key)
+            self.triggered.append((vm_ids, source))
         return Triggered("run-1", at or datetime.now(UTC))
 
     def latest(self) -> RunSummary | None:
         return self.run
 
-    @contextmanager
-    def exclusive(self) -> Iterator[TriggerView]:
-        if not self._lock.acquire(blocking=False):
-            raise TriggerBusy
-        try:
-            yield TriggerView(self.now or datetime.now(UTC), self.run)
-        finally:
-            self._lock.release()
+    def view(self) -> TriggerView:
+        return TriggerView(self.now or datetime.now(UTC), self.run)
