@@ -317,31 +317,19 @@ class PrefectRuns:
             idempotency_key=key,
             context={TRIGGER_CONTEXT: nonce},
         ).model_dump(mode="json", exclude_unset=True)
-        import httpx
 
-        http = self._http()
         path = f"deployments/{self._deployment_id}/create_flow_run"
-        why = ""
 
         def mine(run: FlowRun) -> FlowRun:
             if after is not None and (run.context or {}).get(TRIGGER_CONTEXT) != nonce:
                 raise TriggerBusy
             return run
 
-        try:
-            resp = http.post(path, json=body)
-            for delay in CREATE_RETRY_DELAYS:
-                if resp.status_code not in RETRY_STATUS:
-                    break
-                _sleep(delay)
-                resp = http.post(path, json=body)
+        resp, why = self._post(path, body)
+        if resp is not None:
             if resp.status_code == 404:
                 resp.raise_for_status()  # the deployment is gone: trigger() looks it up again
-            if resp.is_success:
-                return mine(FlowRun.model_validate(resp.json()))
-            why = str(resp.status_code)
-        except httpx.TransportError as exc:  # Prefect's client retries these its own way
-            why = f"{type(exc).__name__}: {exc}"
+            return mine(FlowRun.model_validate(resp.json()))
         logger.info("creating the flow run: %s; again through Prefect's client", why)
         return mine(
             client.create_flow_run_from_deployment(
@@ -353,6 +341,27 @@ class PrefectRuns:
                 context={TRIGGER_CONTEXT: nonce},
             )
         )
+
+    def _post(self, path: str, body: Any) -> tuple[Any, str]:
+        """POST ``body`` to Prefect's API on the plain client, tried again on a busy
+        answer (RETRY_STATUS) CREATE_RETRY_DELAYS apart: (the answer, "") if it is a
+        success or a 404; else (None, why), and the caller asks Prefect's client, which
+        retries in its own way (2, 4, 8 s apart: a trigger behind one 503 took 6.7 s)."""
+        import httpx
+
+        http = self._http()
+        try:
+            resp = http.post(path, json=body)
+            for delay in CREATE_RETRY_DELAYS:
+                if resp.status_code not in RETRY_STATUS:
+                    break
+                _sleep(delay)
+                resp = http.post(path, json=body)
+            if resp.is_success or resp.status_code == 404:
+                return resp, ""
+            return None, str(resp.status_code)
+        except httpx.TransportError as exc:
+            return None, f"{type(exc).__name__}: {exc}"
 
     def view(self) -> TriggerView:
         run, now = self._newest(self._client())
@@ -386,9 +395,12 @@ class PrefectRuns:
             "limit": 1,
         }
         local = datetime.now(UTC)
-        resp = client.request("POST", "/flow_runs/filter", json=body)
+        resp, why = self._post("flow_runs/filter", body)
+        if resp is None or not resp.is_success:
+            logger.info("reading the last run: %s; again through Prefect's client", why)
+            resp = client.request("POST", "/flow_runs/filter", json=body)
         now = _server_time(resp, local)
-        self._skew = now - local
+        self._skew = _clock_skew(now - local)
         found = FlowRun.model_validate_list(resp.json())
         return (found[0] if found else None), now
 
@@ -601,6 +613,18 @@ def _summary(run: FlowRun, vms: tuple[VMRun, ...]) -> RunSummary:
         message=state.message if state else None,
         vms=vms,
     )
+
+
+# What a Date header cannot tell from agreeing clocks: it drops fractions, and uvicorn
+# (Prefect's server) refreshes it once a second, so it reads up to 2 s behind the server's
+# clock (more with its event loop busy). A difference inside this window is taken as none.
+DATE_LAG = (timedelta(seconds=-3), timedelta(seconds=1))
+
+
+def _clock_skew(seen: timedelta) -> timedelta:
+    """The server's clock minus this machine's, from one Date header: none within
+    DATE_LAG (else a run made a moment ago on this clock would look not due yet)."""
+    return timedelta(0) if DATE_LAG[0] <= seen <= DATE_LAG[1] else seen
 
 
 def _server_time(resp: Any, local: datetime) -> datetime:

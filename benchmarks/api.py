@@ -2,9 +2,14 @@
 
     . .lab/env && .venv/bin/python benchmarks/api.py [--n 30] [--runs 5]
 
-Measures, on loopback, one request at a time:
+Measures, on loopback, one request at a time, after the stack has been up ``--settle``
+seconds (its start-up done: the first trigger after `memdump serve` starts is not idle):
   * POST /trigger response time (the contract's target: < 100 ms), over ``--n``
-    triggers of an id no hypervisor has (the run starts and fails fast, no capture);
+    triggers of an id no hypervisor has (the run starts and fails fast, no capture),
+    with the rate limit on (``--interval`` s, the check and the keyed run of
+    api.runs: what every trigger pays in production), each after the last run ended
+    (the stack idle); and the refused trigger sent right after each (429, run in
+    progress);
   * GET /status, GET /records?limit=1000 (the store seeded with 5000 records) and
     GET /stats, ``--n`` each;
   * trigger -> flow run RUNNING (the runner's poll interval plus the flow-run
@@ -26,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -141,11 +147,34 @@ def state_rows(stack: Stack, args: argparse.Namespace) -> list[tuple[str, list[f
     ]
 
 
+def idle_triggers(
+    stack: Stack, n: int, interval: float
+) -> tuple[list[float], list[float], Counter[str]]:
+    """POST /trigger n times, each after the last run ended and the interval passed;
+    and a second trigger right after each, which must be refused (429: that run is in
+    progress): the answers it got, counted by their detail."""
+    accepted, refused, second = [], [], Counter[str]()
+    for _ in range(n):
+        since = datetime.now(UTC) - timedelta(seconds=2)
+        for out, want in ((accepted, 200), (refused, 429)):
+            t0 = time.perf_counter()
+            code, body = stack.call("POST", f"{BASE}/trigger", {"vm_ids": ["bench-absent-01"]})
+            out.append(time.perf_counter() - t0)
+            if want == 429:
+                second[f"{code} {body.get('detail') or body.get('message')}"[:60]] += 1
+            else:
+                assert code == want, (code, body)
+        stack.wait_status(since=since)
+        time.sleep(interval + 0.1)
+    return accepted, refused, second
+
+
 def measure(stack: Stack, args: argparse.Namespace) -> list[tuple[str, list[float]]]:
-    trig = timed(stack, "POST", f"{BASE}/trigger", args.n, {"vm_ids": ["bench-absent-01"]})
-    stack.wait_status()
+    time.sleep(args.settle)
+    trig, refused, second = idle_triggers(stack, args.n, args.interval)
     results = [
-        ("POST /trigger response", trig),
+        ("POST /trigger response (idle)", trig),
+        ("POST /trigger refused (in progress)", refused),
         ("GET /status", timed(stack, "GET", f"{BASE}/status", args.n)),
         ("GET /records?limit=1000 (of 5000)", timed(stack, "GET", f"{BASE}/records", args.n)),
         ("GET /stats (5000 records)", timed(stack, "GET", f"{BASE}/stats", args.n)),
@@ -156,6 +185,7 @@ def measure(stack: Stack, args: argparse.Namespace) -> list[tuple[str, list[floa
     print(f"memdump serve on loopback; runner poll interval {poll} s")
     for name, values in results:
         print(row(name, values))
+    print("the trigger right after an accepted one:", dict(second))
     running, start = states[0][1], states[1][1]
     print(
         f"targets: trigger p50 < 100 ms: {'PASS' if pct(trig, 0.5) < 0.1 else 'FAIL'}; "
@@ -173,6 +203,8 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=30, help="requests per endpoint")
     ap.add_argument("--runs", type=int, default=5, help="captures for trigger->running")
     ap.add_argument("--vm", default="vm-web-01")
+    ap.add_argument("--interval", type=float, default=1.0, help="the trigger rate limit, s")
+    ap.add_argument("--settle", type=float, default=10.0, help="s after start-up")
     ap.add_argument(
         "--compare-cold",
         action="store_true",
@@ -185,12 +217,15 @@ def main() -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="memdump-bench-") as tmp:
         seed(Path(tmp) / "records.db", 5000)
-        with running_stack(Path(tmp), inv) as stack:
+        limit = {"api__trigger_min_interval_sec": str(args.interval)}
+        with running_stack(Path(tmp), inv, **limit) as stack:
             warm = measure(stack, args)
         if args.compare_cold:
             cold_dir = Path(tmp) / "cold"
             cold_dir.mkdir()
-            with running_stack(cold_dir, inv, orchestration__warm_flow_runs="false") as stack:
+            with running_stack(
+                cold_dir, inv, orchestration__warm_flow_runs="false", **limit
+            ) as stack:
                 cold = state_rows(stack, args)
             print("without warm flow runs (MEMDUMP_ORCHESTRATION__WARM_FLOW_RUNS=false):")
             for name, values in cold:

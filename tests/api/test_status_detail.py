@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 from uuid import UUID, uuid4
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prefect import states
@@ -472,11 +473,25 @@ class FakePrefect:
             rows = [t for t in rows if t.id in ids or (t.state and t.state.type) in kinds]
         return rows[kw["offset"] : kw["offset"] + kw["limit"]]
 
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        """The plain HTTP client's one request: the newest run (PrefectRuns._newest)."""
+        assert request.url.path.endswith("/flow_runs/filter")
+        self.calls.append("flow_runs")
+        return httpx.Response(200, json=[self.flow_run.model_dump(mode="json")])
+
+    def runs(self, monkeypatch: pytest.MonkeyPatch) -> PrefectRuns:
+        """A PrefectRuns on this fake: Prefect's client, and the plain one."""
+        import prefect
+
+        monkeypatch.setattr(prefect, "get_client", lambda sync_client: self)
+        runs = PrefectRuns("capture-vms", "on-demand")
+        http = httpx.Client(
+            base_url="http://prefect.test/api/", transport=httpx.MockTransport(self.handle)
+        )
+        monkeypatch.setattr(runs, "_http", lambda: http)
+        return runs
+
     def request(self, method: str, path: str, json: Any) -> Any:
-        if (method, path) == ("POST", "/flow_runs/filter"):  # the newest run, with Date
-            self.calls.append("flow_runs")
-            run = self.flow_run.model_dump(mode="json")
-            return SimpleNamespace(json=lambda: [run], headers={})
         self.calls.append("count")
         assert (method, path) == ("POST", "/task_runs/count")
         assert json["flow_runs"]["id"]["any_"] == [str(self.flow_run.id)]
@@ -510,14 +525,12 @@ def _flow_run(state: State[Any], vm_ids: list[str]) -> FlowRun:
 def test_latest_reads_what_is_in_flight_and_nothing_once_finished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import prefect
 
     cap, r = chain(states.Running(), n=1, vm="vm-a")
     done, d = chain(states.Completed(), n=2, vm="vm-b")
     arts = [progress(cap, "vm-a", 50.0), progress(done, "vm-b", 100.0)]
     fake = FakePrefect(_flow_run(states.Running(), ["vm-a", "vm-b"]), [*r, *d], arts)
-    monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
-    runs = PrefectRuns("capture-vms", "on-demand")
+    runs = fake.runs(monkeypatch)
 
     got = runs.latest()  # the first read of a run: all of it, and which VM each is for
     assert got is not None and got.vms == (
@@ -552,22 +565,18 @@ def test_latest_reads_what_is_in_flight_and_nothing_once_finished(
 def test_latest_before_any_capture_task_skips_the_artifact_query(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import prefect
 
     fake = FakePrefect(_flow_run(states.Scheduled(), ["vm-a", "vm-b"]), [], [])
-    monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
-    got = PrefectRuns("capture-vms", "on-demand").latest()
+    got = fake.runs(monkeypatch).latest()
     assert got is not None and [v.vm_id for v in got.vms] == ["vm-a", "vm-b"]
     assert fake.calls == ["flow_runs", "task_runs"]
 
 
 def test_many_task_runs_are_paged(monkeypatch: pytest.MonkeyPatch) -> None:
-    import prefect
 
     trs = [task_run("capture-vm", states.Pending(), n=i, vm=f"vm-{i}") for i in range(250)]
     fake = FakePrefect(_flow_run(states.Running(), ["all"]), trs, [])
-    monkeypatch.setattr(prefect, "get_client", lambda sync_client: fake)
-    got = PrefectRuns("capture-vms", "on-demand").latest()
+    got = fake.runs(monkeypatch).latest()
     assert got is not None and len(got.vms) == 250
     assert fake.calls == ["flow_runs", "task_runs", "task_runs", "artifacts", "targets"]
 
