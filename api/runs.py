@@ -19,6 +19,8 @@ from uuid import UUID, uuid4
 from deployments.wake import ring
 from memdump.runinfo import (
     ALL,
+    BUSY_RETRY_DELAYS,
+    BUSY_STATUS,
     IN_PROGRESS,
     NO_RUNNING_VM,
     PROGRESS_KEY,
@@ -124,18 +126,18 @@ class Runs(Protocol):
 # A trigger with the rate limit on creates its run with this idempotency key, named by
 # the newest run it saw: two triggers that saw the same newest run (in any API replica)
 # give Prefect one key, and Prefect makes one run of it (a unique index on the flow and
-# the key); the second gets that run back (200, not 201) and is refused. A trigger that
-# saw a newer run was refused by the rate check already, since that run is in progress.
+# the key); the second gets that run back, made by another call (TRIGGER_CONTEXT), and is
+# refused. A trigger that saw a newer run was refused by the rate check already, since
+# that run is in progress. Nothing is held: nothing is left held by a crash or restart.
 AFTER_KEY = "memdump-trigger-after:{}"
 # The flow run's context entry that names the API call that made it (a random id).
 TRIGGER_CONTEXT = "memdump_trigger"
 
-# A flow run's creation answered 503 (the Prefect server's SQLite "database is locked"
-# under a fleet's writes), 502 or 429 is tried again after these delays (then once more
-# through Prefect's own client). Prefect's client sleeps 2, 4, 8, 16 s between tries: one
-# trigger of 40 sent back to back took 34 s (2026-11-30), the trigger's p99 2.4 s.
-CREATE_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)
-RETRY_STATUS = frozenset({429, 502, 503})
+# A flow run's creation (and the rate check's read) answered busy (BUSY_STATUS) is tried
+# again after these delays, then once more through Prefect's own client: one trigger of
+# 40 sent back to back took 34 s through Prefect's client alone (2026-11-30).
+CREATE_RETRY_DELAYS = BUSY_RETRY_DELAYS
+RETRY_STATUS = BUSY_STATUS
 _sleep = time.sleep  # the retries' sleep (tests replace it)
 
 

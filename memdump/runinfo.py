@@ -137,3 +137,12 @@ class Progress:
             return cls(int((meta or {})["bytes_done"]), int((meta or {})["bytes_total"]))
         except (KeyError, TypeError, ValueError):
             return None
+
+
+# Answers of Prefect's API after which memdump sends the same request again, and the
+# delays between its tries: the embedded server's SQLite answers 503 ("database is
+# locked") while a run's other writes go in, for milliseconds. Prefect's own client
+# waits 2, 4, 8, 16 s between tries, which a trigger or a capture's slot paid in full
+# (2026-11-30: a trigger's run, then a capture's slot, 1.9-2.4 s on half the triggers).
+BUSY_STATUS = frozenset({429, 502, 503})
+BUSY_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8)

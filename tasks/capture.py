@@ -27,6 +27,7 @@ from memdump.hypervisors import VMRef
 from memdump.records.model import DumpRecord
 from memdump.runinfo import CAPTURE_TASK, PROGRESS_KEY, TIMED_OUT, Progress, slug, step_tag
 from memdump.settings import OrchestrationSettings, Settings
+from tasks.busy_retries import busy_retried
 from tasks.limits import GATE, GLOBAL_LIMIT, SLOTS, hypervisor_limit
 
 # The progress artifact is written at most this often while a VM streams (and once more
@@ -62,20 +63,18 @@ class _Progress:
     def __init__(self, key: str, label: str) -> None:
         self.label = label
         task_run_id, flow_run_id = get_task_and_flow_run_ids()
-        self.artifact_id = (
-            get_client(sync_client=True)
-            .create_artifact(
-                ArtifactCreate(
-                    type="progress",
-                    key=key,
-                    description=f"{label}: bytes streamed / dump size",
-                    data=0.0,
-                    task_run_id=task_run_id,
-                    flow_run_id=flow_run_id,
-                )
-            )
-            .id
+        art = ArtifactCreate(
+            type="progress",
+            key=key,
+            description=f"{label}: bytes streamed / dump size",
+            data=0.0,
+            task_run_id=task_run_id,
+            flow_run_id=flow_run_id,
         )
+        # Before the dump opens, and then from the stream loop: a busy server costs
+        # milliseconds here, not Prefect's 2 s (tasks.busy_retries).
+        client = get_client(sync_client=True)
+        self.artifact_id = busy_retried(lambda: client.create_artifact(art)).id
         self.last = time.monotonic()
         self.sent: tuple[int, int] | None = None
 
@@ -86,14 +85,13 @@ class _Progress:
         if now - self.last >= PROGRESS_EVERY_SEC or done >= total:
             self.last, self.sent = now, (done, total)
             p = Progress(done, total)
-            get_client(sync_client=True).update_artifact(
-                self.artifact_id,
-                ArtifactUpdate(
-                    data=p.percent,
-                    description=f"{self.label}: {done} of {total} bytes streamed",
-                    metadata_=p.to_metadata(),
-                ),
+            update = ArtifactUpdate(
+                data=p.percent,
+                description=f"{self.label}: {done} of {total} bytes streamed",
+                metadata_=p.to_metadata(),
             )
+            client = get_client(sync_client=True)
+            busy_retried(lambda: client.update_artifact(self.artifact_id, update))
 
 
 @contextmanager

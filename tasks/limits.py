@@ -21,6 +21,7 @@ from uuid import UUID
 
 from memdump.errors import ConfigError
 from memdump.settings import Settings
+from tasks.busy_retries import busy_retried
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class _Lease:
 _RENEW_AFTER = 0.5
 # The longest wait for a refused slot between two requests, whatever Retry-After says.
 _MAX_RETRY_AFTER_SEC = 30.0
+_sleep = time.sleep  # the waits between slot requests (tests replace it)
 
 
 class SlotLeases:
@@ -217,18 +219,20 @@ class SlotLeases:
 
         while True:
             try:
-                response = client.increment_concurrency_slots_with_lease(
-                    names=names,
-                    slots=1,
-                    mode="concurrency",
-                    lease_duration=lease_sec,
-                    holder=holder,
+                response = busy_retried(
+                    lambda: client.increment_concurrency_slots_with_lease(
+                        names=names,
+                        slots=1,
+                        mode="concurrency",
+                        lease_duration=lease_sec,
+                        holder=holder,
+                    )
                 )
             except httpx.HTTPStatusError as exc:
                 if exc.response.status_code != 423:
                     raise
                 wait = float(exc.response.headers.get("Retry-After") or 1.0)
-                time.sleep(min(max(wait, 0.0), _MAX_RETRY_AFTER_SEC))
+                _sleep(min(max(wait, 0.0), _MAX_RETRY_AFTER_SEC))
                 continue
             body = response.json()
             got = {lim["name"] for lim in body.get("limits") or []}
