@@ -168,7 +168,6 @@ class _Lease:
 _RENEW_AFTER = 0.5
 # The longest wait for a refused slot between two requests, whatever Retry-After says.
 _MAX_RETRY_AFTER_SEC = 30.0
-_sleep = time.sleep  # the waits between slot requests (tests replace it)
 
 
 class SlotLeases:
@@ -232,7 +231,7 @@ class SlotLeases:
                 if exc.response.status_code != 423:
                     raise
                 wait = float(exc.response.headers.get("Retry-After") or 1.0)
-                _sleep(min(max(wait, 0.0), _MAX_RETRY_AFTER_SEC))
+                time.sleep(min(max(wait, 0.0), _MAX_RETRY_AFTER_SEC))
                 continue
             body = response.json()
             got = {lim["name"] for lim in body.get("limits") or []}
