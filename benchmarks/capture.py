@@ -135,6 +135,7 @@ if "MEMDUMP_INVENTORY_FILE" not in os.environ and LAB_INVENTORY.is_file():
 from memdump.hypervisors.libvirt import _DUMP  # noqa: E402
 from memdump.settings import HypervisorConfig, Settings  # noqa: E402
 from memdump.transport.base import sh_command_line  # noqa: E402
+from tests.helpers.libvirt_live import guest_thp  # noqa: E402
 
 MB = 1_000_000
 MiB = 1 << 20
@@ -380,24 +381,10 @@ class _CpuByGroup(threading.Thread):
 
 
 def guest_thp_mib(vm: str) -> int | None:
-    """MiB of the lab domain's guest RAM on transparent huge pages right now: the
-    AnonHugePages of the QEMU mappings QEMU madvised for huge pages (VmFlags "hg"). A
-    live capture's pause grows with the page-table entries QEMU write-protects while the
-    vCPUs are stopped; its background snapshot releases the protection 4 KiB at a time,
-    which splits the huge pages, and khugepaged joins them again only slowly. None: not
-    readable (no pid file, not root)."""
-    try:
-        pid = int(Path(f"/run/libvirt/qemu/{vm}.pid").read_text().strip())
-        text = Path(f"/proc/{pid}/smaps").read_text()
-    except (OSError, ValueError):
-        return None
-    total, huge = 0, 0
-    for line in text.splitlines():
-        if line.startswith("AnonHugePages:"):
-            huge = int(line.split()[1])
-        elif line.startswith("VmFlags:") and "hg" in line.split()[1:]:
-            total += huge
-    return total // 1024
+    """MiB of the lab domain's guest RAM on transparent huge pages right now
+    (tests.helpers.libvirt_live.guest_thp). None: not readable."""
+    got = guest_thp(vm)
+    return None if got is None else got[0] // 1024
 
 
 def _host_busy() -> float:
@@ -907,6 +894,16 @@ def _targets(results: list[VMResult], methods: Sequence[str]) -> list[dict[str, 
     return checks
 
 
+def _inventory_of(hv: HypervisorConfig, work: Path) -> Path:
+    """An inventory file of ``hv`` alone, in ``work``."""
+    if hv.key_passphrase is not None:
+        raise BenchError("--huge-pages cannot rewrite an inventory with a key passphrase")
+    path = work / "inventory.yaml"
+    doc = {"hypervisors": [hv.model_dump(mode="json", exclude_none=True)]}
+    path.write_text(json.dumps(doc))  # JSON is YAML
+    return path
+
+
 def _thp_whole(res: VMResult, run: Run) -> bool:
     thp = run.extra.get("guest_thp_mib_at_start")
     return isinstance(thp, int) and thp >= res.memory_mib * 0.9
@@ -968,6 +965,21 @@ def print_report(
                     )
                     + " run by run: the pause and the guest RAM on huge pages at its start"
                 )
+                huge = [(x.extra.get("live") or {}).get("details", {}).get("huge_pages")
+                        for x in runs]  # fmt: skip
+                if any(huge):
+                    print(
+                        f"{'  memdump-live: huge pages put back':<40} "
+                        + ", ".join(
+                            f"{h.get('restored')}/{h.get('regions_before')} in "
+                            f"{h.get('restore_ms')} ms"
+                            if h and "restored" in h
+                            else str(h)
+                            for h in huge
+                        )
+                        + " run by run: 2 MiB regions restored after the capture / on huge "
+                        "pages before it"
+                    )
                 details = live.get("details") or {}
                 print(
                     f"{'  memdump-live: converter':<40} "
@@ -1039,6 +1051,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-verify-gz", action="store_true", help="skip decompressing gzip/pigz")
     ap.add_argument("--hypervisor", help="inventory hypervisor (default: the first)")
     ap.add_argument("--tmpdir", type=Path, help="where the .gz files go (default: $TMPDIR)")
+    ap.add_argument(
+        "--huge-pages",
+        choices=("inventory", "restore", "keep"),
+        default="inventory",
+        help="live captures put guest RAM back on huge pages after them (restore) or not "
+        "(keep); default: the hypervisor's live_restore_huge_pages",
+    )
     args = ap.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     if bad := [m for m in methods if m not in METHODS]:
@@ -1059,6 +1078,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     hv = settings.hypervisor(args.hypervisor) if args.hypervisor else hvs[0]
     if hv.transport != "ssh":
         raise BenchError(f"hypervisor {hv.name} is not reached over SSH")
+    work = Path(tempfile.mkdtemp(prefix="memdump-bench-", dir=args.tmpdir))
+    if args.huge_pages != "inventory":
+        # memdump capture (the child) reads this hypervisor alone, with the setting given.
+        hv = hv.model_copy(update={"live_restore_huge_pages": args.huge_pages == "restore"})
+        os.environ["MEMDUMP_INVENTORY_FILE"] = str(_inventory_of(hv, work))
+    print(f"live captures restore huge pages: {hv.live_restore_huge_pages}", file=sys.stderr)
     lab = Lab(hv)
     cipher = lab.default_cipher()
     busy0, t0 = _host_busy(), time.monotonic()
@@ -1068,7 +1093,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if idle_check > 15:
         print("warning: something else is using the CPU; numbers will be noisy", file=sys.stderr)
     results: list[VMResult] = []
-    work = Path(tempfile.mkdtemp(prefix="memdump-bench-", dir=args.tmpdir))
     try:
         with lab_vms(hv.libvirt_uri, sizes, args.keep_vms, args.writer, args.linux) as created:
             for vm in [*created, *vms_given]:

@@ -78,7 +78,12 @@ _DRAIN = "".join(
     ln for ln in read("libvirt/drain.sh").splitlines(keepends=True) if not ln.startswith("#")
 ).strip()
 _LIVE_PREFLIGHT = load("libvirt/live-preflight.sh")
-_LIVE = load("libvirt/live.sh", DRAIN=shlex.quote(_DRAIN))
+# The huge-page restore (sh/hugepages.pl), run as `perl -e HUGEPAGES`, without its
+# comment lines.
+_HUGEPAGES = "".join(
+    ln for ln in read("hugepages.pl").splitlines(keepends=True) if not ln.lstrip().startswith("#")
+)
+_LIVE = load("libvirt/live.sh", DRAIN=shlex.quote(_DRAIN), HUGEPAGES=shlex.quote(_HUGEPAGES))
 _LIVE_ABORT = load("libvirt/live-abort.sh")
 _LIVE_REPAIR = load("libvirt/live-repair.sh")
 _LIVE_LINE = re.compile(r"^memdump-live-(\w+)(?: (.*))?$")
@@ -99,6 +104,7 @@ class LibvirtDriver:
         self._uri = hv.libvirt_uri
         self._staging_dir = hv.staging_dir
         self._live_userfaultfd = hv.live_userfaultfd
+        self._restore_huge_pages = hv.live_restore_huge_pages
         self._t = transport
         # resolve's answer (when, domain name, info.sh's output), for the snapshot after it.
         self._fresh: tuple[float, str, str] | None = None
@@ -263,7 +269,8 @@ class LibvirtDriver:
             )
         how = "window" if pre.userfaultfd == "sysctl-window" else "direct"
         bw = "" if max_bandwidth is None else str(max_bandwidth)
-        args = (self._uri, ref.name, how, pre.stop, bw)
+        huge = "restore" if self._restore_huge_pages else "keep"
+        args = (self._uri, ref.name, how, pre.stop, bw, huge)
         stream, token = start_dump(self._t, _LIVE, args, self.name)
         live = _LiveStream(stream, self, ref, token, pre)
         try:
@@ -657,7 +664,45 @@ def live_metadata(lines: dict[str, str], pre: LivePreflight) -> dict[str, Any]:
         # VM's own value, put back after it.
         live["max_bandwidth"] = int(bw.group(2))
         live["max_bandwidth_before"] = int(bw.group(1))
+    huge = huge_pages(lines.get("hugepages"))
+    if huge is not None:
+        live["huge_pages"] = huge
     return live
+
+
+# Why the huge-page restore did not run (live.sh's "unavailable WHY", hugepages.pl's
+# exit statuses).
+_HUGE_UNAVAILABLE = {
+    "no-perl": "perl is missing on the hypervisor",
+    "not-completed": "the capture did not complete",
+    "3": "the QEMU process ended or is not the one scanned",
+    "4": "the hypervisor's kernel has no process_madvise MADV_COLLAPSE (Linux >= 6.1)",
+}
+
+
+def huge_pages(line: str | None) -> dict[str, Any] | None:
+    """The manifest's ``live.huge_pages`` from live.sh's ``memdump-live-hugepages`` line:
+    the 2 MiB regions on huge pages before the capture, how many were put back after
+    it, how many not, and how long that took; or why it did not run. None: not asked."""
+    if line is None:
+        return None
+    m = re.fullmatch(r"(\d{1,9}) (\d{1,9}) (\d{1,9}) (\d{1,9})(?: ([A-Za-z0-9 ]{1,80}))?", line)
+    if m:
+        out: dict[str, Any] = {
+            "regions_before": int(m.group(1)),
+            "restored": int(m.group(2)),
+            "not_restored": int(m.group(3)),
+            "restore_ms": int(m.group(4)),
+        }
+        if m.group(5):
+            out["error"] = m.group(5)
+        return out
+    why = line.removeprefix("unavailable ").strip()
+    step, _, code = why.rpartition("-")
+    reason = _HUGE_UNAVAILABLE.get(why) or _HUGE_UNAVAILABLE.get(code)
+    if reason is None:
+        reason = f"{step or why} failed (exit {code})" if code.isdigit() else "unknown"
+    return {"unavailable": reason}
 
 
 class _LiveStream:

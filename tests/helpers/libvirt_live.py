@@ -95,3 +95,26 @@ def assert_live_clean(vm: str, sysctl_before: str, directory: str | None = None)
     assert not (run / "userfaultfd.restore").exists()
     assert lock_free(run / "userfaultfd.lock")
     assert lock_free(run / f"live.{vm}.lock")
+
+
+def guest_thp(vm: str) -> tuple[int, int] | None:
+    """(KiB on transparent huge pages, KiB resident) of the lab domain's guest RAM right
+    now: the QEMU mappings QEMU madvised for huge pages (VmFlags "hg"). A live capture's
+    pause grows with the page-table entries QEMU write-protects while the vCPUs are
+    stopped; its background snapshot releases the protection 4 KiB at a time, which splits
+    the huge pages (live_restore_huge_pages puts them back). None: not readable (no pid
+    file, not root)."""
+    try:
+        text = Path(f"/proc/{qemu_pid(vm)}/smaps").read_text()
+    except (OSError, ValueError):
+        return None
+    huge_total, rss_total, huge, rss = 0, 0, 0, 0
+    for line in text.splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1])
+        elif line.startswith("AnonHugePages:"):
+            huge = int(line.split()[1])
+        elif line.startswith("VmFlags:") and "hg" in line.split()[1:]:
+            huge_total += huge
+            rss_total += rss
+    return huge_total, rss_total

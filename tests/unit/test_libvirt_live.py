@@ -292,10 +292,15 @@ GOOD_END = (
 
 
 def driver(
-    stream: FakeStream, setting: str = "sysctl-window", **over: str
+    stream: FakeStream, setting: str = "sysctl-window", huge: bool = False, **over: str
 ) -> tuple[LibvirtDriver, FakeTransport]:
     hv = HypervisorConfig.model_validate(
-        {"name": "hv1", "transport": "local", "live_userfaultfd": setting}
+        {
+            "name": "hv1",
+            "transport": "local",
+            "live_userfaultfd": setting,
+            "live_restore_huge_pages": huge,
+        }
     )
     t = FakeTransport(sections(over=over), stream)
     return LibvirtDriver(hv, t), t
@@ -315,7 +320,7 @@ def test_open_dump_live_returns_the_converter_over_the_script_stream(tmp_path: P
     script, args, stdin = t.streams[0]
     assert script is lv._LIVE
     # ... and QEMU's migration max-bandwidth for the snapshot (bytes/s).
-    assert args == ("qemu:///system", DOM, "window", "drain", "536870912")
+    assert args == ("qemu:///system", DOM, "window", "drain", "536870912", "keep")
     assert len(stdin.strip()) == 32  # the token, on stdin only
     assert all(stdin.strip().decode() not in a for a in args)
 
@@ -348,6 +353,50 @@ def test_live_stream_end_stats_and_window() -> None:
     assert live["pause_ms_events"] == 5.0
     assert raw.pause_window is not None
     assert (raw.pause_window[1] - raw.pause_window[0]).total_seconds() == pytest.approx(0.11)
+
+
+def test_huge_page_restore_is_asked_for_and_reported(tmp_path: Path) -> None:
+    end = GOOD_END + "memdump-live-hugepages 2048 2040 8 1830 deadline\n"
+    drv, t = driver(FakeStream(DIR_LINE + b"QEVM\x00\x00\x00\x03" + b"x" * 10, 0, end), huge=True)
+    raw = drv.open_live_stream(REF, drv.live_preflight(REF))
+    while raw.readinto(memoryview(bytearray(64))):
+        pass
+    raw.close_ok()
+    assert t.streams[0][1][-1] == "restore"
+    assert raw.live["huge_pages"] == {
+        "regions_before": 2048,
+        "restored": 2040,
+        "not_restored": 8,
+        "restore_ms": 1830,
+        "error": "deadline",
+    }
+    # Not asked for: nothing in the manifest.
+    assert "huge_pages" not in lv.live_metadata(
+        lv.parse_live_stderr(GOOD_END)[1], judge(sections())
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("unavailable no-perl", "perl is missing on the hypervisor"),
+        ("unavailable not-completed", "the capture did not complete"),
+        ("unavailable scan-3", "the QEMU process ended or is not the one scanned"),
+        ("unavailable collapse-4", "no process_madvise MADV_COLLAPSE (Linux >= 6.1)"),
+        ("unavailable collapse-255", "collapse failed (exit 255)"),
+        ("12 x 1", "unknown"),
+    ],
+)
+def test_huge_page_restore_that_did_not_run_says_why(line: str, reason: str) -> None:
+    got = lv.huge_pages(line)
+    assert got is not None and reason in got["unavailable"]
+
+
+def test_huge_page_restore_is_for_libvirt_only() -> None:
+    with pytest.raises(ValueError, match="libvirt driver only"):
+        HypervisorConfig.model_validate(
+            {"name": "q", "driver": "qemu", "transport": "local", "live_restore_huge_pages": True}
+        )
 
 
 def test_snapshot_instant_without_events_from_qemus_times() -> None:

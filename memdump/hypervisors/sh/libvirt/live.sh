@@ -1,6 +1,8 @@
 # $1 = URI, $2 = domain, $3 = "window" (open the userfaultfd window: memdump_uffd_open)
 # or "direct", $4 = "drain" or "cancel" (what an abort does, below), $5 = a cap on the
-# snapshot (bytes/s; "": none); stdin: the token (memdump_start).
+# snapshot (bytes/s; "": none), $6 = "restore" (put the guest RAM that was on huge pages
+# before the capture back on them after it: sh/hugepages.pl, quoted in as HUGEPAGES) or
+# "keep"; stdin: the token (memdump_start).
 #
 # QEMU's background-snapshot migration through `virsh qemu-monitor-command` (libvirt >=
 # 8.2 for --pass-fds). libvirt does not see this migration as a job of its own (`virsh
@@ -38,7 +40,7 @@
 # left guest RAM write-protected; EXIT_READER_FAILED. On every exit path (traps) the
 # window is closed, a migration still running is waited for (drained) or cancelled, the
 # capability turned off, the fd closed.
-uri=$1 dom=$2 how=$3 stop=$4 bw=$5
+uri=$1 dom=$2 how=$3 stop=$4 bw=$5 huge=$6
 case $bw in
   *[!0-9]*) echo "memdump: bad max-bandwidth $bw" >&2; exit "$EXIT_BAD_ARGUMENT" ;;
 esac
@@ -118,6 +120,16 @@ exec 5>"$memdump_run/live.$dom.lock" || exit "$EXIT_NO_RUN_DIR"
 flock -n 5 || unsupported "another live capture of domain $dom is running"
 pid=$(memdump_qemu_pid "$dom") || unsupported "cannot find the QEMU process of domain $dom"
 printf '%s\n' "$dom" >"$d/live" || exit "$EXIT_TEMP_FILE"
+# Which guest RAM is on huge pages, before the snapshot splits them (hugepages.pl); a
+# failure here costs the restore only, never the capture ("hp" says why).
+hp=
+if [ "$huge" = restore ]; then
+  if ! command -v perl >/dev/null 2>&1; then
+    hp="unavailable no-perl"
+  else
+    perl -e @HUGEPAGES@ scan "$pid" >"$d/hugepages" 2>>"$d/err" || hp="unavailable scan-$?"
+  fi
+fi
 mkfifo -m 600 "$d/mem" || exit "$EXIT_TEMP_FILE"
 setsid sh -c @DRAIN@ <"$d/mem" 5>&- 6>&- 8>&- &
 reader=$!
@@ -217,7 +229,16 @@ leak=0
 grep -qE '^VmFlags:.* uw( |$)' "/proc/$pid/smaps" 2>/dev/null && leak=1
 taint=$(sed -n "s/.*<taint flag='\([a-z0-9-]*\)'\/>.*/\1/p" "$memdump_piddir/$dom.xml" \
   2>/dev/null | tr '\n' ' ')
+if [ "$huge" = restore ] && [ -z "$hp" ]; then
+  if [ "$s" = completed ]; then
+    hp=$(perl -e @HUGEPAGES@ collapse "$pid" 60 <"$d/hugepages" 2>>"$d/err") ||
+      hp="unavailable collapse-$?"
+  else
+    hp="unavailable not-completed"
+  fi
+fi
 cat "$d/err" >&2
+[ -n "$hp" ] && printf 'memdump-live-hugepages %s\n' "$hp" >&2
 printf 'memdump-live-stats %s\n' "$final" >&2
 printf 'memdump-live-uffd %s %s %s\n' "$how" "${memdump_uffd_t0:--}" "${memdump_uffd_t1:--}" >&2
 printf 'memdump-live-taint %s\n' "$taint" >&2
