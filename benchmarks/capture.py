@@ -128,6 +128,7 @@ from types import FrameType
 from typing import IO, Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 LAB_INVENTORY = REPO / ".lab" / "inventory.yaml"
 if "MEMDUMP_INVENTORY_FILE" not in os.environ and LAB_INVENTORY.is_file():
     os.environ["MEMDUMP_INVENTORY_FILE"] = str(LAB_INVENTORY)

@@ -156,14 +156,14 @@ class HypervisorConfig(BaseModel):
     # capability check until its write tracking has started (milliseconds), restores the
     # previous value on every exit path, and records this in the manifest.
     live_userfaultfd: Literal["none", "sysctl-window"] = "none"
-    # driver "libvirt": after each live capture, put the guest RAM that was on transparent
-    # huge pages before it back on them (MADV_COLLAPSE through process_madvise: Linux >=
-    # 6.1, perl on the hypervisor). A capture leaves the guest's RAM on 4 KiB pages (QEMU
-    # releases its write protection page by page) until khugepaged joins them again,
-    # tens of minutes for GiBs; meanwhile the guest has more TLB misses and its next live
-    # capture pauses it ~5x longer (4 GiB: 46-72 ms instead of 11-15). Costs the host's
-    # kernel CPU at the end of the capture (khugepaged's same work, done at once); only
-    # memory that was a huge page before, so the guest's RSS does not grow.
+    # After each live capture, put the guest RAM that was on transparent huge pages before
+    # it back on them (sh/hugepages.pl: MADV_COLLAPSE through process_madvise, Linux >=
+    # 6.1, perl on the hypervisor; every driver). A capture leaves the guest's RAM on 4 KiB
+    # pages (QEMU releases its write protection page by page) until khugepaged joins them
+    # again, tens of minutes for GiBs; meanwhile the guest has more TLB misses and its next
+    # live capture pauses it ~5x longer (4 GiB: 46-72 ms instead of 11-15). Costs the
+    # host's kernel CPU at the end of the capture (khugepaged's same work, done at once);
+    # only memory that was a huge page before, so the guest's RSS does not grow.
     live_restore_huge_pages: bool = False
 
     @field_validator("qemu_binaries")
@@ -196,15 +196,6 @@ class HypervisorConfig(BaseModel):
     @classmethod
     def _plain_name(cls, v: str) -> str:
         return _valid_id(v, "hypervisor name")
-
-    @model_validator(mode="after")
-    def _restore_needs_libvirt(self) -> HypervisorConfig:
-        if self.live_restore_huge_pages and self.driver != "libvirt":
-            raise ValueError(
-                "live_restore_huge_pages is implemented for the libvirt driver only, "
-                f"not {self.driver!r}"
-            )
-        return self
 
     def check_complete(self) -> None:
         """SSH needs a host, a key and a known_hosts file: there is no fallback that trusts

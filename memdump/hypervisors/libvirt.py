@@ -34,7 +34,7 @@ from memdump.hypervisors.fifo import (
     start_dump,
     token_stdin,
 )
-from memdump.hypervisors.migration import migration_fields
+from memdump.hypervisors.migration import HUGEPAGES, huge_pages, migration_fields
 from memdump.hypervisors.scripts import load, read
 from memdump.identifiers import validate_id
 from memdump.pipeline import DumpSource
@@ -78,12 +78,7 @@ _DRAIN = "".join(
     ln for ln in read("libvirt/drain.sh").splitlines(keepends=True) if not ln.startswith("#")
 ).strip()
 _LIVE_PREFLIGHT = load("libvirt/live-preflight.sh")
-# The huge-page restore (sh/hugepages.pl), run as `perl -e HUGEPAGES`, without its
-# comment lines.
-_HUGEPAGES = "".join(
-    ln for ln in read("hugepages.pl").splitlines(keepends=True) if not ln.lstrip().startswith("#")
-)
-_LIVE = load("libvirt/live.sh", DRAIN=shlex.quote(_DRAIN), HUGEPAGES=shlex.quote(_HUGEPAGES))
+_LIVE = load("libvirt/live.sh", DRAIN=shlex.quote(_DRAIN), HUGEPAGES=shlex.quote(HUGEPAGES))
 _LIVE_ABORT = load("libvirt/live-abort.sh")
 _LIVE_REPAIR = load("libvirt/live-repair.sh")
 _LIVE_LINE = re.compile(r"^memdump-live-(\w+)(?: (.*))?$")
@@ -668,41 +663,6 @@ def live_metadata(lines: dict[str, str], pre: LivePreflight) -> dict[str, Any]:
     if huge is not None:
         live["huge_pages"] = huge
     return live
-
-
-# Why the huge-page restore did not run (live.sh's "unavailable WHY", hugepages.pl's
-# exit statuses).
-_HUGE_UNAVAILABLE = {
-    "no-perl": "perl is missing on the hypervisor",
-    "not-completed": "the capture did not complete",
-    "3": "the QEMU process ended or is not the one scanned",
-    "4": "the hypervisor's kernel has no process_madvise MADV_COLLAPSE (Linux >= 6.1)",
-}
-
-
-def huge_pages(line: str | None) -> dict[str, Any] | None:
-    """The manifest's ``live.huge_pages`` from live.sh's ``memdump-live-hugepages`` line:
-    the 2 MiB regions on huge pages before the capture, how many were put back after
-    it, how many not, and how long that took; or why it did not run. None: not asked."""
-    if line is None:
-        return None
-    m = re.fullmatch(r"(\d{1,9}) (\d{1,9}) (\d{1,9}) (\d{1,9})(?: ([A-Za-z0-9 ]{1,80}))?", line)
-    if m:
-        out: dict[str, Any] = {
-            "regions_before": int(m.group(1)),
-            "restored": int(m.group(2)),
-            "not_restored": int(m.group(3)),
-            "restore_ms": int(m.group(4)),
-        }
-        if m.group(5):
-            out["error"] = m.group(5)
-        return out
-    why = line.removeprefix("unavailable ").strip()
-    step, _, code = why.rpartition("-")
-    reason = _HUGE_UNAVAILABLE.get(why) or _HUGE_UNAVAILABLE.get(code)
-    if reason is None:
-        reason = f"{step or why} failed (exit {code})" if code.isdigit() else "unknown"
-    return {"unavailable": reason}
 
 
 class _LiveStream:

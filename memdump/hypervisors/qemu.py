@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -60,7 +61,7 @@ from memdump.hypervisors.fifo import (
     clean_stale,
     fifo_only,
 )
-from memdump.hypervisors.migration import migration_fields
+from memdump.hypervisors.migration import HUGEPAGES, huge_pages, migration_fields
 from memdump.hypervisors.scripts import load
 from memdump.identifiers import validate_id
 from memdump.livecore import EM_X86_64, GuestLayout, LiveCoreSource, elf_machine_from_registers
@@ -96,7 +97,12 @@ if any(line.strip() == _EOF for line in QMP_CLIENT.splitlines()):  # pragma: no 
 def _script(name: str) -> str:
     """A qemu script (sh/qemu/NAME.sh) after lib.sh and sh/qemu/common.sh (the python3
     check and memdump_qmp, which holds the QMP client once)."""
-    return load("qemu/common.sh", f"qemu/{name}.sh", QMP_CLIENT=QMP_CLIENT.removesuffix("\n"))
+    return load(
+        "qemu/common.sh",
+        f"qemu/{name}.sh",
+        QMP_CLIENT=QMP_CLIENT.removesuffix("\n"),
+        HUGEPAGES=shlex.quote(HUGEPAGES),
+    )
 
 
 _STATUS = '{"execute":"query-status","id":"memdump-1"}'
@@ -307,6 +313,7 @@ class QmpLive:
         self._dir = qmp_dir
         self._bins = "\n".join(hv.qemu_binaries)
         self._policy = hv.live_userfaultfd
+        self._huge = "restore" if hv.live_restore_huge_pages else "keep"
 
     def preflight(self, ref: VMRef, name: str, pid: str | None = None) -> LivePreflight:
         """Whether the VM on socket ``name`` can be captured live (one remote command;
@@ -350,7 +357,7 @@ class QmpLive:
             raise ConfigError(f"max_bandwidth {max_bandwidth} is not 1 to 2**64-1 bytes/s")
         pre = self.preflight(ref, name, pid)
         bw = "" if max_bandwidth is None else str(max_bandwidth)
-        args = (self._dir, name, self._bins, self._policy, bw)
+        args = (self._dir, name, self._bins, self._policy, bw, self._huge)
         raw = _LiveDump.start(self._t, _LIVE, args, self._hv, ref)
         raw.qemu_version = pre.qemu_version
         try:
@@ -716,6 +723,10 @@ class _LiveDump(TokenFifoDump):
         live["events"] = [
             {"event": e, "at": datetime.fromtimestamp(t, UTC).isoformat()} for e, t in events
         ]
+        h = re.search(r"^memdump-live-hugepages (.*)$", stderr, re.M)
+        huge = huge_pages(h.group(1).strip() if h else None)
+        if huge is not None:
+            live["huge_pages"] = huge
         if self.qemu_version:
             live["qemu_version"] = self.qemu_version
         self.live = live

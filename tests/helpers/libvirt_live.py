@@ -99,17 +99,21 @@ def assert_live_clean(vm: str, sysctl_before: str, directory: str | None = None)
 
 def guest_thp(vm: str) -> tuple[int, int] | None:
     """(KiB on transparent huge pages, KiB resident) of the lab domain's guest RAM right
-    now: the QEMU mappings QEMU madvised for huge pages (VmFlags "hg"). A live capture's
-    pause grows with the page-table entries QEMU write-protects while the vCPUs are
-    stopped; its background snapshot releases the protection 4 KiB at a time, which splits
-    the huge pages (live_restore_huge_pages puts them back). None: not readable (no pid
-    file, not root)."""
+    now (qemu_thp of its QEMU). None: not readable (no pid file, not root)."""
     try:
-        text = Path(f"/proc/{qemu_pid(vm)}/smaps").read_text()
+        return qemu_thp(qemu_pid(vm))
     except (OSError, ValueError):
         return None
+
+
+def qemu_thp(pid: int) -> tuple[int, int]:
+    """(KiB on transparent huge pages, KiB resident) of a QEMU's guest RAM: its mappings
+    QEMU madvised for huge pages (VmFlags "hg"). A live capture's pause grows with the
+    page-table entries QEMU write-protects while the vCPUs are stopped; its background
+    snapshot releases the protection 4 KiB at a time, which splits the huge pages
+    (live_restore_huge_pages puts them back)."""
     huge_total, rss_total, huge, rss = 0, 0, 0, 0
-    for line in text.splitlines():
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         if line.startswith("Rss:"):
             rss = int(line.split()[1])
         elif line.startswith("AnonHugePages:"):

@@ -28,6 +28,7 @@ from memdump.hypervisors.qemu import QemuDriver
 from memdump.pipeline import DumpSource, write_dump
 from memdump.settings import Settings
 from tests.helpers.lab import assert_markers, remote_temp_dirs
+from tests.helpers.libvirt_live import qemu_thp
 from tests.helpers.qmp_lab import (
     IDLE,
     RESTORE,
@@ -162,6 +163,51 @@ def loads(core: bytes) -> list[tuple[tuple[int, int, int, int], bytes]]:
         if p_type == 1:
             out.append(((p_paddr, p_filesz, p_memsz, p_flags), core[p_off : p_off + p_filesz]))
     return out
+
+
+def test_huge_pages_are_put_back_after_a_live_capture_when_asked(
+    lab_dir: Path, sysctl_before: str
+) -> None:
+    """As on libvirt (test_libvirt_live), through the QMP client: a fresh VM's guest RAM
+    on huge pages stays so after a live capture with live_restore_huge_pages, its RSS
+    as it was; without it, most of it is on 4 KiB pages afterwards."""
+    name = "qlive-huge"
+    sock = lab_dir / "run" / "qemu" / f"{name}.qmp"
+    lab = ["--qemu", f"{name}:256"]
+    subprocess.run([str(REPO / "lab/up"), *lab], check=True, capture_output=True, timeout=300)
+    try:
+        settings = Settings(inventory_file=lab_dir / "inventory-qemu.yaml")
+        ref = VMRef(HV, name, name)
+        start: tuple[int, int] | None = None
+        for restore in (True, False):
+            update = {"live_userfaultfd": "sysctl-window", "live_restore_huge_pages": restore}
+            d = open_driver(settings.hypervisor(HV).model_copy(update=update), settings.ssh)
+            assert isinstance(d, QemuDriver)
+            try:
+                pid = int(d.live_preflight(ref).pid)
+                if start is None:
+                    start = qemu_thp(pid)
+                    assert start[0] >= 200 << 10  # of 256 MiB
+                before = remote_temp_dirs()
+                raw, _ = d.open_live_stream(ref)
+                read_all(raw)
+            finally:
+                d.close()
+            assert_clean(sock, before, sysctl_before)
+            huge, rss = qemu_thp(pid)
+            if restore:
+                hp = raw.live["huge_pages"]
+                assert hp["regions_before"] == start[0] // 2048
+                assert hp["restored"] == hp["regions_before"] and hp["not_restored"] == 0
+                assert huge == start[0]
+                assert rss <= start[1] + 2048  # no memory turned into huge pages anew
+            else:
+                assert "huge_pages" not in raw.live
+                assert huge < start[0] // 2
+    finally:
+        subprocess.run(
+            [str(REPO / "lab/down"), "--vm", name], check=False, capture_output=True, timeout=120
+        )
 
 
 def test_max_bandwidth_cap_while_the_snapshot_runs_and_put_back(

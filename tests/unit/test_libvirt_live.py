@@ -392,13 +392,6 @@ def test_huge_page_restore_that_did_not_run_says_why(line: str, reason: str) -> 
     assert got is not None and reason in got["unavailable"]
 
 
-def test_huge_page_restore_is_for_libvirt_only() -> None:
-    with pytest.raises(ValueError, match="libvirt driver only"):
-        HypervisorConfig.model_validate(
-            {"name": "q", "driver": "qemu", "transport": "local", "live_restore_huge_pages": True}
-        )
-
-
 def test_snapshot_instant_without_events_from_qemus_times() -> None:
     end = GOOD_END.replace(
         "memdump-live-events 2025-11-29 04:31:47.603|2025-11-29 04:31:47.608",

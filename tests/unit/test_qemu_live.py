@@ -257,6 +257,7 @@ def test_open_dump_live_gives_the_elf_core_and_live_fields(tmp_path: Path) -> No
                 "\n".join(HypervisorConfig(name="x", driver="qemu").qemu_binaries),
                 "sysctl-window",
                 "536870912",
+                "keep",
             ),
         )
     ]
@@ -534,13 +535,14 @@ def fake(
     shutil.rmtree(base, ignore_errors=True)
 
 
-def local_driver(fake: FakeLiveQemu) -> QemuDriver:
+def local_driver(fake: FakeLiveQemu, restore_huge_pages: bool = False) -> QemuDriver:
     hv = HypervisorConfig(
         name="hv",
         driver="qemu",
         transport="local",
         qmp_dir=str(fake.path.parent),
         qemu_binaries=[THIS_EXE],
+        live_restore_huge_pages=restore_huge_pages,
     )
     return QemuDriver(hv, LocalTransport(stall_timeout=20))
 
@@ -702,6 +704,28 @@ def test_an_abort_before_the_client_read_the_migrate_reply_ends_the_snapshot(
 
 
 # -- a cap on the snapshot: QEMU's migration max-bandwidth while it runs ----------------
+
+
+def test_huge_pages_are_restored_by_the_client_when_asked(fake: FakeLiveQemu) -> None:
+    """The client runs sh/hugepages.pl on QEMU's pid (here the fake's: this process)
+    before migrate and after it completed, and reports it; not asked, not run."""
+    raw, _ = local_driver(fake, restore_huge_pages=True).open_live_stream(REF)
+    assert read_raw(raw) == STREAM
+    huge = raw.live["huge_pages"]
+    assert set(huge) == {"regions_before", "restored", "not_restored", "restore_ms"}
+    assert huge["restored"] == huge["regions_before"] and huge["not_restored"] == 0
+    raw, _ = local_driver(fake).open_live_stream(REF)
+    read_raw(raw)
+    assert "huge_pages" not in raw.live
+
+
+def test_huge_pages_are_not_collapsed_after_a_failed_migration(fake: FakeLiveQemu) -> None:
+    fake.outcome = "failed"
+    raw, _ = local_driver(fake, restore_huge_pages=True).open_live_stream(REF)
+    with pytest.raises(DumpFailedError):
+        read_raw(raw)
+    assert raw.live["huge_pages"] == {"unavailable": "the capture did not complete"}
+
 
 CAP = 300 * MIB
 

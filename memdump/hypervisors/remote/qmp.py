@@ -38,7 +38,7 @@ Modes (output on stdout, one record per line; JSON is re-serialised on one line)
       PREFLIGHT (version, status, migration, capabilities, devices, ``info mtree -f``,
       ``info registers``),
       then ``memdump-uffd VALUE`` (/proc/sys/vm/unprivileged_userfaultfd, "" if absent).
-  live SOCKET FIFO BINARIES READER_PID UFFD RUN_DIR SYSCTL [BANDWIDTH]
+  live SOCKET FIFO BINARIES READER_PID UFFD RUN_DIR SYSCTL [BANDWIDTH [HUGEPAGES]]
       A live capture (migration capability ``background-snapshot``) into the FIFO, see
       ``live`` below. UFFD: the hypervisor's live_userfaultfd ("none" or "sysctl-window").
       BANDWIDTH: a cap (bytes/s) on the snapshot: QEMU's migration max-bandwidth, set
@@ -46,6 +46,10 @@ Modes (output on stdout, one record per line; JSON is re-serialised on one line)
       starts, so a value set before ``migrate`` does nothing), the previous value put
       back afterwards (``memdump-live-bandwidth OLD NEW`` is printed before it is set, so
       a repair after a kill knows it); absent or "": no cap, max-bandwidth untouched.
+      HUGEPAGES: the text of sh/hugepages.pl: the guest RAM on huge pages is noted before
+      ``migrate`` and put back on them once the migration has completed
+      (``memdump-live-hugepages REGIONS RESTORED FAILED MS [ERROR]``, or ``unavailable
+      WHY``); absent or "": not done.
   uffd-restore RUN_DIR
       Puts back vm.unprivileged_userfaultfd from RUN_DIR/userfaultfd.restore if a window
       was left open by a client killed outright (its lock is free); prints what it did.
@@ -98,6 +102,7 @@ try:
     import socket
     import stat
     import struct
+    import subprocess  # noqa: S404 - perl with memdump's own program, argument lists only
     import time
 except ImportError as exc:  # e.g. Debian's python3-minimal alone: no json
     sys.stdout.write("memdump-error 95 python3 on the hypervisor lacks %s\n" % exc.name)
@@ -718,6 +723,7 @@ def live(
     run_dir: "str",
     sysctl: "str",
     bandwidth: "int | None" = None,
+    hugepages: "str" = "",
 ) -> int:
     for sig in SIGNALS:
         signal.signal(sig, on_signal)
@@ -736,6 +742,9 @@ def live(
             s.get()
             method, version = checks(s, policy, sysctl)
             uffd_before = uffds(s.pid)
+            # Which guest RAM is on huge pages, before the snapshot splits them; a failure
+            # costs the restore only, never the capture.
+            huge = huge_scan(hugepages, s.pid) if hugepages else None
             fd = open_writer(fifo, reader)
             try:
                 # A read end of our own: QEMU's write never fails for want of a reader
@@ -827,6 +836,8 @@ def live(
             out("memdump-live-uffd", method, "%.6f" % window.length)
             if final.get("status") != "completed":
                 code = EXIT_MIGRATION_FAILED
+            if huge is not None:
+                out("memdump-live-hugepages", huge_restore(hugepages, s.pid, huge, code == 0))
         except Stop:
             code = EXIT_STOPPED
             out("memdump-error", str(EXIT_STOPPED), "stopped by a signal")
@@ -841,6 +852,46 @@ def live(
                 signal.signal(sig, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return code
+
+
+def perl(program: "str", args: "list[str]", stdin: "bytes" = b"") -> "tuple[int, str]":
+    """``perl -e PROGRAM ARGS...``: (exit status, stdout); 127: no perl."""
+    try:
+        p = subprocess.run(  # noqa: S603, S607 - fixed program, arguments as a list
+            ["perl", "-e", program] + args,
+            input=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            timeout=120,
+        )
+    except OSError:
+        return 127, ""
+    except subprocess.TimeoutExpired:
+        return 124, ""
+    return p.returncode, p.stdout.decode("ascii", "replace")
+
+
+def huge_scan(program: "str", pid: "int") -> "tuple[str, str]":
+    """(hugepages.pl's scan of QEMU ``pid``, "") or ("", why it failed)."""
+    rc, text = perl(program, ["scan", str(pid)])
+    if rc == 127:
+        return "", "unavailable no-perl"
+    if rc != 0:
+        return "", "unavailable scan-%d" % rc
+    return text, ""
+
+
+def huge_restore(program: "str", pid: "int", scan: "tuple[str, str]", completed: "bool") -> "str":
+    """The memdump-live-hugepages line's value: the collapse's result, or why not."""
+    text, failed = scan
+    if failed:
+        return failed
+    if not completed:
+        return "unavailable not-completed"
+    rc, result = perl(program, ["collapse", str(pid), "60"], text.encode("ascii"))
+    if rc != 0:
+        return "unavailable collapse-%d" % rc
+    return result.strip()
 
 
 def bandwidth_before(s: "Session", bandwidth: "int") -> "tuple[int, int]":
@@ -1072,10 +1123,10 @@ def main(argv: "list[str]") -> int:
             return dump(argv[1], argv[2], argv[3].split("\n"), int(argv[4]))
         if len(argv) == 4 and argv[0] == "preflight":
             return preflight(argv[1], argv[2].split("\n"), argv[3])
-        if len(argv) in (8, 9) and argv[0] == "live" and argv[4].isdigit():
+        if len(argv) in (8, 9, 10) and argv[0] == "live" and argv[4].isdigit():
             a = argv
             bandwidth = None  # type: int | None
-            if len(a) == 9 and a[8] != "":
+            if len(a) >= 9 and a[8] != "":
                 if not digits(a[8]) or not 0 < int(a[8]) < 1 << 64:
                     out(
                         "memdump-error",
@@ -1084,7 +1135,8 @@ def main(argv: "list[str]") -> int:
                     )
                     return EXIT_BAD_ARGUMENT
                 bandwidth = int(a[8])
-            return live(a[1], a[2], a[3].split("\n"), int(a[4]), a[5], a[6], a[7], bandwidth)
+            huge = a[9] if len(a) == 10 else ""
+            return live(a[1], a[2], a[3].split("\n"), int(a[4]), a[5], a[6], a[7], bandwidth, huge)
         if len(argv) == 3 and argv[0] == "uffd-restore":
             return uffd_restore(argv[1], argv[2])
         if len(argv) in (5, 7) and argv[0] == "repair" and argv[3].isdigit():

@@ -1,6 +1,8 @@
 # $1 = qmp_dir, $2 = VM name, $3 = allowed QEMU binaries, $4 = live_userfaultfd, $5 = a
-# cap on the snapshot (bytes/s, QEMU's max-bandwidth while it runs; "": none); stdin:
-# the token. As dump.sh, with the client's ``live`` mode (QEMU's migration capability
+# cap on the snapshot (bytes/s, QEMU's max-bandwidth while it runs; "": none), $6 =
+# "restore" (the client puts guest RAM that was on huge pages back on them after the
+# capture: sh/hugepages.pl, quoted in as HUGEPAGES) or "keep"; stdin: the token. As
+# dump.sh, with the client's ``live`` mode (QEMU's migration capability
 # background-snapshot): the migration stream goes into the FIFO, cat sends it on stdout.
 # "$d/qmp" (the socket) and the client's output "$d/reply" (its peer line: QEMU's pid)
 # let repair.sh repair QEMU if this script is killed outright. A signal to the script
@@ -8,7 +10,8 @@
 # the sysctl back), then cleans up; a client that died without doing so (killed) is
 # repaired here.
 memdump_socket "$1" "$2"
-bins=$3 policy=$4 bw=$5
+bins=$3 policy=$4 bw=$5 huge=
+[ "$6" = restore ] && huge=@HUGEPAGES@
 run=${MEMDUMP_RUN_DIR:-@RUN_DIR@}
 memdump_start ""
 plain "$d" || { echo "memdump: temp dir path not plain: $d" >&2; exit "$EXIT_NO_TEMP_DIR"; }
@@ -21,7 +24,7 @@ memdump_live_stop() {
 trap 'memdump_live_stop; memdump_cleanup; exit "$EXIT_SIGNAL"' HUP INT TERM PIPE
 printf '%s\n' "$s" >"$d/qmp" || exit "$EXIT_TEMP_FILE"
 memdump_fifo_reader
-memdump_qmp live "$s" "$d/mem" "$bins" "$reader" "$policy" "$run" "$sysctl" "$bw" \
+memdump_qmp live "$s" "$d/mem" "$bins" "$reader" "$policy" "$run" "$sysctl" "$bw" "$huge" \
   >"$d/reply" 2>"$d/err" 8>&- &
 client=$!
 echo "$client" >"$d/client"
