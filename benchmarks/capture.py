@@ -36,6 +36,10 @@ SHA-256 of the raw bytes:
   capture as live. Its raw ELF differs from the paused dumps' in the notes only (no vCPU
   registers), so it is checked differently: every PT_LOAD (physical address, size and
   SHA-256 of its bytes) must equal those of the paused memdump run (untimed).
+  ``--huge-pages restore|keep`` sets the hypervisor's ``live_restore_huge_pages`` for
+  the run (default: the inventory's; the lab's is on): with ``keep`` each repeat starts
+  from the 4 KiB pages the previous capture left (a longer pause), with ``restore``
+  from huge pages, as a VM's first capture does; the line per run says which.
 - ``ssh-default`` / ``ssh-aes128gcm``: ``ssh HV SCRIPT > /dev/null`` with OpenSSH's
   default cipher and with ``-c aes128-gcm@openssh.com`` (memdump's cipher): the ceiling.
 - ``gzip-6``: ``ssh ... | tee >(sha256sum > f.sha) | gzip -6 > f.gz`` (bash, pipefail).

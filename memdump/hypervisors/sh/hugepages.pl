@@ -115,6 +115,9 @@ sub collapse {
             }
             my $iov = pack('QQ', $r->[0] + $i * $HUGE, $n * $HUGE);
             my $rc = syscall($SYS_PROCESS_MADVISE, $pidfd, $iov, 1, $MADV_COLLAPSE, 0);
+            # EAGAIN: a page was busy for a moment (seen on the lab, 1 call in 400): once more.
+            $rc = syscall($SYS_PROCESS_MADVISE, $pidfd, $iov, 1, $MADV_COLLAPSE, 0)
+                if $rc < 0 && $!{EAGAIN};
             if ($rc >= 0) {
                 $ok += $n;
             } else {
