@@ -9,6 +9,7 @@ process have room (see :class:`CaptureGate`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -207,7 +208,9 @@ class SlotLeases:
         finally:
             with self._lock:
                 self._leases.pop(lease_id, None)
-            client.release_concurrency_slots_with_lease(lease_id)
+            # Quickly, as the slot was taken: a slot given back 2 s late (Prefect's
+            # client's wait after a busy answer) is a VM of the fleet started 2 s late.
+            busy_retried(lambda: client.release_concurrency_slots_with_lease(lease_id))
 
     def held(self) -> int:
         with self._lock:
@@ -238,7 +241,10 @@ class SlotLeases:
             if got != set(names):
                 # Slots of only some limits would not cap anything: give them back.
                 if got:
-                    client.release_concurrency_slots_with_lease(UUID(body["lease_id"]))
+                    partial = functools.partial(
+                        client.release_concurrency_slots_with_lease, UUID(body["lease_id"])
+                    )
+                    busy_retried(partial)
                 missing = ", ".join(sorted(set(names) - got))
                 raise ConfigError(
                     f"the Prefect concurrency limit(s) {missing} do not exist: a capture "
