@@ -49,6 +49,7 @@ _HUGE_UNAVAILABLE = {
     "not-completed": "the capture did not complete",
     "3": "the QEMU process ended or is not the one scanned",
     "4": "the hypervisor's kernel has no process_madvise MADV_COLLAPSE (Linux >= 6.1)",
+    "5": "the hypervisor user cannot read /proc/kpageflags (root needed)",
 }
 
 

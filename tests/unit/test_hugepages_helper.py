@@ -138,5 +138,20 @@ def test_collapse_refuses_another_process(child: Child) -> None:
 )
 def test_bad_arguments_are_refused(args: tuple[str, ...], stdin: str) -> None:
     res = perl(*args, stdin=stdin)
-    assert res.returncode != 0 and res.stdout == ""
+    assert res.returncode == 2 and res.stdout == ""
     assert "hugepages:" in res.stderr
+
+
+def test_a_user_who_cannot_read_kpageflags_gets_a_named_reason() -> None:
+    """Not root (here: nobody): the scan stops at once with exit 5,
+    which the manifest names, instead of finding no region (pagemap hides the page
+    frames from such a user) or dying with an errno."""
+    res = subprocess.run(  # noqa: S603 - setpriv and perl with the package's own script
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "perl", "-e", SCRIPT, "scan", "1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 5 and res.stdout == ""
+    assert "/proc/kpageflags" in res.stderr
+    got = lv.huge_pages("unavailable scan-5")
+    assert got == {"unavailable": "the hypervisor user cannot read /proc/kpageflags (root needed)"}

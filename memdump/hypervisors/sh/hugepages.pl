@@ -21,7 +21,8 @@
 #                     RSS does not grow. Stops starting new calls after SEC seconds.
 #                     stdout: "REGIONS COLLAPSED FAILED MS [ERROR]".
 # Exit status 2: bad arguments, 3: the process is gone or not the one scanned, 4: the
-# kernel cannot (no pidfd_open/process_madvise/MADV_COLLAPSE), 1: anything else.
+# kernel cannot (no pidfd_open/process_madvise/MADV_COLLAPSE), 5: /proc/kpageflags not
+# readable (it needs root: without it pagemap hides the page frames too), 1: anything else.
 use strict;
 use warnings;
 no warnings 'portable';    # 64-bit addresses in hex
@@ -33,8 +34,14 @@ my ($SYS_PIDFD_OPEN, $SYS_PROCESS_MADVISE, $MADV_COLLAPSE) = (434, 440, 25);
 my ($KPF_THP, $KPF_ZERO_PAGE) = (22, 24);
 my $PER_CALL = 32;    # regions per process_madvise call: 64 MiB, so the deadline is checked
 
+sub fail {
+    my ($code, $why) = @_;
+    print STDERR "hugepages: $why\n";
+    exit $code;
+}
+
 my ($mode, $pid, $sec) = @ARGV;
-defined $pid && $pid =~ /^[1-9][0-9]{0,9}$/ or die "hugepages: bad pid\n";
+defined $pid && $pid =~ /^[1-9][0-9]{0,9}$/ or fail(2, 'bad pid');
 
 sub starttime {
     open(my $fh, '<', "/proc/$pid/stat") or return '';
@@ -47,6 +54,8 @@ sub starttime {
 }
 
 sub scan {
+    # First: without root nothing below can work (pagemap hides the page frames).
+    open(my $kf, '<:raw', '/proc/kpageflags') or fail(5, "/proc/kpageflags: $!");
     my $start = starttime();
     $start ne '' or exit 3;
     open(my $maps, '<', "/proc/$pid/smaps") or exit 3;
@@ -60,7 +69,6 @@ sub scan {
     }
     close $maps;
     open(my $pm, '<:raw', "/proc/$pid/pagemap") or exit 3;
-    open(my $kf, '<:raw', '/proc/kpageflags') or die "hugepages: /proc/kpageflags: $!\n";
     my @runs;
     for my $v (@vmas) {
         my $a = ($v->[0] + $HUGE - 1) & ~($HUGE - 1);
@@ -88,13 +96,13 @@ sub scan {
 }
 
 sub collapse {
-    defined $sec && $sec =~ /^[0-9]{1,5}$/ or die "hugepages: bad seconds\n";
+    defined $sec && $sec =~ /^[0-9]{1,5}$/ or fail(2, 'bad seconds');
     my $t0 = time;
     my $first = <STDIN> // '';
-    my ($start) = $first =~ /^start ([0-9]+)$/ or die "hugepages: no scan on stdin\n";
+    my ($start) = $first =~ /^start ([0-9]+)$/ or fail(2, 'no scan on stdin');
     my @runs;
     while (my $line = <STDIN>) {
-        $line =~ /^([0-9a-f]{1,16}) ([0-9]{1,9})$/ or die "hugepages: bad scan line\n";
+        $line =~ /^([0-9a-f]{1,16}) ([0-9]{1,9})$/ or fail(2, 'bad scan line');
         push @runs, [hex $1, $2];
     }
     my $regions = 0;
@@ -144,4 +152,4 @@ if ($mode eq 'scan') {
 } elsif ($mode eq 'collapse') {
     exit collapse();
 }
-die "hugepages: mode is scan or collapse\n";
+fail(2, 'mode is scan or collapse');
