@@ -137,16 +137,22 @@ def test_held_leases_are_renewed_and_given_back_ones_are_not(
     assert _active(limits["hv"]) == 0
 
 
+@pytest.mark.parametrize(
+    "method",
+    ["increment_concurrency_slots_with_lease", "release_concurrency_slots_with_lease"],
+    ids=["taken", "given-back"],
+)
 def test_a_busy_server_is_asked_again_in_milliseconds(
-    limits: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    limits: dict[str, str], monkeypatch: pytest.MonkeyPatch, method: str
 ) -> None:
     """The server's SQLite answering "database is locked" (503, twice here) costs the
     slot milliseconds, not Prefect's client's 2 s and more: SlotLeases tries again
-    itself, with the client's retries off for those requests."""
+    itself, with the client's retries off for those requests; when the slot is taken,
+    and when it is given back (another VM waits for it: free right after the block)."""
     import httpx
     from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
 
-    real = SyncPrefectClient.increment_concurrency_slots_with_lease
+    real = getattr(SyncPrefectClient, method)
     client_retries: list[int] = []
 
     def busy_twice(self: SyncPrefectClient, *args: Any, **kwargs: Any) -> Any:
@@ -157,42 +163,12 @@ def test_a_busy_server_is_asked_again_in_milliseconds(
             raise httpx.HTTPStatusError("503", request=request, response=response)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(SyncPrefectClient, "increment_concurrency_slots_with_lease", busy_twice)
+    monkeypatch.setattr(SyncPrefectClient, method, busy_twice)
     slept: list[float] = []
     monkeypatch.setattr(tasks.busy_retries, "_sleep", slept.append)
     with SlotLeases().hold([limits["all"], limits["hv"]], lease_sec=60):
         assert (_active(limits["all"]), _active(limits["hv"])) == (1, 1)
+    assert (_active(limits["all"]), _active(limits["hv"])) == (0, 0)
     assert slept == list(BUSY_RETRY_DELAYS[:2])
     assert client_retries == [0, 0, 0]  # Prefect's client left the retrying to memdump
     assert PREFECT_CLIENT_MAX_RETRIES.value() > 0  # only inside those requests
-    assert (_active(limits["all"]), _active(limits["hv"])) == (0, 0)
-
-
-def test_a_busy_server_takes_the_slot_back_in_milliseconds(
-    limits: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The same for giving the slot back: a busy answer (503, twice here) is asked again
-    within milliseconds, the slot free right after the block, not 2 s later (another
-    VM waits for it)."""
-    import httpx
-    from prefect.settings import PREFECT_CLIENT_MAX_RETRIES
-
-    real = SyncPrefectClient.release_concurrency_slots_with_lease
-    client_retries: list[int] = []
-
-    def busy_twice(self: SyncPrefectClient, *args: Any, **kwargs: Any) -> Any:
-        client_retries.append(PREFECT_CLIENT_MAX_RETRIES.value())
-        if len(client_retries) <= 2:
-            request = httpx.Request("POST", "http://prefect.test/api/v2/concurrency_limits")
-            response = httpx.Response(503, request=request, json={"detail": "locked"})
-            raise httpx.HTTPStatusError("503", request=request, response=response)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(SyncPrefectClient, "release_concurrency_slots_with_lease", busy_twice)
-    slept: list[float] = []
-    monkeypatch.setattr(tasks.busy_retries, "_sleep", slept.append)
-    with SlotLeases().hold([limits["all"], limits["hv"]], lease_sec=60):
-        assert (_active(limits["all"]), _active(limits["hv"])) == (1, 1)
-    assert (_active(limits["all"]), _active(limits["hv"])) == (0, 0)
-    assert slept == list(BUSY_RETRY_DELAYS[:2])
-    assert client_retries == [0, 0, 0]
