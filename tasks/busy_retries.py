@@ -1,5 +1,5 @@
-"""Prefect client calls on a capture's way to its first byte, tried again quickly when
-the Prefect server is busy.
+"""Prefect client calls on a capture's way to its first byte, and the return of its slot
+at its end, tried again quickly when the Prefect server is busy.
 
 The embedded server's SQLite answers 503 ("database is locked") while a run's other
 writes go in, for milliseconds; Prefect's own client then waits 2 s, 4 s, ... before

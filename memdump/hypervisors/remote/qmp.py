@@ -888,7 +888,7 @@ def huge_restore(program: "str", pid: "int", scan: "tuple[str, str]", completed:
         return failed
     if not completed:
         return "unavailable not-completed"
-    rc, result = perl(program, ["collapse", str(pid), "60"], text.encode("ascii"))
+    rc, result = perl(program, ["collapse", str(pid)], text.encode("ascii"))
     if rc != 0:
         return "unavailable collapse-%d" % rc
     return result.strip()

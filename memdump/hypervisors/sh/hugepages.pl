@@ -1,6 +1,7 @@
-# Put a QEMU's guest RAM back on transparent huge pages after a live capture (run by
-# libvirt/live.sh as `perl -e HUGEPAGES MODE ...`, root, Linux >= 6.1; perl because
-# process_madvise has no shell command and perl-base is on every Debian-like host).
+# Put a QEMU's guest RAM back on transparent huge pages after a live capture (run as
+# `perl -e HUGEPAGES MODE ...` by libvirt/live.sh and by the QMP client's live mode,
+# root, Linux >= 6.1; perl because process_madvise has no shell command and perl-base is
+# on every Debian-like host).
 #
 # Why: QEMU (7.2) write-protects guest RAM while the vCPUs are stopped, a few page-table
 # entries per MiB on huge pages, 256 per MiB on 4 KiB pages; its background snapshot
@@ -15,10 +16,11 @@
 #                     kpageflags: THP, not the huge zero page). stdout: "start STARTTIME"
 #                     (PID's start time, /proc/PID/stat field 22), then "HEXADDR COUNT"
 #                     per run of regions.
-#   collapse PID SEC  after it: that output on stdin; MADV_COLLAPSE (process_madvise) on
+#   collapse PID [SEC] after it: that output on stdin; MADV_COLLAPSE (process_madvise) on
 #                     exactly those regions, so memory that was not a huge page before
 #                     (zero pages, 4 KiB pages) is never turned into one: the guest's
-#                     RSS does not grow. Stops starting new calls after SEC seconds.
+#                     RSS does not grow. Stops starting new calls after SEC seconds
+#                     (default 60: the callers' bound, kept here once).
 #                     stdout: "REGIONS COLLAPSED FAILED MS [ERROR]".
 # Exit status 2: bad arguments, 3: the process is gone or not the one scanned, 4: the
 # kernel cannot (no pidfd_open/process_madvise/MADV_COLLAPSE), 5: /proc/kpageflags not
@@ -78,7 +80,7 @@ sub scan {
             my $ent = unpack('Q<', $b);
             next unless ($ent >> 63) & 1;    # present
             my $pfn = $ent & ((1 << 55) - 1);
-            $pfn or next;                    # no PFN: not root
+            $pfn or next;                    # no page frame shown
             sysseek($kf, $pfn * 8, 0) && sysread($kf, $b, 8) == 8 or next;
             my $flags = unpack('Q<', $b);
             next unless ($flags >> $KPF_THP) & 1;
@@ -96,7 +98,8 @@ sub scan {
 }
 
 sub collapse {
-    defined $sec && $sec =~ /^[0-9]{1,5}$/ or fail(2, 'bad seconds');
+    $sec //= 60;
+    $sec =~ /^[0-9]{1,5}$/ or fail(2, 'bad seconds');
     my $t0 = time;
     my $first = <STDIN> // '';
     my ($start) = $first =~ /^start ([0-9]+)$/ or fail(2, 'no scan on stdin');

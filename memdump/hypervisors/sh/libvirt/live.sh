@@ -231,7 +231,7 @@ taint=$(sed -n "s/.*<taint flag='\([a-z0-9-]*\)'\/>.*/\1/p" "$memdump_piddir/$do
   2>/dev/null | tr '\n' ' ')
 if [ "$huge" = restore ] && [ -z "$hp" ]; then
   if [ "$s" = completed ]; then
-    hp=$(perl -e @HUGEPAGES@ collapse "$pid" 60 <"$d/hugepages" 2>>"$d/err") ||
+    hp=$(perl -e @HUGEPAGES@ collapse "$pid" <"$d/hugepages" 2>>"$d/err") ||
       hp="unavailable collapse-$?"
   else
     hp="unavailable not-completed"
