@@ -34,7 +34,7 @@ from memdump.hypervisors.fifo import (
     start_dump,
     token_stdin,
 )
-from memdump.hypervisors.migration import HUGEPAGES, huge_pages, migration_fields
+from memdump.hypervisors.migration import FIFO_READER, HUGEPAGES, huge_pages, migration_fields
 from memdump.hypervisors.scripts import load, read
 from memdump.identifiers import validate_id
 from memdump.pipeline import DumpSource
@@ -78,7 +78,12 @@ _DRAIN = "".join(
     ln for ln in read("libvirt/drain.sh").splitlines(keepends=True) if not ln.startswith("#")
 ).strip()
 _LIVE_PREFLIGHT = load("libvirt/live-preflight.sh")
-_LIVE = load("libvirt/live.sh", DRAIN=shlex.quote(_DRAIN), HUGEPAGES=shlex.quote(HUGEPAGES))
+_LIVE = load(
+    "libvirt/live.sh",
+    DRAIN=shlex.quote(_DRAIN),
+    HUGEPAGES=shlex.quote(HUGEPAGES),
+    FIFO_READER=shlex.quote(FIFO_READER),
+)
 _LIVE_ABORT = load("libvirt/live-abort.sh")
 _LIVE_REPAIR = load("libvirt/live-repair.sh")
 _LIVE_LINE = re.compile(r"^memdump-live-(\w+)(?: (.*))?$")

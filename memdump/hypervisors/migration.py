@@ -1,7 +1,7 @@
 """What QEMU's final ``query-migrate`` says about a live capture, as the manifest's live
 fields: one reading for every driver (libvirt through virsh, qemu and proxmox through
 memdump's QMP client); likewise the huge-page restore after it (sh/hugepages.pl, which
-every driver's live side runs the same way)."""
+every driver's live side runs the same way) and the FIFO's reader (sh/fiforeader.pl)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ from memdump.hypervisors.scripts import read
 # as `perl -e HUGEPAGES scan|collapse ...`: sh/hugepages.pl without its comment lines.
 HUGEPAGES = "".join(
     ln for ln in read("hugepages.pl").splitlines(keepends=True) if not ln.lstrip().startswith("#")
+)
+# The reader of a live capture's FIFO, which hands the stream on in large writes (QEMU's
+# snapshot writes it 4 KiB at a time), run as `perl -e FIFO_READER [drain]` where the
+# hypervisor has perl (cat otherwise): sh/fiforeader.pl without its comment lines.
+FIFO_READER = "".join(
+    ln for ln in read("fiforeader.pl").splitlines(keepends=True) if not ln.lstrip().startswith("#")
 )
 
 # query-migrate's times (milliseconds) -> the live fields' names

@@ -61,7 +61,7 @@ from memdump.hypervisors.fifo import (
     clean_stale,
     fifo_only,
 )
-from memdump.hypervisors.migration import HUGEPAGES, huge_pages, migration_fields
+from memdump.hypervisors.migration import FIFO_READER, HUGEPAGES, huge_pages, migration_fields
 from memdump.hypervisors.scripts import load
 from memdump.identifiers import validate_id
 from memdump.livecore import EM_X86_64, GuestLayout, LiveCoreSource, elf_machine_from_registers
@@ -102,6 +102,7 @@ def _script(name: str) -> str:
         f"qemu/{name}.sh",
         QMP_CLIENT=QMP_CLIENT.removesuffix("\n"),
         HUGEPAGES=shlex.quote(HUGEPAGES),
+        FIFO_READER=shlex.quote(FIFO_READER),
     )
 
 

@@ -661,26 +661,3 @@ def test_live_stream_has_no_cap_by_default() -> None:
     with pytest.raises(ConfigError):
         drv.open_live_stream(REF, drv.live_preflight(REF), max_bandwidth=0)
     assert len(t.streams) == 1
-
-
-def test_the_live_reader_outlives_its_stdout_and_drains_the_stream(tmp_path: Path) -> None:
-    """QEMU 7.2 must see its whole stream read, or guest RAM stays write-protected: with the
-    collector gone (stdout a closed pipe) the reader still reads to the end, and its exit
-    status says the copy failed."""
-    data = tmp_path / "stream"
-    data.write_bytes(os.urandom(1 << 20) * 3)  # larger than any pipe buffer
-    r, w = os.pipe()
-    os.close(r)  # the collector is gone before the first byte
-    src = tmp_path / "src"
-    os.mkfifo(src)
-    feeder = subprocess.Popen(["dd", f"if={data}", f"of={src}", "bs=64k", "status=none"])
-    with src.open("rb") as fin:
-        reader = subprocess.Popen(["sh", "-c", lv._DRAIN], stdin=fin, stdout=w)
-    os.close(w)
-    assert feeder.wait(timeout=30) == 0  # every byte was read: the writer never blocked
-    assert reader.wait(timeout=30) not in (0, None)
-    # With a live stdout it copies everything and succeeds.
-    out = tmp_path / "out"
-    with data.open("rb") as fin, out.open("wb") as fout:
-        assert subprocess.run(["sh", "-c", lv._DRAIN], stdin=fin, stdout=fout).returncode == 0
-    assert out.read_bytes() == data.read_bytes()

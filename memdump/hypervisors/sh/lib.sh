@@ -181,6 +181,16 @@ memdump_fifo_reader() {
   echo "$reader" >"$d/reader"
 }
 
+# memdump_live_reader PROGRAM: the same for a live capture's stream, read by
+# `perl -e PROGRAM` (sh/fiforeader.pl: large writes) where the host has perl.
+memdump_live_reader() {
+  command -v perl >/dev/null 2>&1 || { memdump_fifo_reader; return; }
+  mkfifo -m 600 "$d/mem" || exit "$EXIT_TEMP_FILE"
+  perl -e "$1" <"$d/mem" 8>&- &
+  reader=$!
+  echo "$reader" >"$d/reader"
+}
+
 # memdump_wait_reader RC: the end of a dump into the FIFO, after its writer ended with
 # RC. If RC is not 0 the writer may never have opened the FIFO: the reader is killed,
 # and in case the kill did not stop it before it got to open() (it would then block there

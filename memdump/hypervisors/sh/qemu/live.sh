@@ -3,7 +3,8 @@
 # "restore" (the client puts guest RAM that was on huge pages back on them after the
 # capture: sh/hugepages.pl, quoted in as HUGEPAGES) or "keep"; stdin: the token. As
 # dump.sh, with the client's ``live`` mode (QEMU's migration capability
-# background-snapshot): the migration stream goes into the FIFO, cat sends it on stdout.
+# background-snapshot): the migration stream goes into the FIFO, its reader
+# (sh/fiforeader.pl, or cat) sends it on stdout.
 # "$d/qmp" (the socket) and the client's output "$d/reply" (its peer line: QEMU's pid)
 # let repair.sh repair QEMU if this script is killed outright. A signal to the script
 # stops the client first (it cancels the migration, turns the capability off and puts
@@ -23,7 +24,7 @@ memdump_live_stop() {
 }
 trap 'memdump_live_stop; memdump_cleanup; exit "$EXIT_SIGNAL"' HUP INT TERM PIPE
 printf '%s\n' "$s" >"$d/qmp" || exit "$EXIT_TEMP_FILE"
-memdump_fifo_reader
+memdump_live_reader @FIFO_READER@
 memdump_qmp live "$s" "$d/mem" "$bins" "$reader" "$policy" "$run" "$sysctl" "$bw" "$huge" \
   >"$d/reply" 2>"$d/err" 8>&- &
 client=$!
