@@ -202,7 +202,11 @@ class FakeLiveQemu(threading.Thread):
                         out.write(chunk)
                         self.written += len(chunk)
             except OSError:
-                self.migration = "failed"
+                # A write that fails after migrate_cancel (the client closed its spare read
+                # end once the migration read "cancelled") ends a cancelled migration in
+                # QEMU, not a failed one.
+                if self.migration != "cancelled":
+                    self.migration = "failed"
                 return
             deadline = time.monotonic() + 10
             while self.wait_for_bandwidth not in (None, self.max_bandwidth):
