@@ -11,17 +11,21 @@ from typing import Any
 
 from memdump.hypervisors.scripts import read
 
+
+def _perl_program(name: str) -> str:
+    """sh/NAME (a perl program run as `perl -e TEXT`) without its comment lines."""
+    return "".join(
+        ln for ln in read(name).splitlines(keepends=True) if not ln.lstrip().startswith("#")
+    )
+
+
 # The huge-page restore (HypervisorConfig.live_restore_huge_pages), run on the hypervisor
-# as `perl -e HUGEPAGES scan|collapse ...`: sh/hugepages.pl without its comment lines.
-HUGEPAGES = "".join(
-    ln for ln in read("hugepages.pl").splitlines(keepends=True) if not ln.lstrip().startswith("#")
-)
+# as `perl -e HUGEPAGES scan|collapse ...`.
+HUGEPAGES = _perl_program("hugepages.pl")
 # The reader of a live capture's FIFO, which hands the stream on in large writes (QEMU's
 # snapshot writes it 4 KiB at a time), run as `perl -e FIFO_READER [drain]` where the
-# hypervisor has perl (cat otherwise): sh/fiforeader.pl without its comment lines.
-FIFO_READER = "".join(
-    ln for ln in read("fiforeader.pl").splitlines(keepends=True) if not ln.lstrip().startswith("#")
-)
+# hypervisor has perl (cat otherwise).
+FIFO_READER = _perl_program("fiforeader.pl")
 
 # query-migrate's times (milliseconds) -> the live fields' names
 _TIMES = (
