@@ -20,7 +20,9 @@ MEMDUMP_ORCHESTRATION__FANOUT=deployments, tests/helpers/collectors.py). On it:
             and limits"), so it is the refusal's latency; one accepted would start a
             second run, and is reported. Another thread samples the RSS of the stack's
             processes by PID from /proc every 0.5 s, each with all its descendants (the
-            runner's or a worker's flow-run processes): the peak per part and in all.
+            runner's or a worker's flow-run processes): the peak per part and in all, and the CPU
+            seconds each part used from the trigger to the run's end (the rest of the
+            machine's busy time is the lab: its QEMUs, sshd, the hypervisor scripts).
   after     wall time (the trigger sent -> the run's end_time in Prefect), the sum of
             the records' duration_sec, orchestration overhead per VM = (wall x c - sum)
             / N with c the effective concurrency: the global cap (min(global cap,
@@ -133,8 +135,20 @@ def vm_rss_kib(pid: int) -> int:
     return 0  # gone, or a kernel thread / zombie without memory
 
 
+def cpu_sec(pid: int) -> float:
+    """CPU seconds of a process and of its children it has waited for (user + system)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # after the command's name, which may hold spaces
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 class RssSampler(threading.Thread):
-    """Peak RSS (MiB) of each part (its root pid and all descendants) and of their sum."""
+    """Peak RSS (MiB) of each part (its root pid and all descendants) and of their sum,
+    and the CPU seconds each part's tree used between the first and the last sample
+    (a child that ended counts in its parent's waited-for time)."""
 
     def __init__(self, procs: dict[str, int], every: float = 0.5) -> None:
         super().__init__(name="rss-sampler", daemon=True)
@@ -142,6 +156,8 @@ class RssSampler(threading.Thread):
         self.stop = threading.Event()
         self.peak: dict[str, float] = {}
         self.peak_procs: dict[str, int] = {}
+        self.cpu_first: dict[str, float] = {}
+        self.cpu_last: dict[str, float] = {}
 
     def sample(self) -> None:
         kids: dict[int, list[int]] = {}
@@ -157,6 +173,8 @@ class RssSampler(threading.Thread):
                     tree.append(k)
                     todo.append(k)
             mib = sum(vm_rss_kib(p) for p in tree) / 1024
+            self.cpu_last[name] = sum(cpu_sec(p) for p in tree)
+            self.cpu_first.setdefault(name, self.cpu_last[name])
             self.peak[name] = max(self.peak.get(name, 0.0), mib)
             self.peak_procs[name] = max(self.peak_procs.get(name, 0), len(tree))
             total += mib
@@ -394,7 +412,10 @@ def measure(
         try:
             run = the_run(pf, since)
             run = wait_run(pf, run["id"], timeout)
-            busy = (host_busy_sec() - busy0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+            busy_s = host_busy_sec() - busy0
+            busy = busy_s / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+            rss.sample()  # the parts' CPU at the run's end
+            cpu = {k: round(v - rss.cpu_first[k], 1) for k, v in rss.cpu_last.items()}
             # /status catches up (its cache, the sampler's pace), unless a probe started
             # a newer run, which /status then shows instead.
             deadline = time.monotonic() + 30
@@ -462,6 +483,8 @@ def measure(
         artifacts_per_vm=round(counts["artifacts"] / n, 2),
         logs_per_vm=round(counts["logs"] / n, 2),
         peak_rss_mib={k: round(v, 1) for k, v in rss.peak.items()},
+        cpu_s={**cpu, "rest of the machine": round(busy_s - sum(cpu.values()), 1)},
+        host_cpu_s=round(busy_s, 1),
         peak_processes=rss.peak_procs,
         latency_ms={
             name: {"n": len(v), "p50": ms(v, 0.5), "p99": ms(v, 0.99), "max": ms(v, 1.0)}
@@ -526,6 +549,7 @@ ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("artifacts per VM", ("artifacts_per_vm",)),
     ("log lines per VM", ("logs_per_vm",)),
     ("peak RSS total MiB", ("peak_rss_mib", "total")),
+    ("CPU s, whole machine (trigger -> run end)", ("host_cpu_s",)),
     ("GET /status p50 ms", ("latency_ms", "GET /status", "p50")),
     ("GET /status p99 ms", ("latency_ms", "GET /status", "p99")),
     ("GET /records?limit=1000 p50 ms", ("latency_ms", "GET /records?limit=1000", "p50")),
@@ -563,6 +587,8 @@ def report(rows: list[dict[str, Any]]) -> str:
     paths = list(ROWS)
     for part in sorted({p for r in rows for p in r["peak_rss_mib"] if p != "total"}):
         paths.append((f"peak RSS {part} MiB", ("peak_rss_mib", part)))
+    for part in sorted({p for r in rows for p in r.get("cpu_s", {})}):
+        paths.append((f"CPU s, {part}", ("cpu_s", part)))
     for label, path in paths:
         vals = []
         for r in rows:
