@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import threading
@@ -26,6 +27,9 @@ from memdump.records import open_reader
 from memdump.records.base import RecordReader
 from memdump.records.outbox import OutboxReader
 from memdump.settings import Settings
+
+# The longest the API's start waits for its Prefect client to be warm (see lifespan).
+WARM_WAIT_SEC = 15.0
 
 # uvicorn imports this module first: whatever it writes (verify's custody entries) is 0600.
 private_umask()
@@ -109,8 +113,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if prefect_runs is not None:
-            # The first trigger's Prefect client start-up, paid while nobody waits.
-            threading.Thread(target=prefect_runs.warm, name="memdump-api-warm", daemon=True).start()
+            # The first trigger's Prefect client start-up, paid before the API answers
+            # (`memdump serve` waits for it, as for the rest of its start-up): started
+            # beside it, the first trigger still raced it and took 0.75 s (2026-12-01).
+            # A Prefect server that is slow to answer holds the start for WARM_WAIT_SEC
+            # at most; the warming then goes on beside the API.
+            warm = threading.Thread(target=prefect_runs.warm, name="memdump-api-warm", daemon=True)
+            warm.start()
+            await asyncio.to_thread(warm.join, WARM_WAIT_SEC)
         yield
 
     app = FastAPI(
