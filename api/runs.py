@@ -730,10 +730,19 @@ def vm_detail(
         if done is not None and vm.progress is not None:
             vm = dataclasses.replace(vm, bytes_done=done.done, bytes_total=done.total)
         out.append(vm)
-    # Task runs are created one by one: a VM asked for whose run does not exist yet
-    # (or never will: the run ended first) is still part of this run.
-    started = {v.vm_id for v in out}
+    # Task runs are created one by one, and a run's captures are queued for a bounded
+    # pool of threads (flows.capture): a VM of the run's own targets, or one asked for,
+    # whose task run does not exist yet (or never will: the run ended first) is still
+    # part of this run.
     pending = "error" if run_final else "pending"
+    have = {str(t.id) for t in own}
+    started = {v.vm_id for v in out}
+    for tr, (vm_id, _) in _named(
+        a for a in arts if run_id is None or str(a.flow_run_id) == run_id
+    ).items():
+        if tr not in have and vm_id not in started:
+            out.append(VMRun(vm_id, pending, None, None))
+            started.add(vm_id)
     out += [VMRun(v, pending, None, None) for v in wanted if v not in started]
     out += unlisted
     order = {v: i for i, v in enumerate(wanted)}

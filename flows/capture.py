@@ -12,6 +12,7 @@ from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, wait
 from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from memdump.errors import MemdumpError
 from memdump.escaping import md_text
@@ -29,6 +30,7 @@ from memdump.runinfo import (
 )
 from memdump.settings import Settings
 from memdump.targets import locate, require_hypervisors
+from tasks.busy_retries import retry_busy_everywhere
 from tasks.capture import capture_vm
 from tasks.fanout import publish_result, run_capture_flow
 from tasks.limits import ensure_limits
@@ -77,8 +79,28 @@ def list_targets(settings: Settings, vm_ids: list[str]) -> Targets:
                 unlisted.append((name, error or "cannot list its VMs"))
     targets: list[tuple[str, str | None]] = []
     for vm_id in dict.fromkeys(vm_ids):
-        targets.extend(listed if vm_id == ALL else [(vm_id, None)])
+        targets.extend(_taking_turns(listed) if vm_id == ALL else [(vm_id, None)])
     return Targets(list(dict.fromkeys(targets)), unlisted, empty)
+
+
+def _taking_turns(listed: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """The VMs of "all", one hypervisor after the other in turn (each hypervisor's in its
+    listed order): the captures are queued in this order for a bounded pool of threads
+    (:func:`_pool`), so those at the gate are spread over the hypervisors, and one whose
+    hypervisor is full does not keep a free place of the global cap empty."""
+    by_hv: dict[str | None, list[tuple[str, str | None]]] = {}
+    for target in listed:
+        by_hv.setdefault(target[1], []).append(target)
+    turns = [iter(vms) for vms in by_hv.values()]
+    out: list[tuple[str, str | None]] = []
+    while turns:
+        for it in list(turns):
+            nxt = next(it, None)
+            if nxt is None:
+                turns.remove(it)
+            else:
+                out.append(nxt)
+    return out
 
 
 def _outcome(future: PrefectFuture[Any]) -> tuple[str, Any, str]:
@@ -199,25 +221,44 @@ def _placed(
             d.close()
 
 
-def _submit(
+def _pool(settings: Settings) -> ThreadPoolTaskRunner[Any]:
+    """The threads a flow run's captures run on: twice the global cap, and one more per
+    hypervisor (those waiting at the gate, tasks.limits.GATE, then span the
+    hypervisors: :func:`_taking_turns`). The rest wait in the pool's queue, known by
+    their task run id (the targets, which /status shows as pending) but not yet a task
+    run: a trigger over 100 VMs created all their task runs at once, and that burst of
+    writes (each answered "database is locked" by the embedded server's SQLite now and
+    then, retried by Prefect's engine after 2 s, 4 s) delayed the first capture by 4 to
+    10 s (2026-12-01)."""
+    orch = settings.orchestration
+    return ThreadPoolTaskRunner(
+        max_workers=2 * orch.max_concurrent_captures + len(settings.inventory)
+    )
+
+
+def _captured(
     settings: Settings, targets: Iterable[tuple[str, str | None]], source: str
-) -> list[tuple[str, PrefectFuture[Any]]]:
-    """One capture task run per VM (its whole chain, memdump.chain). All are submitted
-    at once, then the flow run's targets (which VM each task run is for) are published,
-    which /status reads; each waits for its place at the process's gate
-    (tasks.limits.GATE) before it opens its connection."""
+) -> list[Row]:
+    """One capture task run per VM (its whole chain, memdump.chain), on the flow run's
+    pool of capture threads (:func:`_pool`). All are queued at once, then the flow run's
+    targets (which VM each task run is for) are published, which /status reads; each
+    waits for its place at the process's gate (tasks.limits.GATE) before it opens its
+    connection. The rows are in the targets' order."""
     capture = capture_vm.with_options(
         retries=settings.orchestration.capture_retries,
         retry_delay_seconds=settings.orchestration.capture_retry_delay_sec,
     )
-    futures = []
-    placed = []
-    for vm_id, hypervisor in targets:
-        future = capture.submit(vm_id, hypervisor, source=source)
-        futures.append((vm_id, future))
-        placed.append(Target(str(future.task_run_id), vm_id, hypervisor))
-    _publish(placed)
-    return futures
+    with _pool(settings) as pool:
+        futures = []
+        placed = []
+        for vm_id, hypervisor in targets:
+            params = {"vm_id": vm_id, "hypervisor": hypervisor, "source": source}
+            future = pool.submit(capture, params)
+            futures.append((vm_id, future))
+            placed.append(Target(str(future.task_run_id), vm_id, hypervisor))
+        _publish(placed)
+        wait([f for _, f in futures])
+        return [(vm_id, *_outcome(f)) for vm_id, f in futures]
 
 
 def _publish(targets: list[Target]) -> None:
@@ -229,6 +270,7 @@ def _publish(targets: list[Target]) -> None:
 @flow(name=CAPTURE_FLOW, log_prints=True)
 def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
     """Capture the memory of ``vm_ids`` ("all" = every running VM of the inventory)."""
+    retry_busy_everywhere()
     settings = Settings()
     logger = get_run_logger()
     logger.info("trigger from %s for %s", source, vm_ids)
@@ -239,9 +281,7 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
         return Failed(message=f"cannot list VMs: {exc}")
     if settings.orchestration.fanout == "deployments":
         return _fan_out(settings, found, source)
-    futures = _submit(settings, _placed(settings, found.vms), source)
-    wait([f for _, f in futures])
-    rows = [(vm_id, *_outcome(f)) for vm_id, f in futures]
+    rows = _captured(settings, _placed(settings, found.vms), source)
     return _final(rows, source, found.unlisted, found.empty)
 
 
@@ -250,11 +290,10 @@ def capture_one_vm(vm_id: str, hypervisor: str | None = None, source: str = "api
     """The chain of one VM as a flow run of its own: what a trigger's flow run starts per
     VM with ``MEMDUMP_ORCHESTRATION__FANOUT=deployments``, so any worker of the pool can
     take it."""
+    retry_busy_everywhere()
     # The trigger's run placed it (flows.capture._placed); one it could not is found by
     # its task, as find would (not located a second time here).
-    ((_, future),) = _submit(Settings(), [(vm_id, hypervisor)], source)
-    future.wait()
-    row = (vm_id, *_outcome(future))
+    (row,) = _captured(Settings(), [(vm_id, hypervisor)], source)
     if row[2] is not None:  # where the trigger's flow run finds the record
         publish_result(row[2])
     return _final([row], source)

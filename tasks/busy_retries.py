@@ -53,30 +53,110 @@ def _install_quick_send() -> None:
         *args: Any,
         **kwargs: Any,
     ) -> Any:
-        if not getattr(_quick, "on", False):
-            return original(self, request, send, send_args, send_kwargs, *args, **kwargs)
-        if self.enable_csrf_support and request.method.lower() in _CHANGES:
-            self._add_csrf_headers(request=request)
-        return send(request, *send_args, **send_kwargs)
+        if getattr(_quick, "on", False):
+            return _once(self, request, send, send_args, send_kwargs)
+        if _everywhere:
+            for delay in BUSY_RETRY_DELAYS:
+                try:
+                    response = _once(self, request, send, send_args, send_kwargs)
+                except Exception:  # noqa: BLE001 - Prefect's loop sends it again, its way
+                    break
+                if response.status_code not in BUSY_STATUS:
+                    return response
+                if "Retry-After" in response.headers:
+                    break  # a wait the server asks for: Prefect's loop honours it
+                _sleep(delay)
+        return original(self, request, send, send_args, send_kwargs, *args, **kwargs)
 
     send_with_retry.memdump_quick = True  # type: ignore[attr-defined]
     PrefectHttpxSyncClient._send_with_retry = send_with_retry  # type: ignore[method-assign]
+    _install_async()
+
+
+def _install_async() -> None:
+    """The same for Prefect's async client, which only retry_busy_everywhere changes:
+    Prefect's engine checks a task run's tags against tag concurrency limits through
+    it (one request per new set of tags), and a 503 there held a fleet's listing of
+    one hypervisor 2 s, of another 2 + 4 s, before it started (2026-12-01)."""
+    import anyio
+    from prefect.client.base import PrefectHttpxAsyncClient
+
+    original = PrefectHttpxAsyncClient._send_with_retry
+
+    @functools.wraps(original)
+    async def send_with_retry(
+        self: Any,
+        request: Any,
+        send: Callable[..., Any],
+        send_args: tuple[Any, ...],
+        send_kwargs: dict[str, Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        if _everywhere:
+            for delay in BUSY_RETRY_DELAYS:
+                try:
+                    if self.enable_csrf_support and request.method.lower() in _CHANGES:
+                        await self._add_csrf_headers(request=request)
+                    response = await send(request, *send_args, **send_kwargs)
+                except Exception:  # noqa: BLE001 - Prefect's loop sends it again, its way
+                    break
+                if response.status_code not in BUSY_STATUS:
+                    return response
+                if "Retry-After" in response.headers:
+                    break
+                await anyio.sleep(delay)
+        return await original(self, request, send, send_args, send_kwargs, *args, **kwargs)
+
+    PrefectHttpxAsyncClient._send_with_retry = send_with_retry  # type: ignore[method-assign]
+
+
+def _once(
+    client: Any,
+    request: Any,
+    send: Callable[..., Any],
+    send_args: tuple[Any, ...],
+    send_kwargs: dict[str, Any],
+) -> Any:
+    """The request sent once, with the CSRF headers Prefect's loop would add."""
+    if client.enable_csrf_support and request.method.lower() in _CHANGES:
+        client._add_csrf_headers(request=request)
+    return send(request, *send_args, **send_kwargs)
 
 
 _CHANGES = frozenset({"post", "put", "patch", "delete"})  # what Prefect's loop adds CSRF to
 _install_lock = threading.Lock()
 _installed = False
+_everywhere = False  # every Prefect request of the process: see retry_busy_everywhere
+
+
+def _install() -> None:
+    global _installed
+    if not _installed:
+        with _install_lock:
+            _install_quick_send()
+            _installed = True
+
+
+def retry_busy_everywhere() -> None:
+    """Every Prefect client request of this process, sync or async (Prefect's engine's
+    own included: a task run's creation, its states, its tags' limit check) that is
+    answered busy without a Retry-After is sent again after BUSY_RETRY_DELAYS, before
+    Prefect's retry loop takes over with its 2 s, 4 s. A capture flow run calls it: a
+    fleet's queued captures each create their task run as a thread takes them, and
+    one stall of the embedded server's SQLite held every new one for Prefect's 2 + 4 s
+    (2026-12-01: 6.5 s with no capture started, 100 VMs). Prefect's own loop sends the
+    same request again too: sending it sooner changes only the wait."""
+    global _everywhere
+    _install()
+    _everywhere = True
 
 
 @contextmanager
 def quick() -> Iterator[None]:
     """This thread's Prefect client requests in the block are sent once: a busy answer
     comes back at once, without Prefect's retry loop or its 2 s sleep."""
-    global _installed
-    if not _installed:
-        with _install_lock:
-            _install_quick_send()
-            _installed = True
+    _install()
     was = getattr(_quick, "on", False)
     _quick.on = True
     try:

@@ -4,8 +4,10 @@ with Prefect's retries."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import uuid4
 
 import httpx
@@ -14,7 +16,7 @@ from prefect.client.orchestration import SyncPrefectClient
 
 import tasks.busy_retries
 from memdump.runinfo import BUSY_RETRY_DELAYS
-from tasks.busy_retries import busy_retried
+from tasks.busy_retries import busy_retried, retry_busy_everywhere
 
 
 def _error(code: int) -> httpx.HTTPStatusError:
@@ -95,6 +97,7 @@ def test_a_busy_answer_is_not_slept_on_by_prefects_client(
 
     prefect_slept: list[float] = []
     monkeypatch.setattr(time, "sleep", prefect_slept.append)
+    monkeypatch.setattr(tasks.busy_retries, "_everywhere", False)  # a flow run's process only
     client = SyncPrefectClient(
         "http://prefect.test/api", httpx_settings={"transport": httpx.MockTransport(server)}
     )
@@ -113,3 +116,85 @@ def test_a_busy_answer_is_not_slept_on_by_prefects_client(
     assert slept == list(BUSY_RETRY_DELAYS[:2])
     assert len(prefect_slept) == 1 and prefect_slept[0] > 0.5
     assert sent == ["/api/v2/concurrency_limits/increment-with-lease"] * 5
+
+
+def _busy_then(answers: list[tuple[int, dict[str, str]]], sent: list[str]) -> Any:
+    """A Prefect API that answers the given (status, headers) in turn, then 200."""
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/csrf-token"):
+            expires = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+            token = {"token": "t0k", "client": request.url.params["client"], "expiration": expires}
+            return httpx.Response(200, json=token)
+        sent.append(request.url.path)
+        code, headers = answers.pop(0) if answers else (200, {})
+        if code != 200:
+            return httpx.Response(code, headers=headers, json={"detail": "database is locked"})
+        return httpx.Response(201, json={"id": str(uuid4())})
+
+    return httpx.MockTransport(server)
+
+
+@pytest.mark.parametrize(
+    ("answers", "quick", "prefects", "requests"),
+    [
+        ([(503, {}), (503, {})], [0.05, 0.1], [], 3),
+        # A wait the server asks for is Prefect's loop's to honour.
+        ([(503, {"Retry-After": "3"})] * 2, [], [3.0], 3),
+        # Past memdump's delays, Prefect's loop as before.
+        ([(503, {})] * 6, list(BUSY_RETRY_DELAYS), [2.0], 7),
+    ],
+    ids=["busy-twice", "retry-after", "still-busy"],
+)
+def test_in_a_flow_runs_process_every_busy_answer_is_retried_quickly(
+    slept: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+    answers: list[tuple[int, dict[str, str]]],
+    quick: list[float],
+    prefects: list[float],
+    requests: int,
+) -> None:
+    """retry_busy_everywhere (a capture flow run's first call): any Prefect request of the
+    process, Prefect's engine's own (here: a task run's creation) included."""
+    prefect_slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", prefect_slept.append)
+    monkeypatch.setattr(tasks.busy_retries, "_everywhere", False)
+    sent: list[str] = []
+    client = SyncPrefectClient(
+        "http://prefect.test/api", httpx_settings={"transport": _busy_then(answers, sent)}
+    )
+    retry_busy_everywhere()
+    with client:
+        client.request("POST", "/task_runs/", json={})
+    assert slept == quick
+    # Prefect's own waits (jittered up from the Retry-After, or around its 2 s).
+    assert len(prefect_slept) == len(prefects)
+    assert all(p * 0.7 <= got <= p * 1.5 for p, got in zip(prefects, prefect_slept, strict=True))
+    assert sent == ["/api/task_runs/"] * requests
+
+
+def test_prefects_async_client_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect's engine checks a task run's tags against tag concurrency limits with its
+    async client: a 503 there held a fleet's listing 2 s, then 2 + 4 s (2026-12-01)."""
+    import anyio
+    from prefect.client.orchestration import PrefectClient
+
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(anyio, "sleep", sleep)  # memdump's waits and Prefect's loop's
+    monkeypatch.setattr(tasks.busy_retries, "_everywhere", False)
+    sent: list[str] = []
+    transport = _busy_then([(503, {}), (503, {})], sent)
+
+    async def create() -> None:
+        client = PrefectClient("http://prefect.test/api", httpx_settings={"transport": transport})
+        async with client:
+            await client.request("POST", "/task_runs/", json={})
+
+    retry_busy_everywhere()
+    asyncio.run(create())
+    assert waits == list(BUSY_RETRY_DELAYS[:2])
+    assert sent == ["/api/task_runs/"] * 3

@@ -236,6 +236,58 @@ def test_each_vm_waits_for_room_before_it_connects_or_asks_for_a_slot(
     assert limit_calls == ["read_global_concurrency_limits"]
 
 
+def test_a_fleet_is_queued_for_a_bounded_pool_of_threads_taking_turns(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A trigger over 100 VMs made all their task runs at once; the embedded server's
+    SQLite answered that burst "database is locked", and Prefect's engine waited 2 s,
+    4 s before the first capture (2026-12-01). The captures are queued for twice the
+    global cap plus one thread per hypervisor, the hypervisors taking turns; and the
+    flow run's process retries busy answers in milliseconds."""
+    import tasks.busy_retries
+    import tasks.capture
+    from flows.capture import capture_vms
+
+    for hv, prefix in (("hv-a", "a"), ("hv-b", "b")):
+        fleet.vms[hv] += [f"{prefix}{i}" for i in range(4, 10)]  # 18 VMs in all
+    at_gate = Peak()  # capture task runs at the gate: waiting for a place, or holding one
+    real = tasks.capture.GATE.place
+
+    @contextmanager
+    def counted(hypervisor: str, **kw: Any) -> Iterator[None]:
+        at_gate.up("task")
+        try:
+            with real(hypervisor, **kw):
+                yield
+        finally:
+            at_gate.down("task")
+
+    monkeypatch.setattr(tasks.capture.GATE, "place", counted)
+    monkeypatch.setattr(tasks.busy_retries, "_everywhere", False)
+    state = capture_vms(vm_ids=["all"], source="test", return_state=True)
+    assert state.is_completed(), state
+    rows = SQLiteRecordStore(tmp_path / "records.db").list(100, 0)
+    assert len(rows) == 18 and len({r["vmid"] for r in rows}) == 18
+    pool = 2 * CAPS["total"] + len(FLEET)
+    assert 0 < at_gate.most_total <= pool  # 18 before: every task run at once
+    assert fleet.captures.most_total <= CAPS["total"]
+    assert tasks.busy_retries._everywhere
+
+
+def test_the_vms_of_all_take_turns_by_hypervisor() -> None:
+    from flows.capture import _taking_turns
+
+    listed: list[tuple[str, str | None]] = [
+        ("a1", "hv-a"), ("a2", "hv-a"), ("a3", "hv-a"), ("b1", "hv-b"), ("c1", "hv-c"),
+        ("c2", "hv-c"),
+    ]  # fmt: skip
+    assert _taking_turns(listed) == [
+        ("a1", "hv-a"), ("b1", "hv-b"), ("c1", "hv-c"), ("a2", "hv-a"), ("c2", "hv-c"),
+        ("a3", "hv-a"),
+    ]  # fmt: skip
+    assert _taking_turns([]) == []
+
+
 def test_plain_ids_are_located_with_one_connection_per_hypervisor(
     fleet: Fleet, tmp_path: Path
 ) -> None:
