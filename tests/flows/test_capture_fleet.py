@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,23 @@ class Peak:
     def down(self, key: str) -> None:
         with self._lock:
             self.now[key] -= 1
+
+
+def _counted(
+    peak: Peak, key: str, real: Callable[..., AbstractContextManager[Any]]
+) -> Callable[..., AbstractContextManager[None]]:
+    """``real`` (a context manager), with ``peak`` counting who is inside it."""
+
+    @contextmanager
+    def counted(*args: Any, **kw: Any) -> Iterator[None]:
+        peak.up(key)
+        try:
+            with real(*args, **kw):
+                yield
+        finally:
+            peak.down(key)
+
+    return counted
 
 
 class Fleet:
@@ -199,18 +216,9 @@ def test_each_vm_waits_for_room_before_it_connects_or_asks_for_a_slot(
     from tasks.limits import ensure_limits
 
     asking = Peak()  # tasks at the Prefect limits (tasks.limits.SLOTS): asking, or holding
-    real = tasks.capture.SLOTS.hold
-
-    @contextmanager
-    def counted(names: list[str], **kw: Any) -> Iterator[None]:
-        asking.up("prefect")
-        try:
-            with real(names, **kw):
-                yield
-        finally:
-            asking.down("prefect")
-
-    monkeypatch.setattr(tasks.capture.SLOTS, "hold", counted)
+    monkeypatch.setattr(
+        tasks.capture.SLOTS, "hold", _counted(asking, "prefect", tasks.capture.SLOTS.hold)
+    )
     ensure_limits(Settings())  # the limits as configured: the run finds them so
     limit_calls = _count_limit_calls(monkeypatch)
     state = capture_vms(vm_ids=["all"], source="test", return_state=True)
@@ -251,18 +259,9 @@ def test_a_fleet_is_queued_for_a_bounded_pool_of_threads_taking_turns(
     for hv, prefix in (("hv-a", "a"), ("hv-b", "b")):
         fleet.vms[hv] += [f"{prefix}{i}" for i in range(4, 10)]  # 18 VMs in all
     at_gate = Peak()  # capture task runs at the gate: waiting for a place, or holding one
-    real = tasks.capture.GATE.place
-
-    @contextmanager
-    def counted(hypervisor: str, **kw: Any) -> Iterator[None]:
-        at_gate.up("task")
-        try:
-            with real(hypervisor, **kw):
-                yield
-        finally:
-            at_gate.down("task")
-
-    monkeypatch.setattr(tasks.capture.GATE, "place", counted)
+    monkeypatch.setattr(
+        tasks.capture.GATE, "place", _counted(at_gate, "task", tasks.capture.GATE.place)
+    )
     monkeypatch.setattr(tasks.busy_retries, "_everywhere", False)
     state = capture_vms(vm_ids=["all"], source="test", return_state=True)
     assert state.is_completed(), state
