@@ -735,12 +735,12 @@ def vm_detail(
     # whose task run does not exist yet (or never will: the run ended first) is still
     # part of this run.
     pending = "error" if run_final else "pending"
-    have = {str(t.id) for t in own}
+    have = {str(t.id) for t in runs}
     started = {v.vm_id for v in out}
     for tr, (vm_id, _) in _named(
         a for a in arts if run_id is None or str(a.flow_run_id) == run_id
     ).items():
-        if tr not in have and vm_id not in started:
+        if tr not in have:  # each target its own task run: two hypervisors' "101" are two
             out.append(VMRun(vm_id, pending, None, None))
             started.add(vm_id)
     out += [VMRun(v, pending, None, None) for v in wanted if v not in started]

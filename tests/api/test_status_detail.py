@@ -608,15 +608,17 @@ def test_a_queued_capture_of_the_targets_is_pending_before_its_task_run_exists()
     # The flow queues its captures for a bounded pool of threads (flows.capture): its
     # targets name every VM at once, a task run is created when a thread takes it.
     cap, runs = chain(states.Running(), n=1, vm="vm-a")
-    queued = [(uuid4(), "vm-b", "hv-2"), (uuid4(), "vm-c", "hv-1")]
-    targets = targets_artifact(FLOW_RUN, [(cap.id, "vm-a", None), *queued])
+    # Two hypervisors may have the same VM id (Proxmox's "101"): two targets, two entries.
+    queued = [(uuid4(), "vm-b", "hv-2"), (uuid4(), "vm-c", "hv-1"), (uuid4(), "vm-a", "hv-2")]
+    targets = targets_artifact(FLOW_RUN, [(cap.id, "vm-a", "hv-1"), *queued])
     arts = [progress(cap, "vm-a", 20.0), targets]
     assert vm_detail(["all"], False, runs, arts, run_id=str(FLOW_RUN)) == (
         VMRun("vm-a", "running", 20.0, None),
         VMRun("vm-b", "pending", None, None),
         VMRun("vm-c", "pending", None, None),
+        VMRun("vm-a", "pending", None, None),
     )
-    assert [v.state for v in vm_detail(["all"], True, runs, arts)] == ["error"] * 3
+    assert [v.state for v in vm_detail(["all"], True, runs, arts)] == ["error"] * 4
     # Another flow run's targets (a child's, with the fan-out) are its own to show.
     other = targets_artifact(uuid4(), queued)
     assert vm_detail(["all"], False, runs, [arts[0], named(runs), other], run_id=str(FLOW_RUN)) == (
