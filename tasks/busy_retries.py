@@ -36,7 +36,8 @@ def _install_quick_send() -> None:
     captures held their place 1.8-2.4 s longer). In a ``quick`` block the loop is left
     out: the request is sent once (with the client's CSRF headers, as the loop adds
     them) and its answer is what busy_retried sees. Installed once per process;
-    every other request keeps Prefect's loop."""
+    every other request keeps Prefect's loop, after memdump's quick tries where
+    :func:`retry_busy_everywhere` was called."""
     from prefect.client.base import PrefectHttpxSyncClient
 
     original = PrefectHttpxSyncClient._send_with_retry
@@ -70,7 +71,6 @@ def _install_quick_send() -> None:
 
     send_with_retry.memdump_quick = True  # type: ignore[attr-defined]
     PrefectHttpxSyncClient._send_with_retry = send_with_retry  # type: ignore[method-assign]
-    _install_async()
 
 
 def _install_async() -> None:
@@ -82,6 +82,8 @@ def _install_async() -> None:
     from prefect.client.base import PrefectHttpxAsyncClient
 
     original = PrefectHttpxAsyncClient._send_with_retry
+    if getattr(original, "memdump_quick", False):
+        return
 
     @functools.wraps(original)
     async def send_with_retry(
@@ -108,6 +110,7 @@ def _install_async() -> None:
                 await anyio.sleep(delay)
         return await original(self, request, send, send_args, send_kwargs, *args, **kwargs)
 
+    send_with_retry.memdump_quick = True  # type: ignore[attr-defined]
     PrefectHttpxAsyncClient._send_with_retry = send_with_retry  # type: ignore[method-assign]
 
 
@@ -135,6 +138,7 @@ def _install() -> None:
     if not _installed:
         with _install_lock:
             _install_quick_send()
+            _install_async()
             _installed = True
 
 
