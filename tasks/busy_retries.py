@@ -35,7 +35,8 @@ def _install_quick_send() -> None:
     paid that on every "database is locked" (measured 2026-12-01: 13-18 of 100 fleet
     captures held their place 1.8-2.4 s longer). In a ``quick`` block the loop is left
     out: the request is sent once (with the client's CSRF headers, as the loop adds
-    them) and its answer is what busy_retried sees. Installed once per process;
+    them; once more at once after an error the loop would retry, then the loop) and
+    its answer is what busy_retried sees. Installed once per process;
     every other request keeps Prefect's loop, after memdump's quick tries where
     :func:`retry_busy_everywhere` was called."""
     from prefect.client.base import PrefectHttpxSyncClient
@@ -55,7 +56,17 @@ def _install_quick_send() -> None:
         **kwargs: Any,
     ) -> Any:
         if getattr(_quick, "on", False):
-            return _once(self, request, send, send_args, send_kwargs)
+            # A connection the server closed while idle (a capture waits at the gate for
+            # seconds), a timeout: what Prefect's loop retries is sent again at once (on
+            # a new connection), then left to that loop. Sent once only, it failed a
+            # fleet's VM (CI, 2026-12-01: "Server disconnected without sending a response").
+            retried = tuple(kwargs.get("retry_exceptions", ()))
+            for _ in range(2):
+                try:
+                    return _once(self, request, send, send_args, send_kwargs)
+                except retried:
+                    continue
+            return original(self, request, send, send_args, send_kwargs, *args, **kwargs)
         if _everywhere:
             for delay in BUSY_RETRY_DELAYS:
                 try:

@@ -198,3 +198,30 @@ def test_prefects_async_client_too(monkeypatch: pytest.MonkeyPatch) -> None:
     asyncio.run(create())
     assert waits == list(BUSY_RETRY_DELAYS[:2])
     assert sent == ["/api/task_runs/"] * 3
+
+
+def test_a_connection_the_server_closed_is_sent_again_as_prefect_would(
+    slept: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent once outside Prefect's loop, a request on a keep-alive connection the server
+    had closed failed its capture ("Server disconnected without sending a response", CI
+    2026-12-01): the errors Prefect's loop retries are left to it."""
+    prefect_slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", prefect_slept.append)
+    sent: list[str] = []
+    inner = _busy_then([], sent)
+    failures = [httpx.RemoteProtocolError("Server disconnected without sending a response.")]
+
+    def server(request: httpx.Request) -> httpx.Response:
+        if failures and not request.url.path.endswith("/csrf-token"):
+            raise failures.pop()
+        return inner.handle_request(request)
+
+    client = SyncPrefectClient(
+        "http://prefect.test/api", httpx_settings={"transport": httpx.MockTransport(server)}
+    )
+    with client:
+        answer = busy_retried(lambda: client.request("POST", "/task_runs/", json={}))
+    assert answer.status_code == 201 and not failures
+    assert slept == [] and sent == ["/api/task_runs/"]
+    assert prefect_slept == []  # sent again at once, not after Prefect's 2 s
