@@ -569,14 +569,23 @@ def _artifacts(client: Any, which: Any) -> list[Artifact]:
     )
 
 
-def _named(artifacts: Iterable[Artifact]) -> dict[str, tuple[str, str | None]]:
-    """Task run id -> (VM id, hypervisor or None), from the targets artifacts among
-    ``artifacts`` (memdump.runinfo.Target)."""
-    out: dict[str, tuple[str, str | None]] = {}
+def _named_by_run(
+    artifacts: Iterable[Artifact],
+) -> dict[str, dict[str, tuple[str, str | None]]]:
+    """Flow run id -> its targets: task run id -> (VM id, hypervisor or None), from the
+    targets artifacts among ``artifacts`` (memdump.runinfo.Target)."""
+    out: dict[str, dict[str, tuple[str, str | None]]] = {}
     for a in artifacts:
         if a.key == TARGETS_KEY:
-            out.update({t.task_run_id: (t.vm_id, t.hypervisor) for t in targets_from_data(a.data)})
+            out.setdefault(str(a.flow_run_id), {}).update(
+                {t.task_run_id: (t.vm_id, t.hypervisor) for t in targets_from_data(a.data)}
+            )
     return out
+
+
+def _named(artifacts: Iterable[Artifact]) -> dict[str, tuple[str, str | None]]:
+    """Task run id -> (VM id, hypervisor or None), every flow run's targets together."""
+    return {tr: vm for run in _named_by_run(artifacts).values() for tr, vm in run.items()}
 
 
 def _run_and_children(run_id: UUID) -> Any:
@@ -701,7 +710,8 @@ def vm_detail(
     the run's task run waits, their state."""
     runs = list(task_runs)
     arts = list(artifacts)
-    named = _named(arts)
+    by_run = _named_by_run(arts)
+    named = {tr: vm for run in by_run.values() for tr, vm in run.items()}
     own = [t for t in runs if run_id is None or str(t.flow_run_id) == run_id]
     captures = sorted(
         (t for t in own if _step(t) == "capture" and (run_final or str(t.id) in named)),
@@ -737,9 +747,7 @@ def vm_detail(
     pending = "error" if run_final else "pending"
     have = {str(t.id) for t in runs}
     started = {v.vm_id for v in out}
-    for tr, (vm_id, _) in _named(
-        a for a in arts if run_id is None or str(a.flow_run_id) == run_id
-    ).items():
+    for tr, (vm_id, _) in (named if run_id is None else by_run.get(run_id, {})).items():
         if tr not in have:  # each target its own task run: two hypervisors' "101" are two
             out.append(VMRun(vm_id, pending, None, None))
             started.add(vm_id)

@@ -73,10 +73,11 @@ def _install_quick_send() -> None:
                     response = _once(self, request, send, send_args, send_kwargs)
                 except Exception:  # noqa: BLE001 - Prefect's loop sends it again, its way
                     break
-                if response.status_code not in BUSY_STATUS:
+                again = _send_again(response)
+                if again is None:
                     return response
-                if "Retry-After" in response.headers:
-                    break  # a wait the server asks for: Prefect's loop honours it
+                if not again:
+                    break
                 _sleep(delay)
         return original(self, request, send, send_args, send_kwargs, *args, **kwargs)
 
@@ -114,15 +115,25 @@ def _install_async() -> None:
                     response = await send(request, *send_args, **send_kwargs)
                 except Exception:  # noqa: BLE001 - Prefect's loop sends it again, its way
                     break
-                if response.status_code not in BUSY_STATUS:
+                again = _send_again(response)
+                if again is None:
                     return response
-                if "Retry-After" in response.headers:
+                if not again:
                     break
                 await anyio.sleep(delay)
         return await original(self, request, send, send_args, send_kwargs, *args, **kwargs)
 
     send_with_retry.memdump_quick = True  # type: ignore[attr-defined]
     PrefectHttpxAsyncClient._send_with_retry = send_with_retry  # type: ignore[method-assign]
+
+
+def _send_again(response: Any) -> bool | None:
+    """What a retry_busy_everywhere request does with an answer: None, it is the answer;
+    True, busy: sent again after memdump's next delay; False, busy with a wait the
+    server asks for (Retry-After), which Prefect's loop honours."""
+    if response.status_code not in BUSY_STATUS:
+        return None
+    return "Retry-After" not in response.headers
 
 
 def _once(
