@@ -27,6 +27,7 @@ from memdump.runinfo import (
     TARGETS_KEY,
     TIMED_OUT,
     Progress,
+    Target,
     tagged_hypervisor,
     tagged_step,
     targets_from_data,
@@ -569,23 +570,23 @@ def _artifacts(client: Any, which: Any) -> list[Artifact]:
     )
 
 
-def _named_by_run(
-    artifacts: Iterable[Artifact],
-) -> dict[str, dict[str, tuple[str, str | None]]]:
-    """Flow run id -> its targets: task run id -> (VM id, hypervisor or None), from the
-    targets artifacts among ``artifacts`` (memdump.runinfo.Target)."""
-    out: dict[str, dict[str, tuple[str, str | None]]] = {}
-    for a in artifacts:
+def _targets_by_run(artifacts: Iterable[Artifact]) -> dict[str, list[Target]]:
+    """Flow run id -> its targets (memdump.runinfo.Target), in the order published, from
+    the targets artifacts among ``artifacts``."""
+    out: dict[str, list[Target]] = {}
+    for a in sorted(artifacts, key=_created):
         if a.key == TARGETS_KEY:
-            out.setdefault(str(a.flow_run_id), {}).update(
-                {t.task_run_id: (t.vm_id, t.hypervisor) for t in targets_from_data(a.data)}
-            )
+            out.setdefault(str(a.flow_run_id), []).extend(targets_from_data(a.data))
     return out
 
 
 def _named(artifacts: Iterable[Artifact]) -> dict[str, tuple[str, str | None]]:
     """Task run id -> (VM id, hypervisor or None), every flow run's targets together."""
-    return {tr: vm for run in _named_by_run(artifacts).values() for tr, vm in run.items()}
+    return {
+        t.task_run_id: (t.vm_id, t.hypervisor)
+        for run in _targets_by_run(artifacts).values()
+        for t in run
+    }
 
 
 def _run_and_children(run_id: UUID) -> Any:
@@ -696,63 +697,62 @@ def vm_detail(
     """Per-VM state of one capture flow run, from its task runs and artifacts.
 
     Which VM a capture task run is for is in its flow run's targets artifact, which the
-    flow publishes once it has submitted them (memdump.runinfo.Target); a capture not
-    named yet is left out until it is (the VMs asked for show as pending meanwhile), or
-    shown without a VM id if its run ended first. Its progress is the newest progress
-    artifact of that task run, the byte counts in the artifact's metadata.
+    flow publishes once it has submitted them (memdump.runinfo.Target): a target whose
+    task run does not exist yet is pending (the pool of capture threads has not taken it:
+    flows.capture), and a capture no target names is shown without a VM id once its run
+    ended. Its progress is the newest progress artifact of that task run, the byte counts
+    in the artifact's metadata.
 
-    With the fan-out over deployments (MEMDUMP_ORCHESTRATION__FANOUT=deployments), each
-    VM's chain runs in a child flow run: the run's capture task run for the VM waits for
-    it, and the child's own capture task run (the same VM and hypervisor in the child's
-    own targets) streams and writes the progress artifact.
+    With the fan-out over deployments (MEMDUMP_ORCHESTRATION__FANOUT=deployments), the
+    run's VMs are dealt into parts, each part's chains a child flow run: the run's
+    targets name, for each VM, the task run that waits for its part (several VMs, one
+    task run), and the child's own capture task run for the VM (the same VM and
+    hypervisor in the child's targets; the newest, if the part was started again)
+    streams, writes the progress artifact and ends as the VM's chain ends.
     ``task_runs`` may hold the children's task runs too; with ``run_id`` (the run's id)
-    only the run's own make entries, the children's lend them their progress and, while
-    the run's task run waits, their state."""
+    only the run's own targets make entries, the children's give them their state."""
     runs = list(task_runs)
     arts = list(artifacts)
-    by_run = _named_by_run(arts)
-    named = {tr: vm for run in by_run.values() for tr, vm in run.items()}
-    own = [t for t in runs if run_id is None or str(t.flow_run_id) == run_id]
-    captures = sorted(
-        (t for t in own if _step(t) == "capture" and (run_final or str(t.id) in named)),
-        key=_created,
-    )
-    mine = {str(t.id) for t in own}
-    by_vm: dict[Any, str] = {named[str(t.id)]: str(t.id) for t in captures if str(t.id) in named}
-    attempt: dict[str, Any] = {}  # the run's capture task run -> the child's, newest
-    for t in sorted(runs, key=_created):
-        key = named.get(str(t.id))
-        if key in by_vm and str(t.id) not in mine and _step(t) == "capture":
-            attempt[by_vm[key]] = t
+    by_run = _targets_by_run(arts)
+    by_id = {str(t.id): t for t in runs}
+    if run_id is None:
+        targets = [t for run in by_run.values() for t in run]
+        children: dict[str, list[Target]] = {}
+    else:
+        targets = by_run.get(run_id, [])
+        children = {fr: ts for fr, ts in by_run.items() if fr != run_id}
+    attempt: dict[tuple[str, str | None], Any] = {}  # a VM's capture in a child, newest
+    for target in (t for ts in children.values() for t in ts):
+        tr = by_id.get(target.task_run_id)
+        key = (target.vm_id, target.hypervisor)
+        if tr is not None and (key not in attempt or _created(tr) >= _created(attempt[key])):
+            attempt[key] = tr
     newest: dict[str, Any] = {}  # task run id -> its newest progress artifact
     for a in sorted(arts, key=_created, reverse=True):
         if a.task_run_id is not None and str(a.key or "").startswith(PROGRESS_KEY):
             newest.setdefault(str(a.task_run_id), a)
 
-    wanted = [v for v in dict.fromkeys(vm_ids) if v != ALL]
-    unlisted = tuple(v for t in own if _step(t) == "list" and (v := _unlisted(t)) is not None)
-    out = []
-    for t in captures:
-        child = attempt.get(str(t.id))  # its progress is the latest attempt's only
-        art = newest.get(str(t.id if child is None else child.id))
-        vm = _one(t, named.get(str(t.id), (None, None))[0], art, run_final, child)
-        done = Progress.from_metadata(getattr(art, "metadata_", None))
-        if done is not None and vm.progress is not None:
-            vm = dataclasses.replace(vm, bytes_done=done.done, bytes_total=done.total)
-        out.append(vm)
-    # Task runs are created one by one, and a run's captures are queued for a bounded
-    # pool of threads (flows.capture): a VM of the run's own targets, or one asked for,
-    # whose task run does not exist yet (or never will: the run ended first) is still
-    # part of this run.
     pending = "error" if run_final else "pending"
-    have = {str(t.id) for t in runs}
+    out: list[VMRun] = []  # in the order of the run's targets: as listed, or asked for
+    for target in dict.fromkeys(targets):  # two hypervisors' "101" are two targets
+        t = by_id.get(target.task_run_id)
+        child = attempt.get((target.vm_id, target.hypervisor))
+        if t is None and child is None:
+            out.append(VMRun(target.vm_id, pending, None, None))
+        else:
+            out.append(_one(t, target.vm_id, newest, run_final, child))
+    named = {t.task_run_id for t in targets}
+    own = [t for t in runs if run_id is None or str(t.flow_run_id) == run_id]
+    if run_final:  # captures of a run that ended before it named them
+        out += [
+            _one(t, None, newest, run_final)
+            for t in sorted(own, key=_created)
+            if _step(t) == "capture" and str(t.id) not in named
+        ]
+    wanted = [v for v in dict.fromkeys(vm_ids) if v != ALL]
     started = {v.vm_id for v in out}
-    for tr, (vm_id, _) in (named if run_id is None else by_run.get(run_id, {})).items():
-        if tr not in have:  # each target its own task run: two hypervisors' "101" are two
-            out.append(VMRun(vm_id, pending, None, None))
-            started.add(vm_id)
     out += [VMRun(v, pending, None, None) for v in wanted if v not in started]
-    out += unlisted
+    out += [v for t in own if _step(t) == "list" and (v := _unlisted(t)) is not None]
     order = {v: i for i, v in enumerate(wanted)}
     keyed = sorted(enumerate(out), key=lambda p: (order.get(p[1].vm_id or "", len(order)), p[0]))
     return tuple(v for _, v in keyed)
@@ -787,22 +787,38 @@ def _progress(t: Any, art: Any) -> float | None:
         return None
 
 
-def _one(t: Any, vm_id: str | None, art: Any, run_final: bool, attempt: Any = None) -> VMRun:
-    """``attempt``: the VM's capture in a child flow run, which ``t`` waits for: while
-    ``t`` runs, the state is that capture's (waiting for a worker or a slot, streaming,
-    retrying), its outcome ``t``'s."""
-    kind, name = _kind(t)
-    if attempt is not None and kind == "RUNNING" and _kind(attempt)[0] in IN_PROGRESS:
+def _one(
+    t: Any, vm_id: str | None, newest: dict[str, Any], run_final: bool, attempt: Any = None
+) -> VMRun:
+    """``t``: the VM's task run in the run (None if not created yet); ``attempt``: the
+    VM's capture in a part's child flow run, which ``t`` waits for with other VMs. The
+    VM's state is the attempt's, unless the attempt has not ended and ``t`` has failed
+    for all its VMs (the part's flow run failed or crashed before it ended the VM's
+    chain). ``newest``: task run id -> its newest progress artifact."""
+    if attempt is not None and (
+        t is None
+        or _kind(attempt)[0] not in IN_PROGRESS
+        or _kind(t)[0] not in ("FAILED", "CRASHED", "CANCELLED")
+    ):
         t = attempt
-        kind, name = _kind(t)
-    progress = _progress(t, art)
+    kind, name = _kind(t)
+    progress = _progress(t, newest.get(str(t.id)))
+    done = Progress.from_metadata(getattr(newest.get(str(t.id)), "metadata_", None))
+    vm = _state(vm_id, kind, name, progress, _message(t), run_final)
+    if done is not None and vm.progress is not None:
+        vm = dataclasses.replace(vm, bytes_done=done.done, bytes_total=done.total)
+    return vm
+
+
+def _state(
+    vm_id: str | None, kind: str, name: str, progress: float | None, message: str, run_final: bool
+) -> VMRun:
     if kind == "COMPLETED":  # the whole chain: captured, offloaded, recorded
         return VMRun(vm_id, "completed", 100.0, None)
     if kind == "FAILED":
-        state = "timeout" if name == TIMED_OUT else "failed"
-        return VMRun(vm_id, state, progress, _message(t))
+        return VMRun(vm_id, "timeout" if name == TIMED_OUT else "failed", progress, message)
     if kind in ("CRASHED", "CANCELLED"):
-        return VMRun(vm_id, "error", progress, _message(t))
+        return VMRun(vm_id, "error", progress, message)
     if kind == "SCHEDULED" and name == "AwaitingRetry":
         return _unfinished(vm_id, progress, run_final, name="retrying")
     if kind == "RUNNING" and progress is not None:

@@ -49,7 +49,7 @@ class DeploymentSpec:
 
 def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
     """The deployments, in the order they are served and written; the on-demand and
-    per-VM names are settings because the API and the trigger's flow run start them."""
+    per-part names are settings because the API and the trigger's flow run start them."""
     return [
         DeploymentSpec(
             settings.orchestration.deployment,
@@ -58,8 +58,8 @@ def deployment_specs(settings: Settings) -> list[DeploymentSpec]:
         ),
         DeploymentSpec(
             settings.orchestration.child_deployment.split("/", 1)[-1],
-            "flows/capture.py:capture_one_vm",
-            "One VM's chain; started per VM by a trigger's flow run "
+            "flows/capture.py:capture_part",
+            "Some of a trigger's VMs; started per part by a trigger's flow run "
             "(MEMDUMP_ORCHESTRATION__FANOUT=deployments)",
         ),
         DeploymentSpec(

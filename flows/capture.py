@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture, as_completed, wait
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -21,7 +21,7 @@ from memdump.records.model import DumpRecord
 from memdump.runinfo import (
     ALL,
     CAPTURE_FLOW,
-    CAPTURE_ONE_FLOW,
+    CAPTURE_PART_FLOW,
     HYPERVISOR_TAG,
     SUMMARY_KEY,
     TIMED_OUT,
@@ -32,7 +32,7 @@ from memdump.settings import Settings
 from memdump.targets import locate, require_hypervisors
 from tasks.busy_retries import retry_busy_everywhere
 from tasks.capture import capture_vm
-from tasks.fanout import publish_result, run_capture_flow
+from tasks.fanout import VMOutcome, deal, publish_outcome, run_capture_part
 from tasks.limits import ensure_limits
 from tasks.listing import list_vms
 from tasks.targets import publish_targets
@@ -104,6 +104,9 @@ def _taking_turns(listed: list[tuple[str, str | None]]) -> list[tuple[str, str |
 
 
 def _outcome(future: PrefectFuture[Any]) -> tuple[str, Any, str]:
+    # Its final state as the task's thread left it: one that as_completed gave back is
+    # done, but until waited on its state is read from the server, which may lag.
+    future.wait()
     state = future.state
     if state.is_completed():
         return "completed", future.result(), ""
@@ -237,13 +240,17 @@ def _pool(settings: Settings) -> ThreadPoolTaskRunner[Any]:
 
 
 def _captured(
-    settings: Settings, targets: Iterable[tuple[str, str | None]], source: str
+    settings: Settings,
+    targets: Iterable[tuple[str, str | None]],
+    source: str,
+    ended: Callable[[str, str | None, Row], None] | None = None,
 ) -> list[Row]:
     """One capture task run per VM (its whole chain, memdump.chain), on the flow run's
     pool of capture threads (:func:`_pool`). All are queued at once, then the flow run's
     targets (which VM each task run is for) are published, which /status reads; each
     waits for its place at the process's gate (tasks.limits.GATE) before it opens its
-    connection. The rows are in the targets' order."""
+    connection. ``ended(vm_id, hypervisor, row)`` is called as each VM's chain ends. The
+    rows are in the targets' order."""
     capture = capture_vm.with_options(
         retries=settings.orchestration.capture_retries,
         retry_delay_seconds=settings.orchestration.capture_retry_delay_sec,
@@ -254,11 +261,17 @@ def _captured(
         for vm_id, hypervisor in targets:
             params = {"vm_id": vm_id, "hypervisor": hypervisor, "source": source}
             future = pool.submit(capture, params)
-            futures.append((vm_id, future))
+            futures.append((vm_id, hypervisor, future))
             placed.append(Target(str(future.task_run_id), vm_id, hypervisor))
         _publish(placed)
-        wait([f for _, f in futures])
-        return [(vm_id, *_outcome(f)) for vm_id, f in futures]
+        rows: dict[Any, Row] = {}
+        which = {f.task_run_id: (vm, hv) for vm, hv, f in futures}
+        for end in as_completed([f for _, _, f in futures]):
+            vm_id, hypervisor = which[end.task_run_id]
+            rows[end.task_run_id] = row = (vm_id, *_outcome(end))
+            if ended is not None:
+                ended(vm_id, hypervisor, row)
+        return [rows[f.task_run_id] for _, _, f in futures]
 
 
 def _publish(targets: list[Target]) -> None:
@@ -285,31 +298,59 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
     return _final(rows, source, found.unlisted, found.empty)
 
 
-@flow(name=CAPTURE_ONE_FLOW, log_prints=True)
-def capture_one_vm(vm_id: str, hypervisor: str | None = None, source: str = "api") -> State[Any]:
-    """The chain of one VM as a flow run of its own: what a trigger's flow run starts per
-    VM with ``MEMDUMP_ORCHESTRATION__FANOUT=deployments``, so any worker of the pool can
-    take it."""
+@flow(name=CAPTURE_PART_FLOW, log_prints=True)
+def capture_part(targets: list[tuple[str, str | None]], source: str = "api") -> State[Any]:
+    """Some of a trigger's VMs (VM id, hypervisor or None), each VM's chain as in
+    capture_vms: what a trigger's flow run starts per part with
+    ``MEMDUMP_ORCHESTRATION__FANOUT=deployments``, so any worker of the pool takes it.
+    Each VM's outcome is published as its chain ends (tasks.fanout.publish_outcome)."""
     retry_busy_everywhere()
-    # The trigger's run placed it (flows.capture._placed); one it could not is found by
+    # The trigger's run placed them (flows.capture._placed); one it could not is found by
     # its task, as find would (not located a second time here).
-    (row,) = _captured(Settings(), [(vm_id, hypervisor)], source)
-    if row[2] is not None:  # where the trigger's flow run finds the record
-        publish_result(row[2])
-    return _final([row], source)
+    rows = _captured(Settings(), targets, source, ended=_published)
+    return _final(rows, source)
+
+
+def _published(vm_id: str, hypervisor: str | None, row: Row) -> None:
+    _, result, record, error = row
+    try:
+        publish_outcome(VMOutcome(vm_id, hypervisor, result, record, error))
+    except Exception as exc:  # the VMs still capturing go on; this one's outcome is lost
+        # The trigger's run then counts the VM failed, or captures it again if this flow
+        # run crashes: a second record of it, never none.
+        get_run_logger().warning("%s: outcome not published: %r", vm_id, exc)
 
 
 def _fan_out(settings: Settings, found: Targets, source: str) -> State[Any]:
-    runs = []
-    placed = []
-    for vm_id, hypervisor in _placed(settings, found.vms):
-        future = run_capture_flow.submit(vm_id, hypervisor, source)
-        runs.append((vm_id, future))
-        placed.append(Target(str(future.task_run_id), vm_id, hypervisor))
-    _publish(placed)
-    wait([f for _, f in runs])
-    rows: list[Row] = []
-    for vm_id, fut in runs:
-        result, record, error = _outcome(fut)
-        rows.append((vm_id, result, record if isinstance(record, DumpRecord) else None, error))
+    """The VMs dealt into parts, as many as the global cap lets capture at once (more
+    would not capture more at once; fewer would leave a place of the cap empty when one
+    part's workers are busy), a flow run each, any worker taking it."""
+    placed = list(_placed(settings, found.vms))
+    parts = deal(placed, settings.orchestration.max_concurrent_captures)
+    futures = []
+    part_of: dict[tuple[str, str | None], str] = {}
+    for number, part in enumerate(parts, start=1):
+        future = run_capture_part.submit(part, source, number)
+        futures.append((part, future))
+        part_of.update({target: str(future.task_run_id) for target in part})
+    # In the order listed (or asked for), as /status shows them.
+    _publish([Target(part_of[(vm_id, hv)], vm_id, hv) for vm_id, hv in placed])
+    wait([f for _, f in futures])
+    ended: dict[tuple[str, str | None], VMOutcome] = {}
+    for part, future in futures:
+        for o in _part_outcomes(part, future):
+            ended[o.target] = o
+    rows: list[Row] = [(o.vm_id, o.result, o.record, o.error) for o in (ended[t] for t in placed)]
     return _final(rows, source, found.unlisted, found.empty)
+
+
+def _part_outcomes(
+    part: list[tuple[str, str | None]], future: PrefectFuture[Any]
+) -> list[VMOutcome]:
+    """Each VM's outcome in a part; the part's error for each if its task run has none."""
+    state = future.state
+    value = state.result(raise_on_failure=False) if state.is_final() else None
+    if isinstance(value, list) and all(isinstance(o, VMOutcome) for o in value):
+        return value
+    error = str(value) if isinstance(value, BaseException) else (state.message or state.name or "")
+    return [VMOutcome(vm_id, hv, "failed", error=error) for vm_id, hv in part]

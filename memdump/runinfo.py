@@ -25,9 +25,9 @@ ALL = "all"
 
 # Flow and task names (the Prefect UI shows them; /status does not depend on them).
 CAPTURE_FLOW = "capture-vms"
-CAPTURE_ONE_FLOW = "capture-one-vm"
+CAPTURE_PART_FLOW = "capture-part"  # fan-out: some of a trigger's VMs, on any worker
 CAPTURE_TASK = "capture-vm"  # one VM's whole chain: capture, offload, record
-CAPTURE_RUN_TASK = "capture-vm-run"  # fan-out: one VM's chain as a flow run of its own
+CAPTURE_PART_TASK = "capture-part"  # fan-out: waits for a part's flow run
 LIST_TASK = "list-vms"
 LIST_RECORDED_TASK = "list-recorded-dumps"
 VERIFY_TASK = "verify-dump"
@@ -45,7 +45,7 @@ IN_PROGRESS = frozenset({"SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLIN
 # Artifact keys.
 PROGRESS_KEY = "capture-progress-"  # + slug(vmid): one progress artifact per capture
 SUMMARY_KEY = "capture-summary"
-RESULT_KEY = "capture-result"  # a fan-out child run's result (its record), read as data
+RESULT_KEY = "capture-result"  # how a VM's chain ended in a part's flow run, read as data
 TARGETS_KEY = "capture-targets"  # a flow run's capture task runs and their VMs (Target)
 
 # Tags: what a task run is (and which hypervisor a listing is for). Not which VM a

@@ -35,7 +35,7 @@ from pydantic_settings import (
 from memdump.chunkedgz import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from memdump.errors import ConfigError, InvalidIdentifierError
 from memdump.identifiers import validate_id
-from memdump.runinfo import CAPTURE_FLOW, CAPTURE_ONE_FLOW
+from memdump.runinfo import CAPTURE_FLOW, CAPTURE_PART_FLOW
 
 MiB = 1024 * 1024
 MIN_PART_SIZE = 5 * MiB  # S3's minimum for every part but the last
@@ -366,14 +366,15 @@ class OrchestrationSettings(BaseModel):
     # minimum is 60 s), so a lost machine cannot block a hypervisor for good.
     slot_lease_sec: float = Field(default=60.0, ge=60)
     # "tasks": one flow run per trigger runs every VM's chain itself (one runner or
-    # worker does the whole trigger). "deployments": the trigger's flow run starts one
-    # flow run per VM of the deployment `child_deployment`, so every worker of the work
-    # pool takes VMs (production on several collectors; see the README).
+    # worker does the whole trigger). "deployments": the trigger's flow run deals its VMs
+    # into parts, as many as the global cap allows captures at once, and starts a flow
+    # run of the deployment `child_deployment` per part, so every worker of the work pool
+    # takes VMs (production on several collectors; see the README).
     fanout: Literal["tasks", "deployments"] = "tasks"
     # Workers (deployments.worker) run flow runs with heartbeats this often; a run missing
     # three is marked Crashed (tasks/automations.py). Prefect's minimum is 30 s.
     heartbeat_sec: int = Field(default=30, ge=30)
-    child_deployment: str = f"{CAPTURE_ONE_FLOW}/one-vm"
+    child_deployment: str = f"{CAPTURE_PART_FLOW}/part"
     # Prefect server that `memdump serve` starts when PREFECT_API_URL is not set
     prefect_port: int = Field(default=4200, ge=1, le=65535)
     # Records kept in the outbox while the store was down are replayed this often.

@@ -369,46 +369,67 @@ def test_all_trigger_names_vms_from_their_tags() -> None:
     )
 
 
-def test_fan_out_over_deployments_reads_each_vms_child_run() -> None:
-    """MEMDUMP_ORCHESTRATION__FANOUT=deployments: the run's capture task run for a VM
-    waits for the VM's child flow run, whose own capture task run (the same tags)
-    streams and writes the progress artifact."""
+def test_fan_out_over_deployments_reads_each_vms_capture_in_its_parts_run() -> None:
+    """MEMDUMP_ORCHESTRATION__FANOUT=deployments: the run's VMs are dealt into parts, a
+    child flow run each; the run's targets name the part's task run for each of its VMs,
+    the child's targets the VM's own capture task run there, which streams, writes the
+    progress artifact and ends when the VM's chain ends (not when its part does)."""
 
-    def child(state: State[Any], n: int, vm: str) -> TaskRun:
-        tr = task_run("capture-vm", state, n=n, vm=vm, hypervisor="hv")
-        tr.flow_run_id = uuid4()  # the child flow run's
+    def part(state: State[Any], n: int) -> TaskRun:
+        return task_run("capture-part", state, n=n)
+
+    def capture(state: State[Any], n: int, child: UUID) -> TaskRun:
+        tr = task_run("capture-vm", state, n=n)
+        tr.flow_run_id = child
         return tr
 
-    waits = {
-        vm: task_run("capture-vm", st, n=i, vm=vm, hypervisor="hv")
-        for i, (vm, st) in enumerate(
-            [
-                ("a", states.Running()),
-                ("b", states.Running()),
-                ("c", states.Running()),
-                ("d", states.Completed()),
-                ("e", states.Failed(message="flow run x: capture failed")),
-            ]
-        )
-    }
-    a = child(states.Running(), 10, "a")  # streaming
-    b1 = child(states.Crashed(message="worker lost"), 11, "b")  # its worker died...
-    b2 = child(states.Pending(), 12, "b")  # ...and the VM's chain was started again
-    c = child(states.AwaitingRetry(), 13, "c")  # a retryable error: retried in a moment
-    e = child(states.Failed(message="capture failed"), 14, "e")
+    p1, p2 = part(states.Running(), 1), part(states.Running(), 2)
+    p3 = part(states.Failed(message="2 of 2 VM(s) did not end: flow run x crashed"), 3)
+    p4 = part(states.Pending(), 4)
+    c1, c1_again, c2, c3 = uuid4(), uuid4(), uuid4(), uuid4()
+    a = capture(states.Running(), 10, c1)  # streaming
+    b1 = capture(states.Running(), 11, c1)  # its part's worker died mid-capture...
+    b2 = capture(states.Pending(), 20, c1_again)  # ...and the part was started again
+    c = capture(states.AwaitingRetry(), 12, c2)  # a retryable error: retried in a moment
+    d = capture(states.Completed(), 13, c2)  # done, its part still going
+    e = capture(states.Failed(message="capture failed"), 14, c2)
+    g = capture(states.Running(), 15, c3)  # its part's flow run crashed twice
     arts = [
         progress(a, "a", 40.0, done=1600),
         progress(b1, "b", 70.0),  # of the attempt that crashed: not the VM's progress now
         progress(c, "c", 5.0),
         progress(e, "e", 30.0),
+        progress(g, "g", 60.0),
+        targets_artifact(
+            FLOW_RUN,
+            [
+                *[(p1.id, vm, "hv") for vm in ("a", "b")],
+                *[(p2.id, vm, "hv") for vm in ("c", "d", "e")],
+                *[(p3.id, vm, "hv") for vm in ("g", "h")],
+                (p4.id, "i", "hv"),
+                (uuid4(), "j", "hv"),  # its part's task run not created yet
+            ],
+        ),
+        targets_artifact(c1, [(a.id, "a", "hv"), (b1.id, "b", "hv")]),
+        targets_artifact(c1_again, [(b2.id, "b", "hv")]),
+        targets_artifact(c2, [(c.id, "c", "hv"), (d.id, "d", "hv"), (e.id, "e", "hv")]),
+        targets_artifact(c3, [(g.id, "g", "hv")]),
     ]
-    got = detail(["all"], False, [*waits.values(), a, b1, b2, c, e], arts, run_id=str(FLOW_RUN))
+    got = vm_detail(
+        ["all"], False, [p1, p2, p3, p4, a, b1, b2, c, d, e, g], arts, run_id=str(FLOW_RUN)
+    )
+    crashed = "2 of 2 VM(s) did not end: flow run x crashed"
+    # In the order of the run's targets.
     assert got == (
         VMRun("a", "running", 40.0, None, 1600, 4000),
         VMRun("b", "pending", None, None),
         VMRun("c", "retrying", 5.0, None),
         VMRun("d", "completed", 100.0, None),
-        VMRun("e", "failed", 30.0, "flow run x: capture failed"),
+        VMRun("e", "failed", 30.0, "capture failed"),
+        VMRun("g", "failed", None, crashed),
+        VMRun("h", "failed", None, crashed),
+        VMRun("i", "pending", None, None),
+        VMRun("j", "pending", None, None),
     )
 
 

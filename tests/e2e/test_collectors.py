@@ -7,7 +7,8 @@ prefect.yaml (`prefect --no-prompt deploy --all`), two workers as separate proce
 own, and a second lab sshd. Two hypervisors: the lab's libvirt (vm-web-01, vm-db-01,
 through the lab sshd) and plain QEMU (two 1 GiB VMs, through the second sshd), at most
 1 capture per hypervisor and 3 in all. MEMDUMP_ORCHESTRATION__FANOUT=deployments: a trigger's flow
-run starts one flow run per VM, which any worker takes.
+run deals its four VMs into three parts (the global cap) and starts a flow run per part,
+which any worker takes.
 """
 
 from __future__ import annotations
@@ -42,8 +43,14 @@ pytestmark = pytest.mark.lab
 
 QEMU_VMS = ("vm-qcol-01", "vm-qcol-02")
 LIBVIRT_VMS = ("vm-web-01", "vm-db-01")
+PART_FLOW = "capture-part"
 HEARTBEAT_SEC = 30  # of the workers' flow runs (Prefect's minimum); 3 missing: Crashed
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+
+
+def _vms_of(fr: dict[str, Any]) -> list[str]:
+    """The VMs of a part's flow run, from its parameters."""
+    return [str(t[0]) for t in fr["parameters"].get("targets", [])]
 
 
 def _run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -131,11 +138,11 @@ class Collectors:
         """What a failed assertion shows: the whole /status answer and every flow run of
         the trigger with its state, message and worker (pytest would cut the dict short)."""
         lines = [json.dumps(status, indent=1)]
-        for flow in ("capture-vms", "capture-one-vm"):
+        for flow in ("capture-vms", PART_FLOW):
             for fr in self.flow_runs(flow, since):
                 st = fr.get("state") or {}
                 lines.append(
-                    f"{flow} {fr['name']} {fr['parameters'].get('vm_id', '')} "
+                    f"{flow} {fr['name']} {_vms_of(fr)} "
                     f"{st.get('type')}/{st.get('name')} on {self.worker_of(fr)}: "
                     f"{st.get('message')}"
                 )
@@ -347,10 +354,11 @@ def test_all_across_two_hypervisors_holds_the_caps_on_both_workers(c: Collectors
     for hv in ("lab", "lab-qemu"):
         assert _max_overlap([(s, e) for s, e, h in spans if h == hv]) == 1, spans
     assert _max_overlap([(s, e) for s, e, _ in spans]) <= 3
-    # One flow run per VM, and both workers took some.
-    since = datetime.now(UTC) - timedelta(hours=1)
-    children = c.flow_runs("capture-one-vm", since)
-    assert len(children) == 4 and all(fr["state_type"] == "COMPLETED" for fr in children)
+    # A flow run per part (as many as the global cap), not per VM; each VM in one part;
+    # both workers took some.
+    children = c.flow_runs(PART_FLOW, t0)
+    assert len(children) == 3 and all(fr["state_type"] == "COMPLETED" for fr in children)
+    assert sorted(vm for fr in children for vm in _vms_of(fr)) == sorted(LIBVIRT_VMS + QEMU_VMS)
     assert {c.worker_of(fr) for fr in children} == set(c.workers)
 
 
@@ -387,9 +395,10 @@ def _unsafe_to_kill(c: Collectors, worker: str, victim_run: str, since: datetime
             return f"flow run {fr['name']} has no heartbeat on the server yet"
     if victim_run not in _claimed(c, worker):
         return "the victim is not among the worker's flow runs"
-    vm = httpx.get(f"{c.prefect_api}/flow_runs/{victim_run}", timeout=30).json()["parameters"]
-    if vm["vm_id"] in {r["vmid"] for r in _records_since(c, since.replace(tzinfo=None))}:
-        return f"{vm['vm_id']} already has its record"  # a kill now would not cut its capture
+    fr = httpx.get(f"{c.prefect_api}/flow_runs/{victim_run}", timeout=30).json()
+    recorded = {r["vmid"] for r in _records_since(c, since.replace(tzinfo=None))}
+    if not [vm for vm in _vms_of(fr) if vm in QEMU_VMS and vm not in recorded]:
+        return "its 1 GiB VMs already have their records"  # a kill now would cut no capture
     return None
 
 
@@ -397,20 +406,20 @@ def test_a_worker_killed_mid_run_is_marked_and_the_rest_completes(c: Collectors)
     t0 = datetime.now(UTC)
     code, _ = c.call("POST", "/api/memory-dumps/trigger", {"vm_ids": ["all"]})
     assert code == 200
-    # A VM's flow run running on the worker that does not run the trigger's, killed at a
-    # moment every flow run of that worker has a heartbeat on the server: what the crash
-    # automation needs to mark them (see _unsafe_to_kill).
+    # A part's flow run with a 1 GiB VM, running on the worker that does not run the
+    # trigger's, killed at a moment every flow run of that worker has a heartbeat on the
+    # server: what the crash automation needs to mark them (see _unsafe_to_kill).
     victim = victim_run = ""
-    why = "no 1 GiB VM's flow run running on the second worker"
+    why = "no part with a 1 GiB VM running on the second worker"
     deadline = time.monotonic() + 120
     while True:
         assert time.monotonic() < deadline, f"no moment to kill a worker in 120 s: {why}"
         parents = c.flow_runs("capture-vms", t0)
         parent_worker = c.worker_of(parents[-1]) if parents else None
-        for fr in c.flow_runs("capture-one-vm", t0):
+        for fr in c.flow_runs(PART_FLOW, t0):
             w = c.worker_of(fr)
             # A 1 GiB VM: its capture lasts seconds, so it can die before its record.
-            big = fr["parameters"].get("vm_id") in QEMU_VMS
+            big = any(vm in QEMU_VMS for vm in _vms_of(fr))
             if fr["state_type"] == "RUNNING" and big and parent_worker and w and w != parent_worker:
                 victim, victim_run = w, fr["id"]
                 break
@@ -423,6 +432,10 @@ def test_a_worker_killed_mid_run_is_marked_and_the_rest_completes(c: Collectors)
         why = _unsafe_to_kill(c, victim, victim_run, t0) or ""
         if not why:
             lost = [i for i in _claimed(c, victim) if c.state_type(i) not in FINAL]
+            victim_vms = _vms_of(httpx.get(f"{c.prefect_api}/flow_runs/{victim_run}").json())
+            ended = {r["vmid"] for r in _records_since(c, t0.replace(tzinfo=None))}
+            cut = [vm for vm in victim_vms if vm in QEMU_VMS and vm not in ended]
+            killed_at = datetime.now(UTC)
             signal_all(frozen, signal.SIGKILL)
             break
         signal_all(frozen, signal.SIGCONT)
@@ -447,15 +460,23 @@ def test_a_worker_killed_mid_run_is_marked_and_the_rest_completes(c: Collectors)
         assert r["state_type"] == "CRASHED", r["state"]
         assert "heartbeat" in (r["state"]["message"] or "")
 
-    # The rest: each lost VM tried once more, on the worker left (one flow run at a time
-    # beside the trigger's), with whatever had not started yet.
+    # The rest: the lost part started again for its VMs with no outcome yet (its 1 GiB
+    # VM among them), on the worker left, beside whatever had not started yet.
     st = c.wait_done(timeout=240, since=t0)
     # the lost VM was captured again elsewhere
     assert st["status"] == "completed", c.post_mortem(st, t0)
     recs = _records_since(c, t0.replace(tzinfo=None))
     vmids = [rec["vmid"] for rec in recs]
     assert sorted(set(vmids)) == sorted(LIBVIRT_VMS + QEMU_VMS)  # none lost
-    assert len(vmids) == 4  # none twice: the killed capture left no record
+    assert len(vmids) == 4  # none twice: the killed capture left no record, and the
+    # part's VMs that had ended before the kill were not captured again
+    # Every part's flow run was created at the trigger: one created after the kill is the
+    # lost part started again, for its VMs without an end only.
+    again = [_vms_of(fr) for fr in c.flow_runs(PART_FLOW, killed_at)]
+    assert len(again) == len(lost), again
+    assert [vms for vms in again if set(cut) <= set(vms) <= set(victim_vms) - ended], (
+        again, victim_vms, cut, ended
+    )  # fmt: skip
     for rec in recs:
         assert Path(rec["dump_path"]).is_file()
     spans = _intervals(recs)

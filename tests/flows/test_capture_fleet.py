@@ -71,7 +71,7 @@ class Fleet:
     from its first command to its close (what an SSH connection costs)."""
 
     def __init__(self, vms: dict[str, list[str]]) -> None:
-        self.vms = vms
+        self.vms = {hv: list(names) for hv, names in vms.items()}  # a test may add some
         # capture tasks connected and not done capturing (waiting for a slot, or capturing)
         self.connected = Peak()
         # by whose driver: "list" (list-vms tasks), "flow" (locating ids), "task" (captures)
@@ -349,3 +349,110 @@ def test_limits_follow_a_changed_cap_and_come_back_when_deleted(
         "update_global_concurrency_limit",
     ]
     assert _limits() == wanted
+
+
+class PartRuns:
+    """Stands in for Prefect's ``run_deployment`` in flows of the fan-out over deployments
+    (tasks.fanout): lays out the part's flow run as run_deployment does (a placeholder
+    task run in the trigger's flow run, its parent) and runs it at once, on a thread of
+    its own as a worker's process would (flows.capture.capture_part), then returns it as
+    read back from the server. A part whose first VM is in ``crash`` runs only that many
+    of its VMs, then its flow run is marked Crashed, as the crash automation marks one
+    whose worker died."""
+
+    def __init__(self, crash: dict[str, list[int]]) -> None:
+        self.crash = crash
+        self.asked: list[list[str]] = []
+        self.polls: set[float] = set()  # how often the trigger's run asked for the end
+        self._lock = threading.Lock()
+
+    def __call__(self, name: str, parameters: dict[str, Any], **kw: Any) -> Any:
+        from uuid import uuid4
+
+        from prefect import Task, get_client
+        from prefect.context import FlowRunContext
+        from prefect.flow_engine import run_flow
+        from prefect.states import Crashed, Running
+
+        from flows.capture import capture_part
+
+        targets = [tuple(t) for t in parameters["targets"]]
+        with self._lock:
+            self.asked.append([t[0] for t in targets])
+            self.polls.add(kw["poll_interval"])
+            plan = self.crash.get(str(targets[0][0]), [])
+            cut = plan.pop(0) if plan else None
+        ran = {"targets": targets if cut is None else targets[:cut], "source": "test"}
+        parent = FlowRunContext.get()
+        assert parent is not None and parent.flow_run is not None
+        with get_client(sync_client=True) as client:
+            holder = client.create_task_run(
+                Task(fn=lambda: None, name=name), parent.flow_run.id, str(uuid4()),
+                state=Running(),
+            )  # fmt: skip
+            run = client.create_flow_run(capture_part, parameters=ran, parent_task_run_id=holder.id)
+        worker = threading.Thread(
+            target=run_flow, args=(capture_part,), kwargs={"flow_run": run, "parameters": ran}
+        )
+        worker.start()
+        worker.join()
+        with get_client(sync_client=True) as client:
+            if cut is not None:
+                client.set_flow_run_state(run.id, Crashed(message="no heartbeat"), force=True)
+            return client.read_flow_run(run.id)
+
+
+def _fan_out(monkeypatch: pytest.MonkeyPatch, crash: dict[str, list[int]]) -> PartRuns:
+    monkeypatch.setenv("MEMDUMP_ORCHESTRATION__FANOUT", "deployments")
+    parts = PartRuns(crash)
+    monkeypatch.setattr("prefect.deployments.run_deployment", parts)
+    return parts
+
+
+def test_fan_out_deals_the_vms_into_parts_and_a_crashed_part_is_run_again_for_the_rest(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A flow run per part, as many parts as the global cap (2), not one per VM (each
+    costs a worker a process and the server a dozen writes). The part whose worker died
+    after one VM is started again for its other two only: none captured twice."""
+    from api.runs import PrefectRuns
+    from flows.capture import capture_vms
+
+    parts = _fan_out(monkeypatch, crash={"a1": [1]})
+    state = capture_vms(vm_ids=["all"], source="test", return_state=True)
+    assert state.is_completed(), state.message
+    # The two parts (at once, in either order), then the crashed one's rest.
+    assert sorted(parts.asked[:2]) == [["a1", "a2", "a3"], ["b1", "b2", "b3"]]
+    assert parts.asked[2:] == [["a2", "a3"]]
+    assert parts.polls == {1.0}  # not Prefect's 5 s: 2.5 s more per trigger on average
+    rows = SQLiteRecordStore(tmp_path / "records.db").list(100, 0)
+    assert sorted(r["vmid"] for r in rows) == sorted(v for vms in FLEET.values() for v in vms)
+    latest = PrefectRuns("capture-vms", "unused").latest()
+    assert latest is not None and latest.id == str(state.state_details.flow_run_id)
+    assert [(v.vm_id, v.state) for v in latest.vms] == [
+        (vm, "completed") for vm in ("a1", "b1", "a2", "b2", "a3", "b3")
+    ]
+
+
+def test_fan_out_a_part_that_crashes_twice_fails_only_its_unended_vms(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from api.runs import PrefectRuns
+    from flows.capture import capture_vms
+
+    parts = _fan_out(monkeypatch, crash={"a1": [1], "a2": [0]})
+    state = capture_vms(vm_ids=["all"], source="test", return_state=True)
+    assert state.is_failed()
+    assert "2 of 6 VM(s) failed" in str(state.message)
+    assert parts.asked[2:] == [["a2", "a3"]]  # started again once only
+    rows = SQLiteRecordStore(tmp_path / "records.db").list(100, 0)
+    assert sorted(r["vmid"] for r in rows) == ["a1", "b1", "b2", "b3"]
+    latest = PrefectRuns("capture-vms", "unused").latest()
+    assert latest is not None
+    got = {v.vm_id: (v.state, v.error) for v in latest.vms}
+    assert len(latest.vms) == 6
+    for vm in ("a1", "b1", "b2", "b3"):
+        assert got[vm] == ("completed", None)
+    for vm in ("a2", "a3"):
+        state_, error = got[vm]
+        assert state_ == "failed" and "crashed (its worker is gone)" in str(error), got

@@ -13,8 +13,8 @@ from typing import Any
 from memdump.errors import HostKeyError
 from memdump.runinfo import (
     CAPTURE_FLOW,
-    CAPTURE_ONE_FLOW,
-    CAPTURE_RUN_TASK,
+    CAPTURE_PART_FLOW,
+    CAPTURE_PART_TASK,
     CAPTURE_TASK,
     LIST_TASK,
     TARGETS_KEY,
@@ -81,20 +81,20 @@ def test_status_detail_is_read_from_tags_targets_and_metadata(fake_engine: dict[
 def test_tasks_declare_their_step_and_the_api_names_none() -> None:
     """/status finds each step by the tag its task declares, so renaming a task (or its
     runs) cannot silently break it; the API holds no task or flow name of its own."""
-    from flows.capture import capture_one_vm, capture_vms
+    from flows.capture import capture_part, capture_vms
     from tasks.capture import capture_vm
-    from tasks.fanout import run_capture_flow
+    from tasks.fanout import run_capture_part
     from tasks.listing import list_vms
 
     for task, name, step in (
         (capture_vm, CAPTURE_TASK, "capture"),
-        (run_capture_flow, CAPTURE_RUN_TASK, "capture"),
+        (run_capture_part, CAPTURE_PART_TASK, "capture"),
         (list_vms, LIST_TASK, "list"),
     ):
         assert task.name == name
         assert step_tag(step) in task.tags  # type: ignore[arg-type]
         assert step_tag(step) in task.with_options(name="renamed").tags  # type: ignore[arg-type]
-    assert (capture_vms.name, capture_one_vm.name) == (CAPTURE_FLOW, CAPTURE_ONE_FLOW)
+    assert (capture_vms.name, capture_part.name) == (CAPTURE_FLOW, CAPTURE_PART_FLOW)
     api = Path(__file__).parents[2] / "api"
     names = (CAPTURE_TASK, LIST_TASK, "TimedOut", "capture-progress", "capture-vms")
     for module in api.glob("*.py"):

@@ -3,7 +3,8 @@ benchmarks/fleet.py --collectors: Debian's PostgreSQL in a private cluster, a Pr
 server on it, the work pool "memdump" with prefect.yaml's deployments, two workers
 (``python -m deployments.worker``) and the API as processes of their own, each leading its
 own session and stopped by its pid (tests/helpers/services.py), with
-MEMDUMP_ORCHESTRATION__FANOUT=deployments (one flow run per VM, any worker takes it).
+MEMDUMP_ORCHESTRATION__FANOUT=deployments (a flow run per part of a trigger's VMs, any worker takes
+it).
 
 test_collectors.py keeps its own fixtures (a second sshd, its QEMU VMs, its crash tests);
 the steps here are the same, over any inventory and settings.
