@@ -2,9 +2,11 @@
 
 ``python -m deployments.worker [--pool memdump] [--name NAME] [--limit N]``: first what a
 capture killed on this collector left (memdump.leftovers), the concurrency limits and the
-automation that marks runs of a dead collector Crashed (tasks/automations.py), then
-``prefect worker start``
-as a child process, with this process replaying the record outbox meanwhile. SIGTERM or
+automation that marks runs of a dead collector Crashed (tasks/automations.py), then the
+worker as a child process (deployments.warm_worker: Prefect's process worker whose flow
+runs are forked warm; ``prefect worker start`` with
+MEMDUMP_ORCHESTRATION__WARM_FLOW_RUNS=false), with this process replaying the record
+outbox meanwhile. SIGTERM or
 SIGINT stop the worker (it lets its flow runs finish as Prefect's worker does).
 """
 
@@ -50,8 +52,11 @@ def main() -> int:
     # Inherited by the flow runs this worker starts: their heartbeats feed the automation.
     os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.orchestration.heartbeat_sec)
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
-    prefect = shutil.which("prefect", path=os.path.dirname(sys.executable)) or "prefect"
-    argv = [prefect, "worker", "start", "--pool", args.pool, "--type", "process"]
+    if settings.orchestration.warm_flow_runs:  # Prefect's worker, its flow runs forked warm
+        argv = [sys.executable, "-m", "deployments.warm_worker", "--pool", args.pool]
+    else:
+        prefect = shutil.which("prefect", path=os.path.dirname(sys.executable)) or "prefect"
+        argv = [prefect, "worker", "start", "--pool", args.pool, "--type", "process"]
     if args.name:
         argv += ["--name", args.name]
     if args.limit:

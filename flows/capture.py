@@ -224,7 +224,7 @@ def _placed(
             d.close()
 
 
-def _pool(settings: Settings) -> ThreadPoolTaskRunner[Any]:
+def _pool(settings: Settings, at_once: int | None = None) -> ThreadPoolTaskRunner[Any]:
     """The threads a flow run's captures run on: twice the global cap, and one more per
     hypervisor (those waiting at the gate, tasks.limits.GATE, then span the
     hypervisors: :func:`_taking_turns`). The rest wait in the pool's queue, known by
@@ -232,11 +232,10 @@ def _pool(settings: Settings) -> ThreadPoolTaskRunner[Any]:
     run: a trigger over 100 VMs created all their task runs at once, and that burst of
     writes (each answered "database is locked" by the embedded server's SQLite now and
     then, retried by Prefect's engine after 2 s, 4 s) delayed the first capture by 4 to
-    10 s (2026-12-01)."""
+    10 s (2026-12-01). ``at_once``: the run's share of the global cap, if it has one."""
     orch = settings.orchestration
-    return ThreadPoolTaskRunner(
-        max_workers=2 * orch.max_concurrent_captures + len(settings.inventory)
-    )
+    total = orch.max_concurrent_captures if at_once is None else max(1, at_once)
+    return ThreadPoolTaskRunner(max_workers=2 * total + len(settings.inventory))
 
 
 def _captured(
@@ -244,22 +243,26 @@ def _captured(
     targets: Iterable[tuple[str, str | None]],
     source: str,
     ended: Callable[[str, str | None, Row], None] | None = None,
+    at_once: int | None = None,
 ) -> list[Row]:
     """One capture task run per VM (its whole chain, memdump.chain), on the flow run's
     pool of capture threads (:func:`_pool`). All are queued at once, then the flow run's
     targets (which VM each task run is for) are published, which /status reads; each
     waits for its place at the process's gate (tasks.limits.GATE) before it opens its
-    connection. ``ended(vm_id, hypervisor, row)`` is called as each VM's chain ends. The
-    rows are in the targets' order."""
+    connection. ``ended(vm_id, hypervisor, row)`` is called as each VM's chain ends;
+    ``at_once``: the run's share of the global cap (a part's). The rows are in the
+    targets' order."""
     capture = capture_vm.with_options(
         retries=settings.orchestration.capture_retries,
         retry_delay_seconds=settings.orchestration.capture_retry_delay_sec,
     )
-    with _pool(settings) as pool:
+    with _pool(settings, at_once) as pool:
         futures = []
         placed = []
         for vm_id, hypervisor in targets:
-            params = {"vm_id": vm_id, "hypervisor": hypervisor, "source": source}
+            params: dict[str, Any] = {"vm_id": vm_id, "hypervisor": hypervisor, "source": source}
+            if at_once is not None:
+                params["at_once"] = at_once
             future = pool.submit(capture, params)
             futures.append((vm_id, hypervisor, future))
             placed.append(Target(str(future.task_run_id), vm_id, hypervisor))
@@ -299,15 +302,18 @@ def capture_vms(vm_ids: list[str], source: str = "api") -> State[Any]:
 
 
 @flow(name=CAPTURE_PART_FLOW, log_prints=True)
-def capture_part(targets: list[tuple[str, str | None]], source: str = "api") -> State[Any]:
+def capture_part(
+    targets: list[tuple[str, str | None]], source: str = "api", at_once: int | None = None
+) -> State[Any]:
     """Some of a trigger's VMs (VM id, hypervisor or None), each VM's chain as in
     capture_vms: what a trigger's flow run starts per part with
     ``MEMDUMP_ORCHESTRATION__FANOUT=deployments``, so any worker of the pool takes it.
+    At most ``at_once`` of them capture at once (the part's share of the global cap).
     Each VM's outcome is published as its chain ends (tasks.fanout.publish_outcome)."""
     retry_busy_everywhere()
     # The trigger's run placed them (flows.capture._placed); one it could not is found by
     # its task, as find would (not located a second time here).
-    rows = _captured(Settings(), targets, source, ended=_published)
+    rows = _captured(Settings(), targets, source, ended=_published, at_once=at_once)
     return _final(rows, source)
 
 
@@ -324,13 +330,18 @@ def _published(vm_id: str, hypervisor: str | None, row: Row) -> None:
 def _fan_out(settings: Settings, found: Targets, source: str) -> State[Any]:
     """The VMs dealt into parts, as many as the global cap lets capture at once (more
     would not capture more at once; fewer would leave a place of the cap empty when one
-    part's workers are busy), a flow run each, any worker taking it."""
+    part's workers are busy), a flow run each, any worker taking it. Each part captures
+    its share of the cap at once: parts in processes of their own asking the Prefect
+    server for more slots than there are get refused and wait the server's Retry-After
+    while a freed slot sits idle (tasks.limits.SLOTS)."""
     placed = list(_placed(settings, found.vms))
-    parts = deal(placed, settings.orchestration.max_concurrent_captures)
+    cap = settings.orchestration.max_concurrent_captures
+    parts = deal(placed, cap)
+    at_once = max(1, cap // max(1, len(parts)))
     futures = []
     part_of: dict[tuple[str, str | None], str] = {}
     for number, part in enumerate(parts, start=1):
-        future = run_capture_part.submit(part, source, number)
+        future = run_capture_part.submit(part, source, number, at_once)
         futures.append((part, future))
         part_of.update({target: str(future.task_run_id) for target in part})
     # In the order listed (or asked for), as /status shows them.

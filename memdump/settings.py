@@ -352,9 +352,10 @@ class OrchestrationSettings(BaseModel):
     max_concurrent_captures: int = Field(default=3, ge=1)
     max_captures_per_hypervisor: int = Field(default=2, ge=1)
     runner_poll_sec: int = Field(default=1, ge=1)
-    # The runner forks each flow run from a forkserver that has imported Prefect and
-    # memdump already (deployments.warm) instead of spawning a new interpreter: seconds
-    # less per trigger. False: Prefect's own spawn.
+    # The runner (memdump serve) and the collectors' workers (deployments.worker) fork
+    # each flow run from a forkserver that has imported Prefect and memdump already
+    # (deployments.warm) instead of spawning a new interpreter: seconds less per trigger.
+    # False: Prefect's own spawn (`prefect worker start` on a collector).
     warm_flow_runs: bool = True
     # A worker starting removes .part files and hypervisor temp dirs older than this whose
     # owner is gone (memdump.leftovers); younger ones may belong to a starting capture.

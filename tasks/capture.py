@@ -95,18 +95,22 @@ class _Progress:
 
 
 @contextmanager
-def _slot(settings: Settings, hypervisor: str) -> Iterator[None]:
+def _slot(settings: Settings, hypervisor: str, at_once: int | None = None) -> Iterator[None]:
     """A place at this process's gate (tasks.limits.GATE, no polling), then a slot of
     the global and the hypervisor's Prefect limit (Prefect acquires several limits
-    all-or-nothing; they hold across runs and collectors)."""
+    all-or-nothing; they hold across runs and collectors). ``at_once``: this process's
+    share of the global cap (a part of a fan-out, flows.capture), if it has one."""
     orch = settings.orchestration
+    total = orch.max_concurrent_captures
+    if at_once is not None:
+        total = max(1, min(total, at_once))
     task_run_id, _ = get_task_and_flow_run_ids()
     # The UI's limit page names the task run that holds each slot.
     holder = task_run_id and ConcurrencyLeaseHolder(type="task_run", id=task_run_id)
     with (
         GATE.place(
             hypervisor,
-            total=orch.max_concurrent_captures,
+            total=total,
             per_hypervisor=orch.max_captures_per_hypervisor,
         ),
         SLOTS.hold(
@@ -145,11 +149,11 @@ def _progress(ref: VMRef) -> _Progress:
     retry_delay_seconds=_default("capture_retry_delay_sec"),
 )
 def capture_vm(
-    vm_id: str, hypervisor: str | None = None, source: str = "api"
+    vm_id: str, hypervisor: str | None = None, source: str = "api", at_once: int | None = None
 ) -> DumpRecord | State[Any]:
     """The chain of one VM (memdump.chain): capture -> offload -> record. Only a
     retryable capture error is retried; an offload or record failure fails the VM with
-    its dump kept."""
+    its dump kept. ``at_once``: see :func:`_slot`."""
     settings = Settings()
     logger = get_run_logger()
     trigger = {"source": source, "flow_run_id": str(flow_run.id or "")}
@@ -159,10 +163,10 @@ def capture_vm(
             if hypervisor is not None:
                 # The hypervisor is known (listed for "all", located by the flow): the
                 # task waits for its slot before its SSH connection is opened.
-                held.enter_context(_slot(settings, hypervisor))
+                held.enter_context(_slot(settings, hypervisor, at_once))
                 slot = _until_captured(held)
             else:  # found by resolving it, then the slot (as the flow could not locate it)
-                slot = lambda ref: _slot(settings, ref.hypervisor)  # noqa: E731
+                slot = lambda ref: _slot(settings, ref.hypervisor, at_once)  # noqa: E731
             with resolved(settings, vm_id, hypervisor) as (driver, ref):
                 done = run_chain(
                     driver, ref, settings, trigger=trigger, slot=slot, progress=_progress

@@ -144,12 +144,13 @@ def deal(targets: Sequence[PartTarget], parts: int) -> list[list[PartTarget]]:
     tags=[step_tag("capture")],
 )
 def run_capture_part(
-    targets: list[PartTarget], source: str, number: int
+    targets: list[PartTarget], source: str, number: int, at_once: int | None = None
 ) -> State[Any] | list[VMOutcome]:
     """Start a flow run for part ``number`` of a trigger, VMs ``targets`` (any worker of
-    the pool takes it), and wait for it. Its VMs' outcomes, in the order given; Failed
-    (the outcomes as its data) if a VM has none: the part's flow run failed before it
-    ended that VM's chain, or crashed twice (each time started again for the VMs left)."""
+    the pool takes it; at most ``at_once`` capturing at once), and wait for it. Its VMs'
+    outcomes, in the order given; Failed (the outcomes as its data) if a VM has none: the
+    part's flow run failed before it ended that VM's chain, or crashed twice (each time
+    started again for the VMs left)."""
     from prefect.deployments import run_deployment
 
     settings = Settings()
@@ -159,7 +160,7 @@ def run_capture_part(
     for attempt in range(1, PART_ATTEMPTS + 1):
         child = run_deployment(
             name=settings.orchestration.child_deployment,
-            parameters={"targets": left, "source": source},
+            parameters={"targets": left, "source": source, "at_once": at_once},
             timeout=None,
             poll_interval=PART_POLL_SEC,
             as_subflow=True,

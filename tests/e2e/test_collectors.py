@@ -34,7 +34,7 @@ import pytest
 from tests.helpers.collectors import pg_bin
 from tests.helpers.collectors import postgres as private_postgres
 from tests.helpers.lab import remote_temp_dirs
-from tests.helpers.procs import freeze, signal_all
+from tests.helpers.procs import forkserver_below, freeze, parent, signal_all
 from tests.helpers.qmp_lab import qmp
 from tests.helpers.services import stop, wait_http
 from tests.helpers.stack import REPO, free_port, lab_inventory
@@ -435,13 +435,17 @@ def test_a_worker_killed_mid_run_is_marked_and_the_rest_completes(c: Collectors)
             victim_vms = _vms_of(httpx.get(f"{c.prefect_api}/flow_runs/{victim_run}").json())
             ended = {r["vmid"] for r in _records_since(c, t0.replace(tzinfo=None))}
             cut = [vm for vm in victim_vms if vm in QEMU_VMS and vm not in ended]
+            # Its flow runs are forks of its warm forkserver (deployments.warm_worker).
+            forkserver = forkserver_below(c.workers[victim].pid)
+            forked = [p for p in frozen if parent(p) == forkserver]
             killed_at = datetime.now(UTC)
             signal_all(frozen, signal.SIGKILL)
             break
         signal_all(frozen, signal.SIGCONT)
         print(f"not killing {victim} yet: {why}")  # in pytest's report of a failure
         time.sleep(0.3)
-    assert len(frozen) >= 3  # the wrapper, `prefect worker`, a flow-run process
+    # The wrapper, the worker, its forkserver, a flow-run process at least.
+    assert len(frozen) >= 4 and forked, frozen
     c.workers[victim].wait()
     killed = time.monotonic()
 

@@ -17,6 +17,23 @@ from memdump.records.model import DumpRecord
 from tests.helpers.prefect_events import reset_events_worker
 
 
+@pytest.fixture
+def warm_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """deployments.warm installed in this process (undone after): the forkserver's pid."""
+    import multiprocessing.forkserver
+
+    import prefect.flow_engine as flow_engine
+
+    from deployments import warm
+
+    monkeypatch.setattr(flow_engine, "multiprocessing", flow_engine.multiprocessing)
+    pid = warm.install(["prefect.flow_engine", "tests.helpers.warm_flow", "memdump.pipeline"])
+    try:
+        yield pid
+    finally:
+        multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def harness() -> Iterator[None]:
     mp = pytest.MonkeyPatch()

@@ -364,6 +364,7 @@ class PartRuns:
         self.crash = crash
         self.asked: list[list[str]] = []
         self.polls: set[float] = set()  # how often the trigger's run asked for the end
+        self.at_once: set[int] = set()  # each part's share of the global cap
         self._lock = threading.Lock()
 
     def __call__(self, name: str, parameters: dict[str, Any], **kw: Any) -> Any:
@@ -380,9 +381,14 @@ class PartRuns:
         with self._lock:
             self.asked.append([t[0] for t in targets])
             self.polls.add(kw["poll_interval"])
+            self.at_once.add(parameters["at_once"])
             plan = self.crash.get(str(targets[0][0]), [])
             cut = plan.pop(0) if plan else None
-        ran = {"targets": targets if cut is None else targets[:cut], "source": "test"}
+        ran = {
+            "targets": targets if cut is None else targets[:cut],
+            "source": "test",
+            "at_once": parameters["at_once"],
+        }
         parent = FlowRunContext.get()
         assert parent is not None and parent.flow_run is not None
         with get_client(sync_client=True) as client:
@@ -425,6 +431,9 @@ def test_fan_out_deals_the_vms_into_parts_and_a_crashed_part_is_run_again_for_th
     assert sorted(parts.asked[:2]) == [["a1", "a2", "a3"], ["b1", "b2", "b3"]]
     assert parts.asked[2:] == [["a2", "a3"]]
     assert parts.polls == {1.0}  # not Prefect's 5 s: 2.5 s more per trigger on average
+    # Each part its share of the cap (2 parts, cap 2): here both run in this one process,
+    # whose gate then holds them to 1 at once in all.
+    assert parts.at_once == {1} and fleet.captures.most_total == 1
     rows = SQLiteRecordStore(tmp_path / "records.db").list(100, 0)
     assert sorted(r["vmid"] for r in rows) == sorted(v for vms in FLEET.values() for v in vms)
     latest = PrefectRuns("capture-vms", "unused").latest()

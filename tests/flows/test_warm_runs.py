@@ -4,28 +4,15 @@ Prefect and memdump already, each still in a process of its own."""
 from __future__ import annotations
 
 import json
-import multiprocessing.forkserver
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import prefect.flow_engine as flow_engine
-import pytest
 
 from deployments import warm
 from tests.helpers.warm_flow import where_am_i
-
-
-@pytest.fixture
-def warm_runs(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
-    monkeypatch.setattr(flow_engine, "multiprocessing", flow_engine.multiprocessing)
-    pid = warm.install(["prefect.flow_engine", "tests.helpers.warm_flow", "memdump.pipeline"])
-    try:
-        yield pid
-    finally:
-        multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
 
 
 def test_a_flow_run_is_a_fork_of_the_warm_forkserver(warm_runs: int, tmp_path: Path) -> None:

@@ -122,8 +122,11 @@ def lab_sshd_pid() -> int:
 
 
 def forkserver_below(root: int) -> int:
-    """The multiprocessing forkserver under ``root`` (deployments.warm's, in a stack)."""
-    found = [p for p in descendants(root) if "multiprocessing.forkserver" in cmdline(p)]
+    """The multiprocessing forkserver under ``root`` (deployments.warm's, in a stack).
+    Its forks (the flow runs) carry its command line too: it is the one whose parent
+    is not one of them."""
+    marked = {p for p in descendants(root) if "multiprocessing.forkserver" in cmdline(p)}
+    found = [p for p in marked if parent(p) not in marked]
     if len(found) != 1:
         raise AssertionError(f"expected one forkserver below {root}, found {found}")
     return found[0]
