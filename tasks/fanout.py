@@ -129,9 +129,10 @@ def part_outcomes(flow_run_id: Any) -> list[VMOutcome]:
 
 
 def deal(targets: Sequence[PartTarget], parts: int) -> list[list[PartTarget]]:
-    """``targets`` dealt in turn into at most ``parts`` parts, as even as can be: in the
-    order given (the hypervisors taking turns, flows.capture), each part holds VMs of
-    every hypervisor, so no part waits on one full hypervisor while another idles."""
+    """``targets`` dealt in turn into at most ``parts`` parts, as even as can be. In the
+    order given (the hypervisors taking turns, flows.capture) a hypervisor's VMs are
+    spread over the parts as far as the counts allow, so parts seldom wait for the same
+    full hypervisor at once."""
     n = max(1, min(parts, len(targets)))
     return [p for p in (list(targets[i::n]) for i in range(n)) if p]
 
@@ -174,7 +175,8 @@ def run_capture_part(
         if not left:
             return [done[t] for t in targets]
         if state is None or not state.is_crashed():
-            why = f"flow run {name}: {state.message if state else 'no state'}"
+            what = f"{state.type.value}: {state.message}" if state else "no state"
+            why = f"flow run {name} ended without this VM's outcome ({what})"
             break
         why = str(
             CollectorLostError(

@@ -465,3 +465,29 @@ def test_fan_out_a_part_that_crashes_twice_fails_only_its_unended_vms(
     for vm in ("a2", "a3"):
         state_, error = got[vm]
         assert state_ == "failed" and "crashed (its worker is gone)" in str(error), got
+
+
+def test_fan_out_a_vm_whose_outcome_was_not_published_is_not_passed_off_as_captured(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The part's flow run could not write one VM's outcome (the Prefect server refused
+    it for good): the trigger's run does not guess; that VM fails, named, the others
+    complete, and its record (written before) stays."""
+    import flows.capture
+    from flows.capture import capture_vms
+
+    real = flows.capture.publish_outcome
+
+    def publish(outcome: Any) -> None:
+        if outcome.vm_id == "b2":
+            raise RuntimeError("500 Internal Server Error")
+        real(outcome)
+
+    monkeypatch.setattr(flows.capture, "publish_outcome", publish)
+    _fan_out(monkeypatch, crash={})
+    state = capture_vms(vm_ids=["all"], source="test", return_state=True)
+    assert state.is_failed()
+    assert str(state.message).startswith("1 of 6 VM(s) failed: b2: flow run ")
+    assert "ended without this VM's outcome (COMPLETED" in str(state.message)
+    rows = SQLiteRecordStore(tmp_path / "records.db").list(100, 0)
+    assert sorted(r["vmid"] for r in rows) == sorted(v for vms in FLEET.values() for v in vms)
