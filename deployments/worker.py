@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from types import FrameType
 
 from deployments.catalog import POOL
@@ -30,6 +31,19 @@ from memdump.settings import Settings
 from memdump.targets import require_hypervisors
 from tasks.automations import ensure_crash_automation, ensure_pending_automation
 from tasks.limits import ensure_limits
+
+
+def prefect_environ(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """What this process sets for the worker it starts and the flow runs that inherit it.
+    The flow runs' heartbeats every heartbeat_sec feed the crash automation. The worker
+    asks for due flow runs every runner_poll_sec, as `memdump serve`'s runner does,
+    unless PREFECT_WORKER_QUERY_SECONDS says otherwise: at Prefect's default, 10 s, a
+    fan-out trigger waited for a poll twice, for its own run and then for its parts."""
+    orch = settings.orchestration
+    out = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(orch.heartbeat_sec)}
+    if not environ.get("PREFECT_WORKER_QUERY_SECONDS"):
+        out["PREFECT_WORKER_QUERY_SECONDS"] = str(orch.runner_poll_sec)
+    return out
 
 
 def main() -> int:
@@ -49,8 +63,7 @@ def main() -> int:
     ensure_limits(settings)
     ensure_crash_automation(settings.orchestration.heartbeat_sec)
     ensure_pending_automation(settings.orchestration.heartbeat_sec, args.pool)
-    # Inherited by the flow runs this worker starts: their heartbeats feed the automation.
-    os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(settings.orchestration.heartbeat_sec)
+    os.environ.update(prefect_environ(settings, os.environ))
     threading.Thread(target=replay_outbox, args=(settings,), name="outbox", daemon=True).start()
     if settings.orchestration.warm_flow_runs:  # Prefect's worker, its flow runs forked warm
         argv = [sys.executable, "-m", "deployments.warm_worker", "--pool", args.pool]

@@ -265,7 +265,6 @@ def collectors(
         env = {k: v for k, v in env.items() if not k.startswith("PREFECT_SERVER_")}
         env.update(
             PREFECT_API_URL=prefect_api,
-            PREFECT_WORKER_QUERY_SECONDS="1",
             MEMDUMP_HOME=str(REPO),
             MEMDUMP_DATA_DIR=str(base / "data"),
             MEMDUMP_DUMP_DIR=str(base / "data" / "dumps"),
