@@ -53,9 +53,13 @@ def catalog_flows(settings: Settings) -> dict[str, Any]:
 class WarmProcessWorker(ProcessWorker):
     """Prefect's process worker; the catalog's flow runs are forks of the forkserver."""
 
-    def __init__(self, *args: Any, flows: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, flows: dict[str, Any], heartbeat_sec: int | None = None, **kwargs: Any
+    ) -> None:
+        """``heartbeat_sec``: of its flow runs (None: as this process's environment says)."""
         super().__init__(*args, **kwargs)
         self._flows = flows
+        self._heartbeat_sec = heartbeat_sec
         self._entrypoints: dict[Any, str | None] = {}  # deployment id -> its entrypoint
 
     async def _flow_of(self, flow_run: FlowRun) -> Flow[Any, Any] | None:
@@ -84,7 +88,7 @@ class WarmProcessWorker(ProcessWorker):
         async with FlowRunExecutorContext() as ctx:
             starter = DirectSubprocessStarter(
                 flow=flow,
-                heartbeat_seconds=Settings().orchestration.heartbeat_sec,
+                heartbeat_seconds=self._heartbeat_sec,
                 control_channel=ctx.control_channel,
             )
             executor = ctx.create_executor(
@@ -136,6 +140,7 @@ def main() -> int:
         prefetch_seconds=PREFECT_WORKER_PREFETCH_SECONDS.value(),
         heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()),
         flows=flows,
+        heartbeat_sec=settings.orchestration.heartbeat_sec,
     )
     try:
         asyncio.run(worker.start(run_once=False, with_healthcheck=False, printer=print))
